@@ -1,0 +1,184 @@
+//! The engine's inputs and outputs: everything that crosses the step function.
+
+use crate::{ByteRange, EngineError, LockId, Mode, PosixKind, PosixOwner, SessionId, Token};
+
+/// One message into the engine. Time arrives beside it, as the `now_ms` argument of `step`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Only advances time: expires sessions whose lease has passed.
+    Tick,
+    OpenSession {
+        session: SessionId,
+        lease_ms: u64,
+    },
+    /// Heartbeat: the lease runs again from now.
+    Renew {
+        session: SessionId,
+    },
+    /// Graceful close: releases the session's locks and cancels its waiters at once.
+    CloseSession {
+        session: SessionId,
+    },
+    /// The epoch (Raft term) goes into the high bits of every later token. Never decreases.
+    SetEpoch {
+        epoch: u64,
+    },
+    /// Acquire a new lock, or re-use a cached one (same id, same session, covered range/mode).
+    Lock {
+        lock: LockId,
+        session: SessionId,
+        resource: String,
+        range: ByteRange,
+        mode: Mode,
+        nowait: bool,
+    },
+    /// Convert a granted lock in place, range included (`None` keeps the range).
+    Convert {
+        lock: LockId,
+        mode: Mode,
+        range: Option<ByteRange>,
+    },
+    Release {
+        lock: LockId,
+    },
+    /// Cancel a waiting request or a pending conversion.
+    Cancel {
+        lock: LockId,
+    },
+    /// The holder keeps the lock but is not using it; a conflicting request revokes it.
+    Cache {
+        lock: LockId,
+    },
+    /// A PW/EX holder's new value block, written to the resource on release or downgrade.
+    SetValue {
+        lock: LockId,
+        value: Vec<u8>,
+    },
+    /// Storage has fenced the expired session: its locks may now be dropped.
+    FenceAck {
+        session: SessionId,
+    },
+    /// fcntl F_SETLK (`wait == false`) or F_SETLKW (`wait == true`); `PosixKind::Unlock` is F_UNLCK.
+    Posix {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+        kind: PosixKind,
+        wait: bool,
+    },
+    /// fcntl F_GETLK.
+    PosixTest {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+        kind: PosixKind,
+    },
+}
+
+/// The value block as a grant sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueBlock {
+    /// Never written.
+    Empty,
+    Value(Box<[u8]>),
+    /// A PW/EX holder's session expired: the last value may not reflect what it wrote.
+    Invalid,
+}
+
+/// What a request is rejected about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Session(SessionId),
+    Lock(LockId),
+    Owner(PosixOwner),
+    Epoch,
+}
+
+/// One effect for the runtime to carry out, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A new grant, or (with `reused`) a cached lock taken back into use by its holder.
+    Granted {
+        lock: LockId,
+        mode: Mode,
+        range: ByteRange,
+        token: Token,
+        value: ValueBlock,
+        reused: bool,
+    },
+    Converted {
+        lock: LockId,
+        mode: Mode,
+        range: ByteRange,
+        token: Token,
+        value: ValueBlock,
+    },
+    Queued {
+        lock: LockId,
+    },
+    /// A `nowait` request that would have to wait; nothing changed.
+    Busy {
+        lock: LockId,
+        blockers: Vec<LockId>,
+    },
+    /// Ask the holder of a cached lock to release it: someone is waiting.
+    Revoke {
+        lock: LockId,
+    },
+    /// The request closed a wait-for cycle and was chosen as the victim.
+    Deadlock {
+        lock: LockId,
+    },
+    Released {
+        lock: LockId,
+    },
+    Cancelled {
+        lock: LockId,
+    },
+    Expired {
+        session: SessionId,
+    },
+    /// Storage must refuse the session's writes, then acknowledge with `Input::FenceAck`.
+    Fence {
+        session: SessionId,
+    },
+    PosixGranted {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+        kind: PosixKind,
+    },
+    PosixUnlocked {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+    },
+    PosixQueued {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+        kind: PosixKind,
+    },
+    PosixBusy {
+        owner: PosixOwner,
+        conflict: PosixOwner,
+        range: ByteRange,
+        kind: PosixKind,
+    },
+    PosixFree {
+        owner: PosixOwner,
+    },
+    PosixDeadlock {
+        owner: PosixOwner,
+    },
+    /// A blocked POSIX request dropped because its session expired or closed.
+    PosixCancelled {
+        owner: PosixOwner,
+        resource: String,
+        range: ByteRange,
+    },
+    Rejected {
+        subject: Subject,
+        error: EngineError,
+    },
+}

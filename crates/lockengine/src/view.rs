@@ -1,0 +1,142 @@
+//! Read-only views of the lock table, for `stripelock locks` and for tests.
+
+use crate::engine::OwnerKey;
+use crate::{ByteRange, Engine, LockId, Mode, PosixKind, PosixOwner, SessionId, Token, ValueBlock};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockView {
+    pub lock: LockId,
+    pub session: SessionId,
+    /// The grant, if any: mode, range, token.
+    pub granted: Option<(Mode, ByteRange, Token)>,
+    /// The waiting request (new or conversion), if any, and who it waits for.
+    pub waiting: Option<(Mode, ByteRange, Vec<LockId>)>,
+    pub cached: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PosixView {
+    pub owner: PosixOwner,
+    pub range: ByteRange,
+    pub kind: PosixKind,
+    /// False for a blocked request.
+    pub granted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceView {
+    pub name: String,
+    /// Granted locks first (by range), then waiting requests in queue order.
+    pub locks: Vec<LockView>,
+    pub posix: Vec<PosixView>,
+    pub value: ValueBlock,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub sessions: u64,
+    pub sessions_fencing: u64,
+    pub resources: u64,
+    pub locks_granted: u64,
+    pub requests_waiting: u64,
+    pub last_token: Token,
+}
+
+impl Engine {
+    fn lock_view(&self, id: LockId) -> LockView {
+        let l = &self.locks[&id];
+        LockView {
+            lock: id,
+            session: l.session,
+            granted: l.grant.map(|g| (g.mode, g.range, g.token)),
+            waiting: l
+                .request
+                .as_ref()
+                .map(|r| (r.mode, r.range, r.blockers.clone())),
+            cached: l.cached,
+        }
+    }
+
+    /// Every resource whose name starts with `prefix`, sorted by name.
+    pub fn resources(&self, prefix: &str) -> Vec<ResourceView> {
+        let mut names: Vec<_> = self
+            .names
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|(name, &idx)| {
+                let r = &self.resources[idx as usize];
+                let mut locks: Vec<LockView> = r
+                    .granted
+                    .iter()
+                    .into_iter()
+                    .map(|(_, id)| self.lock_view(id))
+                    .collect();
+                locks.extend(
+                    r.queue
+                        .values()
+                        .filter(|id| self.locks[id].grant.is_none())
+                        .map(|&id| self.lock_view(id)),
+                );
+                let mut posix: Vec<PosixView> = r
+                    .posix
+                    .iter()
+                    .flat_map(|(owner, map)| {
+                        map.iter().map(|(range, kind)| PosixView {
+                            owner: *owner,
+                            range: ByteRange {
+                                start: range.start,
+                                end: range.end,
+                            },
+                            kind: *kind,
+                            granted: true,
+                        })
+                    })
+                    .collect();
+                posix.extend(r.posix_queue.iter().map(|seq| {
+                    let w = &self.posix_waits[seq];
+                    PosixView {
+                        owner: w.owner,
+                        range: w.range,
+                        kind: w.kind,
+                        granted: false,
+                    }
+                }));
+                ResourceView {
+                    name: name.to_string(),
+                    locks,
+                    posix,
+                    value: r.value_block(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let waiting =
+            self.locks.values().filter(|l| l.request.is_some()).count() + self.posix_waits.len();
+        Stats {
+            sessions: self.sessions.len() as u64,
+            sessions_fencing: self.sessions.values().filter(|s| s.fencing).count() as u64,
+            resources: self.names.len() as u64,
+            locks_granted: self.locks.values().filter(|l| l.grant.is_some()).count() as u64,
+            requests_waiting: waiting as u64,
+            last_token: self.last_token,
+        }
+    }
+
+    /// Owners that wait, each with who it waits for: the queryable wait-for graph.
+    pub fn wait_for_graph(&self) -> Vec<(OwnerKey, Vec<OwnerKey>)> {
+        let mut graph: Vec<(OwnerKey, Vec<OwnerKey>)> = Vec::new();
+        for (from, to) in self.wait_for_edges() {
+            match graph.last_mut() {
+                Some((f, tos)) if *f == from => tos.push(to),
+                _ => graph.push((from, vec![to])),
+            }
+        }
+        graph
+    }
+}

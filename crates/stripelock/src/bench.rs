@@ -1,0 +1,225 @@
+//! `stripelock bench engine`: how fast the lock engine decides, on one core, with no I/O.
+//! Each case runs for a fixed time and counts lock+release cycles (or hand-offs).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use lockengine::{ByteRange, Engine, Input, Limits, LockId, Mode, Output, SessionId};
+
+struct Bench {
+    engine: Engine,
+    out: Vec<Output>,
+    next_lock: u64,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let limits = Limits {
+            locks_per_session_max: 1 << 20,
+            ..Limits::default()
+        };
+        Bench {
+            engine: Engine::new(limits),
+            out: Vec::with_capacity(16),
+            next_lock: 0,
+        }
+    }
+
+    fn step(&mut self, input: Input) -> &[Output] {
+        self.out.clear();
+        self.engine.step_into(0, input, &mut self.out);
+        &self.out
+    }
+
+    fn session(&mut self, id: u64) -> SessionId {
+        let s = SessionId(id);
+        self.step(Input::OpenSession {
+            session: s,
+            lease_ms: u64::MAX / 4,
+        });
+        s
+    }
+
+    fn lock(&mut self, session: SessionId, resource: &str, range: ByteRange, mode: Mode) -> LockId {
+        self.next_lock += 1;
+        let lock = LockId(self.next_lock);
+        let out = self.step(Input::Lock {
+            lock,
+            session,
+            resource: resource.to_string(),
+            range,
+            mode,
+            nowait: false,
+        });
+        assert!(
+            matches!(
+                out.first(),
+                Some(Output::Granted { .. }) | Some(Output::Queued { .. })
+            ),
+            "{out:?}"
+        );
+        lock
+    }
+
+    fn release(&mut self, lock: LockId) {
+        let out = self.step(Input::Release { lock });
+        debug_assert!(
+            matches!(out.first(), Some(Output::Released { .. })),
+            "{out:?}"
+        );
+    }
+}
+
+fn range(i: u64) -> ByteRange {
+    ByteRange::new(i * 4096, i * 4096 + 4096).expect("non-empty")
+}
+
+/// Runs `op` in batches until `budget` has passed; returns operations per second.
+fn measure(budget: Duration, mut op: impl FnMut(u64)) -> f64 {
+    // Warm up caches and allocator free lists first.
+    for i in 0..1_000 {
+        op(i);
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < budget {
+        for _ in 0..1_000 {
+            op(done);
+            done += 1;
+        }
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+fn uncontended(budget: Duration) -> f64 {
+    let mut b = Bench::new();
+    let s = b.session(1);
+    let names: Vec<String> = (0..1024).map(|i| format!("/bench/file-{i}")).collect();
+    measure(budget, |i| {
+        let lock = b.lock(s, &names[(i % 1024) as usize], ByteRange::ALL, Mode::EX);
+        b.release(lock);
+    })
+}
+
+/// Owner `i % n` releases its range and takes it again while every other owner holds theirs.
+fn held_by_many(budget: Duration, owners: u64, shared: bool) -> f64 {
+    let mut b = Bench::new();
+    let mode = if shared { Mode::PR } else { Mode::EX };
+    let sessions: Vec<SessionId> = (0..owners).map(|i| b.session(i + 1)).collect();
+    let mut held: Vec<LockId> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            b.lock(
+                s,
+                "/bench/shared",
+                if shared { range(0) } else { range(i as u64) },
+                mode,
+            )
+        })
+        .collect();
+    measure(budget, |i| {
+        let k = (i % owners) as usize;
+        b.release(held[k]);
+        held[k] = b.lock(
+            sessions[k],
+            "/bench/shared",
+            if shared { range(0) } else { range(k as u64) },
+            mode,
+        );
+    })
+}
+
+/// Two sessions pass EX on one range back and forth: each hand-off is one release that grants
+/// the other session's queued request, plus the next request queueing.
+fn handoff(budget: Duration) -> f64 {
+    let mut b = Bench::new();
+    let s = [b.session(1), b.session(2)];
+    let mut holder = b.lock(s[0], "/bench/handoff", ByteRange::ALL, Mode::EX);
+    let mut waiter = b.lock(s[1], "/bench/handoff", ByteRange::ALL, Mode::EX);
+    measure(budget, |i| {
+        b.release(holder);
+        black_box(&b.out);
+        holder = waiter;
+        waiter = b.lock(
+            s[(i % 2) as usize],
+            "/bench/handoff",
+            ByteRange::ALL,
+            Mode::EX,
+        );
+    })
+}
+
+/// Acquire+release of one more range on a resource already holding `n` disjoint granted ranges.
+fn beside(budget: Duration, n: u64) -> f64 {
+    let mut b = Bench::new();
+    let s = b.session(1);
+    for i in 0..n {
+        b.lock(s, "/bench/crowded", range(2 * i), Mode::EX);
+    }
+    let t = b.session(2);
+    measure(budget, |i| {
+        let lock = b.lock(t, "/bench/crowded", range(2 * (i % n) + 1), Mode::EX);
+        b.release(lock);
+    })
+}
+
+pub fn engine(budget: Duration, json: bool) {
+    let figures = [
+        (
+            "uncontended_acquire_release_per_s",
+            "uncontended acquire+release, distinct resources",
+            uncontended(budget),
+        ),
+        (
+            "disjoint_64_owners_per_s",
+            "64 owners on disjoint ranges of one resource",
+            held_by_many(budget, 64, false),
+        ),
+        (
+            "shared_16_pr_holders_per_s",
+            "16 PR holders sharing one range",
+            held_by_many(budget, 16, true),
+        ),
+        (
+            "ex_handoff_2_sessions_per_s",
+            "EX hand-off between 2 sessions",
+            handoff(budget),
+        ),
+        (
+            "beside_10_ranges_per_s",
+            "acquire+release beside 10 granted ranges",
+            beside(budget, 10),
+        ),
+        (
+            "beside_10000_ranges_per_s",
+            "acquire+release beside 10,000 granted ranges",
+            beside(budget, 10_000),
+        ),
+    ];
+    let ratio = figures[4].2 / figures[5].2;
+    if json {
+        let mut map = serde_json::Map::new();
+        for (key, _, value) in &figures {
+            map.insert(key.to_string(), serde_json::json!(value.round()));
+        }
+        map.insert(
+            "ratio_10_over_10000".into(),
+            serde_json::json!((ratio * 100.0).round() / 100.0),
+        );
+        map.insert(
+            "seconds_per_case".into(),
+            serde_json::json!(budget.as_secs_f64()),
+        );
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        println!("{:<50} {:>14}", "case (one core, in memory)", "ops/s");
+        for (_, label, value) in &figures {
+            println!("{label:<50} {value:>14.0}");
+        }
+        println!(
+            "{:<50} {ratio:>14.2}",
+            "10-range rate / 10,000-range rate (goal <= 2)"
+        );
+    }
+}
