@@ -51,19 +51,8 @@ impl Engine {
 
     pub(crate) fn blocker_owners(&self, wait: WaitKey) -> Vec<OwnerKey> {
         let mut owners: Vec<OwnerKey> = match wait {
-            WaitKey::Lock(id) => self.locks[&id]
-                .request
-                .as_ref()
-                .expect("waiting")
-                .blockers
-                .iter()
-                .map(|b| OwnerKey::Session(self.locks[b].session))
-                .collect(),
-            WaitKey::Posix(seq) => self.posix_waits[&seq]
-                .blockers
-                .iter()
-                .map(|&o| OwnerKey::Posix(o))
-                .collect(),
+            WaitKey::Lock(id) => self.locks[&id].request.as_ref().expect("waiting").edges.clone(),
+            WaitKey::Posix(seq) => self.posix_waits[&seq].blockers.iter().map(|&o| OwnerKey::Posix(o)).collect(),
         };
         owners.sort_unstable();
         owners.dedup();
@@ -113,21 +102,27 @@ impl Engine {
             let victim = edges
                 .iter()
                 .flat_map(|&(from, to)| {
-                    this.waits_of(from)
-                        .into_iter()
-                        .filter(move |&w| this.blocker_owners(w).contains(&to))
+                    this.waits_of(from).into_iter().filter(move |&w| this.blocker_owners(w).contains(&to))
                 })
                 .max_by_key(|&w| this.wait_seq(w))
                 .expect("every edge of a cycle is some request");
-            match victim {
+            let res = match victim {
                 WaitKey::Lock(lock) => {
+                    let res = self.locks[&lock].res;
                     self.drop_request(lock);
                     out.push(Output::Deadlock { lock });
+                    res
                 }
                 WaitKey::Posix(seq) => {
                     let w = self.remove_posix_wait(seq);
                     out.push(Output::PosixDeadlock { owner: w.owner });
+                    w.res
                 }
+            };
+            // The victim's resource must be served again before the next search: requests
+            // queued behind the victim still name it as a blocker until their edges are redone.
+            for grown in self.scan(res, out) {
+                self.break_cycles(grown, out);
             }
         }
     }

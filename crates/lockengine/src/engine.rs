@@ -10,8 +10,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::index::RangeIndex;
 use crate::table::LockTable;
 use crate::{
-    ByteRange, EngineError, Input, LimitKind, Limits, LockId, Mode, Output, PosixKind, PosixOwner,
-    SessionId, Subject, TOKEN_EPOCH_SHIFT, Token, ValueBlock,
+    ByteRange, EngineError, Input, LimitKind, Limits, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject,
+    TOKEN_EPOCH_SHIFT, Token, ValueBlock,
 };
 
 pub(crate) type ResIdx = u32;
@@ -55,8 +55,12 @@ pub(crate) struct Request {
     pub(crate) range: ByteRange,
     pub(crate) pos: QueuePos,
     /// Who this request waits for, as of the last scan of its resource: conflicting granted
-    /// locks and conflicting earlier requests. This is the wait-for graph, kept incrementally.
+    /// locks and conflicting earlier requests.
     pub(crate) blockers: Vec<LockId>,
+    /// The owners of those blockers, less the holders of cached locks (a cached lock is given
+    /// up on revoke, so waiting for it cannot deadlock). These are this request's edges of the
+    /// wait-for graph, kept incrementally.
+    pub(crate) edges: Vec<OwnerKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,10 +116,7 @@ pub(crate) struct Resource {
 
 impl Resource {
     fn is_empty(&self) -> bool {
-        self.granted.is_empty()
-            && self.queue.is_empty()
-            && self.posix.is_empty()
-            && self.posix_queue.is_empty()
+        self.granted.is_empty() && self.queue.is_empty() && self.posix.is_empty() && self.posix_queue.is_empty()
     }
 
     pub(crate) fn value_block(&self) -> ValueBlock {
@@ -224,22 +225,14 @@ impl Engine {
             Input::CloseSession { session } => self.close_session(session, out),
             Input::SetEpoch { epoch } => {
                 if epoch < self.epoch {
-                    return Err(EngineError::EpochBackwards {
-                        requested: epoch,
-                        current: self.epoch,
-                    });
+                    return Err(EngineError::EpochBackwards { requested: epoch, current: self.epoch });
                 }
                 self.epoch = epoch;
                 Ok(())
             }
-            Input::Lock {
-                lock,
-                session,
-                resource,
-                range,
-                mode,
-                nowait,
-            } => self.lock(lock, session, resource, range, mode, nowait, out),
+            Input::Lock { lock, session, resource, range, mode, nowait } => {
+                self.lock(lock, session, resource, range, mode, nowait, out)
+            }
             Input::Convert { lock, mode, range } => self.convert(lock, mode, range, out),
             Input::Release { lock } => self.release(lock, out),
             Input::Cancel { lock } => self.cancel(lock, out),
@@ -263,28 +256,14 @@ impl Engine {
                     Some(_) => {}
                 }
                 if value.len() > max {
-                    return Err(EngineError::ValueTooLarge {
-                        len: value.len(),
-                        max,
-                    });
+                    return Err(EngineError::ValueTooLarge { len: value.len(), max });
                 }
                 self.locks.get_mut(&lock).expect("checked").value = Some(value.into_boxed_slice());
                 Ok(())
             }
             Input::FenceAck { session } => self.fence_ack(session, out),
-            Input::Posix {
-                owner,
-                resource,
-                range,
-                kind,
-                wait,
-            } => self.posix(owner, resource, range, kind, wait, out),
-            Input::PosixTest {
-                owner,
-                resource,
-                range,
-                kind,
-            } => self.posix_test(owner, &resource, range, kind, out),
+            Input::Posix { owner, resource, range, kind, wait } => self.posix(owner, resource, range, kind, wait, out),
+            Input::PosixTest { owner, resource, range, kind } => self.posix_test(owner, &resource, range, kind, out),
         }
     }
 
@@ -295,10 +274,7 @@ impl Engine {
             return Err(EngineError::SessionExists);
         }
         if self.sessions.len() as u64 >= self.limits.sessions_max {
-            return Err(EngineError::Limit {
-                kind: LimitKind::Sessions,
-                max: self.limits.sessions_max,
-            });
+            return Err(EngineError::Limit { kind: LimitKind::Sessions, max: self.limits.sessions_max });
         }
         let deadline_ms = self.now_ms.saturating_add(lease_ms);
         self.sessions.insert(
@@ -317,10 +293,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn live_session_mut(
-        &mut self,
-        session: SessionId,
-    ) -> Result<&mut Session, EngineError> {
+    pub(crate) fn live_session_mut(&mut self, session: SessionId) -> Result<&mut Session, EngineError> {
         match self.sessions.get_mut(&session) {
             None => Err(EngineError::UnknownSession),
             Some(s) if s.fencing => Err(EngineError::SessionExpired),
@@ -351,10 +324,7 @@ impl Engine {
                 break;
             }
             self.expiry.pop_first();
-            self.sessions
-                .get_mut(&session)
-                .expect("expiry entry without session")
-                .fencing = true;
+            self.sessions.get_mut(&session).expect("expiry entry without session").fencing = true;
             out.push(Output::Expired { session });
             out.push(Output::Fence { session });
             self.cancel_waits_of(session, out);
@@ -372,11 +342,7 @@ impl Engine {
         for seq in posix {
             let w = self.remove_posix_wait(seq);
             let resource = self.resources[w.res as usize].name.to_string();
-            out.push(Output::PosixCancelled {
-                owner: w.owner,
-                resource,
-                range: w.range,
-            });
+            out.push(Output::PosixCancelled { owner: w.owner, resource, range: w.range });
         }
     }
 
@@ -390,11 +356,7 @@ impl Engine {
         Ok(())
     }
 
-    fn close_session(
-        &mut self,
-        session: SessionId,
-        out: &mut Vec<Output>,
-    ) -> Result<(), EngineError> {
+    fn close_session(&mut self, session: SessionId, out: &mut Vec<Output>) -> Result<(), EngineError> {
         let s = self.check_live(session)?;
         let deadline = s.deadline_ms;
         self.expiry.remove(&(deadline, session));
@@ -430,12 +392,7 @@ impl Engine {
             let r = &mut self.resources[res as usize];
             let owners: Vec<PosixOwner> = r
                 .posix
-                .range(
-                    PosixOwner { session, owner: 0 }..=PosixOwner {
-                        session,
-                        owner: u64::MAX,
-                    },
-                )
+                .range(PosixOwner { session, owner: 0 }..=PosixOwner { session, owner: u64::MAX })
                 .map(|(o, _)| *o)
                 .collect();
             for owner in owners {
@@ -444,10 +401,7 @@ impl Engine {
                     out.push(Output::PosixUnlocked {
                         owner,
                         resource: r.name.to_string(),
-                        range: ByteRange {
-                            start: range.start,
-                            end: range.end,
-                        },
+                        range: ByteRange { start: range.start, end: range.end },
                     });
                 }
             }
@@ -468,16 +422,10 @@ impl Engine {
             return Ok(idx);
         }
         if name.len() > self.limits.resource_name_bytes_max {
-            return Err(EngineError::NameTooLong {
-                len: name.len(),
-                max: self.limits.resource_name_bytes_max,
-            });
+            return Err(EngineError::NameTooLong { len: name.len(), max: self.limits.resource_name_bytes_max });
         }
         if self.names.len() as u64 >= self.limits.resources_max {
-            return Err(EngineError::Limit {
-                kind: LimitKind::Resources,
-                max: self.limits.resources_max,
-            });
+            return Err(EngineError::Limit { kind: LimitKind::Resources, max: self.limits.resources_max });
         }
         let name: Arc<str> = Arc::from(name);
         let idx = match self.free.pop() {
@@ -591,10 +539,7 @@ impl Engine {
             });
         }
         let res = self.resource_for(resource)?;
-        let pos = QueuePos {
-            class: NEW,
-            seq: self.next_seq(),
-        };
+        let pos = QueuePos { class: NEW, seq: self.next_seq() };
         let blockers = self.blockers(res, None, mode, range, pos);
         if blockers.is_empty() {
             let token = self.next_token();
@@ -611,27 +556,13 @@ impl Engine {
                     value: None,
                 },
             );
-            self.sessions
-                .get_mut(&session)
-                .expect("live")
-                .locks
-                .insert(lock);
+            self.sessions.get_mut(&session).expect("live").locks.insert(lock);
             let value = self.resources[res as usize].value_block();
-            out.push(Output::Granted {
-                lock,
-                mode,
-                range,
-                token,
-                value,
-                reused: false,
-            });
+            out.push(Output::Granted { lock, mode, range, token, value, reused: false });
             return Ok(());
         }
         if nowait {
-            out.push(Output::Busy {
-                lock,
-                blockers: blockers.clone(),
-            });
+            out.push(Output::Busy { lock, blockers: blockers.clone() });
             self.revoke_cached(&blockers, out);
             return Ok(());
         }
@@ -649,6 +580,7 @@ impl Engine {
                     mode,
                     range,
                     pos,
+                    edges: self.edge_owners(&blockers),
                     blockers: blockers.clone(),
                 }),
                 cached: false,
@@ -661,8 +593,9 @@ impl Engine {
         s.waiting.insert(lock);
         if self.break_cycles(WaitKey::Lock(lock), out) {
             out.push(Output::Queued { lock });
-            self.revoke_cached(&blockers, out);
         }
+        // Even a deadlock victim was a conflicting request: cached blockers are asked back.
+        self.revoke_cached(&blockers, out);
         Ok(())
     }
 
@@ -692,15 +625,10 @@ impl Engine {
                     && mode.at_most(g.mode) =>
             {
                 self.locks.get_mut(&lock).expect("exists").cached = false;
+                // In use again: waiting for it may now be part of a deadlock.
+                self.dirty.insert(l.res);
                 let value = self.resources[l.res as usize].value_block();
-                out.push(Output::Granted {
-                    lock,
-                    mode: g.mode,
-                    range: g.range,
-                    token: g.token,
-                    value,
-                    reused: true,
-                });
+                out.push(Output::Granted { lock, mode: g.mode, range: g.range, token: g.token, value, reused: true });
                 Ok(())
             }
             _ => Err(EngineError::LockExists),
@@ -708,9 +636,7 @@ impl Engine {
     }
 
     pub(crate) fn check_waiter_room(&self, res: ResIdx) -> Result<(), EngineError> {
-        if self.resources[res as usize].waiter_count() as u64
-            >= self.limits.waiters_per_resource_max
-        {
+        if self.resources[res as usize].waiter_count() as u64 >= self.limits.waiters_per_resource_max {
             return Err(EngineError::Limit {
                 kind: LimitKind::WaitersPerResource,
                 max: self.limits.waiters_per_resource_max,
@@ -734,74 +660,44 @@ impl Engine {
         let res = l.res;
         let range = range.unwrap_or(grant.range);
         let downgrade = mode.at_most(grant.mode) && grant.range.contains(range);
-        let pos = QueuePos {
-            class: CONVERT,
-            seq: self.next_seq(),
-        };
-        let blockers = if downgrade {
-            Vec::new()
-        } else {
-            self.blockers(res, Some(lock), mode, range, pos)
-        };
+        let pos = QueuePos { class: CONVERT, seq: self.next_seq() };
+        let blockers = if downgrade { Vec::new() } else { self.blockers(res, Some(lock), mode, range, pos) };
         if blockers.is_empty() {
             self.locks.get_mut(&lock).expect("exists").cached = false;
             self.apply_conversion(lock, mode, range, !downgrade, out);
             return Ok(());
         }
         self.check_waiter_room(res)?;
+        let edges = self.edge_owners(&blockers);
+        // A conversion queues ahead of every new request: their blockers change, so rescan.
+        self.dirty.insert(res);
         let r = &mut self.resources[res as usize];
         r.waiting.insert(range, lock);
         r.queue.insert(pos, lock);
         let l = self.locks.get_mut(&lock).expect("exists");
         l.cached = false;
-        l.request = Some(Request {
-            mode,
-            range,
-            pos,
-            blockers: blockers.clone(),
-        });
+        l.request = Some(Request { mode, range, pos, edges, blockers: blockers.clone() });
         let session = l.session;
-        self.sessions
-            .get_mut(&session)
-            .expect("live")
-            .waiting
-            .insert(lock);
+        self.sessions.get_mut(&session).expect("live").waiting.insert(lock);
         if self.break_cycles(WaitKey::Lock(lock), out) {
             out.push(Output::Queued { lock });
-            self.revoke_cached(&blockers, out);
         }
+        // Even a deadlock victim was a conflicting request: cached blockers are asked back.
+        self.revoke_cached(&blockers, out);
         Ok(())
     }
 
     /// Replaces a lock's grant in place, atomically: there is no moment at which the lock is
     /// released. An upgrade gets a new token; a downgrade keeps its own.
-    fn apply_conversion(
-        &mut self,
-        lock: LockId,
-        mode: Mode,
-        range: ByteRange,
-        upgrade: bool,
-        out: &mut Vec<Output>,
-    ) {
-        let token = if upgrade {
-            Some(self.next_token())
-        } else {
-            None
-        };
+    fn apply_conversion(&mut self, lock: LockId, mode: Mode, range: ByteRange, upgrade: bool, out: &mut Vec<Output>) {
+        let token = if upgrade { Some(self.next_token()) } else { None };
         let l = self.locks.get_mut(&lock).expect("exists");
         let old = l.grant.expect("granted");
-        let new = Grant {
-            mode,
-            range,
-            token: token.unwrap_or(old.token),
-        };
+        let new = Grant { mode, range, token: token.unwrap_or(old.token) };
         l.grant = Some(new);
         l.revoke_sent = false;
-        let value = if old.mode.is_write() && mode != old.mode && mode.at_most(old.mode) {
-            l.value.take()
-        } else {
-            None
-        };
+        let value =
+            if old.mode.is_write() && mode != old.mode && mode.at_most(old.mode) { l.value.take() } else { None };
         let res = l.res;
         let r = &mut self.resources[res as usize];
         if let Some(v) = value {
@@ -814,13 +710,7 @@ impl Engine {
         }
         self.dirty.insert(res);
         let value = r.value_block();
-        out.push(Output::Converted {
-            lock,
-            mode,
-            range,
-            token: new.token,
-            value,
-        });
+        out.push(Output::Converted { lock, mode, range, token: new.token, value });
     }
 
     fn release(&mut self, lock: LockId, out: &mut Vec<Output>) -> Result<(), EngineError> {
@@ -841,11 +731,7 @@ impl Engine {
             r.value = Some(v);
             r.value_invalid = false;
         }
-        self.sessions
-            .get_mut(&l.session)
-            .expect("live")
-            .locks
-            .remove(&lock);
+        self.sessions.get_mut(&l.session).expect("live").locks.remove(&lock);
         self.dirty.insert(l.res);
         out.push(Output::Released { lock });
         Ok(())
@@ -899,7 +785,7 @@ impl Engine {
 
     /// Serves one resource's queues in order: the convert queue, then new requests, then POSIX
     /// waiters. Returns the waits whose set of blocking owners grew (new wait-for edges).
-    fn scan(&mut self, res: ResIdx, out: &mut Vec<Output>) -> Vec<WaitKey> {
+    pub(crate) fn scan(&mut self, res: ResIdx, out: &mut Vec<Output>) -> Vec<WaitKey> {
         let mut grown = Vec::new();
         let r = &self.resources[res as usize];
         if r.queue.is_empty() && r.posix_queue.is_empty() {
@@ -915,37 +801,30 @@ impl Engine {
                 continue;
             }
             self.revoke_cached(&blockers, out);
-            let old = std::mem::take(
-                &mut self
-                    .locks
-                    .get_mut(&lock)
-                    .expect("queued")
-                    .request
-                    .as_mut()
-                    .expect("queued")
-                    .blockers,
-            );
-            if self.owners_grew(&old, &blockers) {
+            let edges = self.edge_owners(&blockers);
+            let req = self.locks.get_mut(&lock).expect("queued").request.as_mut().expect("queued");
+            if edges.iter().any(|e| !req.edges.contains(e)) {
                 grown.push(WaitKey::Lock(lock));
             }
-            self.locks
-                .get_mut(&lock)
-                .expect("queued")
-                .request
-                .as_mut()
-                .expect("queued")
-                .blockers = blockers;
+            req.edges = edges;
+            req.blockers = blockers;
         }
         self.scan_posix(res, &mut grown, out);
         grown
     }
 
-    fn owners_grew(&self, old: &[LockId], new: &[LockId]) -> bool {
-        let owner = |id: &LockId| self.locks[id].session;
-        new.iter().any(|n| {
-            !old.iter()
-                .any(|o| self.locks.get(o).map(|l| l.session) == Some(owner(n)))
-        })
+    /// The wait-for edges a request with these blockers has: their owners, less the holders
+    /// of cached locks. Sorted, no repeats.
+    pub(crate) fn edge_owners(&self, blockers: &[LockId]) -> Vec<OwnerKey> {
+        let mut owners: Vec<OwnerKey> = blockers
+            .iter()
+            .map(|b| &self.locks[b])
+            .filter(|l| !(l.cached && l.grant.is_some() && l.request.is_none()))
+            .map(|l| OwnerKey::Session(l.session))
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
     }
 
     /// Grants a waiting request (new or conversion) whose blockers are gone.
@@ -956,11 +835,7 @@ impl Engine {
         let r = &mut self.resources[res as usize];
         r.waiting.remove(req.range, lock);
         r.queue.remove(&req.pos);
-        self.sessions
-            .get_mut(&session)
-            .expect("waiting session is live")
-            .waiting
-            .remove(&lock);
+        self.sessions.get_mut(&session).expect("waiting session is live").waiting.remove(&lock);
         if self.locks[&lock].grant.is_some() {
             let old = self.locks[&lock].grant.expect("granted");
             let upgrade = !(req.mode.at_most(old.mode) && old.range.contains(req.range));
@@ -968,20 +843,9 @@ impl Engine {
         } else {
             let token = self.next_token();
             self.resources[res as usize].granted.insert(req.range, lock);
-            self.locks.get_mut(&lock).expect("queued").grant = Some(Grant {
-                mode: req.mode,
-                range: req.range,
-                token,
-            });
+            self.locks.get_mut(&lock).expect("queued").grant = Some(Grant { mode: req.mode, range: req.range, token });
             let value = self.resources[res as usize].value_block();
-            out.push(Output::Granted {
-                lock,
-                mode: req.mode,
-                range: req.range,
-                token,
-                value,
-                reused: false,
-            });
+            out.push(Output::Granted { lock, mode: req.mode, range: req.range, token, value, reused: false });
         }
     }
 }

@@ -35,11 +35,7 @@ pub(crate) struct RangeIndex {
 
 impl Default for RangeIndex {
     fn default() -> RangeIndex {
-        RangeIndex {
-            nodes: Vec::new(),
-            free: Vec::new(),
-            root: NIL,
-        }
+        RangeIndex { nodes: Vec::new(), free: Vec::new(), root: NIL }
     }
 }
 
@@ -110,14 +106,7 @@ impl RangeIndex {
     }
 
     pub(crate) fn insert(&mut self, range: ByteRange, id: LockId) {
-        let node = Node {
-            start: range.start,
-            end: range.end,
-            id,
-            max_end: range.end,
-            left: NIL,
-            right: NIL,
-        };
+        let node = Node { start: range.start, end: range.end, id, max_end: range.end, left: NIL, right: NIL };
         let n = match self.free.pop() {
             Some(slot) => {
                 self.nodes[slot as usize] = node;
@@ -255,13 +244,7 @@ impl RangeIndex {
         }
         let node = &self.nodes[t as usize];
         self.in_order(node.left, all);
-        all.push((
-            ByteRange {
-                start: node.start,
-                end: node.end,
-            },
-            node.id,
-        ));
+        all.push((ByteRange { start: node.start, end: node.end }, node.id));
         self.in_order(node.right, all);
     }
 }
@@ -308,11 +291,7 @@ mod tests {
         for step in 0..20_000u64 {
             if list.is_empty() || next(3) > 0 {
                 let s = next(1000);
-                let e = if next(10) == 0 {
-                    u64::MAX
-                } else {
-                    s + 1 + next(50)
-                };
+                let e = if next(10) == 0 { u64::MAX } else { s + 1 + next(50) };
                 let id = LockId(step);
                 index.insert(r(s, e), id);
                 list.push((r(s, e), id));
@@ -324,11 +303,7 @@ mod tests {
                 let s = next(1100);
                 r(s, s + 1 + next(100))
             };
-            let mut want: Vec<LockId> = list
-                .iter()
-                .filter(|(rg, _)| rg.overlaps(q))
-                .map(|(_, id)| *id)
-                .collect();
+            let mut want: Vec<LockId> = list.iter().filter(|(rg, _)| rg.overlaps(q)).map(|(_, id)| *id).collect();
             let mut got = index.overlapping(q);
             want.sort();
             got.sort();

@@ -15,42 +15,21 @@ impl Engine {
         let mut live = 0;
         for (idx, r) in self.resources.iter().enumerate() {
             if !r.live {
-                assert!(
-                    self.free.contains(&(idx as u32)),
-                    "dead resource {idx} not on the free list"
-                );
+                assert!(self.free.contains(&(idx as u32)), "dead resource {idx} not on the free list");
                 continue;
             }
             live += 1;
-            assert_eq!(
-                self.names.get(&r.name),
-                Some(&(idx as u32)),
-                "name map disagrees for {}",
-                r.name
-            );
-            assert!(
-                !self.is_resource_empty(idx as u32),
-                "empty resource {} kept",
-                r.name
-            );
+            assert_eq!(self.names.get(&r.name), Some(&(idx as u32)), "name map disagrees for {}", r.name);
+            assert!(!self.is_resource_empty(idx as u32), "empty resource {} kept", r.name);
             assert!(
                 r.waiter_count() as u64 <= self.limits.waiters_per_resource_max,
                 "waiters over limit on {}",
                 r.name
             );
             for (range, id) in r.granted.iter() {
-                let l = self
-                    .locks
-                    .get(&id)
-                    .unwrap_or_else(|| panic!("granted index names missing lock {id:?}"));
-                let g = l
-                    .grant
-                    .unwrap_or_else(|| panic!("granted index names ungranted {id:?}"));
-                assert_eq!(
-                    (g.range, l.res),
-                    (range, idx as u32),
-                    "granted index range of {id:?}"
-                );
+                let l = self.locks.get(&id).unwrap_or_else(|| panic!("granted index names missing lock {id:?}"));
+                let g = l.grant.unwrap_or_else(|| panic!("granted index names ungranted {id:?}"));
+                assert_eq!((g.range, l.res), (range, idx as u32), "granted index range of {id:?}");
                 for other in r.granted.overlapping(range) {
                     let og = self.locks[&other].grant.expect("granted");
                     assert!(
@@ -62,48 +41,25 @@ impl Engine {
                     );
                 }
             }
-            assert_eq!(
-                r.waiting.len(),
-                r.queue.len(),
-                "waiting index and queue sizes differ on {}",
-                r.name
-            );
+            assert_eq!(r.waiting.len(), r.queue.len(), "waiting index and queue sizes differ on {}", r.name);
             for (pos, id) in &r.queue {
-                let req = self.locks[id]
-                    .request
-                    .as_ref()
-                    .unwrap_or_else(|| panic!("queued {id:?} has no request"));
+                let req = self.locks[id].request.as_ref().unwrap_or_else(|| panic!("queued {id:?} has no request"));
                 assert_eq!(req.pos, *pos, "queue position of {id:?}");
                 let now = self.blockers(idx as u32, Some(*id), req.mode, req.range, req.pos);
-                assert!(
-                    !now.is_empty(),
-                    "{id:?} waits on {} but nothing blocks it",
-                    r.name
-                );
-                assert_eq!(now, req.blockers, "stale wait-for edges of {id:?}");
+                assert!(!now.is_empty(), "{id:?} waits on {} but nothing blocks it", r.name);
+                assert_eq!(now, req.blockers, "stale blockers of {id:?}");
+                assert_eq!(self.edge_owners(&now), req.edges, "stale wait-for edges of {id:?}");
             }
             let owners: Vec<_> = r.posix.iter().collect();
             for (i, (a, am)) in owners.iter().enumerate() {
                 assert!(!am.is_empty(), "empty POSIX map kept");
-                assert!(
-                    am.len() as u64 <= self.limits.ranges_per_owner_max,
-                    "POSIX ranges over limit"
-                );
-                let s = self
-                    .sessions
-                    .get(&a.session)
-                    .unwrap_or_else(|| panic!("POSIX owner without session"));
-                assert!(
-                    s.posix_resources.contains_key(&(idx as u32)),
-                    "session does not list POSIX resource"
-                );
+                assert!(am.len() as u64 <= self.limits.ranges_per_owner_max, "POSIX ranges over limit");
+                let s = self.sessions.get(&a.session).unwrap_or_else(|| panic!("POSIX owner without session"));
+                assert!(s.posix_resources.contains_key(&(idx as u32)), "session does not list POSIX resource");
                 for (b, bm) in &owners[i + 1..] {
                     for (ra, ka) in am.iter() {
                         for (rb, kb) in bm.overlapping(ra) {
-                            assert!(
-                                !ka.conflicts(*kb),
-                                "POSIX {a:?} {ra:?} and {b:?} {rb:?} conflict"
-                            );
+                            assert!(!ka.conflicts(*kb), "POSIX {a:?} {ra:?} and {b:?} {rb:?} conflict");
                         }
                     }
                 }
@@ -112,62 +68,31 @@ impl Engine {
         assert_eq!(live, self.names.len(), "live resources and names differ");
 
         for (id, l) in self.locks.iter() {
-            let s = self
-                .sessions
-                .get(&l.session)
-                .unwrap_or_else(|| panic!("{id:?} belongs to no session"));
+            let s = self.sessions.get(&l.session).unwrap_or_else(|| panic!("{id:?} belongs to no session"));
             assert!(s.locks.contains(id), "session does not list {id:?}");
-            assert!(
-                self.resources[l.res as usize].live,
-                "{id:?} on a freed resource"
-            );
-            assert!(
-                l.grant.is_some() || l.request.is_some(),
-                "{id:?} neither granted nor waiting"
-            );
+            assert!(self.resources[l.res as usize].live, "{id:?} on a freed resource");
+            assert!(l.grant.is_some() || l.request.is_some(), "{id:?} neither granted nor waiting");
             if let Some(g) = l.grant {
-                assert!(
-                    g.token > 0 && g.token <= self.last_token,
-                    "token of {id:?} out of order"
-                );
+                assert!(g.token > 0 && g.token <= self.last_token, "token of {id:?} out of order");
             }
             if l.request.is_some() {
                 assert!(!s.fencing, "{id:?} waits for an expired session");
-                assert!(
-                    s.waiting.contains(id),
-                    "session does not list waiting {id:?}"
-                );
+                assert!(s.waiting.contains(id), "session does not list waiting {id:?}");
             } else {
-                assert!(
-                    !s.waiting.contains(id),
-                    "session lists granted {id:?} as waiting"
-                );
+                assert!(!s.waiting.contains(id), "session lists granted {id:?} as waiting");
             }
         }
 
         let mut expiring = 0;
         for (sid, s) in &self.sessions {
-            assert!(
-                s.locks.len() as u64 <= self.limits.locks_per_session_max,
-                "locks over limit"
-            );
+            assert!(s.locks.len() as u64 <= self.limits.locks_per_session_max, "locks over limit");
             for lock in &s.locks {
-                assert_eq!(
-                    self.locks.get(lock).map(|l| l.session),
-                    Some(*sid),
-                    "session lists a foreign lock"
-                );
+                assert_eq!(self.locks.get(lock).map(|l| l.session), Some(*sid), "session lists a foreign lock");
             }
             if !s.fencing {
                 expiring += 1;
-                assert!(
-                    self.expiry.contains(&(s.deadline_ms, *sid)),
-                    "live session missing from expiry"
-                );
-                assert!(
-                    s.deadline_ms >= self.now_ms,
-                    "session past its lease not expired"
-                );
+                assert!(self.expiry.contains(&(s.deadline_ms, *sid)), "live session missing from expiry");
+                assert!(s.deadline_ms >= self.now_ms, "session past its lease not expired");
             } else {
                 assert!(s.posix_waits.is_empty(), "expired session still waits");
             }
@@ -175,10 +100,7 @@ impl Engine {
         assert_eq!(expiring, self.expiry.len(), "expiry set has stale entries");
 
         for (seq, w) in &self.posix_waits {
-            assert!(
-                self.resources[w.res as usize].posix_queue.contains(seq),
-                "POSIX wait not queued"
-            );
+            assert!(self.resources[w.res as usize].posix_queue.contains(seq), "POSIX wait not queued");
             assert!(!w.blockers.is_empty(), "POSIX wait with no blocker");
         }
 
@@ -192,10 +114,7 @@ impl Engine {
             owners.insert(self.owner_of_wait(WaitKey::Posix(*seq)));
         }
         for owner in owners {
-            assert!(
-                self.cycle_through(owner).is_none(),
-                "wait-for cycle through {owner:?}"
-            );
+            assert!(self.cycle_through(owner).is_none(), "wait-for cycle through {owner:?}");
         }
     }
 

@@ -34,7 +34,5 @@ pub use engine::{Engine, OwnerKey};
 pub use error::EngineError;
 pub use io::{Input, Output, Subject, ValueBlock};
 pub use limits::{LimitKind, Limits};
-pub use types::{
-    ByteRange, LockId, Mode, PosixKind, PosixOwner, SessionId, TOKEN_EPOCH_SHIFT, Token,
-};
+pub use types::{ByteRange, LockId, Mode, PosixKind, PosixOwner, SessionId, TOKEN_EPOCH_SHIFT, Token};
 pub use view::{LockView, PosixView, ResourceView, Stats};

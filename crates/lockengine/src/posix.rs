@@ -62,10 +62,7 @@ impl Engine {
             _ => map.insert(range.as_range(), kind),
         }
         if map.len() as u64 > max {
-            return Err(EngineError::Limit {
-                kind: LimitKind::RangesPerOwner,
-                max,
-            });
+            return Err(EngineError::Limit { kind: LimitKind::RangesPerOwner, max });
         }
         let session = self.sessions.get_mut(&owner.session).expect("live owner");
         match (before, map.is_empty()) {
@@ -103,11 +100,7 @@ impl Engine {
             if let Some(res) = self.lookup(&resource) {
                 self.posix_set(res, owner, range, kind)?;
             }
-            out.push(Output::PosixUnlocked {
-                owner,
-                resource,
-                range,
-            });
+            out.push(Output::PosixUnlocked { owner, resource, range });
             return Ok(());
         }
         let res = self.resource_for(resource)?;
@@ -115,25 +108,12 @@ impl Engine {
         if conflicts.is_empty() {
             self.posix_set(res, owner, range, kind)?;
             let resource = self.resources[res as usize].name.to_string();
-            out.push(Output::PosixGranted {
-                owner,
-                resource,
-                range,
-                kind,
-            });
+            out.push(Output::PosixGranted { owner, resource, range, kind });
             return Ok(());
         }
         if !wait {
             let (conflict, r, k) = conflicts[0].clone();
-            out.push(Output::PosixBusy {
-                owner,
-                conflict,
-                range: ByteRange {
-                    start: r.start,
-                    end: r.end,
-                },
-                kind: k,
-            });
+            out.push(Output::PosixBusy { owner, conflict, range: ByteRange { start: r.start, end: r.end }, kind: k });
             return Ok(());
         }
         self.check_waiter_room(res)?;
@@ -141,30 +121,12 @@ impl Engine {
         let mut blockers: Vec<PosixOwner> = conflicts.iter().map(|c| c.0).collect();
         blockers.sort_unstable();
         blockers.dedup();
-        self.posix_waits.insert(
-            seq,
-            PosixWait {
-                owner,
-                res,
-                range,
-                kind,
-                blockers,
-            },
-        );
+        self.posix_waits.insert(seq, PosixWait { owner, res, range, kind, blockers });
         self.resources[res as usize].posix_queue.insert(seq);
-        self.sessions
-            .get_mut(&owner.session)
-            .expect("live")
-            .posix_waits
-            .insert(seq);
+        self.sessions.get_mut(&owner.session).expect("live").posix_waits.insert(seq);
         if self.break_cycles(WaitKey::Posix(seq), out) {
             let resource = self.resources[res as usize].name.to_string();
-            out.push(Output::PosixQueued {
-                owner,
-                resource,
-                range,
-                kind,
-            });
+            out.push(Output::PosixQueued { owner, resource, range, kind });
         }
         Ok(())
     }
@@ -178,21 +140,12 @@ impl Engine {
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
         self.check_live(owner.session)?;
-        let conflict = self.lookup(resource).and_then(|res| {
-            self.posix_conflicts(res, owner, range, kind)
-                .into_iter()
-                .next()
-        });
+        let conflict =
+            self.lookup(resource).and_then(|res| self.posix_conflicts(res, owner, range, kind).into_iter().next());
         out.push(match conflict {
-            Some((conflict, r, k)) => Output::PosixBusy {
-                owner,
-                conflict,
-                range: ByteRange {
-                    start: r.start,
-                    end: r.end,
-                },
-                kind: k,
-            },
+            Some((conflict, r, k)) => {
+                Output::PosixBusy { owner, conflict, range: ByteRange { start: r.start, end: r.end }, kind: k }
+            }
             None => Output::PosixFree { owner },
         });
         Ok(())
@@ -210,17 +163,8 @@ impl Engine {
 
     /// Grants every blocked POSIX request on `res` that no longer conflicts, in arrival order,
     /// and refreshes the blockers of the rest (noting in `grown` those with new edges).
-    pub(crate) fn scan_posix(
-        &mut self,
-        res: ResIdx,
-        grown: &mut Vec<WaitKey>,
-        out: &mut Vec<Output>,
-    ) {
-        let queue: Vec<u64> = self.resources[res as usize]
-            .posix_queue
-            .iter()
-            .copied()
-            .collect();
+    pub(crate) fn scan_posix(&mut self, res: ResIdx, grown: &mut Vec<WaitKey>, out: &mut Vec<Output>) {
+        let queue: Vec<u64> = self.resources[res as usize].posix_queue.iter().copied().collect();
         for seq in queue {
             let w = &self.posix_waits[&seq];
             let (owner, range, kind) = (w.owner, w.range, w.kind);
@@ -229,16 +173,8 @@ impl Engine {
                 self.remove_posix_wait(seq);
                 let resource = self.resources[res as usize].name.to_string();
                 match self.posix_set(res, owner, range, kind) {
-                    Ok(()) => out.push(Output::PosixGranted {
-                        owner,
-                        resource,
-                        range,
-                        kind,
-                    }),
-                    Err(error) => out.push(Output::Rejected {
-                        subject: crate::Subject::Owner(owner),
-                        error,
-                    }),
+                    Ok(()) => out.push(Output::PosixGranted { owner, resource, range, kind }),
+                    Err(error) => out.push(Output::Rejected { subject: crate::Subject::Owner(owner), error }),
                 }
                 continue;
             }

@@ -17,8 +17,7 @@ use std::fmt::{self, Write as _};
 use rustc_hash::FxHashMap;
 
 use crate::{
-    ByteRange, Engine, Input, Limits, LockId, Mode, Output, PosixKind, PosixOwner, SessionId,
-    Subject, ValueBlock,
+    ByteRange, Engine, Input, Limits, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock,
 };
 
 /// A malformed script line: its number (from 1) and what was expected there.
@@ -79,17 +78,9 @@ impl Names {
     fn owner(&mut self, session: &str, owner: &str) -> PosixOwner {
         let session = self.session(session);
         let next = self.owner_names.len() as u64 + 1;
-        let owner_id = *self
-            .owners
-            .entry((session.0, owner.to_string()))
-            .or_insert(next);
-        self.owner_names
-            .entry((session.0, owner_id))
-            .or_insert_with(|| owner.to_string());
-        PosixOwner {
-            session,
-            owner: owner_id,
-        }
+        let owner_id = *self.owners.entry((session.0, owner.to_string())).or_insert(next);
+        self.owner_names.entry((session.0, owner_id)).or_insert_with(|| owner.to_string());
+        PosixOwner { session, owner: owner_id }
     }
 
     fn session_name(&self, s: SessionId) -> &str {
@@ -101,11 +92,7 @@ impl Names {
     }
 
     fn owner_name(&self, o: PosixOwner) -> String {
-        format!(
-            "{}:{}",
-            self.session_name(o.session),
-            self.owner_names[&(o.session.0, o.owner)]
-        )
+        format!("{}:{}", self.session_name(o.session), self.owner_names[&(o.session.0, o.owner)])
     }
 }
 
@@ -135,18 +122,12 @@ impl Replay {
     /// Runs one command line (no comment, no expectation) and returns its trace lines.
     pub fn run_line(&mut self, line_no: usize, line: &str) -> Result<Vec<String>, ScriptError> {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let err = |message: String| ScriptError {
-            line: line_no,
-            message,
-        };
+        let err = |message: String| ScriptError { line: line_no, message };
         let input = match self.parse(&words) {
             Ok(Parsed::Input(input)) => input,
             Ok(Parsed::At(ms)) => {
                 if ms < self.now_ms {
-                    return Err(err(format!(
-                        "time goes back: `at {ms}` after `at {}`",
-                        self.now_ms
-                    )));
+                    return Err(err(format!("time goes back: `at {ms}` after `at {}`", self.now_ms)));
                 }
                 self.now_ms = ms;
                 Input::Tick
@@ -179,10 +160,7 @@ impl Replay {
                 if w.len() < 2 || w.len() > 3 || w[1].contains(':') {
                     return Err(usage(U));
                 }
-                Input::OpenSession {
-                    session: n.session(w[1]),
-                    lease_ms,
-                }
+                Input::OpenSession { session: n.session(w[1]), lease_ms }
             }
             "at" => {
                 let ms = match w {
@@ -201,9 +179,7 @@ impl Replay {
                 }
             }
             "epoch" => match w {
-                [_, e] => Input::SetEpoch {
-                    epoch: e.parse().map_err(|_| usage("epoch <n>"))?,
-                },
+                [_, e] => Input::SetEpoch { epoch: e.parse().map_err(|_| usage("epoch <n>"))? },
                 _ => return Err(usage("epoch <n>")),
             },
             "lock" => {
@@ -232,11 +208,7 @@ impl Replay {
                     Some(r) => Some(parse_range(r).ok_or_else(|| usage(U))?),
                     None => None,
                 };
-                Input::Convert {
-                    lock: n.lock(w[1]),
-                    mode,
-                    range,
-                }
+                Input::Convert { lock: n.lock(w[1]), mode, range }
             }
             "release" | "cancel" | "cache" if w.len() == 2 => {
                 let lock = n.lock(w[1]);
@@ -247,10 +219,7 @@ impl Replay {
                 }
             }
             "lvb" => match w {
-                [_, l, v] => Input::SetValue {
-                    lock: n.lock(l),
-                    value: v.as_bytes().to_vec(),
-                },
+                [_, l, v] => Input::SetValue { lock: n.lock(l), value: v.as_bytes().to_vec() },
                 _ => return Err(usage("lvb <L> <value>")),
             },
             "posix" => {
@@ -266,13 +235,7 @@ impl Replay {
                     "u" => PosixKind::Unlock,
                     _ => return Err(usage(U)),
                 };
-                Input::Posix {
-                    owner,
-                    resource: w[2].to_string(),
-                    range,
-                    kind,
-                    wait: w.len() == 6,
-                }
+                Input::Posix { owner, resource: w[2].to_string(), range, kind, wait: w.len() == 6 }
             }
             "posix-test" => {
                 const U: &str = "posix-test <S>:<owner> <resource> <range> <r|w>";
@@ -286,12 +249,7 @@ impl Replay {
                     "w" => PosixKind::Write,
                     _ => return Err(usage(U)),
                 };
-                Input::PosixTest {
-                    owner,
-                    resource: w[2].to_string(),
-                    range,
-                    kind,
-                }
+                Input::PosixTest { owner, resource: w[2].to_string(), range, kind }
             }
             "renew" | "fence-ack" | "close" => return Err(usage(&format!("{command} <S>"))),
             "release" | "cancel" | "cache" => return Err(usage(&format!("{command} <L>"))),
@@ -322,49 +280,23 @@ impl Replay {
             }
         };
         let _ = match o {
-            Output::Granted {
-                lock,
-                mode,
-                range,
-                token,
-                value: v,
-                reused,
-            } => {
-                let _ = write!(
-                    s,
-                    "granted {} {mode} {range} token={token}",
-                    n.lock_name(*lock)
-                );
+            Output::Granted { lock, mode, range, token, value: v, reused } => {
+                let _ = write!(s, "granted {} {mode} {range} token={token}", n.lock_name(*lock));
                 value(&mut s, v);
                 if *reused {
                     s.push_str(" reused=yes");
                 }
                 Ok(())
             }
-            Output::Converted {
-                lock,
-                mode,
-                range,
-                token,
-                value: v,
-            } => {
-                let _ = write!(
-                    s,
-                    "converted {} {mode} {range} token={token}",
-                    n.lock_name(*lock)
-                );
+            Output::Converted { lock, mode, range, token, value: v } => {
+                let _ = write!(s, "converted {} {mode} {range} token={token}", n.lock_name(*lock));
                 value(&mut s, v);
                 Ok(())
             }
             Output::Queued { lock } => write!(s, "queued {}", n.lock_name(*lock)),
             Output::Busy { lock, blockers } => {
                 let names: Vec<&str> = blockers.iter().map(|b| n.lock_name(*b)).collect();
-                write!(
-                    s,
-                    "busy {} blockers={}",
-                    n.lock_name(*lock),
-                    names.join(",")
-                )
+                write!(s, "busy {} blockers={}", n.lock_name(*lock), names.join(","))
             }
             Output::Revoke { lock } => write!(s, "revoke {}", n.lock_name(*lock)),
             Output::Deadlock { lock } => write!(s, "deadlock {}", n.lock_name(*lock)),
@@ -372,49 +304,16 @@ impl Replay {
             Output::Cancelled { lock } => write!(s, "cancelled {}", n.lock_name(*lock)),
             Output::Expired { session } => write!(s, "expired {}", n.session_name(*session)),
             Output::Fence { session } => write!(s, "fence {}", n.session_name(*session)),
-            Output::PosixGranted {
-                owner,
-                resource,
-                range,
-                kind,
-            } => {
-                write!(
-                    s,
-                    "posix-granted {} {resource} {range} {}",
-                    n.owner_name(*owner),
-                    kind.letter()
-                )
+            Output::PosixGranted { owner, resource, range, kind } => {
+                write!(s, "posix-granted {} {resource} {range} {}", n.owner_name(*owner), kind.letter())
             }
-            Output::PosixUnlocked {
-                owner,
-                resource,
-                range,
-            } => {
-                write!(
-                    s,
-                    "posix-unlocked {} {resource} {range}",
-                    n.owner_name(*owner)
-                )
+            Output::PosixUnlocked { owner, resource, range } => {
+                write!(s, "posix-unlocked {} {resource} {range}", n.owner_name(*owner))
             }
-            Output::PosixQueued {
-                owner,
-                resource,
-                range,
-                kind,
-            } => {
-                write!(
-                    s,
-                    "posix-queued {} {resource} {range} {}",
-                    n.owner_name(*owner),
-                    kind.letter()
-                )
+            Output::PosixQueued { owner, resource, range, kind } => {
+                write!(s, "posix-queued {} {resource} {range} {}", n.owner_name(*owner), kind.letter())
             }
-            Output::PosixBusy {
-                owner,
-                conflict,
-                range,
-                kind,
-            } => write!(
+            Output::PosixBusy { owner, conflict, range, kind } => write!(
                 s,
                 "posix-busy {} conflict={} {range} {}",
                 n.owner_name(*owner),
@@ -423,16 +322,8 @@ impl Replay {
             ),
             Output::PosixFree { owner } => write!(s, "posix-free {}", n.owner_name(*owner)),
             Output::PosixDeadlock { owner } => write!(s, "posix-deadlock {}", n.owner_name(*owner)),
-            Output::PosixCancelled {
-                owner,
-                resource,
-                range,
-            } => {
-                write!(
-                    s,
-                    "posix-cancelled {} {resource} {range}",
-                    n.owner_name(*owner)
-                )
+            Output::PosixCancelled { owner, resource, range } => {
+                write!(s, "posix-cancelled {} {resource} {range}", n.owner_name(*owner))
             }
             Output::Rejected { subject, error } => {
                 let what = match subject {
@@ -460,11 +351,7 @@ pub fn parse_range(s: &str) -> Option<ByteRange> {
     }
     let (a, b) = s.split_once("..")?;
     let start = a.parse().ok()?;
-    let end = if b.is_empty() {
-        u64::MAX
-    } else {
-        b.parse().ok()?
-    };
+    let end = if b.is_empty() { u64::MAX } else { b.parse().ok()? };
     // Inverted and empty ranges parse; the engine rejects them with its own error.
     Some(ByteRange { start, end })
 }
@@ -483,10 +370,7 @@ pub fn run(text: &str, options: Options) -> Result<Vec<Step>, ScriptError> {
         let line = raw.trim();
         if let Some(expected) = line.strip_prefix('>') {
             let Some(step) = steps.last_mut() else {
-                return Err(ScriptError {
-                    line: line_no,
-                    message: "expected trace before any command".into(),
-                });
+                return Err(ScriptError { line: line_no, message: "expected trace before any command".into() });
             };
             step.expected.push(expected.trim().to_string());
             continue;
@@ -496,12 +380,7 @@ pub fn run(text: &str, options: Options) -> Result<Vec<Step>, ScriptError> {
             continue;
         }
         let actual = replay.run_line(line_no, command)?;
-        steps.push(Step {
-            line: line_no,
-            command: command.to_string(),
-            expected: Vec::new(),
-            actual,
-        });
+        steps.push(Step { line: line_no, command: command.to_string(), expected: Vec::new(), actual });
     }
     Ok(steps)
 }

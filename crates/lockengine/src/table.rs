@@ -18,15 +18,11 @@ pub(crate) struct LockTable {
 
 impl LockTable {
     pub(crate) fn get(&self, id: &LockId) -> Option<&Lock> {
-        self.slots
-            .get(id)
-            .map(|&s| self.records[s as usize].as_ref().expect("live slot"))
+        self.slots.get(id).map(|&s| self.records[s as usize].as_ref().expect("live slot"))
     }
 
     pub(crate) fn get_mut(&mut self, id: &LockId) -> Option<&mut Lock> {
-        self.slots
-            .get(id)
-            .map(|&s| self.records[s as usize].as_mut().expect("live slot"))
+        self.slots.get(id).map(|&s| self.records[s as usize].as_mut().expect("live slot"))
     }
 
     pub(crate) fn insert(&mut self, id: LockId, lock: Lock) {
@@ -51,9 +47,7 @@ impl LockTable {
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&LockId, &Lock)> {
-        self.slots
-            .iter()
-            .map(|(id, &s)| (id, self.records[s as usize].as_ref().expect("live slot")))
+        self.slots.iter().map(|(id, &s)| (id, self.records[s as usize].as_ref().expect("live slot")))
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &Lock> {

@@ -36,18 +36,11 @@ pub struct ByteRange {
 
 impl ByteRange {
     /// The whole file, `0..EOF`.
-    pub const ALL: ByteRange = ByteRange {
-        start: 0,
-        end: u64::MAX,
-    };
+    pub const ALL: ByteRange = ByteRange { start: 0, end: u64::MAX };
 
     /// A non-empty range; zero-length and inverted ranges are rejected.
     pub fn new(start: u64, end: u64) -> Result<ByteRange, EngineError> {
-        if start < end {
-            Ok(ByteRange { start, end })
-        } else {
-            Err(EngineError::BadRange { start, end })
-        }
+        if start < end { Ok(ByteRange { start, end }) } else { Err(EngineError::BadRange { start, end }) }
     }
 
     /// From `start` to end of file.
@@ -121,9 +114,7 @@ impl Mode {
     /// `self` is no stronger than `other`: everything compatible with `other` is compatible with
     /// `self`. CW and PR are incomparable, so this is a partial order.
     pub fn at_most(self, other: Mode) -> bool {
-        Mode::ALL
-            .iter()
-            .all(|&m| !other.compatible(m) || self.compatible(m))
+        Mode::ALL.iter().all(|&m| !other.compatible(m) || self.compatible(m))
     }
 
     pub fn name(self) -> &'static str {

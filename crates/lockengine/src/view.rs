@@ -49,48 +49,29 @@ impl Engine {
             lock: id,
             session: l.session,
             granted: l.grant.map(|g| (g.mode, g.range, g.token)),
-            waiting: l
-                .request
-                .as_ref()
-                .map(|r| (r.mode, r.range, r.blockers.clone())),
+            waiting: l.request.as_ref().map(|r| (r.mode, r.range, r.blockers.clone())),
             cached: l.cached,
         }
     }
 
     /// Every resource whose name starts with `prefix`, sorted by name.
     pub fn resources(&self, prefix: &str) -> Vec<ResourceView> {
-        let mut names: Vec<_> = self
-            .names
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .collect();
+        let mut names: Vec<_> = self.names.iter().filter(|(n, _)| n.starts_with(prefix)).collect();
         names.sort();
         names
             .into_iter()
             .map(|(name, &idx)| {
                 let r = &self.resources[idx as usize];
-                let mut locks: Vec<LockView> = r
-                    .granted
-                    .iter()
-                    .into_iter()
-                    .map(|(_, id)| self.lock_view(id))
-                    .collect();
-                locks.extend(
-                    r.queue
-                        .values()
-                        .filter(|id| self.locks[id].grant.is_none())
-                        .map(|&id| self.lock_view(id)),
-                );
+                let mut locks: Vec<LockView> = r.granted.iter().into_iter().map(|(_, id)| self.lock_view(id)).collect();
+                locks
+                    .extend(r.queue.values().filter(|id| self.locks[id].grant.is_none()).map(|&id| self.lock_view(id)));
                 let mut posix: Vec<PosixView> = r
                     .posix
                     .iter()
                     .flat_map(|(owner, map)| {
                         map.iter().map(|(range, kind)| PosixView {
                             owner: *owner,
-                            range: ByteRange {
-                                start: range.start,
-                                end: range.end,
-                            },
+                            range: ByteRange { start: range.start, end: range.end },
                             kind: *kind,
                             granted: true,
                         })
@@ -98,26 +79,15 @@ impl Engine {
                     .collect();
                 posix.extend(r.posix_queue.iter().map(|seq| {
                     let w = &self.posix_waits[seq];
-                    PosixView {
-                        owner: w.owner,
-                        range: w.range,
-                        kind: w.kind,
-                        granted: false,
-                    }
+                    PosixView { owner: w.owner, range: w.range, kind: w.kind, granted: false }
                 }));
-                ResourceView {
-                    name: name.to_string(),
-                    locks,
-                    posix,
-                    value: r.value_block(),
-                }
+                ResourceView { name: name.to_string(), locks, posix, value: r.value_block() }
             })
             .collect()
     }
 
     pub fn stats(&self) -> Stats {
-        let waiting =
-            self.locks.values().filter(|l| l.request.is_some()).count() + self.posix_waits.len();
+        let waiting = self.locks.values().filter(|l| l.request.is_some()).count() + self.posix_waits.len();
         Stats {
             sessions: self.sessions.len() as u64,
             sessions_fencing: self.sessions.values().filter(|s| s.fencing).count() as u64,

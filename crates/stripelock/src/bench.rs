@@ -14,15 +14,8 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
-        let limits = Limits {
-            locks_per_session_max: 1 << 20,
-            ..Limits::default()
-        };
-        Bench {
-            engine: Engine::new(limits),
-            out: Vec::with_capacity(16),
-            next_lock: 0,
-        }
+        let limits = Limits { locks_per_session_max: 1 << 20, ..Limits::default() };
+        Bench { engine: Engine::new(limits), out: Vec::with_capacity(16), next_lock: 0 }
     }
 
     fn step(&mut self, input: Input) -> &[Output] {
@@ -33,40 +26,21 @@ impl Bench {
 
     fn session(&mut self, id: u64) -> SessionId {
         let s = SessionId(id);
-        self.step(Input::OpenSession {
-            session: s,
-            lease_ms: u64::MAX / 4,
-        });
+        self.step(Input::OpenSession { session: s, lease_ms: u64::MAX / 4 });
         s
     }
 
     fn lock(&mut self, session: SessionId, resource: &str, range: ByteRange, mode: Mode) -> LockId {
         self.next_lock += 1;
         let lock = LockId(self.next_lock);
-        let out = self.step(Input::Lock {
-            lock,
-            session,
-            resource: resource.to_string(),
-            range,
-            mode,
-            nowait: false,
-        });
-        assert!(
-            matches!(
-                out.first(),
-                Some(Output::Granted { .. }) | Some(Output::Queued { .. })
-            ),
-            "{out:?}"
-        );
+        let out = self.step(Input::Lock { lock, session, resource: resource.to_string(), range, mode, nowait: false });
+        assert!(matches!(out.first(), Some(Output::Granted { .. }) | Some(Output::Queued { .. })), "{out:?}");
         lock
     }
 
     fn release(&mut self, lock: LockId) {
         let out = self.step(Input::Release { lock });
-        debug_assert!(
-            matches!(out.first(), Some(Output::Released { .. })),
-            "{out:?}"
-        );
+        debug_assert!(matches!(out.first(), Some(Output::Released { .. })), "{out:?}");
     }
 }
 
@@ -109,24 +83,12 @@ fn held_by_many(budget: Duration, owners: u64, shared: bool) -> f64 {
     let mut held: Vec<LockId> = sessions
         .iter()
         .enumerate()
-        .map(|(i, &s)| {
-            b.lock(
-                s,
-                "/bench/shared",
-                if shared { range(0) } else { range(i as u64) },
-                mode,
-            )
-        })
+        .map(|(i, &s)| b.lock(s, "/bench/shared", if shared { range(0) } else { range(i as u64) }, mode))
         .collect();
     measure(budget, |i| {
         let k = (i % owners) as usize;
         b.release(held[k]);
-        held[k] = b.lock(
-            sessions[k],
-            "/bench/shared",
-            if shared { range(0) } else { range(k as u64) },
-            mode,
-        );
+        held[k] = b.lock(sessions[k], "/bench/shared", if shared { range(0) } else { range(k as u64) }, mode);
     })
 }
 
@@ -141,12 +103,7 @@ fn handoff(budget: Duration) -> f64 {
         b.release(holder);
         black_box(&b.out);
         holder = waiter;
-        waiter = b.lock(
-            s[(i % 2) as usize],
-            "/bench/handoff",
-            ByteRange::ALL,
-            Mode::EX,
-        );
+        waiter = b.lock(s[(i % 2) as usize], "/bench/handoff", ByteRange::ALL, Mode::EX);
     })
 }
 
@@ -166,36 +123,12 @@ fn beside(budget: Duration, n: u64) -> f64 {
 
 pub fn engine(budget: Duration, json: bool) {
     let figures = [
-        (
-            "uncontended_acquire_release_per_s",
-            "uncontended acquire+release, distinct resources",
-            uncontended(budget),
-        ),
-        (
-            "disjoint_64_owners_per_s",
-            "64 owners on disjoint ranges of one resource",
-            held_by_many(budget, 64, false),
-        ),
-        (
-            "shared_16_pr_holders_per_s",
-            "16 PR holders sharing one range",
-            held_by_many(budget, 16, true),
-        ),
-        (
-            "ex_handoff_2_sessions_per_s",
-            "EX hand-off between 2 sessions",
-            handoff(budget),
-        ),
-        (
-            "beside_10_ranges_per_s",
-            "acquire+release beside 10 granted ranges",
-            beside(budget, 10),
-        ),
-        (
-            "beside_10000_ranges_per_s",
-            "acquire+release beside 10,000 granted ranges",
-            beside(budget, 10_000),
-        ),
+        ("uncontended_acquire_release_per_s", "uncontended acquire+release, distinct resources", uncontended(budget)),
+        ("disjoint_64_owners_per_s", "64 owners on disjoint ranges of one resource", held_by_many(budget, 64, false)),
+        ("shared_16_pr_holders_per_s", "16 PR holders sharing one range", held_by_many(budget, 16, true)),
+        ("ex_handoff_2_sessions_per_s", "EX hand-off between 2 sessions", handoff(budget)),
+        ("beside_10_ranges_per_s", "acquire+release beside 10 granted ranges", beside(budget, 10)),
+        ("beside_10000_ranges_per_s", "acquire+release beside 10,000 granted ranges", beside(budget, 10_000)),
     ];
     let ratio = figures[4].2 / figures[5].2;
     if json {
@@ -203,23 +136,14 @@ pub fn engine(budget: Duration, json: bool) {
         for (key, _, value) in &figures {
             map.insert(key.to_string(), serde_json::json!(value.round()));
         }
-        map.insert(
-            "ratio_10_over_10000".into(),
-            serde_json::json!((ratio * 100.0).round() / 100.0),
-        );
-        map.insert(
-            "seconds_per_case".into(),
-            serde_json::json!(budget.as_secs_f64()),
-        );
+        map.insert("ratio_10_over_10000".into(), serde_json::json!((ratio * 100.0).round() / 100.0));
+        map.insert("seconds_per_case".into(), serde_json::json!(budget.as_secs_f64()));
         println!("{}", serde_json::Value::Object(map));
     } else {
         println!("{:<50} {:>14}", "case (one core, in memory)", "ops/s");
         for (_, label, value) in &figures {
             println!("{label:<50} {value:>14.0}");
         }
-        println!(
-            "{:<50} {ratio:>14.2}",
-            "10-range rate / 10,000-range rate (goal <= 2)"
-        );
+        println!("{:<50} {ratio:>14.2}", "10-range rate / 10,000-range rate (goal <= 2)");
     }
 }

@@ -9,11 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "stripelock",
-    version,
-    about = "A clustered file store built around a distributed lock manager"
-)]
+#[command(name = "stripelock", version, about = "A clustered file store built around a distributed lock manager")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,27 +83,10 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Debug {
-            command:
-                DebugCommand::Replay {
-                    files,
-                    check,
-                    bless,
-                    echo,
-                    json,
-                },
-        } => replay::run(
-            &files,
-            replay::Mode {
-                check,
-                bless,
-                echo,
-                json,
-            },
-        ),
-        Command::Bench {
-            command: BenchCommand::Engine { seconds, json },
-        } => {
+        Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
+            replay::run(&files, replay::Mode { check, bless, echo, json })
+        }
+        Command::Bench { command: BenchCommand::Engine { seconds, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {
                 eprintln!("error: --seconds must be above 0 and at most 60, got {seconds}");
                 return ExitCode::from(2);

@@ -27,10 +27,7 @@ pub fn run(files: &[PathBuf], mode: Mode) -> ExitCode {
                 continue;
             }
         };
-        let options = Options {
-            check_invariants: true,
-            ..Options::default()
-        };
+        let options = Options { check_invariants: true, ..Options::default() };
         let steps = match script::run(&text, options) {
             Ok(steps) => steps,
             Err(e) => {
@@ -63,10 +60,7 @@ pub fn run(files: &[PathBuf], mode: Mode) -> ExitCode {
             if mismatches.is_empty() {
                 println!("ok {name} ({} commands)", steps.len());
             } else {
-                println!(
-                    "FAIL {name}: {} commands differ (- expected, + actual)",
-                    mismatches.len()
-                );
+                println!("FAIL {name}: {} commands differ (- expected, + actual)", mismatches.len());
                 for m in &mismatches {
                     print!("{m}");
                 }
