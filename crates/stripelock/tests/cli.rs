@@ -1,0 +1,73 @@
+//! The `stripelock` command as a user runs it: exit codes and what it prints.
+
+use std::process::Command;
+
+fn stripelock(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_stripelock")).args(args).output().expect("run stripelock")
+}
+
+fn scenario_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lockengine/tests/scenarios")
+}
+
+#[test]
+fn replay_checks_every_scenario() {
+    let mut files: Vec<String> = std::fs::read_dir(scenario_dir())
+        .expect("scenarios")
+        .map(|e| e.expect("entry").path().display().to_string())
+        .filter(|p| p.ends_with(".scn"))
+        .collect();
+    files.sort();
+    let mut args = vec!["debug", "replay", "--check"];
+    args.extend(files.iter().map(String::as_str));
+    let out = stripelock(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "replay --check failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), files.len(), "{stdout}");
+}
+
+#[test]
+fn replay_prints_the_trace() {
+    let dir = std::env::temp_dir().join(format!("stripelock-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t.scn");
+    std::fs::write(&file, "session A\nlock L1 A /f all EX\nlock L2 A /f 0..1 PR nowait\n").unwrap();
+    let out = stripelock(&["debug", "replay", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "granted L1 EX all token=1\nbusy L2 blockers=L1\n");
+
+    // A trace that differs from its expectation fails --check with exit 1 and a diff.
+    std::fs::write(&file, "session A\nlock L1 A /f all EX\n> granted L1 EX all token=2\n").unwrap();
+    let out = stripelock(&["debug", "replay", "--check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("- granted L1 EX all token=2") && stdout.contains("+ granted L1 EX all token=1"),
+        "{stdout}"
+    );
+
+    // A malformed line exits 2 naming the line and what was expected.
+    std::fs::write(&file, "session A\nlock L1 A /f\n").unwrap();
+    let out = stripelock(&["debug", "replay", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2") && stderr.contains("expected `lock <L> <S>"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_engine_json_has_the_figures() {
+    let out = stripelock(&["bench", "engine", "--json", "--seconds", "0.05"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for key in [
+        "uncontended_acquire_release_per_s",
+        "disjoint_64_owners_per_s",
+        "shared_16_pr_holders_per_s",
+        "ex_handoff_2_sessions_per_s",
+        "beside_10_ranges_per_s",
+        "beside_10000_ranges_per_s",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
+    }
+}
