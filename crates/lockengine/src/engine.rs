@@ -241,6 +241,10 @@ impl Engine {
                 if l.grant.is_none() {
                     return Err(EngineError::NotGranted);
                 }
+                // A holder asking for more is using the lock: it cannot also be idle in a cache.
+                if l.request.is_some() {
+                    return Err(EngineError::AlreadyConverting);
+                }
                 let res = l.res;
                 self.locks.get_mut(&lock).expect("checked").cached = true;
                 // A waiter may already be blocked by this lock: the scan sends the revoke.

@@ -285,6 +285,9 @@ impl Model {
                 if l.grant.is_none() {
                     return Err(EngineError::NotGranted);
                 }
+                if l.req.is_some() {
+                    return Err(EngineError::AlreadyConverting);
+                }
                 self.locks.get_mut(&lock).unwrap().cached = true;
             }
         }
