@@ -23,6 +23,8 @@ struct Node {
     max_end: u64,
     left: u32,
     right: u32,
+    /// Heap order: a parent's priority is at least its children's.
+    priority: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -31,21 +33,23 @@ pub(crate) struct RangeIndex {
     /// Slots of removed nodes, reused before the vector grows.
     free: Vec<u32>,
     root: u32,
+    /// Scratch for the path of a walk, kept to avoid allocating on every insert and remove.
+    path: Vec<u32>,
 }
 
 impl Default for RangeIndex {
     fn default() -> RangeIndex {
-        RangeIndex { nodes: Vec::new(), free: Vec::new(), root: NIL }
+        RangeIndex { nodes: Vec::new(), free: Vec::new(), root: NIL, path: Vec::new() }
     }
 }
 
 /// A fixed mix of the id: priorities look random but are reproducible, so replicas and
 /// simulations build identical trees.
-fn priority(id: LockId) -> u64 {
+fn priority(id: LockId) -> u32 {
     let mut x = id.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    (x ^ (x >> 31)) as u32
 }
 
 impl RangeIndex {
@@ -60,11 +64,12 @@ impl RangeIndex {
     pub(crate) fn clear(&mut self) {
         self.nodes.clear();
         self.free.clear();
+        self.path.clear();
         self.root = NIL;
     }
 
-    fn priority_of(&self, n: u32) -> u64 {
-        priority(self.nodes[n as usize].id)
+    fn priority_of(&self, n: u32) -> u32 {
+        self.nodes[n as usize].priority
     }
 
     fn key(&self, n: u32) -> (u64, LockId) {
@@ -106,7 +111,8 @@ impl RangeIndex {
     }
 
     pub(crate) fn insert(&mut self, range: ByteRange, id: LockId) {
-        let node = Node { start: range.start, end: range.end, id, max_end: range.end, left: NIL, right: NIL };
+        let node =
+            Node { start: range.start, end: range.end, id, max_end: range.end, left: NIL, right: NIL, priority: priority(id) };
         let n = match self.free.pop() {
             Some(slot) => {
                 self.nodes[slot as usize] = node;
@@ -118,87 +124,83 @@ impl RangeIndex {
                 (self.nodes.len() - 1) as u32
             }
         };
-        self.root = self.insert_into(self.root, n);
+        // Walk down to where the key belongs, raising each ancestor's largest end on the way.
+        let key = (range.start, id);
+        self.path.clear();
+        let mut t = self.root;
+        while t != NIL {
+            self.path.push(t);
+            let node = &mut self.nodes[t as usize];
+            node.max_end = node.max_end.max(range.end);
+            t = if key < (node.start, node.id) { node.left } else { node.right };
+        }
+        let Some(&parent) = self.path.last() else {
+            self.root = n;
+            return;
+        };
+        if key < self.key(parent) {
+            self.nodes[parent as usize].left = n;
+        } else {
+            self.nodes[parent as usize].right = n;
+        }
+        // Rotate the new node up while it outranks its parent (rarely more than once or twice).
+        while let Some(p) = self.path.pop() {
+            if self.priority_of(n) <= self.priority_of(p) {
+                break;
+            }
+            if self.nodes[p as usize].left == n {
+                self.nodes[p as usize].left = self.nodes[n as usize].right;
+                self.nodes[n as usize].right = p;
+            } else {
+                self.nodes[p as usize].right = self.nodes[n as usize].left;
+                self.nodes[n as usize].left = p;
+            }
+            self.update(p);
+            self.update(n);
+            self.replace_child(p, n);
+        }
     }
 
-    /// Inserts node `n` as a leaf below `t`, then rotates it up while its priority is higher
-    /// than its parent's: one walk down, and rotations only near where it lands.
-    fn insert_into(&mut self, t: u32, n: u32) -> u32 {
-        if t == NIL {
-            return n;
-        }
-        // Without a rotation, the only change to this subtree's largest end is the new node's.
-        let end = self.nodes[n as usize].end;
-        let max_end = &mut self.nodes[t as usize].max_end;
-        *max_end = (*max_end).max(end);
-        if self.key(n) < self.key(t) {
-            let l = self.insert_into(self.nodes[t as usize].left, n);
-            self.nodes[t as usize].left = l;
-            if self.priority_of(l) > self.priority_of(t) {
-                // Rotate right: l becomes the subtree root.
-                self.nodes[t as usize].left = self.nodes[l as usize].right;
-                self.nodes[l as usize].right = t;
-                self.update(t);
-                self.update(l);
-                return l;
-            }
-        } else {
-            let r = self.insert_into(self.nodes[t as usize].right, n);
-            self.nodes[t as usize].right = r;
-            if self.priority_of(r) > self.priority_of(t) {
-                self.nodes[t as usize].right = self.nodes[r as usize].left;
-                self.nodes[r as usize].left = t;
-                self.update(t);
-                self.update(r);
-                return r;
+    /// Points whoever pointed at `old` (the node above it on `self.path`, or the root) at `new`.
+    fn replace_child(&mut self, old: u32, new: u32) {
+        match self.path.last() {
+            None => self.root = new,
+            Some(&g) => {
+                let g = &mut self.nodes[g as usize];
+                if g.left == old {
+                    g.left = new;
+                } else {
+                    g.right = new;
+                }
             }
         }
-        t
     }
 
     pub(crate) fn remove(&mut self, range: ByteRange, id: LockId) {
         let key = (range.start, id);
-        let root = self.root;
-        let (found, root) = self.remove_from(root, key);
-        assert!(
-            found != NIL && self.nodes[found as usize].end == range.end,
-            "lock {id:?} missing from the index at {range}"
-        );
-        self.root = root;
-        self.release_slot(found);
-    }
-
-    /// Removes `key` from the subtree at `t`; returns the removed node and the new subtree.
-    fn remove_from(&mut self, t: u32, key: (u64, LockId)) -> (u32, u32) {
-        if t == NIL {
-            return (NIL, NIL);
+        self.path.clear();
+        let mut t = self.root;
+        while t != NIL && self.key(t) != key {
+            self.path.push(t);
+            t = if key < self.key(t) { self.nodes[t as usize].left } else { self.nodes[t as usize].right };
         }
-        let here = self.key(t);
-        if key == here {
-            let node = self.nodes[t as usize];
-            return (t, self.merge(node.left, node.right));
+        assert!(t != NIL && self.nodes[t as usize].end == range.end, "lock {id:?} missing from the index at {range}");
+        let (left, right) = (self.nodes[t as usize].left, self.nodes[t as usize].right);
+        let joined = self.merge(left, right);
+        self.replace_child(t, joined);
+        // An ancestor's largest end can only have dropped if it was the removed node's; above
+        // the first ancestor whose largest end is greater, nothing changes.
+        for i in (0..self.path.len()).rev() {
+            let a = self.path[i];
+            if self.nodes[a as usize].max_end > range.end {
+                break;
+            }
+            self.update(a);
         }
-        let found = if key < here {
-            let (found, l) = self.remove_from(self.nodes[t as usize].left, key);
-            self.nodes[t as usize].left = l;
-            found
-        } else {
-            let (found, r) = self.remove_from(self.nodes[t as usize].right, key);
-            self.nodes[t as usize].right = r;
-            found
-        };
-        // The largest end below `t` can only have dropped if it was the removed node's.
-        if found != NIL && self.nodes[found as usize].end >= self.nodes[t as usize].max_end {
-            self.update(t);
-        }
-        (found, t)
-    }
-
-    fn release_slot(&mut self, slot: u32) {
         if self.root == NIL {
             self.clear();
         } else {
-            self.free.push(slot);
+            self.free.push(t);
         }
     }
 
