@@ -209,6 +209,14 @@ impl Engine {
     }
 
     fn apply(&mut self, input: Input, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        // Ranges arrive as plain pairs: an empty or inverted one is refused before anything.
+        if let Input::Lock { range, .. }
+        | Input::Convert { range: Some(range), .. }
+        | Input::Posix { range, .. }
+        | Input::PosixTest { range, .. } = &input
+        {
+            ByteRange::new(range.start, range.end)?;
+        }
         match input {
             Input::Tick => Ok(()),
             Input::OpenSession { session, lease_ms } => self.open_session(session, lease_ms),
@@ -679,7 +687,10 @@ impl Engine {
         r.waiting.insert(range, lock);
         r.queue.insert(pos, lock);
         let l = self.locks.get_mut(&lock).expect("exists");
+        // Asking for more is using the lock: it is no longer idle, and a revoke sent while it
+        // was will be sent again if it is cached again.
         l.cached = false;
+        l.revoke_sent = false;
         l.request = Some(Request { mode, range, pos, edges, blockers: blockers.clone() });
         let session = l.session;
         self.sessions.get_mut(&session).expect("live").waiting.insert(lock);

@@ -2,7 +2,7 @@
 //! rather than a scan of every lock.
 //!
 //! It is a treap (a binary search tree on `(start, id)` that is also a heap on a priority drawn
-//! from the id) whose every node knows the largest `end` below it. A query skips any subtree
+//! from the id) whose every node knows the largest `end` in each of its two subtrees. A query skips any subtree
 //! whose largest end is at or before the query's start, and stops going right once starts reach
 //! the query's end. Nodes live in one vector and point at each other by index, so the index
 //! allocates only when it grows, and queries never allocate.
@@ -19,8 +19,10 @@ struct Node {
     start: u64,
     end: u64,
     id: LockId,
-    /// The largest `end` in this node's subtree.
-    max_end: u64,
+    /// The largest `end` in the left and in the right subtree (0 when empty). Kept in the
+    /// parent so a query prunes a subtree without touching its memory.
+    left_max: u64,
+    right_max: u64,
     left: u32,
     right: u32,
     /// Heap order: a parent's priority is at least its children's.
@@ -77,16 +79,20 @@ impl RangeIndex {
         (node.start, node.id)
     }
 
+    fn subtree_max(&self, n: u32) -> u64 {
+        if n == NIL {
+            return 0;
+        }
+        let node = &self.nodes[n as usize];
+        node.end.max(node.left_max).max(node.right_max)
+    }
+
     fn update(&mut self, n: u32) {
-        let node = self.nodes[n as usize];
-        let mut max_end = node.end;
-        if node.left != NIL {
-            max_end = max_end.max(self.nodes[node.left as usize].max_end);
-        }
-        if node.right != NIL {
-            max_end = max_end.max(self.nodes[node.right as usize].max_end);
-        }
-        self.nodes[n as usize].max_end = max_end;
+        let (left, right) = (self.nodes[n as usize].left, self.nodes[n as usize].right);
+        let (left_max, right_max) = (self.subtree_max(left), self.subtree_max(right));
+        let node = &mut self.nodes[n as usize];
+        node.left_max = left_max;
+        node.right_max = right_max;
     }
 
     /// Joins two trees where every key of `a` is below every key of `b`.
@@ -111,8 +117,16 @@ impl RangeIndex {
     }
 
     pub(crate) fn insert(&mut self, range: ByteRange, id: LockId) {
-        let node =
-            Node { start: range.start, end: range.end, id, max_end: range.end, left: NIL, right: NIL, priority: priority(id) };
+        let node = Node {
+            start: range.start,
+            end: range.end,
+            id,
+            left_max: 0,
+            right_max: 0,
+            left: NIL,
+            right: NIL,
+            priority: priority(id),
+        };
         let n = match self.free.pop() {
             Some(slot) => {
                 self.nodes[slot as usize] = node;
@@ -131,8 +145,13 @@ impl RangeIndex {
         while t != NIL {
             self.path.push(t);
             let node = &mut self.nodes[t as usize];
-            node.max_end = node.max_end.max(range.end);
-            t = if key < (node.start, node.id) { node.left } else { node.right };
+            if key < (node.start, node.id) {
+                node.left_max = node.left_max.max(range.end);
+                t = node.left;
+            } else {
+                node.right_max = node.right_max.max(range.end);
+                t = node.right;
+            }
         }
         let Some(&parent) = self.path.last() else {
             self.root = n;
@@ -192,7 +211,9 @@ impl RangeIndex {
         // the first ancestor whose largest end is greater, nothing changes.
         for i in (0..self.path.len()).rev() {
             let a = self.path[i];
-            if self.nodes[a as usize].max_end > range.end {
+            let node = &self.nodes[a as usize];
+            let side_max = if key < (node.start, node.id) { node.left_max } else { node.right_max };
+            if side_max > range.end {
                 break;
             }
             self.update(a);
@@ -206,23 +227,23 @@ impl RangeIndex {
 
     /// Calls `f` with every lock whose range overlaps `range`, in order of start.
     pub(crate) fn for_each_overlapping(&self, range: ByteRange, f: &mut impl FnMut(LockId)) {
-        self.visit(self.root, range, f);
+        if self.root != NIL {
+            self.visit(self.root, range, f);
+        }
     }
 
     fn visit(&self, t: u32, range: ByteRange, f: &mut impl FnMut(LockId)) {
-        if t == NIL {
-            return;
-        }
         let node = &self.nodes[t as usize];
-        if node.max_end <= range.start {
-            return;
+        if node.left != NIL && node.left_max > range.start {
+            self.visit(node.left, range, f);
         }
-        self.visit(node.left, range, f);
         if node.start < range.end {
             if node.end > range.start {
                 f(node.id);
             }
-            self.visit(node.right, range, f);
+            if node.right != NIL && node.right_max > range.start {
+                self.visit(node.right, range, f);
+            }
         }
     }
 

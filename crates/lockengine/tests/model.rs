@@ -254,6 +254,7 @@ impl Model {
                 let blockers = if down { Vec::new() } else { self.blockers(Some(lock), res, mode, range, pos) };
                 let l = self.locks.get_mut(&lock).unwrap();
                 l.cached = false;
+                l.revoke_sent = false;
                 if blockers.is_empty() {
                     l.grant = Some((mode, range, 0));
                     l.revoke_sent = false;
