@@ -273,6 +273,29 @@ impl RangeIndex {
 }
 
 #[cfg(test)]
+impl RangeIndex {
+    /// Checks the tree's own invariants: search order, heap order and the subtree maxima.
+    fn check(&self) {
+        fn walk(ix: &RangeIndex, t: u32, lo: Option<(u64, LockId)>, hi: Option<(u64, LockId)>) -> u64 {
+            if t == NIL {
+                return 0;
+            }
+            let n = ix.nodes[t as usize];
+            let key = (n.start, n.id);
+            assert!(lo.is_none_or(|lo| lo < key) && hi.is_none_or(|hi| key < hi), "search order");
+            for c in [n.left, n.right] {
+                assert!(c == NIL || ix.nodes[c as usize].priority <= n.priority, "heap order");
+            }
+            let l = walk(ix, n.left, lo, Some(key));
+            let r = walk(ix, n.right, Some(key), hi);
+            assert_eq!((n.left_max, n.right_max), (l, r), "subtree maxima");
+            n.end.max(l).max(r)
+        }
+        walk(self, self.root, None, None);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -299,7 +322,7 @@ mod tests {
         assert_eq!(hits(&index, 20, u64::MAX), Vec::<u64>::new());
     }
 
-    /// Random inserts, removes and queries against a plain list.
+    /// Random inserts, removes and queries against a plain list, checking the tree as it goes.
     #[test]
     fn matches_a_list() {
         let mut seed = 12345u64;
@@ -321,6 +344,9 @@ mod tests {
             } else {
                 let (range, id) = list.swap_remove(next(list.len() as u64) as usize);
                 index.remove(range, id);
+            }
+            if step % 16 == 0 {
+                index.check();
             }
             let q = {
                 let s = next(1100);
