@@ -416,6 +416,23 @@ fn input_of(op: &Op, epoch: &mut u64) -> Input {
     }
 }
 
+/// Whether a grant carries a new token (above every earlier one) or keeps the lock's own; any
+/// other token is a failure.
+fn token_is_new(
+    lock: LockId,
+    token: u64,
+    last: &mut u64,
+    tokens: &mut BTreeMap<u64, u64>,
+) -> Result<bool, TestCaseError> {
+    if token > *last {
+        *last = token;
+        tokens.insert(lock.0, token);
+        return Ok(true);
+    }
+    prop_assert_eq!(tokens.get(&lock.0), Some(&token), "{:?} got an old token that is not its own", lock);
+    Ok(false)
+}
+
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let mut engine = Engine::default();
     let mut model = Model::default();
@@ -444,25 +461,15 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let mut victims = Vec::new();
         for o in &outputs {
             got.push(match o {
-                Output::Granted { lock, mode, range, token, reused, .. } => {
-                    let new = *token > last_token;
-                    if new {
-                        last_token = *token;
-                        tokens.insert(lock.0, *token);
-                    } else {
-                        prop_assert_eq!(tokens.get(&lock.0), Some(token), "kept token of {:?}", lock);
-                    }
-                    Seen::Granted(lock.0, *mode, *range, new, *reused)
-                }
+                Output::Granted { lock, mode, range, token, reused, .. } => Seen::Granted(
+                    lock.0,
+                    *mode,
+                    *range,
+                    token_is_new(*lock, *token, &mut last_token, &mut tokens)?,
+                    *reused,
+                ),
                 Output::Converted { lock, mode, range, token, .. } => {
-                    let new = *token > last_token;
-                    if new {
-                        last_token = *token;
-                        tokens.insert(lock.0, *token);
-                    } else {
-                        prop_assert_eq!(tokens.get(&lock.0), Some(token), "kept token of {:?}", lock);
-                    }
-                    Seen::Converted(lock.0, *mode, *range, new)
+                    Seen::Converted(lock.0, *mode, *range, token_is_new(*lock, *token, &mut last_token, &mut tokens)?)
                 }
                 Output::Queued { lock } => Seen::Queued(lock.0),
                 Output::Busy { lock, blockers } => Seen::Busy(lock.0, blockers.iter().map(|b| b.0).collect()),
