@@ -147,7 +147,10 @@ pub struct Engine {
     pub(crate) resources: Vec<Resource>,
     pub(crate) free: Vec<ResIdx>,
     pub(crate) posix_waits: BTreeMap<u64, PosixWait>,
-    pub(crate) dirty: BTreeSet<ResIdx>,
+    /// Resources an input touched, to serve and maybe free before the step ends (may repeat).
+    pub(crate) dirty: Vec<ResIdx>,
+    /// Scratch for `settle`, kept to avoid allocating on every step.
+    touched: Vec<ResIdx>,
 }
 
 impl Default for Engine {
@@ -171,7 +174,8 @@ impl Engine {
             resources: Vec::new(),
             free: Vec::new(),
             posix_waits: BTreeMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -256,7 +260,7 @@ impl Engine {
                 let res = l.res;
                 self.locks.get_mut(&lock).expect("checked").cached = true;
                 // A waiter may already be blocked by this lock: the scan sends the revoke.
-                self.dirty.insert(res);
+                self.dirty.push(res);
                 Ok(())
             }
             Input::SetValue { lock, value } => {
@@ -397,10 +401,14 @@ impl Engine {
                     res.value_invalid = false;
                 }
             }
-            self.dirty.insert(l.res);
+            self.dirty.push(l.res);
             out.push(Output::Released { lock });
         }
-        for &res in s.posix_resources.keys() {
+        // Name order, for the same reason as in `settle`.
+        let mut posix_resources: Vec<ResIdx> = s.posix_resources.keys().copied().collect();
+        posix_resources
+            .sort_unstable_by(|a, b| self.resources[*a as usize].name.cmp(&self.resources[*b as usize].name));
+        for res in posix_resources {
             let r = &mut self.resources[res as usize];
             let owners: Vec<PosixOwner> = r
                 .posix
@@ -417,7 +425,7 @@ impl Engine {
                     });
                 }
             }
-            self.dirty.insert(res);
+            self.dirty.push(res);
         }
     }
 
@@ -452,7 +460,7 @@ impl Engine {
         r.name = name.clone();
         r.live = true;
         self.names.insert(name, idx);
-        self.dirty.insert(idx);
+        self.dirty.push(idx);
         Ok(idx)
     }
 
@@ -638,7 +646,7 @@ impl Engine {
             {
                 self.locks.get_mut(&lock).expect("exists").cached = false;
                 // In use again: waiting for it may now be part of a deadlock.
-                self.dirty.insert(l.res);
+                self.dirty.push(l.res);
                 let value = self.resources[l.res as usize].value_block();
                 out.push(Output::Granted { lock, mode: g.mode, range: g.range, token: g.token, value, reused: true });
                 Ok(())
@@ -682,7 +690,7 @@ impl Engine {
         self.check_waiter_room(res)?;
         let edges = self.edge_owners(&blockers);
         // A conversion queues ahead of every new request: their blockers change, so rescan.
-        self.dirty.insert(res);
+        self.dirty.push(res);
         let r = &mut self.resources[res as usize];
         r.waiting.insert(range, lock);
         r.queue.insert(pos, lock);
@@ -723,7 +731,7 @@ impl Engine {
             r.granted.remove(old.range, lock);
             r.granted.insert(range, lock);
         }
-        self.dirty.insert(res);
+        self.dirty.push(res);
         let value = r.value_block();
         out.push(Output::Converted { lock, mode, range, token: new.token, value });
     }
@@ -747,7 +755,7 @@ impl Engine {
             r.value_invalid = false;
         }
         self.sessions.get_mut(&l.session).expect("live").locks.remove(&lock);
-        self.dirty.insert(l.res);
+        self.dirty.push(l.res);
         out.push(Output::Released { lock });
         Ok(())
     }
@@ -777,7 +785,7 @@ impl Engine {
             s.locks.remove(&lock);
             self.locks.remove(&lock);
         }
-        self.dirty.insert(res);
+        self.dirty.push(res);
     }
 
     // ---- settling ---------------------------------------------------------------------------
@@ -785,17 +793,33 @@ impl Engine {
     /// After every input: serve the queues of every resource the input touched, refresh the
     /// wait-for edges, break any cycle the new edges closed, and free empty resources.
     fn settle(&mut self, out: &mut Vec<Output>) {
-        let mut touched: Vec<ResIdx> = Vec::new();
-        while let Some(res) = self.dirty.pop_first() {
-            touched.push(res);
-            let grown = self.scan(res, out);
-            for wait in grown {
-                self.break_cycles(wait, out);
+        let mut touched = std::mem::take(&mut self.touched);
+        while !self.dirty.is_empty() {
+            let mut batch = std::mem::take(&mut self.dirty);
+            if batch.len() > 1 {
+                // Name order, not slot order: slots are an accident of history (a replica that
+                // restored a snapshot has others), and this order decides the order of tokens.
+                batch.sort_unstable_by(|a, b| self.resources[*a as usize].name.cmp(&self.resources[*b as usize].name));
+                batch.dedup();
+            }
+            for &res in &batch {
+                touched.push(res);
+                for wait in self.scan(res, out) {
+                    self.break_cycles(wait, out);
+                }
+            }
+            batch.clear();
+            if self.dirty.is_empty() {
+                self.dirty = batch;
             }
         }
-        for res in touched {
+        touched.sort_unstable();
+        touched.dedup();
+        for &res in &touched {
             self.free_if_empty(res);
         }
+        touched.clear();
+        self.touched = touched;
     }
 
     /// Serves one resource's queues in order: the convert queue, then new requests, then POSIX

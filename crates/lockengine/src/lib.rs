@@ -26,6 +26,7 @@ mod io;
 mod limits;
 mod posix;
 pub mod script;
+mod snapshot;
 mod table;
 mod types;
 mod view;
@@ -34,5 +35,9 @@ pub use engine::{Engine, OwnerKey};
 pub use error::EngineError;
 pub use io::{Input, Output, Subject, ValueBlock};
 pub use limits::{LimitKind, Limits};
+pub use snapshot::{
+    EngineSnapshot, LockRecord, PosixRecord, PosixWaitRecord, RestoreError, SNAPSHOT_VERSION, SessionRecord,
+    ValueRecord,
+};
 pub use types::{ByteRange, LockId, Mode, PosixKind, PosixOwner, SessionId, TOKEN_EPOCH_SHIFT, Token};
 pub use view::{LockView, PosixView, ResourceView, Stats};

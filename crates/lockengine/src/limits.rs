@@ -2,9 +2,11 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// Configurable limits. Past one, the request fails with [`crate::EngineError::Limit`] and
 /// nothing else changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub sessions_max: u64,
     pub locks_per_session_max: u64,

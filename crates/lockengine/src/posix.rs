@@ -82,7 +82,7 @@ impl Engine {
         } else {
             r.posix.insert(owner, map);
         }
-        self.dirty.insert(res);
+        self.dirty.push(res);
         Ok(())
     }
 
@@ -157,7 +157,7 @@ impl Engine {
         if let Some(s) = self.sessions.get_mut(&w.owner.session) {
             s.posix_waits.remove(&seq);
         }
-        self.dirty.insert(w.res);
+        self.dirty.push(w.res);
         w
     }
 

@@ -2,19 +2,21 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::EngineError;
 
 /// A client or gateway session. The caller (the replicated service) allocates the number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SessionId(pub u64);
 
 /// One DLM lock. The caller allocates the number; it names the lock for its whole life, through
 /// waiting, grant, conversions and release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LockId(pub u64);
 
 /// A POSIX (fcntl) lock owner: a process or open file description inside one session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PosixOwner {
     pub session: SessionId,
     pub owner: u64,
@@ -28,7 +30,7 @@ pub const TOKEN_EPOCH_SHIFT: u32 = 40;
 
 /// A half-open byte range `[start, end)`. `end == u64::MAX` means "to end of file", so the last
 /// byte of a 2^64 file cannot be named on its own; no file gets that large.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ByteRange {
     pub start: u64,
     pub end: u64,
@@ -72,7 +74,7 @@ impl fmt::Display for ByteRange {
 }
 
 /// The six VMS / Linux DLM lock modes, weakest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Mode {
     /// Null: holds a place, conflicts with nothing.
     NL,
@@ -140,7 +142,7 @@ impl fmt::Display for Mode {
 }
 
 /// What a POSIX request asks for: a read lock, a write lock, or to unlock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PosixKind {
     Read,
     Write,
