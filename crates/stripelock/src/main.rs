@@ -2,6 +2,7 @@
 
 mod bench;
 mod replay;
+mod tokens;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+    /// Fencing tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -53,6 +59,21 @@ enum DebugCommand {
         #[arg(long)]
         echo: bool,
         /// Print one JSON object per file.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Check a token's signature against the cluster secret and print what it grants.
+    /// Exit 0 valid, 1 signature does not match, 2 not a token or no readable secret.
+    Verify {
+        /// The token (`slt1.…`); `-` reads it from standard input.
+        token: String,
+        /// The cluster secret file (64 hex digits).
+        #[arg(long)]
+        secret_file: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -85,6 +106,9 @@ fn main() -> ExitCode {
         }
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
             replay::run(&files, replay::Mode { check, bless, echo, json })
+        }
+        Command::Token { command: TokenCommand::Verify { token, secret_file, json } } => {
+            tokens::verify(&token, &secret_file, json)
         }
         Command::Bench { command: BenchCommand::Engine { seconds, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {

@@ -71,3 +71,42 @@ fn bench_engine_json_has_the_figures() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} missing or zero in {v}");
     }
 }
+
+#[test]
+fn token_verify_checks_the_signature() {
+    use lockengine::{ByteRange, Mode, SessionId};
+    let dir = std::env::temp_dir().join(format!("stripelock-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("cluster.secret");
+    std::fs::write(&secret, format!("{}\n", "ab".repeat(32))).unwrap();
+    let key = token::ClusterKey::from_bytes([0xab; 32]);
+    let claims = token::Claims {
+        token: 5,
+        session: SessionId(9),
+        mode: Mode::EX,
+        range: ByteRange::ALL,
+        resource: "/jobs/nightly".into(),
+    };
+    let good = key.sign(claims).unwrap().to_string();
+    let out = stripelock(&["token", "verify", &good, "--secret-file", secret.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["valid"].as_bool(), v["token"].as_u64(), v["resource"].as_str()),
+        (Some(true), Some(5), Some("/jobs/nightly"))
+    );
+
+    // Signed by another cluster: exit 1 and says so.
+    let other = token::ClusterKey::from_bytes([1; 32]).sign(key.verify(&good.parse().unwrap()).unwrap()).unwrap();
+    let out = stripelock(&["token", "verify", &other.to_string(), "--secret-file", secret.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("INVALID"));
+
+    // Not a token, or no secret: exit 2.
+    let out = stripelock(&["token", "verify", "hello", "--secret-file", secret.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = stripelock(&["token", "verify", &good, "--secret-file", dir.join("missing").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the cluster secret"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
