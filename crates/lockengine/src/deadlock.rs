@@ -108,9 +108,9 @@ impl Engine {
                 .expect("every edge of a cycle is some request");
             let res = match victim {
                 WaitKey::Lock(lock) => {
-                    let res = self.locks[&lock].res;
+                    let (res, session) = (self.locks[&lock].res, self.locks[&lock].session);
                     self.drop_request(lock);
-                    out.push(Output::Deadlock { lock });
+                    out.push(Output::Deadlock { session, lock });
                     res
                 }
                 WaitKey::Posix(seq) => {

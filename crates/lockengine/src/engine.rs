@@ -353,7 +353,7 @@ impl Engine {
         let posix: Vec<u64> = s.posix_waits.iter().copied().collect();
         for lock in waiting {
             self.drop_request(lock);
-            out.push(Output::Cancelled { lock });
+            out.push(Output::Cancelled { session, lock });
         }
         for seq in posix {
             let w = self.remove_posix_wait(seq);
@@ -402,7 +402,7 @@ impl Engine {
                 }
             }
             self.dirty.push(l.res);
-            out.push(Output::Released { lock });
+            out.push(Output::Released { session, lock });
         }
         // Name order, for the same reason as in `settle`.
         let mut posix_resources: Vec<ResIdx> = s.posix_resources.keys().copied().collect();
@@ -532,7 +532,7 @@ impl Engine {
             let l = self.locks.get_mut(id).expect("blocker exists");
             if l.grant.is_some() && l.cached && !l.revoke_sent && l.request.is_none() {
                 l.revoke_sent = true;
-                out.push(Output::Revoke { lock: *id });
+                out.push(Output::Revoke { session: l.session, lock: *id });
             }
         }
     }
@@ -578,11 +578,11 @@ impl Engine {
             );
             self.sessions.get_mut(&session).expect("live").locks.insert(lock);
             let value = self.resources[res as usize].value_block();
-            out.push(Output::Granted { lock, mode, range, token, value, reused: false });
+            out.push(Output::Granted { session, lock, mode, range, token, value, reused: false });
             return Ok(());
         }
         if nowait {
-            out.push(Output::Busy { lock, blockers: blockers.clone() });
+            out.push(Output::Busy { session, lock, blockers: blockers.clone() });
             self.revoke_cached(&blockers, out);
             return Ok(());
         }
@@ -612,7 +612,7 @@ impl Engine {
         s.locks.insert(lock);
         s.waiting.insert(lock);
         if self.break_cycles(WaitKey::Lock(lock), out) {
-            out.push(Output::Queued { lock });
+            out.push(Output::Queued { session, lock });
         }
         // Even a deadlock victim was a conflicting request: cached blockers are asked back.
         self.revoke_cached(&blockers, out);
@@ -648,7 +648,15 @@ impl Engine {
                 // In use again: waiting for it may now be part of a deadlock.
                 self.dirty.push(l.res);
                 let value = self.resources[l.res as usize].value_block();
-                out.push(Output::Granted { lock, mode: g.mode, range: g.range, token: g.token, value, reused: true });
+                out.push(Output::Granted {
+                    session,
+                    lock,
+                    mode: g.mode,
+                    range: g.range,
+                    token: g.token,
+                    value,
+                    reused: true,
+                });
                 Ok(())
             }
             _ => Err(EngineError::LockExists),
@@ -703,7 +711,7 @@ impl Engine {
         let session = l.session;
         self.sessions.get_mut(&session).expect("live").waiting.insert(lock);
         if self.break_cycles(WaitKey::Lock(lock), out) {
-            out.push(Output::Queued { lock });
+            out.push(Output::Queued { session, lock });
         }
         // Even a deadlock victim was a conflicting request: cached blockers are asked back.
         self.revoke_cached(&blockers, out);
@@ -721,7 +729,7 @@ impl Engine {
         l.revoke_sent = false;
         let value =
             if old.mode.is_write() && mode != old.mode && mode.at_most(old.mode) { l.value.take() } else { None };
-        let res = l.res;
+        let (res, session) = (l.res, l.session);
         let r = &mut self.resources[res as usize];
         if let Some(v) = value {
             r.value = Some(v);
@@ -733,7 +741,7 @@ impl Engine {
         }
         self.dirty.push(res);
         let value = r.value_block();
-        out.push(Output::Converted { lock, mode, range, token: new.token, value });
+        out.push(Output::Converted { session, lock, mode, range, token: new.token, value });
     }
 
     fn release(&mut self, lock: LockId, out: &mut Vec<Output>) -> Result<(), EngineError> {
@@ -756,7 +764,7 @@ impl Engine {
         }
         self.sessions.get_mut(&l.session).expect("live").locks.remove(&lock);
         self.dirty.push(l.res);
-        out.push(Output::Released { lock });
+        out.push(Output::Released { session: l.session, lock });
         Ok(())
     }
 
@@ -765,8 +773,9 @@ impl Engine {
         if l.request.is_none() {
             return Err(EngineError::NothingToCancel);
         }
+        let session = l.session;
         self.drop_request(lock);
-        out.push(Output::Cancelled { lock });
+        out.push(Output::Cancelled { session, lock });
         Ok(())
     }
 
@@ -884,7 +893,7 @@ impl Engine {
             self.resources[res as usize].granted.insert(req.range, lock);
             self.locks.get_mut(&lock).expect("queued").grant = Some(Grant { mode: req.mode, range: req.range, token });
             let value = self.resources[res as usize].value_block();
-            out.push(Output::Granted { lock, mode: req.mode, range: req.range, token, value, reused: false });
+            out.push(Output::Granted { session, lock, mode: req.mode, range: req.range, token, value, reused: false });
         }
     }
 }

@@ -94,11 +94,13 @@ pub enum Subject {
     Epoch,
 }
 
-/// One effect for the runtime to carry out, in order.
+/// One effect for the runtime to carry out, in order. Each names the session it is for (a lock's
+/// holder, a POSIX owner's session), so a runtime can route it without a table of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// A new grant, or (with `reused`) a cached lock taken back into use by its holder.
     Granted {
+        session: SessionId,
         lock: LockId,
         mode: Mode,
         range: ByteRange,
@@ -107,6 +109,7 @@ pub enum Output {
         reused: bool,
     },
     Converted {
+        session: SessionId,
         lock: LockId,
         mode: Mode,
         range: ByteRange,
@@ -114,25 +117,31 @@ pub enum Output {
         value: ValueBlock,
     },
     Queued {
+        session: SessionId,
         lock: LockId,
     },
     /// A `nowait` request that would have to wait; nothing changed.
     Busy {
+        session: SessionId,
         lock: LockId,
         blockers: Vec<LockId>,
     },
     /// Ask the holder of a cached lock to release it: someone is waiting.
     Revoke {
+        session: SessionId,
         lock: LockId,
     },
     /// The request closed a wait-for cycle and was chosen as the victim.
     Deadlock {
+        session: SessionId,
         lock: LockId,
     },
     Released {
+        session: SessionId,
         lock: LockId,
     },
     Cancelled {
+        session: SessionId,
         lock: LockId,
     },
     Expired {

@@ -280,7 +280,7 @@ impl Replay {
             }
         };
         let _ = match o {
-            Output::Granted { lock, mode, range, token, value: v, reused } => {
+            Output::Granted { lock, mode, range, token, value: v, reused, .. } => {
                 let _ = write!(s, "granted {} {mode} {range} token={token}", n.lock_name(*lock));
                 value(&mut s, v);
                 if *reused {
@@ -288,20 +288,20 @@ impl Replay {
                 }
                 Ok(())
             }
-            Output::Converted { lock, mode, range, token, value: v } => {
+            Output::Converted { lock, mode, range, token, value: v, .. } => {
                 let _ = write!(s, "converted {} {mode} {range} token={token}", n.lock_name(*lock));
                 value(&mut s, v);
                 Ok(())
             }
-            Output::Queued { lock } => write!(s, "queued {}", n.lock_name(*lock)),
-            Output::Busy { lock, blockers } => {
+            Output::Queued { lock, .. } => write!(s, "queued {}", n.lock_name(*lock)),
+            Output::Busy { lock, blockers, .. } => {
                 let names: Vec<&str> = blockers.iter().map(|b| n.lock_name(*b)).collect();
                 write!(s, "busy {} blockers={}", n.lock_name(*lock), names.join(","))
             }
-            Output::Revoke { lock } => write!(s, "revoke {}", n.lock_name(*lock)),
-            Output::Deadlock { lock } => write!(s, "deadlock {}", n.lock_name(*lock)),
-            Output::Released { lock } => write!(s, "released {}", n.lock_name(*lock)),
-            Output::Cancelled { lock } => write!(s, "cancelled {}", n.lock_name(*lock)),
+            Output::Revoke { lock, .. } => write!(s, "revoke {}", n.lock_name(*lock)),
+            Output::Deadlock { lock, .. } => write!(s, "deadlock {}", n.lock_name(*lock)),
+            Output::Released { lock, .. } => write!(s, "released {}", n.lock_name(*lock)),
+            Output::Cancelled { lock, .. } => write!(s, "cancelled {}", n.lock_name(*lock)),
             Output::Expired { session } => write!(s, "expired {}", n.session_name(*session)),
             Output::Fence { session } => write!(s, "fence {}", n.session_name(*session)),
             Output::PosixGranted { owner, resource, range, kind } => {

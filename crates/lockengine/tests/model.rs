@@ -447,8 +447,27 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         if let Op::Advance { ms } = op {
             model.now += ms;
         }
+        // Who each output must be addressed to: the holder of its lock before the step, or the
+        // session of a lock this step creates.
+        let mut holders: BTreeMap<u64, u64> = model.locks.iter().map(|(id, l)| (*id, l.session)).collect();
+        if let Op::Lock { lock, session, .. } = op {
+            holders.entry(*lock).or_insert(*session);
+        }
         let outputs = engine.step(model.now, input_of(op, &mut epoch));
         engine.check_invariants();
+        for o in &outputs {
+            if let Output::Granted { session, lock, .. }
+            | Output::Converted { session, lock, .. }
+            | Output::Queued { session, lock }
+            | Output::Busy { session, lock, .. }
+            | Output::Revoke { session, lock }
+            | Output::Deadlock { session, lock }
+            | Output::Released { session, lock }
+            | Output::Cancelled { session, lock } = o
+            {
+                prop_assert_eq!(Some(&session.0), holders.get(&lock.0), "{:?} addressed to the wrong session", o);
+            }
+        }
 
         let mut want = Vec::new();
         model.expire(&mut want);
@@ -471,15 +490,15 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 Output::Converted { lock, mode, range, token, .. } => {
                     Seen::Converted(lock.0, *mode, *range, token_is_new(*lock, *token, &mut last_token, &mut tokens)?)
                 }
-                Output::Queued { lock } => Seen::Queued(lock.0),
-                Output::Busy { lock, blockers } => Seen::Busy(lock.0, blockers.iter().map(|b| b.0).collect()),
-                Output::Revoke { lock } => Seen::Revoke(lock.0),
-                Output::Released { lock } => Seen::Released(lock.0),
-                Output::Cancelled { lock } => Seen::Cancelled(lock.0),
+                Output::Queued { lock, .. } => Seen::Queued(lock.0),
+                Output::Busy { lock, blockers, .. } => Seen::Busy(lock.0, blockers.iter().map(|b| b.0).collect()),
+                Output::Revoke { lock, .. } => Seen::Revoke(lock.0),
+                Output::Released { lock, .. } => Seen::Released(lock.0),
+                Output::Cancelled { lock, .. } => Seen::Cancelled(lock.0),
                 Output::Expired { session } => Seen::Expired(session.0),
                 Output::Fence { session } => Seen::Fence(session.0),
                 Output::Rejected { error, .. } => Seen::Error(error.code()),
-                Output::Deadlock { lock } => {
+                Output::Deadlock { lock, .. } => {
                     victims.push(lock.0);
                     continue;
                 }
