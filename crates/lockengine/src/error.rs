@@ -1,9 +1,11 @@
 //! Protocol outcomes that reject a request. Each has a stable numeric code for the wire; the
 //! message says what went wrong and what to do.
 
+use serde::{Deserialize, Serialize};
+
 use crate::LimitKind;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {
     #[error("empty or inverted range {start}..{end}: a range needs start < end")]
     BadRange { start: u64, end: u64 },

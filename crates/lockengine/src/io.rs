@@ -1,9 +1,11 @@
 //! The engine's inputs and outputs: everything that crosses the step function.
 
+use serde::{Deserialize, Serialize};
+
 use crate::{ByteRange, EngineError, LockId, Mode, PosixKind, PosixOwner, SessionId, Token};
 
 /// One message into the engine. Time arrives beside it, as the `now_ms` argument of `step`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
     /// Only advances time: expires sessions whose lease has passed.
     Tick,
@@ -76,7 +78,7 @@ pub enum Input {
 }
 
 /// The value block as a grant sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ValueBlock {
     /// Never written.
     Empty,
@@ -86,7 +88,7 @@ pub enum ValueBlock {
 }
 
 /// What a request is rejected about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Subject {
     Session(SessionId),
     Lock(LockId),
@@ -96,7 +98,7 @@ pub enum Subject {
 
 /// One effect for the runtime to carry out, in order. Each names the session it is for (a lock's
 /// holder, a POSIX owner's session), so a runtime can route it without a table of its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// A new grant, or (with `reused`) a cached lock taken back into use by its holder.
     Granted {

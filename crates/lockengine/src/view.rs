@@ -86,6 +86,31 @@ impl Engine {
             .collect()
     }
 
+    /// Sessions that have expired and wait for storage to acknowledge their fence, in order.
+    pub fn fencing_sessions(&self) -> Vec<SessionId> {
+        let mut s: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.fencing).map(|(id, _)| *id).collect();
+        s.sort_unstable();
+        s
+    }
+
+    /// Whether a session is open and not expired.
+    pub fn session_is_live(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(|s| !s.fencing)
+    }
+
+    /// Locks of one session, granted or waiting, by id (what a reattaching client is told).
+    pub fn session_locks(&self, session: SessionId) -> Vec<LockView> {
+        let Some(s) = self.sessions.get(&session) else { return Vec::new() };
+        let mut ids: Vec<LockId> = s.locks.iter().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|id| self.lock_view(id)).collect()
+    }
+
+    /// The name of the resource a lock is on.
+    pub fn resource_of(&self, lock: LockId) -> Option<&str> {
+        self.locks.get(&lock).map(|l| &*self.resources[l.res as usize].name)
+    }
+
     pub fn stats(&self) -> Stats {
         let waiting = self.locks.values().filter(|l| l.request.is_some()).count() + self.posix_waits.len();
         Stats {

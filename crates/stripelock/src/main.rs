@@ -1,6 +1,7 @@
 //! `stripelock`: one binary for servers, clients, debugging and benchmarks.
 
 mod bench;
+mod cluster;
 mod replay;
 mod tokens;
 
@@ -18,12 +19,83 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a local cluster of N servers on 127.0.0.1 (not built yet: see README).
+    /// Run a local cluster of N servers on 127.0.0.1 until Ctrl-C.
     Up {
         #[arg(long, default_value_t = 3)]
         servers: u32,
-        #[arg(long, default_value = "stripelock-data")]
+        /// Data directory; the cluster's addresses are written to DIR/cluster.
+        #[arg(long, default_value = cluster::DEFAULT_DATA)]
         data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one server.
+    Server {
+        /// This server's id (1, 2, ...), as in --peers.
+        #[arg(long)]
+        id: u64,
+        /// Every server of the cluster: ID=HOST:PORT,... (this one included).
+        #[arg(long)]
+        peers: String,
+        /// Where the Raft log and snapshots live.
+        #[arg(long)]
+        data: PathBuf,
+        /// Address to listen on (default: this server's address in --peers).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Initialize a new cluster from this server (membership and the token secret).
+        #[arg(long)]
+        bootstrap: bool,
+        /// Raft heartbeat interval; elections time out after 3 to 6 heartbeats.
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+        /// How often the leader writes time into the log, so leases expire without traffic.
+        #[arg(long, default_value_t = 200)]
+        tick_ms: u64,
+    },
+    /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
+    Lock {
+        /// The resource (a path).
+        path: String,
+        #[arg(long, default_value = "all")]
+        range: String,
+        /// NL, CR, CW, PR, PW or EX.
+        #[arg(long, default_value = "EX")]
+        mode: String,
+        /// Fail at once, saying who holds it, if the lock is taken.
+        #[arg(long)]
+        nowait: bool,
+        /// Give up after this long (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Exit code when the lock is not available.
+        #[arg(long, default_value_t = 1)]
+        conflict_exit_code: u8,
+        /// Session lease: the lock is released this long after this process dies.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease: std::time::Duration,
+        /// Servers HOST:PORT,... (default: STRIPELOCK_CLUSTER, else ./stripelock-data/cluster).
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The lock table: holders, waiters, tokens, and the wait-for graph.
+    Locks {
+        /// Only resources whose name starts with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Servers, leader, term, commit index, sessions and lock counts.
+    Status {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Tools for looking inside the lock engine.
     Debug {
@@ -94,16 +166,25 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { servers, data } => {
-            eprintln!(
-                "stripelock up: the cluster is not built yet (it arrives with the replicated lock service).\n\
-                 Asked for {servers} servers with data under {}.\n\
-                 What works today: `stripelock debug replay FILE` runs lock scenarios through the engine,\n\
-                 and `stripelock bench engine` measures it.",
-                data.display()
-            );
-            ExitCode::SUCCESS
+        Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
+        Command::Server { id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms } => {
+            report(cluster::server(cluster::ServerArgs { id, listen, data, peers, bootstrap, heartbeat_ms, tick_ms }))
         }
+        Command::Lock { path, range, mode, nowait, timeout, conflict_exit_code, lease, cluster, command } => {
+            report(cluster::lock(cluster::LockArgs {
+                path,
+                range,
+                mode,
+                nowait,
+                timeout,
+                conflict_exit_code,
+                lease,
+                cluster,
+                command,
+            }))
+        }
+        Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json)),
+        Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json)),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
             replay::run(&files, replay::Mode { check, bless, echo, json })
         }
@@ -117,6 +198,17 @@ fn main() -> ExitCode {
             }
             bench::engine(std::time::Duration::from_secs_f64(seconds), json);
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Prints an operating error as a sentence (with its causes) and exits 2.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

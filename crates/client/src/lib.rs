@@ -1,0 +1,497 @@
+//! The stripelock client: connect to any server of a cluster, open a session, take and release
+//! byte-range locks, and receive revokes, with the session kept across a server's failure.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), client::ClientError> {
+//! use client::{LockOptions, Mode, Session};
+//! let session = Session::open(&["127.0.0.1:7001".to_string()], 10_000).await?;
+//! let grant = session.lock("/jobs/nightly", 0..u64::MAX, Mode::EX, LockOptions::default()).await?;
+//! println!("token {} ({})", grant.token, grant.signed_token);
+//! session.unlock(grant.lock).await?;
+//! session.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! One task owns the gRPC stream. Requests carry increasing ids; until a request's ack arrives
+//! it is kept, and after a reconnect (to the next server in the list, resuming the session) it
+//! is sent again with the same id, which the cluster answers without applying it twice.
+//! Heartbeats go out every third of the lease.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
+use std::time::Duration;
+
+pub use lockengine::Mode;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use wire::v1 as pb;
+use wire::v1::client_message::Body as Up;
+use wire::v1::server_message::Body as Down;
+
+/// A granted lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The session's number for the lock (what `unlock` and `convert` take).
+    pub lock: u64,
+    pub mode: Mode,
+    pub range: Range<u64>,
+    /// The fencing token: strictly increases across conflicting grants.
+    pub token: u64,
+    /// The token signed by the cluster (`slt1.…`), for storage; empty before bootstrap ends.
+    pub signed_token: String,
+}
+
+/// Something the cluster tells the session without being asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Someone waits for this cached lock: release it when done with it.
+    Revoke { lock: u64 },
+    /// A waiting request was granted (also sent to `lock`'s caller).
+    Granted(Grant),
+    /// The session's lease ran out: its locks are fenced and will be dropped.
+    Expired,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LockOptions {
+    /// Fail at once if the lock cannot be granted now.
+    pub nowait: bool,
+    /// Give up (and cancel the request) after this long.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("no server of the cluster answered ({0})")]
+    Unreachable(String),
+    #[error("locked by others: {}", .0.join("; "))]
+    Busy(Vec<String>),
+    #[error("timed out waiting; still blocked")]
+    TimedOut,
+    #[error("refused: this request would deadlock")]
+    Deadlock,
+    #[error("refused: {0}")]
+    Rejected(String),
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("the session expired: its locks are lost")]
+    Expired,
+    #[error("the session is closed")]
+    Closed,
+}
+
+enum Want {
+    /// Resolved by the lock's grant or refusal.
+    Lock(oneshot::Sender<Result<Grant, ClientError>>),
+    /// Resolved by the request's ack (or a refusal).
+    Done(oneshot::Sender<Result<(), ClientError>>),
+    Nothing,
+}
+
+struct Call {
+    body: Up,
+    lock: Option<u64>,
+    want: Want,
+}
+
+/// An open session. Dropping it stops heartbeats; the cluster then expires the session after
+/// its lease. Prefer [`Session::close`].
+#[derive(Debug, Clone)]
+pub struct Session {
+    id: u64,
+    lease_ms: u64,
+    calls: mpsc::Sender<Call>,
+    events: broadcast::Sender<Event>,
+    numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
+}
+
+/// Lock numbers in use; a freed number is reused, so numbers stay small.
+#[derive(Debug, Default)]
+struct Numbers {
+    used: BTreeSet<u64>,
+}
+
+impl Numbers {
+    fn take(&mut self) -> u64 {
+        let mut n = 1;
+        for &u in &self.used {
+            if u != n {
+                break;
+            }
+            n += 1;
+        }
+        self.used.insert(n);
+        n
+    }
+}
+
+impl Session {
+    /// Opens a session on the first server of `servers` (`host:port`) that answers.
+    pub async fn open(servers: &[String], lease_ms: u64) -> Result<Session, ClientError> {
+        if servers.is_empty() {
+            return Err(ClientError::Unreachable("no server address given".into()));
+        }
+        let (conn, opened) = connect(servers, 0, lease_ms).await?;
+        let (calls_tx, calls_rx) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(1024);
+        let numbers = std::sync::Arc::new(std::sync::Mutex::new(Numbers::default()));
+        let actor = Actor {
+            servers: servers.to_vec(),
+            session: opened.session,
+            lease_ms: opened.lease_ms,
+            heartbeat: Duration::from_millis(opened.heartbeat_ms.max(50)),
+            next_request: 1,
+            unacked: BTreeMap::new(),
+            waiting_locks: HashMap::new(),
+            events: events.clone(),
+            numbers: numbers.clone(),
+        };
+        tokio::spawn(actor.run(conn, calls_rx));
+        Ok(Session { id: opened.session, lease_ms: opened.lease_ms, calls: calls_tx, events, numbers })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
+    }
+
+    /// Events nobody asked for: revokes, late grants, expiry.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn call(&self, body: Up, lock: Option<u64>, want: Want) -> Result<(), ClientError> {
+        self.calls.send(Call { body, lock, want }).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Takes a lock on `range` of `resource` (`0..u64::MAX` is the whole file).
+    pub async fn lock(
+        &self,
+        resource: &str,
+        range: Range<u64>,
+        mode: Mode,
+        options: LockOptions,
+    ) -> Result<Grant, ClientError> {
+        let n = self.numbers.lock().expect("numbers").take();
+        let (tx, rx) = oneshot::channel();
+        let body = Up::Lock(pb::LockRequest {
+            lock: n,
+            resource: resource.to_string(),
+            range: Some(pb::Range { start: range.start, end: range.end }),
+            mode: mode as i32,
+            nowait: options.nowait,
+        });
+        self.call(body, Some(n), Want::Lock(tx)).await?;
+        let mut rx = rx;
+        let result = match options.timeout {
+            None => rx.await.unwrap_or(Err(ClientError::Closed)),
+            Some(t) => match tokio::time::timeout(t, &mut rx).await {
+                Ok(r) => r.unwrap_or(Err(ClientError::Closed)),
+                Err(_) => {
+                    // Cancel, then see how the race ended: a grant that slipped in is released.
+                    self.call(Up::Cancel(pb::LockRef { lock: n }), None, Want::Nothing).await?;
+                    match rx.await.unwrap_or(Err(ClientError::Closed)) {
+                        Ok(g) => {
+                            let _ = self.unlock(g.lock).await;
+                            Err(ClientError::TimedOut)
+                        }
+                        Err(ClientError::Cancelled) => Err(ClientError::TimedOut),
+                        Err(e) => Err(e),
+                    }
+                }
+            },
+        };
+        if result.is_err() {
+            self.numbers.lock().expect("numbers").used.remove(&n);
+        }
+        result
+    }
+
+    /// Converts a held lock in place (mode and, optionally, range).
+    pub async fn convert(&self, lock: u64, mode: Mode, range: Option<Range<u64>>) -> Result<Grant, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let body = Up::Convert(pb::ConvertRequest {
+            lock,
+            mode: mode as i32,
+            range: range.map(|r| pb::Range { start: r.start, end: r.end }),
+        });
+        self.call(body, Some(lock), Want::Lock(tx)).await?;
+        rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+
+    /// Releases a held lock.
+    pub async fn unlock(&self, lock: u64) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Up::Release(pb::LockRef { lock }), None, Want::Done(tx)).await?;
+        let r = rx.await.unwrap_or(Err(ClientError::Closed));
+        if r.is_ok() {
+            self.numbers.lock().expect("numbers").used.remove(&lock);
+        }
+        r
+    }
+
+    /// Keeps a lock cached (held but unused): a conflicting request will revoke it.
+    pub async fn cache(&self, lock: u64) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Up::Cache(pb::LockRef { lock }), None, Want::Done(tx)).await?;
+        rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+
+    /// Releases every lock and ends the session.
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.call(Up::Close(pb::CloseSession {}), None, Want::Done(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+}
+
+type Conn = (mpsc::Sender<pb::ClientMessage>, tonic::Streaming<pb::ServerMessage>);
+
+/// Opens (or, with `resume`, reattaches) a session on the first server that answers.
+async fn connect(servers: &[String], resume: u64, lease_ms: u64) -> Result<(Conn, pb::SessionOpened), ClientError> {
+    let mut last = String::new();
+    for addr in servers {
+        match connect_one(addr, resume, lease_ms).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                // A resumed session that the cluster says is gone is final, not a server fault.
+                if e.code() == tonic::Code::NotFound {
+                    return Err(ClientError::Expired);
+                }
+                last = format!("{addr}: {}", e.message());
+            }
+        }
+    }
+    Err(ClientError::Unreachable(last))
+}
+
+async fn connect_one(addr: &str, resume: u64, lease_ms: u64) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = pb::locks_client::LocksClient::new(channel);
+    let (tx, rx) = mpsc::channel(256);
+    let open = pb::ClientMessage {
+        request_id: 0,
+        body: Some(Up::Open(pb::OpenSession { resume_session: resume, lease_ms, client_name: String::new() })),
+    };
+    tx.send(open).await.map_err(|_| tonic::Status::unavailable("stream closed"))?;
+    let mut down = tokio::time::timeout(Duration::from_secs(10), client.session(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| tonic::Status::unavailable("no answer within 10 s"))??
+        .into_inner();
+    match down.next().await {
+        Some(Ok(pb::ServerMessage { body: Some(Down::Opened(o)), .. })) => Ok(((tx, down), o)),
+        Some(Err(e)) => Err(e),
+        _ => Err(tonic::Status::unavailable("the server closed the session stream")),
+    }
+}
+
+struct Actor {
+    servers: Vec<String>,
+    session: u64,
+    lease_ms: u64,
+    heartbeat: Duration,
+    next_request: u64,
+    /// Requests sent but not acknowledged, in order: resent after a reconnect.
+    unacked: BTreeMap<u64, (Up, Option<u64>, Want)>,
+    /// Lock requests acknowledged (queued) but not yet granted or refused.
+    waiting_locks: HashMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
+    events: broadcast::Sender<Event>,
+    numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
+}
+
+fn grant_of(g: &pb::Granted) -> Grant {
+    let range = g.range.as_ref().map_or(0..u64::MAX, |r| r.start..r.end);
+    Grant {
+        lock: g.lock,
+        mode: Mode::ALL.get(g.mode as usize).copied().unwrap_or(Mode::NL),
+        range,
+        token: g.token,
+        signed_token: g.signed_token.clone(),
+    }
+}
+
+impl Actor {
+    async fn run(mut self, conn: Conn, mut calls: mpsc::Receiver<Call>) {
+        let (mut up, mut down) = conn;
+        let mut beat = tokio::time::interval(self.heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                msg = down.next() => match msg {
+                    Some(Ok(m)) => {
+                        if self.handle(m) {
+                            return;
+                        }
+                    }
+                    _ => {
+                        // The server is gone: resume the session on another one, resend what
+                        // was not acknowledged.
+                        match self.reconnect().await {
+                            Some((u, d)) => {
+                                up = u;
+                                down = d;
+                            }
+                            None => {
+                                self.fail_all(ClientError::Expired);
+                                return;
+                            }
+                        }
+                    }
+                },
+                call = calls.recv() => match call {
+                    Some(Call { body, lock, want }) => {
+                        let id = self.next_request;
+                        self.next_request += 1;
+                        let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
+                        self.unacked.insert(id, (body, lock, want));
+                    }
+                    None => return,
+                },
+                _ = beat.tick() => {
+                    let id = self.next_request;
+                    self.next_request += 1;
+                    let body = Up::Heartbeat(pb::Heartbeat {});
+                    let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
+                    self.unacked.insert(id, (body, None, Want::Nothing));
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) -> Option<Conn> {
+        // Keep trying for most of a lease: after that the session is gone anyway.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.lease_ms);
+        while tokio::time::Instant::now() < deadline {
+            match connect(&self.servers, self.session, self.lease_ms).await {
+                Ok(((up, down), _)) => {
+                    for (id, (body, _, _)) in &self.unacked {
+                        let _ = up.send(pb::ClientMessage { request_id: *id, body: Some(body.clone()) }).await;
+                    }
+                    return Some((up, down));
+                }
+                Err(ClientError::Expired) => return None,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        None
+    }
+
+    fn fail_all(&mut self, e: ClientError) {
+        for (_, (_, _, want)) in std::mem::take(&mut self.unacked) {
+            match want {
+                Want::Lock(tx) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                Want::Done(tx) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                Want::Nothing => {}
+            }
+        }
+        for (_, tx) in self.waiting_locks.drain() {
+            let _ = tx.send(Err(e.clone()));
+        }
+        let _ = self.events.send(Event::Expired);
+    }
+
+    /// Resolves the lock request for `lock`, wherever it is waiting.
+    fn resolve_lock(&mut self, lock: u64, result: Result<Grant, ClientError>) -> bool {
+        if let Some(tx) = self.waiting_locks.remove(&lock) {
+            let _ = tx.send(result);
+            return true;
+        }
+        let id = self
+            .unacked
+            .iter()
+            .find(|(_, (_, l, w))| *l == Some(lock) && matches!(w, Want::Lock(_)))
+            .map(|(id, _)| *id);
+        if let Some(id) = id
+            && let Some((body, l, Want::Lock(tx))) = self.unacked.remove(&id)
+        {
+            let _ = tx.send(result);
+            // Keep the request until its ack, so a reconnect still resends it.
+            self.unacked.insert(id, (body, l, Want::Nothing));
+            return true;
+        }
+        false
+    }
+
+    /// Handles one message; returns true when the session is over.
+    fn handle(&mut self, m: pb::ServerMessage) -> bool {
+        let Some(body) = m.body else { return false };
+        match body {
+            Down::Granted(g) | Down::Converted(g) => {
+                let grant = grant_of(&g);
+                self.numbers.lock().expect("numbers").used.insert(g.lock);
+                if !self.resolve_lock(g.lock, Ok(grant.clone())) {
+                    let _ = self.events.send(Event::Granted(grant));
+                }
+            }
+            Down::Busy(b) => {
+                let who = if b.blocker_descriptions.is_empty() {
+                    b.blockers.iter().map(|l| format!("lock {l}")).collect()
+                } else {
+                    b.blocker_descriptions
+                };
+                self.resolve_lock(b.lock, Err(ClientError::Busy(who)));
+            }
+            Down::Deadlock(l) => {
+                self.resolve_lock(l.lock, Err(ClientError::Deadlock));
+            }
+            Down::Cancelled(l) => {
+                self.resolve_lock(l.lock, Err(ClientError::Cancelled));
+            }
+            Down::Revoke(l) => {
+                let _ = self.events.send(Event::Revoke { lock: l.lock });
+            }
+            Down::Rejected(r) => {
+                if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
+                    let e = ClientError::Rejected(r.message);
+                    match want {
+                        Want::Lock(tx) => {
+                            let _ = tx.send(Err(e));
+                        }
+                        Want::Done(tx) => {
+                            let _ = tx.send(Err(e));
+                        }
+                        Want::Nothing => {}
+                    }
+                    self.unacked.insert(m.request_id, (body, lock, Want::Nothing));
+                }
+            }
+            Down::Ack(_) => {
+                if let Some((_, lock, want)) = self.unacked.remove(&m.request_id) {
+                    match want {
+                        Want::Done(tx) => {
+                            let _ = tx.send(Ok(()));
+                        }
+                        Want::Lock(tx) => {
+                            // Acknowledged but not yet answered: it waits in the queue.
+                            if let Some(l) = lock {
+                                self.waiting_locks.insert(l, tx);
+                            }
+                        }
+                        Want::Nothing => {}
+                    }
+                }
+            }
+            Down::Expired(_) => {
+                self.fail_all(ClientError::Expired);
+                return true;
+            }
+            Down::Queued(_) | Down::Released(_) | Down::Opened(_) | Down::Posix(_) | Down::NotLeader(_) => {}
+        }
+        false
+    }
+}

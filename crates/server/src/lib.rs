@@ -1,0 +1,52 @@
+//! A stripelock server: the lock engine as the replicated state machine of an openraft group
+//! whose log, vote and snapshots live in redb, served to clients over gRPC.
+//!
+//! Invariants: every change to lock state is a log entry, stamped with the proposing leader's
+//! time, so every replica applies the same inputs and computes the same outputs; a server never
+//! reads its own clock while applying. A server answers its own clients from its own
+//! application of the log, so a grant is never shown before it is committed.
+
+mod machine;
+mod network;
+mod node;
+mod service;
+mod store;
+mod types;
+
+pub use machine::{Applied, Machine, State};
+pub use node::{Node, ProposeError, ServerConfig, wall_ms};
+pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
+pub use store::Store;
+pub use types::{CLIENT_LOCK_BITS, Command, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
+
+/// Runs a server until `stop` turns true: the Raft node, both gRPC services, the leader's duties.
+pub async fn run(config: ServerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let bootstrap = config.bootstrap;
+    let node = Node::start(config).await?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let service = LockService::new(node.clone()).server();
+    let raft_service = node.raft_service();
+    let mut shutdown = stop.clone();
+    let serve = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(raft_service)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tokio::spawn(node.clone().leader_duties(stop.clone()));
+    if bootstrap {
+        node.bootstrap().await?;
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    let _ = node.raft.shutdown().await;
+    match serve.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}

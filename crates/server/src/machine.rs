@@ -1,0 +1,306 @@
+//! The replicated state machine: the lock engine plus what the service needs beside it (the
+//! session counter, the cluster secret, the answers to recent requests for idempotent retries).
+//!
+//! It lives in memory; openraft restores it from the last persisted snapshot and replays the
+//! log after it. Every replica applies every entry and so computes the same outputs; each
+//! server hands the outputs addressed to its own clients' sessions to them (`Applied`).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::{Stream, TryStreamExt};
+use lockengine::{Engine, EngineSnapshot, Input, Limits, Output, SessionId};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, OptionalSend};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::store::Store;
+use crate::types::{C, Command, Op, Origin, Reply, SnapshotData, io_error};
+
+/// One applied entry, as the local server's sessions see it.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub index: u64,
+    pub origin: Option<Origin>,
+    pub reply: Reply,
+}
+
+/// The state that is replicated.
+#[derive(Debug)]
+pub struct State {
+    pub engine: Engine,
+    pub next_session: u64,
+    pub secret: Option<[u8; 32]>,
+    /// Per session: the highest request applied and its reply.
+    answered: BTreeMap<SessionId, (u64, Reply)>,
+    pub last_applied: Option<LogIdOf<C>>,
+    pub last_membership: StoredMembershipOf<C>,
+    /// The term of the leader that proposed the last applied entry.
+    pub applied_term: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateSnapshot {
+    version: u32,
+    engine: EngineSnapshot,
+    next_session: u64,
+    secret: Option<[u8; 32]>,
+    answered: Vec<(SessionId, u64, Reply)>,
+}
+
+const STATE_SNAPSHOT_VERSION: u32 = 1;
+
+impl State {
+    fn new(limits: Limits) -> State {
+        State {
+            engine: Engine::new(limits),
+            next_session: 0,
+            secret: None,
+            answered: BTreeMap::new(),
+            last_applied: None,
+            last_membership: StoredMembershipOf::<C>::default(),
+            applied_term: 0,
+        }
+    }
+
+    /// Applies one command. A retried request (same session and request number, or older) is
+    /// not applied again: its first reply is returned.
+    fn apply(&mut self, cmd: Command, index: u64) -> Reply {
+        if let Some(origin) = cmd.origin
+            && let Some((last, reply)) = self.answered.get(&origin.session)
+            && origin.request <= *last
+        {
+            let mut reply = if origin.request == *last { reply.clone() } else { Reply::default() };
+            reply.duplicate = true;
+            return reply;
+        }
+        let mut reply = Reply { index, ..Reply::default() };
+        match cmd.op {
+            Op::Bootstrap { secret } => {
+                // Only the first one counts: a second bootstrap cannot change the key.
+                self.secret.get_or_insert(secret);
+            }
+            Op::OpenSession { lease_ms } => {
+                self.next_session += 1;
+                let session = SessionId(self.next_session);
+                reply.outputs = self.engine.step(cmd.now_ms, Input::OpenSession { session, lease_ms });
+                reply.session = Some(session);
+            }
+            Op::Engine(input) => {
+                let ends = match input {
+                    Input::CloseSession { session } | Input::FenceAck { session } => Some(session),
+                    _ => None,
+                };
+                reply.outputs = self.engine.step(cmd.now_ms, input);
+                if let Some(session) = ends
+                    && !self.engine.session_is_live(session)
+                {
+                    self.answered.remove(&session);
+                }
+            }
+        }
+        if let Some(origin) = cmd.origin
+            && self.engine.session_is_live(origin.session)
+        {
+            self.answered.insert(origin.session, (origin.request, reply.clone()));
+        }
+        reply
+    }
+
+    fn to_bytes(&self) -> io::Result<Vec<u8>> {
+        let snapshot = StateSnapshot {
+            version: STATE_SNAPSHOT_VERSION,
+            engine: self.engine.snapshot(),
+            next_session: self.next_session,
+            secret: self.secret,
+            answered: self.answered.iter().map(|(s, (r, reply))| (*s, *r, reply.clone())).collect(),
+        };
+        serde_json::to_vec(&snapshot).map_err(io_error)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let s: StateSnapshot = serde_json::from_slice(bytes).map_err(io_error)?;
+        if s.version != STATE_SNAPSHOT_VERSION {
+            return Err(io::Error::other(format!("snapshot version {} is not {STATE_SNAPSHOT_VERSION}", s.version)));
+        }
+        self.engine = Engine::restore(&s.engine).map_err(io_error)?;
+        self.next_session = s.next_session;
+        self.secret = s.secret;
+        self.answered = s.answered.into_iter().map(|(s, r, reply)| (s, (r, reply))).collect();
+        Ok(())
+    }
+}
+
+/// A snapshot as kept: its meta and its bytes.
+type StoredSnapshot = (SnapshotMetaOf<C>, Vec<u8>);
+
+/// The state machine handle given to openraft; clones share the state.
+#[derive(Clone)]
+pub struct Machine {
+    state: Arc<Mutex<State>>,
+    store: Store,
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+    applied_tx: broadcast::Sender<Arc<Applied>>,
+    index_tx: Arc<watch::Sender<u64>>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Machine")
+    }
+}
+
+/// How many applied entries a slow local session may fall behind before it must resync.
+const APPLIED_BACKLOG: usize = 16_384;
+
+impl Machine {
+    pub fn new(store: Store, limits: Limits) -> io::Result<Machine> {
+        let snapshot = store.snapshot()?;
+        let (applied_tx, _) = broadcast::channel(APPLIED_BACKLOG);
+        let (index_tx, _) = watch::channel(0);
+        Ok(Machine {
+            state: Arc::new(Mutex::new(State::new(limits))),
+            store,
+            snapshot: Arc::new(Mutex::new(snapshot)),
+            applied_tx,
+            index_tx: Arc::new(index_tx),
+        })
+    }
+
+    /// The replicated state, for reads. Never hold the guard across an await.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("state lock poisoned")
+    }
+
+    /// Applied entries, as they are applied on this server.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Applied>> {
+        self.applied_tx.subscribe()
+    }
+
+    /// The index of the last entry applied on this server.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.index_tx.subscribe()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl RaftSnapshotBuilder<C> for Machine {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
+        let (bytes, meta) = {
+            let state = self.state();
+            let meta =
+                SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
+            (state.to_bytes()?, meta)
+        };
+        // Persist before returning: openraft purges the log the snapshot covers afterwards.
+        self.store.save_snapshot(&meta, &bytes)?;
+        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), bytes.clone()));
+        Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot: bytes })
+    }
+}
+
+impl RaftStateMachine<C> for Machine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Machine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
+        let state = self.state();
+        Ok((state.last_applied, state.last_membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        use openraft::vote::RaftLeaderId;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let index = entry.log_id.index;
+            let (origin, reply) = {
+                let mut state = self.state();
+                state.last_applied = Some(entry.log_id);
+                state.applied_term = entry.log_id.leader_id.term();
+                match entry.payload {
+                    EntryPayload::Blank => (None, Reply { index, ..Reply::default() }),
+                    EntryPayload::Membership(m) => {
+                        state.last_membership = StoredMembershipOf::<C>::new(Some(entry.log_id), m);
+                        (None, Reply { index, ..Reply::default() })
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        let origin = cmd.origin;
+                        (origin, state.apply(cmd, index))
+                    }
+                }
+            };
+            if !reply.outputs.is_empty() || origin.is_some() {
+                // No receiver is fine: no session is attached here.
+                let _ = self.applied_tx.send(Arc::new(Applied { index, origin, reply: reply.clone() }));
+            }
+            self.index_tx.send_replace(index);
+            if let Some(responder) = responder {
+                responder.send(reply);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Machine {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> Result<(), io::Error> {
+        self.store.save_snapshot(meta, &snapshot)?;
+        {
+            let mut state = self.state();
+            state.restore(&snapshot)?;
+            state.last_applied = meta.last_log_id;
+            state.last_membership = meta.last_membership.clone();
+        }
+        if let Some(id) = &meta.last_log_id {
+            self.index_tx.send_replace(id.index);
+        }
+        *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), snapshot));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, SnapshotData>>, io::Error> {
+        Ok(self
+            .snapshot
+            .lock()
+            .expect("snapshot lock")
+            .clone()
+            .map(|(meta, snapshot)| SnapshotOf::<C, SnapshotData> { meta, snapshot }))
+    }
+}
+
+/// The session an output is for. A rejection goes to whoever sent the request (the entry's
+/// origin), so it has none here.
+pub fn output_session(output: &Output) -> Option<SessionId> {
+    match output {
+        Output::Granted { session, .. }
+        | Output::Converted { session, .. }
+        | Output::Queued { session, .. }
+        | Output::Busy { session, .. }
+        | Output::Revoke { session, .. }
+        | Output::Deadlock { session, .. }
+        | Output::Released { session, .. }
+        | Output::Cancelled { session, .. }
+        | Output::Expired { session }
+        | Output::Fence { session } => Some(*session),
+        Output::PosixGranted { owner, .. }
+        | Output::PosixUnlocked { owner, .. }
+        | Output::PosixQueued { owner, .. }
+        | Output::PosixBusy { owner, .. }
+        | Output::PosixFree { owner }
+        | Output::PosixDeadlock { owner }
+        | Output::PosixCancelled { owner, .. } => Some(owner.session),
+        Output::Rejected { .. } => None,
+    }
+}

@@ -1,0 +1,314 @@
+//! One server: its Raft node, its state machine, the gRPC services, and the leader's duties.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lockengine::{Input, Limits, SessionId};
+use openraft::async_runtime::WatchReceiver;
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use wire::v1::RaftPayload;
+use wire::v1::raft_client::RaftClient;
+use wire::v1::raft_server::RaftServer;
+
+use crate::machine::Machine;
+use crate::network::{Network, channel, decode, encode};
+use crate::store::Store;
+use crate::types::{C, Command, NodeAddr, NodeId, Op, Reply, SnapshotData};
+
+pub type StripeRaft = Raft<C, Machine>;
+
+/// How a server is set up.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Every server of the cluster, this one included: id → address.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Initialize the cluster (membership and secret) if it has never been initialized.
+    pub bootstrap: bool,
+    /// Raft heartbeat; elections time out after 3–6 of these.
+    pub heartbeat_ms: u64,
+    /// How often the leader stamps time into the log (so leases expire without traffic).
+    pub tick_ms: u64,
+    pub limits: Limits,
+}
+
+/// Why a command could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no leader is known yet; the cluster may be electing one or may have lost its majority")]
+    NoLeader,
+    #[error("the leader could not be reached: {0}")]
+    Forward(String),
+    #[error("this server has stopped: {0}")]
+    Fatal(String),
+}
+
+impl ProposeError {
+    pub fn status(&self) -> Status {
+        match self {
+            ProposeError::NoLeader | ProposeError::Forward(_) => Status::unavailable(self.to_string()),
+            ProposeError::Fatal(_) => Status::internal(self.to_string()),
+        }
+    }
+}
+
+/// A running server's shared parts.
+#[derive(Clone)]
+pub struct Node {
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: StripeRaft,
+    pub machine: Machine,
+    pub config: Arc<ServerConfig>,
+    leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.id)
+    }
+}
+
+/// Wall-clock milliseconds. Only a leader reads it, to stamp a command; replicas never do.
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    pub async fn start(config: ServerConfig) -> std::io::Result<Node> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("raft.redb"))?;
+        let machine = Machine::new(store.clone(), config.limits.clone())?;
+        let raft_config = Config {
+            cluster_name: "stripelock".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.heartbeat_ms * 3,
+            election_timeout_max: config.heartbeat_ms * 6,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(std::io::Error::other)?;
+        let raft = Raft::new(config.id, Arc::new(raft_config), Network, store, machine.clone())
+            .await
+            .map_err(std::io::Error::other)?;
+        let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
+        let node = Node { id: config.id, addr, raft, machine, config: Arc::new(config), leaders: Default::default() };
+        Ok(node)
+    }
+
+    /// Initializes a fresh cluster from this server: membership of every peer, then the secret.
+    pub async fn bootstrap(&self) -> std::io::Result<()> {
+        if self.raft.is_initialized().await.map_err(std::io::Error::other)? {
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, NodeAddr> =
+            self.config.peers.iter().map(|(id, addr)| (*id, NodeAddr { addr: addr.clone() })).collect();
+        if let Err(e) = self.raft.initialize(members).await {
+            tracing::info!("initialize: {e}");
+        }
+        let secret = random_secret()?;
+        // Wait for a leader, then propose the secret (only the first bootstrap entry counts).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.propose(Op::Bootstrap { secret }, None).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!("bootstrap: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Err(std::io::Error::other("no leader elected within 30 s of bootstrap"))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.state == ServerState::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Commits `op` (stamped with the leader's time) and returns its reply, forwarding to the
+    /// leader when this server is not it. Retries while a leader is being elected or has not yet
+    /// confirmed its lease, up to a few seconds.
+    pub async fn propose(&self, op: Op, origin: Option<crate::types::Origin>) -> Result<Reply, ProposeError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let attempt = self.propose_once(Command { now_ms: 0, origin, op: op.clone() }).await;
+            match attempt {
+                Err(ProposeError::NoLeader | ProposeError::Forward(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn propose_once(&self, mut cmd: Command) -> Result<Reply, ProposeError> {
+        cmd.now_ms = wall_ms();
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => {
+                if let Some(f) = e.forward_to_leader() {
+                    let Some(leader) = f.leader_id else { return Err(ProposeError::NoLeader) };
+                    if leader == self.id {
+                        return Err(ProposeError::NoLeader);
+                    }
+                    let addr = f
+                        .leader_node
+                        .as_ref()
+                        .map(|n| n.addr.clone())
+                        .or_else(|| self.config.peers.get(&leader).cloned());
+                    let Some(addr) = addr else { return Err(ProposeError::NoLeader) };
+                    return self.forward(leader, &addr, &cmd).await;
+                }
+                Err(ProposeError::Fatal(e.to_string()))
+            }
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, addr: &str, cmd: &Command) -> Result<Reply, ProposeError> {
+        let mut client = {
+            let mut leaders = self.leaders.lock().expect("leaders lock");
+            match leaders.get(&leader) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = RaftClient::new(channel(addr).map_err(|e| ProposeError::Forward(e.to_string()))?);
+                    leaders.insert(leader, c.clone());
+                    c
+                }
+            }
+        };
+        let payload = encode(cmd).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let reply = client.propose(payload).await.map_err(|s| ProposeError::Forward(s.message().to_string()))?;
+        let result: Result<Reply, String> =
+            decode(reply.get_ref()).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        result.map_err(ProposeError::Forward)
+    }
+
+    /// Waits until this server has applied entry `index` (so its own sessions have seen it).
+    pub async fn applied(&self, index: u64) {
+        let mut rx = self.machine.applied_index();
+        let _ = rx.wait_for(|i| *i >= index).await;
+    }
+
+    /// The leader's duties, run on every server and acting only while it leads: stamp time
+    /// into the log so leases expire without traffic, and acknowledge the fences of expired
+    /// sessions (until storage nodes do it, in the data path).
+    pub async fn leader_duties(self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let (sessions, fencing) = {
+                let state = self.machine.state();
+                (state.engine.stats().sessions, state.engine.fencing_sessions())
+            };
+            if sessions > 0
+                && let Err(e) = self.propose_local(Op::Engine(Input::Tick)).await
+            {
+                tracing::debug!("tick: {e}");
+            }
+            for session in fencing {
+                if let Err(e) = self.propose_local(Op::Engine(Input::FenceAck { session })).await {
+                    tracing::debug!("fence ack of {session:?}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Proposes on this server only (no forwarding): for the leader's own duties.
+    async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
+        let cmd = Command { now_ms: wall_ms(), origin: None, op };
+        self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Fatal(e.to_string()))
+    }
+
+    pub fn raft_service(&self) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService { node: self.clone() })
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Session ids the engine still knows (for tests and status).
+    pub fn session_is_live(&self, session: SessionId) -> bool {
+        self.machine.state().engine.session_is_live(session)
+    }
+}
+
+fn random_secret() -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+    Ok(secret)
+}
+
+/// The server side of the Raft service: hands each message to the local Raft node.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    node: Node,
+}
+
+fn bad(e: serde_json::Error) -> Status {
+    Status::invalid_argument(format!("undecodable Raft message: {e}"))
+}
+
+#[tonic::async_trait]
+impl wire::v1::raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.node.raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(encode(&resp).map_err(bad)?))
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.node.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(encode(&resp).map_err(bad)?))
+    }
+
+    async fn full_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let (vote, meta, snapshot): (VoteOf<C>, SnapshotMetaOf<C>, SnapshotData) =
+            decode(req.get_ref()).map_err(bad)?;
+        let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
+        let resp = self
+            .node
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(encode(&resp).map_err(bad)?))
+    }
+
+    async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let cmd: Command = decode(req.get_ref()).map_err(bad)?;
+        // Re-stamp with this leader's clock; a follower's clock is not the log's.
+        let result: Result<Reply, String> =
+            match self.node.raft.client_write(Command { now_ms: wall_ms(), ..cmd }).await {
+                Ok(resp) => Ok(resp.data),
+                Err(e) => Err(e.to_string()),
+            };
+        Ok(Response::new(encode(&result).map_err(bad)?))
+    }
+}

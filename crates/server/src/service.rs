@@ -1,0 +1,485 @@
+//! The client-facing gRPC service: sessions as bidirectional streams, status and the lock table.
+//!
+//! A session's requests are proposed to the Raft log (forwarded to the leader by `Node`); its
+//! answers and events come from this server's own application of the log, filtered to the
+//! session. Tokens are signed here with the replicated cluster secret.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use lockengine::{ByteRange, Input, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use wire::v1 as pb;
+use wire::v1::client_message::Body as Up;
+use wire::v1::server_message::Body as Down;
+
+use crate::machine::{Applied, output_session};
+use crate::node::Node;
+use crate::types::{Op, Origin, client_lock_id, engine_lock_id};
+
+/// Longest lease a client may ask for, and the shortest.
+pub const LEASE_MS_MAX: u64 = 600_000;
+pub const LEASE_MS_MIN: u64 = 500;
+/// Messages queued to one client before the server stops waiting for it.
+const DOWN_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct LockService {
+    node: Node,
+}
+
+impl LockService {
+    pub fn new(node: Node) -> LockService {
+        LockService { node }
+    }
+
+    pub fn server(self) -> pb::locks_server::LocksServer<LockService> {
+        pb::locks_server::LocksServer::new(self)
+    }
+}
+
+pub fn mode_to_pb(m: Mode) -> i32 {
+    m as i32
+}
+
+pub fn mode_from_pb(m: i32) -> Result<Mode, Status> {
+    usize::try_from(m)
+        .ok()
+        .and_then(|i| Mode::ALL.get(i).copied())
+        .ok_or_else(|| Status::invalid_argument(format!("unknown lock mode {m}")))
+}
+
+fn range_to_pb(r: ByteRange) -> pb::Range {
+    pb::Range { start: r.start, end: r.end }
+}
+
+fn range_from_pb(r: Option<pb::Range>) -> Result<ByteRange, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("a range is required"))?;
+    ByteRange::new(r.start, r.end).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn value_to_pb(v: &ValueBlock) -> pb::ValueBlock {
+    match v {
+        ValueBlock::Empty => pb::ValueBlock { state: 0, value: Vec::new() },
+        ValueBlock::Value(b) => pb::ValueBlock { state: 1, value: b.to_vec() },
+        ValueBlock::Invalid => pb::ValueBlock { state: 2, value: Vec::new() },
+    }
+}
+
+fn posix_kind(k: i32) -> Result<PosixKind, Status> {
+    match k {
+        0 => Ok(PosixKind::Read),
+        1 => Ok(PosixKind::Write),
+        2 => Ok(PosixKind::Unlock),
+        _ => Err(Status::invalid_argument(format!("unknown POSIX lock kind {k}"))),
+    }
+}
+
+fn posix_kind_to_pb(k: PosixKind) -> i32 {
+    match k {
+        PosixKind::Read => 0,
+        PosixKind::Write => 1,
+        PosixKind::Unlock => 2,
+    }
+}
+
+/// The engine input for one client request of `session`.
+fn input_of(session: SessionId, body: Up) -> Result<Input, Status> {
+    let lock_id = |n: u64| {
+        engine_lock_id(session, n).ok_or_else(|| Status::invalid_argument(format!("lock number {n} is too large")))
+    };
+    Ok(match body {
+        Up::Open(_) => return Err(Status::failed_precondition("the session is already open")),
+        Up::Heartbeat(_) => Input::Renew { session },
+        Up::Close(_) => Input::CloseSession { session },
+        Up::Lock(l) => Input::Lock {
+            lock: lock_id(l.lock)?,
+            session,
+            resource: l.resource,
+            range: range_from_pb(l.range)?,
+            mode: mode_from_pb(l.mode)?,
+            nowait: l.nowait,
+        },
+        Up::Convert(c) => Input::Convert {
+            lock: lock_id(c.lock)?,
+            mode: mode_from_pb(c.mode)?,
+            range: c.range.map(|r| range_from_pb(Some(r))).transpose()?,
+        },
+        Up::Release(l) => Input::Release { lock: lock_id(l.lock)? },
+        Up::Cancel(l) => Input::Cancel { lock: lock_id(l.lock)? },
+        Up::Cache(l) => Input::Cache { lock: lock_id(l.lock)? },
+        Up::SetValue(v) => Input::SetValue { lock: lock_id(v.lock)?, value: v.value },
+        Up::Posix(p) => Input::Posix {
+            owner: PosixOwner { session, owner: p.owner },
+            resource: p.resource,
+            range: range_from_pb(p.range)?,
+            kind: posix_kind(p.kind)?,
+            wait: p.wait,
+        },
+        Up::PosixTest(p) => Input::PosixTest {
+            owner: PosixOwner { session, owner: p.owner },
+            resource: p.resource,
+            range: range_from_pb(p.range)?,
+            kind: posix_kind(p.kind)?,
+        },
+    })
+}
+
+/// Turns the outputs of one applied entry into messages for `session`. An entry the session
+/// itself proposed ends with an `Ack` of its request, after every answer to it, so a client
+/// knows a request is done once its ack arrives.
+fn messages_for(node: &Node, session: SessionId, applied: &Applied) -> Vec<pb::ServerMessage> {
+    let mine = applied.origin.is_some_and(|o| o.session == session);
+    let request_id = if mine { applied.origin.map_or(0, |o| o.request) } else { 0 };
+    let mut out = Vec::new();
+    for o in &applied.reply.outputs {
+        let for_me = match o {
+            Output::Rejected { .. } => mine,
+            other => output_session(other) == Some(session),
+        };
+        if !for_me {
+            continue;
+        }
+        if let Some(body) = body_of(node, o) {
+            out.push(pb::ServerMessage { request_id, body: Some(body) });
+        }
+    }
+    if mine {
+        out.push(pb::ServerMessage { request_id, body: Some(Down::Ack(pb::Ack {})) });
+    }
+    out
+}
+
+fn lock_ref(lock: LockId) -> pb::LockRef {
+    pb::LockRef { lock: client_lock_id(lock) }
+}
+
+fn granted(
+    node: &Node,
+    lock: LockId,
+    mode: Mode,
+    range: ByteRange,
+    token: u64,
+    value: &ValueBlock,
+    reused: bool,
+) -> pb::Granted {
+    let session = SessionId(lock.0 >> crate::types::CLIENT_LOCK_BITS);
+    let signed_token = sign(node, lock, session, mode, range, token).unwrap_or_default();
+    pb::Granted {
+        lock: client_lock_id(lock),
+        mode: mode_to_pb(mode),
+        range: Some(range_to_pb(range)),
+        token,
+        signed_token,
+        value: Some(value_to_pb(value)),
+        reused,
+    }
+}
+
+/// The signed token for a grant, if the cluster secret is known yet.
+fn sign(node: &Node, lock: LockId, session: SessionId, mode: Mode, range: ByteRange, token: u64) -> Option<String> {
+    let state = node.machine.state();
+    let key = token::ClusterKey::from_bytes(state.secret?);
+    let resource = state.engine.resource_of(lock)?.to_string();
+    drop(state);
+    key.sign(token::Claims { token, session, mode, range, resource }).ok().map(|t| t.to_string())
+}
+
+fn body_of(node: &Node, o: &Output) -> Option<Down> {
+    Some(match o {
+        Output::Granted { lock, mode, range, token, value, reused, .. } => {
+            Down::Granted(granted(node, *lock, *mode, *range, *token, value, *reused))
+        }
+        Output::Converted { lock, mode, range, token, value, .. } => {
+            Down::Converted(granted(node, *lock, *mode, *range, *token, value, false))
+        }
+        Output::Queued { lock, .. } => Down::Queued(lock_ref(*lock)),
+        Output::Busy { lock, blockers, .. } => Down::Busy(pb::Busy {
+            lock: client_lock_id(*lock),
+            blockers: blockers.iter().map(|b| b.0).collect(),
+            blocker_descriptions: describe(node, blockers),
+        }),
+        Output::Revoke { lock, .. } => Down::Revoke(lock_ref(*lock)),
+        Output::Deadlock { lock, .. } => Down::Deadlock(lock_ref(*lock)),
+        Output::Released { lock, .. } => Down::Released(lock_ref(*lock)),
+        Output::Cancelled { lock, .. } => Down::Cancelled(lock_ref(*lock)),
+        Output::Expired { session } => Down::Expired(pb::SessionEvent { session: session.0 }),
+        Output::Fence { .. } => return None,
+        Output::PosixGranted { owner, resource, range, kind } => posix(0, *owner, resource, *range, *kind, None),
+        Output::PosixUnlocked { owner, resource, range } => posix(1, *owner, resource, *range, PosixKind::Unlock, None),
+        Output::PosixQueued { owner, resource, range, kind } => posix(2, *owner, resource, *range, *kind, None),
+        Output::PosixBusy { owner, conflict, range, kind } => posix(3, *owner, "", *range, *kind, Some(*conflict)),
+        Output::PosixFree { owner } => posix(4, *owner, "", ByteRange::ALL, PosixKind::Unlock, None),
+        Output::PosixDeadlock { owner } => posix(5, *owner, "", ByteRange::ALL, PosixKind::Unlock, None),
+        Output::PosixCancelled { owner, resource, range } => {
+            posix(6, *owner, resource, *range, PosixKind::Unlock, None)
+        }
+        Output::Rejected { subject, error } => {
+            let what = match subject {
+                Subject::Lock(l) => format!("lock {}: ", client_lock_id(*l)),
+                Subject::Owner(o) => format!("owner {}: ", o.owner),
+                Subject::Session(_) | Subject::Epoch => String::new(),
+            };
+            Down::Rejected(pb::Rejected { code: error.code() as u32, message: format!("{what}{error}") })
+        }
+    })
+}
+
+fn posix(
+    outcome: i32,
+    owner: PosixOwner,
+    resource: &str,
+    range: ByteRange,
+    kind: PosixKind,
+    conflict: Option<PosixOwner>,
+) -> Down {
+    Down::Posix(pb::PosixAnswer {
+        outcome,
+        session: owner.session.0,
+        owner: owner.owner,
+        resource: resource.to_string(),
+        range: Some(range_to_pb(range)),
+        kind: posix_kind_to_pb(kind),
+        conflict_session: conflict.map_or(0, |c| c.session.0),
+        conflict_owner: conflict.map_or(0, |c| c.owner),
+    })
+}
+
+/// "session 3 holds EX 0..100 (lock 1)" for each blocker, for a person to read.
+fn describe(node: &Node, blockers: &[LockId]) -> Vec<String> {
+    let state = node.machine.state();
+    blockers
+        .iter()
+        .map(|b| {
+            let session = b.0 >> crate::types::CLIENT_LOCK_BITS;
+            let view = state.engine.session_locks(SessionId(session)).into_iter().find(|v| v.lock == *b);
+            match view {
+                Some(v) => match (v.granted, v.waiting) {
+                    (Some((m, r, t)), _) => {
+                        format!("session {session} holds {m} {r} (lock {}, token {t})", client_lock_id(*b))
+                    }
+                    (None, Some((m, r, _))) => {
+                        format!("session {session} waits for {m} {r} (lock {})", client_lock_id(*b))
+                    }
+                    (None, None) => format!("session {session} (lock {})", client_lock_id(*b)),
+                },
+                None => format!("session {session} (lock {})", client_lock_id(*b)),
+            }
+        })
+        .collect()
+}
+
+type DownStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::locks_server::Locks for LockService {
+    type SessionStream = DownStream;
+
+    async fn session(&self, req: Request<Streaming<pb::ClientMessage>>) -> Result<Response<DownStream>, Status> {
+        let mut up = req.into_inner();
+        let first = up.next().await.ok_or_else(|| Status::invalid_argument("empty session stream"))??;
+        let Some(Up::Open(open)) = first.body else {
+            return Err(Status::failed_precondition("a session stream must start with OpenSession"));
+        };
+        let node = self.node.clone();
+        // Subscribe before the session exists, so nothing applied after it is missed.
+        let mut applied = node.machine.subscribe();
+        let lease_ms = open.lease_ms.clamp(LEASE_MS_MIN, LEASE_MS_MAX);
+        let session = if open.resume_session != 0 {
+            let s = SessionId(open.resume_session);
+            if !node.session_is_live(s) {
+                return Err(Status::not_found(format!(
+                    "session {} has expired or was closed: its locks are gone; open a new session",
+                    s.0
+                )));
+            }
+            s
+        } else {
+            let reply = node.propose(Op::OpenSession { lease_ms }, None).await.map_err(|e| e.status())?;
+            node.applied(reply.index).await;
+            reply.session.ok_or_else(|| Status::internal("no session number in the reply"))?
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::ServerMessage, Status>>(DOWN_QUEUE);
+        let heartbeat_ms = (lease_ms / 3).max(100);
+        let opened = pb::ServerMessage {
+            request_id: first.request_id,
+            body: Some(Down::Opened(pb::SessionOpened { session: session.0, lease_ms, heartbeat_ms })),
+        };
+        tx.send(Ok(opened)).await.map_err(|_| Status::cancelled("client went away"))?;
+        // A resumed session is told the state of its locks again: what was in flight while it
+        // was away may have been granted.
+        if open.resume_session != 0 {
+            for msg in resync(&node, session) {
+                let _ = tx.send(Ok(msg)).await;
+            }
+        }
+
+        // Down: this server's applied entries, filtered to the session.
+        let down_tx = tx.clone();
+        let down_node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                match applied.recv().await {
+                    Ok(a) => {
+                        for msg in messages_for(&down_node, session, &a) {
+                            if down_tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = down_tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "this client fell {n} updates behind; reconnect and resume the session"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+
+        // Up: each request proposed in order; a failure to commit is reported on the stream.
+        let up_tx = tx;
+        tokio::spawn(async move {
+            while let Some(msg) = up.next().await {
+                let Ok(msg) = msg else { return };
+                let Some(body) = msg.body else { continue };
+                let closing = matches!(body, Up::Close(_));
+                let input = match input_of(session, body) {
+                    Ok(i) => i,
+                    Err(status) => {
+                        let rejected = pb::Rejected { code: 0, message: status.message().to_string() };
+                        let m = pb::ServerMessage { request_id: msg.request_id, body: Some(Down::Rejected(rejected)) };
+                        let ack = pb::ServerMessage { request_id: msg.request_id, body: Some(Down::Ack(pb::Ack {})) };
+                        if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let origin = Origin { session, request: msg.request_id };
+                match node.propose(Op::Engine(input), Some(origin)).await {
+                    // The answers and the ack come down from this server's own application.
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = up_tx.send(Err(e.status())).await;
+                        return;
+                    }
+                }
+                if closing {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        use openraft::async_runtime::WatchReceiver;
+        let m = self.node.raft.metrics().borrow_watched().clone();
+        let stats = self.node.machine.state().engine.stats();
+        let servers = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| pb::ServerInfo {
+                id: *id,
+                address: n.addr.clone(),
+                voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            server_id: self.node.id,
+            address: self.node.addr.clone(),
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            servers,
+            sessions: stats.sessions,
+            sessions_fencing: stats.sessions_fencing,
+            resources: stats.resources,
+            locks_granted: stats.locks_granted,
+            requests_waiting: stats.requests_waiting,
+            last_token: stats.last_token,
+        }))
+    }
+
+    async fn table(&self, req: Request<pb::TableRequest>) -> Result<Response<pb::TableReply>, Status> {
+        let prefix = req.into_inner().prefix;
+        let state = self.node.machine.state();
+        let resources = state
+            .engine
+            .resources(&prefix)
+            .into_iter()
+            .map(|r| pb::ResourceRow {
+                name: r.name,
+                locks: r
+                    .locks
+                    .into_iter()
+                    .map(|l| pb::LockRow {
+                        lock: client_lock_id(l.lock),
+                        session: l.session.0,
+                        granted: l.granted.is_some(),
+                        mode: l.granted.map_or(0, |g| mode_to_pb(g.0)),
+                        range: l.granted.map(|g| range_to_pb(g.1)),
+                        token: l.granted.map_or(0, |g| g.2),
+                        cached: l.cached,
+                        waiting: l.waiting.is_some(),
+                        wait_mode: l.waiting.as_ref().map_or(0, |w| mode_to_pb(w.0)),
+                        wait_range: l.waiting.as_ref().map(|w| range_to_pb(w.1)),
+                        blockers: l.waiting.as_ref().map_or(Vec::new(), |w| w.2.iter().map(|b| b.0).collect()),
+                    })
+                    .collect(),
+                posix: r
+                    .posix
+                    .into_iter()
+                    .map(|p| pb::PosixRow {
+                        session: p.owner.session.0,
+                        owner: p.owner.owner,
+                        range: Some(range_to_pb(p.range)),
+                        kind: posix_kind_to_pb(p.kind),
+                        granted: p.granted,
+                    })
+                    .collect(),
+                value: Some(value_to_pb(&r.value)),
+            })
+            .collect();
+        let edges = state
+            .engine
+            .wait_for_edges()
+            .into_iter()
+            .map(|(from, to)| pb::WaitEdge { waiter: owner_name(from), holder: owner_name(to) })
+            .collect();
+        Ok(Response::new(pb::TableReply { resources, edges }))
+    }
+}
+
+fn owner_name(o: lockengine::OwnerKey) -> String {
+    match o {
+        lockengine::OwnerKey::Session(s) => format!("session {}", s.0),
+        lockengine::OwnerKey::Posix(p) => format!("session {} owner {}", p.session.0, p.owner),
+    }
+}
+
+/// The current state of a resumed session's locks, as grant and queued messages.
+fn resync(node: &Node, session: SessionId) -> Vec<pb::ServerMessage> {
+    let views = node.machine.state().engine.session_locks(session);
+    let values = Arc::new(ValueBlock::Empty);
+    views
+        .into_iter()
+        .map(|v| {
+            let body = match v.granted {
+                Some((m, r, t)) => Down::Granted(granted(node, v.lock, m, r, t, &values, false)),
+                None => Down::Queued(lock_ref(v.lock)),
+            };
+            pb::ServerMessage { request_id: 0, body: Some(body) }
+        })
+        .collect()
+}

@@ -1,0 +1,182 @@
+//! The Raft log, vote, commit point and snapshots, persisted in one redb database per server.
+//!
+//! Every write commits with redb's default `Durability::Immediate`: when `append` reports the
+//! entries flushed, they are on disk. openraft batches entries that arrive together into one
+//! `append`, so many requests share one commit (group commit).
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::OptionalSend;
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, VoteOf};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::types::{C, io_error};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log_v1");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta_v1");
+
+/// Keys of `META`.
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+const SNAPSHOT: &str = "snapshot";
+/// The version of this layout; a database written by another one is refused.
+const FORMAT: &str = "format";
+const FORMAT_VERSION: u64 = 1;
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<redb::Database>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> io::Result<Store> {
+        let db = redb::Database::create(path).map_err(io_error)?;
+        let store = Store { db: Arc::new(db) };
+        let tx = store.db.begin_write().map_err(io_error)?;
+        tx.open_table(LOG).map_err(io_error)?;
+        tx.open_table(META).map_err(io_error)?;
+        tx.commit().map_err(io_error)?;
+        match store.get::<u64>(FORMAT)? {
+            None => store.put(FORMAT, &FORMAT_VERSION)?,
+            Some(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(io::Error::other(format!(
+                    "{} holds format version {v}, this stripelock reads {FORMAT_VERSION}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(store)
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
+        let tx = self.db.begin_read().map_err(io_error)?;
+        let table = tx.open_table(META).map_err(io_error)?;
+        match table.get(key).map_err(io_error)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(io_error),
+        }
+    }
+
+    fn put<T: Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(io_error)?;
+        let tx = self.db.begin_write().map_err(io_error)?;
+        tx.open_table(META).map_err(io_error)?.insert(key, bytes.as_slice()).map_err(io_error)?;
+        tx.commit().map_err(io_error)
+    }
+
+    /// The last snapshot persisted: its meta and bytes.
+    pub fn snapshot(&self) -> io::Result<Option<(SnapshotMetaOf<C>, Vec<u8>)>> {
+        self.get(SNAPSHOT)
+    }
+
+    /// Persists a snapshot before openraft may purge the log it covers.
+    pub fn save_snapshot(&self, meta: &SnapshotMetaOf<C>, bytes: &[u8]) -> io::Result<()> {
+        self.put(SNAPSHOT, &(meta, bytes))
+    }
+
+    /// Number of log entries kept (for status and for the bound-on-log test).
+    pub fn log_len(&self) -> io::Result<u64> {
+        let tx = self.db.begin_read().map_err(io_error)?;
+        tx.open_table(LOG).map_err(io_error)?.len().map_err(io_error)
+    }
+}
+
+impl RaftLogReader<C> for Store {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        let tx = self.db.begin_read().map_err(io_error)?;
+        let table = tx.open_table(LOG).map_err(io_error)?;
+        let mut entries = Vec::new();
+        for item in table.range(range).map_err(io_error)? {
+            let (_, v) = item.map_err(io_error)?;
+            entries.push(serde_json::from_slice(v.value()).map_err(io_error)?);
+        }
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        self.get(VOTE)
+    }
+}
+
+impl RaftLogStorage<C> for Store {
+    type LogReader = Store;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let last_purged: Option<LogIdOf<C>> = self.get(PURGED)?;
+        let tx = self.db.begin_read().map_err(io_error)?;
+        let table = tx.open_table(LOG).map_err(io_error)?;
+        let last = match table.last().map_err(io_error)? {
+            Some((_, v)) => Some(serde_json::from_slice::<EntryOf<C>>(v.value()).map_err(io_error)?.log_id()),
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Store {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        self.put(VOTE, vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        self.put(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        Ok(self.get::<Option<LogIdOf<C>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let tx = self.db.begin_write().map_err(io_error)?;
+        {
+            let mut table = tx.open_table(LOG).map_err(io_error)?;
+            for entry in entries {
+                let bytes = serde_json::to_vec(&entry).map_err(io_error)?;
+                table.insert(entry.index(), bytes.as_slice()).map_err(io_error)?;
+            }
+        }
+        tx.commit().map_err(io_error)?;
+        callback.io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let from = last.map_or(0, |l| l.index() + 1);
+        let tx = self.db.begin_write().map_err(io_error)?;
+        tx.open_table(LOG).map_err(io_error)?.retain_in(from.., |_, _| false).map_err(io_error)?;
+        tx.commit().map_err(io_error)
+    }
+
+    async fn purge(&mut self, upto: LogIdOf<C>) -> Result<(), io::Error> {
+        let bytes = serde_json::to_vec(&Some(upto)).map_err(io_error)?;
+        let tx = self.db.begin_write().map_err(io_error)?;
+        tx.open_table(META).map_err(io_error)?.insert(PURGED, bytes.as_slice()).map_err(io_error)?;
+        tx.open_table(LOG).map_err(io_error)?.retain_in(..=upto.index(), |_, _| false).map_err(io_error)?;
+        tx.commit().map_err(io_error)
+    }
+}

@@ -1,0 +1,89 @@
+//! What the replicated log carries, and the openraft type configuration.
+
+use std::fmt;
+
+use lockengine::{Input, Output, SessionId};
+use serde::{Deserialize, Serialize};
+
+/// How a server is reached; stored in the Raft membership.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeAddr {
+    pub addr: String,
+}
+
+/// Who asked for a command: a session and its request number, for idempotent retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub session: SessionId,
+    pub request: u64,
+}
+
+/// One entry of the log. `now_ms` is stamped by the leader that proposes it, so every replica
+/// gives the engine the same time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub now_ms: u64,
+    pub origin: Option<Origin>,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// The cluster secret for signing tokens, proposed once by the bootstrapping server.
+    Bootstrap { secret: [u8; 32] },
+    /// Opens a session; the state machine picks its number.
+    OpenSession { lease_ms: u64 },
+    /// An input for the lock engine.
+    Engine(Input),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.op {
+            Op::Bootstrap { .. } => write!(f, "bootstrap@{}", self.now_ms),
+            Op::OpenSession { lease_ms } => write!(f, "open(lease={lease_ms})@{}", self.now_ms),
+            Op::Engine(input) => write!(f, "{input:?}@{}", self.now_ms),
+        }
+    }
+}
+
+/// What applying a command gave: the session opened, the engine's outputs, and whether the
+/// command was a retry of one already applied (then `outputs` are the original ones).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub session: Option<SessionId>,
+    pub outputs: Vec<Output>,
+    pub duplicate: bool,
+    /// Log index the command was applied at.
+    pub index: u64,
+}
+
+openraft::declare_raft_types!(
+    /// The stripelock Raft group's types.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = u64,
+        Node = NodeAddr,
+);
+
+pub type C = TypeConfig;
+pub type NodeId = u64;
+pub type SnapshotData = Vec<u8>;
+
+/// Lock ids on the wire are per session (small numbers a client reuses); in the engine they are
+/// cluster-wide: the session's number above the client's.
+pub const CLIENT_LOCK_BITS: u32 = 20;
+
+pub fn engine_lock_id(session: SessionId, client_lock: u64) -> Option<lockengine::LockId> {
+    (client_lock < (1 << CLIENT_LOCK_BITS) && session.0 < (1 << (64 - CLIENT_LOCK_BITS)))
+        .then_some(lockengine::LockId((session.0 << CLIENT_LOCK_BITS) | client_lock))
+}
+
+pub fn client_lock_id(lock: lockengine::LockId) -> u64 {
+    lock.0 & ((1 << CLIENT_LOCK_BITS) - 1)
+}
+
+pub fn io_error(e: impl fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}

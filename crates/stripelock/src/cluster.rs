@@ -1,0 +1,467 @@
+//! Commands that run or talk to a cluster: `server`, `up`, `lock`, `locks`, `status`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use client::{ClientError, LockOptions, Mode, Session};
+use lockengine::Limits;
+use server::ServerConfig;
+use tokio::sync::watch;
+use wire::v1 as pb;
+
+/// File in the data directory of `up` that names the cluster's servers.
+pub const CLUSTER_FILE: &str = "cluster";
+pub const DEFAULT_DATA: &str = "stripelock-data";
+
+/// Where the cluster is: `--cluster`, else `STRIPELOCK_CLUSTER`, else what `up` wrote.
+pub fn cluster_addrs(flag: Option<&str>) -> Result<Vec<String>> {
+    let text = match flag {
+        Some(f) => f.to_string(),
+        None => match std::env::var("STRIPELOCK_CLUSTER") {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => {
+                let path = Path::new(DEFAULT_DATA).join(CLUSTER_FILE);
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no cluster given: pass --cluster HOST:PORT[,..], set STRIPELOCK_CLUSTER, \
+                         or run `stripelock up` in this directory (it writes {})",
+                        path.display()
+                    )
+                })?
+            }
+        },
+    };
+    let addrs: Vec<String> =
+        text.split([',', '\n', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+    if addrs.is_empty() {
+        bail!("the cluster address list is empty");
+    }
+    Ok(addrs)
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRIPELOCK_LOG").unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `--peers 1=127.0.0.1:7001,2=...`
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').with_context(|| format!("peer `{part}` is not ID=HOST:PORT"))?;
+        let id: u64 = id.parse().with_context(|| format!("peer id `{id}` is not a number"))?;
+        if id == 0 {
+            bail!("server ids start at 1");
+        }
+        addr.parse::<SocketAddr>().with_context(|| format!("peer address `{addr}` is not HOST:PORT"))?;
+        peers.insert(id, addr.to_string());
+    }
+    Ok(peers)
+}
+
+pub struct ServerArgs {
+    pub id: u64,
+    pub listen: Option<SocketAddr>,
+    pub data: PathBuf,
+    pub peers: String,
+    pub bootstrap: bool,
+    pub heartbeat_ms: u64,
+    pub tick_ms: u64,
+}
+
+/// Stops on SIGINT or SIGTERM.
+async fn stop_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub fn server(args: ServerArgs) -> Result<ExitCode> {
+    init_logs("warn,server=info");
+    let peers = parse_peers(&args.peers)?;
+    let own = peers.get(&args.id).with_context(|| format!("--peers has no entry for this server's id {}", args.id))?;
+    let listen = match args.listen {
+        Some(l) => l,
+        None => own.parse()?,
+    };
+    let config = ServerConfig {
+        id: args.id,
+        listen,
+        data_dir: args.data,
+        peers,
+        bootstrap: args.bootstrap,
+        heartbeat_ms: args.heartbeat_ms,
+        tick_ms: args.tick_ms,
+        limits: Limits::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let stop = stop_signal().await;
+        server::run(config, stop).await
+    })
+    .context("server failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `up`: N servers on 127.0.0.1 in child processes, until Ctrl-C or SIGTERM.
+pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
+    if !(1..=9).contains(&servers) {
+        bail!("--servers must be between 1 and 9, got {servers}");
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let cluster_file = data.join(CLUSTER_FILE);
+    // A data directory that held a cluster keeps its addresses, so the servers find their logs.
+    let mut addrs: Vec<String> = std::fs::read_to_string(&cluster_file)
+        .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    if addrs.len() != servers as usize {
+        if !addrs.is_empty() {
+            bail!(
+                "{} holds a cluster of {} servers; use --servers {} or another --data directory",
+                data.display(),
+                addrs.len(),
+                addrs.len()
+            );
+        }
+        addrs = (0..servers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_>>()?;
+    }
+    let peers: String = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
+    let mut children = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i + 1;
+        let dir = data.join(format!("server-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["server", "--id", &id.to_string(), "--data"]).arg(&dir).args(["--peers", &peers]);
+        if id == 1 {
+            cmd.arg("--bootstrap");
+        }
+        let child =
+            cmd.stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("cannot start server {id}"))?;
+        children.push((id, addr.clone(), dir, child));
+    }
+    std::fs::write(&cluster_file, addrs.join(","))?;
+    if json {
+        let list: Vec<_> = children
+            .iter()
+            .map(|(id, addr, dir, c)| serde_json::json!({"id": id, "address": addr, "data": dir, "pid": c.id()}))
+            .collect();
+        println!("{}", serde_json::json!({"cluster": addrs.join(","), "servers": list}));
+    } else {
+        println!("{:<4} {:<22} {:<8} data", "id", "address", "pid");
+        for (id, addr, dir, c) in &children {
+            println!("{id:<4} {addr:<22} {:<8} {}", c.id(), dir.display());
+        }
+        println!("\ncluster: {}  (written to {})", addrs.join(","), cluster_file.display());
+        println!("try:     stripelock lock /jobs/nightly -- sleep 5     (from this directory)");
+        println!("stop:    Ctrl-C");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut stop = stop_signal().await;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            for (id, _, dir, c) in &mut children {
+                if let Ok(Some(status)) = c.try_wait() {
+                    eprintln!("server {id} exited ({status}); see {}", dir.join("server.log").display());
+                }
+            }
+            children.retain_mut(|(_, _, _, c)| !matches!(c.try_wait(), Ok(Some(_))));
+        }
+    });
+    // Stop the servers we started, by their PIDs: SIGTERM, then SIGKILL after 5 s.
+    for (_, _, _, c) in &children {
+        let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for (id, _, _, c) in &mut children {
+        while std::time::Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(c.try_wait(), Ok(None)) {
+            eprintln!("server {id} did not stop in 5 s; killing it");
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+    eprintln!("cluster stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `A..B`, `A..` or `all`.
+pub fn parse_range(s: &str) -> Result<std::ops::Range<u64>> {
+    let r = lockengine::script::parse_range(s).with_context(|| format!("range `{s}` is not A..B, A.. or all"))?;
+    if r.start >= r.end {
+        bail!("range `{s}` is empty or inverted: it needs start < end");
+    }
+    Ok(r.start..r.end)
+}
+
+pub struct LockArgs {
+    pub path: String,
+    pub range: String,
+    pub mode: String,
+    pub nowait: bool,
+    pub timeout: Option<Duration>,
+    pub conflict_exit_code: u8,
+    pub lease: Duration,
+    pub cluster: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// `lock`: hold a lock while a command runs, like flock(1).
+pub fn lock(args: LockArgs) -> Result<ExitCode> {
+    let addrs = cluster_addrs(args.cluster.as_deref())?;
+    let range = parse_range(&args.range)?;
+    let mode = Mode::parse(&args.mode.to_uppercase())
+        .with_context(|| format!("mode `{}` is not one of NL CR CW PR PW EX", args.mode))?;
+    let Some((program, rest)) = args.command.split_first() else {
+        bail!("no command to run: stripelock lock PATH -- COMMAND...")
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let session = Session::open(&addrs, args.lease.as_millis() as u64).await?;
+        let options = LockOptions { nowait: args.nowait, timeout: args.timeout };
+        let grant = match session.lock(&args.path, range.clone(), mode, options).await {
+            Ok(g) => g,
+            Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock)) => {
+                eprintln!("stripelock: {} {} on {} is not available: {e}", mode, args.range, args.path);
+                session.close().await;
+                return Ok(ExitCode::from(args.conflict_exit_code));
+            }
+            Err(e) => {
+                session.close().await;
+                return Err(e).context("cannot take the lock");
+            }
+        };
+        let status = tokio::process::Command::new(program)
+            .args(rest)
+            .env("STRIPELOCK_TOKEN", &grant.signed_token)
+            .env("STRIPELOCK_TOKEN_NUMBER", grant.token.to_string())
+            .status()
+            .await;
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+        let status = status.with_context(|| format!("cannot run `{program}`"))?;
+        Ok(match status.code() {
+            Some(c) => ExitCode::from(c as u8),
+            None => ExitCode::from(128),
+        })
+    })
+}
+
+async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
+    Ok(pb::locks_client::LocksClient::new(endpoint.connect().await?))
+}
+
+/// The first server of the list that answers.
+async fn any_server(addrs: &[String]) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
+    let mut last = None;
+    for a in addrs {
+        match locks_client(a).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e.context(format!("server {a}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+}
+
+fn mode_name(m: i32) -> &'static str {
+    Mode::ALL.get(m as usize).map_or("?", |m| m.name())
+}
+
+fn range_text(r: &Option<pb::Range>) -> String {
+    r.as_ref().map_or("-".into(), |r| lockengine::ByteRange { start: r.start, end: r.end }.to_string())
+}
+
+/// `locks`: holders, waiters, tokens and the wait-for graph.
+pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let table = rt.block_on(async {
+        let mut c = any_server(&addrs).await?;
+        Ok::<_, anyhow::Error>(c.table(pb::TableRequest { prefix: prefix.to_string() }).await?.into_inner())
+    })?;
+    if json {
+        let resources: Vec<_> = table
+            .resources
+            .iter()
+            .map(|r| {
+                let locks: Vec<_> = r
+                    .locks
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "lock": l.lock, "session": l.session,
+                            "granted": l.granted.then(|| serde_json::json!({"mode": mode_name(l.mode), "range": range_text(&l.range), "token": l.token})),
+                            "waiting": l.waiting.then(|| serde_json::json!({"mode": mode_name(l.wait_mode), "range": range_text(&l.wait_range), "blockers": l.blockers})),
+                            "cached": l.cached,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"resource": r.name, "locks": locks})
+            })
+            .collect();
+        let edges: Vec<_> =
+            table.edges.iter().map(|e| serde_json::json!({"waiter": e.waiter, "holder": e.holder})).collect();
+        println!("{}", serde_json::json!({"resources": resources, "wait_for": edges}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if table.resources.is_empty() {
+        println!("no locks{}", if prefix.is_empty() { String::new() } else { format!(" under {prefix}") });
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<8} {:<6} {:<8} {:<5} {:<24} {:>16}  note",
+        "resource", "session", "lock", "state", "mode", "range", "token"
+    );
+    for r in &table.resources {
+        for l in &r.locks {
+            if l.granted {
+                let note = if l.waiting {
+                    format!("converting to {} {}", mode_name(l.wait_mode), range_text(&l.wait_range))
+                } else if l.cached {
+                    "cached".into()
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{:<28} {:<8} {:<6} {:<8} {:<5} {:<24} {:>16}  {note}",
+                    r.name,
+                    l.session,
+                    l.lock,
+                    "held",
+                    mode_name(l.mode),
+                    range_text(&l.range),
+                    l.token
+                );
+            } else {
+                let blockers: Vec<String> = l
+                    .blockers
+                    .iter()
+                    .map(|b| {
+                        format!("{}/{}", b >> server::CLIENT_LOCK_BITS, server::client_lock_id(lockengine::LockId(*b)))
+                    })
+                    .collect();
+                println!(
+                    "{:<28} {:<8} {:<6} {:<8} {:<5} {:<24} {:>16}  behind session/lock {}",
+                    r.name,
+                    l.session,
+                    l.lock,
+                    "waiting",
+                    mode_name(l.wait_mode),
+                    range_text(&l.wait_range),
+                    "-",
+                    blockers.join(",")
+                );
+            }
+        }
+        for p in &r.posix {
+            let kind = ["r", "w", "u"].get(p.kind as usize).unwrap_or(&"?");
+            let state = if p.granted { "held" } else { "waiting" };
+            println!(
+                "{:<28} {:<8} {:<6} {:<8} {:<5} {:<24} {:>16}  POSIX owner {}",
+                r.name,
+                p.session,
+                "-",
+                state,
+                kind,
+                range_text(&p.range),
+                "-",
+                p.owner
+            );
+        }
+    }
+    if !table.edges.is_empty() {
+        println!("\nwait-for graph:");
+        for e in &table.edges {
+            println!("  {} -> {}", e.waiter, e.holder);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `status`: every server's view, and which one leads.
+pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let replies: Vec<(String, Result<pb::StatusReply>)> = rt.block_on(async {
+        let mut out = Vec::new();
+        for a in &addrs {
+            let r = async {
+                let mut c = locks_client(a).await?;
+                Ok::<_, anyhow::Error>(c.status(pb::StatusRequest {}).await?.into_inner())
+            }
+            .await;
+            out.push((a.clone(), r));
+        }
+        out
+    });
+    let up = replies.iter().filter(|(_, r)| r.is_ok()).count();
+    if json {
+        let servers: Vec<_> = replies
+            .iter()
+            .map(|(a, r)| match r {
+                Ok(s) => serde_json::json!({
+                    "address": a, "up": true, "id": s.server_id, "leader": s.leader_id, "term": s.term,
+                    "commit_index": s.commit_index, "applied_index": s.applied_index, "sessions": s.sessions,
+                    "sessions_fencing": s.sessions_fencing, "resources": s.resources, "locks_granted": s.locks_granted,
+                    "requests_waiting": s.requests_waiting, "last_token": s.last_token,
+                }),
+                Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
+            })
+            .collect();
+        println!("{}", serde_json::json!({"servers": servers, "up": up, "total": addrs.len()}));
+    } else {
+        println!(
+            "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+            "id", "address", "role", "term", "commit", "applied", "sessions", "fencing", "locks", "waiting"
+        );
+        for (a, r) in &replies {
+            match r {
+                Ok(s) => {
+                    let role = if s.leader_id == s.server_id { "leader" } else { "follower" };
+                    println!(
+                        "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+                        s.server_id,
+                        a,
+                        role,
+                        s.term,
+                        s.commit_index,
+                        s.applied_index,
+                        s.sessions,
+                        s.sessions_fencing,
+                        s.locks_granted,
+                        s.requests_waiting
+                    );
+                }
+                Err(e) => println!("{:<4} {:<22} {:<8} {e:#}", "?", a, "DOWN"),
+            }
+        }
+        println!("\n{up} of {} servers answer", addrs.len());
+    }
+    Ok(if up == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
