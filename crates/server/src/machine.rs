@@ -227,6 +227,12 @@ impl RaftStateMachine<C> for Machine {
                 let mut state = self.state();
                 state.last_applied = Some(entry.log_id);
                 state.applied_term = entry.log_id.leader_id.term();
+                // The term is the engine's epoch, so tokens keep increasing across leaders. Every
+                // new leader's first entry (a blank one) raises it; replicas see the same entry.
+                if state.applied_term > state.engine.epoch() {
+                    let (now, epoch) = (state.engine.now_ms(), state.applied_term);
+                    state.engine.step(now, Input::SetEpoch { epoch });
+                }
                 match entry.payload {
                     EntryPayload::Blank => (None, Reply { index, ..Reply::default() }),
                     EntryPayload::Membership(m) => {

@@ -1,0 +1,322 @@
+//! Multi-process tests: real `stripelock server` processes on loopback, killed with SIGKILL.
+//! Each test starts its own cluster on free ports in its own temporary directory; the tests of
+//! this file run one at a time (two cores, and elections want their timing).
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use client::{ClientError, LockOptions, Mode, Session};
+use wire::v1 as pb;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const EXE: &str = env!("CARGO_BIN_EXE_stripelock");
+
+struct Server {
+    id: u64,
+    addr: String,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    peers: String,
+    servers: Vec<Server>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    async fn start(n: u64, name: &str) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("stripelock-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: Vec<Server> = (1..=n)
+            .map(|id| Server {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                data: dir.join(format!("server-{id}")),
+                child: None,
+            })
+            .collect();
+        let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
+        let mut cluster = Cluster { dir, peers, servers };
+        for id in 1..=n {
+            cluster.spawn(id, id == 1);
+        }
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    fn spawn(&mut self, id: u64, bootstrap: bool) {
+        let peers = self.peers.clone();
+        let s = &mut self.servers[id as usize - 1];
+        std::fs::create_dir_all(&s.data).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(s.data.join("server.log")).unwrap();
+        let mut cmd = Command::new(EXE);
+        cmd.args([
+            "server",
+            "--id",
+            &id.to_string(),
+            "--peers",
+            &peers,
+            "--heartbeat-ms",
+            "100",
+            "--tick-ms",
+            "100",
+            "--data",
+        ])
+        .arg(&s.data)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        s.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// Addresses with server `first` at the head (clients connect to the first that answers).
+    fn addrs_from(&self, first: u64) -> Vec<String> {
+        let mut a = vec![self.servers[first as usize - 1].addr.clone()];
+        a.extend(self.servers.iter().filter(|s| s.id != first).map(|s| s.addr.clone()));
+        a
+    }
+
+    async fn status(&self, id: u64) -> Option<pb::StatusReply> {
+        let addr = &self.servers[id as usize - 1].addr;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300));
+        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
+        c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The lock table as server `id` sees it; `None` while it does not answer.
+    async fn table(&self, id: u64, prefix: &str) -> Option<pb::TableReply> {
+        let addr = &self.servers[id as usize - 1].addr;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300));
+        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
+        c.table(pb::TableRequest { prefix: prefix.into() }).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The leader as the live servers agree on it, waiting up to 10 s for one.
+    async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            for s in self.servers.iter().filter(|s| s.child.is_some()) {
+                if let Some(st) = self.status(s.id).await
+                    && st.leader_id == st.server_id
+                {
+                    return st.server_id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader within 10 s; logs in {}", self.dir.display());
+    }
+
+    /// Ready when a session can be opened and is given a signed token (bootstrap done).
+    async fn wait_ready(&self) {
+        self.leader().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(s) = Session::open(&self.addrs(), 5_000).await {
+                let g = s.lock("/ready", 0..1, Mode::NL, LockOptions::default()).await;
+                s.close().await;
+                if g.is_ok_and(|g| !g.signed_token.is_empty()) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cluster not ready in 20 s; logs in {}", self.dir.display());
+    }
+
+    fn kill(&mut self, id: u64) {
+        let s = &mut self.servers[id as usize - 1];
+        let mut child = s.child.take().expect("running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Waits until `check` holds on the table of server `id`, up to 10 s.
+async fn until_table(
+    c: &Cluster,
+    id: u64,
+    prefix: &str,
+    what: &str,
+    check: impl Fn(&pb::TableReply) -> bool,
+) -> pb::TableReply {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = c.table(id, prefix).await;
+        if let Some(t) = &t
+            && check(t)
+        {
+            return t.clone();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn count(t: &pb::TableReply, granted: bool) -> usize {
+    t.resources
+        .iter()
+        .flat_map(|r| &r.locks)
+        .filter(|l| if granted { l.granted } else { l.waiting && !l.granted })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_locks_serialize_disjoint_and_shared_do_not() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3, "serialize").await;
+    let a = Session::open(&c.addrs_from(1), 5_000).await.unwrap();
+    let b = Session::open(&c.addrs_from(2), 5_000).await.unwrap();
+
+    // Overlapping EX: the second waits until the first is released, then gets a higher token.
+    let first = a.lock("/x", 0..100, Mode::EX, LockOptions::default()).await.unwrap();
+    match b.lock("/x", 50..150, Mode::EX, LockOptions { nowait: true, timeout: None }).await {
+        Err(ClientError::Busy(who)) => assert!(who[0].contains(&format!("session {}", a.id())), "{who:?}"),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    let b2 = b.clone();
+    let waiter = tokio::spawn(async move { b2.lock("/x", 50..150, Mode::EX, LockOptions::default()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "an overlapping EX was granted while the first was held");
+    a.unlock(first.lock).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap();
+    assert!(second.token > first.token, "{} then {}", first.token, second.token);
+    b.unlock(second.lock).await.unwrap();
+
+    // Disjoint ranges and shared readers are granted together at once.
+    let l1 = a.lock("/y", 0..100, Mode::EX, LockOptions { nowait: true, timeout: None }).await.unwrap();
+    let l2 = b.lock("/y", 100..200, Mode::EX, LockOptions { nowait: true, timeout: None }).await.unwrap();
+    let r1 = a.lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None }).await.unwrap();
+    let r2 = b.lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None }).await.unwrap();
+    let t = until_table(&c, 3, "/", "four grants", |t| count(t, true) >= 4).await;
+    assert_eq!(count(&t, true), 4, "{t:?}");
+    for (s, l) in [(&a, l1), (&b, l2), (&a, r1), (&b, r2)] {
+        s.unlock(l.lock).await.unwrap();
+    }
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_with_holder_and_two_waiters_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(3, "failover").await;
+    let leader = c.leader().await;
+    // Everyone talks to the leader first, so every session must move when it dies.
+    let holder = Session::open(&c.addrs_from(leader), 5_000).await.unwrap();
+    let w1 = Session::open(&c.addrs_from(leader), 5_000).await.unwrap();
+    let w2 = Session::open(&c.addrs_from(leader), 5_000).await.unwrap();
+    let held = holder.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let w1c = w1.clone();
+    let first = tokio::spawn(async move { w1c.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await });
+    until_table(&c, leader, "/f", "first waiter queued", |t| count(t, false) == 1).await;
+    let w2c = w2.clone();
+    let second = tokio::spawn(async move { w2c.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await });
+    until_table(&c, leader, "/f", "second waiter queued", |t| count(t, false) == 2).await;
+
+    c.kill(leader);
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, leader);
+    // The holder still holds, with the same token; both waiters still wait, in order.
+    let t =
+        until_table(&c, new_leader, "/f", "table on the new leader", |t| count(t, true) == 1 && count(t, false) == 2)
+            .await;
+    let row = &t.resources[0].locks;
+    let granted = row.iter().find(|l| l.granted).unwrap();
+    assert_eq!((granted.session, granted.token), (holder.id(), held.token));
+
+    holder.unlock(held.lock).await.unwrap();
+    let g1 = tokio::time::timeout(Duration::from_secs(10), first).await.unwrap().unwrap().unwrap();
+    assert!(!second.is_finished(), "the second waiter was granted before the first");
+    assert!(g1.token > held.token, "token went from {} to {}", held.token, g1.token);
+    // The new term is the tokens' epoch: every grant after failover outranks every one before.
+    assert!(g1.token >> 40 > held.token >> 40, "epoch did not rise: {} then {}", held.token, g1.token);
+    w1.unlock(g1.lock).await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(10), second).await.unwrap().unwrap().unwrap();
+    assert!(g2.token > g1.token, "token went from {} to {}", g1.token, g2.token);
+    w2.unlock(g2.lock).await.unwrap();
+    for s in [holder, w1, w2] {
+        s.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_lock_process_is_released_after_its_lease() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(3, "expiry").await;
+    let cluster = c.addrs().join(",");
+    let lease = Duration::from_secs(2);
+    let mut holder = Command::new(EXE)
+        .args(["lock", "/k", "--lease", "2s", "--cluster", &cluster, "--", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let t = until_table(&c, 1, "/k", "the lock process to hold /k", |t| count(t, true) == 1).await;
+    let first_token = t.resources[0].locks[0].token;
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let killed = Instant::now();
+    let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+    let g = s
+        .lock("/k", 0..u64::MAX, Mode::EX, LockOptions { nowait: false, timeout: Some(Duration::from_secs(10)) })
+        .await
+        .unwrap();
+    let waited = killed.elapsed();
+    assert!(waited <= lease + Duration::from_secs(1), "released {waited:?} after the kill; lease is {lease:?}");
+    assert!(g.token > first_token, "token went from {first_token} to {}", g.token);
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_server_rejoins_from_its_data() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::start(3, "rejoin").await;
+    let leader = c.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    c.kill(follower);
+    let s = Session::open(&c.addrs_from(leader), 5_000).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..20 {
+        held.push(s.lock(&format!("/r/{i}"), 0..10, Mode::PW, LockOptions::default()).await.unwrap());
+    }
+    c.spawn(follower, false);
+    // It catches up from its own log and the leader's: same lock table as the leader.
+    let t = until_table(&c, follower, "/r/", "the restarted server to catch up", |t| count(t, true) == 20).await;
+    let tokens: Vec<u64> = t.resources.iter().map(|r| r.locks[0].token).collect();
+    assert_eq!(tokens.len(), 20);
+    let st = c.status(follower).await.unwrap();
+    assert_eq!(st.leader_id, leader, "the restarted server does not follow the leader");
+    s.close().await;
+}
