@@ -12,6 +12,12 @@ use wire::v1 as pb;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Runs one test's body on its own runtime, one test at a time.
+fn serial(body: impl std::future::Future<Output = ()>) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body);
+}
+
 const EXE: &str = env!("CARGO_BIN_EXE_stripelock");
 
 struct Server {
@@ -194,9 +200,12 @@ fn count(t: &pb::TableReply, granted: bool) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_locks_serialize_disjoint_and_shared_do_not() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[test]
+fn conflicting_locks_serialize_disjoint_and_shared_do_not() {
+    serial(conflicting_locks_serialize_disjoint_and_shared_do_not_body());
+}
+
+async fn conflicting_locks_serialize_disjoint_and_shared_do_not_body() {
     let c = Cluster::start(3, "serialize").await;
     let a = Session::open(&c.addrs_from(1), 5_000).await.unwrap();
     let b = Session::open(&c.addrs_from(2), 5_000).await.unwrap();
@@ -230,9 +239,12 @@ async fn conflicting_locks_serialize_disjoint_and_shared_do_not() {
     b.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_killed_with_holder_and_two_waiters_loses_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[test]
+fn leader_killed_with_holder_and_two_waiters_loses_nothing() {
+    serial(leader_killed_with_holder_and_two_waiters_loses_nothing_body());
+}
+
+async fn leader_killed_with_holder_and_two_waiters_loses_nothing_body() {
     let mut c = Cluster::start(3, "failover").await;
     let leader = c.leader().await;
     // Everyone talks to the leader first, so every session must move when it dies.
@@ -273,9 +285,12 @@ async fn leader_killed_with_holder_and_two_waiters_loses_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_lock_process_is_released_after_its_lease() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[test]
+fn killed_lock_process_is_released_after_its_lease() {
+    serial(killed_lock_process_is_released_after_its_lease_body());
+}
+
+async fn killed_lock_process_is_released_after_its_lease_body() {
     let c = Cluster::start(3, "expiry").await;
     let cluster = c.addrs().join(",");
     let lease = Duration::from_secs(2);
@@ -299,9 +314,12 @@ async fn killed_lock_process_is_released_after_its_lease() {
     s.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_server_rejoins_from_its_data() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[test]
+fn restarted_server_rejoins_from_its_data() {
+    serial(restarted_server_rejoins_from_its_data_body());
+}
+
+async fn restarted_server_rejoins_from_its_data_body() {
     let mut c = Cluster::start(3, "rejoin").await;
     let leader = c.leader().await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
