@@ -14,7 +14,7 @@ mod store;
 mod types;
 
 pub use machine::{Applied, Machine, State};
-pub use node::{Node, ProposeError, ServerConfig, wall_ms};
+pub use node::{Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
 pub use store::Store;
 pub use types::{CLIENT_LOCK_BITS, Command, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};

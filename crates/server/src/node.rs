@@ -214,10 +214,19 @@ impl Node {
     pub async fn leader_duties(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let secret_file = self.config.data_dir.join(SECRET_FILE);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
+            }
+            if !secret_file.exists() {
+                let secret = self.machine.state().secret;
+                if let Some(secret) = secret
+                    && let Err(e) = write_secret(&secret_file, &secret)
+                {
+                    tracing::warn!("cannot write {}: {e}", secret_file.display());
+                }
             }
             if !self.is_leader() {
                 continue;
@@ -255,6 +264,22 @@ impl Node {
     pub fn session_is_live(&self, session: SessionId) -> bool {
         self.machine.state().engine.session_is_live(session)
     }
+}
+
+/// The cluster secret, in the data directory of every server once it is replicated there
+/// (for `stripelock token verify`, and later for storage nodes).
+pub const SECRET_FILE: &str = "cluster.secret";
+
+/// Writes the secret as 64 hex digits, readable by the owner only, atomically (write, rename).
+fn write_secret(path: &std::path::Path, secret: &[u8; 32]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    writeln!(f, "{hex}")?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
 }
 
 fn random_secret() -> std::io::Result<[u8; 32]> {

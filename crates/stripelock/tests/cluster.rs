@@ -338,3 +338,46 @@ async fn restarted_server_rejoins_from_its_data_body() {
     assert_eq!(st.leader_id, leader, "the restarted server does not follow the leader");
     s.close().await;
 }
+
+#[test]
+fn lock_command_gives_a_token_that_verifies() {
+    serial(lock_command_gives_a_token_that_verifies_body());
+}
+
+async fn lock_command_gives_a_token_that_verifies_body() {
+    let c = Cluster::start(1, "token").await;
+    let cluster = c.addrs().join(",");
+    let out = Command::new(EXE)
+        .args(["lock", "/jobs/nightly", "--cluster", &cluster, "--", "sh", "-c", "printf %s \"$STRIPELOCK_TOKEN\""])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert!(token.starts_with("slt1."), "{token:?}");
+    let secret = c.servers[0].data.join("cluster.secret");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !secret.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verify =
+        Command::new(EXE).args(["token", "verify", &token, "--json", "--secret-file"]).arg(&secret).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(
+        (v["valid"].as_bool(), v["resource"].as_str(), v["mode"].as_str()),
+        (Some(true), Some("/jobs/nightly"), Some("EX"))
+    );
+    // While another process holds it, --nowait reports the conflict with the chosen exit code.
+    let mut holder =
+        Command::new(EXE).args(["lock", "/jobs/nightly", "--cluster", &cluster, "--", "sleep", "30"]).spawn().unwrap();
+    until_table(&c, 1, "/jobs/", "the holder", |t| count(t, true) == 1).await;
+    let busy = Command::new(EXE)
+        .args(["lock", "/jobs/nightly", "--nowait", "--cluster", &cluster, "--conflict-exit-code", "7", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(7));
+    let said = String::from_utf8_lossy(&busy.stderr);
+    assert!(said.contains("not available") && said.contains("holds EX all"), "{said}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
