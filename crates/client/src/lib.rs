@@ -105,6 +105,41 @@ pub struct Session {
     calls: mpsc::Sender<Call>,
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
+    cache: std::sync::Arc<std::sync::Mutex<Cache>>,
+}
+
+/// Locks this session keeps cached, by number. A `lock` that one of them covers is granted here,
+/// with no message to the cluster; `unlock` puts it back. A revoke releases an idle one at once
+/// and an in-use one at its `unlock`.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Every grant this session holds, with its resource (what `cache` needs to know).
+    held: HashMap<u64, (String, Grant)>,
+    cached: HashMap<u64, Cached>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    resource: String,
+    grant: Grant,
+    in_use: bool,
+    revoked: bool,
+}
+
+impl Cache {
+    /// A cached lock covering the request, taken into use.
+    fn take(&mut self, resource: &str, range: &Range<u64>, mode: Mode) -> Option<Grant> {
+        let c = self.cached.values_mut().find(|c| {
+            !c.in_use
+                && !c.revoked
+                && c.resource == resource
+                && c.grant.range.start <= range.start
+                && range.end <= c.grant.range.end
+                && mode.at_most(c.grant.mode)
+        })?;
+        c.in_use = true;
+        Some(c.grant.clone())
+    }
 }
 
 /// Lock numbers in use; a freed number is reused, so numbers stay small.
@@ -137,7 +172,10 @@ impl Session {
         let (calls_tx, calls_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let numbers = std::sync::Arc::new(std::sync::Mutex::new(Numbers::default()));
+        let cache = std::sync::Arc::new(std::sync::Mutex::new(Cache::default()));
         let actor = Actor {
+            cache: cache.clone(),
+            calls: calls_tx.downgrade(),
             servers: servers.to_vec(),
             session: opened.session,
             lease_ms: opened.lease_ms,
@@ -149,7 +187,7 @@ impl Session {
             numbers: numbers.clone(),
         };
         tokio::spawn(actor.run(conn, calls_rx));
-        Ok(Session { id: opened.session, lease_ms: opened.lease_ms, calls: calls_tx, events, numbers })
+        Ok(Session { id: opened.session, lease_ms: opened.lease_ms, calls: calls_tx, events, numbers, cache })
     }
 
     pub fn id(&self) -> u64 {
@@ -177,6 +215,9 @@ impl Session {
         mode: Mode,
         options: LockOptions,
     ) -> Result<Grant, ClientError> {
+        if let Some(g) = self.cache.lock().expect("cache").take(resource, &range, mode) {
+            return Ok(g);
+        }
         let n = self.numbers.lock().expect("numbers").take();
         let (tx, rx) = oneshot::channel();
         let body = Up::Lock(pb::LockRequest {
@@ -206,8 +247,13 @@ impl Session {
                 }
             },
         };
-        if result.is_err() {
-            self.numbers.lock().expect("numbers").used.remove(&n);
+        match &result {
+            Ok(g) => {
+                self.cache.lock().expect("cache").held.insert(g.lock, (resource.to_string(), g.clone()));
+            }
+            Err(_) => {
+                self.numbers.lock().expect("numbers").used.remove(&n);
+            }
         }
         result
     }
@@ -224,8 +270,20 @@ impl Session {
         rx.await.unwrap_or(Err(ClientError::Closed))
     }
 
-    /// Releases a held lock.
+    /// Releases a held lock. A cached lock goes back to the cache instead, unless it was revoked
+    /// meanwhile.
     pub async fn unlock(&self, lock: u64) -> Result<(), ClientError> {
+        {
+            let mut cache = self.cache.lock().expect("cache");
+            if let Some(c) = cache.cached.get_mut(&lock) {
+                if !c.revoked {
+                    c.in_use = false;
+                    return Ok(());
+                }
+                cache.cached.remove(&lock);
+            }
+            cache.held.remove(&lock);
+        }
         let (tx, rx) = oneshot::channel();
         self.call(Up::Release(pb::LockRef { lock }), None, Want::Done(tx)).await?;
         let r = rx.await.unwrap_or(Err(ClientError::Closed));
@@ -235,11 +293,17 @@ impl Session {
         r
     }
 
-    /// Keeps a lock cached (held but unused): a conflicting request will revoke it.
+    /// Keeps a held lock cached instead of releasing it: later `lock` calls it covers are
+    /// granted locally, with no round trip, until a conflicting request elsewhere revokes it.
     pub async fn cache(&self, lock: u64) -> Result<(), ClientError> {
         let (tx, rx) = oneshot::channel();
         self.call(Up::Cache(pb::LockRef { lock }), None, Want::Done(tx)).await?;
-        rx.await.unwrap_or(Err(ClientError::Closed))
+        rx.await.unwrap_or(Err(ClientError::Closed))?;
+        let mut cache = self.cache.lock().expect("cache");
+        if let Some((resource, grant)) = cache.held.get(&lock).cloned() {
+            cache.cached.insert(lock, Cached { resource, grant, in_use: false, revoked: false });
+        }
+        Ok(())
     }
 
     /// Releases every lock and ends the session.
@@ -307,6 +371,9 @@ struct Actor {
     waiting_locks: HashMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
+    cache: std::sync::Arc<std::sync::Mutex<Cache>>,
+    /// To release a revoked idle lock through the same path as any call.
+    calls: mpsc::WeakSender<Call>,
 }
 
 fn grant_of(g: &pb::Granted) -> Grant {
@@ -453,6 +520,28 @@ impl Actor {
                 self.resolve_lock(l.lock, Err(ClientError::Cancelled));
             }
             Down::Revoke(l) => {
+                let idle = {
+                    let mut cache = self.cache.lock().expect("cache");
+                    match cache.cached.get_mut(&l.lock) {
+                        Some(c) if !c.in_use => {
+                            cache.cached.remove(&l.lock);
+                            cache.held.remove(&l.lock);
+                            true
+                        }
+                        Some(c) => {
+                            c.revoked = true;
+                            false
+                        }
+                        None => false,
+                    }
+                };
+                if idle && let Some(calls) = self.calls.upgrade() {
+                    // Give the idle cached lock back; its number is freed once released.
+                    let release =
+                        Call { body: Up::Release(pb::LockRef { lock: l.lock }), lock: None, want: Want::Nothing };
+                    let _ = calls.try_send(release);
+                    self.numbers.lock().expect("numbers").used.remove(&l.lock);
+                }
                 let _ = self.events.send(Event::Revoke { lock: l.lock });
             }
             Down::Rejected(r) => {

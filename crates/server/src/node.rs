@@ -96,6 +96,9 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(5_000),
             max_in_snapshot_log_to_keep: 1_000,
             purge_batch_size: 256,
+            // Send entries to followers as soon as the leader's append returns, before its own
+            // flush: the two flushes overlap (see store.rs).
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()

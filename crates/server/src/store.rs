@@ -1,8 +1,10 @@
 //! The Raft log, vote, commit point and snapshots, persisted in one redb database per server.
 //!
-//! Every write commits with redb's default `Durability::Immediate`: when `append` reports the
-//! entries flushed, they are on disk. openraft batches entries that arrive together into one
-//! `append`, so many requests share one commit (group commit).
+//! `append` commits the entries without waiting for the disk, so they are readable and the leader
+//! can send them to followers at once; one flusher thread then makes them durable and only then
+//! tells openraft they are flushed. Appends that arrive while a flush runs share the next one
+//! (group commit), and a leader's flush overlaps its followers' instead of preceding them. The
+//! vote, truncation and purge commit durably before they return.
 
 use std::fmt::Debug;
 use std::io;
@@ -14,7 +16,7 @@ use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, VoteOf};
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -35,6 +37,7 @@ const FORMAT_VERSION: u64 = 1;
 #[derive(Clone)]
 pub struct Store {
     db: Arc<redb::Database>,
+    flushes: std::sync::mpsc::Sender<IOFlushed<C>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -45,8 +48,11 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     pub fn open(path: &Path) -> io::Result<Store> {
-        let db = redb::Database::create(path).map_err(io_error)?;
-        let store = Store { db: Arc::new(db) };
+        let db = Arc::new(redb::Database::create(path).map_err(io_error)?);
+        let (flushes, pending) = std::sync::mpsc::channel();
+        let flusher_db = db.clone();
+        std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher(&flusher_db, &pending))?;
+        let store = Store { db, flushes };
         let tx = store.db.begin_write().map_err(io_error)?;
         tx.open_table(LOG).map_err(io_error)?;
         tx.open_table(META).map_err(io_error)?;
@@ -74,8 +80,13 @@ impl Store {
     }
 
     fn put<T: Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
+        self.put_with(key, value, Durability::Immediate)
+    }
+
+    fn put_with<T: Serialize>(&self, key: &str, value: &T, durability: Durability) -> io::Result<()> {
         let bytes = serde_json::to_vec(value).map_err(io_error)?;
-        let tx = self.db.begin_write().map_err(io_error)?;
+        let mut tx = self.db.begin_write().map_err(io_error)?;
+        tx.set_durability(durability).map_err(io_error)?;
         tx.open_table(META).map_err(io_error)?.insert(key, bytes.as_slice()).map_err(io_error)?;
         tx.commit().map_err(io_error)
     }
@@ -94,6 +105,28 @@ impl Store {
     pub fn log_len(&self) -> io::Result<u64> {
         let tx = self.db.begin_read().map_err(io_error)?;
         tx.open_table(LOG).map_err(io_error)?.len().map_err(io_error)
+    }
+}
+
+/// Makes appended entries durable, oldest first, many appends per flush, and reports each.
+fn flusher(db: &redb::Database, pending: &std::sync::mpsc::Receiver<IOFlushed<C>>) {
+    let flush = || -> io::Result<()> {
+        // A durable commit persists every non-durable commit before it.
+        let tx = db.begin_write().map_err(io_error)?;
+        tx.open_table(META).map_err(io_error)?.insert("flush", [1u8].as_slice()).map_err(io_error)?;
+        tx.commit().map_err(io_error)
+    };
+    while let Ok(first) = pending.recv() {
+        let mut batch = vec![first];
+        batch.extend(pending.try_iter());
+        match flush() {
+            Ok(()) => batch.into_iter().for_each(|cb| cb.io_completed(Ok(()))),
+            Err(e) => {
+                for cb in batch {
+                    cb.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
     }
 }
 
@@ -139,8 +172,11 @@ impl RaftLogStorage<C> for Store {
         self.put(VOTE, vote)
     }
 
+    /// Not flushed on its own: it rides on the next log append's flush. The commit point only
+    /// saves replaying entries after a restart (openraft learns it again from the leader), and an
+    /// fsync here would sit between every commit and its apply.
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        self.put(COMMITTED, &committed)
+        self.put_with(COMMITTED, &committed, Durability::None)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
@@ -152,7 +188,8 @@ impl RaftLogStorage<C> for Store {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let tx = self.db.begin_write().map_err(io_error)?;
+        let mut tx = self.db.begin_write().map_err(io_error)?;
+        tx.set_durability(Durability::None).map_err(io_error)?;
         {
             let mut table = tx.open_table(LOG).map_err(io_error)?;
             for entry in entries {
@@ -161,8 +198,7 @@ impl RaftLogStorage<C> for Store {
             }
         }
         tx.commit().map_err(io_error)?;
-        callback.io_completed(Ok(()));
-        Ok(())
+        self.flushes.send(callback).map_err(|_| io::Error::other("the log flusher has stopped"))
     }
 
     async fn truncate_after(&mut self, last: Option<LogIdOf<C>>) -> Result<(), io::Error> {

@@ -147,3 +147,132 @@ pub fn engine(budget: Duration, json: bool) {
         println!("{:<50} {ratio:>14.2}", "10-range rate / 10,000-range rate (goal <= 2)");
     }
 }
+
+/// One measured case against a running cluster.
+struct LockCase {
+    clients: usize,
+    contended: bool,
+    cycles: u64,
+    seconds: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `clients` sessions, each doing lock+unlock cycles for `duration`, on one resource
+/// (`contended`) or one each. Sessions are spread over the servers in turn.
+async fn lock_case(addrs: &[String], clients: usize, contended: bool, duration: Duration) -> anyhow::Result<LockCase> {
+    let mut sessions = Vec::new();
+    for i in 0..clients {
+        let mut order = addrs.to_vec();
+        order.rotate_left(i % addrs.len());
+        sessions.push(client::Session::open(&order, 10_000).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, s) in sessions.iter().cloned().enumerate() {
+        let resource = if contended { "/bench/contended".to_string() } else { format!("/bench/own/{i}") };
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while start.elapsed() < duration {
+                let t = Instant::now();
+                let g = s.lock(&resource, 0..u64::MAX, client::Mode::EX, client::LockOptions::default()).await?;
+                s.unlock(g.lock).await?;
+                latencies.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, client::ClientError>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    for s in sessions {
+        s.close().await;
+    }
+    all.sort_unstable();
+    Ok(LockCase {
+        clients,
+        contended,
+        cycles: all.len() as u64,
+        seconds,
+        p50_us: percentile(&all, 0.5),
+        p99_us: percentile(&all, 0.99),
+    })
+}
+
+/// Re-grants of a cached lock, served by the client library with no round trip.
+async fn cached_case(addrs: &[String], duration: Duration) -> anyhow::Result<f64> {
+    let s = client::Session::open(addrs, 10_000).await?;
+    let g = s.lock("/bench/cached", 0..u64::MAX, client::Mode::PR, client::LockOptions::default()).await?;
+    s.cache(g.lock).await?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < duration {
+        for _ in 0..1_000 {
+            let again = s.lock("/bench/cached", 0..4096, client::Mode::PR, client::LockOptions::default()).await?;
+            s.unlock(again.lock).await?;
+        }
+        n += 1_000;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    s.close().await;
+    Ok(rate)
+}
+
+/// `stripelock bench lock`: lock+unlock cycles against a running cluster.
+pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (cases, cached) = rt.block_on(async {
+        let mut cases = Vec::new();
+        for &n in clients {
+            for contended in [false, true] {
+                if !json {
+                    eprintln!(
+                        "measuring {n} client(s), {}...",
+                        if contended { "one resource" } else { "own resources" }
+                    );
+                }
+                cases.push(lock_case(&addrs, n, contended, duration).await?);
+            }
+        }
+        let cached = cached_case(&addrs, duration).await?;
+        Ok::<_, anyhow::Error>((cases, cached))
+    })?;
+    if json {
+        let list: Vec<_> = cases
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "clients": c.clients, "contended": c.contended, "cycles_per_s": (c.cycles as f64 / c.seconds).round(),
+                    "p50_us": c.p50_us, "p99_us": c.p99_us, "cycles": c.cycles,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"cases": list, "cached_regrant_per_s": cached.round(), "seconds_per_case": duration.as_secs_f64()})
+        );
+    } else {
+        println!("{:<8} {:<14} {:>12} {:>10} {:>10}", "clients", "resources", "cycles/s", "p50", "p99");
+        for c in &cases {
+            println!(
+                "{:<8} {:<14} {:>12.0} {:>8}µs {:>8}µs",
+                c.clients,
+                if c.contended { "one (shared)" } else { "one each" },
+                c.cycles as f64 / c.seconds,
+                c.p50_us,
+                c.p99_us
+            );
+        }
+        println!("cached re-grant (no round trip): {cached:.0}/s");
+    }
+    Ok(())
+}

@@ -247,6 +247,12 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
             Ok(g) => g,
             Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock)) => {
                 eprintln!("stripelock: {} {} on {} is not available: {e}", mode, args.range, args.path);
+                if matches!(e, ClientError::TimedOut | ClientError::Deadlock) {
+                    // Say who is in the way now, as --nowait does.
+                    for line in holders(&addrs, &args.path, session.id()).await {
+                        eprintln!("  {line}");
+                    }
+                }
                 session.close().await;
                 return Ok(ExitCode::from(args.conflict_exit_code));
             }
@@ -269,6 +275,33 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
             None => ExitCode::from(128),
         })
     })
+}
+
+/// Who holds or waits for `path`, other than `me`, one line each.
+async fn holders(addrs: &[String], path: &str, me: u64) -> Vec<String> {
+    let Ok(mut c) = any_server(addrs).await else { return Vec::new() };
+    let Ok(table) = c.table(pb::TableRequest { prefix: path.to_string() }).await else { return Vec::new() };
+    table
+        .into_inner()
+        .resources
+        .iter()
+        .filter(|r| r.name == path)
+        .flat_map(|r| &r.locks)
+        .filter(|l| l.session != me)
+        .map(|l| {
+            if l.granted {
+                format!(
+                    "session {} holds {} {} (token {})",
+                    l.session,
+                    mode_name(l.mode),
+                    range_text(&l.range),
+                    l.token
+                )
+            } else {
+                format!("session {} waits for {} {}", l.session, mode_name(l.wait_mode), range_text(&l.wait_range))
+            }
+        })
+        .collect()
 }
 
 async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {

@@ -153,6 +153,19 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Lock+unlock cycles per second and latency against a running cluster.
+    Lock {
+        /// Client counts to measure, comma-separated.
+        #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+        clients: Vec<usize>,
+        /// Time for each case.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lock engine throughput, single-threaded, in memory.
     Engine {
         /// Seconds to spend on each case.
@@ -190,6 +203,21 @@ fn main() -> ExitCode {
         }
         Command::Token { command: TokenCommand::Verify { token, secret_file, json } } => {
             tokens::verify(&token, &secret_file, json)
+        }
+        Command::Bench { command: BenchCommand::Lock { clients, duration, cluster, json } } => {
+            if clients.is_empty() || clients.iter().any(|c| *c == 0 || *c > 1024) {
+                eprintln!("error: --clients takes counts from 1 to 1024");
+                return ExitCode::from(2);
+            }
+            if duration.is_zero() || duration > std::time::Duration::from_secs(600) {
+                eprintln!("error: --duration must be above 0 and at most 10m");
+                return ExitCode::from(2);
+            }
+            report(
+                cluster::cluster_addrs(cluster.as_deref())
+                    .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
+                    .map(|()| ExitCode::SUCCESS),
+            )
         }
         Command::Bench { command: BenchCommand::Engine { seconds, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {

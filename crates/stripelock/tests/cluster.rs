@@ -381,3 +381,40 @@ async fn lock_command_gives_a_token_that_verifies_body() {
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
+
+#[test]
+fn cached_lock_is_reused_locally_and_given_up_on_revoke() {
+    serial(cached_lock_is_reused_locally_and_given_up_on_revoke_body());
+}
+
+async fn cached_lock_is_reused_locally_and_given_up_on_revoke_body() {
+    let c = Cluster::start(3, "cache").await;
+    let a = Session::open(&c.addrs_from(1), 5_000).await.unwrap();
+    let b = Session::open(&c.addrs_from(2), 5_000).await.unwrap();
+    let whole = a.lock("/c", 0..u64::MAX, Mode::PR, LockOptions::default()).await.unwrap();
+    a.cache(whole.lock).await.unwrap();
+    let t =
+        until_table(&c, 1, "/c", "the cached lock", |t| t.resources.iter().flat_map(|r| &r.locks).any(|l| l.cached))
+            .await;
+    let applied_before = c.status(1).await.unwrap().applied_index;
+    // A covered read is granted from the cache: same lock, same token, and nothing proposed.
+    for _ in 0..100 {
+        let again = a.lock("/c", 10..20, Mode::PR, LockOptions::default()).await.unwrap();
+        assert_eq!((again.lock, again.token), (whole.lock, whole.token));
+        a.unlock(again.lock).await.unwrap();
+    }
+    let applied_after = c.status(1).await.unwrap().applied_index;
+    assert!(
+        applied_after - applied_before < 10,
+        "local re-grants went to the log: {applied_before} -> {applied_after} ({t:?})"
+    );
+    // A writer elsewhere revokes it; the idle cached lock is given back and the writer gets in.
+    let w = b
+        .lock("/c", 0..100, Mode::EX, LockOptions { nowait: false, timeout: Some(Duration::from_secs(5)) })
+        .await
+        .unwrap();
+    assert!(w.token > whole.token);
+    b.unlock(w.lock).await.unwrap();
+    a.close().await;
+    b.close().await;
+}
