@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Measures, in one run on loopback with the same client counts: stripelock (3 durable servers,
+# `stripelock bench lock`, one resource per client), etcd's lock API (Lock + Unlock, one member,
+# on disk) and Redis in memory (SET NX PX + DEL); prints one table with ratios.
+# Installs Debian's etcd-server and redis-server if they are missing. Every process it starts is
+# stopped by its PID on exit. Env: CLIENTS (default "1 16 64"), SECS per case (default 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+CLIENTS="${CLIENTS:-1 16 64}"
+SECS="${SECS:-3}"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+install_if_missing() {
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "installing $2 ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+install_if_missing etcd etcd-server
+install_if_missing redis-server redis-server
+# Only the etcd client crate needs protoc; stripelock itself compiles its proto without it.
+install_if_missing protoc protobuf-compiler
+
+echo "building ..." >&2
+cargo build --release -q
+cargo build --release -q --manifest-path bench/compare/Cargo.toml
+compare="$root/bench/compare/target/release/compare"
+stripelock="$root/target/release/stripelock"
+
+etcd --name bench --data-dir "$work/etcd" \
+  --listen-client-urls http://127.0.0.1:23791 --advertise-client-urls http://127.0.0.1:23791 \
+  --listen-peer-urls http://127.0.0.1:23801 --initial-advertise-peer-urls http://127.0.0.1:23801 \
+  --initial-cluster bench=http://127.0.0.1:23801 >"$work/etcd.log" 2>&1 &
+pids+=($!)
+redis-server --port 63791 --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
+pids+=($!)
+(cd "$work" && exec "$stripelock" up --data "$work/stripelock") >"$work/up.log" 2>&1 &
+pids+=($!)
+
+for _ in $(seq 100); do
+  if "$stripelock" status --cluster "$(cat "$work/stripelock/cluster" 2>/dev/null || echo 127.0.0.1:1)" >/dev/null 2>&1 \
+    && (exec 3<>/dev/tcp/127.0.0.1/23791) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/63791) 2>/dev/null; then
+    break
+  fi
+  sleep 0.2
+done
+cluster=$(cat "$work/stripelock/cluster")
+sleep 1
+
+results="$work/results.jsonl"
+for n in $CLIENTS; do
+  echo "measuring $n client(s) ..." >&2
+  "$compare" etcd 127.0.0.1:23791 "$n" "$SECS" >>"$results"
+  "$compare" redis 127.0.0.1:63791 "$n" "$SECS" >>"$results"
+done
+clients_csv=$(echo "$CLIENTS" | tr ' ' ',')
+"$stripelock" bench lock --cluster "$cluster" --clients "$clients_csv" --duration "${SECS}s" --json >"$work/stripelock.json"
+
+python3 - "$results" "$work/stripelock.json" <<'PY'
+import json, sys
+peers = [json.loads(l) for l in open(sys.argv[1])]
+ours = json.load(open(sys.argv[2]))
+print(f"{'clients':>7}  {'stripelock':>12} {'p50':>8} {'p99':>8}  {'etcd':>8} {'p50':>8}  {'redis':>8} {'p50':>8}  {'vs etcd':>8} {'vs redis':>8}")
+for c in sorted({p['clients'] for p in peers}):
+    s = next(x for x in ours['cases'] if x['clients'] == c and not x['contended'])
+    e = next(p for p in peers if p['system'] == 'etcd' and p['clients'] == c)
+    r = next(p for p in peers if p['system'] == 'redis' and p['clients'] == c)
+    print(f"{c:>7}  {s['cycles_per_s']:>12.0f} {s['p50_us']:>6}us {s['p99_us']:>6}us  {e['cycles_per_s']:>8.0f} {e['p50_us']:>6}us  "
+          f"{r['cycles_per_s']:>8.0f} {r['p50_us']:>6}us  {s['cycles_per_s']/e['cycles_per_s']:>7.2f}x {s['cycles_per_s']/r['cycles_per_s']:>7.2f}x")
+print(f"stripelock cached re-grant (no round trip): {ours['cached_regrant_per_s']:.0f}/s")
+print("stripelock: 3 servers, durable (fsync), one resource per client; etcd: 1 member on disk; redis: in memory")
+PY

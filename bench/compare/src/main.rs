@@ -1,0 +1,93 @@
+//! `compare etcd|redis ADDR CLIENTS SECONDS`: lock+unlock cycles per second, p50 and p99, with
+//! one connection per client and one key per client (so nothing contends), as JSON on one line.
+//! etcd: its v3lock service, Lock(name, lease) then Unlock(key) (2 Raft writes a cycle).
+//! Redis: SET key value NX PX 30000 then DEL.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+fn report(kind: &str, clients: usize, mut lat: Vec<u64>, secs: f64) {
+    lat.sort_unstable();
+    let pct = |p: f64| if lat.is_empty() { 0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
+    println!(
+        "{{\"system\":\"{kind}\",\"clients\":{clients},\"cycles_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{}}}",
+        lat.len() as f64 / secs,
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
+async fn etcd(addr: &str, clients: usize, secs: u64) -> Result<()> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut c = etcd_client::Client::connect([addr], None).await?;
+            let lease = c.lease_grant(60, None).await?.id();
+            let name = format!("/bench/etcd/{i}");
+            let mut lat = Vec::new();
+            while start.elapsed() < Duration::from_secs(secs) {
+                let t = Instant::now();
+                let opts = etcd_client::LockOptions::new().with_lease(lease);
+                let key = c.lock(name.as_str(), Some(opts)).await?.key().to_vec();
+                c.unlock(key).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    report("etcd", clients, all, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn redis(addr: &str, clients: usize, secs: u64) -> Result<()> {
+    let client = redis::Client::open(format!("redis://{addr}/"))?;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await?;
+            let key = format!("bench:redis:{i}");
+            let mut lat = Vec::new();
+            while start.elapsed() < Duration::from_secs(secs) {
+                let t = Instant::now();
+                let ok: Option<String> =
+                    redis::cmd("SET").arg(&key).arg("owner").arg("NX").arg("PX").arg(30_000).query_async(&mut c).await?;
+                if ok.is_none() {
+                    bail!("{key} was held");
+                }
+                let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    report("redis", clients, all, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, kind, addr, clients, secs] = args.as_slice() else {
+        bail!("usage: compare etcd|redis HOST:PORT CLIENTS SECONDS");
+    };
+    let clients: usize = clients.parse().context("CLIENTS")?;
+    let secs: u64 = secs.parse().context("SECONDS")?;
+    match kind.as_str() {
+        "etcd" => etcd(addr, clients, secs).await,
+        "redis" => redis(addr, clients, secs).await,
+        other => bail!("unknown system {other}"),
+    }
+}
