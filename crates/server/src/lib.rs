@@ -44,9 +44,11 @@ pub async fn run(config: ServerConfig, mut stop: tokio::sync::watch::Receiver<bo
     }
     let _ = stop.wait_for(|s| *s).await;
     let _ = node.raft.shutdown().await;
-    match serve.await {
-        Ok(Ok(())) => Ok(()),
+    // Open session streams never end on their own: give them a moment, then stop serving.
+    // Their clients reconnect to another server and resume.
+    match tokio::time::timeout(std::time::Duration::from_secs(1), serve).await {
+        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+        Ok(Ok(Err(e))) => Err(std::io::Error::other(e)),
         Ok(Err(e)) => Err(std::io::Error::other(e)),
-        Err(e) => Err(std::io::Error::other(e)),
     }
 }
