@@ -151,6 +151,8 @@ pub struct Engine {
     pub(crate) dirty: Vec<ResIdx>,
     /// Scratch for `settle`, kept to avoid allocating on every step.
     touched: Vec<ResIdx>,
+    /// Negative control only: drop an expired session's locks without waiting for the fence.
+    skip_fence_wait: bool,
 }
 
 impl Default for Engine {
@@ -176,6 +178,7 @@ impl Engine {
             posix_waits: BTreeMap::new(),
             dirty: Vec::new(),
             touched: Vec::new(),
+            skip_fence_wait: false,
         }
     }
 
@@ -344,7 +347,18 @@ impl Engine {
             out.push(Output::Expired { session });
             out.push(Output::Fence { session });
             self.cancel_waits_of(session, out);
+            if self.skip_fence_wait {
+                self.drop_session(session, true, out);
+            }
         }
+    }
+
+    /// Breaks fence-before-grant on purpose: an expired session's locks are dropped at once,
+    /// before storage has fenced it. Only for the simulation's negative control, which must
+    /// see its checker fail; never call it elsewhere.
+    #[doc(hidden)]
+    pub fn break_fencing_for_negative_control(&mut self) {
+        self.skip_fence_wait = true;
     }
 
     fn cancel_waits_of(&mut self, session: SessionId, out: &mut Vec<Output>) {
