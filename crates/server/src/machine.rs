@@ -310,3 +310,68 @@ pub fn output_session(output: &Output) -> Option<SessionId> {
         Output::Rejected { .. } => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lockengine::{ByteRange, LockId, Mode};
+
+    use super::*;
+
+    fn lock_cmd(session: SessionId, request: u64, lock: u64, now_ms: u64) -> Command {
+        lock_on(session, request, lock, now_ms, "/f")
+    }
+
+    fn lock_on(session: SessionId, request: u64, lock: u64, now_ms: u64, resource: &str) -> Command {
+        Command {
+            now_ms,
+            origin: Some(Origin { session, request }),
+            op: Op::Engine(Input::Lock {
+                lock: LockId((session.0 << crate::types::CLIENT_LOCK_BITS) | lock),
+                session,
+                resource: resource.into(),
+                range: ByteRange::ALL,
+                mode: Mode::EX,
+                nowait: false,
+            }),
+        }
+    }
+
+    /// A request retried after a lost answer (same session and request number) is answered with
+    /// the first reply and changes nothing; an older one is refused as a duplicate too.
+    #[test]
+    fn retried_requests_are_not_applied_twice() {
+        let mut state = State::new(Limits::default());
+        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 1);
+        let session = open.session.expect("a session");
+        let first = state.apply(lock_cmd(session, 1, 1, 5), 2);
+        assert!(matches!(first.outputs.as_slice(), [Output::Granted { .. }]), "{first:?}");
+        let tokens_before = state.engine.stats().last_token;
+        let retry = state.apply(lock_cmd(session, 1, 1, 6), 3);
+        assert!(retry.duplicate);
+        assert_eq!(retry.outputs, first.outputs);
+        assert_eq!(state.engine.stats().last_token, tokens_before, "the retry was applied again");
+        let second = state.apply(lock_on(session, 2, 2, 7, "/g"), 4);
+        assert!(matches!(second.outputs.as_slice(), [Output::Granted { .. }]), "{second:?}");
+        let stale = state.apply(lock_on(session, 1, 3, 8, "/h"), 5);
+        assert!(stale.duplicate && stale.outputs.is_empty());
+        assert_eq!(state.engine.stats().locks_granted, 2, "an old request number was applied");
+    }
+
+    /// The state survives a snapshot: sessions, tokens, the secret and the answered requests.
+    #[test]
+    fn snapshot_round_trip() {
+        let mut state = State::new(Limits::default());
+        state.apply(Command { now_ms: 0, origin: None, op: Op::Bootstrap { secret: [7; 32] } }, 1);
+        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 2);
+        let session = open.session.expect("a session");
+        let first = state.apply(lock_cmd(session, 1, 1, 5), 3);
+        let bytes = state.to_bytes().unwrap();
+        let mut copy = State::new(Limits::default());
+        copy.restore(&bytes).unwrap();
+        assert_eq!(copy.secret, Some([7; 32]));
+        assert_eq!(copy.next_session, state.next_session);
+        assert_eq!(copy.engine.snapshot(), state.engine.snapshot());
+        let retry = copy.apply(lock_cmd(session, 1, 1, 6), 4);
+        assert!(retry.duplicate && retry.outputs == first.outputs);
+    }
+}

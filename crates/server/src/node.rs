@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub heartbeat_ms: u64,
     /// How often the leader stamps time into the log (so leases expire without traffic).
     pub tick_ms: u64,
+    /// Take a snapshot every this many entries; the log before it is then purged.
+    pub snapshot_every: u64,
     pub limits: Limits,
 }
 
@@ -93,9 +95,10 @@ impl Node {
             election_timeout_min: config.heartbeat_ms * 3,
             election_timeout_max: config.heartbeat_ms * 6,
             install_snapshot_timeout: 5_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(5_000),
-            max_in_snapshot_log_to_keep: 1_000,
-            purge_batch_size: 256,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.snapshot_every.min(1_000),
+            purge_batch_size: config.snapshot_every.min(256),
+            replication_lag_threshold: config.snapshot_every.max(1_000),
             // Send entries to followers as soon as the leader's append returns, before its own
             // flush: the two flushes overlap (see store.rs).
             broadcast_submitted_on_append: Some(true),

@@ -408,6 +408,8 @@ impl pb::locks_server::Locks for LockService {
             locks_granted: stats.locks_granted,
             requests_waiting: stats.requests_waiting,
             last_token: stats.last_token,
+            log_entries: self.node.machine.store().log_len().unwrap_or(0),
+            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
         }))
     }
 

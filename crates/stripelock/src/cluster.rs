@@ -71,6 +71,7 @@ pub struct ServerArgs {
     pub bootstrap: bool,
     pub heartbeat_ms: u64,
     pub tick_ms: u64,
+    pub snapshot_every: u64,
 }
 
 /// Stops on SIGINT or SIGTERM.
@@ -104,6 +105,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         bootstrap: args.bootstrap,
         heartbeat_ms: args.heartbeat_ms,
         tick_ms: args.tick_ms,
+        snapshot_every: args.snapshot_every,
         limits: Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -463,6 +465,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "commit_index": s.commit_index, "applied_index": s.applied_index, "sessions": s.sessions,
                     "sessions_fencing": s.sessions_fencing, "resources": s.resources, "locks_granted": s.locks_granted,
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
+                    "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
                 }),
                 Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
             })

@@ -52,6 +52,9 @@ enum Command {
         /// How often the leader writes time into the log, so leases expire without traffic.
         #[arg(long, default_value_t = 200)]
         tick_ms: u64,
+        /// Snapshot the state every N log entries and purge the log behind it.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
+        snapshot_every: u64,
     },
     /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
     Lock {
@@ -180,8 +183,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
-        Command::Server { id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms } => {
-            report(cluster::server(cluster::ServerArgs { id, listen, data, peers, bootstrap, heartbeat_ms, tick_ms }))
+        Command::Server { id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms, snapshot_every } => {
+            report(cluster::server(cluster::ServerArgs {
+                id,
+                listen,
+                data,
+                peers,
+                bootstrap,
+                heartbeat_ms,
+                tick_ms,
+                snapshot_every,
+            }))
         }
         Command::Lock { path, range, mode, nowait, timeout, conflict_exit_code, lease, cluster, command } => {
             report(cluster::lock(cluster::LockArgs {

@@ -31,6 +31,8 @@ struct Cluster {
     dir: PathBuf,
     peers: String,
     servers: Vec<Server>,
+    /// More `stripelock server` arguments for every server.
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -39,6 +41,10 @@ fn free_port() -> u16 {
 
 impl Cluster {
     async fn start(n: u64, name: &str) -> Cluster {
+        Cluster::start_with(n, name, &[]).await
+    }
+
+    async fn start_with(n: u64, name: &str, extra: &[&str]) -> Cluster {
         let dir = std::env::temp_dir().join(format!("stripelock-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -51,7 +57,8 @@ impl Cluster {
             })
             .collect();
         let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
-        let mut cluster = Cluster { dir, peers, servers };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut cluster = Cluster { dir, peers, servers, extra };
         for id in 1..=n {
             cluster.spawn(id, id == 1);
         }
@@ -61,7 +68,7 @@ impl Cluster {
 
     fn spawn(&mut self, id: u64, bootstrap: bool) {
         let peers = self.peers.clone();
-        let s = &mut self.servers[id as usize - 1];
+        let s = &self.servers[id as usize - 1];
         std::fs::create_dir_all(&s.data).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(s.data.join("server.log")).unwrap();
         let mut cmd = Command::new(EXE);
@@ -78,12 +85,13 @@ impl Cluster {
             "--data",
         ])
         .arg(&s.data)
+        .args(&self.extra)
         .stdout(log.try_clone().unwrap())
         .stderr(log);
         if bootstrap {
             cmd.arg("--bootstrap");
         }
-        s.child = Some(cmd.spawn().unwrap());
+        self.servers[id as usize - 1].child = Some(cmd.spawn().unwrap());
     }
 
     fn addrs(&self) -> Vec<String> {
@@ -417,4 +425,35 @@ async fn cached_lock_is_reused_locally_and_given_up_on_revoke_body() {
     b.unlock(w.lock).await.unwrap();
     a.close().await;
     b.close().await;
+}
+
+#[test]
+fn log_stays_bounded_and_a_lagging_server_catches_up_from_a_snapshot() {
+    serial(log_stays_bounded_and_a_lagging_server_catches_up_from_a_snapshot_body());
+}
+
+async fn log_stays_bounded_and_a_lagging_server_catches_up_from_a_snapshot_body() {
+    let mut c = Cluster::start_with(3, "snapshots", &["--snapshot-every", "50"]).await;
+    let leader = c.leader().await;
+    let behind = (1..=3).find(|id| *id != leader).unwrap();
+    c.kill(behind);
+    let s = Session::open(&c.addrs_from(leader), 5_000).await.unwrap();
+    for i in 0..300 {
+        let g = s.lock(&format!("/s/{}", i % 7), 0..10, Mode::EX, LockOptions::default()).await.unwrap();
+        s.unlock(g.lock).await.unwrap();
+    }
+    let held = s.lock("/s/kept", 0..10, Mode::PW, LockOptions::default()).await.unwrap();
+    let st = c.status(leader).await.unwrap();
+    assert!(st.snapshot_index > 0, "no snapshot after {} entries", st.applied_index);
+    assert!(
+        st.log_entries < 250,
+        "{} log entries kept after {} applied: the log is not purged",
+        st.log_entries,
+        st.applied_index
+    );
+    // The server that was down missed purged entries: it must take a snapshot and catch up.
+    c.spawn(behind, false);
+    let t = until_table(&c, behind, "/s/kept", "the lagging server to catch up", |t| count(t, true) == 1).await;
+    assert_eq!(t.resources[0].locks[0].token, held.token);
+    s.close().await;
 }
