@@ -180,11 +180,17 @@ impl RangeIndex {
             parent = t;
             let node = &mut self.nodes[t as usize];
             left = key < (node.start, node.id);
+            // Store only when the maximum grows: usually it does not, and an untouched node
+            // stays clean in the cache.
             if left {
-                node.left_max = node.left_max.max(range.end);
+                if range.end > node.left_max {
+                    node.left_max = range.end;
+                }
                 t = node.left;
             } else {
-                node.right_max = node.right_max.max(range.end);
+                if range.end > node.right_max {
+                    node.right_max = range.end;
+                }
                 t = node.right;
             }
         }
@@ -256,18 +262,24 @@ impl RangeIndex {
         }
     }
 
-    fn visit(&self, t: u32, range: ByteRange, f: &mut impl FnMut(LockId)) {
-        let node = &self.nodes[t as usize];
-        if node.left != NIL && node.left_max > range.start {
-            self.visit(node.left, range, f);
-        }
-        if node.start < range.end {
+    /// In-order walk of the subtree at `t`, pruned by the subtree maxima and by start; going
+    /// right is a loop rather than a call.
+    fn visit(&self, mut t: u32, range: ByteRange, f: &mut impl FnMut(LockId)) {
+        loop {
+            let node = &self.nodes[t as usize];
+            if node.left != NIL && node.left_max > range.start {
+                self.visit(node.left, range, f);
+            }
+            if node.start >= range.end {
+                return;
+            }
             if node.end > range.start {
                 f(node.id);
             }
-            if node.right != NIL && node.right_max > range.start {
-                self.visit(node.right, range, f);
+            if node.right == NIL || node.right_max <= range.start {
+                return;
             }
+            t = node.right;
         }
     }
 
