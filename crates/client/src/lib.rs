@@ -18,14 +18,15 @@
 //! Heartbeats go out every third of the lease.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use std::ops::Range;
 use std::time::Duration;
+pub use wire::Connector;
 
 pub use lockengine::Mode;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
@@ -165,10 +166,15 @@ impl Numbers {
 impl Session {
     /// Opens a session on the first server of `servers` (`host:port`) that answers.
     pub async fn open(servers: &[String], lease_ms: u64) -> Result<Session, ClientError> {
+        Session::open_with(servers, lease_ms, Connector::tcp(Duration::from_secs(1))).await
+    }
+
+    /// Like `open`, reaching the servers through `connector` (the simulation's network).
+    pub async fn open_with(servers: &[String], lease_ms: u64, connector: Connector) -> Result<Session, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no server address given".into()));
         }
-        let (conn, opened) = connect(servers, 0, lease_ms).await?;
+        let (conn, opened) = connect(&connector, servers, 0, lease_ms).await?;
         let (calls_tx, calls_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let numbers = std::sync::Arc::new(std::sync::Mutex::new(Numbers::default()));
@@ -177,12 +183,13 @@ impl Session {
             cache: cache.clone(),
             calls: calls_tx.downgrade(),
             servers: servers.to_vec(),
+            connector,
             session: opened.session,
             lease_ms: opened.lease_ms,
             heartbeat: Duration::from_millis(opened.heartbeat_ms.max(50)),
             next_request: 1,
             unacked: BTreeMap::new(),
-            waiting_locks: HashMap::new(),
+            waiting_locks: BTreeMap::new(),
             events: events.clone(),
             numbers: numbers.clone(),
         };
@@ -318,10 +325,15 @@ impl Session {
 type Conn = (mpsc::Sender<pb::ClientMessage>, tonic::Streaming<pb::ServerMessage>);
 
 /// Opens (or, with `resume`, reattaches) a session on the first server that answers.
-async fn connect(servers: &[String], resume: u64, lease_ms: u64) -> Result<(Conn, pb::SessionOpened), ClientError> {
+async fn connect(
+    connector: &Connector,
+    servers: &[String],
+    resume: u64,
+    lease_ms: u64,
+) -> Result<(Conn, pb::SessionOpened), ClientError> {
     let mut last = String::new();
     for addr in servers {
-        match connect_one(addr, resume, lease_ms).await {
+        match connect_one(connector, addr, resume, lease_ms).await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 // A resumed session that the cluster says is gone is final, not a server fault.
@@ -335,12 +347,13 @@ async fn connect(servers: &[String], resume: u64, lease_ms: u64) -> Result<(Conn
     Err(ClientError::Unreachable(last))
 }
 
-async fn connect_one(addr: &str, resume: u64, lease_ms: u64) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+async fn connect_one(
+    connector: &Connector,
+    addr: &str,
+    resume: u64,
+    lease_ms: u64,
+) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
+    let channel = connector.channel(addr).map_err(tonic::Status::invalid_argument)?;
     let mut client = pb::locks_client::LocksClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let open = pb::ClientMessage {
@@ -361,6 +374,7 @@ async fn connect_one(addr: &str, resume: u64, lease_ms: u64) -> Result<(Conn, pb
 
 struct Actor {
     servers: Vec<String>,
+    connector: Connector,
     session: u64,
     lease_ms: u64,
     heartbeat: Duration,
@@ -368,7 +382,7 @@ struct Actor {
     /// Requests sent but not acknowledged, in order: resent after a reconnect.
     unacked: BTreeMap<u64, (Up, Option<u64>, Want)>,
     /// Lock requests acknowledged (queued) but not yet granted or refused.
-    waiting_locks: HashMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
+    waiting_locks: BTreeMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
     cache: std::sync::Arc<std::sync::Mutex<Cache>>,
@@ -392,11 +406,17 @@ impl Actor {
         let (mut up, mut down) = conn;
         let mut beat = tokio::time::interval(self.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every heartbeat is acknowledged: a server silent for two of them is taken as gone
+        // (a connection can hang without breaking), and the session moves to another server.
+        let silence_limit = self.heartbeat * 2 + Duration::from_millis(100);
+        let mut last_heard = tokio::time::Instant::now();
         loop {
+            let silent = tokio::time::sleep_until(last_heard + silence_limit);
             tokio::select! {
                 biased;
                 msg = down.next() => match msg {
                     Some(Ok(m)) => {
+                        last_heard = tokio::time::Instant::now();
                         if self.handle(m) {
                             return;
                         }
@@ -408,11 +428,26 @@ impl Actor {
                             Some((u, d)) => {
                                 up = u;
                                 down = d;
+                                last_heard = tokio::time::Instant::now();
                             }
                             None => {
                                 self.fail_all(ClientError::Expired);
                                 return;
                             }
+                        }
+                    }
+                },
+                _ = silent => {
+                    self.servers.rotate_left(1);
+                    match self.reconnect().await {
+                        Some((u, d)) => {
+                            up = u;
+                            down = d;
+                            last_heard = tokio::time::Instant::now();
+                        }
+                        None => {
+                            self.fail_all(ClientError::Expired);
+                            return;
                         }
                     }
                 },
@@ -440,7 +475,7 @@ impl Actor {
         // Keep trying for most of a lease: after that the session is gone anyway.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.lease_ms);
         while tokio::time::Instant::now() < deadline {
-            match connect(&self.servers, self.session, self.lease_ms).await {
+            match connect(&self.connector, &self.servers, self.session, self.lease_ms).await {
                 Ok(((up, down), _)) => {
                     for (id, (body, _, _)) in &self.unacked {
                         let _ = up.send(pb::ClientMessage { request_id: *id, body: Some(body.clone()) }).await;
@@ -466,7 +501,7 @@ impl Actor {
                 Want::Nothing => {}
             }
         }
-        for (_, tx) in self.waiting_locks.drain() {
+        for (_, tx) in std::mem::take(&mut self.waiting_locks) {
             let _ = tx.send(Err(e.clone()));
         }
         let _ = self.events.send(Event::Expired);

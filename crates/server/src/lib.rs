@@ -9,22 +9,37 @@
 mod machine;
 mod network;
 mod node;
+mod rt;
 mod service;
 mod store;
 mod types;
 
-pub use machine::{Applied, Machine, State};
-pub use node::{Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
+pub use machine::{Applied, ApplyEvent, Machine, State};
+pub use node::{Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
+pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
 pub use store::Store;
 pub use types::{CLIENT_LOCK_BITS, Command, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
 
-/// Runs a server until `stop` turns true: the Raft node, both gRPC services, the leader's duties.
-pub async fn run(config: ServerConfig, mut stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+/// Runs a server on its TCP listen address until `stop` turns true.
+pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    serve(config, tokio_stream::wrappers::TcpListenerStream::new(listener), stop).await
+}
+
+/// Runs a server on the connections `incoming` yields until `stop` turns true: the Raft node,
+/// both gRPC services, the leader's duties.
+pub async fn serve<S, IO>(
+    config: ServerConfig,
+    incoming: S,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+{
     let bootstrap = config.bootstrap;
     let node = Node::start(config).await?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let service = LockService::new(node.clone()).server();
     let raft_service = node.raft_service();
     let mut shutdown = stop.clone();

@@ -28,18 +28,32 @@ pub struct Applied {
     pub reply: Reply,
 }
 
+/// One entry as applied on one server, for an observer (the simulation's checker).
+#[derive(Debug, Clone)]
+pub struct ApplyEvent {
+    pub server: u64,
+    pub index: u64,
+    /// The leader's time stamped into the entry.
+    pub now_ms: u64,
+    /// The engine input the entry carried (an opened session's shows as `OpenSession`).
+    pub input: Option<Input>,
+    pub reply: Reply,
+}
+
 /// The state that is replicated.
 #[derive(Debug)]
 pub struct State {
     pub engine: Engine,
     pub next_session: u64,
     pub secret: Option<[u8; 32]>,
-    /// Per session: the highest request applied and its reply.
-    answered: BTreeMap<SessionId, (u64, Reply)>,
+    /// Per session: the replies to its most recent requests, for retries.
+    answered: BTreeMap<SessionId, Answered>,
     pub last_applied: Option<LogIdOf<C>>,
     pub last_membership: StoredMembershipOf<C>,
     /// The term of the leader that proposed the last applied entry.
     pub applied_term: u64,
+    /// Negative control of the simulation (see `Env`).
+    break_fencing: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,15 +62,52 @@ struct StateSnapshot {
     engine: EngineSnapshot,
     next_session: u64,
     secret: Option<[u8; 32]>,
-    answered: Vec<(SessionId, u64, Reply)>,
+    answered: Vec<(SessionId, Answered)>,
 }
 
-const STATE_SNAPSHOT_VERSION: u32 = 1;
+const STATE_SNAPSHOT_VERSION: u32 = 2;
+
+/// How many recent requests of a session keep their replies.
+const ANSWERED_WINDOW: usize = 64;
+
+/// A session's answered requests. Requests of one session can be applied out of order: after a
+/// client moves to another server and resends, the first server may still commit its copy. So
+/// a request is a retry only if its own number was applied, not merely a higher one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Answered {
+    /// Every request at or below this number is taken as answered (its reply was forgotten).
+    floor: u64,
+    replies: BTreeMap<u64, Reply>,
+}
+
+impl Answered {
+    /// The reply to `request` if it was applied (an empty one if it is too old to remember).
+    fn get(&self, request: u64) -> Option<Reply> {
+        match self.replies.get(&request) {
+            Some(r) => Some(r.clone()),
+            None => (request <= self.floor).then(Reply::default),
+        }
+    }
+
+    fn insert(&mut self, request: u64, reply: Reply) {
+        self.replies.insert(request, reply);
+        while self.replies.len() > ANSWERED_WINDOW {
+            if let Some((oldest, _)) = self.replies.pop_first() {
+                self.floor = self.floor.max(oldest);
+            }
+        }
+    }
+}
 
 impl State {
-    fn new(limits: Limits) -> State {
+    fn new(limits: Limits, break_fencing: bool) -> State {
+        let mut engine = Engine::new(limits);
+        if break_fencing {
+            engine.break_fencing_for_negative_control();
+        }
         State {
-            engine: Engine::new(limits),
+            break_fencing,
+            engine,
             next_session: 0,
             secret: None,
             answered: BTreeMap::new(),
@@ -70,10 +121,8 @@ impl State {
     /// not applied again: its first reply is returned.
     fn apply(&mut self, cmd: Command, index: u64) -> Reply {
         if let Some(origin) = cmd.origin
-            && let Some((last, reply)) = self.answered.get(&origin.session)
-            && origin.request <= *last
+            && let Some(mut reply) = self.answered.get(&origin.session).and_then(|a| a.get(origin.request))
         {
-            let mut reply = if origin.request == *last { reply.clone() } else { Reply::default() };
             reply.duplicate = true;
             return reply;
         }
@@ -105,7 +154,7 @@ impl State {
         if let Some(origin) = cmd.origin
             && self.engine.session_is_live(origin.session)
         {
-            self.answered.insert(origin.session, (origin.request, reply.clone()));
+            self.answered.entry(origin.session).or_default().insert(origin.request, reply.clone());
         }
         reply
     }
@@ -116,7 +165,7 @@ impl State {
             engine: self.engine.snapshot(),
             next_session: self.next_session,
             secret: self.secret,
-            answered: self.answered.iter().map(|(s, (r, reply))| (*s, *r, reply.clone())).collect(),
+            answered: self.answered.iter().map(|(s, a)| (*s, a.clone())).collect(),
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -127,9 +176,12 @@ impl State {
             return Err(io::Error::other(format!("snapshot version {} is not {STATE_SNAPSHOT_VERSION}", s.version)));
         }
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
+        if self.break_fencing {
+            self.engine.break_fencing_for_negative_control();
+        }
         self.next_session = s.next_session;
         self.secret = s.secret;
-        self.answered = s.answered.into_iter().map(|(s, r, reply)| (s, (r, reply))).collect();
+        self.answered = s.answered.into_iter().collect();
         Ok(())
     }
 }
@@ -145,6 +197,8 @@ pub struct Machine {
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     applied_tx: broadcast::Sender<Arc<Applied>>,
     index_tx: Arc<watch::Sender<u64>>,
+    server: u64,
+    observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -157,16 +211,18 @@ impl std::fmt::Debug for Machine {
 const APPLIED_BACKLOG: usize = 16_384;
 
 impl Machine {
-    pub fn new(store: Store, limits: Limits) -> io::Result<Machine> {
+    pub fn new(store: Store, server: u64, limits: Limits, env: &crate::node::Env) -> io::Result<Machine> {
         let snapshot = store.snapshot()?;
         let (applied_tx, _) = broadcast::channel(APPLIED_BACKLOG);
         let (index_tx, _) = watch::channel(0);
         Ok(Machine {
-            state: Arc::new(Mutex::new(State::new(limits))),
+            state: Arc::new(Mutex::new(State::new(limits, env.break_fencing_for_negative_control))),
             store,
             snapshot: Arc::new(Mutex::new(snapshot)),
             applied_tx,
             index_tx: Arc::new(index_tx),
+            server,
+            observer: env.observer.clone(),
         })
     }
 
@@ -241,7 +297,19 @@ impl RaftStateMachine<C> for Machine {
                     }
                     EntryPayload::Normal(cmd) => {
                         let origin = cmd.origin;
-                        (origin, state.apply(cmd, index))
+                        let seen = self.observer.as_ref().map(|_| {
+                            let input = match &cmd.op {
+                                Op::Engine(input) => Some(input.clone()),
+                                _ => None,
+                            };
+                            (cmd.now_ms, input)
+                        });
+                        let reply = state.apply(cmd, index);
+                        if let (Some(observer), Some((now_ms, input))) = (&self.observer, seen) {
+                            let server = self.server;
+                            observer(ApplyEvent { server, index, now_ms, input, reply: reply.clone() });
+                        }
+                        (origin, reply)
                     }
                 }
             };
@@ -337,10 +405,11 @@ mod tests {
     }
 
     /// A request retried after a lost answer (same session and request number) is answered with
-    /// the first reply and changes nothing; an older one is refused as a duplicate too.
+    /// the first reply and changes nothing. A request applied after a higher-numbered one (its
+    /// server committed it late, after the client resent elsewhere) is still applied, once.
     #[test]
     fn retried_requests_are_not_applied_twice() {
-        let mut state = State::new(Limits::default());
+        let mut state = State::new(Limits::default(), false);
         let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 1);
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 2);
@@ -350,23 +419,46 @@ mod tests {
         assert!(retry.duplicate);
         assert_eq!(retry.outputs, first.outputs);
         assert_eq!(state.engine.stats().last_token, tokens_before, "the retry was applied again");
-        let second = state.apply(lock_on(session, 2, 2, 7, "/g"), 4);
-        assert!(matches!(second.outputs.as_slice(), [Output::Granted { .. }]), "{second:?}");
-        let stale = state.apply(lock_on(session, 1, 3, 8, "/h"), 5);
-        assert!(stale.duplicate && stale.outputs.is_empty());
-        assert_eq!(state.engine.stats().locks_granted, 2, "an old request number was applied");
+        let third = state.apply(lock_on(session, 2, 3, 7, "/g"), 4);
+        assert!(matches!(third.outputs.as_slice(), [Output::Granted { .. }]), "{third:?}");
+        let late = state.apply(lock_on(session, 3, 2, 8, "/h"), 5);
+        assert!(!late.duplicate && matches!(late.outputs.as_slice(), [Output::Granted { .. }]), "{late:?}");
+        let late_again = state.apply(lock_on(session, 3, 2, 9, "/h"), 6);
+        assert!(late_again.duplicate && late_again.outputs == late.outputs);
+        assert_eq!(state.engine.stats().locks_granted, 3);
+        // Past the window, an old number is taken as answered (with its reply forgotten).
+        for request in 4..4 + ANSWERED_WINDOW as u64 {
+            let renew = Command {
+                now_ms: 10,
+                origin: Some(Origin { session, request }),
+                op: Op::Engine(Input::Renew { session }),
+            };
+            state.apply(renew, 6 + request);
+        }
+        let ancient = state.apply(lock_cmd(session, 1, 1, 11), 100);
+        assert!(ancient.duplicate && ancient.outputs.is_empty(), "{ancient:?}");
+        assert_eq!(
+            state.engine.stats().last_token,
+            late.outputs
+                .iter()
+                .map(|o| match o {
+                    Output::Granted { token, .. } => *token,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        );
     }
 
     /// The state survives a snapshot: sessions, tokens, the secret and the answered requests.
     #[test]
     fn snapshot_round_trip() {
-        let mut state = State::new(Limits::default());
+        let mut state = State::new(Limits::default(), false);
         state.apply(Command { now_ms: 0, origin: None, op: Op::Bootstrap { secret: [7; 32] } }, 1);
         let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 2);
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 3);
         let bytes = state.to_bytes().unwrap();
-        let mut copy = State::new(Limits::default());
+        let mut copy = State::new(Limits::default(), false);
         copy.restore(&bytes).unwrap();
         assert_eq!(copy.secret, Some([7; 32]));
         assert_eq!(copy.next_session, state.next_session);

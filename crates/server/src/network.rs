@@ -10,7 +10,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{OptionalSend, RaftNetworkV2};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use wire::v1::RaftPayload;
 use wire::v1::raft_client::RaftClient;
 
@@ -32,7 +32,9 @@ type Rpc = fn(
 
 /// Makes one lazily connected channel per peer.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pub connector: wire::Connector,
+}
 
 #[derive(Debug)]
 pub struct Peer {
@@ -40,19 +42,11 @@ pub struct Peer {
     client: Option<RaftClient<Channel>>,
 }
 
-/// A lazily connecting gRPC channel to `addr` (`host:port`).
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(std::time::Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 impl RaftNetworkFactory<C> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> Peer {
-        let client = channel(&node.addr).ok().map(RaftClient::new);
+        let client = self.connector.channel(&node.addr).ok().map(RaftClient::new);
         Peer { target, client }
     }
 }

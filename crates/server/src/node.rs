@@ -4,20 +4,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockengine::{Input, Limits, SessionId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use wire::v1::RaftPayload;
 use wire::v1::raft_client::RaftClient;
 use wire::v1::raft_server::RaftServer;
 
-use crate::machine::Machine;
-use crate::network::{Network, channel, decode, encode};
+use crate::machine::{ApplyEvent, Machine};
+use crate::network::{Network, decode, encode};
 use crate::store::Store;
 use crate::types::{C, Command, NodeAddr, NodeId, Op, Reply, SnapshotData};
 
@@ -40,6 +41,46 @@ pub struct ServerConfig {
     /// Take a snapshot every this many entries; the log before it is then purged.
     pub snapshot_every: u64,
     pub limits: Limits,
+    /// The outside world as the server sees it; real by default, simulated in the simulation.
+    pub env: Env,
+}
+
+/// Everything a server takes from outside itself besides its configuration: clock, network,
+/// disk, randomness. A simulation replaces each with a deterministic one.
+#[derive(Clone, Default)]
+pub struct Env {
+    /// Milliseconds a leader stamps into entries; the wall clock when `None`.
+    pub clock: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// How to reach other servers.
+    pub connector: wire::Connector,
+    /// A database to keep the Raft state in instead of `DATA/raft.redb` (an in-memory one in the
+    /// simulation: commits are then durable at once and no flusher thread runs).
+    pub database: Option<Arc<redb::Database>>,
+    /// The cluster secret to bootstrap with, instead of one from /dev/urandom.
+    pub secret: Option<[u8; 32]>,
+    /// Election timeouts (min, max) in ms, instead of 3–6 heartbeats.
+    pub election_timeout_ms: Option<(u64, u64)>,
+    /// Sees every entry this server applies, with its outputs (the simulation's checker).
+    pub observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
+    /// Negative control for the simulation only: the engine drops an expired holder's locks
+    /// before it is fenced. Never set outside a test.
+    pub break_fencing_for_negative_control: bool,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("simulated_clock", &self.clock.is_some())
+            .field("in_memory", &self.database.is_some())
+            .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Env {
+    pub fn now_ms(&self) -> u64 {
+        self.clock.as_ref().map_or_else(wall_ms, |c| c())
+    }
 }
 
 /// Why a command could not be committed.
@@ -86,14 +127,21 @@ pub fn wall_ms() -> u64 {
 
 impl Node {
     pub async fn start(config: ServerConfig) -> std::io::Result<Node> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("raft.redb"))?;
-        let machine = Machine::new(store.clone(), config.limits.clone())?;
+        let store = match &config.env.database {
+            Some(db) => Store::in_memory(db.clone())?,
+            None => {
+                std::fs::create_dir_all(&config.data_dir)?;
+                Store::open(&config.data_dir.join("raft.redb"))?
+            }
+        };
+        let machine = Machine::new(store.clone(), config.id, config.limits.clone(), &config.env)?;
+        let (election_min, election_max) =
+            config.env.election_timeout_ms.unwrap_or((config.heartbeat_ms * 3, config.heartbeat_ms * 6));
         let raft_config = Config {
             cluster_name: "stripelock".into(),
             heartbeat_interval: config.heartbeat_ms,
-            election_timeout_min: config.heartbeat_ms * 3,
-            election_timeout_max: config.heartbeat_ms * 6,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
             install_snapshot_timeout: 5_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every.min(1_000),
@@ -106,7 +154,8 @@ impl Node {
         }
         .validate()
         .map_err(std::io::Error::other)?;
-        let raft = Raft::new(config.id, Arc::new(raft_config), Network, store, machine.clone())
+        let network = Network { connector: config.env.connector.clone() };
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, store, machine.clone())
             .await
             .map_err(std::io::Error::other)?;
         let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
@@ -124,7 +173,10 @@ impl Node {
         if let Err(e) = self.raft.initialize(members).await {
             tracing::info!("initialize: {e}");
         }
-        let secret = random_secret()?;
+        let secret = match self.config.env.secret {
+            Some(s) => s,
+            None => random_secret()?,
+        };
         // Wait for a leader, then propose the secret (only the first bootstrap entry counts).
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -167,7 +219,7 @@ impl Node {
     }
 
     async fn propose_once(&self, mut cmd: Command) -> Result<Reply, ProposeError> {
-        cmd.now_ms = wall_ms();
+        cmd.now_ms = self.config.env.now_ms();
         match self.raft.client_write(cmd.clone()).await {
             Ok(resp) => Ok(resp.data),
             Err(e) => {
@@ -195,7 +247,7 @@ impl Node {
             match leaders.get(&leader) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = RaftClient::new(channel(addr).map_err(|e| ProposeError::Forward(e.to_string()))?);
+                    let c = RaftClient::new(self.config.env.connector.channel(addr).map_err(ProposeError::Forward)?);
                     leaders.insert(leader, c.clone());
                     c
                 }
@@ -226,7 +278,7 @@ impl Node {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            if !secret_file.exists() {
+            if self.config.env.database.is_none() && !secret_file.exists() {
                 let secret = self.machine.state().secret;
                 if let Some(secret) = secret
                     && let Err(e) = write_secret(&secret_file, &secret)
@@ -256,7 +308,7 @@ impl Node {
 
     /// Proposes on this server only (no forwarding): for the leader's own duties.
     async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
-        let cmd = Command { now_ms: wall_ms(), origin: None, op };
+        let cmd = Command { now_ms: self.config.env.now_ms(), origin: None, op };
         self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Fatal(e.to_string()))
     }
 
@@ -336,7 +388,7 @@ impl wire::v1::raft_server::Raft for RaftService {
         let cmd: Command = decode(req.get_ref()).map_err(bad)?;
         // Re-stamp with this leader's clock; a follower's clock is not the log's.
         let result: Result<Reply, String> =
-            match self.node.raft.client_write(Command { now_ms: wall_ms(), ..cmd }).await {
+            match self.node.raft.client_write(Command { now_ms: self.node.config.env.now_ms(), ..cmd }).await {
                 Ok(resp) => Ok(resp.data),
                 Err(e) => Err(e.to_string()),
             };

@@ -37,7 +37,8 @@ const FORMAT_VERSION: u64 = 1;
 #[derive(Clone)]
 pub struct Store {
     db: Arc<redb::Database>,
-    flushes: std::sync::mpsc::Sender<IOFlushed<C>>,
+    /// To the flusher thread; `None` for a database whose commits are durable at once.
+    flushes: Option<std::sync::mpsc::Sender<IOFlushed<C>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -52,7 +53,16 @@ impl Store {
         let (flushes, pending) = std::sync::mpsc::channel();
         let flusher_db = db.clone();
         std::thread::Builder::new().name("raft-log-flush".into()).spawn(move || flusher(&flusher_db, &pending))?;
-        let store = Store { db, flushes };
+        Store::init(Store { db, flushes: Some(flushes) }, &path.display().to_string())
+    }
+
+    /// A store in a database the caller keeps (an in-memory one in the simulation, which lives
+    /// on across a simulated crash): appends are reported flushed as soon as they commit.
+    pub fn in_memory(db: Arc<redb::Database>) -> io::Result<Store> {
+        Store::init(Store { db, flushes: None }, "the in-memory database")
+    }
+
+    fn init(store: Store, name: &str) -> io::Result<Store> {
         let tx = store.db.begin_write().map_err(io_error)?;
         tx.open_table(LOG).map_err(io_error)?;
         tx.open_table(META).map_err(io_error)?;
@@ -62,8 +72,7 @@ impl Store {
             Some(FORMAT_VERSION) => {}
             Some(v) => {
                 return Err(io::Error::other(format!(
-                    "{} holds format version {v}, this stripelock reads {FORMAT_VERSION}",
-                    path.display()
+                    "{name} holds format version {v}, this stripelock reads {FORMAT_VERSION}"
                 )));
             }
         }
@@ -189,7 +198,9 @@ impl RaftLogStorage<C> for Store {
         I::IntoIter: OptionalSend,
     {
         let mut tx = self.db.begin_write().map_err(io_error)?;
-        tx.set_durability(Durability::None).map_err(io_error)?;
+        if self.flushes.is_some() {
+            tx.set_durability(Durability::None).map_err(io_error)?;
+        }
         {
             let mut table = tx.open_table(LOG).map_err(io_error)?;
             for entry in entries {
@@ -198,7 +209,13 @@ impl RaftLogStorage<C> for Store {
             }
         }
         tx.commit().map_err(io_error)?;
-        self.flushes.send(callback).map_err(|_| io::Error::other("the log flusher has stopped"))
+        match &self.flushes {
+            Some(flushes) => flushes.send(callback).map_err(|_| io::Error::other("the log flusher has stopped")),
+            None => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+        }
     }
 
     async fn truncate_after(&mut self, last: Option<LogIdOf<C>>) -> Result<(), io::Error> {

@@ -65,6 +65,7 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = u64,
         Node = NodeAddr,
+        AsyncRuntime = crate::rt::Rt,
 );
 
 pub type C = TypeConfig;

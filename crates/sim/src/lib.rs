@@ -1,4 +1,4 @@
-//! A deterministic simulation of the replicated lock service at the level of its log: clients
+//! Deterministic simulations of the replicated lock service. This module's is at the level of its log: clients
 //! with sessions and heartbeats, a leader that stamps its (skewed) clock into entries, ticks and
 //! acknowledges fences after storage takes a while to fence, leader changes that raise the
 //! epoch, requests that are delayed or lost, clients that pause past their lease, and replicas
@@ -10,10 +10,15 @@
 //! not above every earlier conflicting token; a grant to an expired session; replicas that
 //! disagree; and, after the faults stop, a request that never completes.
 //!
-//! Not simulated here: the Raft protocol itself and the gRPC transport (a turmoil simulation of
-//! the real servers is still to come); the log is taken as given, in one order.
+//! This one takes the log as given, in one order, and is fast (thousands of seeds a minute).
+//! [`cluster`] runs the real servers and clients instead, over turmoil's simulated network.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+pub mod checker;
+pub mod cluster;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use checker::{Checker, Grant};
 
 use lockengine::{ByteRange, Engine, Input, LockId, Mode, Output, SessionId};
 
@@ -117,75 +122,6 @@ struct Client {
     next_heartbeat: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Grant {
-    session: SessionId,
-    resource: usize,
-    range: ByteRange,
-    mode: Mode,
-    token: u64,
-}
-
-/// What the checker keeps.
-#[derive(Debug, Default)]
-struct Checker {
-    /// Grants valid as storage sees them, by lock.
-    valid: BTreeMap<LockId, Grant>,
-    /// Released locks of sessions that expired but were not yet fenced: still valid for storage.
-    zombies: BTreeMap<LockId, Grant>,
-    expired: BTreeSet<SessionId>,
-    fenced: BTreeSet<SessionId>,
-    /// Every grant ever, per resource: (range, mode, token).
-    history: Vec<Vec<(ByteRange, Mode, u64)>>,
-    resources: BTreeMap<String, usize>,
-}
-
-impl Checker {
-    fn grant(&mut self, lock: LockId, g: Grant) -> Result<(), String> {
-        if self.expired.contains(&g.session) {
-            return Err(format!("{lock:?} granted to expired session {:?}", g.session));
-        }
-        for (other, o) in self.valid.iter().chain(self.zombies.iter()) {
-            if *other != lock && o.resource == g.resource && o.range.overlaps(g.range) && !o.mode.compatible(g.mode) {
-                let zombie =
-                    if self.zombies.contains_key(other) { " (its holder expired and is not fenced yet)" } else { "" };
-                return Err(format!(
-                    "{lock:?} {} {} granted while {other:?} {} {} is valid{zombie}",
-                    g.mode, g.range, o.mode, o.range
-                ));
-            }
-        }
-        if let Some(old) = self.valid.get(&lock)
-            && old.token == g.token
-        {
-            // A downgrade or a local re-use keeps its token.
-        } else {
-            for (range, mode, token) in &self.history[g.resource] {
-                if range.overlaps(g.range) && !mode.compatible(g.mode) && *token >= g.token {
-                    return Err(format!("{lock:?} got token {} after a conflicting token {token}", g.token));
-                }
-            }
-        }
-        self.history[g.resource].push((g.range, g.mode, g.token));
-        self.valid.insert(lock, g);
-        Ok(())
-    }
-
-    fn released(&mut self, lock: LockId) {
-        if let Some(g) = self.valid.remove(&lock)
-            && self.expired.contains(&g.session)
-            && !self.fenced.contains(&g.session)
-        {
-            self.zombies.insert(lock, g);
-        }
-    }
-
-    fn fenced(&mut self, session: SessionId) {
-        self.fenced.insert(session);
-        self.zombies.retain(|_, g| g.session != session);
-    }
-}
-
 struct World {
     seed: u64,
     cfg: Config,
@@ -240,8 +176,7 @@ impl World {
         match o {
             Output::Granted { session, lock, mode, range, token, .. }
             | Output::Converted { session, lock, mode, range, token, .. } => {
-                let resource = self.replicas[0].resource_of(*lock).and_then(|n| self.checker.resources.get(n).copied());
-                let Some(resource) = resource else {
+                let Some(resource) = self.replicas[0].resource_of(*lock).map(str::to_string) else {
                     return Err(self.fail(format!("{lock:?} granted on no known resource")));
                 };
                 let g = Grant { session: *session, resource, range: *range, mode: *mode, token: *token };
@@ -265,7 +200,7 @@ impl World {
                 }
             }
             Output::Expired { session } => {
-                self.checker.expired.insert(*session);
+                self.checker.expired(*session);
                 self.report.expiries += 1;
                 // Storage takes a while to fence; the leader acknowledges after that.
                 let delay = 1 + self.rng.below(80);
@@ -418,12 +353,9 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Violation> {
         next_session: 0,
         fence_due: BTreeMap::new(),
         last_arrival: BTreeMap::new(),
-        checker: Checker { history: vec![Vec::new(); cfg.resources], ..Checker::default() },
+        checker: Checker::default(),
         report: Report::default(),
     };
-    for i in 0..cfg.resources {
-        w.checker.resources.insert(World::resource_name(i), i);
-    }
     w.append(Input::SetEpoch { epoch: 1 })?;
     let end = cfg.fault_ms + cfg.heal_ms;
     while w.now < end {

@@ -1,12 +1,18 @@
-//! `cargo run -p sim -- --seed N` replays one seed; `--seeds A..B` runs a range;
-//! `--break-fencing` runs the negative control. Exit 1 on the first violation.
+//! `cargo run -p sim -- --seed N` replays one seed of the cluster simulation (real servers and
+//! clients over turmoil); `--seeds A..B` runs a range, each seed in a process of its own (`--jobs
+//! J` at once) so that no seed's run depends on the ones before it; `--break-fencing` runs the
+//! negative control; `--log` runs the faster log-level simulation instead. Exit 1 on the first
+//! violation.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seeds = 0..100u64;
-    let mut cfg = sim::Config::default();
+    let mut break_fencing = false;
+    let mut log_level = false;
+    let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut i = 0;
     while i < args.len() {
         match (args[i].as_str(), args.get(i + 1)) {
@@ -23,36 +29,124 @@ fn main() -> ExitCode {
                 seeds = a..b;
                 i += 1;
             }
-            ("--break-fencing", _) => cfg.break_fencing = true,
+            ("--jobs", Some(n)) => {
+                let Ok(n) = n.parse::<usize>() else { return usage() };
+                jobs = n.max(1);
+                i += 1;
+            }
+            ("--break-fencing", _) => break_fencing = true,
+            ("--log", _) => log_level = true,
             _ => return usage(),
         }
         i += 1;
     }
+    if !log_level && !cfg!(tokio_unstable) {
+        eprintln!(
+            "note: built without --cfg tokio_unstable (is RUSTFLAGS set? it overrides .cargo/config.toml): \
+             tokio's scheduling is not seeded, so a seed may not replay exactly"
+        );
+    }
     let count = seeds.end - seeds.start;
+    let flags =
+        format!("{}{}", if log_level { " --log" } else { "" }, if break_fencing { " --break-fencing" } else { "" });
+    let started = Instant::now();
+    if count > 1 && !log_level {
+        return run_processes(seeds, jobs, break_fencing, started);
+    }
     for seed in seeds {
-        match sim::run(seed, &cfg) {
-            Ok(r) if count == 1 => println!(
-                "seed {seed}: ok — {} entries, {} grants, {} expiries, {} leader changes, {} restores, digest {:016x}",
-                r.entries, r.grants, r.expiries, r.leader_changes, r.restores, r.digest
-            ),
-            Ok(_) => {}
+        let t = Instant::now();
+        let result = if log_level {
+            let cfg = sim::Config { break_fencing, ..sim::Config::default() };
+            sim::run(seed, &cfg).map(|r| {
+                format!(
+                    "{} entries, {} grants, {} expiries, {} leader changes, {} restores, digest {:016x}",
+                    r.entries, r.grants, r.expiries, r.leader_changes, r.restores, r.digest
+                )
+            })
+        } else {
+            let cfg = sim::cluster::ClusterConfig { break_fencing, ..Default::default() };
+            sim::cluster::run(seed, &cfg).map(|r| {
+                format!(
+                    "{} entries, {} grants ({} seen by clients), {} expiries, {} crashes, {} partitions, \
+                     {} pauses, {} epochs, digest {:016x}",
+                    r.entries,
+                    r.grants,
+                    r.client_grants,
+                    r.expiries,
+                    r.crashes,
+                    r.partitions,
+                    r.pauses,
+                    r.epochs,
+                    r.digest
+                )
+            })
+        };
+        match result {
+            Ok(line) => println!("seed {seed}: ok in {:.1} s: {line}", t.elapsed().as_secs_f64()),
             Err(v) => {
                 println!("VIOLATION {v}");
-                println!(
-                    "replay: cargo run -p sim -- --seed {seed}{}",
-                    if cfg.break_fencing { " --break-fencing" } else { "" }
-                );
+                println!("replay: cargo run -p sim -- --seed {seed}{flags}");
                 return ExitCode::from(1);
             }
         }
     }
     if count > 1 {
-        println!("{count} seeds: 0 violations");
+        println!("{count} seeds: 0 violations ({:.0} s)", started.elapsed().as_secs_f64());
     }
     ExitCode::SUCCESS
 }
 
+/// Runs each seed as `sim --seed N` in a child process, `jobs` at a time, printing results in
+/// seed order; stops at the first violation.
+fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, break_fencing: bool, started: Instant) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cannot find this program to run the seeds: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let count = seeds.end - seeds.start;
+    let mut next = seeds.start;
+    let mut running: std::collections::VecDeque<(u64, std::process::Child)> = Default::default();
+    loop {
+        while running.len() < jobs && next < seeds.end {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["--seed", &next.to_string()]).stdout(std::process::Stdio::piped());
+            if break_fencing {
+                cmd.arg("--break-fencing");
+            }
+            match cmd.spawn() {
+                Ok(child) => running.push_back((next, child)),
+                Err(e) => {
+                    eprintln!("cannot start seed {next}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            next += 1;
+        }
+        let Some((seed, child)) = running.pop_front() else { break };
+        let out = match child.wait_with_output() {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("seed {seed}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            for (_, mut c) in running {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return ExitCode::from(1);
+        }
+    }
+    println!("{count} seeds: 0 violations ({:.0} s)", started.elapsed().as_secs_f64());
+    ExitCode::SUCCESS
+}
+
 fn usage() -> ExitCode {
-    eprintln!("usage: sim [--seed N | --seeds A..B] [--break-fencing]");
+    eprintln!("usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--log]");
     ExitCode::from(2)
 }

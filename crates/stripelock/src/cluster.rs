@@ -107,6 +107,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         tick_ms: args.tick_ms,
         snapshot_every: args.snapshot_every,
         limits: Limits::default(),
+        env: server::Env::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

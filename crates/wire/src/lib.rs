@@ -1,8 +1,53 @@
 //! The stripelock wire protocol (`proto/stripelock.proto`, package `stripelock.v1`): prost
-//! messages and tonic clients and servers, generated at build time without protoc.
+//! messages and tonic clients and servers, generated at build time without protoc; and the
+//! `Connector` through which servers and clients open channels.
 
 #![allow(missing_debug_implementations, clippy::all)]
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
 pub mod v1 {
     tonic::include_proto!("stripelock.v1");
+}
+
+/// Opens a lazily connecting gRPC channel to a `host:port`. Real TCP by default; the simulation
+/// hands servers and clients one that dials its simulated network instead.
+#[derive(Clone)]
+pub struct Connector(Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>);
+
+impl Connector {
+    pub fn new(f: impl Fn(&str) -> Result<Channel, String> + Send + Sync + 'static) -> Connector {
+        Connector(Arc::new(f))
+    }
+
+    /// Real TCP, no Nagle delay, a connection attempt gives up after `connect_timeout`.
+    pub fn tcp(connect_timeout: Duration) -> Connector {
+        Connector::new(move |addr| {
+            Ok(endpoint(addr)?.connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy())
+        })
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        (self.0)(addr)
+    }
+}
+
+impl Default for Connector {
+    fn default() -> Connector {
+        Connector::tcp(Duration::from_millis(500))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
+/// The endpoint for `host:port` over plain HTTP/2.
+pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    Endpoint::from_shared(format!("http://{addr}")).map_err(|e| format!("bad server address {addr:?}: {e}"))
 }

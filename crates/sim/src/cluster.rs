@@ -1,0 +1,528 @@
+//! The real servers and clients in a deterministic simulation: every server runs its openraft
+//! node, its in-memory redb store and both tonic services; every client is the `client` crate;
+//! they talk HTTP/2 over turmoil's simulated TCP, on simulated time, with openraft's random
+//! draws and tokio's scheduler seeded from the run's seed (tokio's needs `--cfg tokio_unstable`,
+//! set in `.cargo/config.toml`).
+//!
+//! Faults, drawn from the seed: a server crashes and restarts from its store; a server is cut off
+//! from its peers; a link between two servers holds its messages for a while; a client pauses
+//! past its lease while it holds a lock (it is cut off from every server). Then the faults stop
+//! and the cluster heals. A cut link holds its messages and delivers them when it heals, as TCP
+//! does; turmoil's `partition` would instead drop segments from inside a live connection, which
+//! no real TCP connection does.
+//!
+//! Every server reports each entry it applies. The checker asserts: every server that applied an
+//! index computed the same outputs; in log order, no two conflicting grants are valid at once,
+//! tokens strictly increase across conflicting grants (over leader changes too), no grant goes
+//! to an expired session; every grant a client was told of is in the log with that token; and
+//! after the faults stop every request completes.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use client::{ClientError, Connector, LockOptions, Mode, Session};
+use lockengine::{Input, LockId, Output};
+use server::{ApplyEvent, Env, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::checker::{Checker, Grant};
+use crate::{Rng, Violation};
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub servers: u64,
+    pub clients: usize,
+    pub resources: usize,
+    pub lease_ms: u64,
+    /// How long faults are injected, then how long the cluster has to heal.
+    pub fault_ms: u64,
+    pub heal_ms: u64,
+    /// Negative control: the engine drops an expired holder's locks before it is fenced.
+    pub break_fencing: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            servers: 3,
+            clients: 4,
+            resources: 2,
+            lease_ms: 1_000,
+            fault_ms: 8_000,
+            heal_ms: 6_000,
+            break_fencing: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterReport {
+    pub entries: u64,
+    pub grants: u64,
+    pub client_grants: u64,
+    pub expiries: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub pauses: u64,
+    /// Distinct terms seen in tokens (leaders that granted something).
+    pub epochs: u64,
+    /// A digest of the applied history and what clients saw, to show two runs of a seed agree.
+    pub digest: u64,
+}
+
+const PORT: u16 = 7000;
+/// Leader-stamped times start here (a made-up epoch, the same in every run).
+const CLOCK_BASE_MS: u64 = 1_700_000_000_000;
+
+/// What the run records, shared by every host (all on this one thread).
+#[derive(Debug, Default)]
+struct Record {
+    /// Index → (server that applied it first, its time stamp, input, reply).
+    applied: BTreeMap<u64, (u64, ApplyEvent)>,
+    /// The first disagreement between servers.
+    disagreement: Option<String>,
+    /// Grants clients were told of: (session, client lock number, token).
+    told: Vec<(u64, u64, u64)>,
+    /// Requests that did not complete in time after the faults stopped.
+    stuck: Vec<String>,
+    /// Clients asking to be paused (cut off) for this many ms, now.
+    pause_requests: Vec<(usize, u64)>,
+    client_digest: u64,
+}
+
+fn fnv(h: u64, s: &str) -> u64 {
+    s.bytes().fold(h ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn server_name(id: u64) -> String {
+    format!("s{id}")
+}
+
+fn client_name(i: usize) -> String {
+    format!("c{i}")
+}
+
+/// A connector that dials turmoil's network.
+fn connector() -> Connector {
+    Connector::new(|addr| {
+        let target = addr.to_string();
+        let endpoint = wire::endpoint(addr)?.connect_timeout(Duration::from_millis(500));
+        Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let target = target.clone();
+            async move { turmoil::net::TcpStream::connect(target).await.map(hyper_util::rt::TokioIo::new) }
+        })))
+    })
+}
+
+/// A simulated TCP connection as tonic's server takes it.
+struct Conn(turmoil::net::TcpStream);
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Runs one seed, on a thread of its own so no thread-local state of an earlier run (hash
+/// seeds, the runtime's) can change it: a seed replays the same alone or among others.
+pub fn run(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> {
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name(format!("sim-seed-{seed}"))
+        .spawn(move || run_here(seed, &cfg))
+        .map_err(|e| Violation { seed, at_ms: 0, what: format!("cannot start the simulation thread: {e}") })?
+        .join()
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Violation { seed, at_ms: 0, what: format!("the simulation panicked: {what}") })
+        })
+}
+
+fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> {
+    let fail = |at_ms: u64, what: String| Violation { seed, at_ms, what };
+    server::seed_thread_rng(seed);
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_millis(cfg.fault_ms + cfg.heal_ms + 60_000))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(8))
+        .enable_random_order()
+        .build();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let peers: BTreeMap<u64, String> =
+        (1..=cfg.servers).map(|id| (id, format!("{}:{PORT}", server_name(id)))).collect();
+    let mut rng = Rng::new(seed ^ 0x5eed_c1a5_7e40);
+
+    for id in 1..=cfg.servers {
+        // The store outlives a crash of its server, as a disk would.
+        let db = Arc::new(
+            redb::Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(|e| fail(0, format!("in-memory database: {e}")))?,
+        );
+        let skew_ms = rng.below(40);
+        let (peers, record, break_fencing) = (peers.clone(), record.clone(), cfg.break_fencing);
+        sim.host(server_name(id), move || {
+            let observer_record = record.clone();
+            let observer = move |e: ApplyEvent| {
+                let mut r = observer_record.lock().expect("record");
+                match r.applied.get(&e.index) {
+                    None => {
+                        r.applied.insert(e.index, (e.server, e));
+                    }
+                    Some((first, seen)) if seen.reply.outputs != e.reply.outputs || seen.input != e.input => {
+                        let what = format!(
+                            "server {} applied index {} as {:?} -> {:?}, server {first} as {:?} -> {:?}",
+                            e.server, e.index, e.input, e.reply.outputs, seen.input, seen.reply.outputs
+                        );
+                        r.disagreement.get_or_insert(what);
+                    }
+                    Some(_) => {}
+                }
+            };
+            let env = Env {
+                clock: Some(Arc::new(move || {
+                    CLOCK_BASE_MS + skew_ms + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+                })),
+                connector: connector(),
+                database: Some(db.clone()),
+                secret: Some([7; 32]),
+                election_timeout_ms: None,
+                observer: Some(Arc::new(observer)),
+                break_fencing_for_negative_control: break_fencing,
+            };
+            let config = ServerConfig {
+                id,
+                listen: ([0, 0, 0, 0], PORT).into(),
+                data_dir: std::path::PathBuf::from("/nonexistent"),
+                peers: peers.clone(),
+                bootstrap: id == 1,
+                heartbeat_ms: 50,
+                tick_ms: 100,
+                snapshot_every: 300,
+                limits: lockengine::Limits::default(),
+                env,
+            };
+            async move {
+                let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+                let incoming = futures::stream::unfold(listener, |l| async move {
+                    let next = l.accept().await.map(|(s, _)| Conn(s));
+                    Some((next, l))
+                });
+                let (_keep, stop) = tokio::sync::watch::channel(false);
+                server::serve(config, incoming, stop).await?;
+                Ok(())
+            }
+        });
+    }
+
+    let servers: Vec<String> = peers.values().cloned().collect();
+    let end_ms = cfg.fault_ms + cfg.heal_ms;
+    for i in 0..cfg.clients {
+        let mut crng = Rng::new(seed.wrapping_mul(31).wrapping_add(i as u64 + 1));
+        // Each client starts from a different server.
+        let mut order = servers.clone();
+        order.rotate_left(i % servers.len());
+        let (record, cfg) = (record.clone(), cfg.clone());
+        sim.client(client_name(i), async move {
+            client_loop(i, &mut crng, &order, &record, &cfg, end_ms).await;
+            Ok(())
+        });
+    }
+
+    // The fault schedule, decided every 50 ms of simulated time until the faults stop.
+    let mut report = ClusterReport::default();
+    let mut down: BTreeMap<u64, u64> = BTreeMap::new(); // server → restart at
+    let mut cut: BTreeMap<u64, u64> = BTreeMap::new(); // server → repair at
+    let mut paused: BTreeMap<usize, u64> = BTreeMap::new(); // client → repair at
+    let mut held: Option<(u64, u64, u64)> = None; // (a, b, release at)
+    let names: Vec<String> = (1..=cfg.servers).map(server_name).collect();
+    let mut healed = false;
+    loop {
+        let done = sim.step().map_err(|e| fail(sim.elapsed().as_millis() as u64, format!("simulation: {e}")))?;
+        if done {
+            break;
+        }
+        let now = sim.elapsed().as_millis() as u64;
+        let requests = std::mem::take(&mut record.lock().expect("record").pause_requests);
+        for (c, ms) in requests {
+            if now < cfg.fault_ms && !paused.contains_key(&c) {
+                for s in &names {
+                    sim.hold(client_name(c), s.as_str());
+                }
+                paused.insert(c, now + ms);
+                report.pauses += 1;
+            }
+        }
+        if !now.is_multiple_of(50) {
+            continue;
+        }
+        // Repairs that are due.
+        for (&s, &at) in down.clone().iter() {
+            if now >= at || now >= cfg.fault_ms {
+                sim.bounce(server_name(s));
+                down.remove(&s);
+            }
+        }
+        for (&s, &at) in cut.clone().iter() {
+            if now >= at || now >= cfg.fault_ms {
+                for other in &names {
+                    if *other != server_name(s) {
+                        sim.release(server_name(s), other.as_str());
+                    }
+                }
+                cut.remove(&s);
+            }
+        }
+        for (&c, &at) in paused.clone().iter() {
+            if now >= at || now >= cfg.fault_ms {
+                for s in &names {
+                    sim.release(client_name(c), s.as_str());
+                }
+                paused.remove(&c);
+            }
+        }
+        if let Some((a, b, at)) = held
+            && (now >= at || now >= cfg.fault_ms)
+        {
+            sim.release(server_name(a), server_name(b));
+            held = None;
+        }
+        if now >= cfg.fault_ms {
+            healed = true;
+            continue;
+        }
+        // New faults, at most one server out at a time so a majority remains.
+        let impaired = down.len() + cut.len();
+        if impaired == 0 && held.is_none() && now > 1_000 && rng.chance(5) {
+            let s = 1 + rng.below(cfg.servers);
+            if rng.chance(50) {
+                sim.crash(server_name(s));
+                down.insert(s, now + 200 + rng.below(2_000));
+                report.crashes += 1;
+            } else {
+                for other in &names {
+                    if *other != server_name(s) {
+                        sim.hold(server_name(s), other.as_str());
+                    }
+                }
+                cut.insert(s, now + 200 + rng.below(2_000));
+                report.partitions += 1;
+            }
+        }
+        if held.is_none() && cut.is_empty() && rng.chance(2) {
+            let a = 1 + rng.below(cfg.servers);
+            let b = 1 + (a + rng.below(cfg.servers - 1)) % cfg.servers;
+            if a != b && !down.contains_key(&a) && !down.contains_key(&b) {
+                sim.hold(server_name(a), server_name(b));
+                held = Some((a, b, now + 50 + rng.below(400)));
+            }
+        }
+    }
+    let now = sim.elapsed().as_millis() as u64;
+    if !healed {
+        return Err(fail(now, "the clients ended before the faults did".into()));
+    }
+    check(seed, &record.lock().expect("record"), report)
+}
+
+/// Reads the recorded history in log order.
+fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterReport, Violation> {
+    let fail = |at_ms: u64, what: String| Violation { seed, at_ms, what };
+    if let Some(d) = &r.disagreement {
+        return Err(fail(0, d.clone()));
+    }
+    let mut checker = Checker::default();
+    let mut resource_of: BTreeMap<LockId, String> = BTreeMap::new();
+    let mut logged: BTreeMap<(u64, u64), Vec<u64>> = BTreeMap::new(); // (session, client lock) → tokens
+    let mut epochs = std::collections::BTreeSet::new();
+    let mut digest = 0u64;
+    let trace = std::env::var("SIM_TRACE").is_ok_and(|s| s.is_empty() || s == seed.to_string());
+    for (index, (server, e)) in &r.applied {
+        let at = e.now_ms.saturating_sub(CLOCK_BASE_MS);
+        if trace {
+            eprintln!(
+                "{index} s{server} @{at} {:?} -> {:?}{}",
+                e.input,
+                e.reply.outputs,
+                if e.reply.duplicate { " (dup)" } else { "" }
+            );
+        }
+        report.entries += 1;
+        digest = fnv(digest.rotate_left(5), &format!("{index}{:?}{:?}", e.input, e.reply.outputs));
+        if e.reply.duplicate {
+            // A retry answered from memory: nothing was applied.
+            continue;
+        }
+        match &e.input {
+            Some(Input::Lock { lock, resource, .. }) => {
+                resource_of.insert(*lock, resource.clone());
+            }
+            Some(Input::FenceAck { session }) => checker.fenced(*session),
+            _ => {}
+        }
+        for o in &e.reply.outputs {
+            match o {
+                Output::Granted { session, lock, mode, range, token, .. }
+                | Output::Converted { session, lock, mode, range, token, .. } => {
+                    let Some(resource) = resource_of.get(lock).cloned() else {
+                        return Err(fail(at, format!("{lock:?} granted at index {index} on no known resource")));
+                    };
+                    let g = Grant { session: *session, resource, range: *range, mode: *mode, token: *token };
+                    checker.grant(*lock, g).map_err(|w| fail(at, format!("index {index}: {w}")))?;
+                    report.grants += 1;
+                    epochs.insert(token >> 40);
+                    logged.entry((session.0, server::client_lock_id(*lock))).or_default().push(*token);
+                }
+                Output::Released { lock, .. } => checker.released(*lock),
+                Output::Expired { session } => {
+                    checker.expired(*session);
+                    report.expiries += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    for (session, lock, token) in &r.told {
+        if !logged.get(&(*session, *lock)).is_some_and(|t| t.contains(token)) {
+            return Err(fail(
+                0,
+                format!("session {session} was told it holds lock {lock} with token {token}, which no entry granted"),
+            ));
+        }
+    }
+    if let Some(s) = r.stuck.first() {
+        return Err(fail(0, s.clone()));
+    }
+    report.client_grants = r.told.len() as u64;
+    report.epochs = epochs.len() as u64;
+    report.digest = digest ^ r.client_digest;
+    Ok(report)
+}
+
+fn elapsed_ms() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+}
+
+/// One client: sessions, locks on a few small ranges of a few files, short holds, and now and
+/// then a pause past its lease while it holds a lock.
+async fn client_loop(
+    me: usize,
+    rng: &mut Rng,
+    servers: &[String],
+    record: &Arc<Mutex<Record>>,
+    cfg: &ClusterConfig,
+    end_ms: u64,
+) {
+    let note = |what: String| {
+        let mut r = record.lock().expect("record");
+        r.client_digest = fnv(r.client_digest.rotate_left(3), &what);
+    };
+    let stuck = |what: String| record.lock().expect("record").stuck.push(format!("client {me}: {what}"));
+    // After the faults stop: time for the cluster to settle, then every request must complete
+    // within this bound.
+    let settle_ms = cfg.fault_ms + 3 * cfg.lease_ms + 1_000;
+    let bound = Duration::from_millis(4 * cfg.lease_ms + 2_000);
+    let mut session: Option<Session> = None;
+    tokio::time::sleep(Duration::from_millis(200 + rng.below(300))).await;
+    while elapsed_ms() < end_ms {
+        let started = elapsed_ms();
+        let strict = started >= settle_ms;
+        let s = match &session {
+            Some(s) => s.clone(),
+            None => match tokio::time::timeout(bound, Session::open_with(servers, cfg.lease_ms, connector())).await {
+                Ok(Ok(s)) => {
+                    note(format!("open {}", s.id()));
+                    session = Some(s.clone());
+                    s
+                }
+                Ok(Err(e)) => {
+                    if strict {
+                        stuck(format!("cannot open a session {} ms after the faults stopped: {e}", started));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(_) => {
+                    if strict {
+                        stuck(format!("opening a session took over {bound:?} after the faults stopped"));
+                    }
+                    continue;
+                }
+            },
+        };
+        let resource = format!("/sim/{}", rng.below(cfg.resources as u64));
+        let start = rng.below(12);
+        let range = if rng.chance(20) { 0..u64::MAX } else { start..start + 1 + rng.below(6) };
+        let mode = [Mode::CR, Mode::PR, Mode::PW, Mode::EX][rng.below(4) as usize];
+        let options = LockOptions {
+            nowait: rng.chance(15),
+            timeout: Some(Duration::from_millis(300 + rng.below(2 * cfg.lease_ms))),
+        };
+        let outcome = tokio::time::timeout(bound, s.lock(&resource, range.clone(), mode, options)).await;
+        match outcome {
+            Ok(Ok(g)) => {
+                {
+                    let mut r = record.lock().expect("record");
+                    r.told.push((s.id(), g.lock, g.token));
+                }
+                note(format!("grant {} {} {}", s.id(), g.lock, g.token));
+                if !strict && rng.chance(4) {
+                    // A pause past the lease while holding (a GC pause, a frozen VM).
+                    let ms = cfg.lease_ms + 200 + rng.below(cfg.lease_ms);
+                    record.lock().expect("record").pause_requests.push((me, ms));
+                }
+                tokio::time::sleep(Duration::from_millis(5 + rng.below(80))).await;
+                match tokio::time::timeout(bound, s.unlock(g.lock)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(ClientError::Expired | ClientError::Closed)) => session = None,
+                    Ok(Err(e)) => note(format!("unlock {e}")),
+                    Err(_) if strict => stuck(format!("unlock took over {bound:?} after the faults stopped")),
+                    Err(_) => session = None,
+                }
+            }
+            Ok(Err(ClientError::Expired | ClientError::Closed | ClientError::Unreachable(_))) => {
+                if strict {
+                    stuck(format!("lock failed {started} ms in, after the faults stopped: session lost"));
+                }
+                session = None;
+            }
+            Ok(Err(e)) => note(format!("refused {e}")),
+            Err(_) => {
+                if strict {
+                    stuck(format!("lock {resource} {range:?} {mode} pending over {bound:?} after the faults stopped"));
+                }
+                session = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+    }
+    if let Some(s) = session {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.close()).await;
+    }
+}
