@@ -74,6 +74,56 @@ pub struct ServerArgs {
     pub snapshot_every: u64,
 }
 
+/// A server's settings as a TOML file holds them (and as flags give them: every one optional).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub id: Option<u64>,
+    /// `"1=127.0.0.1:7001,2=..."`, as the flag takes it.
+    pub peers: Option<String>,
+    pub data: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub bootstrap: Option<bool>,
+    pub heartbeat_ms: Option<u64>,
+    pub tick_ms: Option<u64>,
+    pub snapshot_every: Option<u64>,
+}
+
+impl ServerArgs {
+    /// Flags over the file over the defaults; says which setting is missing or wrong.
+    pub fn resolve(file: Option<&Path>, flags: ServerFile) -> Result<ServerArgs> {
+        let f = match file {
+            None => ServerFile::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("{} is not a valid server config", path.display()))?
+            }
+        };
+        let missing = |key: &str| match file {
+            Some(path) => anyhow::anyhow!("no {key}: give --{key} or set `{key}` in {}", path.display()),
+            None => anyhow::anyhow!("no {key}: give --{key}, or a config file with --config"),
+        };
+        let snapshot_every = flags.snapshot_every.or(f.snapshot_every).unwrap_or(5_000);
+        if !(10..=10_000_000).contains(&snapshot_every) {
+            bail!("snapshot_every must be between 10 and 10000000, not {snapshot_every}");
+        }
+        let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
+        if heartbeat_ms == 0 {
+            bail!("heartbeat_ms must be above 0");
+        }
+        Ok(ServerArgs {
+            id: flags.id.or(f.id).ok_or_else(|| missing("id"))?,
+            listen: flags.listen.or(f.listen),
+            data: flags.data.or(f.data).ok_or_else(|| missing("data"))?,
+            peers: flags.peers.or(f.peers).ok_or_else(|| missing("peers"))?,
+            bootstrap: flags.bootstrap.or(f.bootstrap).unwrap_or(false),
+            heartbeat_ms,
+            tick_ms: flags.tick_ms.or(f.tick_ms).unwrap_or(200).max(1),
+            snapshot_every,
+        })
+    }
+}
+
 /// Stops on SIGINT or SIGTERM.
 async fn stop_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);

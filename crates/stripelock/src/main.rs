@@ -29,32 +29,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run one server.
+    /// Run one server. Settings come from flags, or from a TOML file (--config) whose keys are
+    /// the flags' names with underscores; a flag given overrides the file.
     Server {
+        /// A TOML file of settings (see docs/formats.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// This server's id (1, 2, ...), as in --peers.
         #[arg(long)]
-        id: u64,
+        id: Option<u64>,
         /// Every server of the cluster: ID=HOST:PORT,... (this one included).
         #[arg(long)]
-        peers: String,
+        peers: Option<String>,
         /// Where the Raft log and snapshots live.
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Address to listen on (default: this server's address in --peers).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Initialize a new cluster from this server (membership and the token secret).
         #[arg(long)]
         bootstrap: bool,
-        /// Raft heartbeat interval; elections time out after 3 to 6 heartbeats.
-        #[arg(long, default_value_t = 100)]
-        heartbeat_ms: u64,
-        /// How often the leader writes time into the log, so leases expire without traffic.
-        #[arg(long, default_value_t = 200)]
-        tick_ms: u64,
-        /// Snapshot the state every N log entries and purge the log behind it.
-        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
-        snapshot_every: u64,
+        /// Raft heartbeat interval in ms (default 100); elections time out after 3 to 6.
+        #[arg(long)]
+        heartbeat_ms: Option<u64>,
+        /// How often the leader writes time into the log, in ms (default 200), so leases expire
+        /// without traffic.
+        #[arg(long)]
+        tick_ms: Option<u64>,
+        /// Snapshot the state every N log entries (default 5000) and purge the log behind it.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
+        snapshot_every: Option<u64>,
     },
     /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
     Lock {
@@ -183,17 +188,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
-        Command::Server { id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms, snapshot_every } => {
-            report(cluster::server(cluster::ServerArgs {
+        Command::Server { config, id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms, snapshot_every } => {
+            let flags = cluster::ServerFile {
                 id,
-                listen,
-                data,
                 peers,
-                bootstrap,
+                data,
+                listen,
+                bootstrap: bootstrap.then_some(true),
                 heartbeat_ms,
                 tick_ms,
                 snapshot_every,
-            }))
+            };
+            report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(cluster::server))
         }
         Command::Lock { path, range, mode, nowait, timeout, conflict_exit_code, lease, cluster, command } => {
             report(cluster::lock(cluster::LockArgs {

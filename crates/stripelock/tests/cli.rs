@@ -110,3 +110,59 @@ fn token_verify_checks_the_signature() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the cluster secret"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn server_config_file_errors_name_the_problem() {
+    let dir = std::env::temp_dir().join(format!("stripelock-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "id = 1\nheartbeat = 100\n").unwrap();
+    let out = stripelock(&["server", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `heartbeat`") && err.contains("heartbeat_ms"), "{err}");
+
+    std::fs::write(&file, "id = 1\npeers = \"1=127.0.0.1:1\"\n").unwrap();
+    let out = stripelock(&["server", "--config", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("no data: give --data or set `data` in"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A single-server cluster from a config file, with one setting overridden by a flag, answers.
+#[test]
+fn server_runs_from_a_config_file() {
+    let dir = std::env::temp_dir().join(format!("stripelock-cfg-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = dir.join("server.toml");
+    let config = format!(
+        "id = 1\npeers = \"1=127.0.0.1:{port}\"\ndata = \"{}\"\nbootstrap = true\nheartbeat_ms = 50\n",
+        dir.join("data").display()
+    );
+    std::fs::write(&file, config).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_stripelock"))
+        .args(["server", "--config", file.to_str().unwrap(), "--snapshot-every", "100"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let cluster = format!("127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut answered = None;
+    while std::time::Instant::now() < deadline {
+        let out = stripelock(&["status", "--json", "--cluster", &cluster]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("\"leader\":1,") {
+            answered = Some(text);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let status = answered.expect("the server from the config file never answered `status`");
+    assert!(status.contains(&format!("127.0.0.1:{port}")), "{status}");
+    assert!(dir.join("data").join("raft.redb").exists(), "the data dir of the file was not used");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
