@@ -23,8 +23,16 @@ pub use types::{CLIENT_LOCK_BITS, Command, NodeAddr, Op, Origin, Reply, client_l
 
 /// Runs a server on its TCP listen address until `stop` turns true.
 pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+    use futures::StreamExt;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    serve(config, tokio_stream::wrappers::TcpListenerStream::new(listener), stop).await
+    // Small answers must leave at once: Nagle's algorithm would hold one back behind an unacked
+    // segment for a delayed ACK (40 ms). tonic's own `tcp_nodelay` covers only its listener.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(conn)
+    });
+    serve(config, incoming, stop).await
 }
 
 /// Runs a server on the connections `incoming` yields until `stop` turns true: the Raft node,
