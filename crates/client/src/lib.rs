@@ -532,6 +532,13 @@ impl Actor {
     /// Handles one message; returns true when the session is over.
     fn handle(&mut self, m: pb::ServerMessage) -> bool {
         let Some(body) = m.body else { return false };
+        // An answer to a request no longer outstanding is a replay: the request was resent after
+        // a reconnect and the cluster answered it again from memory. Its outputs are old news
+        // (a `Cancelled` of an earlier use of the same lock number, say) and must not be applied
+        // to what the number means now.
+        if m.request_id != 0 && !self.unacked.contains_key(&m.request_id) {
+            return false;
+        }
         match body {
             Down::Granted(g) | Down::Converted(g) => {
                 let grant = grant_of(&g);

@@ -15,7 +15,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::store::Store;
 use crate::types::{C, Command, Op, Origin, Reply, SnapshotData, io_error};
@@ -37,6 +37,8 @@ pub struct ApplyEvent {
     pub now_ms: u64,
     /// The engine input the entry carried (an opened session's shows as `OpenSession`).
     pub input: Option<Input>,
+    /// Who asked: session and request number.
+    pub origin: Option<Origin>,
     pub reply: Reply,
 }
 
@@ -195,7 +197,9 @@ pub struct Machine {
     state: Arc<Mutex<State>>,
     store: Store,
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
-    applied_tx: broadcast::Sender<Arc<Applied>>,
+    /// The queue of each session attached to this server: an applied entry goes only to the
+    /// sessions it concerns (its origin and the sessions its outputs are for).
+    routes: Arc<Mutex<BTreeMap<SessionId, mpsc::Sender<Arc<Applied>>>>>,
     index_tx: Arc<watch::Sender<u64>>,
     server: u64,
     observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
@@ -208,18 +212,17 @@ impl std::fmt::Debug for Machine {
 }
 
 /// How many applied entries a slow local session may fall behind before it must resync.
-const APPLIED_BACKLOG: usize = 16_384;
+const APPLIED_BACKLOG: usize = 4_096;
 
 impl Machine {
     pub fn new(store: Store, server: u64, limits: Limits, env: &crate::node::Env) -> io::Result<Machine> {
         let snapshot = store.snapshot()?;
-        let (applied_tx, _) = broadcast::channel(APPLIED_BACKLOG);
         let (index_tx, _) = watch::channel(0);
         Ok(Machine {
             state: Arc::new(Mutex::new(State::new(limits, env.break_fencing_for_negative_control))),
             store,
             snapshot: Arc::new(Mutex::new(snapshot)),
-            applied_tx,
+            routes: Arc::default(),
             index_tx: Arc::new(index_tx),
             server,
             observer: env.observer.clone(),
@@ -231,9 +234,39 @@ impl Machine {
         self.state.lock().expect("state lock poisoned")
     }
 
-    /// Applied entries, as they are applied on this server.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Applied>> {
-        self.applied_tx.subscribe()
+    /// The entries that concern `session`, as this server applies them from now on. A second
+    /// attachment replaces the first (whose queue then ends). The queue also ends if the session
+    /// falls `APPLIED_BACKLOG` entries behind; its client must then resume the session.
+    pub fn attach(&self, session: SessionId) -> mpsc::Receiver<Arc<Applied>> {
+        let (tx, rx) = mpsc::channel(APPLIED_BACKLOG);
+        self.routes.lock().expect("routes lock").insert(session, tx);
+        rx
+    }
+
+    /// Forgets `session`'s queue if nobody reads it any more.
+    pub fn detach(&self, session: SessionId) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        if routes.get(&session).is_some_and(|tx| tx.is_closed()) {
+            routes.remove(&session);
+        }
+    }
+
+    fn route(&self, applied: Applied) {
+        let mut sessions: Vec<SessionId> = applied.origin.map(|o| o.session).into_iter().collect();
+        sessions.extend(applied.reply.outputs.iter().filter_map(output_session));
+        sessions.sort_unstable();
+        sessions.dedup();
+        let mut routes = self.routes.lock().expect("routes lock");
+        let applied = Arc::new(applied);
+        for session in sessions {
+            if let Some(tx) = routes.get(&session)
+                && tx.try_send(applied.clone()).is_err()
+            {
+                // Full (the session fell behind) or closed (its stream ended): its client
+                // resumes and is resynchronised.
+                routes.remove(&session);
+            }
+        }
     }
 
     /// The index of the last entry applied on this server.
@@ -307,15 +340,14 @@ impl RaftStateMachine<C> for Machine {
                         let reply = state.apply(cmd, index);
                         if let (Some(observer), Some((now_ms, input))) = (&self.observer, seen) {
                             let server = self.server;
-                            observer(ApplyEvent { server, index, now_ms, input, reply: reply.clone() });
+                            observer(ApplyEvent { server, index, now_ms, input, origin, reply: reply.clone() });
                         }
                         (origin, reply)
                     }
                 }
             };
             if !reply.outputs.is_empty() || origin.is_some() {
-                // No receiver is fine: no session is attached here.
-                let _ = self.applied_tx.send(Arc::new(Applied { index, origin, reply: reply.clone() }));
+                self.route(Applied { index, origin, reply: reply.clone() });
             }
             self.index_tx.send_replace(index);
             if let Some(responder) = responder {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use lockengine::{ByteRange, Input, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -286,8 +286,6 @@ impl pb::locks_server::Locks for LockService {
             return Err(Status::failed_precondition("a session stream must start with OpenSession"));
         };
         let node = self.node.clone();
-        // Subscribe before the session exists, so nothing applied after it is missed.
-        let mut applied = node.machine.subscribe();
         let lease_ms = open.lease_ms.clamp(LEASE_MS_MIN, LEASE_MS_MAX);
         let session = if open.resume_session != 0 {
             let s = SessionId(open.resume_session);
@@ -303,6 +301,9 @@ impl pb::locks_server::Locks for LockService {
             node.applied(reply.index).await;
             reply.session.ok_or_else(|| Status::internal("no session number in the reply"))?
         };
+        // Attached before the resync reads the table, so nothing applied after it is missed. (A
+        // new session cannot be concerned by an entry before its client has heard of it.)
+        let mut applied = node.machine.attach(session);
         let (tx, rx) = mpsc::channel::<Result<pb::ServerMessage, Status>>(DOWN_QUEUE);
         let heartbeat_ms = (lease_ms / 3).max(100);
         let opened = pb::ServerMessage {
@@ -322,26 +323,28 @@ impl pb::locks_server::Locks for LockService {
         let down_tx = tx.clone();
         let down_node = node.clone();
         tokio::spawn(async move {
-            loop {
+            'stream: loop {
                 match applied.recv().await {
-                    Ok(a) => {
+                    Some(a) => {
                         for msg in messages_for(&down_node, session, &a) {
                             if down_tx.send(Ok(msg)).await.is_err() {
-                                return;
+                                break 'stream;
                             }
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                    None => {
                         let _ = down_tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "this client fell {n} updates behind; reconnect and resume the session"
-                            ))))
+                            .send(Err(Status::unavailable(
+                                "this session stream fell behind or was replaced by another; \
+                                 reconnect and resume the session",
+                            )))
                             .await;
-                        return;
+                        break 'stream;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
+            drop(applied);
+            down_node.machine.detach(session);
         });
 
         // Up: each request proposed in order; a failure to commit is reported on the stream.

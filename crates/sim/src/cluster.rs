@@ -367,7 +367,8 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
         let at = e.now_ms.saturating_sub(CLOCK_BASE_MS);
         if trace {
             eprintln!(
-                "{index} s{server} @{at} {:?} -> {:?}{}",
+                "{index} s{server} @{at} req {:?} {:?} -> {:?}{}",
+                e.origin.map(|o| o.request),
                 e.input,
                 e.reply.outputs,
                 if e.reply.duplicate { " (dup)" } else { "" }
@@ -381,7 +382,14 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
         }
         match &e.input {
             Some(Input::Lock { lock, resource, .. }) => {
-                resource_of.insert(*lock, resource.clone());
+                // A lock number still in use is refused (`LockExists`) and keeps its resource.
+                let refused =
+                    e.reply.outputs.iter().any(
+                        |o| matches!(o, Output::Rejected { subject: lockengine::Subject::Lock(l), .. } if l == lock),
+                    );
+                if !refused {
+                    resource_of.insert(*lock, resource.clone());
+                }
             }
             Some(Input::FenceAck { session }) => checker.fenced(*session),
             _ => {}

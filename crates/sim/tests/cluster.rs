@@ -39,6 +39,18 @@ fn one_hundred_seeds_of_the_real_cluster_without_violation() {
     assert!(epochs > 150, "only {epochs} leader terms granted anything: leaders are not changing");
 }
 
+/// Seeds that once failed, each pinned to the bug it found.
+#[test]
+fn seeds_that_found_bugs_stay_clean() {
+    for (seed, bug) in [
+        (17, "a request applied after a newer one of its session was taken for a retry and dropped"),
+        (144, "a replayed reply (Cancelled) was applied by the client to a later use of the lock number"),
+    ] {
+        let (ok, out) = sim(&["--seed", &seed.to_string()]);
+        assert!(ok, "seed {seed} ({bug}) fails again:\n{out}");
+    }
+}
+
 #[test]
 fn a_cluster_seed_replays_exactly() {
     let digest = |seed: &str| {
