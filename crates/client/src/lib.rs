@@ -412,7 +412,7 @@ impl Actor {
         let mut last_heard = tokio::time::Instant::now();
         loop {
             let silent = tokio::time::sleep_until(last_heard + silence_limit);
-            tokio::select! {
+            let server_lost = tokio::select! {
                 biased;
                 msg = down.next() => match msg {
                     Some(Ok(m)) => {
@@ -420,43 +420,23 @@ impl Actor {
                         if self.handle(m) {
                             return;
                         }
+                        false
                     }
-                    _ => {
-                        // The server is gone: resume the session on another one, resend what
-                        // was not acknowledged.
-                        match self.reconnect().await {
-                            Some((u, d)) => {
-                                up = u;
-                                down = d;
-                                last_heard = tokio::time::Instant::now();
-                            }
-                            None => {
-                                self.fail_all(ClientError::Expired);
-                                return;
-                            }
-                        }
-                    }
+                    // The stream broke: the server is gone.
+                    _ => true,
                 },
                 _ = silent => {
+                    // Start with the next server: this one may still accept connections.
                     self.servers.rotate_left(1);
-                    match self.reconnect().await {
-                        Some((u, d)) => {
-                            up = u;
-                            down = d;
-                            last_heard = tokio::time::Instant::now();
-                        }
-                        None => {
-                            self.fail_all(ClientError::Expired);
-                            return;
-                        }
-                    }
-                },
+                    true
+                }
                 call = calls.recv() => match call {
                     Some(Call { body, lock, want }) => {
                         let id = self.next_request;
                         self.next_request += 1;
                         let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
                         self.unacked.insert(id, (body, lock, want));
+                        false
                     }
                     None => return,
                 },
@@ -466,6 +446,21 @@ impl Actor {
                     let body = Up::Heartbeat(pb::Heartbeat {});
                     let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
                     self.unacked.insert(id, (body, None, Want::Nothing));
+                    false
+                }
+            };
+            if server_lost {
+                // Resume the session on another server and resend what was not acknowledged.
+                match self.reconnect().await {
+                    Some((u, d)) => {
+                        up = u;
+                        down = d;
+                        last_heard = tokio::time::Instant::now();
+                    }
+                    None => {
+                        self.fail_all(ClientError::Expired);
+                        return;
+                    }
                 }
             }
         }
