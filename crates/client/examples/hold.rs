@@ -19,7 +19,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let session = Session::open(&servers, 10_000).await?;
     let mut events = session.events();
     let grant = session
-        .lock(&resource, 0..u64::MAX, Mode::EX, LockOptions { nowait: false, timeout: Some(Duration::from_secs(30)) })
+        .lock(
+            &resource,
+            0..u64::MAX,
+            Mode::EX,
+            LockOptions { nowait: false, timeout: Some(Duration::from_secs(30)), ..Default::default() },
+        )
         .await?;
     println!("session {} holds EX on {resource}: token {}", session.id(), grant.token);
     println!("signed token for storage: {}", grant.signed_token);

@@ -42,6 +42,9 @@ pub struct Grant {
     pub token: u64,
     /// The token signed by the cluster (`slt1.…`), for storage; empty before bootstrap ends.
     pub signed_token: String,
+    /// Granted by the server the session is attached to, from its cached whole-file read lock
+    /// ([`LockOptions::gateway`]); such a lock is lost ([`Event::Lost`]) if that server goes.
+    pub via_gateway: bool,
 }
 
 /// Something the cluster tells the session without being asked.
@@ -53,6 +56,9 @@ pub enum Event {
     Granted(Grant),
     /// The session's lease ran out: its locks are fenced and will be dropped.
     Expired,
+    /// A lock served by a server's gateway is gone: that server lost its lease, was revoked
+    /// without the lock being released, or the session moved to another server.
+    Lost { lock: u64, reason: String },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -61,6 +67,11 @@ pub struct LockOptions {
     pub nowait: bool,
     /// Give up (and cancel the request) after this long.
     pub timeout: Option<Duration>,
+    /// For PR: let the server this session is attached to grant it from its own cached
+    /// whole-file read lock (seed 002). Many readers then cost one log entry instead of one
+    /// each, and a write lock there takes the read lock's place in a single entry. The lock
+    /// lasts only while that server's lease does. Ignored for other modes and with `nowait`.
+    pub gateway: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +92,8 @@ pub enum ClientError {
     Expired,
     #[error("the session is closed")]
     Closed,
+    #[error("the lock is lost: {0}")]
+    Lost(String),
 }
 
 enum Want {
@@ -117,6 +130,20 @@ struct Cache {
     /// Every grant this session holds, with its resource (what `cache` needs to know).
     held: HashMap<u64, (String, Grant)>,
     cached: HashMap<u64, Cached>,
+    /// Gateway locks lost while held and not yet unlocked by the application.
+    lost: BTreeSet<u64>,
+}
+
+impl Cache {
+    /// Forgets a lost gateway lock; true if it was held.
+    fn lose(&mut self, lock: u64) -> bool {
+        self.cached.remove(&lock);
+        let held = self.held.remove(&lock).is_some();
+        if held {
+            self.lost.insert(lock);
+        }
+        held
+    }
 }
 
 #[derive(Debug)]
@@ -190,6 +217,7 @@ impl Session {
             next_request: 1,
             unacked: BTreeMap::new(),
             waiting_locks: BTreeMap::new(),
+            gateway_waits: BTreeMap::new(),
             events: events.clone(),
             numbers: numbers.clone(),
         };
@@ -233,6 +261,7 @@ impl Session {
             range: Some(pb::Range { start: range.start, end: range.end }),
             mode: mode as i32,
             nowait: options.nowait,
+            gateway: options.gateway,
         });
         self.call(body, Some(n), Want::Lock(tx)).await?;
         let mut rx = rx;
@@ -289,7 +318,12 @@ impl Session {
                 }
                 cache.cached.remove(&lock);
             }
-            cache.held.remove(&lock);
+            let held = cache.held.remove(&lock);
+            if held.is_none() && cache.lost.remove(&lock) {
+                // A gateway lock already lost: nothing to release.
+                self.numbers.lock().expect("numbers").used.remove(&lock);
+                return Ok(());
+            }
         }
         let (tx, rx) = oneshot::channel();
         self.call(Up::Release(pb::LockRef { lock }), None, Want::Done(tx)).await?;
@@ -383,6 +417,9 @@ struct Actor {
     unacked: BTreeMap<u64, (Up, Option<u64>, Want)>,
     /// Lock requests acknowledged (queued) but not yet granted or refused.
     waiting_locks: BTreeMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
+    /// Of those, the ones a server's gateway queued (by lock), with their request: that server
+    /// alone knows them, so after a move to another server they are asked again.
+    gateway_waits: BTreeMap<u64, Up>,
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
     cache: std::sync::Arc<std::sync::Mutex<Cache>>,
@@ -398,6 +435,7 @@ fn grant_of(g: &pb::Granted) -> Grant {
         range,
         token: g.token,
         signed_token: g.signed_token.clone(),
+        via_gateway: g.gateway,
     }
 }
 
@@ -472,6 +510,7 @@ impl Actor {
         while tokio::time::Instant::now() < deadline {
             match connect(&self.connector, &self.servers, self.session, self.lease_ms).await {
                 Ok(((up, down), _)) => {
+                    self.gateway_moved();
                     for (id, (body, _, _)) in &self.unacked {
                         let _ = up.send(pb::ClientMessage { request_id: *id, body: Some(body.clone()) }).await;
                     }
@@ -482,6 +521,41 @@ impl Actor {
             }
         }
         None
+    }
+
+    /// After a move to another server: the locks the old server's gateway granted are lost,
+    /// releasing them is moot, and what its gateway queued is asked of the new server.
+    fn gateway_moved(&mut self) {
+        let lost: Vec<u64> = {
+            let cache = self.cache.lock().expect("cache");
+            cache.held.iter().filter(|(_, (_, g))| g.via_gateway).map(|(l, _)| *l).collect()
+        };
+        for lock in lost {
+            if self.cache.lock().expect("cache").lose(lock) {
+                let reason = "the session moved to another server; the read lock was that server's".to_string();
+                let _ = self.events.send(Event::Lost { lock, reason });
+            }
+        }
+        let moot: Vec<u64> = self
+            .unacked
+            .iter()
+            .filter(|(_, (body, _, _))| match body {
+                Up::Release(l) | Up::Cancel(l) => self.cache.lock().expect("cache").lost.contains(&l.lock),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in moot {
+            if let Some((_, _, Want::Done(tx))) = self.unacked.remove(&id) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        for (lock, body) in std::mem::take(&mut self.gateway_waits) {
+            let Some(tx) = self.waiting_locks.remove(&lock) else { continue };
+            let id = self.next_request;
+            self.next_request += 1;
+            self.unacked.insert(id, (body, Some(lock), Want::Lock(tx)));
+        }
     }
 
     fn fail_all(&mut self, e: ClientError) {
@@ -504,6 +578,7 @@ impl Actor {
 
     /// Resolves the lock request for `lock`, wherever it is waiting.
     fn resolve_lock(&mut self, lock: u64, result: Result<Grant, ClientError>) -> bool {
+        self.gateway_waits.remove(&lock);
         if let Some(tx) = self.waiting_locks.remove(&lock) {
             let _ = tx.send(result);
             return true;
@@ -537,6 +612,7 @@ impl Actor {
         match body {
             Down::Granted(g) | Down::Converted(g) => {
                 let grant = grant_of(&g);
+                self.gateway_waits.remove(&g.lock);
                 self.numbers.lock().expect("numbers").used.insert(g.lock);
                 if !self.resolve_lock(g.lock, Ok(grant.clone())) {
                     let _ = self.events.send(Event::Granted(grant));
@@ -597,7 +673,7 @@ impl Actor {
                 }
             }
             Down::Ack(_) => {
-                if let Some((_, lock, want)) = self.unacked.remove(&m.request_id) {
+                if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
                     match want {
                         Want::Done(tx) => {
                             let _ = tx.send(Ok(()));
@@ -606,6 +682,9 @@ impl Actor {
                             // Acknowledged but not yet answered: it waits in the queue.
                             if let Some(l) = lock {
                                 self.waiting_locks.insert(l, tx);
+                                if matches!(&body, Up::Lock(r) if r.gateway) {
+                                    self.gateway_waits.insert(l, body);
+                                }
                             }
                         }
                         Want::Nothing => {}
@@ -615,6 +694,14 @@ impl Actor {
             Down::Expired(_) => {
                 self.fail_all(ClientError::Expired);
                 return true;
+            }
+            Down::Lost(l) => {
+                self.gateway_waits.remove(&l.lock);
+                if !self.resolve_lock(l.lock, Err(ClientError::Lost(l.reason.clone())))
+                    && self.cache.lock().expect("cache").lose(l.lock)
+                {
+                    let _ = self.events.send(Event::Lost { lock: l.lock, reason: l.reason });
+                }
             }
             Down::Queued(_) | Down::Released(_) | Down::Opened(_) | Down::Posix(_) | Down::NotLeader(_) => {}
         }

@@ -6,6 +6,8 @@
 //! reads its own clock while applying. A server answers its own clients from its own
 //! application of the log, so a grant is never shown before it is committed.
 
+pub mod gateway;
+mod gateway_rt;
 mod machine;
 mod network;
 mod node;

@@ -152,6 +152,15 @@ impl State {
                     self.answered.remove(&session);
                 }
             }
+            Op::Handover { release, request } => {
+                // The gateway's lock may already be gone (revoked and released, or its session
+                // expired): then only the request counts, and the refusal of the release is
+                // nobody's business.
+                let mut outputs = self.engine.step(cmd.now_ms, Input::Release { lock: release });
+                outputs.retain(|o| !matches!(o, Output::Rejected { .. }));
+                outputs.extend(self.engine.step(cmd.now_ms, request));
+                reply.outputs = outputs;
+            }
         }
         if let Some(origin) = cmd.origin
             && self.engine.session_is_live(origin.session)
@@ -332,7 +341,7 @@ impl RaftStateMachine<C> for Machine {
                         let origin = cmd.origin;
                         let seen = self.observer.as_ref().map(|_| {
                             let input = match &cmd.op {
-                                Op::Engine(input) => Some(input.clone()),
+                                Op::Engine(input) | Op::Handover { request: input, .. } => Some(input.clone()),
                                 _ => None,
                             };
                             (cmd.now_ms, input)
@@ -497,5 +506,57 @@ mod tests {
         assert_eq!(copy.engine.snapshot(), state.engine.snapshot());
         let retry = copy.apply(lock_cmd(session, 1, 1, 6), 4);
         assert!(retry.duplicate && retry.outputs == first.outputs);
+    }
+
+    /// A handover releases the gateway's read lock and grants the client's write in one entry;
+    /// when the read lock is already gone, the request alone is made and the client sees no
+    /// refusal.
+    #[test]
+    fn a_handover_trades_a_read_lock_for_a_write_in_one_entry() {
+        let mut state = State::new(Limits::default(), false);
+        let open = |state: &mut State, i| {
+            state
+                .apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, i)
+                .session
+                .unwrap()
+        };
+        let (gateway, client) = (open(&mut state, 1), open(&mut state, 2));
+        let id = |s: SessionId, n: u64| LockId((s.0 << crate::types::CLIENT_LOCK_BITS) | n);
+        let read = Input::Lock {
+            lock: id(gateway, 1),
+            session: gateway,
+            resource: "/f".into(),
+            range: ByteRange::ALL,
+            mode: Mode::PR,
+            nowait: false,
+        };
+        state.apply(
+            Command { now_ms: 1, origin: Some(Origin { session: gateway, request: 1 }), op: Op::Engine(read) },
+            3,
+        );
+        let write = |n: u64| Input::Lock {
+            lock: id(client, n),
+            session: client,
+            resource: "/f".into(),
+            range: ByteRange::new(10 * n, 10 * n + 10).unwrap(),
+            mode: Mode::PW,
+            nowait: false,
+        };
+        let handover = Op::Handover { release: id(gateway, 1), request: write(1) };
+        let reply =
+            state.apply(Command { now_ms: 2, origin: Some(Origin { session: client, request: 1 }), op: handover }, 4);
+        assert!(
+            matches!(
+                reply.outputs.as_slice(),
+                [Output::Released { session: g, .. }, Output::Granted { session: c, mode: Mode::PW, .. }]
+                    if *g == gateway && *c == client
+            ),
+            "{reply:?}"
+        );
+        // The read lock is gone now: a second handover naming it is just the request.
+        let again = Op::Handover { release: id(gateway, 1), request: write(2) };
+        let reply =
+            state.apply(Command { now_ms: 3, origin: Some(Origin { session: client, request: 2 }), op: again }, 5);
+        assert!(matches!(reply.outputs.as_slice(), [Output::Granted { mode: Mode::PW, .. }]), "{reply:?}");
     }
 }

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub tick_ms: u64,
     /// Take a snapshot every this many entries; the log before it is then purged.
     pub snapshot_every: u64,
+    /// Lease of the server's gateway session, whose cached read locks serve its clients.
+    pub gateway_lease_ms: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,
@@ -65,6 +67,10 @@ pub struct Env {
     /// Negative control for the simulation only: the engine drops an expired holder's locks
     /// before it is fenced. Never set outside a test.
     pub break_fencing_for_negative_control: bool,
+    /// Negative control for the simulation only: a server's gateway gives its read lock back at
+    /// once when revoked, leaving its readers holding what is no longer covered. Never set
+    /// outside a test.
+    pub break_gateway_for_negative_control: bool,
 }
 
 impl std::fmt::Debug for Env {
@@ -73,6 +79,7 @@ impl std::fmt::Debug for Env {
             .field("simulated_clock", &self.clock.is_some())
             .field("in_memory", &self.database.is_some())
             .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
+            .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
             .finish_non_exhaustive()
     }
 }

@@ -17,6 +17,7 @@ use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
 
+use crate::gateway_rt::GatewayRt;
 use crate::machine::{Applied, output_session};
 use crate::node::Node;
 use crate::types::{Op, Origin, client_lock_id, engine_lock_id};
@@ -30,11 +31,13 @@ const DOWN_QUEUE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct LockService {
     node: Node,
+    gateway: GatewayRt,
 }
 
 impl LockService {
     pub fn new(node: Node) -> LockService {
-        LockService { node }
+        let gateway = GatewayRt::start(node.clone(), node.config.gateway_lease_ms);
+        LockService { node, gateway }
     }
 
     pub fn server(self) -> pb::locks_server::LocksServer<LockService> {
@@ -53,7 +56,7 @@ pub fn mode_from_pb(m: i32) -> Result<Mode, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("unknown lock mode {m}")))
 }
 
-fn range_to_pb(r: ByteRange) -> pb::Range {
+pub(crate) fn range_to_pb(r: ByteRange) -> pb::Range {
     pb::Range { start: r.start, end: r.end }
 }
 
@@ -62,7 +65,7 @@ fn range_from_pb(r: Option<pb::Range>) -> Result<ByteRange, Status> {
     ByteRange::new(r.start, r.end).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn value_to_pb(v: &ValueBlock) -> pb::ValueBlock {
+pub(crate) fn value_to_pb(v: &ValueBlock) -> pb::ValueBlock {
     match v {
         ValueBlock::Empty => pb::ValueBlock { state: 0, value: Vec::new() },
         ValueBlock::Value(b) => pb::ValueBlock { state: 1, value: b.to_vec() },
@@ -129,6 +132,48 @@ fn input_of(session: SessionId, body: Up) -> Result<Input, Status> {
     })
 }
 
+/// What to propose for one client message, after the gateway has had its say: `None` when the
+/// gateway answered it itself (a read lock from its cache, the release of one), a handover when a
+/// write can take the place of the gateway's idle read lock, else the request as it is.
+fn gateway_step(gateway: &GatewayRt, session: SessionId, request: u64, body: Up) -> Result<Option<Op>, Status> {
+    let served = |lock: u64| gateway.serves(session, lock);
+    match body {
+        Up::Lock(l) if l.gateway && !l.nowait && mode_from_pb(l.mode)? == Mode::PR => {
+            engine_lock_id(session, l.lock)
+                .ok_or_else(|| Status::invalid_argument(format!("lock number {} is too large", l.lock)))?;
+            gateway.read(session, request, l.lock, l.resource, range_from_pb(l.range)?);
+            Ok(None)
+        }
+        Up::Release(l) | Up::Cancel(l) if served(l.lock) => {
+            gateway.release(session, l.lock, request);
+            Ok(None)
+        }
+        Up::Cache(l) if served(l.lock) => {
+            // The server keeps the file's read lock cached already; the client's cache of it
+            // lives in the client.
+            gateway.ack(session, request);
+            Ok(None)
+        }
+        Up::Convert(pb::ConvertRequest { lock, .. }) | Up::SetValue(pb::SetValue { lock, .. }) if served(lock) => {
+            Err(Status::failed_precondition(format!(
+                "lock {lock} is a read lock served from this server's cache and cannot change in place; \
+                 release it and ask for a write lock"
+            )))
+        }
+        Up::Close(c) => {
+            gateway.unregister_all(session);
+            Ok(Some(Op::Engine(input_of(session, Up::Close(c))?)))
+        }
+        body => {
+            let input = input_of(session, body)?;
+            Ok(Some(match input {
+                Input::Lock { .. } => gateway.write_op(session, request, input),
+                other => Op::Engine(other),
+            }))
+        }
+    }
+}
+
 /// Turns the outputs of one applied entry into messages for `session`. An entry the session
 /// itself proposed ends with an `Ack` of its request, after every answer to it, so a client
 /// knows a request is done once its ack arrives.
@@ -177,6 +222,7 @@ fn granted(
         signed_token,
         value: Some(value_to_pb(value)),
         reused,
+        gateway: false,
     }
 }
 
@@ -311,6 +357,8 @@ impl pb::locks_server::Locks for LockService {
             body: Some(Down::Opened(pb::SessionOpened { session: session.0, lease_ms, heartbeat_ms })),
         };
         tx.send(Ok(opened)).await.map_err(|_| Status::cancelled("client went away"))?;
+        let gateway = self.gateway.clone();
+        let stream = gateway.register(session, tx.clone());
         // A resumed session is told the state of its locks again: what was in flight while it
         // was away may have been granted.
         if open.resume_session != 0 {
@@ -322,10 +370,16 @@ impl pb::locks_server::Locks for LockService {
         // Down: this server's applied entries, filtered to the session.
         let down_tx = tx.clone();
         let down_node = node.clone();
+        let down_gateway = gateway.clone();
         tokio::spawn(async move {
             'stream: loop {
                 match applied.recv().await {
                     Some(a) => {
+                        if a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session: s } if *s == session))
+                        {
+                            // Its reads from the gateway's cache end with the session.
+                            down_gateway.unregister_all(session);
+                        }
                         for msg in messages_for(&down_node, session, &a) {
                             if down_tx.send(Ok(msg)).await.is_err() {
                                 break 'stream;
@@ -347,38 +401,49 @@ impl pb::locks_server::Locks for LockService {
             down_node.machine.detach(session);
         });
 
-        // Up: each request proposed in order; a failure to commit is reported on the stream.
+        // Up: each request proposed in order (or served by the gateway); a failure to commit is
+        // reported on the stream.
         let up_tx = tx;
         tokio::spawn(async move {
             while let Some(msg) = up.next().await {
-                let Ok(msg) = msg else { return };
+                let Ok(msg) = msg else { break };
                 let Some(body) = msg.body else { continue };
                 let closing = matches!(body, Up::Close(_));
-                let input = match input_of(session, body) {
-                    Ok(i) => i,
+                let request = msg.request_id;
+                let op = match gateway_step(&gateway, session, request, body) {
+                    Ok(Some(op)) => op,
+                    Ok(None) => continue,
                     Err(status) => {
                         let rejected = pb::Rejected { code: 0, message: status.message().to_string() };
-                        let m = pb::ServerMessage { request_id: msg.request_id, body: Some(Down::Rejected(rejected)) };
-                        let ack = pb::ServerMessage { request_id: msg.request_id, body: Some(Down::Ack(pb::Ack {})) };
+                        let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
+                        let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
                         if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
-                            return;
+                            break;
                         }
                         continue;
                     }
                 };
-                let origin = Origin { session, request: msg.request_id };
-                match node.propose(Op::Engine(input), Some(origin)).await {
+                let handover = match &op {
+                    Op::Handover { release, .. } => Some(*release),
+                    _ => None,
+                };
+                let origin = Origin { session, request };
+                match node.propose(op, Some(origin)).await {
                     // The answers and the ack come down from this server's own application.
                     Ok(_) => {}
                     Err(e) => {
+                        if let Some(release) = handover {
+                            gateway.handover_failed(release);
+                        }
                         let _ = up_tx.send(Err(e.status())).await;
-                        return;
+                        break;
                     }
                 }
                 if closing {
-                    return;
+                    break;
                 }
             }
+            gateway.unregister(session, stream);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -387,6 +452,7 @@ impl pb::locks_server::Locks for LockService {
         use openraft::async_runtime::WatchReceiver;
         let m = self.node.raft.metrics().borrow_watched().clone();
         let stats = self.node.machine.state().engine.stats();
+        let gateway = self.gateway.stats();
         let servers = m
             .membership_config
             .membership()
@@ -413,6 +479,11 @@ impl pb::locks_server::Locks for LockService {
             last_token: stats.last_token,
             log_entries: self.node.machine.store().log_len().unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            gateway_session: gateway.session.map_or(0, |s| s.0),
+            gateway_files: gateway.files,
+            gateway_readers: gateway.readers,
+            gateway_grants: gateway.grants,
+            gateway_handovers: gateway.handovers,
         }))
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use lockengine::{Input, Output, SessionId};
+use lockengine::{Input, LockId, Output, SessionId};
 use serde::{Deserialize, Serialize};
 
 /// How a server is reached; stored in the Raft membership.
@@ -35,6 +35,9 @@ pub enum Op {
     OpenSession { lease_ms: u64 },
     /// An input for the lock engine.
     Engine(Input),
+    /// A gateway gives up its read lock `release` and, in the same entry, a client's write
+    /// request is made (seed 002's trade of a whole-file read lock for a range write lock).
+    Handover { release: LockId, request: Input },
 }
 
 impl fmt::Display for Command {
@@ -43,6 +46,7 @@ impl fmt::Display for Command {
             Op::Bootstrap { .. } => write!(f, "bootstrap@{}", self.now_ms),
             Op::OpenSession { lease_ms } => write!(f, "open(lease={lease_ms})@{}", self.now_ms),
             Op::Engine(input) => write!(f, "{input:?}@{}", self.now_ms),
+            Op::Handover { release, request } => write!(f, "handover({release:?}, {request:?})@{}", self.now_ms),
         }
     }
 }

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use client::{ClientError, Connector, LockOptions, Mode, Session};
-use lockengine::{Input, LockId, Output};
+use lockengine::{ByteRange, Input, LockId, Output, SessionId};
 use server::{ApplyEvent, Env, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -42,6 +42,8 @@ pub struct ClusterConfig {
     pub heal_ms: u64,
     /// Negative control: the engine drops an expired holder's locks before it is fenced.
     pub break_fencing: bool,
+    /// The gateways' negative control: give a revoked read lock back with readers still on it.
+    pub break_gateway: bool,
 }
 
 impl Default for ClusterConfig {
@@ -54,6 +56,7 @@ impl Default for ClusterConfig {
             fault_ms: 8_000,
             heal_ms: 6_000,
             break_fencing: false,
+            break_gateway: false,
         }
     }
 }
@@ -69,29 +72,51 @@ pub struct ClusterReport {
     pub pauses: u64,
     /// Distinct terms seen in tokens (leaders that granted something).
     pub epochs: u64,
+    /// Read locks granted from a gateway's cache and checked against the log.
+    pub gateway_reads: u64,
     /// A digest of the applied history and what clients saw, to show two runs of a seed agree.
     pub digest: u64,
 }
 
 const PORT: u16 = 7000;
+/// Lease of each server's gateway session (its cached read locks).
+const GATEWAY_LEASE_MS: u64 = 2_000;
 /// Leader-stamped times start here (a made-up epoch, the same in every run).
 const CLOCK_BASE_MS: u64 = 1_700_000_000_000;
 
 /// What the run records, shared by every host (all on this one thread).
 #[derive(Debug, Default)]
 struct Record {
-    /// Index → (server that applied it first, its time stamp, input, reply).
-    applied: BTreeMap<u64, (u64, ApplyEvent)>,
+    /// Index → the first application of it (server, time stamp, input, reply).
+    applied: BTreeMap<u64, ApplyEvent>,
     /// The first disagreement between servers.
     disagreement: Option<String>,
     /// Grants clients were told of: (session, client lock number, token).
     told: Vec<(u64, u64, u64)>,
+    /// Read locks clients were granted from a server's gateway cache.
+    gateway_reads: Vec<GatewayRead>,
     /// Requests that did not complete in time after the faults stopped.
     stuck: Vec<String>,
     /// Clients asking to be paused (cut off) for this many ms, now.
     pause_requests: Vec<(usize, u64)>,
     client_digest: u64,
 }
+
+/// A read lock a server's gateway granted a client, as the client saw it.
+#[derive(Debug, Clone)]
+struct GatewayRead {
+    session: u64,
+    resource: String,
+    range: ByteRange,
+    token: u64,
+    /// Sim time the client had the grant, and the time it called unlock (`None`: the lock was
+    /// reported lost, so when it stopped being valid is the gateway's business).
+    from_ms: u64,
+    to_ms: Option<u64>,
+}
+
+/// Largest clock skew of a server (its stamps run this far ahead of the sim's time at most).
+const SKEW_MS_MAX: u64 = 40;
 
 fn fnv(h: u64, s: &str) -> u64 {
     s.bytes().fold(h ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
@@ -185,20 +210,21 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .map_err(|e| fail(0, format!("in-memory database: {e}")))?,
         );
-        let skew_ms = rng.below(40);
-        let (peers, record, break_fencing) = (peers.clone(), record.clone(), cfg.break_fencing);
+        let skew_ms = rng.below(SKEW_MS_MAX);
+        let (peers, record, break_fencing, break_gateway) =
+            (peers.clone(), record.clone(), cfg.break_fencing, cfg.break_gateway);
         sim.host(server_name(id), move || {
             let observer_record = record.clone();
             let observer = move |e: ApplyEvent| {
                 let mut r = observer_record.lock().expect("record");
                 match r.applied.get(&e.index) {
                     None => {
-                        r.applied.insert(e.index, (e.server, e));
+                        r.applied.insert(e.index, e);
                     }
-                    Some((first, seen)) if seen.reply.outputs != e.reply.outputs || seen.input != e.input => {
+                    Some(seen) if seen.reply.outputs != e.reply.outputs || seen.input != e.input => {
                         let what = format!(
-                            "server {} applied index {} as {:?} -> {:?}, server {first} as {:?} -> {:?}",
-                            e.server, e.index, e.input, e.reply.outputs, seen.input, seen.reply.outputs
+                            "server {} applied index {} as {:?} -> {:?}, server {} as {:?} -> {:?}",
+                            e.server, e.index, e.input, e.reply.outputs, seen.server, seen.input, seen.reply.outputs
                         );
                         r.disagreement.get_or_insert(what);
                     }
@@ -215,6 +241,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 election_timeout_ms: None,
                 observer: Some(Arc::new(observer)),
                 break_fencing_for_negative_control: break_fencing,
+                break_gateway_for_negative_control: break_gateway,
             };
             let config = ServerConfig {
                 id,
@@ -225,6 +252,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 heartbeat_ms: 50,
                 tick_ms: 100,
                 snapshot_every: 300,
+                gateway_lease_ms: GATEWAY_LEASE_MS,
                 limits: lockengine::Limits::default(),
                 env,
             };
@@ -363,7 +391,13 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
     let mut epochs = std::collections::BTreeSet::new();
     let mut digest = 0u64;
     let trace = std::env::var("SIM_TRACE").is_ok_and(|s| s.is_empty() || s == seed.to_string());
-    for (index, (server, e)) in &r.applied {
+    // Each grant's span in stamped time, for the gateway reads: (session, resource, range, mode,
+    // from, to); open ones by lock.
+    let mut spans: Vec<(SessionId, String, ByteRange, Mode, u64, u64)> = Vec::new();
+    let mut open: BTreeMap<LockId, (SessionId, String, ByteRange, Mode, u64)> = BTreeMap::new();
+    let mut gateway_tokens: BTreeMap<u64, (String, SessionId)> = BTreeMap::new();
+    for (index, e) in &r.applied {
+        let server = e.server;
         let at = e.now_ms.saturating_sub(CLOCK_BASE_MS);
         if trace {
             eprintln!(
@@ -402,12 +436,24 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
                         return Err(fail(at, format!("{lock:?} granted at index {index} on no known resource")));
                     };
                     let g = Grant { session: *session, resource, range: *range, mode: *mode, token: *token };
-                    checker.grant(*lock, g).map_err(|w| fail(at, format!("index {index}: {w}")))?;
+                    checker.grant(*lock, g.clone()).map_err(|w| fail(at, format!("index {index}: {w}")))?;
+                    if let Some((s, res, rg, m, from)) = open.remove(lock) {
+                        spans.push((s, res, rg, m, from, at));
+                    }
+                    open.insert(*lock, (*session, g.resource.clone(), *range, *mode, at));
+                    if *mode == Mode::PR && *range == ByteRange::ALL {
+                        gateway_tokens.insert(*token, (g.resource, *session));
+                    }
                     report.grants += 1;
                     epochs.insert(token >> 40);
                     logged.entry((session.0, server::client_lock_id(*lock))).or_default().push(*token);
                 }
-                Output::Released { lock, .. } => checker.released(*lock),
+                Output::Released { lock, .. } => {
+                    checker.released(*lock);
+                    if let Some((s, res, rg, m, from)) = open.remove(lock) {
+                        spans.push((s, res, rg, m, from, at));
+                    }
+                }
                 Output::Expired { session } => {
                     checker.expired(*session);
                     report.expiries += 1;
@@ -423,6 +469,46 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
                 format!("session {session} was told it holds lock {lock} with token {token}, which no entry granted"),
             ));
         }
+    }
+    spans.extend(open.into_values().map(|(s, res, rg, m, from)| (s, res, rg, m, from, u64::MAX)));
+    for read in &r.gateway_reads {
+        // The token is that of a whole-file PR some (gateway) session was granted in the log ...
+        let Some((resource, gateway)) = gateway_tokens.get(&read.token) else {
+            return Err(fail(
+                read.from_ms,
+                format!(
+                    "session {} was granted a read of {} from a gateway with token {}, which no entry granted",
+                    read.session, read.resource, read.token
+                ),
+            ));
+        };
+        if *resource != read.resource {
+            return Err(fail(
+                read.from_ms,
+                format!("gateway token {} is for {resource}, not {}", read.token, read.resource),
+            ));
+        }
+        // ... and while the client used it, no conflicting lock was held by anyone else. A stamp
+        // may run up to the largest skew ahead of the sim's time.
+        let Some(to) = read.to_ms else { continue };
+        for (s, res, rg, m, from, until) in &spans {
+            if s != gateway
+                && *res == read.resource
+                && rg.overlaps(read.range)
+                && !m.compatible(Mode::PR)
+                && *from < to
+                && until.saturating_sub(SKEW_MS_MAX) > read.from_ms
+            {
+                return Err(fail(
+                    read.from_ms,
+                    format!(
+                        "session {} read {} {} from a gateway over {}..{} ms while session {} held {m} {rg} over {from}..{until} ms",
+                        read.session, read.resource, read.range, read.from_ms, to, s.0
+                    ),
+                ));
+            }
+        }
+        report.gateway_reads += 1;
     }
     if let Some(s) = r.stuck.first() {
         return Err(fail(0, s.clone()));
@@ -491,11 +577,14 @@ async fn client_loop(
         let options = LockOptions {
             nowait: rng.chance(15),
             timeout: Some(Duration::from_millis(300 + rng.below(2 * cfg.lease_ms))),
+            gateway: rng.chance(50),
         };
+        let mut events = s.events();
         let outcome = tokio::time::timeout(bound, s.lock(&resource, range.clone(), mode, options)).await;
         match outcome {
             Ok(Ok(g)) => {
-                {
+                let from_ms = elapsed_ms();
+                if !g.via_gateway {
                     let mut r = record.lock().expect("record");
                     r.told.push((s.id(), g.lock, g.token));
                 }
@@ -506,7 +595,27 @@ async fn client_loop(
                     record.lock().expect("record").pause_requests.push((me, ms));
                 }
                 tokio::time::sleep(Duration::from_millis(5 + rng.below(80))).await;
-                match tokio::time::timeout(bound, s.unlock(g.lock)).await {
+                let to_ms = elapsed_ms();
+                let unlocked = tokio::time::timeout(bound, s.unlock(g.lock)).await;
+                if g.via_gateway {
+                    // Held until unlock was called, unless it was lost (then the gateway, not
+                    // the client, knows when it ended) or the session expired meanwhile.
+                    let mut lost = !matches!(unlocked, Ok(Ok(())));
+                    while let Ok(ev) = events.try_recv() {
+                        lost |= matches!(ev, client::Event::Lost { lock, .. } if lock == g.lock);
+                    }
+                    let read = GatewayRead {
+                        session: s.id(),
+                        resource: resource.clone(),
+                        range: ByteRange::new(range.start, range.end).expect("a valid range"),
+                        token: g.token,
+                        from_ms,
+                        to_ms: (!lost).then_some(to_ms),
+                    };
+                    note(format!("gateway read {} {} {} lost={lost}", s.id(), g.lock, g.token));
+                    record.lock().expect("record").gateway_reads.push(read);
+                }
+                match unlocked {
                     Ok(Ok(())) => {}
                     Ok(Err(ClientError::Expired | ClientError::Closed)) => session = None,
                     Ok(Err(e)) => note(format!("unlock {e}")),

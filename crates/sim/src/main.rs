@@ -1,7 +1,7 @@
 //! `cargo run -p sim -- --seed N` replays one seed of the cluster simulation (real servers and
 //! clients over turmoil); `--seeds A..B` runs a range, each seed in a process of its own (`--jobs
-//! J` at once) so that no seed's run depends on the ones before it; `--break-fencing` runs the
-//! negative control; `--log` runs the faster log-level simulation instead. Exit 1 on the first
+//! J` at once) so that no seed's run depends on the ones before it; `--break-fencing` and
+//! `--break-gateway` run the negative controls; `--log` runs the faster log-level simulation instead. Exit 1 on the first
 //! violation.
 
 use std::process::ExitCode;
@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seeds = 0..100u64;
     let mut break_fencing = false;
+    let mut break_gateway = false;
     let mut log_level = false;
     let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut i = 0;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
                 i += 1;
             }
             ("--break-fencing", _) => break_fencing = true,
+            ("--break-gateway", _) => break_gateway = true,
             ("--log", _) => log_level = true,
             _ => return usage(),
         }
@@ -47,11 +49,18 @@ fn main() -> ExitCode {
         );
     }
     let count = seeds.end - seeds.start;
-    let flags =
-        format!("{}{}", if log_level { " --log" } else { "" }, if break_fencing { " --break-fencing" } else { "" });
+    let mut breaks = Vec::new();
+    if break_fencing {
+        breaks.push("--break-fencing");
+    }
+    if break_gateway {
+        breaks.push("--break-gateway");
+    }
+    let flags: String =
+        (log_level.then_some("--log").into_iter().chain(breaks.iter().copied())).map(|f| format!(" {f}")).collect();
     let started = Instant::now();
     if count > 1 && !log_level {
-        return run_processes(seeds, jobs, break_fencing, started);
+        return run_processes(seeds, jobs, &breaks, started);
     }
     for seed in seeds {
         let t = Instant::now();
@@ -64,14 +73,15 @@ fn main() -> ExitCode {
                 )
             })
         } else {
-            let cfg = sim::cluster::ClusterConfig { break_fencing, ..Default::default() };
+            let cfg = sim::cluster::ClusterConfig { break_fencing, break_gateway, ..Default::default() };
             sim::cluster::run(seed, &cfg).map(|r| {
                 format!(
-                    "{} entries, {} grants ({} seen by clients), {} expiries, {} crashes, {} partitions, \
-                     {} pauses, {} epochs, digest {:016x}",
+                    "{} entries, {} grants ({} seen by clients), {} gateway-reads, {} expiries, {} crashes, \
+                     {} partitions, {} pauses, {} epochs, digest {:016x}",
                     r.entries,
                     r.grants,
                     r.client_grants,
+                    r.gateway_reads,
                     r.expiries,
                     r.crashes,
                     r.partitions,
@@ -98,7 +108,7 @@ fn main() -> ExitCode {
 
 /// Runs each seed as `sim --seed N` in a child process, `jobs` at a time, printing results in
 /// seed order; stops at the first violation.
-fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, break_fencing: bool, started: Instant) -> ExitCode {
+fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, breaks: &[&str], started: Instant) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -112,10 +122,7 @@ fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, break_fencing: bool, 
     loop {
         while running.len() < jobs && next < seeds.end {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(["--seed", &next.to_string()]).stdout(std::process::Stdio::piped());
-            if break_fencing {
-                cmd.arg("--break-fencing");
-            }
+            cmd.args(["--seed", &next.to_string()]).args(breaks).stdout(std::process::Stdio::piped());
             match cmd.spawn() {
                 Ok(child) => running.push_back((next, child)),
                 Err(e) => {
@@ -147,6 +154,6 @@ fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, break_fencing: bool, 
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--log]");
+    eprintln!("usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--break-gateway] [--log]");
     ExitCode::from(2)
 }

@@ -1,6 +1,7 @@
 //! The cluster simulation (the real servers and clients over turmoil's network) over a hundred
 //! seeds finds no violation, replays a seed exactly, and its checker is able to fail: with
-//! fence-before-grant broken in the servers' engines, some seed must be caught.
+//! fence-before-grant broken in the servers' engines, or with gateways giving up read locks their
+//! readers still hold, some seed must be caught.
 
 use std::process::Command;
 
@@ -37,6 +38,8 @@ fn one_hundred_seeds_of_the_real_cluster_without_violation() {
     assert!(expiries > 100, "only {expiries} expiries: pauses past the lease are not happening");
     assert!(crashes > 50 && partitions > 50, "only {crashes} crashes and {partitions} partitions");
     assert!(epochs > 150, "only {epochs} leader terms granted anything: leaders are not changing");
+    let gateway_reads = total(&out, "gateway-reads");
+    assert!(gateway_reads > 1_000, "only {gateway_reads} reads from servers' gateway caches were checked");
 }
 
 /// Seeds that once failed, each pinned to the bug it found.
@@ -68,4 +71,12 @@ fn cluster_negative_control_breaking_fencing_is_caught() {
     assert!(!ok, "with fence-before-grant broken, no seed was caught: the checker cannot fail\n{out}");
     assert!(out.contains("not fenced yet"), "caught, but for another reason:\n{out}");
     assert!(out.contains("replay: cargo run -p sim -- --seed"), "{out}");
+}
+
+#[test]
+fn cluster_negative_control_breaking_the_gateway_is_caught() {
+    let (ok, out) = sim(&["--seeds", "0..30", "--break-gateway"]);
+    assert!(!ok, "with gateways giving up read locks under their readers, no seed was caught\n{out}");
+    assert!(out.contains("from a gateway over"), "caught, but for another reason:\n{out}");
+    assert!(out.contains("--break-gateway"), "the replay line keeps the switch:\n{out}");
 }

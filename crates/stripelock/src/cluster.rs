@@ -72,6 +72,7 @@ pub struct ServerArgs {
     pub heartbeat_ms: u64,
     pub tick_ms: u64,
     pub snapshot_every: u64,
+    pub gateway_lease_ms: u64,
 }
 
 /// A server's settings as a TOML file holds them (and as flags give them: every one optional).
@@ -87,6 +88,7 @@ pub struct ServerFile {
     pub heartbeat_ms: Option<u64>,
     pub tick_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
+    pub gateway_lease_ms: Option<u64>,
 }
 
 impl ServerArgs {
@@ -107,6 +109,14 @@ impl ServerArgs {
         if !(10..=10_000_000).contains(&snapshot_every) {
             bail!("snapshot_every must be between 10 and 10000000, not {snapshot_every}");
         }
+        let gateway_lease_ms = flags.gateway_lease_ms.or(f.gateway_lease_ms).unwrap_or(10_000);
+        if !(server::LEASE_MS_MIN..=server::LEASE_MS_MAX).contains(&gateway_lease_ms) {
+            bail!(
+                "gateway_lease_ms must be between {} and {}, not {gateway_lease_ms}",
+                server::LEASE_MS_MIN,
+                server::LEASE_MS_MAX
+            );
+        }
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -120,6 +130,7 @@ impl ServerArgs {
             heartbeat_ms,
             tick_ms: flags.tick_ms.or(f.tick_ms).unwrap_or(200).max(1),
             snapshot_every,
+            gateway_lease_ms,
         })
     }
 }
@@ -156,6 +167,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         heartbeat_ms: args.heartbeat_ms,
         tick_ms: args.tick_ms,
         snapshot_every: args.snapshot_every,
+        gateway_lease_ms: args.gateway_lease_ms,
         limits: Limits::default(),
         env: server::Env::default(),
     };
@@ -276,6 +288,7 @@ pub struct LockArgs {
     pub range: String,
     pub mode: String,
     pub nowait: bool,
+    pub gateway: bool,
     pub timeout: Option<Duration>,
     pub conflict_exit_code: u8,
     pub lease: Duration,
@@ -295,7 +308,7 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let session = Session::open(&addrs, args.lease.as_millis() as u64).await?;
-        let options = LockOptions { nowait: args.nowait, timeout: args.timeout };
+        let options = LockOptions { nowait: args.nowait, timeout: args.timeout, gateway: args.gateway };
         let grant = match session.lock(&args.path, range.clone(), mode, options).await {
             Ok(g) => g,
             Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock)) => {
@@ -517,6 +530,10 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "sessions_fencing": s.sessions_fencing, "resources": s.resources, "locks_granted": s.locks_granted,
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
                     "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
+                    "gateway": {
+                        "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
+                        "grants": s.gateway_grants, "handovers": s.gateway_handovers,
+                    },
                 }),
                 Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
             })
@@ -524,15 +541,25 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::json!({"servers": servers, "up": up, "total": addrs.len()}));
     } else {
         println!(
-            "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
-            "id", "address", "role", "term", "commit", "applied", "sessions", "fencing", "locks", "waiting"
+            "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12}",
+            "id",
+            "address",
+            "role",
+            "term",
+            "commit",
+            "applied",
+            "sessions",
+            "fencing",
+            "locks",
+            "waiting",
+            "cached-reads"
         );
         for (a, r) in &replies {
             match r {
                 Ok(s) => {
                     let role = if s.leader_id == s.server_id { "leader" } else { "follower" };
                     println!(
-                        "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+                        "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12}",
                         s.server_id,
                         a,
                         role,
@@ -542,7 +569,8 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         s.sessions,
                         s.sessions_fencing,
                         s.locks_granted,
-                        s.requests_waiting
+                        s.requests_waiting,
+                        s.gateway_readers
                     );
                 }
                 Err(e) => println!("{:<4} {:<22} {:<8} {e:#}", "?", a, "DOWN"),

@@ -60,6 +60,10 @@ enum Command {
         /// Snapshot the state every N log entries (default 5000) and purge the log behind it.
         #[arg(long, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
         snapshot_every: Option<u64>,
+        /// Lease of this server's gateway session in ms (default 10000): how long the shared read
+        /// locks it grants from its cache outlive it if it dies.
+        #[arg(long)]
+        gateway_lease_ms: Option<u64>,
     },
     /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
     Lock {
@@ -73,6 +77,10 @@ enum Command {
         /// Fail at once, saying who holds it, if the lock is taken.
         #[arg(long)]
         nowait: bool,
+        /// With --mode PR: let the server grant it from its own cached read lock on the whole
+        /// file (no log write per reader); the lock then lasts only while that server's lease does.
+        #[arg(long)]
+        gateway: bool,
         /// Give up after this long (e.g. 30s).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
@@ -188,7 +196,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
-        Command::Server { config, id, peers, data, listen, bootstrap, heartbeat_ms, tick_ms, snapshot_every } => {
+        Command::Server {
+            config,
+            id,
+            peers,
+            data,
+            listen,
+            bootstrap,
+            heartbeat_ms,
+            tick_ms,
+            snapshot_every,
+            gateway_lease_ms,
+        } => {
             let flags = cluster::ServerFile {
                 id,
                 peers,
@@ -198,15 +217,17 @@ fn main() -> ExitCode {
                 heartbeat_ms,
                 tick_ms,
                 snapshot_every,
+                gateway_lease_ms,
             };
             report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(cluster::server))
         }
-        Command::Lock { path, range, mode, nowait, timeout, conflict_exit_code, lease, cluster, command } => {
+        Command::Lock { path, range, mode, nowait, gateway, timeout, conflict_exit_code, lease, cluster, command } => {
             report(cluster::lock(cluster::LockArgs {
                 path,
                 range,
                 mode,
                 nowait,
+                gateway,
                 timeout,
                 conflict_exit_code,
                 lease,

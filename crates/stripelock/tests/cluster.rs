@@ -220,7 +220,7 @@ async fn conflicting_locks_serialize_disjoint_and_shared_do_not_body() {
 
     // Overlapping EX: the second waits until the first is released, then gets a higher token.
     let first = a.lock("/x", 0..100, Mode::EX, LockOptions::default()).await.unwrap();
-    match b.lock("/x", 50..150, Mode::EX, LockOptions { nowait: true, timeout: None }).await {
+    match b.lock("/x", 50..150, Mode::EX, LockOptions { nowait: true, timeout: None, ..Default::default() }).await {
         Err(ClientError::Busy(who)) => assert!(who[0].contains(&format!("session {}", a.id())), "{who:?}"),
         other => panic!("expected busy, got {other:?}"),
     }
@@ -234,10 +234,22 @@ async fn conflicting_locks_serialize_disjoint_and_shared_do_not_body() {
     b.unlock(second.lock).await.unwrap();
 
     // Disjoint ranges and shared readers are granted together at once.
-    let l1 = a.lock("/y", 0..100, Mode::EX, LockOptions { nowait: true, timeout: None }).await.unwrap();
-    let l2 = b.lock("/y", 100..200, Mode::EX, LockOptions { nowait: true, timeout: None }).await.unwrap();
-    let r1 = a.lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None }).await.unwrap();
-    let r2 = b.lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None }).await.unwrap();
+    let l1 = a
+        .lock("/y", 0..100, Mode::EX, LockOptions { nowait: true, timeout: None, ..Default::default() })
+        .await
+        .unwrap();
+    let l2 = b
+        .lock("/y", 100..200, Mode::EX, LockOptions { nowait: true, timeout: None, ..Default::default() })
+        .await
+        .unwrap();
+    let r1 = a
+        .lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None, ..Default::default() })
+        .await
+        .unwrap();
+    let r2 = b
+        .lock("/z", 0..u64::MAX, Mode::PR, LockOptions { nowait: true, timeout: None, ..Default::default() })
+        .await
+        .unwrap();
     let t = until_table(&c, 3, "/", "four grants", |t| count(t, true) >= 4).await;
     assert_eq!(count(&t, true), 4, "{t:?}");
     for (s, l) in [(&a, l1), (&b, l2), (&a, r1), (&b, r2)] {
@@ -313,7 +325,12 @@ async fn killed_lock_process_is_released_after_its_lease_body() {
     let killed = Instant::now();
     let s = Session::open(&c.addrs(), 5_000).await.unwrap();
     let g = s
-        .lock("/k", 0..u64::MAX, Mode::EX, LockOptions { nowait: false, timeout: Some(Duration::from_secs(10)) })
+        .lock(
+            "/k",
+            0..u64::MAX,
+            Mode::EX,
+            LockOptions { nowait: false, timeout: Some(Duration::from_secs(10)), ..Default::default() },
+        )
         .await
         .unwrap();
     let waited = killed.elapsed();
@@ -418,7 +435,12 @@ async fn cached_lock_is_reused_locally_and_given_up_on_revoke_body() {
     );
     // A writer elsewhere revokes it; the idle cached lock is given back and the writer gets in.
     let w = b
-        .lock("/c", 0..100, Mode::EX, LockOptions { nowait: false, timeout: Some(Duration::from_secs(5)) })
+        .lock(
+            "/c",
+            0..100,
+            Mode::EX,
+            LockOptions { nowait: false, timeout: Some(Duration::from_secs(5)), ..Default::default() },
+        )
         .await
         .unwrap();
     assert!(w.token > whole.token);
@@ -456,4 +478,113 @@ async fn log_stays_bounded_and_a_lagging_server_catches_up_from_a_snapshot_body(
     let t = until_table(&c, behind, "/s/kept", "the lagging server to catch up", |t| count(t, true) == 1).await;
     assert_eq!(t.resources[0].locks[0].token, held.token);
     s.close().await;
+}
+
+#[test]
+fn a_secondary_serves_readers_from_its_cached_read_lock() {
+    serial(a_secondary_serves_readers_from_its_cached_read_lock_body());
+}
+
+/// Seed 002 end to end: readers attached to a secondary share its one whole-file read lock with
+/// no log entry each; a writer elsewhere revokes it and gets in once the last reader is done; a
+/// writer attached to the secondary trades the idle read lock for its write lock in one entry;
+/// and when the secondary dies its readers are told their locks are lost while the cluster frees
+/// the file after the secondary's lease.
+async fn a_secondary_serves_readers_from_its_cached_read_lock_body() {
+    let c = Cluster::start_with(3, "gateway", &["--gateway-lease-ms", "2000"]).await;
+    let leader = c.leader().await;
+    let gw = (1..=3).find(|i| *i != leader).unwrap();
+    let other = (1..=3).find(|i| *i != leader && *i != gw).unwrap();
+    let r1 = Session::open(&c.addrs_from(gw), 5_000).await.unwrap();
+    let r2 = Session::open(&c.addrs_from(gw), 5_000).await.unwrap();
+    let w = Session::open(&c.addrs_from(other), 5_000).await.unwrap();
+    let read = LockOptions { gateway: true, ..Default::default() };
+
+    let g1 = r1.lock("/f", 0..100, Mode::PR, read.clone()).await.unwrap();
+    assert!(g1.via_gateway, "{g1:?}");
+    // The cluster's table shows the secondary's session holding a cached whole-file PR.
+    let gw_session = c.status(gw).await.unwrap().gateway_session;
+    assert_ne!(gw_session, 0);
+    let t = until_table(&c, leader, "/f", "the gateway's read lock", |t| {
+        t.resources.iter().flat_map(|r| &r.locks).any(|l| l.session == gw_session && l.granted && l.cached)
+    })
+    .await;
+    assert!(t.resources.iter().flat_map(|r| &r.locks).all(|l| l.session != r1.id()), "{t:?}");
+
+    // Fifty more reads cost no log entries (the leader's clock ticks are the only ones).
+    let before = c.status(gw).await.unwrap();
+    for i in 0..50u64 {
+        let g = r2.lock("/f", i..i + 10, Mode::PR, read.clone()).await.unwrap();
+        assert_eq!(g.token, g1.token, "every reader shares the secondary's lock and token");
+        r2.unlock(g.lock).await.unwrap();
+    }
+    let after = c.status(gw).await.unwrap();
+    assert_eq!(after.gateway_grants - before.gateway_grants, 50);
+    assert!(after.applied_index - before.applied_index < 10, "reads went to the log: {before:?} -> {after:?}");
+
+    // A writer on another server revokes the read lock; readers are told and the writer waits
+    // for the last of them.
+    let mut events = r1.events();
+    let w2 = w.clone();
+    let writer = tokio::spawn(async move { w2.lock("/f", 50..60, Mode::PW, LockOptions::default()).await });
+    let revoked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(client::Event::Revoke { lock }) = events.recv().await
+                && lock == g1.lock
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(revoked.is_ok(), "the reader was not told of the revoke");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "a write was granted under a reader");
+    r1.unlock(g1.lock).await.unwrap();
+    let wg = tokio::time::timeout(Duration::from_secs(5), writer).await.unwrap().unwrap().unwrap();
+    assert!(wg.token > g1.token, "{} then {}", g1.token, wg.token);
+    w.unlock(wg.lock).await.unwrap();
+
+    // A writer attached to the secondary takes the place of its idle read lock in one entry.
+    let g = r1.lock("/h", 0..u64::MAX, Mode::PR, read.clone()).await.unwrap();
+    r1.unlock(g.lock).await.unwrap();
+    let handovers = c.status(gw).await.unwrap().gateway_handovers;
+    let pw = r2.lock("/h", 0..10, Mode::PW, LockOptions::default()).await.unwrap();
+    assert!(!pw.via_gateway && pw.token > g.token);
+    assert_eq!(c.status(gw).await.unwrap().gateway_handovers, handovers + 1);
+    let t = until_table(&c, gw, "/h", "the write lock alone", |t| count(t, true) == 1).await;
+    let only = t.resources.iter().flat_map(|r| &r.locks).find(|l| l.granted).unwrap();
+    assert_eq!(only.session, r2.id(), "{t:?}");
+    r2.unlock(pw.lock).await.unwrap();
+
+    // The secondary dies with a reader on /f: the reader moves on and is told the lock is lost;
+    // the cluster frees the file once the secondary's lease (2 s) has run out and it is fenced.
+    let g = r1.lock("/f", 0..100, Mode::PR, read.clone()).await.unwrap();
+    let mut events = r1.events();
+    let mut c = c;
+    c.kill(gw);
+    let killed = Instant::now();
+    let lost = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(client::Event::Lost { lock, .. }) = events.recv().await
+                && lock == g.lock
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(lost.is_ok(), "the reader was not told its lock is lost");
+    let wg = w
+        .lock("/f", 0..u64::MAX, Mode::EX, LockOptions { timeout: Some(Duration::from_secs(10)), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(wg.token > g.token);
+    eprintln!("the file was freed {:?} after the secondary died", killed.elapsed());
+    assert!(killed.elapsed() < Duration::from_secs(2 + 3), "freed only after {:?}", killed.elapsed());
+    r1.unlock(g.lock).await.unwrap();
+    w.unlock(wg.lock).await.unwrap();
+    for s in [r1, r2, w] {
+        s.close().await;
+    }
 }
