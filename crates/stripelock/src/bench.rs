@@ -148,10 +148,40 @@ pub fn engine(budget: Duration, json: bool) {
     }
 }
 
+/// What the clients of a case lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// EX on a resource of its own each: every lock and unlock is a log entry.
+    Own,
+    /// EX on one resource for all: hand-offs.
+    Contended,
+    /// PR on one file through the attached server's gateway cache (seed 002): after the first
+    /// reader per server, no log entry.
+    GatewayReads,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Workload::Own => "EX, one each",
+            Workload::Contended => "EX, one shared",
+            Workload::GatewayReads => "PR via gateway",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Workload::Own => "ex_own",
+            Workload::Contended => "ex_contended",
+            Workload::GatewayReads => "pr_gateway",
+        }
+    }
+}
+
 /// One measured case against a running cluster.
 struct LockCase {
     clients: usize,
-    contended: bool,
+    workload: Workload,
     cycles: u64,
     seconds: f64,
     p50_us: u64,
@@ -165,9 +195,14 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// `clients` sessions, each doing lock+unlock cycles for `duration`, on one resource
-/// (`contended`) or one each. Sessions are spread over the servers in turn.
-async fn lock_case(addrs: &[String], clients: usize, contended: bool, duration: Duration) -> anyhow::Result<LockCase> {
+/// `clients` sessions, each doing lock+unlock cycles of `workload` for `duration`. Sessions are
+/// spread over the servers in turn.
+async fn lock_case(
+    addrs: &[String],
+    clients: usize,
+    workload: Workload,
+    duration: Duration,
+) -> anyhow::Result<LockCase> {
     let mut sessions = Vec::new();
     for i in 0..clients {
         let mut order = addrs.to_vec();
@@ -177,12 +212,20 @@ async fn lock_case(addrs: &[String], clients: usize, contended: bool, duration: 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (i, s) in sessions.iter().cloned().enumerate() {
-        let resource = if contended { "/bench/contended".to_string() } else { format!("/bench/own/{i}") };
+        let (resource, mode, options) = match workload {
+            Workload::Own => (format!("/bench/own/{i}"), client::Mode::EX, client::LockOptions::default()),
+            Workload::Contended => ("/bench/contended".to_string(), client::Mode::EX, client::LockOptions::default()),
+            Workload::GatewayReads => (
+                "/bench/read".to_string(),
+                client::Mode::PR,
+                client::LockOptions { gateway: true, ..Default::default() },
+            ),
+        };
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while start.elapsed() < duration {
                 let t = Instant::now();
-                let g = s.lock(&resource, 0..u64::MAX, client::Mode::EX, client::LockOptions::default()).await?;
+                let g = s.lock(&resource, 0..u64::MAX, mode, options.clone()).await?;
                 s.unlock(g.lock).await?;
                 latencies.push(t.elapsed().as_micros() as u64);
             }
@@ -200,7 +243,7 @@ async fn lock_case(addrs: &[String], clients: usize, contended: bool, duration: 
     all.sort_unstable();
     Ok(LockCase {
         clients,
-        contended,
+        workload,
         cycles: all.len() as u64,
         seconds,
         p50_us: percentile(&all, 0.5),
@@ -233,14 +276,11 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
     let (cases, cached) = rt.block_on(async {
         let mut cases = Vec::new();
         for &n in clients {
-            for contended in [false, true] {
+            for workload in [Workload::Own, Workload::Contended, Workload::GatewayReads] {
                 if !json {
-                    eprintln!(
-                        "measuring {n} client(s), {}...",
-                        if contended { "one resource" } else { "own resources" }
-                    );
+                    eprintln!("measuring {n} client(s), {}...", workload.label());
                 }
-                cases.push(lock_case(&addrs, n, contended, duration).await?);
+                cases.push(lock_case(&addrs, n, workload, duration).await?);
             }
         }
         let cached = cached_case(&addrs, duration).await?;
@@ -251,7 +291,9 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             .iter()
             .map(|c| {
                 serde_json::json!({
-                    "clients": c.clients, "contended": c.contended, "cycles_per_s": (c.cycles as f64 / c.seconds).round(),
+                    "clients": c.clients, "workload": c.workload.key(),
+                    "contended": c.workload == Workload::Contended,
+                    "cycles_per_s": (c.cycles as f64 / c.seconds).round(),
                     "p50_us": c.p50_us, "p99_us": c.p99_us, "cycles": c.cycles,
                 })
             })
@@ -261,12 +303,12 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             serde_json::json!({"cases": list, "cached_regrant_per_s": cached.round(), "seconds_per_case": duration.as_secs_f64()})
         );
     } else {
-        println!("{:<8} {:<14} {:>12} {:>10} {:>10}", "clients", "resources", "cycles/s", "p50", "p99");
+        println!("{:<8} {:<16} {:>12} {:>10} {:>10}", "clients", "locks", "cycles/s", "p50", "p99");
         for c in &cases {
             println!(
-                "{:<8} {:<14} {:>12.0} {:>8}µs {:>8}µs",
+                "{:<8} {:<16} {:>12.0} {:>8}µs {:>8}µs",
                 c.clients,
-                if c.contended { "one (shared)" } else { "one each" },
+                c.workload.label(),
                 c.cycles as f64 / c.seconds,
                 c.p50_us,
                 c.p99_us
