@@ -305,6 +305,9 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
     let Some((program, rest)) = args.command.split_first() else {
         bail!("no command to run: stripelock lock PATH -- COMMAND...")
     };
+    if args.gateway && mode != Mode::PR {
+        bail!("--gateway serves shared reads only: use it with --mode PR, not {mode}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let session = Session::open(&addrs, args.lease.as_millis() as u64).await?;
@@ -327,12 +330,31 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
                 return Err(e).context("cannot take the lock");
             }
         };
+        // Say so if the lock is lost while the command runs (the session expired, or the server
+        // whose cache granted a --gateway read went away).
+        let mut events = session.events();
+        let (lock_no, path) = (grant.lock, args.path.clone());
+        let watcher = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(client::Event::Expired) => {
+                        eprintln!("stripelock: warning: the session expired; the lock on {path} is lost");
+                    }
+                    Ok(client::Event::Lost { lock, reason }) if lock == lock_no => {
+                        eprintln!("stripelock: warning: the lock on {path} is lost: {reason}");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+            }
+        });
         let status = tokio::process::Command::new(program)
             .args(rest)
             .env("STRIPELOCK_TOKEN", &grant.signed_token)
             .env("STRIPELOCK_TOKEN_NUMBER", grant.token.to_string())
             .status()
             .await;
+        watcher.abort();
         let _ = session.unlock(grant.lock).await;
         session.close().await;
         let status = status.with_context(|| format!("cannot run `{program}`"))?;

@@ -78,7 +78,8 @@ enum Command {
         #[arg(long)]
         nowait: bool,
         /// With --mode PR: let the server grant it from its own cached read lock on the whole
-        /// file (no log write per reader); the lock then lasts only while that server's lease does.
+        /// file (no log write per reader); the lock then lasts only while that server's lease
+        /// does. Not with --nowait (such a read goes to the log).
         #[arg(long)]
         gateway: bool,
         /// Give up after this long (e.g. 30s).
