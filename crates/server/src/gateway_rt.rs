@@ -124,7 +124,7 @@ impl GatewayRt {
 
     async fn open(&self, lease_ms: u64) {
         let sent = self.now_ms();
-        let reply = self.node.propose(Op::OpenSession { lease_ms }, None).await;
+        let reply = self.node.propose(Op::OpenGatewaySession { lease_ms, server: self.node.id }, None).await;
         match reply.map(|r| r.session) {
             Ok(Some(session)) => {
                 // Attached before the gateway's first request, so no answer is missed.

@@ -35,7 +35,8 @@ pub struct ApplyEvent {
     pub index: u64,
     /// The leader's time stamped into the entry.
     pub now_ms: u64,
-    /// The engine input the entry carried (an opened session's shows as `OpenSession`).
+    /// The engine input the entry carried: `None` for one that is not an engine input (opening
+    /// a session, bootstrap); a handover shows its request (its release shows in the outputs).
     pub input: Option<Input>,
     /// Who asked: session and request number.
     pub origin: Option<Origin>,
@@ -50,6 +51,8 @@ pub struct State {
     pub secret: Option<[u8; 32]>,
     /// Per session: the replies to its most recent requests, for retries.
     answered: BTreeMap<SessionId, Answered>,
+    /// Gateway sessions and the server each belongs to.
+    pub gateways: BTreeMap<SessionId, u64>,
     pub last_applied: Option<LogIdOf<C>>,
     pub last_membership: StoredMembershipOf<C>,
     /// The term of the leader that proposed the last applied entry.
@@ -65,6 +68,9 @@ struct StateSnapshot {
     next_session: u64,
     secret: Option<[u8; 32]>,
     answered: Vec<(SessionId, Answered)>,
+    /// Added within version 2; absent in older snapshots.
+    #[serde(default)]
+    gateways: Vec<(SessionId, u64)>,
 }
 
 const STATE_SNAPSHOT_VERSION: u32 = 2;
@@ -113,6 +119,7 @@ impl State {
             next_session: 0,
             secret: None,
             answered: BTreeMap::new(),
+            gateways: BTreeMap::new(),
             last_applied: None,
             last_membership: StoredMembershipOf::<C>::default(),
             applied_term: 0,
@@ -140,6 +147,15 @@ impl State {
                 reply.outputs = self.engine.step(cmd.now_ms, Input::OpenSession { session, lease_ms });
                 reply.session = Some(session);
             }
+            Op::OpenGatewaySession { lease_ms, server } => {
+                self.next_session += 1;
+                let session = SessionId(self.next_session);
+                reply.outputs = self.engine.step(cmd.now_ms, Input::OpenSession { session, lease_ms });
+                if self.engine.session_is_live(session) {
+                    self.gateways.insert(session, server);
+                }
+                reply.session = Some(session);
+            }
             Op::Engine(input) => {
                 let ends = match input {
                     Input::CloseSession { session } | Input::FenceAck { session } => Some(session),
@@ -150,6 +166,7 @@ impl State {
                     && !self.engine.session_is_live(session)
                 {
                     self.answered.remove(&session);
+                    self.gateways.remove(&session);
                 }
             }
             Op::Handover { release, request } => {
@@ -177,6 +194,7 @@ impl State {
             next_session: self.next_session,
             secret: self.secret,
             answered: self.answered.iter().map(|(s, a)| (*s, a.clone())).collect(),
+            gateways: self.gateways.iter().map(|(s, g)| (*s, *g)).collect(),
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -193,6 +211,7 @@ impl State {
         self.next_session = s.next_session;
         self.secret = s.secret;
         self.answered = s.answered.into_iter().collect();
+        self.gateways = s.gateways.into_iter().collect();
         Ok(())
     }
 }

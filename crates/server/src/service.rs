@@ -302,18 +302,22 @@ fn describe(node: &Node, blockers: &[LockId]) -> Vec<String> {
         .iter()
         .map(|b| {
             let session = b.0 >> crate::types::CLIENT_LOCK_BITS;
+            let who = match state.gateways.get(&SessionId(session)) {
+                Some(server) => format!("the gateway of server {server} (session {session}, for its readers)"),
+                None => format!("session {session}"),
+            };
             let view = state.engine.session_locks(SessionId(session)).into_iter().find(|v| v.lock == *b);
             match view {
                 Some(v) => match (v.granted, v.waiting) {
                     (Some((m, r, t)), _) => {
-                        format!("session {session} holds {m} {r} (lock {}, token {t})", client_lock_id(*b))
+                        format!("{who} holds {m} {r} (lock {}, token {t})", client_lock_id(*b))
                     }
                     (None, Some((m, r, _))) => {
-                        format!("session {session} waits for {m} {r} (lock {})", client_lock_id(*b))
+                        format!("{who} waits for {m} {r} (lock {})", client_lock_id(*b))
                     }
-                    (None, None) => format!("session {session} (lock {})", client_lock_id(*b)),
+                    (None, None) => format!("{who} (lock {})", client_lock_id(*b)),
                 },
-                None => format!("session {session} (lock {})", client_lock_id(*b)),
+                None => format!("{who} (lock {})", client_lock_id(*b)),
             }
         })
         .collect()
@@ -511,6 +515,7 @@ impl pb::locks_server::Locks for LockService {
                         wait_mode: l.waiting.as_ref().map_or(0, |w| mode_to_pb(w.0)),
                         wait_range: l.waiting.as_ref().map(|w| range_to_pb(w.1)),
                         blockers: l.waiting.as_ref().map_or(Vec::new(), |w| w.2.iter().map(|b| b.0).collect()),
+                        gateway_of: state.gateways.get(&l.session).copied().unwrap_or(0),
                     })
                     .collect(),
                 posix: r

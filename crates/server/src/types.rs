@@ -33,6 +33,8 @@ pub enum Op {
     Bootstrap { secret: [u8; 32] },
     /// Opens a session; the state machine picks its number.
     OpenSession { lease_ms: u64 },
+    /// Opens the gateway session of server `server` (so tables can say whose it is).
+    OpenGatewaySession { lease_ms: u64, server: u64 },
     /// An input for the lock engine.
     Engine(Input),
     /// A gateway gives up its read lock `release` and, in the same entry, a client's write
@@ -45,6 +47,9 @@ impl fmt::Display for Command {
         match &self.op {
             Op::Bootstrap { .. } => write!(f, "bootstrap@{}", self.now_ms),
             Op::OpenSession { lease_ms } => write!(f, "open(lease={lease_ms})@{}", self.now_ms),
+            Op::OpenGatewaySession { lease_ms, server } => {
+                write!(f, "open-gateway(server={server}, lease={lease_ms})@{}", self.now_ms)
+            }
             Op::Engine(input) => write!(f, "{input:?}@{}", self.now_ms),
             Op::Handover { release, request } => write!(f, "handover({release:?}, {request:?})@{}", self.now_ms),
         }

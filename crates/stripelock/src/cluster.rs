@@ -440,6 +440,7 @@ pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode
                             "granted": l.granted.then(|| serde_json::json!({"mode": mode_name(l.mode), "range": range_text(&l.range), "token": l.token})),
                             "waiting": l.waiting.then(|| serde_json::json!({"mode": mode_name(l.wait_mode), "range": range_text(&l.wait_range), "blockers": l.blockers})),
                             "cached": l.cached,
+                            "gateway_of": (l.gateway_of != 0).then_some(l.gateway_of),
                         })
                     })
                     .collect();
@@ -468,6 +469,11 @@ pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode
                     "cached".into()
                 } else {
                     String::new()
+                };
+                let note = if l.gateway_of != 0 {
+                    format!("{note}{}gateway of server {}", if note.is_empty() { "" } else { ", " }, l.gateway_of)
+                } else {
+                    note
                 };
                 println!(
                     "{:<28} {:<8} {:<6} {:<8} {:<5} {:<24} {:>16}  {note}",
