@@ -1,6 +1,7 @@
 //! `stripelock`: one binary for servers, clients, debugging and benchmarks.
 
 mod bench;
+mod bench_parity;
 mod cluster;
 mod replay;
 mod tokens;
@@ -183,6 +184,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stripe parity throughput (XOR 4+1, P+Q 4+2, update, rebuild) beside a memory copy.
+    Parity {
+        /// Seconds to spend on each case.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Stripe unit size in bytes (a power of two from 512 to 64 MiB).
+        #[arg(long, default_value_t = 1 << 20)]
+        unit: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lock engine throughput, single-threaded, in memory.
     Engine {
         /// Seconds to spend on each case.
@@ -258,6 +270,18 @@ fn main() -> ExitCode {
                     .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
                     .map(|()| ExitCode::SUCCESS),
             )
+        }
+        Command::Bench { command: BenchCommand::Parity { seconds, unit, json } } => {
+            if !(seconds > 0.0 && seconds <= 60.0) {
+                eprintln!("error: --seconds must be above 0 and at most 60, got {seconds}");
+                return ExitCode::from(2);
+            }
+            if !unit.is_power_of_two() || !(layout::UNIT_MIN..=layout::UNIT_MAX).contains(&unit) {
+                eprintln!("error: --unit must be a power of two from 512 to 67108864, got {unit}");
+                return ExitCode::from(2);
+            }
+            bench_parity::parity(std::time::Duration::from_secs_f64(seconds), unit as usize, json);
+            ExitCode::SUCCESS
         }
         Command::Bench { command: BenchCommand::Engine { seconds, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {
