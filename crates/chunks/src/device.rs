@@ -16,6 +16,24 @@ pub trait Device: Send + Sync {
     fn list(&self) -> io::Result<Vec<String>>;
 }
 
+impl<T: Device + ?Sized> Device for std::sync::Arc<T> {
+    fn get(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        (**self).get(name)
+    }
+
+    fn put(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        (**self).put(name, bytes)
+    }
+
+    fn delete(&self, name: &str) -> io::Result<()> {
+        (**self).delete(name)
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        (**self).list()
+    }
+}
+
 /// Blobs as files under a directory: `NAME` is a relative path of `/`-separated parts, each
 /// `[0-9a-z.]`. A put writes `NAME.tmp`, syncs it, renames it over `NAME` and syncs the directory.
 #[derive(Debug)]

@@ -20,7 +20,8 @@ use token::{ClusterKey, SignedToken, TokenError};
 /// The record format this code writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 const MAGIC: [u8; 4] = *b"SLUN";
-const HEADER: usize = 52;
+/// The fixed part of the header, before the covered versions.
+const FIXED: usize = 52;
 
 /// One stripe unit: which file, which row, which part of the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +62,17 @@ pub struct Unit {
     pub version: u64,
     /// The highest fencing token accepted (by a write or a fence).
     pub highest_token: u64,
+    /// For a parity unit: the version of each data unit of the row it was computed from, so a
+    /// reconstruction can tell a parity that missed a write (a write hole) from a current one.
+    /// Empty for a data unit.
+    pub covers: Vec<u64>,
+}
+
+impl Unit {
+    /// A unit never written.
+    pub fn empty() -> Unit {
+        Unit { bytes: Vec::new(), version: 0, highest_token: 0, covers: Vec::new() }
+    }
 }
 
 /// What a write's lock must cover: the resource the data belongs to (a file's path, or a stripe
@@ -110,7 +122,7 @@ fn role_bytes(role: Role) -> (u8, u8) {
 
 /// Encodes a unit's record (layout in docs/formats.md).
 pub fn encode(id: &UnitId, unit: &Unit) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HEADER + unit.bytes.len());
+    let mut b = Vec::with_capacity(FIXED + 8 * unit.covers.len() + 4 + unit.bytes.len());
     b.extend_from_slice(&MAGIC);
     b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     let (role, index) = role_bytes(id.role);
@@ -122,6 +134,11 @@ pub fn encode(id: &UnitId, unit: &Unit) -> Vec<u8> {
     b.extend_from_slice(&unit.highest_token.to_le_bytes());
     b.extend_from_slice(&(unit.bytes.len() as u32).to_le_bytes());
     b.extend_from_slice(&crc32c::crc32c(&unit.bytes).to_le_bytes());
+    b.extend_from_slice(&(unit.covers.len() as u16).to_le_bytes());
+    b.extend_from_slice(&[0, 0]);
+    for v in &unit.covers {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
     let header_crc = crc32c::crc32c(&b);
     b.extend_from_slice(&header_crc.to_le_bytes());
     b.extend_from_slice(&unit.bytes);
@@ -133,12 +150,17 @@ pub fn encode(id: &UnitId, unit: &Unit) -> Vec<u8> {
 pub fn decode(id: &UnitId, b: &[u8]) -> Result<Unit, ChunkError> {
     let unit = id.name();
     let corrupt = |what: &str| ChunkError::Corrupt { unit: unit.clone(), what: what.to_string() };
-    if b.len() < HEADER {
+    if b.len() < FIXED + 4 {
         return Err(corrupt("shorter than a record header"));
     }
     let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    if crc32c::crc32c(&b[..48]) != u32_at(48) {
+    let covered = u16::from_le_bytes([b[48], b[49]]) as usize;
+    let header = FIXED + 8 * covered;
+    if b.len() < header + 4 {
+        return Err(corrupt("shorter than its header"));
+    }
+    if crc32c::crc32c(&b[..header]) != u32_at(header) {
         return Err(corrupt("header checksum mismatch"));
     }
     if b[..4] != MAGIC {
@@ -152,14 +174,15 @@ pub fn decode(id: &UnitId, b: &[u8]) -> Result<Unit, ChunkError> {
         return Err(corrupt("the record belongs to another unit"));
     }
     let len = u32_at(40) as usize;
-    let data = &b[HEADER..];
+    let data = &b[header + 4..];
     if data.len() != len {
         return Err(corrupt("length differs from the header's"));
     }
     if crc32c::crc32c(data) != u32_at(44) {
         return Err(corrupt("data checksum mismatch"));
     }
-    Ok(Unit { bytes: data.to_vec(), version: u64_at(24), highest_token: u64_at(32) })
+    let covers = (0..covered).map(|i| u64_at(FIXED + 8 * i)).collect();
+    Ok(Unit { bytes: data.to_vec(), version: u64_at(24), highest_token: u64_at(32), covers })
 }
 
 /// The units of one server, checked against fencing tokens signed with the cluster's key.
@@ -214,19 +237,21 @@ impl<D: Device> ChunkStore<D> {
         Ok(claims.token)
     }
 
-    /// Replaces a unit's bytes under `token`, if it is valid for `authority`, not older than any
-    /// token the unit has accepted, and (with `expect_version`) the unit is still at that
-    /// version. Returns the new version. Refused writes change nothing.
+    /// Replaces a unit's bytes (and, for parity, the data versions it covers) under `token`, if
+    /// it is valid for `authority`, not older than any token the unit has accepted, and (with
+    /// `expect_version`) the unit is still at that version. Returns the new version. Refused
+    /// writes change nothing.
     pub fn write(
         &self,
         id: &UnitId,
         authority: Authority<'_>,
         token: &SignedToken,
         bytes: &[u8],
+        covers: &[u64],
         expect_version: Option<u64>,
     ) -> Result<u64, ChunkError> {
         let given = self.check_token(authority, token)?;
-        let current = self.read(id)?.unwrap_or(Unit { bytes: Vec::new(), version: 0, highest_token: 0 });
+        let current = self.read(id)?.unwrap_or_else(Unit::empty);
         if given < current.highest_token && !self.fencing_off {
             return Err(ChunkError::Stale { unit: id.name(), given, highest: current.highest_token });
         }
@@ -239,6 +264,7 @@ impl<D: Device> ChunkStore<D> {
             bytes: bytes.to_vec(),
             version: current.version + 1,
             highest_token: current.highest_token.max(given),
+            covers: covers.to_vec(),
         };
         self.device.put(&id.name(), &encode(id, &next))?;
         Ok(next.version)
@@ -247,7 +273,7 @@ impl<D: Device> ChunkStore<D> {
     /// Raises the unit's floor to `token` without writing data (fence before re-grant: every
     /// older token is refused from now on).
     pub fn fence(&self, id: &UnitId, token: u64) -> Result<(), ChunkError> {
-        let mut unit = self.read(id)?.unwrap_or(Unit { bytes: Vec::new(), version: 0, highest_token: 0 });
+        let mut unit = self.read(id)?.unwrap_or_else(Unit::empty);
         if token > unit.highest_token {
             unit.highest_token = token;
             self.device.put(&id.name(), &encode(id, &unit))?;

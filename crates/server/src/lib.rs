@@ -6,6 +6,7 @@
 //! reads its own clock while applying. A server answers its own clients from its own
 //! application of the log, so a grant is never shown before it is committed.
 
+mod files;
 pub mod gateway;
 mod gateway_rt;
 mod machine;
@@ -13,15 +14,18 @@ mod network;
 mod node;
 mod rt;
 mod service;
+mod storage;
 mod store;
 mod types;
 
+pub use files::DEFAULT_UNIT;
 pub use machine::{Applied, ApplyEvent, Machine, State};
 pub use node::{Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
 pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
+pub use storage::MESSAGE_BYTES_MAX;
 pub use store::Store;
-pub use types::{CLIENT_LOCK_BITS, Command, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
+pub use types::{CLIENT_LOCK_BITS, Command, FileMeta, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
 
 /// Runs a server on its TCP listen address until `stop` turns true.
 pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
@@ -51,6 +55,8 @@ where
     let bootstrap = config.bootstrap;
     let node = Node::start(config).await?;
     let service = LockService::new(node.clone()).server();
+    let files = files::FilesService::new(node.clone()).server();
+    let storage = storage::StorageService::new(node.clone())?.server();
     let raft_service = node.raft_service();
     let mut shutdown = stop.clone();
     let serve = tokio::spawn(async move {
@@ -58,6 +64,8 @@ where
             .tcp_nodelay(true)
             .add_service(raft_service)
             .add_service(service)
+            .add_service(files)
+            .add_service(storage)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             })

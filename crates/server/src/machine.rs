@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::store::Store;
-use crate::types::{C, Command, Op, Origin, Reply, SnapshotData, io_error};
+use crate::types::{C, Command, FileMeta, Op, Origin, Reply, SnapshotData, io_error};
 
 /// One applied entry, as the local server's sessions see it.
 #[derive(Debug, Clone)]
@@ -53,6 +53,9 @@ pub struct State {
     answered: BTreeMap<SessionId, Answered>,
     /// Gateway sessions and the server each belongs to.
     pub gateways: BTreeMap<SessionId, u64>,
+    /// The namespace: path → file.
+    pub files: BTreeMap<String, FileMeta>,
+    next_file: u64,
     pub last_applied: Option<LogIdOf<C>>,
     pub last_membership: StoredMembershipOf<C>,
     /// The term of the leader that proposed the last applied entry.
@@ -71,9 +74,17 @@ struct StateSnapshot {
     /// Added within version 2; absent in older snapshots.
     #[serde(default)]
     gateways: Vec<(SessionId, u64)>,
+    /// Added within version 2; absent in older snapshots.
+    #[serde(default)]
+    files: Vec<(String, FileMeta)>,
+    #[serde(default)]
+    next_file: u64,
 }
 
 const STATE_SNAPSHOT_VERSION: u32 = 2;
+
+/// Most files the namespace holds.
+const FILES_MAX: usize = 1_000_000;
 
 /// How many recent requests of a session keep their replies.
 const ANSWERED_WINDOW: usize = 64;
@@ -120,6 +131,8 @@ impl State {
             secret: None,
             answered: BTreeMap::new(),
             gateways: BTreeMap::new(),
+            files: BTreeMap::new(),
+            next_file: 0,
             last_applied: None,
             last_membership: StoredMembershipOf::<C>::default(),
             applied_term: 0,
@@ -178,6 +191,33 @@ impl State {
                 outputs.extend(self.engine.step(cmd.now_ms, request));
                 reply.outputs = outputs;
             }
+            Op::CreateFile { path, layout } => {
+                if self.files.contains_key(&path) {
+                    reply.error = Some(format!("{path} exists; remove it first (stripelock rm {path})"));
+                } else if self.files.len() >= FILES_MAX {
+                    reply.error = Some(format!("the namespace holds its limit of {FILES_MAX} files"));
+                } else {
+                    self.next_file += 1;
+                    let id = self.next_file;
+                    self.files.insert(path, FileMeta { id, size: 0, layout, complete: false });
+                    reply.file = Some(id);
+                }
+            }
+            Op::CompleteFile { path, id, size } => match self.files.get_mut(&path) {
+                Some(f) if f.id == id => {
+                    f.size = size;
+                    f.complete = true;
+                    reply.file = Some(id);
+                }
+                _ => reply.error = Some(format!("{path} is no longer the file being written (it was removed)")),
+            },
+            Op::RemoveFile { path, id } => match self.files.get(&path) {
+                Some(f) if f.id == id => {
+                    self.files.remove(&path);
+                    reply.file = Some(id);
+                }
+                _ => reply.error = Some(format!("no such file: {path}")),
+            },
         }
         if let Some(origin) = cmd.origin
             && self.engine.session_is_live(origin.session)
@@ -195,6 +235,8 @@ impl State {
             secret: self.secret,
             answered: self.answered.iter().map(|(s, a)| (*s, a.clone())).collect(),
             gateways: self.gateways.iter().map(|(s, g)| (*s, *g)).collect(),
+            files: self.files.iter().map(|(p, f)| (p.clone(), f.clone())).collect(),
+            next_file: self.next_file,
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -212,6 +254,8 @@ impl State {
         self.secret = s.secret;
         self.answered = s.answered.into_iter().collect();
         self.gateways = s.gateways.into_iter().collect();
+        self.files = s.files.into_iter().collect();
+        self.next_file = s.next_file;
         Ok(())
     }
 }

@@ -58,6 +58,8 @@ pub struct Env {
     /// A database to keep the Raft state in instead of `DATA/raft.redb` (an in-memory one in the
     /// simulation: commits are then durable at once and no flusher thread runs).
     pub database: Option<Arc<redb::Database>>,
+    /// Where this server keeps its stripe units instead of `DATA/units` (memory in tests).
+    pub volume: Option<Arc<dyn chunks::Device>>,
     /// The cluster secret to bootstrap with, instead of one from /dev/urandom.
     pub secret: Option<[u8; 32]>,
     /// Election timeouts (min, max) in ms, instead of 3–6 heartbeats.

@@ -40,6 +40,12 @@ pub enum Op {
     /// A gateway gives up its read lock `release` and, in the same entry, a client's write
     /// request is made (seed 002's trade of a whole-file read lock for a range write lock).
     Handover { release: LockId, request: Input },
+    /// Adds a file to the namespace (refused if the path exists); the state machine picks its id.
+    CreateFile { path: String, layout: layout::Layout },
+    /// The put of file `id` at `path` is done: it has `size` bytes.
+    CompleteFile { path: String, id: u64, size: u64 },
+    /// Takes file `id` out of the namespace.
+    RemoveFile { path: String, id: u64 },
 }
 
 impl fmt::Display for Command {
@@ -52,6 +58,9 @@ impl fmt::Display for Command {
             }
             Op::Engine(input) => write!(f, "{input:?}@{}", self.now_ms),
             Op::Handover { release, request } => write!(f, "handover({release:?}, {request:?})@{}", self.now_ms),
+            Op::CreateFile { path, layout } => write!(f, "create({path}, {layout:?})@{}", self.now_ms),
+            Op::CompleteFile { path, id, size } => write!(f, "complete({path}, {id}, {size})@{}", self.now_ms),
+            Op::RemoveFile { path, id } => write!(f, "remove({path}, {id})@{}", self.now_ms),
         }
     }
 }
@@ -65,6 +74,22 @@ pub struct Reply {
     pub duplicate: bool,
     /// Log index the command was applied at.
     pub index: u64,
+    /// For a namespace command: the file it concerns.
+    #[serde(default)]
+    pub file: Option<u64>,
+    /// For a namespace command that was refused: why.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A file of the namespace: its id (which names its units), size and layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub id: u64,
+    pub size: u64,
+    pub layout: layout::Layout,
+    /// False from creation until the put that writes it is done.
+    pub complete: bool,
 }
 
 openraft::declare_raft_types!(

@@ -210,6 +210,8 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .map_err(|e| fail(0, format!("in-memory database: {e}")))?,
         );
+        // Like the database, the data volume outlives the server's crashes.
+        let volume: Arc<dyn chunks::Device> = Arc::new(chunks::MemDevice::default());
         let skew_ms = rng.below(SKEW_MS_MAX);
         let (peers, record, break_fencing, break_gateway) =
             (peers.clone(), record.clone(), cfg.break_fencing, cfg.break_gateway);
@@ -237,6 +239,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 })),
                 connector: connector(),
                 database: Some(db.clone()),
+                volume: Some(volume.clone()),
                 secret: Some([7; 32]),
                 election_timeout_ms: None,
                 observer: Some(Arc::new(observer)),

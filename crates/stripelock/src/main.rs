@@ -3,6 +3,7 @@
 mod bench;
 mod bench_parity;
 mod cluster;
+mod files;
 mod replay;
 mod tokens;
 
@@ -124,6 +125,66 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Store a local file in the cluster, striped with parity (takes EX on PATH).
+    Put {
+        /// The local file.
+        local: PathBuf,
+        /// Its path in the cluster (starts with /).
+        path: String,
+        /// Stripe unit, e.g. 64KiB or 1MiB (default 1MiB).
+        #[arg(long)]
+        stripe_unit: Option<String>,
+        /// Data units per row (default: servers minus parity, at most 8).
+        #[arg(long)]
+        data: Option<u8>,
+        /// Parity units per row: 0 none, 1 XOR, 2 P+Q (default 1, or 2 from six servers on).
+        #[arg(long)]
+        parity: Option<u8>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a file of the cluster to a local file (rebuilding from parity what cannot be read).
+    Get {
+        path: String,
+        local: PathBuf,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file of the cluster.
+    Cat {
+        path: String,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// A file's size, layout and where each unit of its rows lives.
+    Stat {
+        path: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The files whose path starts with PREFIX.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a file and its units (takes EX on PATH).
+    Rm {
+        path: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmarks that print figures.
     Bench {
@@ -248,6 +309,16 @@ fn main() -> ExitCode {
                 command,
             }))
         }
+        Command::Put { local, path, stripe_unit, data, parity, cluster, json } => {
+            report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }))
+        }
+        Command::Get { path, local, cluster, json } => {
+            report(files::get(&path, Some(&local), cluster.as_deref(), json))
+        }
+        Command::Cat { path, cluster } => report(files::get(&path, None, cluster.as_deref(), false)),
+        Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),
+        Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json)),
+        Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json)),
         Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json)),
         Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json)),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {

@@ -588,3 +588,109 @@ async fn a_secondary_serves_readers_from_its_cached_read_lock_body() {
         s.close().await;
     }
 }
+
+/// Runs the stripelock CLI against `c`, returning stdout; panics with stderr if it fails.
+fn cli(c: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(EXE).args(args).arg("--cluster").arg(c.addrs().join(",")).output().unwrap();
+    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Deterministic bytes that do not repeat within a stripe row.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn files_survive_a_lost_server_and_two_with_p_plus_q() {
+    serial(files_survive_a_lost_server_and_two_with_p_plus_q_body());
+}
+
+/// Put files with 4+1 and 3+2 layouts on five servers, get them back byte for byte, then again
+/// with one server (4+1) and two servers (3+2) killed, rebuilding from parity; a write carrying a
+/// token older than one the storage has accepted is refused and changes nothing; rm removes.
+async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
+    let mut c = Cluster::start(5, "files").await;
+    let dir = c.dir.clone();
+    let data = noise(6 << 20, 7);
+    let local = dir.join("in.bin");
+    std::fs::write(&local, &data).unwrap();
+    let local_s = local.to_str().unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["put", local_s, "/data/x", "--stripe-unit", "256KiB", "--json"])).unwrap();
+    assert_eq!(stat["size"], 6 << 20);
+    assert_eq!((stat["layout"]["data"].as_u64(), stat["layout"]["parity"].as_u64()), (Some(4), Some(1)));
+    cli(&c, &["put", local_s, "/data/y", "--stripe-unit", "64KiB", "--data", "3", "--parity", "2"]);
+    let out = dir.join("out.bin");
+    let out_s = out.to_str().unwrap();
+    for path in ["/data/x", "/data/y"] {
+        let got: serde_json::Value = serde_json::from_str(&cli(&c, &["get", path, out_s, "--json"])).unwrap();
+        assert_eq!(got["rebuilt_rows"], 0);
+        assert!(std::fs::read(&out).unwrap() == data, "{path} came back different");
+    }
+    let listed = cli(&c, &["ls", "/data/"]);
+    assert!(listed.contains("/data/x") && listed.contains("/data/y"), "{listed}");
+
+    // A stale token: a lock taken and released, then a newer holder writes; storage refuses the
+    // older token for a unit the newer one wrote.
+    let a = Session::open(&c.addrs(), 5_000).await.unwrap();
+    let old = a.lock("/data/z", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    a.unlock(old.lock).await.unwrap();
+    let z = dir.join("z.bin");
+    std::fs::write(&z, noise(1 << 16, 9)).unwrap();
+    cli(&c, &["put", z.to_str().unwrap(), "/data/z", "--stripe-unit", "4KiB"]);
+    let zstat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/data/z", "--json"])).unwrap();
+    let server = zstat["placement"][0]["units"][0]["server"].as_u64().unwrap();
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", c.servers[server as usize - 1].addr)).unwrap();
+    let mut storage = pb::storage_client::StorageClient::new(endpoint.connect().await.unwrap());
+    let unit = pb::UnitRef { file: zstat["file"].as_u64().unwrap(), row: 0, role: 0, index: 0 };
+    let before = storage.read_unit(unit).await.unwrap().into_inner();
+    let refused = storage
+        .write_unit(pb::WriteUnitRequest {
+            unit: Some(unit),
+            resource: "/data/z".into(),
+            range: Some(pb::Range { start: 0, end: 4096 }),
+            token: old.signed_token.clone(),
+            data: vec![0xee; 4096],
+            covers: vec![],
+            expect_version_plus_one: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("older than"), "{}", refused.message());
+    assert_eq!(storage.read_unit(unit).await.unwrap().into_inner(), before, "the refused write changed the unit");
+    a.close().await;
+
+    // One server down: 4+1 still reads, rebuilding the rows that had a unit there.
+    let leader = c.leader().await;
+    let victims: Vec<u64> = (1..=5).filter(|s| *s != leader).take(2).collect();
+    c.kill(victims[0]);
+    let got: serde_json::Value = serde_json::from_str(&cli(&c, &["get", "/data/x", out_s, "--json"])).unwrap();
+    assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
+    assert!(std::fs::read(&out).unwrap() == data, "4+1 with a server down came back different");
+    // Two down: 3+2 still reads.
+    c.kill(victims[1]);
+    let got: serde_json::Value = serde_json::from_str(&cli(&c, &["get", "/data/y", out_s, "--json"])).unwrap();
+    assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
+    assert!(std::fs::read(&out).unwrap() == data, "3+2 with two servers down came back different");
+    // And 4+1 with two down says so instead of returning anything.
+    let failed =
+        Command::new(EXE).args(["get", "/data/x", out_s, "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot be read"), "{failed:?}");
+    assert!(std::fs::read(&out).unwrap() == data, "a failed get replaced the local file");
+
+    let removed = cli(&c, &["rm", "/data/z"]);
+    assert!(removed.contains("removed /data/z"), "{removed}");
+    assert!(!cli(&c, &["ls", "/data/"]).contains("/data/z"));
+}

@@ -1,0 +1,453 @@
+//! The gateway's data path: files put, read, listed and removed through any server. A file is
+//! cut into stripe rows of its layout; each row's data units and parity go to the layout's
+//! servers through their storage service, in parallel. Reads take the data units and, when one
+//! cannot be read (its server is down, or its record is damaged or missing), rebuild the row
+//! from parity, but only from parity computed from the versions the surviving units are at.
+//!
+//! Every call carries the fencing token of a lock the caller holds on the file's path (EX on the
+//! whole file for put and rm). The gateway checks it before it does anything, and every storage
+//! server checks it again before it writes a unit.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use chunks::UnitId;
+use futures::Stream;
+use layout::{Layout, Role};
+use lockengine::ByteRange;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+use wire::v1 as pb;
+use wire::v1::storage_client::StorageClient;
+
+use crate::node::Node;
+use crate::storage::{MESSAGE_BYTES_MAX, unit_ref};
+use crate::types::{FileMeta, Op};
+
+/// The stripe unit when a put does not choose one.
+pub const DEFAULT_UNIT: u32 = 1 << 20;
+/// Longest path.
+const PATH_BYTES_MAX: usize = 4096;
+
+#[derive(Clone)]
+pub struct FilesService {
+    node: Node,
+    clients: Arc<Mutex<HashMap<u64, StorageClient<Channel>>>>,
+}
+
+impl std::fmt::Debug for FilesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FilesService({})", self.node.id)
+    }
+}
+
+fn stat_of(path: &str, f: &FileMeta) -> pb::FileStat {
+    pb::FileStat {
+        path: path.to_string(),
+        file: f.id,
+        size: f.size,
+        stripe_unit: f.layout.unit(),
+        data_units: f.layout.data() as u32,
+        parity_units: f.layout.parity() as u32,
+        servers: f.layout.servers().to_vec(),
+        complete: f.complete,
+    }
+}
+
+fn check_path(path: &str) -> Result<(), Status> {
+    if !path.starts_with('/') || path.len() > PATH_BYTES_MAX || path.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "`{path}` is not a file path: it must start with / and be at most {PATH_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// FNV-1a, to spread files' layouts over the servers.
+fn spread(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+impl FilesService {
+    pub fn new(node: Node) -> FilesService {
+        FilesService { node, clients: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    pub fn server(self) -> pb::files_server::FilesServer<FilesService> {
+        pb::files_server::FilesServer::new(self)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    fn storage(&self, server: u64) -> Result<StorageClient<Channel>, Status> {
+        if let Some(c) = self.clients.lock().expect("clients").get(&server) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .node
+            .config
+            .peers
+            .get(&server)
+            .ok_or_else(|| Status::internal(format!("server {server} of the layout is not in this cluster")))?;
+        let channel = self.node.config.env.connector.channel(addr).map_err(Status::unavailable)?;
+        let client = StorageClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        self.clients.lock().expect("clients").insert(server, client.clone());
+        Ok(client)
+    }
+
+    /// Checks the caller's token for `path` (for writing: EX or PW on the whole file).
+    fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
+        let secret = self
+            .node
+            .machine
+            .state()
+            .secret
+            .ok_or_else(|| Status::unavailable("the cluster is still starting (no secret yet); try again"))?;
+        let signed: token::SignedToken =
+            text.parse().map_err(|e: token::TokenError| Status::permission_denied(format!("no valid token: {e}")))?;
+        let claims = token::ClusterKey::from_bytes(secret)
+            .verify(&signed)
+            .map_err(|e| Status::permission_denied(format!("the token is not valid: {e}")))?;
+        if claims.resource != path {
+            return Err(Status::permission_denied(format!(
+                "the token is for a lock on {}, not on {path}",
+                claims.resource
+            )));
+        }
+        if write && (!claims.mode.is_write() || !claims.range.contains(ByteRange::ALL)) {
+            return Err(Status::permission_denied(format!(
+                "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
+                claims.mode, claims.range
+            )));
+        }
+        Ok(())
+    }
+
+    fn file(&self, path: &str) -> Result<FileMeta, Status> {
+        self.node
+            .machine
+            .state()
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no such file: {path}")))
+    }
+
+    /// The layout of a new file: the requested shape (or the cluster's default) over servers
+    /// chosen by the path, so files spread over a larger cluster.
+    fn choose_layout(&self, path: &str, first: &pb::PutChunk) -> Result<Layout, Status> {
+        let ids: Vec<u64> = self.node.config.peers.keys().copied().collect();
+        let n = ids.len();
+        let (k0, m0) = Layout::default_shape(n);
+        let m = match first.parity_units_plus_one {
+            0 => None,
+            p => Some(u8::try_from(p - 1).map_err(|_| Status::invalid_argument("parity must be 0, 1 or 2"))?),
+        };
+        let k = match first.data_units {
+            0 => None,
+            k => Some(u8::try_from(k).map_err(|_| Status::invalid_argument("too many data units"))?),
+        };
+        let (k, m) = match (k, m) {
+            (Some(k), Some(m)) => (k, m),
+            (Some(k), None) => (k, m0.min((n as u8).saturating_sub(k))),
+            (None, Some(m)) => ((n as u8).saturating_sub(m).clamp(1, 8), m),
+            (None, None) => (k0, m0),
+        };
+        if k as usize + m as usize > n {
+            return Err(Status::invalid_argument(format!(
+                "a {k}+{m} layout needs {} servers; this cluster has {n}",
+                k as usize + m as usize
+            )));
+        }
+        let unit = if first.stripe_unit == 0 { DEFAULT_UNIT } else { first.stripe_unit };
+        let start = (spread(path) % n as u64) as usize;
+        let servers: Vec<u64> = (0..k as usize + m as usize).map(|i| ids[(start + i) % n]).collect();
+        Layout::new(unit, k, m, servers).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// Writes one whole row (its data, `row_bytes` long, zero-padded) and its parity, to fresh units.
+    async fn write_row(&self, path: &str, f: &FileMeta, row: u64, data: &[u8], token: &str) -> Result<(), Status> {
+        let l = &f.layout;
+        let unit = l.unit() as usize;
+        let k = l.data() as usize;
+        let units: Vec<&[u8]> = data.chunks(unit).collect();
+        let mut p = vec![0u8; if l.parity() >= 1 { unit } else { 0 }];
+        let mut q = vec![0u8; if l.parity() == 2 { unit } else { 0 }];
+        layout::parity::encode(
+            &units,
+            (l.parity() >= 1).then_some(&mut p[..]),
+            (l.parity() == 2).then_some(&mut q[..]),
+        );
+        let start = row * l.row_bytes();
+        let range = pb::Range { start, end: start + l.row_bytes() };
+        let mut writes = Vec::new();
+        for role in l.roles() {
+            let (bytes, covers) = match role {
+                Role::Data(j) => (units[j as usize].to_vec(), Vec::new()),
+                Role::P => (std::mem::take(&mut p), vec![1; k]),
+                Role::Q => (std::mem::take(&mut q), vec![1; k]),
+            };
+            let server = l.server(row, role);
+            let mut client = self.storage(server)?;
+            let req = pb::WriteUnitRequest {
+                unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+                resource: path.to_string(),
+                range: Some(range),
+                token: token.to_string(),
+                data: bytes,
+                covers,
+                expect_version_plus_one: 1,
+            };
+            writes.push(async move {
+                client.write_unit(req).await.map_err(|e| {
+                    Status::new(e.code(), format!("server {server} refused row {row} {role:?}: {}", e.message()))
+                })
+            });
+        }
+        for r in futures::future::join_all(writes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// One unit as its server has it: `None` (with why) if it cannot be had.
+    async fn read_unit(&self, f: &FileMeta, row: u64, role: Role) -> Result<pb::UnitData, String> {
+        let server = f.layout.server(row, role);
+        let mut client = self.storage(server).map_err(|e| format!("server {server}: {}", e.message()))?;
+        let req = unit_ref(&UnitId { file: f.id, row, role });
+        match client.read_unit(req).await {
+            Ok(r) => {
+                let u = r.into_inner();
+                if !u.found {
+                    Err(format!("server {server} does not have {role:?} of row {row}"))
+                } else if u.data.len() != f.layout.unit() as usize {
+                    Err(format!("server {server} has a unit of {} bytes", u.data.len()))
+                } else {
+                    Ok(u)
+                }
+            }
+            Err(e) => Err(format!("server {server}: {}", e.message())),
+        }
+    }
+
+    /// The data of one row, rebuilt from parity if a unit cannot be read. Returns whether it was.
+    async fn read_row(&self, path: &str, f: &FileMeta, row: u64) -> Result<(Vec<u8>, bool), Status> {
+        let l = &f.layout;
+        let k = l.data() as usize;
+        let reads = (0..l.data()).map(|j| self.read_unit(f, row, Role::Data(j)));
+        let data: Vec<Result<pb::UnitData, String>> = futures::future::join_all(reads).await;
+        if data.iter().all(Result::is_ok) {
+            let mut out = Vec::with_capacity(l.row_bytes() as usize);
+            for u in data {
+                out.extend_from_slice(&u.expect("checked").data);
+            }
+            return Ok((out, false));
+        }
+        let problems: Vec<String> = data.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        let parity_roles: Vec<Role> = l.roles().skip(k).collect();
+        let parity = futures::future::join_all(parity_roles.iter().map(|r| self.read_unit(f, row, *r))).await;
+        // A parity unit counts only if it was computed from the versions the data units are at;
+        // otherwise the row had an interrupted write and that parity would rebuild wrong bytes.
+        let versions: Vec<Option<u64>> = data.iter().map(|r| r.as_ref().ok().map(|u| u.version)).collect();
+        let mut units: Vec<Vec<u8>> = Vec::with_capacity(l.width());
+        let mut lost = Vec::new();
+        for (j, r) in data.into_iter().enumerate() {
+            match r {
+                Ok(u) => units.push(u.data),
+                Err(_) => {
+                    units.push(vec![0; l.unit() as usize]);
+                    lost.push(j);
+                }
+            }
+        }
+        let mut stale = Vec::new();
+        for (i, r) in parity.into_iter().enumerate() {
+            match r {
+                Ok(u)
+                    if u.covers.len() == k
+                        && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c)) =>
+                {
+                    units.push(u.data)
+                }
+                other => {
+                    if let Ok(u) = other {
+                        stale.push(format!(
+                            "{:?} was computed from versions {:?}, the data is at {versions:?}",
+                            parity_roles[i], u.covers
+                        ));
+                    }
+                    units.push(vec![0; l.unit() as usize]);
+                    lost.push(k + i);
+                }
+            }
+        }
+        if lost.len() > l.parity() as usize {
+            return Err(Status::data_loss(format!(
+                "row {row} of {path} cannot be read: {}{}; its parity rebuilds at most {} lost unit(s)",
+                problems.join("; "),
+                if stale.is_empty() { String::new() } else { format!("; and {}", stale.join("; ")) },
+                l.parity()
+            )));
+        }
+        let mut refs: Vec<&mut [u8]> = units.iter_mut().map(Vec::as_mut_slice).collect();
+        layout::parity::reconstruct(&mut refs, &lost, k, l.parity() as usize)
+            .map_err(|e| Status::data_loss(format!("row {row} of {path}: {e}")))?;
+        Ok((units[..k].concat(), true))
+    }
+}
+
+type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::files_server::Files for FilesService {
+    async fn put(&self, req: Request<Streaming<pb::PutChunk>>) -> Result<Response<pb::FileStat>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("an empty put"))?;
+        let path = first.path.clone();
+        check_path(&path)?;
+        self.check_token(&path, &first.token, true)?;
+        let layout = self.choose_layout(&path, &first)?;
+        let reply = self
+            .node
+            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone() }, None)
+            .await
+            .map_err(|e| e.status())?;
+        if let Some(e) = reply.error {
+            return Err(Status::already_exists(e));
+        }
+        let id = reply.file.ok_or_else(|| Status::internal("no file id in the reply"))?;
+        let meta = FileMeta { id, size: 0, layout, complete: false };
+        let written = async {
+            let row_bytes = meta.layout.row_bytes() as usize;
+            let mut buf = first.data;
+            let mut size = buf.len() as u64;
+            let mut row = 0u64;
+            loop {
+                while buf.len() >= row_bytes {
+                    let rest = buf.split_off(row_bytes);
+                    self.write_row(&path, &meta, row, &buf, &first.token).await?;
+                    buf = rest;
+                    row += 1;
+                }
+                match stream.message().await? {
+                    Some(chunk) => {
+                        size += chunk.data.len() as u64;
+                        buf.extend_from_slice(&chunk.data);
+                    }
+                    None => break,
+                }
+            }
+            if !buf.is_empty() {
+                buf.resize(row_bytes, 0);
+                self.write_row(&path, &meta, row, &buf, &first.token).await?;
+            }
+            Ok::<u64, Status>(size)
+        }
+        .await;
+        let size = match written {
+            Ok(size) => size,
+            Err(e) => {
+                // Nothing half-written stays visible: the file leaves the namespace.
+                let _ = self.node.propose(Op::RemoveFile { path: path.clone(), id }, None).await;
+                let this = self.clone();
+                let (p, t) = (path.clone(), first.token.clone());
+                tokio::spawn(async move { this.delete_units(&p, &meta, &t).await });
+                return Err(e);
+            }
+        };
+        let reply =
+            self.node.propose(Op::CompleteFile { path: path.clone(), id, size }, None).await.map_err(|e| e.status())?;
+        if let Some(e) = reply.error {
+            return Err(Status::aborted(e));
+        }
+        self.node.applied(reply.index).await;
+        Ok(Response::new(stat_of(&path, &self.file(&path)?)))
+    }
+
+    type GetStream = DataStream;
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<DataStream>, Status> {
+        let r = req.into_inner();
+        self.check_token(&r.path, &r.token, false)?;
+        let f = self.file(&r.path)?;
+        if !f.complete {
+            return Err(Status::unavailable(format!("{} is still being written", r.path)));
+        }
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let rows = f.layout.rows(f.size);
+            for row in 0..rows {
+                let result = this.read_row(&r.path, &f, row).await.map(|(mut data, rebuilt)| {
+                    let end = (f.size - row * f.layout.row_bytes()).min(f.layout.row_bytes());
+                    data.truncate(end as usize);
+                    pb::FileData { data, rebuilt_rows: rebuilt as u32 }
+                });
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileStat>, Status> {
+        let path = req.into_inner().path;
+        Ok(Response::new(stat_of(&path, &self.file(&path)?)))
+    }
+
+    async fn list(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileList>, Status> {
+        let prefix = req.into_inner().path;
+        let state = self.node.machine.state();
+        let files = state
+            .files
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, f)| stat_of(p, f))
+            .collect();
+        Ok(Response::new(pb::FileList { files }))
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {
+        let r = req.into_inner();
+        self.check_token(&r.path, &r.token, true)?;
+        let f = self.file(&r.path)?;
+        let reply =
+            self.node.propose(Op::RemoveFile { path: r.path.clone(), id: f.id }, None).await.map_err(|e| e.status())?;
+        if let Some(e) = reply.error {
+            return Err(Status::not_found(e));
+        }
+        Ok(Response::new(self.delete_units(&r.path, &f, &r.token).await))
+    }
+}
+
+impl FilesService {
+    /// Deletes a file's units on every server of its layout; unreachable servers are reported.
+    async fn delete_units(&self, path: &str, f: &FileMeta, token: &str) -> pb::RemoveReply {
+        let deletes = f.layout.servers().iter().map(|server| {
+            let req = pb::DeleteFileRequest { file: f.id, resource: path.to_string(), token: token.to_string() };
+            async move {
+                let mut client = self.storage(*server)?;
+                client
+                    .delete_file(req)
+                    .await
+                    .map(|r| r.into_inner().units_deleted)
+                    .map_err(|e| Status::new(e.code(), format!("server {server}: {}", e.message())))
+            }
+        });
+        let mut reply = pb::RemoveReply::default();
+        for r in futures::future::join_all(deletes).await {
+            match r {
+                Ok(n) => reply.units_deleted += n,
+                Err(e) => reply.errors.push(e.message().to_string()),
+            }
+        }
+        reply
+    }
+}

@@ -1,0 +1,135 @@
+//! The storage service: this server's stripe units (its data volume), read and written by the
+//! gateways of every server. Every write is checked by the chunk store against the fencing token
+//! it carries, signed with the replicated cluster secret.
+
+use std::sync::Arc;
+
+use chunks::{Authority, ChunkError, ChunkStore, Device, UnitId};
+use layout::Role;
+use lockengine::ByteRange;
+use tonic::{Request, Response, Status};
+use wire::v1 as pb;
+
+use crate::node::Node;
+
+/// Largest unit message (a 64 MiB stripe unit and its header).
+pub const MESSAGE_BYTES_MAX: usize = (64 << 20) + (1 << 20);
+
+#[derive(Clone)]
+pub struct StorageService {
+    node: Node,
+    volume: Arc<dyn Device>,
+}
+
+impl std::fmt::Debug for StorageService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StorageService({})", self.node.id)
+    }
+}
+
+pub fn unit_id(u: Option<pb::UnitRef>) -> Result<UnitId, Status> {
+    let u = u.ok_or_else(|| Status::invalid_argument("no unit named"))?;
+    let role = match (u.role, u8::try_from(u.index)) {
+        (0, Ok(j)) if j < layout::DATA_MAX => Role::Data(j),
+        (1, _) => Role::P,
+        (2, _) => Role::Q,
+        _ => return Err(Status::invalid_argument(format!("unit role {} index {} is not valid", u.role, u.index))),
+    };
+    Ok(UnitId { file: u.file, row: u.row, role })
+}
+
+pub fn unit_ref(id: &UnitId) -> pb::UnitRef {
+    let (role, index) = match id.role {
+        Role::Data(j) => (0, j as u32),
+        Role::P => (1, 0),
+        Role::Q => (2, 0),
+    };
+    pb::UnitRef { file: id.file, row: id.row, role, index }
+}
+
+pub fn chunk_status(e: ChunkError) -> Status {
+    match e {
+        ChunkError::BadToken(_) | ChunkError::NotWriter(_) | ChunkError::NotCovered { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+        ChunkError::Stale { .. } => Status::failed_precondition(e.to_string()),
+        ChunkError::VersionMismatch { .. } => Status::aborted(e.to_string()),
+        ChunkError::Corrupt { .. } | ChunkError::Format { .. } => Status::data_loss(e.to_string()),
+        ChunkError::Io(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+impl StorageService {
+    pub fn new(node: Node) -> std::io::Result<StorageService> {
+        let volume: Arc<dyn Device> = match &node.config.env.volume {
+            Some(v) => v.clone(),
+            None => Arc::new(chunks::DirDevice::open(&node.config.data_dir.join("units"))?),
+        };
+        Ok(StorageService { node, volume })
+    }
+
+    pub fn server(self) -> pb::storage_server::StorageServer<StorageService> {
+        pb::storage_server::StorageServer::new(self)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// The chunk store with the cluster's key; unavailable until the cluster is bootstrapped.
+    fn store(&self) -> Result<ChunkStore<Arc<dyn Device>>, Status> {
+        let secret = self.node.machine.state().secret.ok_or_else(|| {
+            Status::unavailable("the cluster has no secret yet (it is still starting); try again in a moment")
+        })?;
+        Ok(ChunkStore::new(self.volume.clone(), token::ClusterKey::from_bytes(secret)))
+    }
+}
+
+fn parse_token(text: &str) -> Result<token::SignedToken, Status> {
+    text.parse().map_err(|e: token::TokenError| Status::permission_denied(format!("the token is not valid: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl pb::storage_server::Storage for StorageService {
+    async fn write_unit(&self, req: Request<pb::WriteUnitRequest>) -> Result<Response<pb::WriteUnitReply>, Status> {
+        let r = req.into_inner();
+        let id = unit_id(r.unit)?;
+        let range = r.range.ok_or_else(|| Status::invalid_argument("no range"))?;
+        let range = ByteRange::new(range.start, range.end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let token = parse_token(&r.token)?;
+        let store = self.store()?;
+        let expect = r.expect_version_plus_one.checked_sub(1);
+        let version = blocking(move || {
+            let authority = Authority { resource: &r.resource, range };
+            store.write(&id, authority, &token, &r.data, &r.covers, expect).map_err(chunk_status)
+        })
+        .await?;
+        Ok(Response::new(pb::WriteUnitReply { version }))
+    }
+
+    async fn read_unit(&self, req: Request<pb::UnitRef>) -> Result<Response<pb::UnitData>, Status> {
+        let id = unit_id(Some(req.into_inner()))?;
+        let store = self.store()?;
+        let unit = blocking(move || store.read(&id).map_err(chunk_status)).await?;
+        Ok(Response::new(match unit {
+            Some(u) => pb::UnitData { found: true, data: u.bytes, version: u.version, covers: u.covers },
+            None => pb::UnitData::default(),
+        }))
+    }
+
+    async fn delete_file(&self, req: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
+        let r = req.into_inner();
+        let token = parse_token(&r.token)?;
+        let store = self.store()?;
+        let units_deleted = blocking(move || {
+            store
+                .check_token(Authority { resource: &r.resource, range: ByteRange::ALL }, &token)
+                .map_err(chunk_status)?;
+            store.delete_file(r.file).map_err(chunk_status)
+        })
+        .await?;
+        Ok(Response::new(pb::DeleteFileReply { units_deleted }))
+    }
+}

@@ -1,0 +1,408 @@
+//! `put`, `get`, `cat`, `stat`, `ls`, `rm`: files through any server's gateway. Each command
+//! takes its lock first (EX on the file to write or remove it, PR through the server's gateway
+//! cache to read it) and hands the lock's signed token to the gateway, which every storage
+//! server checks again before it writes.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use client::{ClientError, LockOptions, Mode, Session};
+use layout::{Layout, Role};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use wire::v1 as pb;
+use wire::v1::files_client::FilesClient;
+
+use crate::cluster::cluster_addrs;
+
+/// Bytes per message of a put.
+const CHUNK: usize = 1 << 20;
+/// How long a command waits for its lock.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// `64KiB`, `1MiB`, `4096`: a size in bytes.
+pub fn parse_size(text: &str) -> Result<u32> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().with_context(|| format!("`{text}` is not a size (e.g. 65536, 64KiB, 1MiB)"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        other => bail!("unknown size unit `{other}` in `{text}`: use B, KiB or MiB"),
+    };
+    u32::try_from(n * mult).with_context(|| format!("{text} is too large"))
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
+    let mut last = None;
+    for a in addrs {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect_timeout(Duration::from_secs(1));
+        match endpoint.connect().await {
+            Ok(ch) => {
+                return Ok(FilesClient::new(ch)
+                    .max_decoding_message_size(server::MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(server::MESSAGE_BYTES_MAX));
+            }
+            Err(e) => last = Some(anyhow::Error::from(e).context(format!("server {a}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// Opens a session and takes `mode` on the whole of `path`; says who blocks if it cannot.
+async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
+    let session = Session::open(addrs, 10_000).await?;
+    let options = LockOptions { timeout: Some(LOCK_WAIT), gateway: mode == Mode::PR, ..Default::default() };
+    match session.lock(path, 0..u64::MAX, mode, options).await {
+        Ok(g) => Ok((session, g)),
+        Err(e) => {
+            session.close().await;
+            match e {
+                ClientError::TimedOut => {
+                    bail!("{path} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`")
+                }
+                e => Err(e).with_context(|| format!("cannot lock {path}")),
+            }
+        }
+    }
+}
+
+/// Progress on standard error, at most twice a second, only on a terminal.
+struct Progress {
+    what: &'static str,
+    total: Option<u64>,
+    done: u64,
+    shown: Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: Option<u64>, json: bool) -> Progress {
+        Progress { what, total, done: 0, shown: Instant::now(), on: !json && std::io::stderr().is_terminal() }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.on && self.shown.elapsed() > Duration::from_millis(500) {
+            self.shown = Instant::now();
+            match self.total {
+                Some(t) if t > 0 => {
+                    eprint!("\r{} {} of {} ({}%)   ", self.what, human(self.done), human(t), self.done * 100 / t)
+                }
+                _ => eprint!("\r{} {}   ", self.what, human(self.done)),
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if self.on {
+            eprint!("\r{:60}\r", "");
+        }
+    }
+}
+
+pub struct PutArgs {
+    pub local: PathBuf,
+    pub path: String,
+    pub stripe_unit: Option<String>,
+    pub data: Option<u8>,
+    pub parity: Option<u8>,
+    pub cluster: Option<String>,
+    pub json: bool,
+}
+
+pub fn put(args: PutArgs) -> Result<ExitCode> {
+    let addrs = cluster_addrs(args.cluster.as_deref())?;
+    let stripe_unit = args.stripe_unit.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+    if let Some(p) = args.parity
+        && p > 2
+    {
+        bail!("--parity must be 0 (none), 1 (XOR) or 2 (P+Q), not {p}");
+    }
+    let mut file = std::fs::File::open(&args.local).with_context(|| format!("cannot read {}", args.local.display()))?;
+    let total = file.metadata().ok().map(|m| m.len());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let (session, grant) = lock(&addrs, &args.path, Mode::EX).await?;
+        let started = Instant::now();
+        let mut progress = Progress::new("put", total, args.json);
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutChunk>(4);
+        let first = pb::PutChunk {
+            path: args.path.clone(),
+            token: grant.signed_token.clone(),
+            stripe_unit,
+            data_units: args.data.map_or(0, u32::from),
+            parity_units_plus_one: args.parity.map_or(0, |p| p as u32 + 1),
+            data: Vec::new(),
+        };
+        let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut chunk = first;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let mut n = 0;
+                while n < CHUNK {
+                    let r = file.read(&mut buf[n..])?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                buf.truncate(n);
+                chunk.data = buf;
+                if tx.blocking_send(chunk).is_err() || n < CHUNK {
+                    return Ok(());
+                }
+                chunk = pb::PutChunk::default();
+            }
+        });
+        let mut client = files_client(&addrs).await?;
+        let counted = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |c| {
+            progress.add(c.data.len() as u64);
+            if c.data.len() < CHUNK {
+                progress.finish();
+            }
+            c
+        });
+        let result = client.put(counted).await;
+        reader.await.context("reading the local file")??;
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+        let stat = result.map_err(status_error).with_context(|| format!("put {} failed", args.path))?.into_inner();
+        let secs = started.elapsed().as_secs_f64();
+        if args.json {
+            let mut v = stat_json(&stat);
+            v["seconds"] = serde_json::json!((secs * 1000.0).round() / 1000.0);
+            println!("{v}");
+        } else {
+            println!(
+                "put {} ({}) as {}: {}+{} layout, {} units, servers {} ({:.0} MB/s)",
+                args.local.display(),
+                human(stat.size),
+                stat.path,
+                stat.data_units,
+                stat.parity_units,
+                human(stat.stripe_unit as u64),
+                stat.servers.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                stat.size as f64 / secs / 1e6
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `get PATH LOCAL` (into a temporary file renamed at the end) or, with no LOCAL, `cat PATH`.
+pub fn get(path: &str, local: Option<&Path>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let (session, grant) = lock(&addrs, path, Mode::PR).await?;
+        let result = async {
+            let mut client = files_client(&addrs).await?;
+            let size =
+                client.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)?.into_inner().size;
+            let req = pb::GetRequest { path: path.to_string(), token: grant.signed_token.clone() };
+            let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
+            let tmp = local.map(|l| {
+                let mut name = l.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                name.push(".stripelock-part");
+                l.with_file_name(name)
+            });
+            let mut out: Box<dyn Write> = match &tmp {
+                Some(t) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(t).with_context(|| format!("cannot write {}", t.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut progress = Progress::new("get", Some(size), json || local.is_none());
+            let (mut bytes, mut rebuilt) = (0u64, 0u64);
+            let copied = async {
+                while let Some(m) = stream.next().await {
+                    let m = m.map_err(status_error)?;
+                    out.write_all(&m.data)?;
+                    bytes += m.data.len() as u64;
+                    rebuilt += m.rebuilt_rows as u64;
+                    progress.add(m.data.len() as u64);
+                }
+                out.flush()?;
+                Ok::<(), anyhow::Error>(())
+            }
+            .await;
+            progress.finish();
+            drop(out);
+            if let Err(e) = copied {
+                if let Some(t) = &tmp {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e.context(format!("reading {path} failed")));
+            }
+            if let (Some(t), Some(l)) = (&tmp, local) {
+                std::fs::rename(t, l).with_context(|| format!("cannot move {} to {}", t.display(), l.display()))?;
+            }
+            Ok::<_, anyhow::Error>((bytes, rebuilt))
+        }
+        .await;
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+        let (bytes, rebuilt) = result?;
+        if let Some(l) = local {
+            if json {
+                println!("{}", serde_json::json!({"path": path, "local": l, "bytes": bytes, "rebuilt_rows": rebuilt}));
+            } else {
+                let note = if rebuilt > 0 { format!("; {rebuilt} row(s) rebuilt from parity") } else { String::new() };
+                println!("got {path} into {} ({}{note})", l.display(), human(bytes));
+            }
+        } else if rebuilt > 0 {
+            eprintln!("stripelock: {rebuilt} row(s) of {path} were rebuilt from parity (a server is down or damaged)");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn stat_json(s: &pb::FileStat) -> serde_json::Value {
+    serde_json::json!({
+        "path": s.path, "file": s.file, "size": s.size, "complete": s.complete,
+        "layout": {"stripe_unit": s.stripe_unit, "data": s.data_units, "parity": s.parity_units, "servers": s.servers},
+    })
+}
+
+fn layout_of(s: &pb::FileStat) -> Result<Layout> {
+    Layout::new(s.stripe_unit, s.data_units as u8, s.parity_units as u8, s.servers.clone()).map_err(Into::into)
+}
+
+fn role_name(r: Role) -> String {
+    match r {
+        Role::Data(j) => format!("d{j}"),
+        Role::P => "P".into(),
+        Role::Q => "Q".into(),
+    }
+}
+
+pub fn stat(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let s = rt.block_on(async {
+        let mut c = files_client(&addrs).await?;
+        c.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)
+    })?;
+    let s = s.into_inner();
+    let l = layout_of(&s)?;
+    let rows = l.rows(s.size);
+    // The placement repeats every `width` rows.
+    let shown = rows.min(l.width() as u64);
+    if json {
+        let mut v = stat_json(&s);
+        v["rows"] = serde_json::json!(rows);
+        v["placement"] = (0..shown)
+            .map(|row| {
+                let units: Vec<_> =
+                    l.roles().map(|r| serde_json::json!({"role": role_name(r), "server": l.server(row, r)})).collect();
+                serde_json::json!({"row": row, "units": units})
+            })
+            .collect();
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{}: {} ({} bytes), file {}{}",
+        s.path,
+        human(s.size),
+        s.size,
+        s.file,
+        if s.complete { "" } else { ", being written" }
+    );
+    println!(
+        "layout: {}+{} ({}), stripe unit {}, {} rows of {}",
+        s.data_units,
+        s.parity_units,
+        ["no parity", "XOR parity", "P+Q parity"][s.parity_units as usize % 3],
+        human(s.stripe_unit as u64),
+        rows,
+        human(l.row_bytes())
+    );
+    let header: Vec<String> = l.roles().map(role_name).collect();
+    println!("{:<6} {}", "row", header.iter().map(|h| format!("{h:>8}")).collect::<String>());
+    for row in 0..shown {
+        let servers: String = l.roles().map(|r| format!("{:>8}", format!("s{}", l.server(row, r)))).collect();
+        println!("{row:<6} {servers}");
+    }
+    if rows > shown {
+        println!("(row r places its units as row r mod {})", l.width());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ls(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let list = rt.block_on(async {
+        let mut c = files_client(&addrs).await?;
+        c.list(pb::PathRequest { path: prefix.to_string() }).await.map_err(status_error)
+    })?;
+    let files = list.into_inner().files;
+    if json {
+        println!("{}", serde_json::Value::Array(files.iter().map(stat_json).collect()));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if files.is_empty() {
+        println!("no files{}", if prefix.is_empty() { String::new() } else { format!(" under {prefix}") });
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<40} {:>12} {:>7} {:>8}  note", "path", "size", "layout", "unit");
+    for f in &files {
+        println!(
+            "{:<40} {:>12} {:>7} {:>8}  {}",
+            f.path,
+            f.size,
+            format!("{}+{}", f.data_units, f.parity_units),
+            human(f.stripe_unit as u64),
+            if f.complete { "" } else { "being written" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let (session, grant) = lock(&addrs, path, Mode::EX).await?;
+        let result = async {
+            let mut c = files_client(&addrs).await?;
+            c.remove(pb::RemoveRequest { path: path.to_string(), token: grant.signed_token.clone() })
+                .await
+                .map_err(status_error)
+        }
+        .await;
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+        let r = result?.into_inner();
+        if json {
+            println!("{}", serde_json::json!({"path": path, "units_deleted": r.units_deleted, "errors": r.errors}));
+        } else {
+            println!("removed {path} ({} units deleted)", r.units_deleted);
+            for e in &r.errors {
+                eprintln!("stripelock: warning: {e}; its units there stay until a scrub");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
