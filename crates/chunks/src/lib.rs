@@ -281,6 +281,29 @@ impl<D: Device> ChunkStore<D> {
         Ok(())
     }
 
+    /// Stores a unit recomputed from its row (rebuild, repair) under a token for `authority`
+    /// that is not older than any the unit has accepted; keeps the unit's floor.
+    pub fn repair(
+        &self,
+        id: &UnitId,
+        authority: Authority<'_>,
+        token: &SignedToken,
+        mut unit: Unit,
+    ) -> Result<(), ChunkError> {
+        let given = self.check_token(authority, token)?;
+        // A damaged record's floor cannot be read; the token's own number stands in for it.
+        let floor = match self.read(id) {
+            Ok(Some(u)) => u.highest_token,
+            Ok(None) | Err(ChunkError::Corrupt { .. } | ChunkError::Format { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        if given < floor && !self.fencing_off {
+            return Err(ChunkError::Stale { unit: id.name(), given, highest: floor });
+        }
+        unit.highest_token = floor.max(given);
+        self.restore(id, &unit)
+    }
+
     /// Stores a unit as given, for rebuild and repair (which recompute it from its row rather
     /// than take it from a lock holder).
     pub fn restore(&self, id: &UnitId, unit: &Unit) -> Result<(), ChunkError> {

@@ -215,23 +215,27 @@ impl FilesService {
         Ok(())
     }
 
-    /// One unit as its server has it: `None` (with why) if it cannot be had.
-    async fn read_unit(&self, f: &FileMeta, row: u64, role: Role) -> Result<pb::UnitData, String> {
+    /// One unit as its server has it.
+    async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
         let server = f.layout.server(row, role);
-        let mut client = self.storage(server).map_err(|e| format!("server {server}: {}", e.message()))?;
-        let req = unit_ref(&UnitId { file: f.id, row, role });
-        match client.read_unit(req).await {
+        let what = format!("row {row} {} on server {server}", role_name(role));
+        let mut client = match self.storage(server) {
+            Ok(c) => c,
+            Err(e) => return Fetched::Unavailable(format!("{what}: {}", e.message())),
+        };
+        match client.read_unit(unit_ref(&UnitId { file: f.id, row, role })).await {
             Ok(r) => {
                 let u = r.into_inner();
                 if !u.found {
-                    Err(format!("server {server} does not have {role:?} of row {row}"))
+                    Fetched::Damaged(format!("{what}: missing"))
                 } else if u.data.len() != f.layout.unit() as usize {
-                    Err(format!("server {server} has a unit of {} bytes", u.data.len()))
+                    Fetched::Damaged(format!("{what}: {} bytes, not {}", u.data.len(), f.layout.unit()))
                 } else {
-                    Ok(u)
+                    Fetched::Ok(u)
                 }
             }
-            Err(e) => Err(format!("server {server}: {}", e.message())),
+            Err(e) if e.code() == tonic::Code::DataLoss => Fetched::Damaged(format!("{what}: {}", e.message())),
+            Err(e) => Fetched::Unavailable(format!("{what}: {}", e.message())),
         }
     }
 
@@ -239,66 +243,214 @@ impl FilesService {
     async fn read_row(&self, path: &str, f: &FileMeta, row: u64) -> Result<(Vec<u8>, bool), Status> {
         let l = &f.layout;
         let k = l.data() as usize;
-        let reads = (0..l.data()).map(|j| self.read_unit(f, row, Role::Data(j)));
-        let data: Vec<Result<pb::UnitData, String>> = futures::future::join_all(reads).await;
-        if data.iter().all(Result::is_ok) {
+        let reads = (0..l.data()).map(|j| self.fetch(f, row, Role::Data(j)));
+        let mut fetched: Vec<Fetched> = futures::future::join_all(reads).await;
+        if fetched.iter().all(|u| matches!(u, Fetched::Ok(_))) {
             let mut out = Vec::with_capacity(l.row_bytes() as usize);
-            for u in data {
-                out.extend_from_slice(&u.expect("checked").data);
+            for u in fetched {
+                let Fetched::Ok(u) = u else { unreachable!("checked") };
+                out.extend_from_slice(&u.data);
             }
             return Ok((out, false));
         }
-        let problems: Vec<String> = data.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
-        let parity_roles: Vec<Role> = l.roles().skip(k).collect();
-        let parity = futures::future::join_all(parity_roles.iter().map(|r| self.read_unit(f, row, *r))).await;
-        // A parity unit counts only if it was computed from the versions the data units are at;
-        // otherwise the row had an interrupted write and that parity would rebuild wrong bytes.
-        let versions: Vec<Option<u64>> = data.iter().map(|r| r.as_ref().ok().map(|u| u.version)).collect();
-        let mut units: Vec<Vec<u8>> = Vec::with_capacity(l.width());
-        let mut lost = Vec::new();
-        for (j, r) in data.into_iter().enumerate() {
-            match r {
-                Ok(u) => units.push(u.data),
-                Err(_) => {
-                    units.push(vec![0; l.unit() as usize]);
-                    lost.push(j);
-                }
-            }
-        }
-        let mut stale = Vec::new();
-        for (i, r) in parity.into_iter().enumerate() {
-            match r {
-                Ok(u)
-                    if u.covers.len() == k
-                        && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c)) =>
-                {
-                    units.push(u.data)
-                }
-                other => {
-                    if let Ok(u) = other {
-                        stale.push(format!(
-                            "{:?} was computed from versions {:?}, the data is at {versions:?}",
-                            parity_roles[i], u.covers
-                        ));
-                    }
-                    units.push(vec![0; l.unit() as usize]);
-                    lost.push(k + i);
-                }
-            }
-        }
-        if lost.len() > l.parity() as usize {
-            return Err(Status::data_loss(format!(
-                "row {row} of {path} cannot be read: {}{}; its parity rebuilds at most {} lost unit(s)",
-                problems.join("; "),
-                if stale.is_empty() { String::new() } else { format!("; and {}", stale.join("; ")) },
-                l.parity()
-            )));
-        }
-        let mut refs: Vec<&mut [u8]> = units.iter_mut().map(Vec::as_mut_slice).collect();
-        layout::parity::reconstruct(&mut refs, &lost, k, l.parity() as usize)
-            .map_err(|e| Status::data_loss(format!("row {row} of {path}: {e}")))?;
-        Ok((units[..k].concat(), true))
+        let parity = l.roles().skip(k).map(|r| self.fetch(f, row, r));
+        fetched.extend(futures::future::join_all(parity).await);
+        let solved = solve_row(l, &fetched)
+            .map_err(|why| Status::data_loss(format!("row {row} of {path} cannot be read: {why}")))?;
+        Ok((solved.data.concat(), true))
     }
+
+    /// Every unit of a row, fetched at once.
+    async fn fetch_row(&self, f: &FileMeta, row: u64) -> Vec<Fetched> {
+        futures::future::join_all(f.layout.roles().map(|r| self.fetch(f, row, r))).await
+    }
+
+    async fn restore(
+        &self,
+        path: &str,
+        f: &FileMeta,
+        server: u64,
+        row: u64,
+        role: Role,
+        unit: RestoredUnit,
+        token: &str,
+    ) -> Result<(), String> {
+        let mut client = self.storage(server).map_err(|e| e.message().to_string())?;
+        let req = pb::RestoreUnitRequest {
+            unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+            resource: path.to_string(),
+            token: token.to_string(),
+            data: unit.bytes,
+            version: unit.version,
+            covers: unit.covers,
+        };
+        client
+            .restore_unit(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("row {row} {} on server {server}: {}", role_name(role), e.message()))
+    }
+
+    async fn scrub_file(&self, path: &str, f: &FileMeta, repair: bool, token: &str) -> pb::ScrubReport {
+        let l = &f.layout;
+        let k = l.data() as usize;
+        let roles: Vec<Role> = l.roles().collect();
+        let mut report = pb::ScrubReport { rows: l.rows(f.size), ..Default::default() };
+        for row in 0..l.rows(f.size) {
+            let fetched = self.fetch_row(f, row).await;
+            for u in &fetched {
+                match u {
+                    Fetched::Ok(_) => {
+                        report.units_checked += 1;
+                        report.bytes_checked += l.unit() as u64;
+                    }
+                    Fetched::Damaged(why) => report.damaged.push(why.clone()),
+                    Fetched::Unavailable(why) => report.unavailable.push(why.clone()),
+                }
+            }
+            let solved = match solve_row(l, &fetched) {
+                Ok(s) => s,
+                Err(why) => {
+                    if fetched.iter().any(|u| matches!(u, Fetched::Damaged(_))) {
+                        report.unrepairable.push(format!("row {row}: {why}"));
+                    }
+                    continue;
+                }
+            };
+            // What each unit should be, from the data (authoritative once whole).
+            let parity = solved.parity(l);
+            for (i, role) in roles.iter().enumerate() {
+                let expected = if i < k {
+                    RestoredUnit { bytes: solved.data[i].clone(), version: solved.versions[i], covers: Vec::new() }
+                } else {
+                    parity[i - k].clone()
+                };
+                let wrong = match &fetched[i] {
+                    Fetched::Ok(u) if i >= k && (u.covers != expected.covers || u.data != expected.bytes) => {
+                        report.parity_mismatches.push(format!(
+                            "row {row} {} on server {}: does not match its row",
+                            role_name(*role),
+                            l.server(row, *role)
+                        ));
+                        true
+                    }
+                    Fetched::Ok(_) | Fetched::Unavailable(_) => false,
+                    Fetched::Damaged(_) => true,
+                };
+                if wrong && repair {
+                    match self.restore(path, f, l.server(row, *role), row, *role, expected, token).await {
+                        Ok(()) => report.repaired += 1,
+                        Err(e) => report.unrepairable.push(e),
+                    }
+                }
+            }
+        }
+        report
+    }
+}
+
+/// A unit as a repair or rebuild writes it.
+#[derive(Debug, Clone)]
+struct RestoredUnit {
+    bytes: Vec<u8>,
+    version: u64,
+    covers: Vec<u64>,
+}
+
+/// What fetching a unit gave.
+#[derive(Debug)]
+enum Fetched {
+    Ok(pb::UnitData),
+    /// Its server did not answer: not known to be bad.
+    Unavailable(String),
+    /// Missing, or its record failed its checks.
+    Damaged(String),
+}
+
+/// Where `role` comes in a row's units in role order (data, P, Q).
+fn role_index(l: &Layout, role: Role) -> usize {
+    match role {
+        Role::Data(j) => j as usize,
+        Role::P => l.data() as usize,
+        Role::Q => l.data() as usize + 1,
+    }
+}
+
+fn role_name(r: Role) -> String {
+    match r {
+        Role::Data(j) => format!("d{j}"),
+        Role::P => "P".into(),
+        Role::Q => "Q".into(),
+    }
+}
+
+/// A row's data units and their versions.
+struct Solved {
+    data: Vec<Vec<u8>>,
+    versions: Vec<u64>,
+}
+
+impl Solved {
+    /// The row's parity units as they should be.
+    fn parity(&self, l: &Layout) -> Vec<RestoredUnit> {
+        let unit = l.unit() as usize;
+        let refs: Vec<&[u8]> = self.data.iter().map(Vec::as_slice).collect();
+        let (mut p, mut q) = (vec![0u8; unit], vec![0u8; unit]);
+        layout::parity::encode(&refs, Some(&mut p), (l.parity() == 2).then_some(&mut q[..]));
+        let version = self.versions.iter().copied().max().unwrap_or(0);
+        [p, q]
+            .into_iter()
+            .take(l.parity() as usize)
+            .map(|bytes| RestoredUnit { bytes, version, covers: self.versions.clone() })
+            .collect()
+    }
+}
+
+/// The data of a row from its fetched units (in role order, all of them), rebuilding lost data
+/// units from parity. A parity unit is used only if it was computed from the versions the data
+/// units it did not lose are at; otherwise the row had an interrupted write and that parity
+/// would rebuild wrong bytes.
+fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, String> {
+    let k = l.data() as usize;
+    let unit = l.unit() as usize;
+    let versions: Vec<Option<u64>> =
+        fetched[..k].iter().map(|u| if let Fetched::Ok(u) = u { Some(u.version) } else { None }).collect();
+    let mut units: Vec<Vec<u8>> = Vec::with_capacity(l.width());
+    let mut lost = Vec::new();
+    let mut problems = Vec::new();
+    let mut covers: Option<Vec<u64>> = None;
+    for (i, u) in fetched.iter().enumerate() {
+        match u {
+            Fetched::Ok(u) if i < k => units.push(u.data.clone()),
+            Fetched::Ok(u)
+                if u.covers.len() == k && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c)) =>
+            {
+                covers.get_or_insert_with(|| u.covers.clone());
+                units.push(u.data.clone());
+            }
+            other => {
+                match other {
+                    Fetched::Ok(u) => problems.push(format!(
+                        "parity unit {} was computed from versions {:?}, the data is at {versions:?}",
+                        i - k,
+                        u.covers
+                    )),
+                    Fetched::Damaged(why) | Fetched::Unavailable(why) => problems.push(why.clone()),
+                }
+                units.push(vec![0; unit]);
+                lost.push(i);
+            }
+        }
+    }
+    if lost.len() > l.parity() as usize {
+        return Err(format!("{}; its parity rebuilds at most {} lost unit(s)", problems.join("; "), l.parity()));
+    }
+    let mut refs: Vec<&mut [u8]> = units.iter_mut().map(Vec::as_mut_slice).collect();
+    layout::parity::reconstruct(&mut refs, &lost, k, l.parity() as usize).map_err(|e| e.to_string())?;
+    let versions =
+        versions.iter().enumerate().map(|(j, v)| v.or_else(|| covers.as_ref().map(|c| c[j])).unwrap_or(1)).collect();
+    units.truncate(k);
+    Ok(Solved { data: units, versions })
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
@@ -412,6 +564,72 @@ impl pb::files_server::Files for FilesService {
             .map(|(p, f)| stat_of(p, f))
             .collect();
         Ok(Response::new(pb::FileList { files }))
+    }
+
+    async fn scrub(&self, req: Request<pb::ScrubRequest>) -> Result<Response<pb::ScrubReport>, Status> {
+        let r = req.into_inner();
+        self.check_token(&r.path, &r.token, r.repair)?;
+        let f = self.file(&r.path)?;
+        if !f.complete {
+            return Err(Status::unavailable(format!("{} is still being written", r.path)));
+        }
+        Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token).await))
+    }
+
+    async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildReport>, Status> {
+        let r = req.into_inner();
+        self.check_token(&r.path, &r.token, true)?;
+        let f = self.file(&r.path)?;
+        let l = &f.layout;
+        let Some(position) = l.servers().iter().position(|s| *s == r.lost_server) else {
+            return Err(Status::invalid_argument(format!("server {} holds no unit of {}", r.lost_server, r.path)));
+        };
+        let target = if r.onto == 0 { r.lost_server } else { r.onto };
+        if r.onto != 0 && (l.servers().contains(&r.onto) || !self.node.config.peers.contains_key(&r.onto)) {
+            return Err(Status::invalid_argument(format!(
+                "server {} cannot take server {}'s place in {}: it is not a server of the cluster outside the file's layout",
+                r.onto, r.lost_server, r.path
+            )));
+        }
+        let mut report = pb::RebuildReport::default();
+        for row in 0..l.rows(f.size) {
+            let role = l.role_at(row, position);
+            // Whatever the lost server still answers is not used.
+            let mut fetched = self.fetch_row(&f, row).await;
+            fetched[role_index(l, role)] =
+                Fetched::Unavailable(format!("row {row} {} is being rebuilt", role_name(role)));
+            let solved = solve_row(l, &fetched)
+                .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
+            let unit = match role {
+                Role::Data(j) => RestoredUnit {
+                    bytes: solved.data[j as usize].clone(),
+                    version: solved.versions[j as usize],
+                    covers: Vec::new(),
+                },
+                Role::P => solved.parity(l)[0].clone(),
+                Role::Q => solved.parity(l)[1].clone(),
+            };
+            report.bytes += unit.bytes.len() as u64;
+            self.restore(&r.path, &f, target, row, role, unit, &r.token).await.map_err(Status::unavailable)?;
+            report.units_rebuilt += 1;
+        }
+        let mut servers = l.servers().to_vec();
+        servers[position] = target;
+        if target != r.lost_server {
+            let layout = Layout::new(l.unit(), l.data(), l.parity(), servers.clone())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let reply = self
+                .node
+                .propose(Op::SetLayout { path: r.path.clone(), id: f.id, layout }, None)
+                .await
+                .map_err(|e| e.status())?;
+            if let Some(e) = reply.error {
+                return Err(Status::aborted(e));
+            }
+            self.node.applied(reply.index).await;
+        }
+        report.servers = servers;
+        Ok(Response::new(report))
     }
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {

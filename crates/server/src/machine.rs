@@ -218,6 +218,13 @@ impl State {
                 }
                 _ => reply.error = Some(format!("no such file: {path}")),
             },
+            Op::SetLayout { path, id, layout } => match self.files.get_mut(&path) {
+                Some(f) if f.id == id => {
+                    f.layout = layout;
+                    reply.file = Some(id);
+                }
+                _ => reply.error = Some(format!("no such file: {path}")),
+            },
         }
         if let Some(origin) = cmd.origin
             && self.engine.session_is_live(origin.session)

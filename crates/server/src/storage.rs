@@ -119,6 +119,21 @@ impl pb::storage_server::Storage for StorageService {
         }))
     }
 
+    async fn restore_unit(&self, req: Request<pb::RestoreUnitRequest>) -> Result<Response<pb::WriteUnitReply>, Status> {
+        let r = req.into_inner();
+        let id = unit_id(r.unit)?;
+        let token = parse_token(&r.token)?;
+        let store = self.store()?;
+        let version = r.version;
+        blocking(move || {
+            let authority = Authority { resource: &r.resource, range: ByteRange::ALL };
+            let unit = chunks::Unit { bytes: r.data, version: r.version, highest_token: 0, covers: r.covers };
+            store.repair(&id, authority, &token, unit).map_err(chunk_status)
+        })
+        .await?;
+        Ok(Response::new(pb::WriteUnitReply { version }))
+    }
+
     async fn delete_file(&self, req: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
         let r = req.into_inner();
         let token = parse_token(&r.token)?;

@@ -46,6 +46,8 @@ pub enum Op {
     CompleteFile { path: String, id: u64, size: u64 },
     /// Takes file `id` out of the namespace.
     RemoveFile { path: String, id: u64 },
+    /// File `id`'s units moved to the servers of `layout` (a rebuild onto another server).
+    SetLayout { path: String, id: u64, layout: layout::Layout },
 }
 
 impl fmt::Display for Command {
@@ -61,6 +63,7 @@ impl fmt::Display for Command {
             Op::CreateFile { path, layout } => write!(f, "create({path}, {layout:?})@{}", self.now_ms),
             Op::CompleteFile { path, id, size } => write!(f, "complete({path}, {id}, {size})@{}", self.now_ms),
             Op::RemoveFile { path, id } => write!(f, "remove({path}, {id})@{}", self.now_ms),
+            Op::SetLayout { path, id, layout } => write!(f, "set-layout({path}, {id}, {layout:?})@{}", self.now_ms),
         }
     }
 }

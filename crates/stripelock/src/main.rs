@@ -186,6 +186,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every unit against its checksums and its row's parity; --repair rewrites what is
+    /// damaged from the redundancy left. Exit 1 if anything is (left) wrong.
+    Scrub {
+        /// Only files whose path starts with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Regenerate every unit a lost server held, onto it again (its data replaced) or onto
+    /// another server (--onto), then verify each file.
+    Rebuild {
+        #[arg(long)]
+        server: u64,
+        #[arg(long)]
+        onto: Option<u64>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -319,6 +344,12 @@ fn main() -> ExitCode {
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json)),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json)),
+        Command::Scrub { prefix, repair, cluster, json } => {
+            report(files::scrub(&prefix, repair, cluster.as_deref(), json))
+        }
+        Command::Rebuild { server, onto, cluster, json } => {
+            report(files::rebuild(server, onto, cluster.as_deref(), json))
+        }
         Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json)),
         Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json)),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
