@@ -614,21 +614,21 @@ fn files_survive_a_lost_server_and_two_with_p_plus_q() {
     serial(files_survive_a_lost_server_and_two_with_p_plus_q_body());
 }
 
-/// Put files with 4+1 and 3+2 layouts on five servers, get them back byte for byte, then again
+/// Put 64 MiB files with 4+1 and 3+2 layouts on five servers, get them back byte for byte, then again
 /// with one server (4+1) and two servers (3+2) killed, rebuilding from parity; a write carrying a
 /// token older than one the storage has accepted is refused and changes nothing; rm removes.
 async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
     let mut c = Cluster::start(5, "files").await;
     let dir = c.dir.clone();
-    let data = noise(6 << 20, 7);
+    let data = noise(64 << 20, 7);
     let local = dir.join("in.bin");
     std::fs::write(&local, &data).unwrap();
     let local_s = local.to_str().unwrap();
     let stat: serde_json::Value =
         serde_json::from_str(&cli(&c, &["put", local_s, "/data/x", "--stripe-unit", "256KiB", "--json"])).unwrap();
-    assert_eq!(stat["size"], 6 << 20);
+    assert_eq!(stat["size"], 64 << 20);
     assert_eq!((stat["layout"]["data"].as_u64(), stat["layout"]["parity"].as_u64()), (Some(4), Some(1)));
-    cli(&c, &["put", local_s, "/data/y", "--stripe-unit", "64KiB", "--data", "3", "--parity", "2"]);
+    cli(&c, &["put", local_s, "/data/y", "--data", "3", "--parity", "2"]);
     let out = dir.join("out.bin");
     let out_s = out.to_str().unwrap();
     for path in ["/data/x", "/data/y"] {
@@ -693,4 +693,109 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
     let removed = cli(&c, &["rm", "/data/z"]);
     assert!(removed.contains("removed /data/z"), "{removed}");
     assert!(!cli(&c, &["ls", "/data/"]).contains("/data/z"));
+}
+
+#[test]
+fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server() {
+    serial(scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server_body());
+}
+
+/// Six servers, a 4+1 file on five of them and a 64 MiB 4+2 file on all six. Bytes flipped in the unit files of a stopped server
+/// are never returned by a read, each damaged unit is found by scrub and repaired; then a server
+/// of the layout is killed and rebuilt onto the sixth, and the file reads back identical with
+/// no row needing parity.
+async fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server_body() {
+    let mut c = Cluster::start(6, "scrub").await;
+    let dir = c.dir.clone();
+    let data = noise(3 << 20, 11);
+    let local = dir.join("in.bin");
+    std::fs::write(&local, &data).unwrap();
+    let put = ["put", local.to_str().unwrap(), "/data/s", "--stripe-unit", "64KiB", "--data", "4", "--parity", "1"];
+    cli(&c, &put);
+    let big = noise(64 << 20, 13);
+    let big_local = dir.join("big.bin");
+    std::fs::write(&big_local, &big).unwrap();
+    cli(&c, &["put", big_local.to_str().unwrap(), "/data/q", "--data", "4", "--parity", "2"]);
+    let stat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/data/s", "--json"])).unwrap();
+    let layout: Vec<u64> = stat["layout"]["servers"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let spare = (1..=6).find(|s| !layout.contains(s)).unwrap();
+    let leader = c.leader().await;
+    let victim = *layout.iter().find(|s| **s != leader).unwrap();
+
+    // Stop the victim, flip a byte in some of its unit files, start it again.
+    c.kill(victim);
+    let units: Vec<PathBuf> = walk(&c.servers[victim as usize - 1].data.join("units"));
+    assert!(units.len() >= 8, "{units:?}");
+    let flipped: Vec<&PathBuf> = units.iter().step_by(3).collect();
+    for (i, f) in flipped.iter().enumerate() {
+        let mut b = std::fs::read(f).unwrap();
+        let at = (i * 7919) % b.len();
+        b[at] ^= 0x20;
+        std::fs::write(f, b).unwrap();
+    }
+    c.spawn(victim, false);
+    c.wait_ready().await;
+    let out = dir.join("out.bin");
+    let got: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["get", "/data/s", out.to_str().unwrap(), "--json"])).unwrap();
+    assert!(std::fs::read(&out).unwrap() == data, "a read returned flipped bytes");
+    assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
+    let scrub = Command::new(EXE).args(["scrub", "--json", "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
+    assert_eq!(scrub.status.code(), Some(1), "scrub found nothing: {scrub:?}");
+    let report: serde_json::Value = serde_json::from_slice(&scrub.stdout).unwrap();
+    let bad = report["damaged"].as_array().unwrap().len() + report["parity_mismatches"].as_array().unwrap().len();
+    assert_eq!(bad, flipped.len(), "every flipped unit, and only those: {report}");
+    let repaired: serde_json::Value = serde_json::from_str(&cli(&c, &["scrub", "--repair", "--json"])).unwrap();
+    assert_eq!(repaired["repaired"].as_u64().unwrap() as usize, flipped.len(), "{repaired}");
+    let clean: serde_json::Value = serde_json::from_str(&cli(&c, &["scrub", "--json"])).unwrap();
+    assert!(
+        clean["damaged"].as_array().unwrap().is_empty() && clean["parity_mismatches"].as_array().unwrap().is_empty()
+    );
+
+    // Lose the victim for good; rebuild its units onto the spare.
+    c.kill(victim);
+    let rebuild = Command::new(EXE)
+        .args(["rebuild", "--server", &victim.to_string(), "--onto", &spare.to_string(), "--json", "--cluster"])
+        .arg(c.addrs().join(","))
+        .output()
+        .unwrap();
+    // The 4+2 file already lives on the spare too: it is skipped and reported (exit 1).
+    assert_eq!(rebuild.status.code(), Some(1), "{rebuild:?}");
+    let rebuilt: serde_json::Value = serde_json::from_slice(&rebuild.stdout).unwrap();
+    assert_eq!(rebuilt["skipped"], serde_json::json!(["/data/q"]), "{rebuilt}");
+    assert!(rebuilt["units_rebuilt"].as_u64().unwrap() > 0, "{rebuilt}");
+    assert!(rebuilt["verify_mismatches"].as_array().unwrap().is_empty(), "{rebuilt}");
+    let stat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/data/s", "--json"])).unwrap();
+    let now: Vec<u64> = stat["layout"]["servers"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    assert!(now.contains(&spare) && !now.contains(&victim), "{now:?}");
+    let got: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["get", "/data/s", out.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(got["rebuilt_rows"], 0, "the file still needs parity after the rebuild: {got}");
+    assert!(std::fs::read(&out).unwrap() == data);
+
+    // The 4+2 file (64 MiB on all six) reads back with the victim and one more server gone.
+    let second = (1..=6).find(|s| *s != victim && *s != leader).unwrap();
+    c.kill(second);
+    let got: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["get", "/data/q", out.to_str().unwrap(), "--json"])).unwrap();
+    assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
+    assert!(std::fs::read(&out).unwrap() == big, "4+2 with two servers down came back different");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }
