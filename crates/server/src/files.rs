@@ -265,19 +265,19 @@ impl FilesService {
         futures::future::join_all(f.layout.roles().map(|r| self.fetch(f, row, r))).await
     }
 
+    /// Stores a recomputed unit `id` of `path` on `server`.
     async fn restore(
         &self,
         path: &str,
-        f: &FileMeta,
         server: u64,
-        row: u64,
-        role: Role,
+        id: UnitId,
         unit: RestoredUnit,
         token: &str,
     ) -> Result<(), String> {
+        let (row, role) = (id.row, id.role);
         let mut client = self.storage(server).map_err(|e| e.message().to_string())?;
         let req = pb::RestoreUnitRequest {
-            unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+            unit: Some(unit_ref(&id)),
             resource: path.to_string(),
             token: token.to_string(),
             data: unit.bytes,
@@ -338,7 +338,10 @@ impl FilesService {
                     Fetched::Damaged(_) => true,
                 };
                 if wrong && repair {
-                    match self.restore(path, f, l.server(row, *role), row, *role, expected, token).await {
+                    match self
+                        .restore(path, l.server(row, *role), UnitId { file: f.id, row, role: *role }, expected, token)
+                        .await
+                    {
                         Ok(()) => report.repaired += 1,
                         Err(e) => report.unrepairable.push(e),
                     }
@@ -610,7 +613,9 @@ impl pb::files_server::Files for FilesService {
                 Role::Q => solved.parity(l)[1].clone(),
             };
             report.bytes += unit.bytes.len() as u64;
-            self.restore(&r.path, &f, target, row, role, unit, &r.token).await.map_err(Status::unavailable)?;
+            self.restore(&r.path, target, UnitId { file: f.id, row, role }, unit, &r.token)
+                .await
+                .map_err(Status::unavailable)?;
             report.units_rebuilt += 1;
         }
         let mut servers = l.servers().to_vec();
