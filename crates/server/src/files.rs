@@ -29,6 +29,8 @@ use crate::types::{FileMeta, Op};
 
 /// The stripe unit when a put does not choose one.
 pub const DEFAULT_UNIT: u32 = 1 << 20;
+/// Rows a put, get or rebuild keeps in flight at once.
+const ROWS_IN_FLIGHT: usize = 4;
 /// Longest path.
 const PATH_BYTES_MAX: usize = 4096;
 
@@ -213,6 +215,17 @@ impl FilesService {
             r?;
         }
         Ok(())
+    }
+
+    async fn write_row_owned(
+        &self,
+        path: &str,
+        f: &FileMeta,
+        row: u64,
+        data: Vec<u8>,
+        token: &str,
+    ) -> Result<(), Status> {
+        self.write_row(path, f, row, &data, token).await
     }
 
     /// One unit as its server has it.
@@ -478,16 +491,22 @@ impl pb::files_server::Files for FilesService {
         let id = reply.file.ok_or_else(|| Status::internal("no file id in the reply"))?;
         let meta = FileMeta { id, size: 0, layout, complete: false };
         let written = async {
+            use futures::StreamExt;
             let row_bytes = meta.layout.row_bytes() as usize;
             let mut buf = first.data;
             let mut size = buf.len() as u64;
             let mut row = 0u64;
+            // Rows go out ROWS_IN_FLIGHT at a time, so the servers' syncs overlap.
+            let mut in_flight = futures::stream::FuturesUnordered::new();
             loop {
                 while buf.len() >= row_bytes {
                     let rest = buf.split_off(row_bytes);
-                    self.write_row(&path, &meta, row, &buf, &first.token).await?;
-                    buf = rest;
+                    let full = std::mem::replace(&mut buf, rest);
+                    in_flight.push(self.write_row_owned(&path, &meta, row, full, &first.token));
                     row += 1;
+                    while in_flight.len() >= ROWS_IN_FLIGHT {
+                        in_flight.next().await.expect("not empty")?;
+                    }
                 }
                 match stream.message().await? {
                     Some(chunk) => {
@@ -499,7 +518,10 @@ impl pb::files_server::Files for FilesService {
             }
             if !buf.is_empty() {
                 buf.resize(row_bytes, 0);
-                self.write_row(&path, &meta, row, &buf, &first.token).await?;
+                in_flight.push(self.write_row_owned(&path, &meta, row, buf, &first.token));
+            }
+            while let Some(r) = in_flight.next().await {
+                r?;
             }
             Ok::<u64, Status>(size)
         }
@@ -536,13 +558,19 @@ impl pb::files_server::Files for FilesService {
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
+            use futures::StreamExt;
             let rows = f.layout.rows(f.size);
-            for row in 0..rows {
-                let result = this.read_row(&r.path, &f, row).await.map(|(mut data, rebuilt)| {
-                    let end = (f.size - row * f.layout.row_bytes()).min(f.layout.row_bytes());
-                    data.truncate(end as usize);
-                    pb::FileData { data, rebuilt_rows: rebuilt as u32 }
-                });
+            let (this, f, path) = (&this, &f, &r.path);
+            let mut reads = futures::stream::iter(0..rows)
+                .map(|row| async move {
+                    this.read_row(path, f, row).await.map(|(mut data, rebuilt)| {
+                        let end = (f.size - row * f.layout.row_bytes()).min(f.layout.row_bytes());
+                        data.truncate(end as usize);
+                        pb::FileData { data, rebuilt_rows: rebuilt as u32 }
+                    })
+                })
+                .buffered(ROWS_IN_FLIGHT);
+            while let Some(result) = reads.next().await {
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     return;
@@ -595,28 +623,39 @@ impl pb::files_server::Files for FilesService {
             )));
         }
         let mut report = pb::RebuildReport::default();
-        for row in 0..l.rows(f.size) {
-            let role = l.role_at(row, position);
-            // Whatever the lost server still answers is not used.
-            let mut fetched = self.fetch_row(&f, row).await;
-            fetched[role_index(l, role)] =
-                Fetched::Unavailable(format!("row {row} {} is being rebuilt", role_name(role)));
-            let solved = solve_row(l, &fetched)
-                .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
-            let unit = match role {
-                Role::Data(j) => RestoredUnit {
-                    bytes: solved.data[j as usize].clone(),
-                    version: solved.versions[j as usize],
-                    covers: Vec::new(),
-                },
-                Role::P => solved.parity(l)[0].clone(),
-                Role::Q => solved.parity(l)[1].clone(),
-            };
-            report.bytes += unit.bytes.len() as u64;
-            self.restore(&r.path, target, UnitId { file: f.id, row, role }, unit, &r.token)
-                .await
-                .map_err(Status::unavailable)?;
-            report.units_rebuilt += 1;
+        let rebuild_row = |row: u64| {
+            let (f, r) = (&f, &r);
+            async move {
+                let role = l.role_at(row, position);
+                // Whatever the lost server still answers is not used.
+                let mut fetched = self.fetch_row(f, row).await;
+                fetched[role_index(l, role)] =
+                    Fetched::Unavailable(format!("row {row} {} is being rebuilt", role_name(role)));
+                let solved = solve_row(l, &fetched)
+                    .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
+                let unit = match role {
+                    Role::Data(j) => RestoredUnit {
+                        bytes: solved.data[j as usize].clone(),
+                        version: solved.versions[j as usize],
+                        covers: Vec::new(),
+                    },
+                    Role::P => solved.parity(l)[0].clone(),
+                    Role::Q => solved.parity(l)[1].clone(),
+                };
+                let bytes = unit.bytes.len() as u64;
+                self.restore(&r.path, target, UnitId { file: f.id, row, role }, unit, &r.token)
+                    .await
+                    .map_err(Status::unavailable)?;
+                Ok::<u64, Status>(bytes)
+            }
+        };
+        {
+            use futures::StreamExt;
+            let mut rows = futures::stream::iter(0..l.rows(f.size)).map(rebuild_row).buffer_unordered(ROWS_IN_FLIGHT);
+            while let Some(bytes) = rows.next().await {
+                report.bytes += bytes?;
+                report.units_rebuilt += 1;
+            }
         }
         let mut servers = l.servers().to_vec();
         servers[position] = target;

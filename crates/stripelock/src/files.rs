@@ -38,7 +38,7 @@ pub fn parse_size(text: &str) -> Result<u32> {
     u32::try_from(n * mult).with_context(|| format!("{text} is too large"))
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),

@@ -1,6 +1,7 @@
 //! `stripelock`: one binary for servers, clients, debugging and benchmarks.
 
 mod bench;
+mod bench_io;
 mod bench_parity;
 mod cluster;
 mod files;
@@ -270,6 +271,18 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The data path in one run, on a five-server cluster of its own: parity beside memcpy,
+    /// striped write and read beside a raw disk write, a read with a server down, a rebuild.
+    Io {
+        /// MiB to write and read.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Where the bench cluster and its raw-write file live (removed afterwards; must not exist).
+        #[arg(long, default_value = "stripelock-bench-io")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stripe parity throughput (XOR 4+1, P+Q 4+2, update, rebuild) beside a memory copy.
     Parity {
         /// Seconds to spend on each case.
@@ -372,6 +385,9 @@ fn main() -> ExitCode {
                     .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
                     .map(|()| ExitCode::SUCCESS),
             )
+        }
+        Command::Bench { command: BenchCommand::Io { size, dir, json } } => {
+            report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS))
         }
         Command::Bench { command: BenchCommand::Parity { seconds, unit, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {

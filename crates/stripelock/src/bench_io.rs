@@ -1,0 +1,280 @@
+//! `stripelock bench io`: the data path measured in one run. It starts its own cluster of five
+//! servers (4+1) in a directory of its own, and prints parity rates beside a memory copy,
+//! striped sequential write and read beside a raw sequential write to the same disk, a read
+//! with one server killed, and a rebuild of that server's units, each with the goal it is held to.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use client::{LockOptions, Mode, Session};
+use tokio_stream::StreamExt;
+use wire::v1 as pb;
+use wire::v1::files_client::FilesClient;
+
+const SERVERS: usize = 5;
+const CHUNK: usize = 1 << 20;
+
+/// ISA-L's figures on this machine, as the issue gives them (GB/s): XOR 4+1 and RS 4+2.
+const ISAL_XOR_GBPS: f64 = 16.0;
+const ISAL_RS_GBPS: f64 = 9.0;
+
+struct Bench {
+    dir: PathBuf,
+    addrs: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bench {
+    fn start(dir: &Path) -> Result<Bench> {
+        if dir.exists() {
+            bail!("{} exists; give a --dir that does not (it is removed afterwards)", dir.display());
+        }
+        std::fs::create_dir_all(dir)?;
+        let addrs: Vec<String> = (0..SERVERS)
+            .map(|_| crate::cluster::free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_>>()?;
+        let mut b = Bench { dir: dir.to_path_buf(), addrs, children: Vec::new() };
+        for id in 1..=SERVERS {
+            let child = b.spawn(id)?;
+            b.children.push(Some(child));
+        }
+        Ok(b)
+    }
+
+    fn spawn(&self, id: usize) -> Result<Child> {
+        let peers: String =
+            self.addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let data = self.dir.join(format!("server-{id}"));
+        std::fs::create_dir_all(&data)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log"))?;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["server", "--id", &id.to_string(), "--peers", &peers, "--data"]).arg(&data);
+        if id == 1 {
+            cmd.arg("--bootstrap");
+        }
+        cmd.stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("cannot start server {id}"))
+    }
+
+    fn kill(&mut self, id: usize) {
+        if let Some(mut c) = self.children[id - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(s) = Session::open(&self.addrs, 5_000).await {
+                let g = s.lock("/bench/ready", 0..1, Mode::NL, LockOptions::default()).await;
+                s.close().await;
+                if g.is_ok_and(|g| !g.signed_token.is_empty()) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the bench cluster did not come up in 30 s; see {}/server-*/server.log", self.dir.display())
+    }
+
+    async fn files(&self) -> Result<FilesClient<tonic::transport::Channel>> {
+        for a in &self.addrs {
+            if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect().await {
+                return Ok(FilesClient::new(ch)
+                    .max_decoding_message_size(server::MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(server::MESSAGE_BYTES_MAX));
+            }
+        }
+        bail!("no bench server answers")
+    }
+
+    async fn leader(&self) -> Result<u64> {
+        for a in &self.addrs {
+            let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect().await else {
+                continue;
+            };
+            let st = pb::locks_client::LocksClient::new(ch).status(pb::StatusRequest {}).await?.into_inner();
+            if st.leader_id != 0 {
+                return Ok(st.leader_id);
+            }
+        }
+        bail!("no leader")
+    }
+}
+
+/// A sequential write of `bytes` to a file in `dir`, 1 MiB at a time, then fdatasync: the raw
+/// rate the disk gives one writer.
+fn raw_write(dir: &Path, bytes: usize, block: &[u8]) -> Result<f64> {
+    let path = dir.join("raw.bin");
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let mut done = 0;
+    while done < bytes {
+        f.write_all(block)?;
+        done += block.len();
+    }
+    f.sync_data()?;
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
+    let s = Session::open(addrs, 10_000).await?;
+    let g = s.lock(path, 0..u64::MAX, mode, LockOptions { gateway: mode == Mode::PR, ..Default::default() }).await?;
+    Ok((s, g))
+}
+
+async fn put(b: &Bench, path: &str, bytes: usize, block: &[u8]) -> Result<f64> {
+    let (s, g) = lock(&b.addrs, path, Mode::EX).await?;
+    let mut client = b.files().await?;
+    let n = bytes / CHUNK;
+    let token = g.signed_token.clone();
+    let chunks = (0..n).map(move |i| pb::PutChunk {
+        path: if i == 0 { "/bench/io".into() } else { String::new() },
+        token: if i == 0 { token.clone() } else { String::new() },
+        data: block.to_vec(),
+        ..Default::default()
+    });
+    let start = Instant::now();
+    client.put(tokio_stream::iter(chunks.collect::<Vec<_>>())).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let rate = bytes as f64 / start.elapsed().as_secs_f64();
+    let _ = s.unlock(g.lock).await;
+    s.close().await;
+    Ok(rate)
+}
+
+/// Reads the file; returns bytes per second and rows rebuilt.
+async fn get(b: &Bench, path: &str) -> Result<(f64, u64)> {
+    let (s, g) = lock(&b.addrs, path, Mode::PR).await?;
+    let mut client = b.files().await?;
+    let start = Instant::now();
+    let mut stream = client
+        .get(pb::GetRequest { path: path.into(), token: g.signed_token.clone() })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    let (mut bytes, mut rebuilt) = (0u64, 0u64);
+    while let Some(m) = stream.next().await {
+        let m = m.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        bytes += m.data.len() as u64;
+        rebuilt += m.rebuilt_rows as u64;
+    }
+    let rate = bytes as f64 / start.elapsed().as_secs_f64();
+    let _ = s.unlock(g.lock).await;
+    s.close().await;
+    Ok((rate, rebuilt))
+}
+
+pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
+    let bytes = size_mib.max(16) << 20;
+    let block: Vec<u8> = (0..CHUNK).map(|i| (i * 131 + (i >> 9)) as u8).collect();
+    let say = |what: &str| {
+        if !json {
+            eprintln!("measuring {what} ...");
+        }
+    };
+    say("parity");
+    let parity = crate::bench_parity::measure(Duration::from_millis(500), 1 << 20);
+    let (memcpy, xor, pq) = (parity[0].2, parity[1].2, parity[2].2);
+    let mut b = Bench::start(dir)?;
+    say("raw disk");
+    let raw = raw_write(dir, bytes, &block)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (write, read, degraded, rebuilt_rows, rebuild) = rt.block_on(async {
+        b.ready().await?;
+        say("striped write");
+        let write = put(&b, "/bench/io", bytes, &block).await?;
+        say("striped read");
+        let (read, _) = get(&b, "/bench/io").await?;
+        // A server other than the leader goes down.
+        let leader = b.leader().await? as usize;
+        let victim = (1..=SERVERS).find(|s| *s != leader).expect("five servers");
+        b.kill(victim);
+        say("degraded read");
+        let (degraded, rebuilt_rows) = get(&b, "/bench/io").await?;
+        // It comes back with an empty data volume, and its units are rebuilt onto it.
+        std::fs::remove_dir_all(b.dir.join(format!("server-{victim}/units")))?;
+        let child = b.spawn(victim)?;
+        b.children[victim - 1] = Some(child);
+        b.ready().await?;
+        say("rebuild");
+        let (s, g) = lock(&b.addrs, "/bench/io", Mode::EX).await?;
+        let mut client = b.files().await?;
+        let start = Instant::now();
+        let r = client
+            .rebuild(pb::RebuildRequest {
+                path: "/bench/io".into(),
+                token: g.signed_token.clone(),
+                lost_server: victim as u64,
+                onto: 0,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            .into_inner();
+        let rebuild = r.bytes as f64 / start.elapsed().as_secs_f64();
+        let _ = s.unlock(g.lock).await;
+        s.close().await;
+        Ok::<_, anyhow::Error>((write, read, degraded, rebuilt_rows, rebuild))
+    })?;
+    drop(b);
+    let mb = |x: f64| x / 1e6;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "size_bytes": bytes,
+                "memcpy_gbps": memcpy / 1e9, "xor_4_1_gbps": xor / 1e9, "pq_4_2_gbps": pq / 1e9,
+                "xor_vs_isal": xor / 1e9 / ISAL_XOR_GBPS, "pq_vs_isal": pq / 1e9 / ISAL_RS_GBPS,
+                "raw_write_mbps": mb(raw), "striped_write_mbps": mb(write), "striped_read_mbps": mb(read),
+                "degraded_read_mbps": mb(degraded), "degraded_rows_rebuilt": rebuilt_rows, "rebuild_mbps": mb(rebuild),
+                "write_vs_raw": write / raw, "degraded_vs_read": degraded / read,
+            })
+        );
+    } else {
+        println!("{:<46} {:>12}  against", "case", "rate");
+        println!("{:<46} {:>9.1} GB/s", "memory copy (baseline)", memcpy / 1e9);
+        println!(
+            "{:<46} {:>9.1} GB/s  {:.2}x ISA-L's {ISAL_XOR_GBPS} GB/s (goal >= 0.7x)",
+            "XOR parity 4+1",
+            xor / 1e9,
+            xor / 1e9 / ISAL_XOR_GBPS
+        );
+        println!(
+            "{:<46} {:>9.1} GB/s  {:.2}x ISA-L's {ISAL_RS_GBPS} GB/s (goal >= 0.7x)",
+            "P+Q parity 4+2",
+            pq / 1e9,
+            pq / 1e9 / ISAL_RS_GBPS
+        );
+        println!("{:<46} {:>9.0} MB/s", format!("raw sequential write, {size_mib} MiB + fdatasync"), mb(raw));
+        println!(
+            "{:<46} {:>9.0} MB/s  {:.2}x raw (goal >= 0.6x)",
+            "striped write 4+1, 5 servers (user data)",
+            mb(write),
+            write / raw
+        );
+        println!("{:<46} {:>9.0} MB/s", "striped read 4+1", mb(read));
+        println!(
+            "{:<46} {:>9.0} MB/s  {:.2}x normal read (goal >= 0.5x); {rebuilt_rows} rows rebuilt",
+            "read with one server down",
+            mb(degraded),
+            degraded / read
+        );
+        println!("{:<46} {:>9.0} MB/s  (goal >= 200 MB/s)", "rebuild of that server's units", mb(rebuild));
+    }
+    Ok(())
+}
