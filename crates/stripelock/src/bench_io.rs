@@ -164,7 +164,7 @@ async fn get(b: &Bench, path: &str) -> Result<(f64, u64)> {
     let mut client = b.files().await?;
     let start = Instant::now();
     let mut stream = client
-        .get(pb::GetRequest { path: path.into(), token: g.signed_token.clone() })
+        .get(pb::GetRequest { path: path.into(), token: g.signed_token.clone(), range: None })
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();

@@ -209,8 +209,15 @@ pub fn put(args: PutArgs) -> Result<ExitCode> {
     })
 }
 
-/// `get PATH LOCAL` (into a temporary file renamed at the end) or, with no LOCAL, `cat PATH`.
-pub fn get(path: &str, local: Option<&Path>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+/// `get PATH LOCAL` (into a temporary file renamed at the end) or, with no LOCAL, `cat PATH`
+/// (of `range` only, if given).
+pub fn get(
+    path: &str,
+    local: Option<&Path>,
+    range: Option<std::ops::Range<u64>>,
+    cluster: Option<&str>,
+    json: bool,
+) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -219,7 +226,8 @@ pub fn get(path: &str, local: Option<&Path>, cluster: Option<&str>, json: bool) 
             let mut client = files_client(&addrs).await?;
             let size =
                 client.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)?.into_inner().size;
-            let req = pb::GetRequest { path: path.to_string(), token: grant.signed_token.clone() };
+            let range = range.clone().map(|r| pb::Range { start: r.start, end: r.end });
+            let req = pb::GetRequest { path: path.to_string(), token: grant.signed_token.clone(), range };
             let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
             let tmp = local.map(|l| {
                 let mut name = l.file_name().map(|n| n.to_os_string()).unwrap_or_default();

@@ -156,9 +156,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a file of the cluster.
+    /// Print a file of the cluster (or bytes A..B of it).
     Cat {
         path: String,
+        /// Bytes A..B (end exclusive; `A..` to the end).
+        #[arg(long)]
+        range: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
     },
@@ -351,9 +354,15 @@ fn main() -> ExitCode {
             report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }))
         }
         Command::Get { path, local, cluster, json } => {
-            report(files::get(&path, Some(&local), cluster.as_deref(), json))
+            report(files::get(&path, Some(&local), None, cluster.as_deref(), json))
         }
-        Command::Cat { path, cluster } => report(files::get(&path, None, cluster.as_deref(), false)),
+        Command::Cat { path, range, cluster } => report(
+            range
+                .as_deref()
+                .map(cluster::parse_range)
+                .transpose()
+                .and_then(|r| files::get(&path, None, r, cluster.as_deref(), false)),
+        ),
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json)),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json)),

@@ -636,6 +636,20 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         assert_eq!(got["rebuilt_rows"], 0);
         assert!(std::fs::read(&out).unwrap() == data, "{path} came back different");
     }
+    // A range that starts inside one row and ends inside another, and one past the end.
+    let part = Command::new(EXE)
+        .args(["cat", "/data/x", "--range", "1000000..5000000", "--cluster"])
+        .arg(c.addrs().join(","))
+        .output()
+        .unwrap();
+    assert!(part.status.success(), "{part:?}");
+    assert!(part.stdout == data[1_000_000..5_000_000], "cat --range returned other bytes");
+    let tail = Command::new(EXE)
+        .args(["cat", "/data/x", "--range", "67108000..", "--cluster"])
+        .arg(c.addrs().join(","))
+        .output()
+        .unwrap();
+    assert!(tail.stdout == data[67_108_000..], "a range past the end is clipped to the file");
     let listed = cli(&c, &["ls", "/data/"]);
     assert!(listed.contains("/data/x") && listed.contains("/data/y"), "{listed}");
 
