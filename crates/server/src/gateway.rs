@@ -284,11 +284,11 @@ impl Gateway {
     fn request_file(&mut self, session: SessionId, resource: String, waiters: Vec<ReadRequest>, out: &mut Vec<Effect>) {
         self.next_lock += 1;
         let Some(lock) = engine_lock_id(session, self.next_lock) else {
-            for w in waiters {
-                self.local.remove(&(w.client, w.lock));
-                let why = "the gateway ran out of lock numbers; reconnect to another server".to_string();
-                out.push(send(w.client, ToClient::Lost { lock: w.lock, why }));
-            }
+            // This session has used every lock number it has: start over with a new session.
+            // Its readers are told their locks are lost; waiting requests are asked again.
+            self.pending.extend(waiters);
+            self.lapse("the server's gateway used up its session's lock numbers and started a new one", out);
+            out.push(Effect::Abandon { session });
             return;
         };
         let request = self.request_number();
@@ -397,6 +397,8 @@ impl Gateway {
 
     /// The gateway session was opened at `sent_ms` (when it was asked for).
     pub fn opened(&mut self, now_ms: u64, sent_ms: u64, session: SessionId, out: &mut Vec<Effect>) {
+        // Lock numbers are the session's own.
+        self.next_lock = 0;
         self.session = Session::Open {
             id: session,
             valid_until_ms: sent_ms + self.lease_ms - drift_margin_ms(self.lease_ms),
@@ -757,6 +759,21 @@ mod tests {
         g.client_gone(A, &mut out);
         assert_eq!(proposals(&out), vec![Input::Release { lock }]);
         assert!(!g.serves(A, 1));
+    }
+
+    #[test]
+    fn a_gateway_out_of_lock_numbers_starts_a_new_session() {
+        let (mut g, _) = serving();
+        g.next_lock = (1 << crate::types::CLIENT_LOCK_BITS) - 1;
+        let mut out = Vec::new();
+        g.read(20, read(B, 4, 8, "/other"), &mut out);
+        assert!(out.contains(&Effect::Abandon { session: GW }), "{out:?}");
+        assert!(out.contains(&Effect::OpenSession { lease_ms: LEASE }));
+        assert!(matches!(sends(&out, A)[..], [ToClient::Lost { lock: 1, .. }]), "the old session's reader is told");
+        assert!(g.serves(B, 4), "the new request waits for the new session");
+        out.clear();
+        g.opened(30, 25, SessionId(10), &mut out);
+        assert!(matches!(proposals(&out)[..], [Input::Lock { session: SessionId(10), .. }]), "{out:?}");
     }
 
     #[test]
