@@ -173,7 +173,7 @@ impl FilesService {
     }
 
     /// Writes one whole row (its data, `row_bytes` long, zero-padded) and its parity, to fresh units.
-    async fn write_row(&self, path: &str, f: &FileMeta, row: u64, data: &[u8], token: &str) -> Result<(), Status> {
+    async fn write_row(&self, path: &str, f: &FileMeta, row: u64, data: Vec<u8>, token: &str) -> Result<(), Status> {
         let l = &f.layout;
         let unit = l.unit() as usize;
         let k = l.data() as usize;
@@ -215,17 +215,6 @@ impl FilesService {
             r?;
         }
         Ok(())
-    }
-
-    async fn write_row_owned(
-        &self,
-        path: &str,
-        f: &FileMeta,
-        row: u64,
-        data: Vec<u8>,
-        token: &str,
-    ) -> Result<(), Status> {
-        self.write_row(path, f, row, &data, token).await
     }
 
     /// One unit as its server has it.
@@ -502,7 +491,7 @@ impl pb::files_server::Files for FilesService {
                 while buf.len() >= row_bytes {
                     let rest = buf.split_off(row_bytes);
                     let full = std::mem::replace(&mut buf, rest);
-                    in_flight.push(self.write_row_owned(&path, &meta, row, full, &first.token));
+                    in_flight.push(self.write_row(&path, &meta, row, full, &first.token));
                     row += 1;
                     while in_flight.len() >= ROWS_IN_FLIGHT {
                         in_flight.next().await.expect("not empty")?;
@@ -518,7 +507,7 @@ impl pb::files_server::Files for FilesService {
             }
             if !buf.is_empty() {
                 buf.resize(row_bytes, 0);
-                in_flight.push(self.write_row_owned(&path, &meta, row, buf, &first.token));
+                in_flight.push(self.write_row(&path, &meta, row, buf, &first.token));
             }
             while let Some(r) = in_flight.next().await {
                 r?;

@@ -82,8 +82,8 @@ impl GatewayRt {
                 match e {
                     Effect::Send { client, message } => {
                         if let Some((_, tx)) = inner.clients.get(&client)
-                            && let Some(msg) = self.message(client, message)
-                            && let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Ok(msg))
+                            && let Err(mpsc::error::TrySendError::Full(msg)) =
+                                tx.try_send(Ok(self.message(client, message)))
                         {
                             // A client this far behind is cut off; it resumes and is resynchronised.
                             tracing::debug!("gateway: session {} fell behind; dropping {msg:?}", client.0);
@@ -249,7 +249,7 @@ impl GatewayRt {
     }
 
     /// The wire message for what the core tells a client.
-    fn message(&self, client: SessionId, m: ToClient) -> Option<pb::ServerMessage> {
+    fn message(&self, client: SessionId, m: ToClient) -> pb::ServerMessage {
         let (request_id, body) = match m {
             ToClient::Granted { request, lock, resource, range, token, value, gateway_lock: _ } => {
                 let signed_token = self.sign(client, &resource, range, token).unwrap_or_default();
@@ -272,7 +272,7 @@ impl GatewayRt {
             ToClient::Lost { lock, why } => (0, Down::Lost(pb::LockLost { lock, reason: why })),
             ToClient::Rejected { request, message } => (request, Down::Rejected(pb::Rejected { code: 0, message })),
         };
-        Some(pb::ServerMessage { request_id, body: Some(body) })
+        pb::ServerMessage { request_id, body: Some(body) }
     }
 
     /// A token for a local read grant: the gateway's token, signed for the client's session.

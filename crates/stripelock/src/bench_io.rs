@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 use client::{LockOptions, Mode, Session};
 use tokio_stream::StreamExt;
 use wire::v1 as pb;
-use wire::v1::files_client::FilesClient;
+
+use crate::files::{files_client, lock};
 
 const SERVERS: usize = 5;
 const CHUNK: usize = 1 << 20;
@@ -90,17 +91,6 @@ impl Bench {
         bail!("the bench cluster did not come up in 30 s; see {}/server-*/server.log", self.dir.display())
     }
 
-    async fn files(&self) -> Result<FilesClient<tonic::transport::Channel>> {
-        for a in &self.addrs {
-            if let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect().await {
-                return Ok(FilesClient::new(ch)
-                    .max_decoding_message_size(server::MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(server::MESSAGE_BYTES_MAX));
-            }
-        }
-        bail!("no bench server answers")
-    }
-
     async fn leader(&self) -> Result<u64> {
         for a in &self.addrs {
             let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect().await else {
@@ -133,15 +123,9 @@ fn raw_write(dir: &Path, bytes: usize, block: &[u8]) -> Result<f64> {
     Ok(rate)
 }
 
-async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
-    let s = Session::open(addrs, 10_000).await?;
-    let g = s.lock(path, 0..u64::MAX, mode, LockOptions { gateway: mode == Mode::PR, ..Default::default() }).await?;
-    Ok((s, g))
-}
-
 async fn put(b: &Bench, path: &str, bytes: usize, block: &[u8]) -> Result<f64> {
     let (s, g) = lock(&b.addrs, path, Mode::EX).await?;
-    let mut client = b.files().await?;
+    let mut client = files_client(&b.addrs).await?;
     let n = bytes / CHUNK;
     let token = g.signed_token.clone();
     let chunks = (0..n).map(move |i| pb::PutChunk {
@@ -161,7 +145,7 @@ async fn put(b: &Bench, path: &str, bytes: usize, block: &[u8]) -> Result<f64> {
 /// Reads the file; returns bytes per second and rows rebuilt.
 async fn get(b: &Bench, path: &str) -> Result<(f64, u64)> {
     let (s, g) = lock(&b.addrs, path, Mode::PR).await?;
-    let mut client = b.files().await?;
+    let mut client = files_client(&b.addrs).await?;
     let start = Instant::now();
     let mut stream = client
         .get(pb::GetRequest { path: path.into(), token: g.signed_token.clone(), range: None })
@@ -214,7 +198,7 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
         b.ready().await?;
         say("rebuild");
         let (s, g) = lock(&b.addrs, "/bench/io", Mode::EX).await?;
-        let mut client = b.files().await?;
+        let mut client = files_client(&b.addrs).await?;
         let start = Instant::now();
         let r = client
             .rebuild(pb::RebuildRequest {

@@ -47,7 +47,7 @@ pub(crate) fn human(bytes: u64) -> String {
     }
 }
 
-async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
+pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
     let mut last = None;
     for a in addrs {
         let endpoint =
@@ -69,7 +69,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 /// Opens a session and takes `mode` on the whole of `path`; says who blocks if it cannot.
-async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
+pub(crate) async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
     let session = Session::open(addrs, 10_000).await?;
     let options = LockOptions { timeout: Some(LOCK_WAIT), gateway: mode == Mode::PR, ..Default::default() };
     match session.lock(path, 0..u64::MAX, mode, options).await {
