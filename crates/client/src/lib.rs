@@ -45,6 +45,10 @@ pub struct Grant {
     /// Granted by the server the session is attached to, from its cached whole-file read lock
     /// ([`LockOptions::gateway`]); such a lock is lost ([`Event::Lost`]) if that server goes.
     pub via_gateway: bool,
+    /// The resource's lock value block as the grant found it: `None` when it was never set, or
+    /// when a writer lost its lock without setting it (then whatever it guarded must be
+    /// checked again).
+    pub value: Option<Vec<u8>>,
 }
 
 /// Something the cluster tells the session without being asked.
@@ -250,6 +254,29 @@ impl Session {
         mode: Mode,
         options: LockOptions,
     ) -> Result<Grant, ClientError> {
+        let timeout = options.timeout;
+        let give_up = async move {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        match self.lock_until(resource, range, mode, options, give_up).await {
+            Err(ClientError::Cancelled) if timeout.is_some() => Err(ClientError::TimedOut),
+            other => other,
+        }
+    }
+
+    /// Like [`Session::lock`], but a waiting request is cancelled (`ClientError::Cancelled`)
+    /// when `give_up` completes, instead of after a timeout.
+    pub async fn lock_until(
+        &self,
+        resource: &str,
+        range: Range<u64>,
+        mode: Mode,
+        options: LockOptions,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<Grant, ClientError> {
         if let Some(g) = self.cache.lock().expect("cache").take(resource, &range, mode) {
             return Ok(g);
         }
@@ -265,23 +292,19 @@ impl Session {
         });
         self.call(body, Some(n), Want::Lock(tx)).await?;
         let mut rx = rx;
-        let result = match options.timeout {
-            None => rx.await.unwrap_or(Err(ClientError::Closed)),
-            Some(t) => match tokio::time::timeout(t, &mut rx).await {
-                Ok(r) => r.unwrap_or(Err(ClientError::Closed)),
-                Err(_) => {
-                    // Cancel, then see how the race ended: a grant that slipped in is released.
-                    self.call(Up::Cancel(pb::LockRef { lock: n }), None, Want::Nothing).await?;
-                    match rx.await.unwrap_or(Err(ClientError::Closed)) {
-                        Ok(g) => {
-                            let _ = self.unlock(g.lock).await;
-                            Err(ClientError::TimedOut)
-                        }
-                        Err(ClientError::Cancelled) => Err(ClientError::TimedOut),
-                        Err(e) => Err(e),
+        let result = tokio::select! {
+            r = &mut rx => r.unwrap_or(Err(ClientError::Closed)),
+            () = give_up => {
+                // Cancel, then see how the race ended: a grant that slipped in is released.
+                self.call(Up::Cancel(pb::LockRef { lock: n }), None, Want::Nothing).await?;
+                match rx.await.unwrap_or(Err(ClientError::Closed)) {
+                    Ok(g) => {
+                        let _ = self.unlock(g.lock).await;
+                        Err(ClientError::Cancelled)
                     }
+                    Err(e) => Err(e),
                 }
-            },
+            }
         };
         match &result {
             Ok(g) => {
@@ -334,6 +357,23 @@ impl Session {
         r
     }
 
+    /// Sets the value block a held PW or EX lock writes back to its resource when released.
+    pub async fn set_value(&self, lock: u64, value: Vec<u8>) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(Up::SetValue(pb::SetValue { lock, value: value.clone() }), None, Want::Done(tx)).await?;
+        rx.await.unwrap_or(Err(ClientError::Closed))?;
+        // A lock this session keeps cached is granted again from the cache with the value it
+        // now guards.
+        let mut cache = self.cache.lock().expect("cache");
+        if let Some((_, g)) = cache.held.get_mut(&lock) {
+            g.value = Some(value.clone());
+        }
+        if let Some(c) = cache.cached.get_mut(&lock) {
+            c.grant.value = Some(value);
+        }
+        Ok(())
+    }
+
     /// Keeps a held lock cached instead of releasing it: later `lock` calls it covers are
     /// granted locally, with no round trip, until a conflicting request elsewhere revokes it.
     pub async fn cache(&self, lock: u64) -> Result<(), ClientError> {
@@ -345,6 +385,26 @@ impl Session {
             cache.cached.insert(lock, Cached { resource, grant, in_use: false, revoked: false });
         }
         Ok(())
+    }
+
+    /// Whether lock `lock` is one this session keeps cached.
+    pub fn is_cached(&self, lock: u64) -> bool {
+        self.cache.lock().expect("cache").cached.contains_key(&lock)
+    }
+
+    /// Gives back the lock this session keeps cached on `resource`, if it has one not in use
+    /// (it returns to the cluster with the value block it guards). Returns whether it did.
+    pub async fn release_cached(&self, resource: &str) -> Result<bool, ClientError> {
+        let lock = {
+            let mut cache = self.cache.lock().expect("cache");
+            let Some(lock) = cache.cached.iter().find(|(_, c)| c.resource == resource && !c.in_use).map(|(l, _)| *l)
+            else {
+                return Ok(false);
+            };
+            cache.cached.remove(&lock);
+            lock
+        };
+        self.unlock(lock).await.map(|()| true)
     }
 
     /// Releases every lock and ends the session.
@@ -436,6 +496,7 @@ fn grant_of(g: &pb::Granted) -> Grant {
         token: g.token,
         signed_token: g.signed_token.clone(),
         via_gateway: g.gateway,
+        value: g.value.as_ref().filter(|v| v.state == 1).map(|v| v.value.clone()),
     }
 }
 

@@ -86,6 +86,36 @@ impl Engine {
             .collect()
     }
 
+    /// Whether the PW or EX lock granted with `token` still holds all of `range` of `resource`,
+    /// for a session that has not expired: what a write scheduled under that token needs to be
+    /// carried out (seed 004's check of a write's timestamp with the lock manager).
+    pub fn write_lock_holds(&self, resource: &str, range: ByteRange, token: Token) -> bool {
+        let Some(&idx) = self.names.get(resource) else { return false };
+        let mut holds = false;
+        self.resources[idx as usize].granted.for_each_overlapping(range, &mut |id| {
+            let l = &self.locks[&id];
+            if let Some(g) = l.grant
+                && g.token == token
+                && g.mode.is_write()
+                && g.range.contains(range)
+                && self.session_is_live(l.session)
+            {
+                holds = true;
+            }
+        });
+        holds
+    }
+
+    /// Whether a PW or EX lock is granted on any byte of `range` of `resource`.
+    pub fn write_locked(&self, resource: &str, range: ByteRange) -> bool {
+        let Some(&idx) = self.names.get(resource) else { return false };
+        let mut locked = false;
+        self.resources[idx as usize].granted.for_each_overlapping(range, &mut |id| {
+            locked |= self.locks[&id].grant.is_some_and(|g| g.mode.is_write());
+        });
+        locked
+    }
+
     /// Sessions that have expired and wait for storage to acknowledge their fence, in order.
     pub fn fencing_sessions(&self) -> Vec<SessionId> {
         let mut s: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.fencing).map(|(id, _)| *id).collect();

@@ -21,11 +21,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use wire::v1 as pb;
+use wire::v1::files_client::FilesClient;
 use wire::v1::storage_client::StorageClient;
 
 use crate::node::Node;
 use crate::storage::{MESSAGE_BYTES_MAX, unit_ref};
 use crate::types::{FileMeta, Op};
+use crate::write::Stripes;
 
 /// The stripe unit when a put does not choose one.
 pub const DEFAULT_UNIT: u32 = 1 << 20;
@@ -36,8 +38,9 @@ const PATH_BYTES_MAX: usize = 4096;
 
 #[derive(Clone)]
 pub struct FilesService {
-    node: Node,
-    clients: Arc<Mutex<HashMap<u64, StorageClient<Channel>>>>,
+    pub(crate) node: Node,
+    channels: Arc<Mutex<HashMap<u64, Channel>>>,
+    pub(crate) stripes: Arc<Stripes>,
 }
 
 impl std::fmt::Debug for FilesService {
@@ -75,7 +78,8 @@ fn spread(path: &str) -> u64 {
 
 impl FilesService {
     pub fn new(node: Node) -> FilesService {
-        FilesService { node, clients: Arc::new(Mutex::new(HashMap::new())) }
+        let stripes = Arc::new(Stripes::new(node.id));
+        FilesService { node, channels: Arc::new(Mutex::new(HashMap::new())), stripes }
     }
 
     pub fn server(self) -> pb::files_server::FilesServer<FilesService> {
@@ -84,8 +88,9 @@ impl FilesService {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    fn storage(&self, server: u64) -> Result<StorageClient<Channel>, Status> {
-        if let Some(c) = self.clients.lock().expect("clients").get(&server) {
+    /// The channel to server `server` (made once, then shared).
+    fn channel(&self, server: u64) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.lock().expect("channels").get(&server) {
             return Ok(c.clone());
         }
         let addr = self
@@ -95,15 +100,25 @@ impl FilesService {
             .get(&server)
             .ok_or_else(|| Status::internal(format!("server {server} of the layout is not in this cluster")))?;
         let channel = self.node.config.env.connector.channel(addr).map_err(Status::unavailable)?;
-        let client = StorageClient::new(channel)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX);
-        self.clients.lock().expect("clients").insert(server, client.clone());
-        Ok(client)
+        self.channels.lock().expect("channels").insert(server, channel.clone());
+        Ok(channel)
     }
 
-    /// Checks the caller's token for `path` (for writing: EX or PW on the whole file).
-    fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
+    pub(crate) fn storage(&self, server: u64) -> Result<StorageClient<Channel>, Status> {
+        Ok(StorageClient::new(self.channel(server)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// The files service of another server (to delegate stripe writes to it).
+    pub(crate) fn peer(&self, server: u64) -> Result<FilesClient<Channel>, Status> {
+        Ok(FilesClient::new(self.channel(server)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// The claims of the caller's token, checked: signed by this cluster, for a lock on `path`.
+    pub(crate) fn claims(&self, path: &str, text: &str) -> Result<token::Claims, Status> {
         let secret = self
             .node
             .machine
@@ -121,6 +136,12 @@ impl FilesService {
                 claims.resource
             )));
         }
+        Ok(claims)
+    }
+
+    /// Checks the caller's token for `path` (for writing: EX or PW on the whole file).
+    fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
+        let claims = self.claims(path, text)?;
         if write && (!claims.mode.is_write() || !claims.range.contains(ByteRange::ALL)) {
             return Err(Status::permission_denied(format!(
                 "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
@@ -130,7 +151,7 @@ impl FilesService {
         Ok(())
     }
 
-    fn file(&self, path: &str) -> Result<FileMeta, Status> {
+    pub(crate) fn file(&self, path: &str) -> Result<FileMeta, Status> {
         self.node
             .machine
             .state()
@@ -218,7 +239,7 @@ impl FilesService {
     }
 
     /// One unit as its server has it.
-    async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
+    pub(crate) async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
         let server = f.layout.server(row, role);
         let what = format!("row {row} {} on server {server}", role_name(role));
         let mut client = match self.storage(server) {
@@ -229,7 +250,7 @@ impl FilesService {
             Ok(r) => {
                 let u = r.into_inner();
                 if !u.found {
-                    Fetched::Damaged(format!("{what}: missing"))
+                    Fetched::Missing(format!("{what}: missing"))
                 } else if u.data.len() != f.layout.unit() as usize {
                     Fetched::Damaged(format!("{what}: {} bytes, not {}", u.data.len(), f.layout.unit()))
                 } else {
@@ -306,14 +327,14 @@ impl FilesService {
                         report.units_checked += 1;
                         report.bytes_checked += l.unit() as u64;
                     }
-                    Fetched::Damaged(why) => report.damaged.push(why.clone()),
+                    Fetched::Damaged(why) | Fetched::Missing(why) => report.damaged.push(why.clone()),
                     Fetched::Unavailable(why) => report.unavailable.push(why.clone()),
                 }
             }
             let solved = match solve_row(l, &fetched) {
                 Ok(s) => s,
                 Err(why) => {
-                    if fetched.iter().any(|u| matches!(u, Fetched::Damaged(_))) {
+                    if fetched.iter().any(|u| matches!(u, Fetched::Damaged(_) | Fetched::Missing(_))) {
                         report.unrepairable.push(format!("row {row}: {why}"));
                     }
                     continue;
@@ -337,7 +358,7 @@ impl FilesService {
                         true
                     }
                     Fetched::Ok(_) | Fetched::Unavailable(_) => false,
-                    Fetched::Damaged(_) => true,
+                    Fetched::Damaged(_) | Fetched::Missing(_) => true,
                 };
                 if wrong && repair {
                     match self
@@ -364,16 +385,18 @@ struct RestoredUnit {
 
 /// What fetching a unit gave.
 #[derive(Debug)]
-enum Fetched {
+pub(crate) enum Fetched {
     Ok(pb::UnitData),
     /// Its server did not answer: not known to be bad.
     Unavailable(String),
-    /// Missing, or its record failed its checks.
+    /// Its server has no such unit.
+    Missing(String),
+    /// Its record failed its checks.
     Damaged(String),
 }
 
 /// Where `role` comes in a row's units in role order (data, P, Q).
-fn role_index(l: &Layout, role: Role) -> usize {
+pub(crate) fn role_index(l: &Layout, role: Role) -> usize {
     match role {
         Role::Data(j) => j as usize,
         Role::P => l.data() as usize,
@@ -381,7 +404,7 @@ fn role_index(l: &Layout, role: Role) -> usize {
     }
 }
 
-fn role_name(r: Role) -> String {
+pub(crate) fn role_name(r: Role) -> String {
     match r {
         Role::Data(j) => format!("d{j}"),
         Role::P => "P".into(),
@@ -390,9 +413,9 @@ fn role_name(r: Role) -> String {
 }
 
 /// A row's data units and their versions.
-struct Solved {
-    data: Vec<Vec<u8>>,
-    versions: Vec<u64>,
+pub(crate) struct Solved {
+    pub(crate) data: Vec<Vec<u8>>,
+    pub(crate) versions: Vec<u64>,
 }
 
 impl Solved {
@@ -415,7 +438,7 @@ impl Solved {
 /// units from parity. A parity unit is used only if it was computed from the versions the data
 /// units it did not lose are at; otherwise the row had an interrupted write and that parity
 /// would rebuild wrong bytes.
-fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, String> {
+pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, String> {
     let k = l.data() as usize;
     let unit = l.unit() as usize;
     let versions: Vec<Option<u64>> =
@@ -440,7 +463,9 @@ fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, String> {
                         i - k,
                         u.covers
                     )),
-                    Fetched::Damaged(why) | Fetched::Unavailable(why) => problems.push(why.clone()),
+                    Fetched::Damaged(why) | Fetched::Missing(why) | Fetched::Unavailable(why) => {
+                        problems.push(why.clone())
+                    }
                 }
                 units.push(vec![0; unit]);
                 lost.push(i);
@@ -673,6 +698,20 @@ impl pb::files_server::Files for FilesService {
         }
         report.servers = servers;
         Ok(Response::new(report))
+    }
+
+    async fn write(&self, req: Request<pb::WriteRequest>) -> Result<Response<pb::WriteReply>, Status> {
+        self.write_at(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn write_stripe(&self, req: Request<pb::StripeWrite>) -> Result<Response<pb::StripeWritten>, Status> {
+        self.write_stripe_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn stripe_landed(&self, req: Request<pb::StripeLandedNote>) -> Result<Response<pb::Ack>, Status> {
+        let note = req.into_inner();
+        self.drop_stale_writes((note.file, note.row));
+        Ok(Response::new(pb::Ack {}))
     }
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {

@@ -6,6 +6,7 @@
 //! reads its own clock while applying. A server answers its own clients from its own
 //! application of the log, so a grant is never shown before it is committed.
 
+mod delegation;
 mod files;
 pub mod gateway;
 mod gateway_rt;
@@ -17,15 +18,17 @@ mod service;
 mod storage;
 mod store;
 mod types;
+mod write;
 
 pub use files::DEFAULT_UNIT;
 pub use machine::{Applied, ApplyEvent, Machine, State};
-pub use node::{Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
+pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
 pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
 pub use storage::MESSAGE_BYTES_MAX;
 pub use store::Store;
 pub use types::{CLIENT_LOCK_BITS, Command, FileMeta, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
+pub use write::{WRITE_BYTES_MAX, stripe_resource};
 
 /// Runs a server on its TCP listen address until `stop` turns true.
 pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {

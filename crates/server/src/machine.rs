@@ -211,6 +211,13 @@ impl State {
                 }
                 _ => reply.error = Some(format!("{path} is no longer the file being written (it was removed)")),
             },
+            Op::GrowFile { path, id, size } => match self.files.get_mut(&path) {
+                Some(f) if f.id == id && f.complete => {
+                    f.size = f.size.max(size);
+                    reply.file = Some(id);
+                }
+                _ => reply.error = Some(format!("{path} is no longer the file written (it was removed or replaced)")),
+            },
             Op::RemoveFile { path, id } => match self.files.get(&path) {
                 Some(f) if f.id == id => {
                     self.files.remove(&path);

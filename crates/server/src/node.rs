@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -73,6 +74,9 @@ pub struct Env {
     /// once when revoked, leaving its readers holding what is no longer covered. Never set
     /// outside a test.
     pub break_gateway_for_negative_control: bool,
+    /// Negative control for tests only: a stripe write is carried out even when the lock it was
+    /// written under is gone (seed 004's timestamp check skipped). Never set outside a test.
+    pub break_stale_write_check_for_negative_control: bool,
 }
 
 impl std::fmt::Debug for Env {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for Env {
             .field("in_memory", &self.database.is_some())
             .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
             .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
+            .field("break_stale_write_check_for_negative_control", &self.break_stale_write_check_for_negative_control)
             .finish_non_exhaustive()
     }
 }
@@ -120,6 +125,8 @@ pub struct Node {
     pub raft: StripeRaft,
     pub machine: Machine,
     pub config: Arc<ServerConfig>,
+    /// Counters of the data path, for `status`.
+    pub data: Arc<DataStats>,
     leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
 }
 
@@ -127,6 +134,21 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Node({})", self.id)
     }
+}
+
+/// Counters of the data path since the server started, for `status`.
+#[derive(Debug, Default)]
+pub struct DataStats {
+    /// Stripe writes carried out here, delegated elsewhere by this gateway, and dropped here
+    /// because the lock they were written under was gone.
+    pub stripe_writes: AtomicU64,
+    pub stripe_writes_delegated: AtomicU64,
+    pub stripe_writes_dropped: AtomicU64,
+    /// Stripe writes scheduled or running here now.
+    pub stripe_load: AtomicU32,
+    /// Seed 000: invalidations received, and lock-free ranges cached now.
+    pub invalidations_received: AtomicU64,
+    pub lock_free_ranges: AtomicU64,
 }
 
 /// Wall-clock milliseconds. Only a leader reads it, to stamp a command; replicas never do.
@@ -168,7 +190,15 @@ impl Node {
             .await
             .map_err(std::io::Error::other)?;
         let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
-        let node = Node { id: config.id, addr, raft, machine, config: Arc::new(config), leaders: Default::default() };
+        let node = Node {
+            id: config.id,
+            addr,
+            raft,
+            machine,
+            config: Arc::new(config),
+            data: Default::default(),
+            leaders: Default::default(),
+        };
         Ok(node)
     }
 

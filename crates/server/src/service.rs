@@ -467,6 +467,8 @@ impl pb::locks_server::Locks for LockService {
                 voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
             })
             .collect();
+        let data = &self.node.data;
+        use std::sync::atomic::Ordering::Relaxed;
         Ok(Response::new(pb::StatusReply {
             server_id: self.node.id,
             address: self.node.addr.clone(),
@@ -488,6 +490,12 @@ impl pb::locks_server::Locks for LockService {
             gateway_readers: gateway.readers,
             gateway_grants: gateway.grants,
             gateway_handovers: gateway.handovers,
+            stripe_writes: data.stripe_writes.load(Relaxed),
+            stripe_writes_delegated: data.stripe_writes_delegated.load(Relaxed),
+            stripe_writes_dropped: data.stripe_writes_dropped.load(Relaxed),
+            stripe_load: data.stripe_load.load(Relaxed),
+            invalidations_received: data.invalidations_received.load(Relaxed),
+            lock_free_ranges: data.lock_free_ranges.load(Relaxed),
         }))
     }
 

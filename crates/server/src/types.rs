@@ -48,6 +48,8 @@ pub enum Op {
     RemoveFile { path: String, id: u64 },
     /// File `id`'s units moved to the servers of `layout` (a rebuild onto another server).
     SetLayout { path: String, id: u64, layout: layout::Layout },
+    /// A write ended at byte `size` of file `id`: its size becomes at least that.
+    GrowFile { path: String, id: u64, size: u64 },
 }
 
 impl fmt::Display for Command {
@@ -64,6 +66,7 @@ impl fmt::Display for Command {
             Op::CompleteFile { path, id, size } => write!(f, "complete({path}, {id}, {size})@{}", self.now_ms),
             Op::RemoveFile { path, id } => write!(f, "remove({path}, {id})@{}", self.now_ms),
             Op::SetLayout { path, id, layout } => write!(f, "set-layout({path}, {id}, {layout:?})@{}", self.now_ms),
+            Op::GrowFile { path, id, size } => write!(f, "grow({path}, {id}, {size})@{}", self.now_ms),
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct ServerArgs {
     pub tick_ms: u64,
     pub snapshot_every: u64,
     pub gateway_lease_ms: u64,
+    /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
+    pub break_stale_write_check: bool,
 }
 
 /// A server's settings as a TOML file holds them (and as flags give them: every one optional).
@@ -131,6 +133,7 @@ impl ServerArgs {
             tick_ms: flags.tick_ms.or(f.tick_ms).unwrap_or(200).max(1),
             snapshot_every,
             gateway_lease_ms,
+            break_stale_write_check: false,
         })
     }
 }
@@ -169,7 +172,10 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         snapshot_every: args.snapshot_every,
         gateway_lease_ms: args.gateway_lease_ms,
         limits: Limits::default(),
-        env: server::Env::default(),
+        env: server::Env {
+            break_stale_write_check_for_negative_control: args.break_stale_write_check,
+            ..server::Env::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -562,6 +568,13 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
                         "grants": s.gateway_grants, "handovers": s.gateway_handovers,
                     },
+                    "stripe_writes": {
+                        "done": s.stripe_writes, "delegated": s.stripe_writes_delegated,
+                        "dropped": s.stripe_writes_dropped, "load": s.stripe_load,
+                    },
+                    "lock_cache": {
+                        "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,
+                    },
                 }),
                 Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
             })
@@ -569,7 +582,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::json!({"servers": servers, "up": up, "total": addrs.len()}));
     } else {
         println!(
-            "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12}",
+            "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12} {:>13}",
             "id",
             "address",
             "role",
@@ -580,14 +593,15 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             "fencing",
             "locks",
             "waiting",
-            "cached-reads"
+            "cached-reads",
+            "stripe-writes"
         );
         for (a, r) in &replies {
             match r {
                 Ok(s) => {
                     let role = if s.leader_id == s.server_id { "leader" } else { "follower" };
                     println!(
-                        "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12}",
+                        "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12} {:>13}",
                         s.server_id,
                         a,
                         role,
@@ -598,7 +612,8 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         s.sessions_fencing,
                         s.locks_granted,
                         s.requests_waiting,
-                        s.gateway_readers
+                        s.gateway_readers,
+                        s.stripe_writes
                     );
                 }
                 Err(e) => println!("{:<4} {:<22} {:<8} {e:#}", "?", a, "DOWN"),

@@ -285,6 +285,91 @@ pub fn get(
     })
 }
 
+/// `write PATH --offset N`: standard input written at byte N of PATH, under PW on just the
+/// bytes written; each stripe row it touches is read-modify-written by the server the gateway
+/// delegates it to.
+pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let mut data = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut data).context("cannot read standard input")?;
+    let end = offset
+        .checked_add(data.len() as u64)
+        .filter(|e| *e < u64::MAX)
+        .with_context(|| format!("{} bytes at offset {offset} run past the largest file", data.len()))?;
+    if data.is_empty() {
+        if json {
+            println!("{}", serde_json::json!({"path": path, "offset": offset, "bytes": 0, "rows": []}));
+        } else {
+            println!("nothing to write (standard input was empty)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let session = Session::open(&addrs, 10_000).await?;
+        let options = LockOptions { timeout: Some(LOCK_WAIT), ..Default::default() };
+        let grant = match session.lock(path, offset..end, Mode::PW, options).await {
+            Ok(g) => g,
+            Err(e) => {
+                session.close().await;
+                return Err(match e {
+                    ClientError::TimedOut => anyhow::anyhow!(
+                        "bytes {offset}..{end} of {path} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`"
+                    ),
+                    e => anyhow::Error::from(e).context(format!("cannot lock bytes {offset}..{end} of {path}")),
+                });
+            }
+        };
+        let result = async {
+            let mut client = files_client(&addrs).await?;
+            let mut progress = Progress::new("write", Some(data.len() as u64), json);
+            let (mut rows, mut size) = (Vec::new(), 0);
+            let mut at = offset;
+            for piece in data.chunks(server::WRITE_BYTES_MAX) {
+                let req =
+                    pb::WriteRequest { path: path.to_string(), token: grant.signed_token.clone(), offset: at, data: piece.to_vec() };
+                let reply = client.write(req).await.map_err(status_error)?.into_inner();
+                rows.extend(reply.rows);
+                size = reply.size;
+                at += piece.len() as u64;
+                progress.add(piece.len() as u64);
+            }
+            progress.finish();
+            Ok::<_, anyhow::Error>((rows, size))
+        }
+        .await;
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+        let (rows, size) = result.with_context(|| format!("writing bytes {offset}..{end} of {path} failed"))?;
+        if json {
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"row": r.row, "server": r.server, "stripe_version": r.version,
+                        "parity_recomputed": r.recomputed})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"path": path, "offset": offset, "bytes": data.len(), "size": size, "rows": rows})
+            );
+        } else {
+            let mut by: Vec<u64> = rows.iter().map(|r| r.server).collect();
+            by.sort_unstable();
+            by.dedup();
+            let by: Vec<String> = by.iter().map(u64::to_string).collect();
+            println!(
+                "wrote {} at offset {offset} of {path} ({} row(s), by server {}); its size is {}",
+                human(data.len() as u64),
+                rows.len(),
+                by.join(", "),
+                human(size)
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn stat_json(s: &pb::FileStat) -> serde_json::Value {
     serde_json::json!({
         "path": s.path, "file": s.file, "size": s.size, "complete": s.complete,

@@ -67,6 +67,9 @@ enum Command {
         /// locks it grants from its cache outlive it if it dies.
         #[arg(long)]
         gateway_lease_ms: Option<u64>,
+        /// Tests only (a negative control): carry out stripe writes whose lock is gone.
+        #[arg(long, hide = true)]
+        break_stale_write_check_for_negative_control: bool,
     },
     /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
     Lock {
@@ -164,6 +167,18 @@ enum Command {
         range: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
+    },
+    /// Write standard input at byte N of a file of the cluster, under PW on just those bytes
+    /// (each stripe row touched is read-modify-written under its stripe lock).
+    Write {
+        path: String,
+        /// Where in the file the bytes go; past the end grows the file.
+        #[arg(long)]
+        offset: u64,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// A file's size, layout and where each unit of its rows lives.
     Stat {
@@ -322,6 +337,7 @@ fn main() -> ExitCode {
             tick_ms,
             snapshot_every,
             gateway_lease_ms,
+            break_stale_write_check_for_negative_control,
         } => {
             let flags = cluster::ServerFile {
                 id,
@@ -334,7 +350,10 @@ fn main() -> ExitCode {
                 snapshot_every,
                 gateway_lease_ms,
             };
-            report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(cluster::server))
+            report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
+                args.break_stale_write_check = break_stale_write_check_for_negative_control;
+                cluster::server(args)
+            }))
         }
         Command::Lock { path, range, mode, nowait, gateway, timeout, conflict_exit_code, lease, cluster, command } => {
             report(cluster::lock(cluster::LockArgs {
@@ -363,6 +382,7 @@ fn main() -> ExitCode {
                 .transpose()
                 .and_then(|r| files::get(&path, None, r, cluster.as_deref(), false)),
         ),
+        Command::Write { path, offset, cluster, json } => report(files::write(&path, offset, cluster.as_deref(), json)),
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json)),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json)),

@@ -1,0 +1,620 @@
+//! Writes at an offset of a file (seed 004). The gateway that takes the write checks the
+//! client's token (PW or EX on the range written), cuts the write at stripe-row boundaries and
+//! hands each row to a server chosen by load ([`Delegation`]): itself or another. That server
+//! schedules the row's write, and in its turn:
+//!
+//! 1. takes the row's stripe lock (EX on `PATH#FILE/ROW`), whose value block holds the row's
+//!    stripe version (the patent's timestamp); the lock stays cached here afterwards, so the
+//!    next write of the row here costs no lock round trip;
+//! 2. checks with the lock table that the client's lock still holds the range: a write whose
+//!    lock is gone is stale and is dropped, never written (also as soon as a note says another
+//!    write landed on the row);
+//! 3. reads the units written and the row's parity, and if the parity's version is the stripe
+//!    version and it covers the versions of the data read, updates parity from the change;
+//!    otherwise (an interrupted write, a repair, a first write) recomputes it from all the data;
+//! 4. writes the data units, then the parity, under the stripe lock's fencing token, each
+//!    expecting the version it read; then sets the new stripe version into the value block.
+//!
+//! A crash between the data and the parity writes leaves parity that does not cover the data's
+//! versions: reads then never rebuild from it, and the next write of the row recomputes it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chunks::UnitId;
+use client::{Grant, LockOptions, Mode, Session};
+use layout::Role;
+use lockengine::ByteRange;
+use tokio::sync::watch;
+use tonic::Status;
+use wire::v1 as pb;
+
+use crate::delegation::{Delegation, Stripe};
+use crate::files::{Fetched, FilesService, role_name, solve_row};
+use crate::storage::unit_ref;
+use crate::types::{FileMeta, Op};
+
+/// Longest write one call carries (a message's limit).
+pub const WRITE_BYTES_MAX: usize = 32 << 20;
+/// How long a stripe write waits for its turn and its stripe lock before giving up.
+const STRIPE_WAIT: Duration = Duration::from_secs(30);
+/// Stripe locks a server keeps cached; past this the oldest idle one is given back.
+const STRIPE_LOCKS_CACHED: usize = 1024;
+/// Lease of a server's stripe session.
+const STRIPE_SESSION_LEASE_MS: u64 = 10_000;
+/// Rows of one write in flight at once.
+const ROWS_IN_FLIGHT: usize = 4;
+
+/// The resource of a stripe row's lock.
+pub fn stripe_resource(path: &str, file: u64, row: u64) -> String {
+    format!("{path}#{file}/{row}")
+}
+
+/// A server's stripe-write state: whom its gateway delegates to, the session its stripe locks
+/// are held in, and the writes it has scheduled.
+pub(crate) struct Stripes {
+    delegation: Mutex<Delegation>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    /// One write of a stripe at a time on this server; entries go when nobody waits.
+    turns: Mutex<HashMap<Stripe, Arc<tokio::sync::Mutex<()>>>>,
+    scheduled: Mutex<HashMap<Stripe, Vec<Scheduled>>>,
+    next_ticket: std::sync::atomic::AtomicU64,
+    /// Stripe lock resources kept cached, oldest first.
+    cached: Mutex<(VecDeque<String>, HashSet<String>)>,
+}
+
+/// A write waiting for its turn or its stripe lock.
+struct Scheduled {
+    ticket: u64,
+    path: String,
+    range: ByteRange,
+    token: u64,
+    drop: watch::Sender<bool>,
+    /// Past its check under the stripe lock: a note no longer drops it.
+    running: bool,
+}
+
+impl Stripes {
+    pub(crate) fn new(me: u64) -> Stripes {
+        Stripes {
+            delegation: Mutex::new(Delegation::new(me)),
+            session: tokio::sync::Mutex::new(None),
+            turns: Mutex::new(HashMap::new()),
+            scheduled: Mutex::new(HashMap::new()),
+            next_ticket: Default::default(),
+            cached: Mutex::new((VecDeque::new(), HashSet::new())),
+        }
+    }
+}
+
+/// A scheduled write's place; leaving it (drop) unschedules the write.
+struct Ticket<'a> {
+    svc: &'a FilesService,
+    stripe: Stripe,
+    ticket: u64,
+}
+
+impl Ticket<'_> {
+    fn start(&self) {
+        if let Some(list) = self.svc.stripes.scheduled.lock().expect("scheduled").get_mut(&self.stripe)
+            && let Some(s) = list.iter_mut().find(|s| s.ticket == self.ticket)
+        {
+            s.running = true;
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut scheduled = self.svc.stripes.scheduled.lock().expect("scheduled");
+        if let Some(list) = scheduled.get_mut(&self.stripe) {
+            list.retain(|s| s.ticket != self.ticket);
+            if list.is_empty() {
+                scheduled.remove(&self.stripe);
+            }
+        }
+        self.svc.node.data.stripe_load.fetch_sub(1, Ordering::Relaxed);
+        let mut turns = self.svc.stripes.turns.lock().expect("turns");
+        if turns.get(&self.stripe).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(&self.stripe);
+        }
+    }
+}
+
+/// Why a row's read-modify-write failed, and whether it had written anything by then.
+struct RmwError {
+    status: Status,
+    wrote: bool,
+}
+
+impl RmwError {
+    fn before(status: Status) -> RmwError {
+        RmwError { status, wrote: false }
+    }
+}
+
+fn version_of(value: &Option<Vec<u8>>) -> Option<u64> {
+    value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_le_bytes)
+}
+
+impl FilesService {
+    /// A client's write of `data` at `offset` of `path` (the Write call).
+    pub(crate) async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
+        if r.data.len() > WRITE_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a write carries at most {WRITE_BYTES_MAX} bytes; this one has {}: split it",
+                r.data.len()
+            )));
+        }
+        let end = r.offset.checked_add(r.data.len() as u64).filter(|e| *e < u64::MAX).ok_or_else(|| {
+            Status::invalid_argument(format!("{} bytes at offset {} run past the largest file", r.data.len(), r.offset))
+        })?;
+        let claims = self.claims(&r.path, &r.token)?;
+        let range =
+            ByteRange::new(r.offset, end.max(r.offset + 1)).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !claims.mode.is_write() || !claims.range.contains(range) {
+            return Err(Status::permission_denied(format!(
+                "writing bytes {}..{end} of {} needs PW or EX covering them; the token is for {} {}",
+                r.offset, r.path, claims.mode, claims.range
+            )));
+        }
+        let f = self.file(&r.path)?;
+        if !f.complete {
+            return Err(Status::unavailable(format!("{} is still being put; write once the put is done", r.path)));
+        }
+        if r.data.is_empty() {
+            return Ok(pb::WriteReply { size: f.size, rows: Vec::new() });
+        }
+        let row_bytes = f.layout.row_bytes();
+        let rows = r.offset / row_bytes..=(end - 1) / row_bytes;
+        let mut parts = Vec::new();
+        for row in rows {
+            let lo = r.offset.max(row * row_bytes);
+            let hi = end.min((row + 1) * row_bytes);
+            let data = r.data[(lo - r.offset) as usize..(hi - r.offset) as usize].to_vec();
+            parts.push(pb::StripeWrite {
+                path: r.path.clone(),
+                file: f.id,
+                row,
+                offset: lo,
+                data,
+                token: r.token.clone(),
+                gateway: self.node.id,
+            });
+        }
+        let written = {
+            use futures::StreamExt;
+            futures::stream::iter(parts)
+                .map(|p| self.delegate(&f, p))
+                .buffered(ROWS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await
+        };
+        let rows = written.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        let mut size = f.size;
+        if end > f.size {
+            let reply = self
+                .node
+                .propose(Op::GrowFile { path: r.path.clone(), id: f.id, size: end }, None)
+                .await
+                .map_err(|e| e.status())?;
+            if let Some(e) = reply.error {
+                return Err(Status::aborted(e));
+            }
+            self.node.applied(reply.index).await;
+            size = self.file(&r.path)?.size;
+        }
+        Ok(pb::WriteReply { size, rows })
+    }
+
+    /// Hands one row's write to the server chosen for it (perhaps this one).
+    async fn delegate(&self, f: &FileMeta, part: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+        let stripe = (f.id, part.row);
+        let mut candidates: Vec<u64> = f.layout.servers().to_vec();
+        if !candidates.contains(&self.node.id) {
+            candidates.push(self.node.id);
+        }
+        let now = self.node.config.env.now_ms();
+        let own_load = self.node.data.stripe_load.load(Ordering::Relaxed);
+        let target = {
+            let mut d = self.stripes.delegation.lock().expect("delegation");
+            d.report(self.node.id, own_load, now);
+            d.choose(stripe, &candidates, now)
+        };
+        let row = part.row;
+        let result = if target == self.node.id {
+            self.write_stripe_here(part).await
+        } else {
+            self.node.data.stripe_writes_delegated.fetch_add(1, Ordering::Relaxed);
+            match self.peer(target) {
+                Ok(mut c) => c.write_stripe(part).await.map(|r| r.into_inner()).map_err(|e| {
+                    Status::new(e.code(), format!("row {row}, delegated to server {target}: {}", e.message()))
+                }),
+                Err(e) => Err(e),
+            }
+        };
+        let now = self.node.config.env.now_ms();
+        let mut d = self.stripes.delegation.lock().expect("delegation");
+        d.done(stripe, target, result.as_ref().ok().map(|w| w.load), result.is_ok(), now);
+        result
+    }
+
+    /// Carries out one row's write here (a WriteStripe call, or this gateway's own choice).
+    pub(crate) async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+        let claims = self.claims(&req.path, &req.token)?;
+        let end = req.offset.saturating_add(req.data.len() as u64);
+        let range = ByteRange::new(req.offset, end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !claims.mode.is_write() || !claims.range.contains(range) {
+            return Err(Status::permission_denied(format!(
+                "the token ({} {}) does not allow writing {}..{end} of {}",
+                claims.mode, claims.range, req.offset, req.path
+            )));
+        }
+        let f = self.file(&req.path)?;
+        if f.id != req.file {
+            return Err(Status::aborted(format!(
+                "{} was replaced while the write was on its way; write again",
+                req.path
+            )));
+        }
+        let row_bytes = f.layout.row_bytes();
+        if req.offset < req.row * row_bytes || end > (req.row + 1) * row_bytes {
+            return Err(Status::invalid_argument(format!("{}..{end} is not inside row {}", req.offset, req.row)));
+        }
+        let stripe = (f.id, req.row);
+        let (ticket, mut dropped) = self.schedule(stripe, &req.path, range, claims.token);
+        let turn = self.stripes.turns.lock().expect("turns").entry(stripe).or_default().clone();
+        let give_up = |mut dropped: watch::Receiver<bool>| async move {
+            tokio::select! {
+                _ = dropped.wait_for(|d| *d) => {}
+                () = tokio::time::sleep(STRIPE_WAIT) => {}
+            }
+        };
+        let stale = |why: &str| {
+            self.node.data.stripe_writes_dropped.fetch_add(1, Ordering::Relaxed);
+            Status::failed_precondition(format!(
+                "the write of {}..{end} of {} was dropped: the lock it was written under (token {}) is gone{why}; \
+                 nothing was written. Take the lock again and rewrite",
+                req.offset, req.path, claims.token
+            ))
+        };
+        // Our turn on this server, then the stripe lock.
+        let _turn = tokio::select! {
+            t = turn.lock_owned() => t,
+            () = give_up(dropped.clone()) => {
+                return Err(if *dropped.borrow() { stale(" (another write landed on the row)") } else { busy(&req) });
+            }
+        };
+        let session = self.stripe_session().await?;
+        let resource = stripe_resource(&req.path, f.id, req.row);
+        let grant = match session
+            .lock_until(&resource, 0..u64::MAX, Mode::EX, LockOptions::default(), give_up(dropped.clone()))
+            .await
+        {
+            Ok(g) => g,
+            Err(client::ClientError::Cancelled) if *dropped.borrow_and_update() => {
+                return Err(stale(" (another write landed on the row)"));
+            }
+            Err(client::ClientError::Cancelled) => return Err(busy(&req)),
+            Err(e) => {
+                self.reset_stripe_session(&session).await;
+                return Err(Status::unavailable(format!("the stripe lock of row {} failed: {e}; try again", req.row)));
+            }
+        };
+        // Seed 004: the write's timestamp is checked with the lock manager. A lock that is gone
+        // means a later holder may have written, or may write, these bytes.
+        let holds = self.node.config.env.break_stale_write_check_for_negative_control
+            || self.node.machine.state().engine.write_lock_holds(&req.path, range, claims.token);
+        if !holds {
+            self.put_back(&session, &grant, &resource).await;
+            return Err(stale(""));
+        }
+        ticket.start();
+        let result = self.rmw(&f, &req, &grant, &resource).await;
+        let value = match &result {
+            Ok((version, _)) => Some(version.to_le_bytes().to_vec()),
+            // An empty value never matches a parity version: the next write recomputes.
+            Err(e) if e.wrote => Some(Vec::new()),
+            Err(_) => None,
+        };
+        if let Some(value) = value
+            && let Err(e) = session.set_value(grant.lock, value).await
+        {
+            self.reset_stripe_session(&session).await;
+            return Err(Status::unavailable(format!("row {}: setting its stripe version failed: {e}", req.row)));
+        }
+        self.put_back(&session, &grant, &resource).await;
+        let (version, recomputed) = result.map_err(|e| e.status)?;
+        self.node.data.stripe_writes.fetch_add(1, Ordering::Relaxed);
+        self.tell_landed(&f, req.row, version);
+        Ok(pb::StripeWritten {
+            row: req.row,
+            server: self.node.id,
+            version,
+            load: self.node.data.stripe_load.load(Ordering::Relaxed).saturating_sub(1),
+            recomputed,
+        })
+    }
+
+    fn schedule(
+        &self,
+        stripe: Stripe,
+        path: &str,
+        range: ByteRange,
+        token: u64,
+    ) -> (Ticket<'_>, watch::Receiver<bool>) {
+        let ticket = self.stripes.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        self.stripes.scheduled.lock().expect("scheduled").entry(stripe).or_default().push(Scheduled {
+            ticket,
+            path: path.to_string(),
+            range,
+            token,
+            drop: tx,
+            running: false,
+        });
+        self.node.data.stripe_load.fetch_add(1, Ordering::Relaxed);
+        (Ticket { svc: self, stripe, ticket }, rx)
+    }
+
+    /// Drops the writes scheduled here for `stripe` whose lock is gone (a write landed on it).
+    pub(crate) fn drop_stale_writes(&self, stripe: Stripe) {
+        if self.node.config.env.break_stale_write_check_for_negative_control {
+            return;
+        }
+        let scheduled = self.stripes.scheduled.lock().expect("scheduled");
+        let Some(list) = scheduled.get(&stripe) else { return };
+        let state = self.node.machine.state();
+        for s in list.iter().filter(|s| !s.running) {
+            if !state.engine.write_lock_holds(&s.path, s.range, s.token) {
+                let _ = s.drop.send(true);
+            }
+        }
+    }
+
+    /// Tells the other servers of the row's layout that a write landed on it.
+    fn tell_landed(&self, f: &FileMeta, row: u64, version: u64) {
+        let note = pb::StripeLandedNote { file: f.id, row, version, server: self.node.id };
+        for &server in f.layout.servers() {
+            if server == self.node.id {
+                continue;
+            }
+            let Ok(mut c) = self.peer(server) else { continue };
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.stripe_landed(note)).await;
+            });
+        }
+        self.drop_stale_writes((f.id, row));
+    }
+
+    /// The session this server holds its stripe locks in, opened on first use.
+    async fn stripe_session(&self) -> Result<Session, Status> {
+        let mut s = self.stripes.session.lock().await;
+        if let Some(s) = &*s {
+            return Ok(s.clone());
+        }
+        let addr = self.node.config.peers.get(&self.node.id).cloned().unwrap_or_else(|| self.node.addr.clone());
+        let session = Session::open_with(&[addr], STRIPE_SESSION_LEASE_MS, self.node.config.env.connector.clone())
+            .await
+            .map_err(|e| Status::unavailable(format!("this server could not open its stripe session: {e}")))?;
+        *s = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Forgets a stripe session that failed; the next write opens a new one.
+    async fn reset_stripe_session(&self, failed: &Session) {
+        let mut s = self.stripes.session.lock().await;
+        if s.as_ref().is_some_and(|s| s.id() == failed.id()) {
+            *s = None;
+            let mut cached = self.stripes.cached.lock().expect("cached");
+            cached.0.clear();
+            cached.1.clear();
+        }
+    }
+
+    /// Keeps a stripe lock cached after its write, giving back the oldest idle one past the limit.
+    async fn put_back(&self, session: &Session, grant: &Grant, resource: &str) {
+        if session.is_cached(grant.lock) {
+            let _ = session.unlock(grant.lock).await;
+            return;
+        }
+        if session.cache(grant.lock).await.is_err() {
+            let _ = session.unlock(grant.lock).await;
+            return;
+        }
+        let evict: Vec<String> = {
+            let mut cached = self.stripes.cached.lock().expect("cached");
+            if cached.1.insert(resource.to_string()) {
+                cached.0.push_back(resource.to_string());
+            }
+            let mut evict = Vec::new();
+            while cached.0.len() > STRIPE_LOCKS_CACHED {
+                if let Some(old) = cached.0.pop_front() {
+                    cached.1.remove(&old);
+                    evict.push(old);
+                }
+            }
+            evict
+        };
+        for old in evict {
+            let _ = session.release_cached(&old).await;
+        }
+    }
+
+    /// The row's read-modify-write, under its stripe lock. Returns the new stripe version and
+    /// whether parity was recomputed from all the data.
+    async fn rmw(
+        &self,
+        f: &FileMeta,
+        req: &pb::StripeWrite,
+        grant: &Grant,
+        resource: &str,
+    ) -> Result<(u64, bool), RmwError> {
+        let l = &f.layout;
+        let (k, m, unit) = (l.data() as usize, l.parity() as usize, l.unit() as u64);
+        let row = req.row;
+        let lo = req.offset - row * l.row_bytes();
+        let hi = lo + req.data.len() as u64;
+        let touched: Vec<usize> = ((lo / unit) as usize..=((hi - 1) / unit) as usize).collect();
+        // A row past the end of the file may not exist yet: its missing units are zeros.
+        let size = self.file(&req.path).map_err(RmwError::before)?.size;
+        let existing = row < l.rows(size);
+        let lvb = version_of(&grant.value);
+        let fresh = |u: Fetched, parity: bool| match u {
+            Fetched::Missing(_) if !existing => Fetched::Ok(pb::UnitData {
+                found: true,
+                data: vec![0; unit as usize],
+                version: 0,
+                covers: if parity { vec![0; k] } else { Vec::new() },
+            }),
+            u => u,
+        };
+        let roles: Vec<Role> = touched.iter().map(|&j| Role::Data(j as u8)).chain(l.roles().skip(k)).collect();
+        let fetched: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.fetch(f, row, r)))
+            .await
+            .into_iter()
+            .zip(&roles)
+            .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_))))
+            .collect();
+        let ok: Vec<&pb::UnitData> =
+            fetched.iter().filter_map(|u| if let Fetched::Ok(u) = u { Some(u) } else { None }).collect();
+        let fast = ok.len() == fetched.len()
+            && (m == 0 || {
+                let p = ok[touched.len()];
+                lvb == Some(p.version)
+                    && ok[touched.len()..]
+                        .iter()
+                        .all(|u| u.version == p.version && u.covers.len() == k && u.covers == p.covers)
+                    && touched.iter().enumerate().all(|(i, &j)| ok[i].version == p.covers[j])
+            });
+        // The new bytes of each touched data unit.
+        let splice = |j: usize, old: &[u8]| {
+            let mut new = old.to_vec();
+            let (u0, u1) = (j as u64 * unit, (j as u64 + 1) * unit);
+            let (a, b) = (lo.max(u0), hi.min(u1));
+            new[(a - u0) as usize..(b - u0) as usize].copy_from_slice(&req.data[(a - lo) as usize..(b - lo) as usize]);
+            new
+        };
+        // (role, bytes, covers, expected version) of every unit to write, data first.
+        let mut data_writes = Vec::new();
+        let mut parity_writes = Vec::new();
+        let recomputed = !fast && m > 0;
+        let version;
+        if fast {
+            let mut parity: Vec<Vec<u8>> = ok[touched.len()..].iter().map(|u| u.data.clone()).collect();
+            let mut covers = if m > 0 { ok[touched.len()].covers.clone() } else { Vec::new() };
+            for (i, &j) in touched.iter().enumerate() {
+                let new = splice(j, &ok[i].data);
+                let (p, q) = match parity.as_mut_slice() {
+                    [p] => (Some(&mut p[..]), None),
+                    [p, q] => (Some(&mut p[..]), Some(&mut q[..])),
+                    _ => (None, None),
+                };
+                layout::parity::update(j, &ok[i].data, &new, p, q);
+                if m > 0 {
+                    covers[j] = ok[i].version + 1;
+                }
+                data_writes.push((Role::Data(j as u8), new, Vec::new(), Some(ok[i].version)));
+            }
+            version = if m > 0 { ok[touched.len()].version + 1 } else { lvb.unwrap_or(0) + 1 };
+            for (r, bytes) in l.roles().skip(k).zip(parity) {
+                parity_writes.push((r, bytes, covers.clone(), Some(version - 1)));
+            }
+        } else {
+            // Everything of the row, to recompute its parity from its data.
+            let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r)))
+                .await
+                .into_iter()
+                .zip(l.roles())
+                .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_))))
+                .collect();
+            if let Some((i, Fetched::Unavailable(why))) = all
+                .iter()
+                .enumerate()
+                .find(|(i, u)| matches!(u, Fetched::Unavailable(_)) && (*i >= k || touched.contains(i)))
+            {
+                return Err(RmwError::before(Status::unavailable(format!(
+                    "row {row} of {} cannot be written while unit {} is unreachable ({why}); \
+                     bring its server back or rebuild it onto another",
+                    req.path,
+                    role_name(l.roles().nth(i).expect("in the row"))
+                ))));
+            }
+            let solved = solve_row(l, &all).map_err(|why| {
+                RmwError::before(Status::data_loss(format!(
+                    "row {row} of {} cannot be read to write it: {why}",
+                    req.path
+                )))
+            })?;
+            let expect = |u: &Fetched| if let Fetched::Ok(u) = u { Some(u.version) } else { None };
+            let mut data = solved.data;
+            let mut versions = solved.versions;
+            for j in 0..k {
+                let old = expect(&all[j]);
+                // A unit of a new row is written even where the write does not touch it (zeros),
+                // so the row is whole.
+                let new_row_unit = !existing && old == Some(0);
+                if !touched.contains(&j) && !new_row_unit {
+                    continue;
+                }
+                if touched.contains(&j) {
+                    data[j] = splice(j, &data[j]);
+                }
+                versions[j] = old.unwrap_or(versions[j]) + 1;
+                data_writes.push((Role::Data(j as u8), data[j].clone(), Vec::new(), old));
+            }
+            let parity_version = all[k..].iter().filter_map(expect).max().unwrap_or(0);
+            version = lvb.unwrap_or(0).max(parity_version) + 1;
+            if m > 0 {
+                let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+                let (mut p, mut q) = (vec![0u8; unit as usize], vec![0u8; unit as usize]);
+                layout::parity::encode(&refs, Some(&mut p), (m == 2).then_some(&mut q[..]));
+                for (i, (r, bytes)) in l.roles().skip(k).zip([p, q]).enumerate() {
+                    parity_writes.push((r, bytes, versions.clone(), expect(&all[k + i])));
+                }
+            }
+        }
+        // Data first, then parity: a crash in between leaves parity that does not cover the data.
+        let mut wrote = false;
+        for batch in [data_writes, parity_writes] {
+            let writes = batch.into_iter().map(|(role, bytes, covers, expect)| {
+                let server = l.server(row, role);
+                let req = pb::WriteUnitRequest {
+                    unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+                    resource: resource.to_string(),
+                    range: Some(pb::Range { start: 0, end: u64::MAX }),
+                    token: grant.signed_token.clone(),
+                    data: bytes,
+                    covers,
+                    expect_version_plus_one: expect.map_or(0, |v| v + 1),
+                };
+                async move {
+                    let mut c = self.storage(server)?;
+                    c.write_unit(req).await.map_err(|e| {
+                        Status::new(
+                            e.code(),
+                            format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
+                        )
+                    })
+                }
+            });
+            let results = futures::future::join_all(writes).await;
+            wrote |= !results.is_empty();
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                return Err(RmwError { status: e, wrote });
+            }
+        }
+        Ok((version, recomputed))
+    }
+}
+
+fn busy(req: &pb::StripeWrite) -> Status {
+    Status::unavailable(format!(
+        "row {} of {} stayed locked for {} s (another writer holds its stripe lock); try again",
+        req.row,
+        req.path,
+        STRIPE_WAIT.as_secs()
+    ))
+}
