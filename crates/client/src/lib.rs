@@ -377,14 +377,26 @@ impl Session {
     /// Keeps a held lock cached instead of releasing it: later `lock` calls it covers are
     /// granted locally, with no round trip, until a conflicting request elsewhere revokes it.
     pub async fn cache(&self, lock: u64) -> Result<(), ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.call(Up::Cache(pb::LockRef { lock }), None, Want::Done(tx)).await?;
-        rx.await.unwrap_or(Err(ClientError::Closed))?;
-        let mut cache = self.cache.lock().expect("cache");
-        if let Some((resource, grant)) = cache.held.get(&lock).cloned() {
-            cache.cached.insert(lock, Cached { resource, grant, in_use: false, revoked: false });
+        // In the cache (in use) before the cluster hears of it: a revoke may follow the request
+        // at once, and must find it there.
+        {
+            let mut cache = self.cache.lock().expect("cache");
+            if let Some((resource, grant)) = cache.held.get(&lock).cloned() {
+                cache.cached.insert(lock, Cached { resource, grant, in_use: true, revoked: false });
+            }
         }
-        Ok(())
+        let (tx, rx) = oneshot::channel();
+        let sent = self.call(Up::Cache(pb::LockRef { lock }), None, Want::Done(tx)).await;
+        let acked = match sent {
+            Ok(()) => rx.await.unwrap_or(Err(ClientError::Closed)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = acked {
+            self.cache.lock().expect("cache").cached.remove(&lock);
+            return Err(e);
+        }
+        // Idle now, unless revoked meanwhile: then it goes back at once.
+        self.unlock(lock).await
     }
 
     /// Whether lock `lock` is one this session keeps cached.

@@ -278,6 +278,10 @@ impl FilesService {
         }
         let parity = l.roles().skip(k).map(|r| self.fetch(f, row, r));
         fetched.extend(futures::future::join_all(parity).await);
+        if is_hole(l, &fetched) {
+            // A write past the end skipped this row; it reads as zeros.
+            return Ok((vec![0; l.row_bytes() as usize], false));
+        }
         let solved = solve_row(l, &fetched)
             .map_err(|why| Status::data_loss(format!("row {row} of {path} cannot be read: {why}")))?;
         Ok((solved.data.concat(), true))
@@ -321,6 +325,10 @@ impl FilesService {
         let mut report = pb::ScrubReport { rows: l.rows(f.size), ..Default::default() };
         for row in 0..l.rows(f.size) {
             let fetched = self.fetch_row(f, row).await;
+            if is_hole(l, &fetched) {
+                // No write ever reached the row: nothing to check.
+                continue;
+            }
             for u in &fetched {
                 match u {
                     Fetched::Ok(_) => {
@@ -410,6 +418,15 @@ pub(crate) fn role_name(r: Role) -> String {
         Role::P => "P".into(),
         Role::Q => "Q".into(),
     }
+}
+
+/// Whether a row's fetched units (all of them) show a hole: a row no write ever reached,
+/// which reads as zeros. A written row has all its units, so with at most `m` servers not
+/// answering, some unit would be found; here none is.
+pub(crate) fn is_hole(l: &Layout, fetched: &[Fetched]) -> bool {
+    let unavailable = fetched.iter().filter(|u| matches!(u, Fetched::Unavailable(_))).count();
+    unavailable <= l.parity() as usize
+        && fetched.iter().all(|u| matches!(u, Fetched::Missing(_) | Fetched::Unavailable(_)))
 }
 
 /// A row's data units and their versions.
@@ -653,8 +670,12 @@ impl pb::files_server::Files for FilesService {
                 let role = l.role_at(row, position);
                 // Whatever the lost server still answers is not used.
                 let mut fetched = self.fetch_row(f, row).await;
-                fetched[role_index(l, role)] =
-                    Fetched::Unavailable(format!("row {row} {} is being rebuilt", role_name(role)));
+                let lost = role_index(l, role);
+                fetched[lost] = Fetched::Unavailable(format!("row {row} {} is being rebuilt", role_name(role)));
+                if is_hole(l, &fetched) {
+                    // Nothing was ever written to the row.
+                    return Ok(0);
+                }
                 let solved = solve_row(l, &fetched)
                     .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
                 let unit = match role {
@@ -677,8 +698,9 @@ impl pb::files_server::Files for FilesService {
             use futures::StreamExt;
             let mut rows = futures::stream::iter(0..l.rows(f.size)).map(rebuild_row).buffer_unordered(ROWS_IN_FLIGHT);
             while let Some(bytes) = rows.next().await {
-                report.bytes += bytes?;
-                report.units_rebuilt += 1;
+                let bytes = bytes?;
+                report.bytes += bytes;
+                report.units_rebuilt += u64::from(bytes > 0);
             }
         }
         let mut servers = l.servers().to_vec();

@@ -32,7 +32,7 @@ use tonic::Status;
 use wire::v1 as pb;
 
 use crate::delegation::{Delegation, Stripe};
-use crate::files::{Fetched, FilesService, role_name, solve_row};
+use crate::files::{Fetched, FilesService, is_hole, role_name, solve_row};
 use crate::storage::unit_ref;
 use crate::types::{FileMeta, Op};
 
@@ -458,11 +458,12 @@ impl FilesService {
         let lo = req.offset - row * l.row_bytes();
         let hi = lo + req.data.len() as u64;
         let touched: Vec<usize> = ((lo / unit) as usize..=((hi - 1) / unit) as usize).collect();
-        // A row past the end of the file may not exist yet: its missing units are zeros.
+        // A row past the end of the file may not exist yet, and a row inside it that no write
+        // ever reached (a hole, every unit missing) neither: their missing units are zeros.
         let size = self.file(&req.path).map_err(RmwError::before)?.size;
-        let existing = row < l.rows(size);
+        let mut existing = row < l.rows(size);
         let lvb = version_of(&grant.value);
-        let fresh = |u: Fetched, parity: bool| match u {
+        let fresh = |u: Fetched, parity: bool, existing: bool| match u {
             Fetched::Missing(_) if !existing => Fetched::Ok(pb::UnitData {
                 found: true,
                 data: vec![0; unit as usize],
@@ -476,7 +477,7 @@ impl FilesService {
             .await
             .into_iter()
             .zip(&roles)
-            .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_))))
+            .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_)), existing))
             .collect();
         let ok: Vec<&pb::UnitData> =
             fetched.iter().filter_map(|u| if let Fetched::Ok(u) = u { Some(u) } else { None }).collect();
@@ -524,12 +525,10 @@ impl FilesService {
             }
         } else {
             // Everything of the row, to recompute its parity from its data.
-            let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r)))
-                .await
-                .into_iter()
-                .zip(l.roles())
-                .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_))))
-                .collect();
+            let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r))).await;
+            existing &= !is_hole(l, &all);
+            let all: Vec<Fetched> =
+                all.into_iter().zip(l.roles()).map(|(u, r)| fresh(u, !matches!(r, Role::Data(_)), existing)).collect();
             if let Some((i, Fetched::Unavailable(why))) = all
                 .iter()
                 .enumerate()

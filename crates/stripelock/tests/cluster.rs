@@ -813,3 +813,269 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Runs the stripelock CLI with server `first` as the gateway (first of --cluster).
+fn cli_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(EXE)
+        .args(args)
+        .arg("--cluster")
+        .arg(c.addrs_from(first).join(","))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn files_at(c: &Cluster, id: u64) -> pb::files_client::FilesClient<tonic::transport::Channel> {
+    let addr = &c.servers[id as usize - 1].addr;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    pb::files_client::FilesClient::new(endpoint.connect().await.unwrap())
+}
+
+/// The whole file as the cluster returns it.
+async fn read_all(c: &Cluster, path: &str) -> Vec<u8> {
+    let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+    let g = s.lock(path, 0..u64::MAX, Mode::PR, LockOptions::default()).await.unwrap();
+    let mut files = files_at(c, c.leader().await).await;
+    let mut stream =
+        files.get(pb::GetRequest { path: path.into(), token: g.signed_token, range: None }).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        out.extend_from_slice(&m.data);
+    }
+    s.close().await;
+    out
+}
+
+fn scrub_clean(c: &Cluster) {
+    let report: serde_json::Value = serde_json::from_str(&cli(c, &["scrub", "--json"])).unwrap();
+    for key in ["damaged", "parity_mismatches", "unrepairable", "unavailable"] {
+        assert_eq!(report[key].as_array().map(Vec::len), Some(0), "scrub found {key}: {report}");
+    }
+}
+
+#[test]
+fn concurrent_partial_writes_to_one_stripe_keep_parity_consistent() {
+    serial(concurrent_partial_writes_to_one_stripe_keep_parity_consistent_body());
+}
+
+/// Two clients write different ranges of the same stripe row at once, many times, through
+/// different gateways (`stripelock write`); the file then holds both clients' last bytes, scrub
+/// finds parity consistent, and with a server of the row killed the row still reads back
+/// right, rebuilt from that parity. A write past the end grows the file with zeros between.
+async fn concurrent_partial_writes_to_one_stripe_keep_parity_consistent_body() {
+    let mut c = Cluster::start(5, "partial").await;
+    let original = noise(1 << 20, 11);
+    let local = c.dir.join("in.bin");
+    std::fs::write(&local, &original).unwrap();
+    cli(&c, &["put", local.to_str().unwrap(), "/p", "--stripe-unit", "16KiB"]);
+    // Row 0 is bytes 0..64Ki: client A writes 1000..1500 (unit 0), client B 40000..41000 (unit 2).
+    const ROUNDS: u64 = 12;
+    let writer = |c: &Cluster, gateway: u64, at: usize, len: usize, seed: u64| {
+        let mut last = Vec::new();
+        for round in 0..ROUNDS {
+            last = noise(len, seed + round);
+            let out = cli_at(c, gateway, &["write", "/p", "--offset", &at.to_string(), "--json"], &last);
+            let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(reply["rows"][0]["row"], 0, "{reply}");
+        }
+        last
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| writer(&c, 1, 1000, 500, 100));
+        let b = s.spawn(|| writer(&c, 2, 40_000, 1000, 200));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let mut expect = original.clone();
+    expect[1000..1500].copy_from_slice(&a);
+    expect[40_000..41_000].copy_from_slice(&b);
+    // Past the end: the file grows; the bytes between read as zeros.
+    let tail = noise(3000, 300);
+    cli_at(&c, 3, &["write", "/p", "--offset", &((1 << 20) + 70_000).to_string()], &tail);
+    expect.resize((1 << 20) + 70_000, 0);
+    expect.extend_from_slice(&tail);
+    assert!(read_all(&c, "/p").await == expect, "the file does not hold the last bytes of each writer");
+    scrub_clean(&c);
+    let total: u64 = futures_total(&c, |s| s.stripe_writes).await;
+    assert!(total > 2 * ROUNDS, "every row write is counted where it was carried out: {total}");
+
+    // Parity really covers the writes: lose the server of row 0's d0 and read through parity.
+    let stat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/p", "--json"])).unwrap();
+    let d0 = stat["placement"][0]["units"][0]["server"].as_u64().unwrap();
+    c.kill(d0);
+    let got: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["get", "/p", c.dir.join("out.bin").to_str().unwrap(), "--json"])).unwrap();
+    assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
+    assert!(std::fs::read(c.dir.join("out.bin")).unwrap() == expect, "rebuilt from parity, row 0 came back wrong");
+}
+
+/// The sum over live servers of a status counter.
+async fn futures_total(c: &Cluster, f: impl Fn(&pb::StatusReply) -> u64) -> u64 {
+    let mut total = 0;
+    for s in c.servers.iter().filter(|s| s.child.is_some()) {
+        if let Some(st) = c.status(s.id).await {
+            total += f(&st);
+        }
+    }
+    total
+}
+
+/// Waits until the sum of `f` over live servers is `want`, up to 10 s.
+async fn until_total(c: &Cluster, what: &str, want: u64, f: impl Fn(&pb::StatusReply) -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let total = futures_total(c, &f).await;
+        if total == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what} = {want}; it is {total}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A write of `data` at `at` of `path` through server `gateway`, under `token`, in the background.
+fn spawn_write(
+    c: &Cluster,
+    gateway: u64,
+    path: &str,
+    at: u64,
+    data: Vec<u8>,
+    token: String,
+) -> tokio::task::JoinHandle<Result<pb::WriteReply, tonic::Status>> {
+    let addr = c.servers[gateway as usize - 1].addr.clone();
+    let path = path.to_string();
+    tokio::spawn(async move {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        let mut files = pb::files_client::FilesClient::new(endpoint.connect().await.unwrap());
+        files.write(pb::WriteRequest { path, token, offset: at, data }).await.map(|r| r.into_inner())
+    })
+}
+
+/// A 2+1 file of 64 KiB in 4 KiB units on three servers; returns its file id.
+async fn small_file(c: &Cluster, path: &str) -> (u64, Vec<u8>) {
+    let original = noise(1 << 16, 21);
+    let local = c.dir.join("small.bin");
+    std::fs::write(&local, &original).unwrap();
+    cli(c, &["put", local.to_str().unwrap(), path, "--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    let stat: serde_json::Value = serde_json::from_str(&cli(c, &["stat", path, "--json"])).unwrap();
+    (stat["file"].as_u64().unwrap(), original)
+}
+
+#[test]
+fn stripe_writes_go_to_the_less_loaded_server() {
+    serial(stripe_writes_go_to_the_less_loaded_server_body());
+}
+
+/// Seed 004's delegation: a gateway hands a row's write to the server that wrote the row last
+/// while that server is not busier than the least loaded one by more than one write; past
+/// that, the write goes to the least loaded server. The writes are held back by the test
+/// holding the row's stripe lock, so each server's queue is known when the next one is sent.
+async fn stripe_writes_go_to_the_less_loaded_server_body() {
+    let c = Cluster::start(3, "delegation").await;
+    let (id, original) = small_file(&c, "/d").await;
+    let w = Session::open(&c.addrs(), 10_000).await.unwrap();
+    let mut tokens = Vec::new();
+    for i in 0..4u64 {
+        let g = w.lock("/d", i * 100..i * 100 + 10, Mode::PW, LockOptions::default()).await.unwrap();
+        tokens.push(g.signed_token);
+    }
+    // A first write through gateway 1 with every server idle: gateway 1 carries it out itself.
+    let first = spawn_write(&c, 1, "/d", 0, vec![1; 10], tokens[0].clone()).await.unwrap().unwrap();
+    assert_eq!(first.rows[0].server, 1, "{first:?}");
+
+    // Hold row 0's stripe lock so writes queue where they are sent.
+    let t = Session::open(&c.addrs(), 10_000).await.unwrap();
+    let stripe = t.lock(&format!("/d#{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let mut pending = Vec::new();
+    for i in 1..4u64 {
+        pending.push(spawn_write(&c, 1, "/d", i * 100, vec![i as u8 + 1; 10], tokens[i as usize].clone()));
+        until_total(&c, "stripe writes queued", i, |s| s.stripe_load as u64).await;
+    }
+    let mut loads = Vec::new();
+    for s in 1..=3 {
+        loads.push(c.status(s).await.unwrap().stripe_load as u64);
+    }
+    assert_eq!(loads[0], 2, "two writes stay with the last delegate (1 queued is within the slack): {loads:?}");
+    assert_eq!(loads.iter().sum::<u64>(), 3, "{loads:?}");
+    assert_eq!(c.status(1).await.unwrap().stripe_writes_delegated, 1, "the third went to a less loaded server");
+    t.unlock(stripe.lock).await.unwrap();
+    let mut by = Vec::new();
+    for p in pending {
+        let done = tokio::time::timeout(Duration::from_secs(40), p).await.expect("the write ends");
+        by.push(done.unwrap().unwrap().rows[0].server);
+    }
+    assert_eq!(by[..2], [1, 1], "{by:?}");
+    assert_ne!(by[2], 1, "{by:?}");
+    let mut expect = original;
+    for i in 0..4usize {
+        expect[i * 100..i * 100 + 10].fill(i as u8 + 1);
+    }
+    w.close().await;
+    assert!(read_all(&c, "/d").await == expect);
+    scrub_clean(&c);
+    t.close().await;
+}
+
+#[test]
+fn a_stale_scheduled_write_is_dropped() {
+    serial(a_stale_scheduled_write_is_dropped_body(false));
+}
+
+#[test]
+fn a_stale_scheduled_write_lands_without_the_check_negative_control() {
+    serial(a_stale_scheduled_write_is_dropped_body(true));
+}
+
+/// Seed 004's stale writes: a write waits, scheduled, for its row while the lock it was
+/// written under expires (its client died). When the row's turn comes, and as soon as another
+/// write lands on the row, the server drops it: its bytes never reach the file. With the check
+/// switched off (negative control) the same stale bytes land, which the test shows.
+async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
+    let extra: &[&str] = if broken { &["--break-stale-write-check-for-negative-control"] } else { &[] };
+    let c = Cluster::start_with(3, if broken { "stale-broken" } else { "stale" }, extra).await;
+    let (id, original) = small_file(&c, "/s").await;
+    let t = Session::open(&c.addrs(), 10_000).await.unwrap();
+    let stripe = t.lock(&format!("/s#{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    // A live writer's write, then a doomed one's, both queued at gateway 1.
+    let live = Session::open(&c.addrs(), 10_000).await.unwrap();
+    let v = live.lock("/s", 0..10, Mode::PW, LockOptions::default()).await.unwrap();
+    let valid = spawn_write(&c, 1, "/s", 0, vec![0xaa; 10], v.signed_token.clone());
+    until_total(&c, "the valid write queued", 1, |s| s.stripe_load as u64).await;
+    let doomed = Session::open(&c.addrs(), 1_000).await.unwrap();
+    let d = doomed.lock("/s", 300..310, Mode::PW, LockOptions::default()).await.unwrap();
+    let stale = spawn_write(&c, 1, "/s", 300, vec![0xdd; 10], d.signed_token.clone());
+    until_total(&c, "both writes queued", 2, |s| s.stripe_load as u64).await;
+    // The doomed client dies: no more heartbeats; its lock goes once its lease runs out.
+    drop(doomed);
+    until_table(&c, 1, "/s", "the dead client's lock to go", |t| {
+        t.resources.iter().filter(|r| r.name == "/s").flat_map(|r| &r.locks).count() == 1
+    })
+    .await;
+    t.unlock(stripe.lock).await.unwrap();
+    let valid = tokio::time::timeout(Duration::from_secs(40), valid).await.expect("the valid write ends").unwrap();
+    assert!(valid.is_ok(), "{valid:?}");
+    let stale = tokio::time::timeout(Duration::from_secs(40), stale).await.expect("the stale write ends").unwrap();
+    live.unlock(v.lock).await.unwrap();
+    let got = read_all(&c, "/s").await;
+    let mut expect = original.clone();
+    expect[0..10].fill(0xaa);
+    if broken {
+        assert!(stale.is_ok(), "without the check the stale write is carried out: {stale:?}");
+        assert_eq!(got[300..310], [0xdd; 10], "negative control: the stale bytes landed");
+    } else {
+        let e = stale.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("dropped"), "{}", e.message());
+        assert!(got == expect, "the stale write changed the file");
+        assert_eq!(futures_total(&c, |s| s.stripe_writes_dropped).await, 1);
+    }
+    scrub_clean(&c);
+    live.close().await;
+    t.close().await;
+}
