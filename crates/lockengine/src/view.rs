@@ -106,6 +106,21 @@ impl Engine {
         holds
     }
 
+    /// A PW or EX holder of some byte of `range` of `resource`: its session and its range.
+    pub fn write_holder(&self, resource: &str, range: ByteRange) -> Option<(SessionId, ByteRange)> {
+        let &idx = self.names.get(resource)?;
+        let mut holder = None;
+        self.resources[idx as usize].granted.for_each_overlapping(range, &mut |id| {
+            let l = &self.locks[&id];
+            if let Some(g) = l.grant
+                && g.mode.is_write()
+            {
+                holder.get_or_insert((l.session, g.range));
+            }
+        });
+        holder
+    }
+
     /// Whether a PW or EX lock is granted on any byte of `range` of `resource`.
     pub fn write_locked(&self, resource: &str, range: ByteRange) -> bool {
         let Some(&idx) = self.names.get(resource) else { return false };

@@ -240,13 +240,32 @@ impl FilesService {
 
     /// One unit as its server has it.
     pub(crate) async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
+        self.fetch_as(f, row, role, None).await
+    }
+
+    /// One unit, read for a reader without a lock on `unlocked` (a path) if given: its server
+    /// then serves it only while the bytes it holds are free of write locks.
+    async fn fetch_as(&self, f: &FileMeta, row: u64, role: Role, unlocked: Option<&str>) -> Fetched {
         let server = f.layout.server(row, role);
         let what = format!("row {row} {} on server {server}", role_name(role));
         let mut client = match self.storage(server) {
             Ok(c) => c,
             Err(e) => return Fetched::Unavailable(format!("{what}: {}", e.message())),
         };
-        match client.read_unit(unit_ref(&UnitId { file: f.id, row, role })).await {
+        let l = &f.layout;
+        let bytes = match role {
+            Role::Data(j) => {
+                let start = row * l.row_bytes() + j as u64 * l.unit() as u64;
+                start..start + l.unit() as u64
+            }
+            Role::P | Role::Q => row * l.row_bytes()..(row + 1) * l.row_bytes(),
+        };
+        let req = pb::ReadUnitRequest {
+            unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+            unlocked_path: unlocked.unwrap_or_default().to_string(),
+            unlocked_range: unlocked.map(|_| pb::Range { start: bytes.start, end: bytes.end }),
+        };
+        match client.read_unit(req).await {
             Ok(r) => {
                 let u = r.into_inner();
                 if !u.found {
@@ -258,16 +277,25 @@ impl FilesService {
                 }
             }
             Err(e) if e.code() == tonic::Code::DataLoss => Fetched::Damaged(format!("{what}: {}", e.message())),
+            Err(e) if unlocked.is_some() && e.code() == tonic::Code::FailedPrecondition => {
+                Fetched::Refused(format!("server {server}: {}", e.message()))
+            }
             Err(e) => Fetched::Unavailable(format!("{what}: {}", e.message())),
         }
     }
 
     /// The data of one row, rebuilt from parity if a unit cannot be read. Returns whether it was.
-    async fn read_row(&self, path: &str, f: &FileMeta, row: u64) -> Result<(Vec<u8>, bool), Status> {
+    /// For a reader without a lock, `unlocked` is true: each server checks the bytes it holds
+    /// are free of write locks.
+    async fn read_row(&self, path: &str, f: &FileMeta, row: u64, unlocked: bool) -> Result<(Vec<u8>, bool), Status> {
         let l = &f.layout;
         let k = l.data() as usize;
-        let reads = (0..l.data()).map(|j| self.fetch(f, row, Role::Data(j)));
+        let as_reader = unlocked.then_some(path);
+        let reads = (0..l.data()).map(|j| self.fetch_as(f, row, Role::Data(j), as_reader));
         let mut fetched: Vec<Fetched> = futures::future::join_all(reads).await;
+        if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
+            return Err(Status::failed_precondition(why.clone()));
+        }
         if fetched.iter().all(|u| matches!(u, Fetched::Ok(_))) {
             let mut out = Vec::with_capacity(l.row_bytes() as usize);
             for u in fetched {
@@ -276,8 +304,11 @@ impl FilesService {
             }
             return Ok((out, false));
         }
-        let parity = l.roles().skip(k).map(|r| self.fetch(f, row, r));
+        let parity = l.roles().skip(k).map(|r| self.fetch_as(f, row, r, as_reader));
         fetched.extend(futures::future::join_all(parity).await);
+        if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
+            return Err(Status::failed_precondition(why.clone()));
+        }
         if is_hole(l, &fetched) {
             // A write past the end skipped this row; it reads as zeros.
             return Ok((vec![0; l.row_bytes() as usize], false));
@@ -336,6 +367,7 @@ impl FilesService {
                         report.bytes_checked += l.unit() as u64;
                     }
                     Fetched::Damaged(why) | Fetched::Missing(why) => report.damaged.push(why.clone()),
+                    Fetched::Refused(why) => report.unavailable.push(why.clone()),
                     Fetched::Unavailable(why) => report.unavailable.push(why.clone()),
                 }
             }
@@ -365,7 +397,7 @@ impl FilesService {
                         ));
                         true
                     }
-                    Fetched::Ok(_) | Fetched::Unavailable(_) => false,
+                    Fetched::Ok(_) | Fetched::Unavailable(_) | Fetched::Refused(_) => false,
                     Fetched::Damaged(_) | Fetched::Missing(_) => true,
                 };
                 if wrong && repair {
@@ -401,6 +433,8 @@ pub(crate) enum Fetched {
     Missing(String),
     /// Its record failed its checks.
     Damaged(String),
+    /// Read without a lock, and its server refused: the bytes are locked for writing.
+    Refused(String),
 }
 
 /// Where `role` comes in a row's units in role order (data, P, Q).
@@ -480,9 +514,10 @@ pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, Strin
                         i - k,
                         u.covers
                     )),
-                    Fetched::Damaged(why) | Fetched::Missing(why) | Fetched::Unavailable(why) => {
-                        problems.push(why.clone())
-                    }
+                    Fetched::Damaged(why)
+                    | Fetched::Missing(why)
+                    | Fetched::Unavailable(why)
+                    | Fetched::Refused(why) => problems.push(why.clone()),
                 }
                 units.push(vec![0; unit]);
                 lost.push(i);
@@ -581,7 +616,11 @@ impl pb::files_server::Files for FilesService {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<DataStream>, Status> {
         let r = req.into_inner();
-        self.check_token(&r.path, &r.token, false)?;
+        // No token: a read without a lock, which storage checks against write locks (seed 000).
+        let unlocked = r.token.is_empty();
+        if !unlocked {
+            self.check_token(&r.path, &r.token, false)?;
+        }
         let f = self.file(&r.path)?;
         if !f.complete {
             return Err(Status::unavailable(format!("{} is still being written", r.path)));
@@ -603,7 +642,7 @@ impl pb::files_server::Files for FilesService {
             let (this, f, path) = (&this, &f, &r.path);
             let mut reads = futures::stream::iter(rows)
                 .map(|row| async move {
-                    this.read_row(path, f, row).await.map(|(mut data, rebuilt)| {
+                    this.read_row(path, f, row, unlocked).await.map(|(mut data, rebuilt)| {
                         let base = row * row_bytes;
                         data.truncate((end - base).min(row_bytes) as usize);
                         let data = data.split_off(start.saturating_sub(base) as usize);
@@ -728,6 +767,14 @@ impl pb::files_server::Files for FilesService {
 
     async fn write_stripe(&self, req: Request<pb::StripeWrite>) -> Result<Response<pb::StripeWritten>, Status> {
         self.write_stripe_here(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn lock_free(&self, req: Request<pb::LockFreeQuery>) -> Result<Response<pb::LockFreeAnswer>, Status> {
+        self.lock_free_here(req.into_inner()).map(Response::new)
+    }
+
+    async fn invalidate(&self, req: Request<pb::InvalidateNote>) -> Result<Response<pb::Ack>, Status> {
+        self.invalidated(req.into_inner()).map(|()| Response::new(pb::Ack {}))
     }
 
     async fn stripe_landed(&self, req: Request<pb::StripeLandedNote>) -> Result<Response<pb::Ack>, Status> {

@@ -10,6 +10,8 @@ mod delegation;
 mod files;
 pub mod gateway;
 mod gateway_rt;
+mod invalidate;
+mod lockcache;
 mod machine;
 mod network;
 mod node;
@@ -58,8 +60,10 @@ where
     let bootstrap = config.bootstrap;
     let node = Node::start(config).await?;
     let service = LockService::new(node.clone()).server();
-    let files = files::FilesService::new(node.clone()).server();
-    let storage = storage::StorageService::new(node.clone())?.server();
+    let files = files::FilesService::new(node.clone());
+    files.start_invalidations();
+    let storage = storage::StorageService::new(node.clone(), files.clone())?.server();
+    let files = files.server();
     let raft_service = node.raft_service();
     let mut shutdown = stop.clone();
     let serve = tokio::spawn(async move {

@@ -289,7 +289,21 @@ pub struct Machine {
     index_tx: Arc<watch::Sender<u64>>,
     server: u64,
     observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
+    /// Where write locks granted on files go, for the leader's invalidations (seed 000).
+    write_grants: Arc<Mutex<Option<mpsc::Sender<WriteGrant>>>>,
 }
+
+/// A PW or EX lock granted (or converted to) on a file of the namespace.
+#[derive(Debug, Clone)]
+pub struct WriteGrant {
+    pub path: String,
+    pub range: lockengine::ByteRange,
+    pub layout: layout::Layout,
+}
+
+/// Write grants queued for the invalidation task before newer ones are dropped (its entries
+/// then only age out).
+const WRITE_GRANTS_QUEUED: usize = 4_096;
 
 impl std::fmt::Debug for Machine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -312,12 +326,20 @@ impl Machine {
             index_tx: Arc::new(index_tx),
             server,
             observer: env.observer.clone(),
+            write_grants: Arc::default(),
         })
     }
 
     /// The replicated state, for reads. Never hold the guard across an await.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("state lock poisoned")
+    }
+
+    /// Write locks granted on files from now on, as this server applies them.
+    pub fn write_grants(&self) -> mpsc::Receiver<WriteGrant> {
+        let (tx, rx) = mpsc::channel(WRITE_GRANTS_QUEUED);
+        *self.write_grants.lock().expect("write grants") = Some(tx);
+        rx
     }
 
     /// The entries that concern `session`, as this server applies them from now on. A second
@@ -424,6 +446,23 @@ impl RaftStateMachine<C> for Machine {
                             (cmd.now_ms, input)
                         });
                         let reply = state.apply(cmd, index);
+                        if let Some(tx) = &*self.write_grants.lock().expect("write grants") {
+                            for o in &reply.outputs {
+                                let (lock, mode, range) = match o {
+                                    Output::Granted { lock, mode, range, .. }
+                                    | Output::Converted { lock, mode, range, .. } => (*lock, *mode, *range),
+                                    _ => continue,
+                                };
+                                if !mode.is_write() {
+                                    continue;
+                                }
+                                let Some(path) = state.engine.resource_of(lock) else { continue };
+                                if let Some(f) = state.files.get(path) {
+                                    let grant = WriteGrant { path: path.to_string(), range, layout: f.layout.clone() };
+                                    let _ = tx.try_send(grant);
+                                }
+                            }
+                        }
                         if let (Some(observer), Some((now_ms, input))) = (&self.observer, seen) {
                             let server = self.server;
                             observer(ApplyEvent { server, index, now_ms, input, origin, reply: reply.clone() });

@@ -127,6 +127,8 @@ pub struct Node {
     pub config: Arc<ServerConfig>,
     /// Counters of the data path, for `status`.
     pub data: Arc<DataStats>,
+    /// Seed 000: ranges of files this server knows are free of write locks.
+    pub lock_free: Arc<Mutex<crate::lockcache::LockFreeCache>>,
     leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
 }
 
@@ -149,6 +151,8 @@ pub struct DataStats {
     /// Seed 000: invalidations received, and lock-free ranges cached now.
     pub invalidations_received: AtomicU64,
     pub lock_free_ranges: AtomicU64,
+    /// Seed 000, on the leader: invalidations sent.
+    pub invalidations_sent: AtomicU64,
 }
 
 /// Wall-clock milliseconds. Only a leader reads it, to stamp a command; replicas never do.
@@ -197,6 +201,7 @@ impl Node {
             machine,
             config: Arc::new(config),
             data: Default::default(),
+            lock_free: Default::default(),
             leaders: Default::default(),
         };
         Ok(node)

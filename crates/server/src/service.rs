@@ -496,6 +496,7 @@ impl pb::locks_server::Locks for LockService {
             stripe_load: data.stripe_load.load(Relaxed),
             invalidations_received: data.invalidations_received.load(Relaxed),
             lock_free_ranges: data.lock_free_ranges.load(Relaxed),
+            invalidations_sent: data.invalidations_sent.load(Relaxed),
         }))
     }
 

@@ -10,6 +10,7 @@ use lockengine::ByteRange;
 use tonic::{Request, Response, Status};
 use wire::v1 as pb;
 
+use crate::files::FilesService;
 use crate::node::Node;
 
 /// Largest unit message (a 64 MiB stripe unit and its header).
@@ -19,6 +20,8 @@ pub const MESSAGE_BYTES_MAX: usize = (64 << 20) + (1 << 20);
 pub struct StorageService {
     node: Node,
     volume: Arc<dyn Device>,
+    /// For reads without a lock: this server's gateway asks the leader (seed 000).
+    files: FilesService,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -60,12 +63,12 @@ pub fn chunk_status(e: ChunkError) -> Status {
 }
 
 impl StorageService {
-    pub fn new(node: Node) -> std::io::Result<StorageService> {
+    pub fn new(node: Node, files: FilesService) -> std::io::Result<StorageService> {
         let volume: Arc<dyn Device> = match &node.config.env.volume {
             Some(v) => v.clone(),
             None => Arc::new(chunks::DirDevice::open(&node.config.data_dir.join("units"))?),
         };
-        Ok(StorageService { node, volume })
+        Ok(StorageService { node, volume, files })
     }
 
     pub fn server(self) -> pb::storage_server::StorageServer<StorageService> {
@@ -109,8 +112,14 @@ impl pb::storage_server::Storage for StorageService {
         Ok(Response::new(pb::WriteUnitReply { version }))
     }
 
-    async fn read_unit(&self, req: Request<pb::UnitRef>) -> Result<Response<pb::UnitData>, Status> {
-        let id = unit_id(Some(req.into_inner()))?;
+    async fn read_unit(&self, req: Request<pb::ReadUnitRequest>) -> Result<Response<pb::UnitData>, Status> {
+        let r = req.into_inner();
+        let id = unit_id(r.unit)?;
+        if !r.unlocked_path.is_empty() {
+            let range = r.unlocked_range.ok_or_else(|| Status::invalid_argument("an unlocked read needs its range"))?;
+            let range = ByteRange::new(range.start, range.end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.files.check_unlocked_read(&r.unlocked_path, range).await?;
+        }
         let store = self.store()?;
         let unit = blocking(move || store.read(&id).map_err(chunk_status)).await?;
         Ok(Response::new(match unit {

@@ -574,6 +574,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     },
                     "lock_cache": {
                         "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,
+                        "invalidations_sent": s.invalidations_sent,
                     },
                 }),
                 Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),

@@ -154,6 +154,10 @@ enum Command {
     Get {
         path: String,
         local: PathBuf,
+        /// Read without taking a lock: each server serves only bytes no one holds a write lock
+        /// on (it remembers which are free until the leader says otherwise).
+        #[arg(long)]
+        no_lock: bool,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -165,6 +169,9 @@ enum Command {
         /// Bytes A..B (end exclusive; `A..` to the end).
         #[arg(long)]
         range: Option<String>,
+        /// Read without taking a lock (see `get --no-lock`).
+        #[arg(long)]
+        no_lock: bool,
         #[arg(long)]
         cluster: Option<String>,
     },
@@ -372,15 +379,15 @@ fn main() -> ExitCode {
         Command::Put { local, path, stripe_unit, data, parity, cluster, json } => {
             report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }))
         }
-        Command::Get { path, local, cluster, json } => {
-            report(files::get(&path, Some(&local), None, cluster.as_deref(), json))
+        Command::Get { path, local, no_lock, cluster, json } => {
+            report(files::get(&path, Some(&local), None, no_lock, cluster.as_deref(), json))
         }
-        Command::Cat { path, range, cluster } => report(
+        Command::Cat { path, range, no_lock, cluster } => report(
             range
                 .as_deref()
                 .map(cluster::parse_range)
                 .transpose()
-                .and_then(|r| files::get(&path, None, r, cluster.as_deref(), false)),
+                .and_then(|r| files::get(&path, None, r, no_lock, cluster.as_deref(), false)),
         ),
         Command::Write { path, offset, cluster, json } => report(files::write(&path, offset, cluster.as_deref(), json)),
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),

@@ -667,7 +667,8 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         tonic::transport::Endpoint::from_shared(format!("http://{}", c.servers[server as usize - 1].addr)).unwrap();
     let mut storage = pb::storage_client::StorageClient::new(endpoint.connect().await.unwrap());
     let unit = pb::UnitRef { file: zstat["file"].as_u64().unwrap(), row: 0, role: 0, index: 0 };
-    let before = storage.read_unit(unit).await.unwrap().into_inner();
+    let before =
+        storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner();
     let refused = storage
         .write_unit(pb::WriteUnitRequest {
             unit: Some(unit),
@@ -682,7 +683,11 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("older than"), "{}", refused.message());
-    assert_eq!(storage.read_unit(unit).await.unwrap().into_inner(), before, "the refused write changed the unit");
+    assert_eq!(
+        storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
+        before,
+        "the refused write changed the unit"
+    );
     a.close().await;
 
     // One server down: 4+1 still reads, rebuilding the rows that had a unit there.
@@ -1078,4 +1083,81 @@ async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
     scrub_clean(&c);
     live.close().await;
     t.close().await;
+}
+
+#[test]
+fn a_write_lock_invalidates_only_the_servers_its_range_touches() {
+    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body());
+}
+
+/// Seed 000: reads without a lock (`cat --no-lock`) make every server of a 4+1 file remember
+/// the ranges of its units as free of write locks. A PW lock on bytes of row 0's first data
+/// unit then makes the leader invalidate exactly two servers, that unit's and row 0's parity
+/// server; the other three receive nothing and keep serving unlocked reads from what they
+/// know, while the locked bytes are refused until the lock goes.
+async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
+    let c = Cluster::start(5, "invalidate").await;
+    let data = noise(1 << 20, 31);
+    let local = c.dir.join("inv.bin");
+    std::fs::write(&local, &data).unwrap();
+    cli(&c, &["put", local.to_str().unwrap(), "/inv", "--stripe-unit", "16KiB"]);
+    let unlocked_cat = |range: &str| {
+        Command::new(EXE)
+            .args(["cat", "/inv", "--no-lock", "--range", range, "--cluster"])
+            .arg(c.addrs().join(","))
+            .output()
+            .unwrap()
+    };
+    let all = unlocked_cat("0..");
+    assert!(all.status.success(), "{all:?}");
+    assert!(all.stdout == data, "an unlocked read returned other bytes");
+    for s in 1..=5 {
+        assert!(c.status(s).await.unwrap().lock_free_ranges > 0, "server {s} remembers nothing lock-free");
+    }
+    let before = invalidations_received(&c).await;
+    let stat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/inv", "--json"])).unwrap();
+    let row0 = &stat["placement"][0]["units"];
+    let touched = [row0[0]["server"].as_u64().unwrap(), row0[4]["server"].as_u64().unwrap()];
+    assert_eq!(row0[4]["role"], "P");
+
+    let w = Session::open(&c.addrs(), 10_000).await.unwrap();
+    let g = w.lock("/inv", 100..200, Mode::PW, LockOptions::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = invalidations_received(&c).await;
+    while touched.iter().any(|&s| after[s as usize - 1] == before[s as usize - 1]) {
+        assert!(
+            Instant::now() < deadline,
+            "the touched servers {touched:?} were not invalidated: {before:?} -> {after:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = invalidations_received(&c).await;
+    }
+    // Give a stray invalidation time to arrive before counting the others.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = invalidations_received(&c).await;
+    for s in 1..=5u64 {
+        let got = after[s as usize - 1] - before[s as usize - 1];
+        let want = u64::from(touched.contains(&s));
+        assert_eq!(got, want, "server {s}: {got} invalidations (touched: {touched:?}; {before:?} -> {after:?})");
+    }
+    // The locked bytes are refused without a lock; bytes of other rows are still served.
+    let refused = unlocked_cat("100..200");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("locked for writing"), "{refused:?}");
+    let other = unlocked_cat("300000..400000");
+    assert!(other.status.success(), "{other:?}");
+    assert!(other.stdout == data[300_000..400_000]);
+    w.unlock(g.lock).await.unwrap();
+    let again = unlocked_cat("100..200");
+    assert!(again.status.success() && again.stdout == data[100..200], "{again:?}");
+    w.close().await;
+}
+
+/// Each server's count of invalidations received, in id order.
+async fn invalidations_received(c: &Cluster) -> Vec<u64> {
+    let mut v = Vec::new();
+    for s in &c.servers {
+        v.push(c.status(s.id).await.unwrap().invalidations_received);
+    }
+    v
 }
