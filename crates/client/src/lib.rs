@@ -120,6 +120,8 @@ struct Call {
 pub struct Session {
     id: u64,
     lease_ms: u64,
+    /// When the newest acknowledged renewal (or the opening) was sent.
+    renewed: std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>,
     calls: mpsc::Sender<Call>,
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
@@ -205,7 +207,9 @@ impl Session {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no server address given".into()));
         }
+        let asked = tokio::time::Instant::now();
         let (conn, opened) = connect(&connector, servers, 0, lease_ms).await?;
+        let renewed = std::sync::Arc::new(std::sync::Mutex::new(asked));
         let (calls_tx, calls_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let numbers = std::sync::Arc::new(std::sync::Mutex::new(Numbers::default()));
@@ -224,13 +228,22 @@ impl Session {
             gateway_waits: BTreeMap::new(),
             events: events.clone(),
             numbers: numbers.clone(),
+            beats: BTreeMap::new(),
+            renewed: renewed.clone(),
         };
         tokio::spawn(actor.run(conn, calls_rx));
-        Ok(Session { id: opened.session, lease_ms: opened.lease_ms, calls: calls_tx, events, numbers, cache })
+        Ok(Session { id: opened.session, lease_ms: opened.lease_ms, calls: calls_tx, events, numbers, cache, renewed })
     }
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// How much of the session's lease is left, counted from when its newest acknowledged
+    /// renewal was sent (so never more than the cluster grants). Zero once it has run out.
+    pub fn lease_left(&self) -> Duration {
+        let renewed = *self.renewed.lock().expect("renewed");
+        (renewed + Duration::from_millis(self.lease_ms)).saturating_duration_since(tokio::time::Instant::now())
     }
 
     pub fn lease_ms(&self) -> u64 {
@@ -479,6 +492,9 @@ async fn connect_one(
 }
 
 struct Actor {
+    /// Heartbeats sent and not yet acknowledged: when each went out.
+    beats: BTreeMap<u64, tokio::time::Instant>,
+    renewed: std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>,
     servers: Vec<String>,
     connector: Connector,
     session: u64,
@@ -555,6 +571,7 @@ impl Actor {
                     let id = self.next_request;
                     self.next_request += 1;
                     let body = Up::Heartbeat(pb::Heartbeat {});
+                    self.beats.insert(id, tokio::time::Instant::now());
                     let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
                     self.unacked.insert(id, (body, None, Want::Nothing));
                     false
@@ -746,6 +763,12 @@ impl Actor {
                 }
             }
             Down::Ack(_) => {
+                if let Some(sent) = self.beats.remove(&m.request_id) {
+                    // The renewal is committed: the lease runs from when it was asked for.
+                    let mut renewed = self.renewed.lock().expect("renewed");
+                    *renewed = (*renewed).max(sent);
+                    self.beats.retain(|id, _| *id > m.request_id);
+                }
                 if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
                     match want {
                         Want::Done(tx) => {

@@ -208,6 +208,7 @@ impl FilesService {
         );
         let start = row * l.row_bytes();
         let range = pb::Range { start, end: start + l.row_bytes() };
+        let _admitted = self.admit().await?;
         let mut writes = Vec::new();
         for role in l.roles() {
             let (bytes, covers) = match role {
@@ -333,6 +334,7 @@ impl FilesService {
         token: &str,
     ) -> Result<(), String> {
         let (row, role) = (id.row, id.role);
+        let _admitted = self.admit().await.map_err(|e| e.message().to_string())?;
         let mut client = self.storage(server).map_err(|e| e.message().to_string())?;
         let req = pb::RestoreUnitRequest {
             unit: Some(unit_ref(&id)),

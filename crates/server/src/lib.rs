@@ -6,6 +6,7 @@
 //! reads its own clock while applying. A server answers its own clients from its own
 //! application of the log, so a grant is never shown before it is committed.
 
+mod admission;
 mod delegation;
 mod files;
 pub mod gateway;

@@ -153,6 +153,11 @@ pub struct DataStats {
     pub lock_free_ranges: AtomicU64,
     /// Seed 000, on the leader: invalidations sent.
     pub invalidations_sent: AtomicU64,
+    /// Seed 003, as of the last admission: writes in flight, the most the lease admitted, and
+    /// the worst recent write time (ms).
+    pub writes_in_flight: AtomicU32,
+    pub writes_admitted_max: AtomicU32,
+    pub worst_write_ms: AtomicU64,
 }
 
 /// Wall-clock milliseconds. Only a leader reads it, to stamp a command; replicas never do.

@@ -497,6 +497,9 @@ impl pb::locks_server::Locks for LockService {
             invalidations_received: data.invalidations_received.load(Relaxed),
             lock_free_ranges: data.lock_free_ranges.load(Relaxed),
             invalidations_sent: data.invalidations_sent.load(Relaxed),
+            writes_in_flight: data.writes_in_flight.load(Relaxed),
+            writes_admitted_max: data.writes_admitted_max.load(Relaxed),
+            worst_write_ms: data.worst_write_ms.load(Relaxed),
         }))
     }
 

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use wire::v1 as pb;
 
+use crate::admission::{Admission, Refused};
 use crate::delegation::{Delegation, Stripe};
 use crate::files::{Fetched, FilesService, is_hole, role_name, solve_row};
 use crate::storage::unit_ref;
@@ -63,6 +64,9 @@ pub(crate) struct Stripes {
     next_ticket: std::sync::atomic::AtomicU64,
     /// Stripe lock resources kept cached, oldest first.
     cached: Mutex<(VecDeque<String>, HashSet<String>)>,
+    /// Seed 003: state-changing operations admitted under this server's lease.
+    pub(crate) admission: Mutex<Admission>,
+    admitted: tokio::sync::Notify,
 }
 
 /// A write waiting for its turn or its stripe lock.
@@ -85,6 +89,8 @@ impl Stripes {
             scheduled: Mutex::new(HashMap::new()),
             next_ticket: Default::default(),
             cached: Mutex::new((VecDeque::new(), HashSet::new())),
+            admission: Mutex::new(Admission::default()),
+            admitted: tokio::sync::Notify::new(),
         }
     }
 }
@@ -120,6 +126,24 @@ impl Drop for Ticket<'_> {
         if turns.get(&self.stripe).is_some_and(|t| Arc::strong_count(t) == 1) {
             turns.remove(&self.stripe);
         }
+    }
+}
+
+/// An operation admitted under the lease; its end is measured when this is dropped.
+pub(crate) struct Admitted<'a> {
+    svc: &'a FilesService,
+    started: std::time::Instant,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let took = self.started.elapsed().as_millis() as u64;
+        let mut a = self.svc.stripes.admission.lock().expect("admission");
+        a.done(took);
+        self.svc.node.data.writes_in_flight.store(a.in_flight(), Ordering::Relaxed);
+        self.svc.node.data.worst_write_ms.store(a.worst_ms(), Ordering::Relaxed);
+        drop(a);
+        self.svc.stripes.admitted.notify_waiters();
     }
 }
 
@@ -312,7 +336,15 @@ impl FilesService {
             return Err(stale(""));
         }
         ticket.start();
+        let admitted = match self.admit().await {
+            Ok(a) => a,
+            Err(e) => {
+                self.put_back(&session, &grant, &resource).await;
+                return Err(e);
+            }
+        };
         let result = self.rmw(&f, &req, &grant, &resource).await;
+        drop(admitted);
         let value = match &result {
             Ok((version, _)) => Some(version.to_le_bytes().to_vec()),
             // An empty value never matches a parity version: the next write recomputes.
@@ -387,6 +419,49 @@ impl FilesService {
             });
         }
         self.drop_stale_writes((f.id, row));
+    }
+
+    /// Seed 003: waits until a state-changing operation may start under this server's lease
+    /// (the lease of its stripe session), for up to [`STRIPE_WAIT`].
+    pub(crate) async fn admit(&self) -> Result<Admitted<'_>, Status> {
+        let session = self.stripe_session().await?;
+        let deadline = tokio::time::Instant::now() + STRIPE_WAIT;
+        loop {
+            let notified = self.stripes.admitted.notified();
+            let left = session.lease_left().as_millis() as u64;
+            let verdict = {
+                let mut a = self.stripes.admission.lock().expect("admission");
+                let verdict = a.admit(left);
+                let data = &self.node.data;
+                data.writes_in_flight.store(a.in_flight(), Ordering::Relaxed);
+                data.writes_admitted_max.store(a.limit(left), Ordering::Relaxed);
+                data.worst_write_ms.store(a.worst_ms(), Ordering::Relaxed);
+                verdict
+            };
+            match verdict {
+                Ok(()) => return Ok(Admitted { svc: self, started: std::time::Instant::now() }),
+                Err(Refused::LeaseOut) => {
+                    self.reset_stripe_session(&session).await;
+                    return Err(Status::unavailable(
+                        "this server's lease has run out (its renewals were not acknowledged in time), so it \
+                         writes nothing until it holds one again; try again",
+                    ));
+                }
+                Err(Refused::Full { limit }) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!(
+                        "this server has {limit} writes in flight, as many as can finish before its lease runs \
+                         out, and none ended for {} s; try again",
+                        STRIPE_WAIT.as_secs()
+                    )));
+                }
+                Err(Refused::Full { .. }) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// The session this server holds its stripe locks in, opened on first use.

@@ -576,6 +576,10 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,
                         "invalidations_sent": s.invalidations_sent,
                     },
+                    "admission": {
+                        "writes_in_flight": s.writes_in_flight, "writes_admitted_max": s.writes_admitted_max,
+                        "worst_write_ms": s.worst_write_ms,
+                    },
                 }),
                 Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
             })
