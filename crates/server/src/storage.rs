@@ -86,6 +86,43 @@ impl StorageService {
     }
 }
 
+/// How long a storage server waits for its namespace to show a unit's file (it may lag behind
+/// the gateway that created it).
+const NAMESPACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl StorageService {
+    /// Checks that `resource`, which the write's token must cover, names the unit's file: its
+    /// path, or the stripe lock of the unit's row (`PATH#FILE/ROW`). A token for another file or
+    /// row then cannot write this unit, whatever the request says.
+    async fn check_resource(&self, resource: &str, id: &UnitId) -> Result<(), Status> {
+        let stripe_of = |path: &str| crate::write::stripe_resource(path, id.file, id.row);
+        let names_it = |state: &crate::machine::State| {
+            state.files.get(resource).is_some_and(|f| f.id == id.file)
+                || resource.rsplit_once('#').is_some_and(|(path, _)| {
+                    state.files.get(path).is_some_and(|f| f.id == id.file) && stripe_of(path) == resource
+                })
+        };
+        let deadline = tokio::time::Instant::now() + NAMESPACE_WAIT;
+        let mut applied = self.node.machine.applied_index();
+        loop {
+            if names_it(&self.node.machine.state()) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline
+                || tokio::time::timeout_at(deadline, applied.changed()).await.is_err()
+            {
+                return Err(Status::permission_denied(format!(
+                    "{resource} is neither the path of file {} nor the stripe lock of its row {}: a token for it \
+                     cannot write unit {}",
+                    id.file,
+                    id.row,
+                    id.name()
+                )));
+            }
+        }
+    }
+}
+
 fn parse_token(text: &str) -> Result<token::SignedToken, Status> {
     text.parse().map_err(|e: token::TokenError| Status::permission_denied(format!("the token is not valid: {e}")))
 }
@@ -102,6 +139,7 @@ impl pb::storage_server::Storage for StorageService {
         let range = r.range.ok_or_else(|| Status::invalid_argument("no range"))?;
         let range = ByteRange::new(range.start, range.end).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let token = parse_token(&r.token)?;
+        self.check_resource(&r.resource, &id).await?;
         let store = self.store()?;
         let expect = r.expect_version_plus_one.checked_sub(1);
         let version = blocking(move || {
@@ -132,6 +170,7 @@ impl pb::storage_server::Storage for StorageService {
         let r = req.into_inner();
         let id = unit_id(r.unit)?;
         let token = parse_token(&r.token)?;
+        self.check_resource(&r.resource, &id).await?;
         let store = self.store()?;
         let version = r.version;
         blocking(move || {

@@ -688,6 +688,28 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         before,
         "the refused write changed the unit"
     );
+    // A valid token for another file cannot write this file's units, whatever resource the
+    // request names.
+    let other = a.lock("/data/other", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let foreign = storage
+        .write_unit(pb::WriteUnitRequest {
+            unit: Some(unit),
+            resource: "/data/other".into(),
+            range: Some(pb::Range { start: 0, end: 4096 }),
+            token: other.signed_token.clone(),
+            data: vec![0xee; 4096],
+            covers: vec![],
+            expect_version_plus_one: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::PermissionDenied, "{foreign:?}");
+    assert_eq!(
+        storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
+        before,
+        "a write under another file's token changed the unit"
+    );
+    a.unlock(other.lock).await.unwrap();
     a.close().await;
 
     // One server down: 4+1 still reads, rebuilding the rows that had a unit there.
