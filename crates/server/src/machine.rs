@@ -446,7 +446,9 @@ impl RaftStateMachine<C> for Machine {
                             (cmd.now_ms, input)
                         });
                         let reply = state.apply(cmd, index);
-                        if let Some(tx) = &*self.write_grants.lock().expect("write grants") {
+                        let grants =
+                            (!reply.outputs.is_empty()).then(|| self.write_grants.lock().expect("write grants"));
+                        if let Some(tx) = grants.as_ref().and_then(|g| g.as_ref()) {
                             for o in &reply.outputs {
                                 let (lock, mode, range) = match o {
                                     Output::Granted { lock, mode, range, .. }

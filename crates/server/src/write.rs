@@ -164,6 +164,25 @@ fn version_of(value: &Option<Vec<u8>>) -> Option<u64> {
 }
 
 impl FilesService {
+    /// The claims of a token that may write bytes `start..end` of `path` (PW or EX over them).
+    fn writer_claims(
+        &self,
+        path: &str,
+        token: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<(token::Claims, ByteRange), Status> {
+        let claims = self.claims(path, token)?;
+        let range = ByteRange::new(start, end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !claims.mode.is_write() || !claims.range.contains(range) {
+            return Err(Status::permission_denied(format!(
+                "writing bytes {start}..{end} of {path} needs PW or EX covering them; the token is for {} {}",
+                claims.mode, claims.range
+            )));
+        }
+        Ok((claims, range))
+    }
+
     /// A client's write of `data` at `offset` of `path` (the Write call).
     pub(crate) async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
         if r.data.len() > WRITE_BYTES_MAX {
@@ -175,15 +194,8 @@ impl FilesService {
         let end = r.offset.checked_add(r.data.len() as u64).filter(|e| *e < u64::MAX).ok_or_else(|| {
             Status::invalid_argument(format!("{} bytes at offset {} run past the largest file", r.data.len(), r.offset))
         })?;
-        let claims = self.claims(&r.path, &r.token)?;
-        let range =
-            ByteRange::new(r.offset, end.max(r.offset + 1)).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !claims.mode.is_write() || !claims.range.contains(range) {
-            return Err(Status::permission_denied(format!(
-                "writing bytes {}..{end} of {} needs PW or EX covering them; the token is for {} {}",
-                r.offset, r.path, claims.mode, claims.range
-            )));
-        }
+        // An empty write still needs a token for the byte it would start at.
+        self.writer_claims(&r.path, &r.token, r.offset, end.max(r.offset + 1))?;
         let f = self.file(&r.path)?;
         if !f.complete {
             return Err(Status::unavailable(format!("{} is still being put; write once the put is done", r.path)));
@@ -267,15 +279,8 @@ impl FilesService {
 
     /// Carries out one row's write here (a WriteStripe call, or this gateway's own choice).
     pub(crate) async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
-        let claims = self.claims(&req.path, &req.token)?;
         let end = req.offset.saturating_add(req.data.len() as u64);
-        let range = ByteRange::new(req.offset, end).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !claims.mode.is_write() || !claims.range.contains(range) {
-            return Err(Status::permission_denied(format!(
-                "the token ({} {}) does not allow writing {}..{end} of {}",
-                claims.mode, claims.range, req.offset, req.path
-            )));
-        }
+        let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
         let f = self.file(&req.path)?;
         if f.id != req.file {
             return Err(Status::aborted(format!(

@@ -70,17 +70,30 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Opens a session and takes `mode` on the whole of `path`; says who blocks if it cannot.
 pub(crate) async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
+    lock_range(addrs, path, 0..u64::MAX, mode).await
+}
+
+/// Opens a session and takes `mode` on `range` of `path` (a shared read through the server's
+/// gateway cache when whole); says who blocks if it cannot.
+async fn lock_range(
+    addrs: &[String],
+    path: &str,
+    range: std::ops::Range<u64>,
+    mode: Mode,
+) -> Result<(Session, client::Grant)> {
     let session = Session::open(addrs, 10_000).await?;
-    let options = LockOptions { timeout: Some(LOCK_WAIT), gateway: mode == Mode::PR, ..Default::default() };
-    match session.lock(path, 0..u64::MAX, mode, options).await {
+    let whole = range == (0..u64::MAX);
+    let options = LockOptions { timeout: Some(LOCK_WAIT), gateway: mode == Mode::PR && whole, ..Default::default() };
+    let what = if whole { path.to_string() } else { format!("bytes {}..{} of {path}", range.start, range.end) };
+    match session.lock(path, range, mode, options).await {
         Ok(g) => Ok((session, g)),
         Err(e) => {
             session.close().await;
             match e {
                 ClientError::TimedOut => {
-                    bail!("{path} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`")
+                    bail!("{what} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`")
                 }
-                e => Err(e).with_context(|| format!("cannot lock {path}")),
+                e => Err(e).with_context(|| format!("cannot lock {what}")),
             }
         }
     }
@@ -311,28 +324,19 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let session = Session::open(&addrs, 10_000).await?;
-        let options = LockOptions { timeout: Some(LOCK_WAIT), ..Default::default() };
-        let grant = match session.lock(path, offset..end, Mode::PW, options).await {
-            Ok(g) => g,
-            Err(e) => {
-                session.close().await;
-                return Err(match e {
-                    ClientError::TimedOut => anyhow::anyhow!(
-                        "bytes {offset}..{end} of {path} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`"
-                    ),
-                    e => anyhow::Error::from(e).context(format!("cannot lock bytes {offset}..{end} of {path}")),
-                });
-            }
-        };
+        let (session, grant) = lock_range(&addrs, path, offset..end, Mode::PW).await?;
         let result = async {
             let mut client = files_client(&addrs).await?;
             let mut progress = Progress::new("write", Some(data.len() as u64), json);
             let (mut rows, mut size) = (Vec::new(), 0);
             let mut at = offset;
             for piece in data.chunks(server::WRITE_BYTES_MAX) {
-                let req =
-                    pb::WriteRequest { path: path.to_string(), token: grant.signed_token.clone(), offset: at, data: piece.to_vec() };
+                let req = pb::WriteRequest {
+                    path: path.to_string(),
+                    token: grant.signed_token.clone(),
+                    offset: at,
+                    data: piece.to_vec(),
+                };
                 let reply = client.write(req).await.map_err(status_error)?.into_inner();
                 rows.extend(reply.rows);
                 size = reply.size;
