@@ -156,6 +156,12 @@ impl Engine {
         self.locks.get(&lock).map(|l| &*self.resources[l.res as usize].name)
     }
 
+    /// The newest token issued. Tokens come from one counter in log order, so a replica whose
+    /// last token is at least `t` has applied the grant that issued `t`.
+    pub fn last_token(&self) -> Token {
+        self.last_token
+    }
+
     pub fn stats(&self) -> Stats {
         let waiting = self.locks.values().filter(|l| l.request.is_some()).count() + self.posix_waits.len();
         Stats {

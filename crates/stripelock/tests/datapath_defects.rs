@@ -1,0 +1,337 @@
+//! The data path's defects of issue 10, each pinned by a test that failed before its fix: real
+//! `stripelock server` processes on loopback (127.0.0.1 only), stopped with SIGSTOP/SIGCONT or
+//! killed with SIGKILL by their own PIDs. Tests of this file run one at a time (two cores, and
+//! elections want their timing), on small files with short leases so each takes a few seconds.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use client::{LockOptions, Mode, Session};
+use wire::v1 as pb;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial(body: impl std::future::Future<Output = ()>) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body);
+}
+
+/// The binary under test; STRIPELOCK_EXE runs these tests against another build (to see them
+/// fail on the code before a fix).
+static EXE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("STRIPELOCK_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stripelock").to_string())
+});
+
+struct Server {
+    id: u64,
+    addr: String,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    peers: String,
+    servers: Vec<Server>,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    async fn start(n: u64, name: &str, extra: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("stripelock-dp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: Vec<Server> = (1..=n)
+            .map(|id| Server {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                data: dir.join(format!("server-{id}")),
+                child: None,
+            })
+            .collect();
+        let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut cluster = Cluster { dir, peers, servers, extra };
+        for id in 1..=n {
+            cluster.spawn(id, id == 1);
+        }
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    fn spawn(&mut self, id: u64, bootstrap: bool) {
+        let s = &self.servers[id as usize - 1];
+        std::fs::create_dir_all(&s.data).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(s.data.join("server.log")).unwrap();
+        let mut cmd = Command::new(&*EXE);
+        cmd.args([
+            "server",
+            "--id",
+            &id.to_string(),
+            "--peers",
+            &self.peers,
+            "--heartbeat-ms",
+            "100",
+            "--tick-ms",
+            "100",
+        ])
+        .arg("--data")
+        .arg(&s.data)
+        .args(&self.extra)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        self.servers[id as usize - 1].child = Some(cmd.spawn().unwrap());
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// Addresses with server `first` at the head (clients use the first that answers).
+    fn addrs_from(&self, first: u64) -> Vec<String> {
+        let mut a = vec![self.servers[first as usize - 1].addr.clone()];
+        a.extend(self.servers.iter().filter(|s| s.id != first).map(|s| s.addr.clone()));
+        a
+    }
+
+    async fn status(&self, id: u64) -> Option<pb::StatusReply> {
+        let addr = &self.servers[id as usize - 1].addr;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(2));
+        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
+        c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The leader as the live servers see it, waiting up to 10 s for one.
+    async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            for s in self.servers.iter().filter(|s| s.child.is_some()) {
+                if let Some(st) = self.status(s.id).await
+                    && st.leader_id == st.server_id
+                {
+                    return st.server_id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader within 10 s; logs in {}", self.dir.display());
+    }
+
+    async fn wait_ready(&self) {
+        self.leader().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(s) = Session::open(&self.addrs(), 5_000).await {
+                let g = s.lock("/ready", 0..1, Mode::NL, LockOptions::default()).await;
+                s.close().await;
+                if g.is_ok_and(|g| !g.signed_token.is_empty()) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cluster not ready in 20 s; logs in {}", self.dir.display());
+    }
+
+    /// The first server still running.
+    fn live(&self) -> u64 {
+        self.servers.iter().find(|s| s.child.is_some()).expect("a live server").id
+    }
+
+    fn pid(&self, id: u64) -> String {
+        self.servers[id as usize - 1].child.as_ref().expect("running").id().to_string()
+    }
+
+    /// Sends `signal` (STOP, CONT) to server `id`'s process, by its PID.
+    fn signal(&self, id: u64, signal: &str) {
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.pid(id)).status().unwrap().success();
+        assert!(ok, "kill -{signal} of server {id} failed");
+    }
+
+    fn kill(&mut self, id: u64) {
+        let mut child = self.servers[id as usize - 1].child.take().expect("running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                // A stopped process dies of SIGKILL too.
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
+fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(&*EXE)
+        .args(args)
+        .arg("--cluster")
+        .arg(c.addrs_from(first).join(","))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the CLI; panics with its stderr if it fails; returns stdout.
+fn cli(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the CLI expecting it to fail; returns its stderr.
+fn cli_fails(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "stripelock {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    stderr
+}
+
+/// Deterministic bytes that do not repeat within a stripe row.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Puts `data` at `path` with extra put flags; returns the stat as JSON.
+fn put(c: &Cluster, path: &str, data: &[u8], flags: &[&str]) -> serde_json::Value {
+    let local = c.dir.join("put.bin");
+    std::fs::write(&local, data).unwrap();
+    let mut args = vec!["put", local.to_str().unwrap(), path, "--json"];
+    args.extend_from_slice(flags);
+    serde_json::from_str(&cli(c, &args)).unwrap()
+}
+
+async fn files_at(c: &Cluster, id: u64) -> pb::files_client::FilesClient<tonic::transport::Channel> {
+    let addr = &c.servers[id as usize - 1].addr;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    pb::files_client::FilesClient::new(endpoint.connect().await.unwrap())
+}
+
+/// The whole file as server `gateway` returns it.
+async fn read_all(c: &Cluster, gateway: u64, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    let s = Session::open(&c.addrs_from(gateway), 5_000).await.unwrap();
+    let g = s.lock(path, 0..u64::MAX, Mode::PR, LockOptions::default()).await.unwrap();
+    let mut files = files_at(c, gateway).await;
+    let result = async {
+        let mut stream =
+            files.get(pb::GetRequest { path: path.into(), token: g.signed_token, range: None }).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(m) = stream.message().await? {
+            out.extend_from_slice(&m.data);
+        }
+        Ok(out)
+    }
+    .await;
+    s.close().await;
+    result
+}
+
+/// The servers a new file at `path` is laid out on with `width` units a row, in a cluster of
+/// `n` servers with ids 1..=n (the gateway's choice: FNV-1a of the path picks the first).
+fn layout_servers(path: &str, n: u64, width: u64) -> Vec<u64> {
+    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (0..width).map(|i| (h % n + i) % n + 1).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrent writers: a delegate whose table lags the client's grant.
+
+#[test]
+fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log() {
+    serial(a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body());
+}
+
+/// Issue 10: concurrent writers on disjoint ranges had 3.5% of their writes dropped as stale
+/// although their locks were held. The server carrying out a row's write judged the client's
+/// lock on its own copy of the lock table, which had not yet applied the grant (the client's
+/// session lives on another server, and a cached stripe lock needs no round trip that would
+/// bring it up to date). Here that lag is made certain: server X, which holds the row's stripe
+/// lock cached, is stopped while the client takes its lock, and resumed with the leader stopped,
+/// so it cannot learn the grant until a new leader is elected. The write must wait for the
+/// grant and land, not be dropped.
+async fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body() {
+    let c = Cluster::start(5, "lag", &[]).await;
+    let leader = c.leader().await;
+    let path = (0..100)
+        .map(|i| format!("/lag{i}"))
+        .find(|p| !layout_servers(p, 5, 3).contains(&leader))
+        .expect("a path laid out away from the leader");
+    let servers = layout_servers(&path, 5, 3);
+    let original = noise(8 << 10, 5);
+    let stat = put(&c, &path, &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    assert_eq!(stat["layout"]["servers"], serde_json::json!(servers), "{stat}");
+    let x = servers[0];
+    let y = (1..=5).find(|s| *s != x && *s != leader).unwrap();
+    // The client's session lives on server y.
+    let w = Session::open(&c.addrs_from(y), 10_000).await.unwrap();
+    let write = |gateway: u64, at: u64, data: Vec<u8>, token: String| {
+        let addr = c.servers[gateway as usize - 1].addr.clone();
+        let path = path.clone();
+        async move {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+            let mut files = pb::files_client::FilesClient::new(endpoint.connect().await.unwrap());
+            files.write(pb::WriteRequest { path, token, offset: at, data }).await.map(|r| r.into_inner())
+        }
+    };
+    // A first write through X: X carries it out and keeps the row's stripe lock cached.
+    let g = w.lock(&path, 0..10, Mode::PW, LockOptions::default()).await.unwrap();
+    let first = write(x, 0, vec![1; 10], g.signed_token.clone()).await.unwrap();
+    assert_eq!(first.rows[0].server, x, "{first:?}");
+    w.unlock(g.lock).await.unwrap();
+
+    c.signal(x, "STOP");
+    let g = w.lock(&path, 100..110, Mode::PW, LockOptions::default()).await.unwrap();
+    c.signal(leader, "STOP");
+    c.signal(x, "CONT");
+    let result =
+        tokio::time::timeout(Duration::from_secs(20), write(x, 100, vec![2; 10], g.signed_token.clone())).await;
+    c.signal(leader, "CONT");
+    let reply = result.expect("the write ends").unwrap_or_else(|e| panic!("a live write failed: {e:?}"));
+    assert_eq!(reply.rows[0].server, x, "{reply:?}");
+    w.unlock(g.lock).await.unwrap();
+    w.close().await;
+    let mut expect = original;
+    expect[0..10].fill(1);
+    expect[100..110].fill(2);
+    assert!(read_all(&c, y, &path).await.unwrap() == expect, "the file does not hold both writes");
+    let mut dropped = 0;
+    for s in 1..=5 {
+        dropped += c.status(s).await.map_or(0, |st| st.stripe_writes_dropped);
+    }
+    assert_eq!(dropped, 0, "a live write was counted as dropped");
+}
+
