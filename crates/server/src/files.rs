@@ -547,17 +547,18 @@ impl pb::files_server::Files for FilesService {
         let path = first.path.clone();
         check_path(&path)?;
         self.check_token(&path, &first.token, true)?;
+        let writer = self.claims(&path, &first.token)?.session;
         let layout = self.choose_layout(&path, &first)?;
         let reply = self
             .node
-            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone() }, None)
+            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone(), writer: Some(writer) }, None)
             .await
             .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
             return Err(Status::already_exists(e));
         }
         let id = reply.file.ok_or_else(|| Status::internal("no file id in the reply"))?;
-        let meta = FileMeta { id, size: 0, layout, complete: false };
+        let meta = FileMeta { id, size: 0, layout, complete: false, writer: Some(writer) };
         let written = async {
             use futures::StreamExt;
             let row_bytes = meta.layout.row_bytes() as usize;

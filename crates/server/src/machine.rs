@@ -56,6 +56,10 @@ pub struct State {
     /// The namespace: path → file.
     pub files: BTreeMap<String, FileMeta>,
     next_file: u64,
+    /// Files being put, by path, with their id and writer session (derived from `files`).
+    putting: BTreeMap<String, (u64, SessionId)>,
+    /// Unfinished puts rolled back because their writer's session ended.
+    pub puts_rolled_back: u64,
     pub last_applied: Option<LogIdOf<C>>,
     pub last_membership: StoredMembershipOf<C>,
     /// The term of the leader that proposed the last applied entry.
@@ -79,6 +83,8 @@ struct StateSnapshot {
     files: Vec<(String, FileMeta)>,
     #[serde(default)]
     next_file: u64,
+    #[serde(default)]
+    puts_rolled_back: u64,
 }
 
 const STATE_SNAPSHOT_VERSION: u32 = 2;
@@ -133,6 +139,8 @@ impl State {
             gateways: BTreeMap::new(),
             files: BTreeMap::new(),
             next_file: 0,
+            putting: BTreeMap::new(),
+            puts_rolled_back: 0,
             last_applied: None,
             last_membership: StoredMembershipOf::<C>::default(),
             applied_term: 0,
@@ -191,15 +199,22 @@ impl State {
                 outputs.extend(self.engine.step(cmd.now_ms, request));
                 reply.outputs = outputs;
             }
-            Op::CreateFile { path, layout } => {
+            Op::CreateFile { path, layout, writer } => {
                 if self.files.contains_key(&path) {
                     reply.error = Some(format!("{path} exists; remove it first (stripelock rm {path})"));
                 } else if self.files.len() >= FILES_MAX {
                     reply.error = Some(format!("the namespace holds its limit of {FILES_MAX} files"));
+                } else if let Some(w) = writer
+                    && !self.engine.session_is_live(w)
+                {
+                    reply.error = Some(format!("the session putting {path} has ended; take the lock again"));
                 } else {
                     self.next_file += 1;
                     let id = self.next_file;
-                    self.files.insert(path, FileMeta { id, size: 0, layout, complete: false });
+                    if let Some(w) = writer {
+                        self.putting.insert(path.clone(), (id, w));
+                    }
+                    self.files.insert(path, FileMeta { id, size: 0, layout, complete: false, writer });
                     reply.file = Some(id);
                 }
             }
@@ -207,6 +222,8 @@ impl State {
                 Some(f) if f.id == id => {
                     f.size = size;
                     f.complete = true;
+                    f.writer = None;
+                    self.putting.remove(&path);
                     reply.file = Some(id);
                 }
                 _ => reply.error = Some(format!("{path} is no longer the file being written (it was removed)")),
@@ -221,6 +238,7 @@ impl State {
             Op::RemoveFile { path, id } => match self.files.get(&path) {
                 Some(f) if f.id == id => {
                     self.files.remove(&path);
+                    self.putting.remove(&path);
                     reply.file = Some(id);
                 }
                 _ => reply.error = Some(format!("no such file: {path}")),
@@ -233,12 +251,42 @@ impl State {
                 _ => reply.error = Some(format!("no such file: {path}")),
             },
         }
+        self.roll_back_orphaned_puts();
         if let Some(origin) = cmd.origin
             && self.engine.session_is_live(origin.session)
         {
             self.answered.entry(origin.session).or_default().insert(origin.request, reply.clone());
         }
         reply
+    }
+
+    /// The highest file id handed out: every file of a lower or equal id that is not in the
+    /// namespace is gone for good (ids are never reused).
+    pub fn last_file_id(&self) -> u64 {
+        self.next_file
+    }
+
+    /// Takes out of the namespace every unfinished file whose writer's session has ended
+    /// (closed, or expired and being fenced): nobody can complete its put any more, and left
+    /// there it would stay "being written" forever (issue 10). Run after every entry, so every
+    /// replica removes it at the same index; its units are collected as orphans.
+    fn roll_back_orphaned_puts(&mut self) {
+        if self.putting.is_empty() {
+            return;
+        }
+        let ended: Vec<(String, u64)> = self
+            .putting
+            .iter()
+            .filter(|(_, (_, w))| !self.engine.session_is_live(*w))
+            .map(|(p, (id, _))| (p.clone(), *id))
+            .collect();
+        for (path, id) in ended {
+            self.putting.remove(&path);
+            if self.files.get(&path).is_some_and(|f| f.id == id && !f.complete) {
+                self.files.remove(&path);
+                self.puts_rolled_back += 1;
+            }
+        }
     }
 
     fn to_bytes(&self) -> io::Result<Vec<u8>> {
@@ -251,6 +299,7 @@ impl State {
             gateways: self.gateways.iter().map(|(s, g)| (*s, *g)).collect(),
             files: self.files.iter().map(|(p, f)| (p.clone(), f.clone())).collect(),
             next_file: self.next_file,
+            puts_rolled_back: self.puts_rolled_back,
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -270,6 +319,13 @@ impl State {
         self.gateways = s.gateways.into_iter().collect();
         self.files = s.files.into_iter().collect();
         self.next_file = s.next_file;
+        self.putting = self
+            .files
+            .iter()
+            .filter(|(_, f)| !f.complete)
+            .filter_map(|(p, f)| f.writer.map(|w| (p.clone(), (f.id, w))))
+            .collect();
+        self.puts_rolled_back = s.puts_rolled_back;
         Ok(())
     }
 }
@@ -606,6 +662,50 @@ mod tests {
                 })
                 .sum::<u64>()
         );
+    }
+
+    /// Issue 10: a put whose writer's session ends (closed here; expired and fenced alike)
+    /// before it completes is rolled back by applying the log, on every replica alike and on
+    /// one restored from a snapshot; a completed file and a put of a live session stay.
+    #[test]
+    fn an_unfinished_put_of_an_ended_session_is_rolled_back() {
+        let mut state = State::new(Limits::default(), false);
+        let open = |state: &mut State, i| {
+            state
+                .apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, i)
+                .session
+                .unwrap()
+        };
+        let (dying, living) = (open(&mut state, 1), open(&mut state, 2));
+        let layout = layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap();
+        let create = |path: &str, writer| Command {
+            now_ms: 1,
+            origin: None,
+            op: Op::CreateFile { path: path.into(), layout: layout.clone(), writer: Some(writer) },
+        };
+        let a = state.apply(create("/a", dying), 3).file.unwrap();
+        state.apply(create("/b", living), 4);
+        let done = state.apply(create("/c", dying), 5).file.unwrap();
+        state.apply(
+            Command { now_ms: 2, origin: None, op: Op::CompleteFile { path: "/c".into(), id: done, size: 9 } },
+            6,
+        );
+        let mut copy = State::new(Limits::default(), false);
+        copy.restore(&state.to_bytes().unwrap()).unwrap();
+        let close = Command { now_ms: 3, origin: None, op: Op::Engine(Input::CloseSession { session: dying }) };
+        for s in [&mut state, &mut copy] {
+            s.apply(close.clone(), 7);
+            assert!(!s.files.contains_key("/a"), "the dead writer's unfinished put stayed");
+            assert!(s.files.contains_key("/b") && s.files.contains_key("/c"));
+            assert_eq!(s.puts_rolled_back, 1);
+            assert_eq!(s.last_file_id(), 3);
+            // The path is free again; the old id is not reused.
+            let again = s.apply(create("/a", living), 8).file.unwrap();
+            assert!(again > a);
+        }
+        // A put for a session already gone is refused outright.
+        let refused = state.apply(create("/d", dying), 9);
+        assert!(refused.error.is_some_and(|e| e.contains("ended")));
     }
 
     /// The state survives a snapshot: sessions, tokens, the secret and the answered requests.

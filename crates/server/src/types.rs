@@ -41,7 +41,15 @@ pub enum Op {
     /// request is made (seed 002's trade of a whole-file read lock for a range write lock).
     Handover { release: LockId, request: Input },
     /// Adds a file to the namespace (refused if the path exists); the state machine picks its id.
-    CreateFile { path: String, layout: layout::Layout },
+    /// `writer` is the session whose lock the put holds: if it ends before the put completes,
+    /// every replica takes the unfinished file out of the namespace (issue 10). Absent in
+    /// entries written before it existed.
+    CreateFile {
+        path: String,
+        layout: layout::Layout,
+        #[serde(default)]
+        writer: Option<SessionId>,
+    },
     /// The put of file `id` at `path` is done: it has `size` bytes.
     CompleteFile { path: String, id: u64, size: u64 },
     /// Takes file `id` out of the namespace.
@@ -62,7 +70,9 @@ impl fmt::Display for Command {
             }
             Op::Engine(input) => write!(f, "{input:?}@{}", self.now_ms),
             Op::Handover { release, request } => write!(f, "handover({release:?}, {request:?})@{}", self.now_ms),
-            Op::CreateFile { path, layout } => write!(f, "create({path}, {layout:?})@{}", self.now_ms),
+            Op::CreateFile { path, layout, writer } => {
+                write!(f, "create({path}, {layout:?}, writer={writer:?})@{}", self.now_ms)
+            }
             Op::CompleteFile { path, id, size } => write!(f, "complete({path}, {id}, {size})@{}", self.now_ms),
             Op::RemoveFile { path, id } => write!(f, "remove({path}, {id})@{}", self.now_ms),
             Op::SetLayout { path, id, layout } => write!(f, "set-layout({path}, {id}, {layout:?})@{}", self.now_ms),
@@ -96,6 +106,9 @@ pub struct FileMeta {
     pub layout: layout::Layout,
     /// False from creation until the put that writes it is done.
     pub complete: bool,
+    /// While not complete: the session of the put's lock (see `Op::CreateFile`).
+    #[serde(default)]
+    pub writer: Option<SessionId>,
 }
 
 openraft::declare_raft_types!(

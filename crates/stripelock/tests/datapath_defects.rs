@@ -335,3 +335,70 @@ async fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body() {
     assert_eq!(dropped, 0, "a live write was counted as dropped");
 }
 
+// ---------------------------------------------------------------------------------------------
+// A put whose gateway dies.
+
+/// The files of the namespace under `prefix` as server `id` lists them: (path, complete).
+async fn ls(c: &Cluster, id: u64, prefix: &str) -> Vec<(String, bool)> {
+    let mut files = files_at(c, id).await;
+    let list = files.list(pb::PathRequest { path: prefix.into() }).await.unwrap().into_inner();
+    list.files.into_iter().map(|f| (f.path, f.complete)).collect()
+}
+
+#[test]
+fn a_put_whose_gateway_and_writer_die_is_rolled_back() {
+    serial(a_put_whose_gateway_and_writer_die_is_rolled_back_body());
+}
+
+/// Issue 10: after SIGKILL of the gateway in the middle of a put (its client gone too), the file
+/// stayed "being written" forever: `get` refused it, `put` said it existed. The put's writer
+/// session ending must roll it back on its own: the path is free again within a few seconds of
+/// the lease running out, and a new put of it works.
+async fn a_put_whose_gateway_and_writer_die_is_rolled_back_body() {
+    let mut c = Cluster::start(4, "putdies", &[]).await;
+    let leader = c.leader().await;
+    // A path laid out away from a server g that is not the leader: g is the gateway killed.
+    let (path, gateway) = (0..100)
+        .map(|i| format!("/put{i}"))
+        .find_map(|p| {
+            let servers = layout_servers(&p, 4, 3);
+            (1..=4u64).find(|s| *s != leader && !servers.contains(s)).map(|g| (p, g))
+        })
+        .expect("a path and a gateway outside its layout");
+    let home = (1..=4).find(|s| *s != gateway).unwrap();
+    let writer = Session::open(&c.addrs_from(home), 1_000).await.unwrap();
+    let g = writer.lock(&path, 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::PutChunk {
+        path: path.clone(),
+        token: g.signed_token.clone(),
+        stripe_unit: 4096,
+        data_units: 2,
+        parity_units_plus_one: 2,
+        data: noise(64 << 10, 3),
+    })
+    .await
+    .unwrap();
+    let mut files = files_at(&c, gateway).await;
+    let putting = tokio::spawn(async move { files.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ls(&c, home, &path).await != [(path.clone(), false)] {
+        assert!(Instant::now() < deadline, "the put never created {path}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill(gateway);
+    // The writer dies too (no close: its lease runs out).
+    drop(writer);
+    let _ = putting.await;
+    drop(tx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ls(&c, home, &path).await.is_empty() {
+        assert!(Instant::now() < deadline, "{path} is still being written 10 s after its writer's lease ran out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let data = noise(10_000, 4);
+    let stat = put(&c, &path, &data, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    assert_eq!(stat["size"], 10_000);
+    assert!(read_all(&c, home, &path).await.unwrap() == data);
+}
+
