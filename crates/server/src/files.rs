@@ -31,6 +31,8 @@ use crate::write::Stripes;
 
 /// The stripe unit when a put does not choose one.
 pub const DEFAULT_UNIT: u32 = 1 << 20;
+/// The largest file when the server's config does not say (16 TiB).
+pub const FILE_BYTES_MAX_DEFAULT: u64 = 16 << 40;
 /// Rows a put, get or rebuild keeps in flight at once.
 const ROWS_IN_FLIGHT: usize = 4;
 /// Longest path.
@@ -69,6 +71,18 @@ fn check_path(path: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// A size in the largest binary unit that divides it evenly (16 TiB, 3 KiB, 5 B).
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    let mut n = b;
+    while n >= 1024 && n.is_multiple_of(1024) && i + 1 < units.len() {
+        n /= 1024;
+        i += 1;
+    }
+    format!("{n} {}", units[i])
 }
 
 /// FNV-1a, to spread files' layouts over the servers.
@@ -146,6 +160,19 @@ impl FilesService {
             return Err(Status::permission_denied(format!(
                 "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
                 claims.mode, claims.range
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses to make `path` `end` bytes long past the largest file this server allows.
+    pub(crate) fn check_file_size(&self, path: &str, end: u64) -> Result<(), Status> {
+        let max = self.node.config.file_bytes_max;
+        if end > max {
+            return Err(Status::out_of_range(format!(
+                "{path} would be {end} bytes long, past the largest file this cluster allows, {max} bytes ({}); \
+                 the limit is the servers' file_bytes_max",
+                human_bytes(max)
             )));
         }
         Ok(())
@@ -564,6 +591,7 @@ impl pb::files_server::Files for FilesService {
             let row_bytes = meta.layout.row_bytes() as usize;
             let mut buf = first.data;
             let mut size = buf.len() as u64;
+            self.check_file_size(&path, size)?;
             let mut row = 0u64;
             // Rows go out ROWS_IN_FLIGHT at a time, so the servers' syncs overlap.
             let mut in_flight = futures::stream::FuturesUnordered::new();
@@ -580,6 +608,7 @@ impl pb::files_server::Files for FilesService {
                 match stream.message().await? {
                     Some(chunk) => {
                         size += chunk.data.len() as u64;
+                        self.check_file_size(&path, size)?;
                         buf.extend_from_slice(&chunk.data);
                     }
                     None => break,

@@ -23,7 +23,7 @@ mod store;
 mod types;
 mod write;
 
-pub use files::DEFAULT_UNIT;
+pub use files::{DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, human_bytes};
 pub use machine::{Applied, ApplyEvent, Machine, State};
 pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
 pub use rt::seed_thread_rng;

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub snapshot_every: u64,
     /// Lease of the server's gateway session, whose cached read locks serve its clients.
     pub gateway_lease_ms: u64,
+    /// Largest file this server's gateway lets a put or a write make, in bytes (issue 10: an
+    /// offset of 2^62 made a file of 4.6 EB that no scrub could finish).
+    pub file_bytes_max: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,

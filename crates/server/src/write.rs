@@ -198,6 +198,9 @@ impl FilesService {
         })?;
         // An empty write still needs a token for the byte it would start at.
         self.writer_claims(&r.path, &r.token, r.offset, end.max(r.offset + 1))?;
+        if !r.data.is_empty() {
+            self.check_file_size(&r.path, end)?;
+        }
         let f = self.file(&r.path)?;
         if !f.complete {
             return Err(Status::unavailable(format!("{} is still being put; write once the put is done", r.path)));

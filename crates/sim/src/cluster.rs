@@ -257,6 +257,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 tick_ms: 100,
                 snapshot_every: 300,
                 gateway_lease_ms: GATEWAY_LEASE_MS,
+                file_bytes_max: server::FILE_BYTES_MAX_DEFAULT,
                 limits: lockengine::Limits::default(),
                 env,
             };

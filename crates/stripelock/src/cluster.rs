@@ -73,6 +73,7 @@ pub struct ServerArgs {
     pub tick_ms: u64,
     pub snapshot_every: u64,
     pub gateway_lease_ms: u64,
+    pub file_bytes_max: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
 }
@@ -91,6 +92,7 @@ pub struct ServerFile {
     pub tick_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
     pub gateway_lease_ms: Option<u64>,
+    pub file_bytes_max: Option<u64>,
 }
 
 impl ServerArgs {
@@ -119,6 +121,10 @@ impl ServerArgs {
                 server::LEASE_MS_MAX
             );
         }
+        let file_bytes_max = flags.file_bytes_max.or(f.file_bytes_max).unwrap_or(server::FILE_BYTES_MAX_DEFAULT);
+        if file_bytes_max == 0 || file_bytes_max == u64::MAX {
+            bail!("file_bytes_max must be between 1 and {}, not {file_bytes_max}", u64::MAX - 1);
+        }
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -133,6 +139,7 @@ impl ServerArgs {
             tick_ms: flags.tick_ms.or(f.tick_ms).unwrap_or(200).max(1),
             snapshot_every,
             gateway_lease_ms,
+            file_bytes_max,
             break_stale_write_check: false,
         })
     }
@@ -171,6 +178,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         tick_ms: args.tick_ms,
         snapshot_every: args.snapshot_every,
         gateway_lease_ms: args.gateway_lease_ms,
+        file_bytes_max: args.file_bytes_max,
         limits: Limits::default(),
         env: server::Env {
             break_stale_write_check_for_negative_control: args.break_stale_write_check,
@@ -564,6 +572,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "sessions_fencing": s.sessions_fencing, "resources": s.resources, "locks_granted": s.locks_granted,
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
                     "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
+                    "file_bytes_max": s.file_bytes_max,
                     "gateway": {
                         "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
                         "grants": s.gateway_grants, "handovers": s.gateway_handovers,
@@ -625,6 +634,14 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             }
         }
         println!("\n{up} of {} servers answer", addrs.len());
+        let mut largest: Vec<u64> =
+            replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.file_bytes_max).collect();
+        largest.sort_unstable();
+        largest.dedup();
+        if !largest.is_empty() {
+            let sizes: Vec<String> = largest.iter().map(|b| server::human_bytes(*b)).collect();
+            println!("largest file: {}", sizes.join(" or "));
+        }
     }
     Ok(if up == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

@@ -67,6 +67,10 @@ enum Command {
         /// locks it grants from its cache outlive it if it dies.
         #[arg(long)]
         gateway_lease_ms: Option<u64>,
+        /// The largest file a put or a write through this server may make, in bytes (default
+        /// 17592186044416, 16 TiB).
+        #[arg(long)]
+        file_bytes_max: Option<u64>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -344,6 +348,7 @@ fn main() -> ExitCode {
             tick_ms,
             snapshot_every,
             gateway_lease_ms,
+            file_bytes_max,
             break_stale_write_check_for_negative_control,
         } => {
             let flags = cluster::ServerFile {
@@ -356,6 +361,7 @@ fn main() -> ExitCode {
                 tick_ms,
                 snapshot_every,
                 gateway_lease_ms,
+                file_bytes_max,
             };
             report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
                 args.break_stale_write_check = break_stale_write_check_for_negative_control;

@@ -402,3 +402,39 @@ async fn a_put_whose_gateway_and_writer_die_is_rolled_back_body() {
     assert!(read_all(&c, home, &path).await.unwrap() == data);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Absurd offsets.
+
+#[test]
+fn a_write_past_the_largest_file_is_refused_with_the_limit() {
+    serial(a_write_past_the_largest_file_is_refused_with_the_limit_body());
+}
+
+/// Issue 10: `write --offset 2^62` made a file of 4.6 EB. The servers' `file_bytes_max` (here
+/// 1 MiB) bounds what a write or a put may make, the refusal names the limit, `status` reports
+/// it, and a write that ends exactly at the limit is still taken.
+async fn a_write_past_the_largest_file_is_refused_with_the_limit_body() {
+    let c = Cluster::start(3, "maxsize", &["--file-bytes-max", "1048576"]).await;
+    let status: serde_json::Value = serde_json::from_str(&cli(&c, &["status", "--json"])).unwrap();
+    for s in status["servers"].as_array().unwrap() {
+        assert_eq!(s["file_bytes_max"], 1 << 20, "{s}");
+    }
+    assert!(cli(&c, &["status"]).contains("largest file: 1 MiB"));
+    put(&c, "/m", &noise(1000, 1), &["--stripe-unit", "4KiB"]);
+    for offset in [1u64 << 62, (1 << 63) - 1, (1 << 20) - 5] {
+        let out = run_at(&c, 1, &["write", "/m", "--offset", &offset.to_string()], b"0123456789");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a write at {offset} was taken");
+        assert!(stderr.contains("1048576 bytes") && stderr.contains("1 MiB"), "{stderr}");
+    }
+    let out = run_at(&c, 1, &["write", "/m", "--offset", &((1u64 << 20) - 10).to_string(), "--json"], b"0123456789");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stat: serde_json::Value = serde_json::from_str(&cli(&c, &["stat", "/m", "--json"])).unwrap();
+    assert_eq!(stat["size"], 1 << 20);
+    let big = c.dir.join("big.bin");
+    std::fs::write(&big, vec![7u8; (1 << 20) + 1]).unwrap();
+    let stderr = cli_fails(&c, &["put", big.to_str().unwrap(), "/big"]);
+    assert!(stderr.contains("1048576 bytes"), "{stderr}");
+    assert!(ls(&c, 1, "/big").await.is_empty(), "the refused put left its file");
+}
+
