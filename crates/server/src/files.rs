@@ -202,15 +202,28 @@ impl FilesService {
             0 => None,
             k => Some(u8::try_from(k).map_err(|_| Status::invalid_argument("too many data units"))?),
         };
+        // Parity not asked for is the cluster's default, never less: a layout that does not fit
+        // is refused rather than quietly stored without parity (issue 10: `--data 5` on five
+        // servers gave 5+0). Only an explicit parity of 0 stores none.
         let (k, m) = match (k, m) {
             (Some(k), Some(m)) => (k, m),
-            (Some(k), None) => (k, m0.min((n as u8).saturating_sub(k))),
+            (Some(k), None) => (k, m0),
             (None, Some(m)) => ((n as u8).saturating_sub(m).clamp(1, 8), m),
             (None, None) => (k0, m0),
         };
         if k as usize + m as usize > n {
+            let fits = n.saturating_sub(m as usize);
+            let hint = match (first.data_units, first.parity_units_plus_one) {
+                (0, _) => format!("give fewer parity units (at most {})", n.saturating_sub(1).min(2)),
+                (_, 0) if fits >= 1 => {
+                    format!("give --data {fits} or fewer to keep {m} parity unit(s), or --parity 0 to store no parity")
+                }
+                _ if fits >= 1 => format!("give --data {fits} or fewer, or fewer parity units"),
+                _ => "give fewer parity units".to_string(),
+            };
             return Err(Status::invalid_argument(format!(
-                "a {k}+{m} layout needs {} servers; this cluster has {n}",
+                "a {k}+{m} layout ({k} data and {m} parity units a row, each on its own server) needs {} \
+                 servers; this cluster has {n}: {hint}",
                 k as usize + m as usize
             )));
         }

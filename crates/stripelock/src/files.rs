@@ -146,6 +146,17 @@ pub struct PutArgs {
 pub fn put(args: PutArgs) -> Result<ExitCode> {
     let addrs = cluster_addrs(args.cluster.as_deref())?;
     let stripe_unit = args.stripe_unit.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+    // 0 means "the default" on the wire, so a 0 given here must be refused, not passed on.
+    if args.stripe_unit.is_some()
+        && (!stripe_unit.is_power_of_two() || !(layout::UNIT_MIN..=layout::UNIT_MAX).contains(&stripe_unit))
+    {
+        bail!("--stripe-unit must be a power of two from 512B to 64MiB, not {stripe_unit} bytes");
+    }
+    if let Some(k) = args.data
+        && !(1..=layout::DATA_MAX).contains(&k)
+    {
+        bail!("--data must be from 1 to {} data units a row, not {k}", layout::DATA_MAX);
+    }
     if let Some(p) = args.parity
         && p > 2
     {

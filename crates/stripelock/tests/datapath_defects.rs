@@ -438,3 +438,46 @@ async fn a_write_past_the_largest_file_is_refused_with_the_limit_body() {
     assert!(ls(&c, 1, "/big").await.is_empty(), "the refused put left its file");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layout flags.
+
+#[test]
+fn layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused() {
+    serial(layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused_body());
+}
+
+/// Issue 10: on five servers `put --data 5` gave 5+0 (no parity) without a word, and `--data 0`
+/// and `--stripe-unit 0` were replaced by defaults. Each is refused with a sentence now; only
+/// `--parity 0` stores no parity. The default largest file is 16 TiB.
+async fn layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused_body() {
+    let c = Cluster::start(5, "layoutflags", &[]).await;
+    let data = noise(5000, 2);
+    let local = c.dir.join("in.bin");
+    std::fs::write(&local, &data).unwrap();
+    let l = local.to_str().unwrap();
+    let stderr = cli_fails(&c, &["put", l, "/five", "--data", "5"]);
+    assert!(stderr.contains("5+1") && stderr.contains("--parity 0") && stderr.contains("--data 4"), "{stderr}");
+    let stderr = cli_fails(&c, &["put", l, "/zero", "--data", "0"]);
+    assert!(stderr.contains("--data must be from 1"), "{stderr}");
+    let stderr = cli_fails(&c, &["put", l, "/zero", "--stripe-unit", "0"]);
+    assert!(stderr.contains("--stripe-unit must be a power of two"), "{stderr}");
+    let stderr = cli_fails(&c, &["put", l, "/zero", "--stripe-unit", "1000"]);
+    assert!(stderr.contains("--stripe-unit must be a power of two"), "{stderr}");
+    assert!(cli(&c, &["ls", "/"]).lines().all(|line| !line.contains("/five") && !line.contains("/zero")));
+    let none = put(&c, "/five", &data, &["--data", "5", "--parity", "0", "--stripe-unit", "4KiB"]);
+    assert_eq!((none["layout"]["data"].as_u64(), none["layout"]["parity"].as_u64()), (Some(5), Some(0)));
+    let default = put(&c, "/default", &data, &[]);
+    assert_eq!((default["layout"]["data"].as_u64(), default["layout"]["parity"].as_u64()), (Some(4), Some(1)));
+    let three = put(&c, "/three", &data, &["--data", "3", "--stripe-unit", "4KiB"]);
+    assert_eq!((three["layout"]["data"].as_u64(), three["layout"]["parity"].as_u64()), (Some(3), Some(1)));
+    // Not a layout flag, but the same kind of silent surprise: a directory-like path.
+    for dir in ["/", "/some/dir/"] {
+        let stderr = cli_fails(&c, &["put", l, dir]);
+        assert!(stderr.contains("directory"), "{stderr}");
+    }
+    let status: serde_json::Value = serde_json::from_str(&cli(&c, &["status", "--json"])).unwrap();
+    assert_eq!(status["servers"][0]["file_bytes_max"], 16u64 << 40);
+    let out = run_at(&c, 1, &["write", "/default", "--offset", &(1u64 << 62).to_string()], b"x");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("16 TiB"));
+}
+
