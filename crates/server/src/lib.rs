@@ -29,6 +29,7 @@ pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wa
 pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
 pub use storage::MESSAGE_BYTES_MAX;
+pub use storage::ORPHAN_GRACE_MS_DEFAULT;
 pub use store::Store;
 pub use types::{CLIENT_LOCK_BITS, Command, FileMeta, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
 pub use write::{WRITE_BYTES_MAX, stripe_resource};
@@ -63,7 +64,9 @@ where
     let service = LockService::new(node.clone()).server();
     let files = files::FilesService::new(node.clone());
     files.start_invalidations();
-    let storage = storage::StorageService::new(node.clone(), files.clone())?.server();
+    let storage = storage::StorageService::new(node.clone(), files.clone())?;
+    tokio::spawn(storage.clone().collect_orphans(stop.clone()));
+    let storage = storage.server();
     let files = files.server();
     let raft_service = node.raft_service();
     let mut shutdown = stop.clone();

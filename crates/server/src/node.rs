@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// Largest file this server's gateway lets a put or a write make, in bytes (issue 10: an
     /// offset of 2^62 made a file of 4.6 EB that no scrub could finish).
     pub file_bytes_max: u64,
+    /// How long units of a file no longer in the namespace are kept before they are deleted
+    /// (checked every this often; a file must be missing at two checks); 0 keeps them.
+    pub orphan_grace_ms: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,

@@ -2,6 +2,7 @@
 //! gateways of every server. Every write is checked by the chunk store against the fencing token
 //! it carries, signed with the replicated cluster secret.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use chunks::{Authority, ChunkError, ChunkStore, Device, UnitId};
@@ -83,6 +84,62 @@ impl StorageService {
             Status::unavailable("the cluster has no secret yet (it is still starting); try again in a moment")
         })?;
         Ok(ChunkStore::new(self.volume.clone(), token::ClusterKey::from_bytes(secret)))
+    }
+}
+
+/// How long units of a removed file stay before they are collected, unless configured.
+pub const ORPHAN_GRACE_MS_DEFAULT: u64 = 60_000;
+
+/// The files that units were found of but that the namespace no longer holds: only ids at or
+/// below the highest id handed out (ids are never reused, so such a file is gone for good; a
+/// higher id may be a file this server has not yet heard of).
+pub(crate) fn orphan_files(units: &[UnitId], known: &HashSet<u64>, last_file_id: u64) -> BTreeSet<u64> {
+    units.iter().map(|u| u.file).filter(|f| *f <= last_file_id && !known.contains(f)).collect()
+}
+
+impl StorageService {
+    /// Deletes the units of files no longer in the namespace (issue 10: units of a file removed
+    /// while this server was down, of a put that failed or was rolled back, stayed for ever).
+    /// Every `orphan_grace_ms` it lists its units; a file whose units were orphaned at the last
+    /// listing too loses them. A put in flight is safe: its file is in the namespace, and a
+    /// unit is stored only once this server's namespace shows its file (`check_resource`).
+    pub async fn collect_orphans(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let grace_ms = self.node.config.orphan_grace_ms;
+        if grace_ms == 0 {
+            return;
+        }
+        let mut suspects = BTreeSet::new();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(grace_ms)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let Ok(store) = self.store() else { continue };
+            let Ok(units) = blocking(move || store.units().map_err(chunk_status)).await else { continue };
+            let orphans = {
+                let state = self.node.machine.state();
+                let known: HashSet<u64> = state.files.values().map(|f| f.id).collect();
+                orphan_files(&units, &known, state.last_file_id())
+            };
+            let doomed: Vec<u64> = orphans.intersection(&suspects).copied().collect();
+            suspects = orphans;
+            if doomed.is_empty() {
+                continue;
+            }
+            let Ok(deleter) = self.store() else { continue };
+            let deleted = blocking(move || {
+                let mut n = 0;
+                for file in doomed {
+                    n += deleter.delete_file(file).map_err(chunk_status)?;
+                }
+                Ok(n)
+            })
+            .await;
+            match deleted {
+                Ok(n) => tracing::info!(units = n, "deleted the units of files no longer in the namespace"),
+                Err(e) => tracing::warn!("collecting orphan units failed: {}", e.message()),
+            }
+        }
     }
 }
 
@@ -194,5 +251,22 @@ impl pb::storage_server::Storage for StorageService {
         })
         .await?;
         Ok(Response::new(pb::DeleteFileReply { units_deleted }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only files at or below the highest id handed out and missing from the namespace are
+    /// orphans: a file this server has not heard of yet (a higher id) keeps its units.
+    #[test]
+    fn orphans_are_files_gone_from_the_namespace_not_ones_not_yet_seen() {
+        let unit = |file, row| UnitId { file, row, role: Role::Data(0) };
+        let units = [unit(1, 0), unit(1, 1), unit(2, 0), unit(3, 0), unit(5, 0), unit(9, 0)];
+        let known: HashSet<u64> = [2, 5].into_iter().collect();
+        assert_eq!(orphan_files(&units, &known, 5), BTreeSet::from([1, 3]));
+        assert_eq!(orphan_files(&units, &known, 9), BTreeSet::from([1, 3, 9]));
+        assert!(orphan_files(&units, &known, 0).is_empty());
     }
 }

@@ -258,6 +258,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 snapshot_every: 300,
                 gateway_lease_ms: GATEWAY_LEASE_MS,
                 file_bytes_max: server::FILE_BYTES_MAX_DEFAULT,
+                orphan_grace_ms: 0,
                 limits: lockengine::Limits::default(),
                 env,
             };

@@ -74,6 +74,7 @@ pub struct ServerArgs {
     pub snapshot_every: u64,
     pub gateway_lease_ms: u64,
     pub file_bytes_max: u64,
+    pub orphan_grace_ms: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
 }
@@ -93,6 +94,7 @@ pub struct ServerFile {
     pub snapshot_every: Option<u64>,
     pub gateway_lease_ms: Option<u64>,
     pub file_bytes_max: Option<u64>,
+    pub orphan_grace_ms: Option<u64>,
 }
 
 impl ServerArgs {
@@ -125,6 +127,10 @@ impl ServerArgs {
         if file_bytes_max == 0 || file_bytes_max == u64::MAX {
             bail!("file_bytes_max must be between 1 and {}, not {file_bytes_max}", u64::MAX - 1);
         }
+        let orphan_grace_ms = flags.orphan_grace_ms.or(f.orphan_grace_ms).unwrap_or(server::ORPHAN_GRACE_MS_DEFAULT);
+        if orphan_grace_ms != 0 && orphan_grace_ms < 100 {
+            bail!("orphan_grace_ms must be 0 (keep orphan units) or at least 100, not {orphan_grace_ms}");
+        }
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -140,6 +146,7 @@ impl ServerArgs {
             snapshot_every,
             gateway_lease_ms,
             file_bytes_max,
+            orphan_grace_ms,
             break_stale_write_check: false,
         })
     }
@@ -179,6 +186,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         snapshot_every: args.snapshot_every,
         gateway_lease_ms: args.gateway_lease_ms,
         file_bytes_max: args.file_bytes_max,
+        orphan_grace_ms: args.orphan_grace_ms,
         limits: Limits::default(),
         env: server::Env {
             break_stale_write_check_for_negative_control: args.break_stale_write_check,

@@ -71,6 +71,10 @@ enum Command {
         /// 17592186044416, 16 TiB).
         #[arg(long)]
         file_bytes_max: Option<u64>,
+        /// How long the units of a removed file are kept before they are collected, in ms
+        /// (default 60000; 0 keeps them).
+        #[arg(long)]
+        orphan_grace_ms: Option<u64>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -349,6 +353,7 @@ fn main() -> ExitCode {
             snapshot_every,
             gateway_lease_ms,
             file_bytes_max,
+            orphan_grace_ms,
             break_stale_write_check_for_negative_control,
         } => {
             let flags = cluster::ServerFile {
@@ -362,6 +367,7 @@ fn main() -> ExitCode {
                 snapshot_every,
                 gateway_lease_ms,
                 file_bytes_max,
+                orphan_grace_ms,
             };
             report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
                 args.break_stale_write_check = break_stale_write_check_for_negative_control;

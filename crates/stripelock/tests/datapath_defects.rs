@@ -481,3 +481,44 @@ async fn layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused_
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("16 TiB"));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Orphan units.
+
+/// How many units of file `id` server `server` keeps on its disk.
+fn units_on_disk(c: &Cluster, server: u64, id: u64) -> usize {
+    let dir = c.servers[server as usize - 1].data.join("units").join(format!("{id:016x}"));
+    std::fs::read_dir(dir)
+        .map_or(0, |d| d.filter_map(Result::ok).filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp")).count())
+}
+
+#[test]
+fn units_of_a_file_removed_while_their_server_was_down_are_collected() {
+    serial(units_of_a_file_removed_while_their_server_was_down_are_collected_body());
+}
+
+/// Issue 10: units of a file removed while a server was down stayed on that server for good
+/// (through scrubs and restarts). Each server now deletes, after a grace period, the units of
+/// files that are no longer in the namespace, and only those: a live file keeps every unit.
+async fn units_of_a_file_removed_while_their_server_was_down_are_collected_body() {
+    let mut c = Cluster::start(3, "orphans", &["--orphan-grace-ms", "300"]).await;
+    let keep = noise(20_000, 8);
+    let flags = ["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"];
+    let kept = put(&c, "/keep", &keep, &flags)["file"].as_u64().unwrap();
+    let gone = put(&c, "/gone", &noise(20_000, 9), &flags)["file"].as_u64().unwrap();
+    let kept_units: Vec<usize> = (1..=3).map(|s| units_on_disk(&c, s, kept)).collect();
+    assert_eq!(kept_units.iter().sum::<usize>(), 8, "20,000 bytes in 8 KiB rows: two rows of three units, then two");
+    assert!(units_on_disk(&c, 3, gone) >= 2);
+    c.kill(3);
+    let out = run_at(&c, 1, &["rm", "/gone"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.spawn(3, false);
+    c.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while units_on_disk(&c, 3, gone) > 0 {
+        assert!(Instant::now() < deadline, "server 3 still keeps the units of the removed file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((1..=3).map(|s| units_on_disk(&c, s, kept)).collect::<Vec<_>>(), kept_units);
+    assert!(read_all(&c, 1, "/keep").await.unwrap() == keep);
+}
+
