@@ -233,28 +233,44 @@ impl FilesService {
         Layout::new(unit, k, m, servers).map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
-    /// Writes one whole row (its data, `row_bytes` long, zero-padded) and its parity, to fresh units.
+    /// Writes one row and its parity to fresh units. `data` is the row's bytes, `row_bytes` long
+    /// but for the file's last row, which may be shorter: its units are stored only up to the
+    /// end of the file, a unit wholly past it not at all, and parity as long as the longest data
+    /// unit (issue 10: a 1-byte file took five 1 MiB units). A stored unit reads as its bytes
+    /// padded with zeros to the stripe unit, and P and Q of zeros are zeros, so nothing is lost.
     async fn write_row(&self, path: &str, f: &FileMeta, row: u64, data: Vec<u8>, token: &str) -> Result<(), Status> {
         let l = &f.layout;
         let unit = l.unit() as usize;
         let k = l.data() as usize;
-        let units: Vec<&[u8]> = data.chunks(unit).collect();
-        let mut p = vec![0u8; if l.parity() >= 1 { unit } else { 0 }];
-        let mut q = vec![0u8; if l.parity() == 2 { unit } else { 0 }];
+        let stored: Vec<&[u8]> = data.chunks(unit).collect();
+        let longest = stored.first().map_or(0, |u| u.len());
+        let padded: Vec<Vec<u8>> = (0..k)
+            .map(|j| {
+                let mut u = stored.get(j).map_or_else(Vec::new, |u| u.to_vec());
+                u.resize(longest, 0);
+                u
+            })
+            .collect();
+        let units: Vec<&[u8]> = padded.iter().map(Vec::as_slice).collect();
+        let mut p = vec![0u8; if l.parity() >= 1 { longest } else { 0 }];
+        let mut q = vec![0u8; if l.parity() == 2 { longest } else { 0 }];
         layout::parity::encode(
             &units,
             (l.parity() >= 1).then_some(&mut p[..]),
             (l.parity() == 2).then_some(&mut q[..]),
         );
+        // Parity covers version 1 of each stored data unit and 0 (never written: zeros) of the rest.
+        let covers: Vec<u64> = (0..k).map(|j| u64::from(j < stored.len())).collect();
         let start = row * l.row_bytes();
         let range = pb::Range { start, end: start + l.row_bytes() };
         let _admitted = self.admit().await?;
         let mut writes = Vec::new();
         for role in l.roles() {
             let (bytes, covers) = match role {
-                Role::Data(j) => (units[j as usize].to_vec(), Vec::new()),
-                Role::P => (std::mem::take(&mut p), vec![1; k]),
-                Role::Q => (std::mem::take(&mut q), vec![1; k]),
+                Role::Data(j) if j as usize >= stored.len() => continue,
+                Role::Data(j) => (stored[j as usize].to_vec(), Vec::new()),
+                Role::P => (std::mem::take(&mut p), covers.clone()),
+                Role::Q => (std::mem::take(&mut q), covers.clone()),
             };
             let server = l.server(row, role);
             let mut client = self.storage(server)?;
@@ -308,12 +324,14 @@ impl FilesService {
         };
         match client.read_unit(req).await {
             Ok(r) => {
-                let u = r.into_inner();
+                let mut u = r.into_inner();
                 if !u.found {
                     Fetched::Missing(format!("{what}: missing"))
-                } else if u.data.len() != f.layout.unit() as usize {
-                    Fetched::Damaged(format!("{what}: {} bytes, not {}", u.data.len(), f.layout.unit()))
+                } else if u.data.len() > f.layout.unit() as usize {
+                    Fetched::Damaged(format!("{what}: {} bytes, more than {}", u.data.len(), f.layout.unit()))
                 } else {
+                    // A short unit (the end of a file) holds zeros past its bytes.
+                    u.data.resize(f.layout.unit() as usize, 0);
                     Fetched::Ok(u)
                 }
             }
@@ -332,7 +350,9 @@ impl FilesService {
         let l = &f.layout;
         let k = l.data() as usize;
         let as_reader = unlocked.then_some(path);
-        let reads = (0..l.data()).map(|j| self.fetch_as(f, row, Role::Data(j), as_reader));
+        // Units wholly past the end of the file hold no byte a reader gets: not read at first.
+        let in_file = units_in_file(l, row, f.size);
+        let reads = (0..in_file).map(|j| self.fetch_as(f, row, Role::Data(j as u8), as_reader));
         let mut fetched: Vec<Fetched> = futures::future::join_all(reads).await;
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
             return Err(Status::failed_precondition(why.clone()));
@@ -343,10 +363,12 @@ impl FilesService {
                 let Fetched::Ok(u) = u else { unreachable!("checked") };
                 out.extend_from_slice(&u.data);
             }
+            out.resize(l.row_bytes() as usize, 0);
             return Ok((out, false));
         }
-        let parity = l.roles().skip(k).map(|r| self.fetch_as(f, row, r, as_reader));
-        fetched.extend(futures::future::join_all(parity).await);
+        let rest = (in_file..k).map(|j| Role::Data(j as u8)).chain(l.roles().skip(k));
+        let rest: Vec<_> = rest.map(|r| self.fetch_as(f, row, r, as_reader)).collect();
+        fetched.extend(futures::future::join_all(rest).await);
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
             return Err(Status::failed_precondition(why.clone()));
         }
@@ -354,7 +376,7 @@ impl FilesService {
             // A write past the end skipped this row; it reads as zeros.
             return Ok((vec![0; l.row_bytes() as usize], false));
         }
-        let solved = solve_row(l, &fetched)
+        let solved = solve_row(l, &fetched, in_file)
             .map_err(|why| Status::data_loss(format!("row {row} of {path} cannot be read: {why}")))?;
         Ok((solved.data.concat(), true))
     }
@@ -402,18 +424,23 @@ impl FilesService {
                 // No write ever reached the row: nothing to check.
                 continue;
             }
-            for u in &fetched {
+            let in_file = units_in_file(l, row, f.size);
+            let solved = solve_row(l, &fetched, in_file);
+            // A data unit never written (past the end of the file) is not stored: not missing.
+            let absent = |i: usize| solved.as_ref().is_ok_and(|s| i < k && s.absent[i]);
+            for (i, u) in fetched.iter().enumerate() {
                 match u {
                     Fetched::Ok(_) => {
                         report.units_checked += 1;
                         report.bytes_checked += l.unit() as u64;
                     }
+                    Fetched::Missing(_) if absent(i) => {}
                     Fetched::Damaged(why) | Fetched::Missing(why) => report.damaged.push(why.clone()),
                     Fetched::Refused(why) => report.unavailable.push(why.clone()),
                     Fetched::Unavailable(why) => report.unavailable.push(why.clone()),
                 }
             }
-            let solved = match solve_row(l, &fetched) {
+            let solved = match solved {
                 Ok(s) => s,
                 Err(why) => {
                     if fetched.iter().any(|u| matches!(u, Fetched::Damaged(_) | Fetched::Missing(_))) {
@@ -440,6 +467,7 @@ impl FilesService {
                         true
                     }
                     Fetched::Ok(_) | Fetched::Unavailable(_) | Fetched::Refused(_) => false,
+                    Fetched::Missing(_) if i < k && solved.absent[i] => false,
                     Fetched::Damaged(_) | Fetched::Missing(_) => true,
                 };
                 if wrong && repair {
@@ -505,10 +533,19 @@ pub(crate) fn is_hole(l: &Layout, fetched: &[Fetched]) -> bool {
         && fetched.iter().all(|u| matches!(u, Fetched::Missing(_) | Fetched::Unavailable(_)))
 }
 
+/// How many of row `row`'s data units start before byte `size` (the rest are wholly past the
+/// end of the file).
+pub(crate) fn units_in_file(l: &Layout, row: u64, size: u64) -> usize {
+    let start = row * l.row_bytes();
+    (size.saturating_sub(start).div_ceil(l.unit() as u64)).min(l.data() as u64) as usize
+}
+
 /// A row's data units and their versions.
 pub(crate) struct Solved {
     pub(crate) data: Vec<Vec<u8>>,
     pub(crate) versions: Vec<u64>,
+    /// Data units never written (not stored: zeros), which nothing needs to rebuild.
+    pub(crate) absent: Vec<bool>,
 }
 
 impl Solved {
@@ -530,25 +567,38 @@ impl Solved {
 /// The data of a row from its fetched units (in role order, all of them), rebuilding lost data
 /// units from parity. A parity unit is used only if it was computed from the versions the data
 /// units it did not lose are at; otherwise the row had an interrupted write and that parity
-/// would rebuild wrong bytes.
-pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, String> {
+/// would rebuild wrong bytes. A data unit that cannot be read is zeros, not lost, when such a
+/// parity says it was never written (version 0), or when it is missing, wholly past the end
+/// of the file (`in_file` data units start before it) and no parity says it was written.
+pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched], in_file: usize) -> Result<Solved, String> {
     let k = l.data() as usize;
     let unit = l.unit() as usize;
     let versions: Vec<Option<u64>> =
         fetched[..k].iter().map(|u| if let Fetched::Ok(u) = u { Some(u.version) } else { None }).collect();
+    let consistent = |u: &pb::UnitData| {
+        u.covers.len() == k && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c))
+    };
+    let covers: Option<Vec<u64>> = fetched[k..].iter().find_map(|u| match u {
+        Fetched::Ok(u) if consistent(u) => Some(u.covers.clone()),
+        _ => None,
+    });
+    let absent: Vec<bool> = (0..k)
+        .map(|j| {
+            !matches!(fetched[j], Fetched::Ok(_))
+                && match &covers {
+                    Some(c) => c[j] == 0,
+                    None => j >= in_file && matches!(fetched[j], Fetched::Missing(_)),
+                }
+        })
+        .collect();
     let mut units: Vec<Vec<u8>> = Vec::with_capacity(l.width());
     let mut lost = Vec::new();
     let mut problems = Vec::new();
-    let mut covers: Option<Vec<u64>> = None;
     for (i, u) in fetched.iter().enumerate() {
         match u {
             Fetched::Ok(u) if i < k => units.push(u.data.clone()),
-            Fetched::Ok(u)
-                if u.covers.len() == k && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c)) =>
-            {
-                covers.get_or_insert_with(|| u.covers.clone());
-                units.push(u.data.clone());
-            }
+            _ if i < k && absent[i] => units.push(vec![0; unit]),
+            Fetched::Ok(u) if consistent(u) => units.push(u.data.clone()),
             other => {
                 match other {
                     Fetched::Ok(u) => problems.push(format!(
@@ -571,10 +621,13 @@ pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched]) -> Result<Solved, Strin
     }
     let mut refs: Vec<&mut [u8]> = units.iter_mut().map(Vec::as_mut_slice).collect();
     layout::parity::reconstruct(&mut refs, &lost, k, l.parity() as usize).map_err(|e| e.to_string())?;
-    let versions =
-        versions.iter().enumerate().map(|(j, v)| v.or_else(|| covers.as_ref().map(|c| c[j])).unwrap_or(1)).collect();
+    let versions = versions
+        .iter()
+        .enumerate()
+        .map(|(j, v)| if absent[j] { Some(0) } else { *v }.or_else(|| covers.as_ref().map(|c| c[j])).unwrap_or(1))
+        .collect();
     units.truncate(k);
-    Ok(Solved { data: units, versions })
+    Ok(Solved { data: units, versions, absent })
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
@@ -628,7 +681,6 @@ impl pb::files_server::Files for FilesService {
                 }
             }
             if !buf.is_empty() {
-                buf.resize(row_bytes, 0);
                 in_flight.push(self.write_row(&path, &meta, row, buf, &first.token));
             }
             while let Some(r) = in_flight.next().await {
@@ -760,8 +812,14 @@ impl pb::files_server::Files for FilesService {
                     // Nothing was ever written to the row.
                     return Ok(0);
                 }
-                let solved = solve_row(l, &fetched)
+                let solved = solve_row(l, &fetched, units_in_file(l, row, f.size))
                     .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
+                if let Role::Data(j) = role
+                    && solved.absent[j as usize]
+                {
+                    // Never written: there is nothing to restore.
+                    return Ok(0);
+                }
                 let unit = match role {
                     Role::Data(j) => RestoredUnit {
                         bytes: solved.data[j as usize].clone(),

@@ -656,7 +656,7 @@ impl FilesService {
                     role_name(l.roles().nth(i).expect("in the row"))
                 ))));
             }
-            let solved = solve_row(l, &all).map_err(|why| {
+            let solved = solve_row(l, &all, crate::files::units_in_file(l, row, size)).map_err(|why| {
                 RmwError::before(Status::data_loss(format!(
                     "row {row} of {} cannot be read to write it: {why}",
                     req.path

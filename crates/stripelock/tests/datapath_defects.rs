@@ -522,3 +522,68 @@ async fn units_of_a_file_removed_while_their_server_was_down_are_collected_body(
     assert!(read_all(&c, 1, "/keep").await.unwrap() == keep);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small files.
+
+/// Bytes server `server` keeps on disk for the units of file `id`.
+fn bytes_on_disk(c: &Cluster, server: u64, id: u64) -> u64 {
+    let dir = c.servers[server as usize - 1].data.join("units").join(format!("{id:016x}"));
+    std::fs::read_dir(dir).map_or(0, |d| d.filter_map(Result::ok).map(|e| e.metadata().unwrap().len()).sum())
+}
+
+/// The server of `role` ("d0", "P") in row `row` of `path`, from `stat --json`.
+fn server_of(c: &Cluster, path: &str, row: usize, role: &str) -> u64 {
+    let stat: serde_json::Value = serde_json::from_str(&cli(c, &["stat", path, "--json"])).unwrap();
+    let units = stat["placement"][row]["units"].as_array().unwrap();
+    units.iter().find(|u| u["role"] == role).unwrap()["server"].as_u64().unwrap()
+}
+
+#[test]
+fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down() {
+    serial(a_small_file_is_stored_short_and_reads_with_its_padding_servers_down_body());
+}
+
+/// Issue 10: a 1-byte file took five 1 MiB units, and with two servers down a 1-byte 4+1 file
+/// could not be read although the lost units held only padding. The last row's units are now
+/// stored only up to the end of the file (parity as long as the longest data unit), and units
+/// wholly past the end are zeros, not lost: for reads, for a rebuild from parity, for a write
+/// that grows the file into them, and for scrub.
+async fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down_body() {
+    let mut c = Cluster::start(5, "small", &[]).await;
+    let tiny = put(&c, "/tiny", b"x", &[]);
+    let tiny_id = tiny["file"].as_u64().unwrap();
+    let total: u64 = (1..=5).map(|s| bytes_on_disk(&c, s, tiny_id)).sum();
+    assert!(total < 4096, "a 1-byte file takes {total} bytes of units");
+    // 5000 bytes, 4 KiB units, 4+1: d0 full, d1 904 bytes, d2 and d3 past the end.
+    let mut small = noise(5000, 6);
+    let small_stat = put(&c, "/small", &small, &["--stripe-unit", "4KiB"]);
+    let small_id = small_stat["file"].as_u64().unwrap();
+    let total: u64 = (1..=5).map(|s| bytes_on_disk(&c, s, small_id)).sum();
+    assert!(total < 4096 + 904 + 4096 + 1024, "a 5,000-byte file takes {total} bytes of units");
+    // A write that grows the file into d2, which was never stored.
+    let piece = noise(300, 7);
+    let out = run_at(&c, 1, &["write", "/small", "--offset", "9000"], &piece);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    small.resize(9000, 0);
+    small.extend_from_slice(&piece);
+    assert!(read_all(&c, 1, "/small").await.unwrap() == small);
+    let report: serde_json::Value = serde_json::from_str(&cli(&c, &["scrub", "--json"])).unwrap();
+    for key in ["damaged", "parity_mismatches", "unrepairable", "unavailable"] {
+        assert_eq!(report[key].as_array().map(Vec::len), Some(0), "scrub found {key}: {report}");
+    }
+    // The 1-byte file with the servers of two padding units down reads back.
+    let (d2, d3) = (server_of(&c, "/tiny", 0, "d2"), server_of(&c, "/tiny", 0, "d3"));
+    let d0_small = server_of(&c, "/small", 0, "d0");
+    c.kill(d2);
+    c.kill(d3);
+    let got = read_all(&c, server_of(&c, "/tiny", 0, "d0"), "/tiny").await;
+    assert_eq!(got.unwrap_or_else(|e| panic!("the 1-byte file cannot be read: {e:?}")), b"x");
+    c.spawn(d2, false);
+    c.spawn(d3, false);
+    c.wait_ready().await;
+    // d0 of the small file rebuilt from parity and the zeros of d3 (never stored).
+    c.kill(d0_small);
+    let gateway = c.live();
+    assert!(read_all(&c, gateway, "/small").await.unwrap() == small, "rebuilt from parity, /small came back wrong");
+}
+
