@@ -70,6 +70,12 @@ fn check_path(path: &str) -> Result<(), Status> {
             "`{path}` is not a file path: it must start with / and be at most {PATH_BYTES_MAX} bytes"
         )));
     }
+    if path.ends_with('/') || path.contains("//") {
+        return Err(Status::invalid_argument(format!(
+            "`{path}` names a directory, not a file (it ends with / or has an empty component); give the \
+             file's own path"
+        )));
+    }
     Ok(())
 }
 
@@ -285,7 +291,10 @@ impl FilesService {
             };
             writes.push(async move {
                 client.write_unit(req).await.map_err(|e| {
-                    Status::new(e.code(), format!("server {server} refused row {row} {role:?}: {}", e.message()))
+                    Status::new(
+                        e.code(),
+                        format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
+                    )
                 })
             });
         }
@@ -516,11 +525,12 @@ pub(crate) fn role_index(l: &Layout, role: Role) -> usize {
     }
 }
 
+/// A unit's role in words, for messages (never the enum's Rust name, `Data(3)`).
 pub(crate) fn role_name(r: Role) -> String {
     match r {
-        Role::Data(j) => format!("d{j}"),
-        Role::P => "P".into(),
-        Role::Q => "Q".into(),
+        Role::Data(j) => format!("data unit {j}"),
+        Role::P => "parity P".into(),
+        Role::Q => "parity Q".into(),
     }
 }
 
@@ -601,11 +611,18 @@ pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched], in_file: usize) -> Resu
             Fetched::Ok(u) if consistent(u) => units.push(u.data.clone()),
             other => {
                 match other {
-                    Fetched::Ok(u) => problems.push(format!(
-                        "parity unit {} was computed from versions {:?}, the data is at {versions:?}",
-                        i - k,
-                        u.covers
-                    )),
+                    Fetched::Ok(u) => {
+                        let now: Vec<String> = versions
+                            .iter()
+                            .map(|v| v.map_or_else(|| "unknown".to_string(), |v| v.to_string()))
+                            .collect();
+                        problems.push(format!(
+                            "{} was computed from data versions {:?}, the data is at versions [{}]",
+                            role_name(l.roles().nth(i).expect("in the row")),
+                            u.covers,
+                            now.join(", ")
+                        ))
+                    }
                     Fetched::Damaged(why)
                     | Fetched::Missing(why)
                     | Fetched::Unavailable(why)

@@ -233,6 +233,38 @@ impl FilesService {
                 .collect::<Vec<_>>()
                 .await
         };
+        // A write that fails part-way says which bytes landed and which did not (rows are
+        // written independently, so some may have landed).
+        if let Some(failed) = written.iter().position(Result::is_err) {
+            let row_bytes = f.layout.row_bytes();
+            let span = |row: u64| (r.offset.max(row * row_bytes), end.min((row + 1) * row_bytes));
+            let first_row = r.offset / row_bytes;
+            let (mut done, mut not) = (Vec::new(), Vec::new());
+            for (i, w) in written.iter().enumerate() {
+                let (a, b) = span(first_row + i as u64);
+                let list = if w.is_ok() { &mut done } else { &mut not };
+                match list.last_mut() {
+                    Some((_, e)) if *e == a => *e = b,
+                    _ => list.push((a, b)),
+                }
+            }
+            let show = |l: &[(u64, u64)]| l.iter().map(|(a, b)| format!("{a}..{b}")).collect::<Vec<_>>().join(", ");
+            let e = written.into_iter().nth(failed).expect("present").expect_err("failed");
+            let landed = if done.is_empty() {
+                "nothing was written".to_string()
+            } else {
+                format!("bytes {} of {} were written", show(&done), r.path)
+            };
+            let size_note = if done.iter().any(|(_, b)| *b > f.size) {
+                " (the file's size was not changed, so written bytes past its end are not part of it)"
+            } else {
+                ""
+            };
+            return Err(Status::new(
+                e.code(),
+                format!("{}; {landed}{size_note}; bytes {} were not", e.message(), show(&not)),
+            ));
+        }
         let rows = written.into_iter().collect::<Result<Vec<_>, Status>>()?;
         let mut size = f.size;
         if end > f.size {
@@ -269,16 +301,26 @@ impl FilesService {
             self.write_stripe_here(part).await
         } else {
             self.node.data.stripe_writes_delegated.fetch_add(1, Ordering::Relaxed);
-            match self.peer(target) {
-                Ok(mut c) => c.write_stripe(part).await.map(|r| r.into_inner()).map_err(|e| {
-                    Status::new(e.code(), format!("row {row}, delegated to server {target}: {}", e.message()))
-                }),
+            let delegated = match self.peer(target) {
+                Ok(mut c) => c.write_stripe(part.clone()).await.map(|r| r.into_inner()),
                 Err(e) => Err(e),
+            };
+            match delegated {
+                // A delegate that cannot be reached (or cannot write now) is no reason to fail:
+                // this server carries the write out itself. Writing the same bytes again under
+                // the same client lock is harmless should the delegate have got some way.
+                Err(e) if e.code() == tonic::Code::Unavailable => self.write_stripe_here(part).await,
+                Err(e) => {
+                    Err(Status::new(e.code(), format!("row {row}, delegated to server {target}: {}", e.message())))
+                }
+                ok => ok,
             }
         };
         let now = self.node.config.env.now_ms();
         let mut d = self.stripes.delegation.lock().expect("delegation");
-        d.done(stripe, target, result.as_ref().ok().map(|w| w.load), result.is_ok(), now);
+        // Done by the target, not by this server in its place.
+        let by_target = result.as_ref().ok().filter(|w| w.server == target);
+        d.done(stripe, target, by_target.map(|w| w.load), by_target.is_some(), now);
         result
     }
 

@@ -162,6 +162,9 @@ pub fn put(args: PutArgs) -> Result<ExitCode> {
     {
         bail!("--parity must be 0 (none), 1 (XOR) or 2 (P+Q), not {p}");
     }
+    if args.path.ends_with('/') {
+        bail!("`{}` names a directory (it ends with /); give the file's path, e.g. {}name", args.path, args.path);
+    }
     let mut file = std::fs::File::open(&args.local).with_context(|| format!("cannot read {}", args.local.display()))?;
     let total = file.metadata().ok().map(|m| m.len());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -336,6 +339,8 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let (session, grant) = lock_range(&addrs, path, offset..end, Mode::PW).await?;
+        // Where the pieces written so far end (each piece is one call).
+        let landed = std::sync::atomic::AtomicU64::new(offset);
         let result = async {
             let mut client = files_client(&addrs).await?;
             let mut progress = Progress::new("write", Some(data.len() as u64), json);
@@ -352,6 +357,7 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
                 rows.extend(reply.rows);
                 size = reply.size;
                 at += piece.len() as u64;
+                landed.store(at, std::sync::atomic::Ordering::Relaxed);
                 progress.add(piece.len() as u64);
             }
             progress.finish();
@@ -360,7 +366,16 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
         .await;
         let _ = session.unlock(grant.lock).await;
         session.close().await;
-        let (rows, size) = result.with_context(|| format!("writing bytes {offset}..{end} of {path} failed"))?;
+        let landed = landed.into_inner();
+        let (rows, size) = result.with_context(|| {
+            if landed > offset {
+                format!(
+                    "writing bytes {offset}..{end} of {path} failed part-way: bytes {offset}..{landed} were written"
+                )
+            } else {
+                format!("writing bytes {offset}..{end} of {path} failed")
+            }
+        })?;
         if json {
             let rows: Vec<_> = rows
                 .iter()
@@ -613,8 +628,21 @@ pub fn scrub(prefix: &str, repair: bool, cluster: Option<&str>, json: bool) -> R
             if problems > 0 && !repair {
                 println!("run `stripelock scrub --repair` to rewrite them from the redundancy left");
             }
+            if !total.unavailable.is_empty() {
+                println!(
+                    "{} units could not be checked (their servers did not answer): scrub again once they are back",
+                    total.unavailable.len()
+                );
+            }
         }
-        Ok(if left > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        // 1: damage is left; 2: none found, but not every unit could be checked.
+        Ok(if left > 0 {
+            ExitCode::from(1)
+        } else if !total.unavailable.is_empty() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        })
     })
 }
 
@@ -660,6 +688,20 @@ pub fn rebuild(lost: u64, onto: Option<u64>, cluster: Option<&str>, json: bool) 
             units += r.units_rebuilt;
             bytes += r.bytes;
             mismatches.extend(s.damaged.iter().chain(&s.parity_mismatches).map(|m| format!("{}: {m}", f.path)));
+            // Progress, a line a file, on standard error (not with --json: its output is the
+            // one JSON line on standard output, and its standard error stays quiet).
+            if !json {
+                clear_progress(json);
+                eprintln!(
+                    "rebuild: {} of {} files done ({}: {} units, {}); {units} units, {} so far",
+                    i + 1,
+                    files.len(),
+                    f.path,
+                    r.units_rebuilt,
+                    human(r.bytes),
+                    human(bytes)
+                );
+            }
         }
         clear_progress(json);
         let secs = started.elapsed().as_secs_f64();

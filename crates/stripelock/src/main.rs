@@ -221,7 +221,8 @@ enum Command {
         json: bool,
     },
     /// Check every unit against its checksums and its row's parity; --repair rewrites what is
-    /// damaged from the redundancy left. Exit 1 if anything is (left) wrong.
+    /// damaged from the redundancy left. Exit 1 if anything is (left) wrong, 2 if nothing is
+    /// but some units could not be checked (their servers did not answer).
     Scrub {
         /// Only files whose path starts with this.
         #[arg(default_value = "")]

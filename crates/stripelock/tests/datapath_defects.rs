@@ -587,3 +587,61 @@ async fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down_bo
     assert!(read_all(&c, gateway, "/small").await.unwrap() == small, "rebuilt from parity, /small came back wrong");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Smaller: what a part-way write, scrub and rebuild say.
+
+#[test]
+fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly() {
+    serial(part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly_body());
+}
+
+/// Issue 10: a write that failed part-way did not say which bytes landed; `scrub` with units it
+/// could not check exited 0; `rebuild` showed no progress; messages named units by their Rust
+/// names (`Data(3)`). Here one server of a 2+1 file is down: a write over two rows, one of which
+/// needs that server, lands in the other and says so; scrub exits 2 and says what it could not
+/// check; a rebuild prints a progress line a file on standard error, and none with --json.
+async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly_body() {
+    let mut c = Cluster::start(3, "partway", &[]).await;
+    let original = noise(24 << 10, 12);
+    put(&c, "/p", &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    let server = |row: usize, role: &str| server_of(&c, "/p", row, role);
+    // A write from d1 of row r into d1 of row r + 1 touches d1(r) and P(r), then every unit of
+    // row r + 1 (parity rotates: a server outside the first pair holds a unit of the second row).
+    let (r, x, first_ok) = (0..2usize)
+        .flat_map(|r| (1..=3u64).map(move |x| (r, x)))
+        .find_map(|(r, x)| {
+            let a = [server(r, "d1"), server(r, "P")].contains(&x);
+            let b = [server(r + 1, "d0"), server(r + 1, "d1"), server(r + 1, "P")].contains(&x);
+            (a != b).then_some((r, x, !a))
+        })
+        .expect("a write over two rows of which one needs server x");
+    let gateway = (1..=3).find(|s| *s != x).unwrap();
+    c.kill(x);
+    let at = r as u64 * 8192 + 4096 + 100;
+    let end = (r as u64 + 1) * 8192 + 4096 + 100;
+    let out = run_at(&c, gateway, &["write", "/p", "--offset", &at.to_string()], &vec![9u8; (end - at) as usize]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write needed a dead server and succeeded");
+    let split = (r as u64 + 1) * 8192;
+    let (done, not) = if first_ok { ((at, split), (split, end)) } else { ((split, end), (at, split)) };
+    assert!(stderr.contains(&format!("bytes {}..{} of /p were written", done.0, done.1)), "{stderr}");
+    assert!(stderr.contains(&format!("bytes {}..{} were not", not.0, not.1)), "{stderr}");
+    assert!(stderr.contains("parity P") || stderr.contains("data unit"), "{stderr}");
+    assert!(!stderr.contains("Data(") && !stderr.contains("Some("), "{stderr}");
+
+    let out = run_at(&c, gateway, &["scrub"], b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "scrub with a server down: {stdout}");
+    assert!(stdout.contains("could not be checked"), "{stdout}");
+
+    c.spawn(x, false);
+    c.wait_ready().await;
+    let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string()], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("rebuild: 1 of 1 files done (/p"), "{stderr}");
+    let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string(), "--json"], b"");
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"], 1);
+}
