@@ -53,6 +53,8 @@ pub struct State {
     answered: BTreeMap<SessionId, Answered>,
     /// Gateway sessions and the server each belongs to.
     pub gateways: BTreeMap<SessionId, u64>,
+    /// Who opened each client session that said (`pid 1234 on host`).
+    pub clients: BTreeMap<SessionId, String>,
     /// The namespace: path → file.
     pub files: BTreeMap<String, FileMeta>,
     next_file: u64,
@@ -79,7 +81,13 @@ struct StateSnapshot {
     files: Vec<(String, FileMeta)>,
     #[serde(default)]
     next_file: u64,
+    /// Added within version 2; absent in older snapshots.
+    #[serde(default)]
+    clients: Vec<(SessionId, String)>,
 }
+
+/// Longest client description kept per session.
+const CLIENT_NAME_MAX: usize = 128;
 
 const STATE_SNAPSHOT_VERSION: u32 = 2;
 
@@ -131,6 +139,7 @@ impl State {
             secret: None,
             answered: BTreeMap::new(),
             gateways: BTreeMap::new(),
+            clients: BTreeMap::new(),
             files: BTreeMap::new(),
             next_file: 0,
             last_applied: None,
@@ -154,10 +163,21 @@ impl State {
                 // Only the first one counts: a second bootstrap cannot change the key.
                 self.secret.get_or_insert(secret);
             }
-            Op::OpenSession { lease_ms } => {
+            Op::OpenSession { lease_ms, client } => {
                 self.next_session += 1;
                 let session = SessionId(self.next_session);
                 reply.outputs = self.engine.step(cmd.now_ms, Input::OpenSession { session, lease_ms });
+                if self.engine.session_is_live(session) && !client.is_empty() {
+                    let mut client = client;
+                    if client.len() > CLIENT_NAME_MAX {
+                        let mut end = CLIENT_NAME_MAX;
+                        while !client.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        client.truncate(end);
+                    }
+                    self.clients.insert(session, client);
+                }
                 reply.session = Some(session);
             }
             Op::OpenGatewaySession { lease_ms, server } => {
@@ -180,6 +200,7 @@ impl State {
                 {
                     self.answered.remove(&session);
                     self.gateways.remove(&session);
+                    self.clients.remove(&session);
                 }
             }
             Op::Handover { release, request } => {
@@ -251,6 +272,7 @@ impl State {
             gateways: self.gateways.iter().map(|(s, g)| (*s, *g)).collect(),
             files: self.files.iter().map(|(p, f)| (p.clone(), f.clone())).collect(),
             next_file: self.next_file,
+            clients: self.clients.iter().map(|(s, c)| (*s, c.clone())).collect(),
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -270,6 +292,7 @@ impl State {
         self.gateways = s.gateways.into_iter().collect();
         self.files = s.files.into_iter().collect();
         self.next_file = s.next_file;
+        self.clients = s.clients.into_iter().collect();
         Ok(())
     }
 }
@@ -569,7 +592,10 @@ mod tests {
     #[test]
     fn retried_requests_are_not_applied_twice() {
         let mut state = State::new(Limits::default(), false);
-        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 1);
+        let open = state.apply(
+            Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000, client: String::new() } },
+            1,
+        );
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 2);
         assert!(matches!(first.outputs.as_slice(), [Output::Granted { .. }]), "{first:?}");
@@ -613,7 +639,10 @@ mod tests {
     fn snapshot_round_trip() {
         let mut state = State::new(Limits::default(), false);
         state.apply(Command { now_ms: 0, origin: None, op: Op::Bootstrap { secret: [7; 32] } }, 1);
-        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 2);
+        let open = state.apply(
+            Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000, client: String::new() } },
+            2,
+        );
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 3);
         let bytes = state.to_bytes().unwrap();
@@ -634,7 +663,14 @@ mod tests {
         let mut state = State::new(Limits::default(), false);
         let open = |state: &mut State, i| {
             state
-                .apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, i)
+                .apply(
+                    Command {
+                        now_ms: 0,
+                        origin: None,
+                        op: Op::OpenSession { lease_ms: 10_000, client: String::new() },
+                    },
+                    i,
+                )
                 .session
                 .unwrap()
         };

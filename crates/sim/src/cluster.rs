@@ -257,6 +257,8 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 tick_ms: 100,
                 snapshot_every: 300,
                 gateway_lease_ms: GATEWAY_LEASE_MS,
+                lease_min_ms: server::LEASE_MS_MIN,
+                lease_max_ms: server::LEASE_MS_MAX,
                 limits: lockengine::Limits::default(),
                 env,
             };
