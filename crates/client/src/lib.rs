@@ -224,12 +224,24 @@ impl Session {
     /// Opens a session on the first server of `servers` (`host:port`) that answers. Each server
     /// gets [`answer_deadline`]; the servers are tried in turn, the ones that did not answer
     /// last, for up to [`OPEN_PATIENCE`].
+    /// The session is recorded as opened by this process ([`process_name`]).
     pub async fn open(servers: &[String], lease_ms: u64) -> Result<Session, ClientError> {
-        Session::open_with(servers, lease_ms, Connector::tcp(Duration::from_secs(1))).await
+        Session::open_named(servers, lease_ms, Connector::tcp(Duration::from_secs(1)), process_name()).await
     }
 
-    /// Like `open`, reaching the servers through `connector` (the simulation's network).
+    /// Like `open`, reaching the servers through `connector` (the simulation's network), and
+    /// saying nothing of who opens it (a simulation must not log real pids).
     pub async fn open_with(servers: &[String], lease_ms: u64, connector: Connector) -> Result<Session, ClientError> {
+        Session::open_named(servers, lease_ms, connector, String::new()).await
+    }
+
+    /// Like `open_with`, recording the session as opened by `client_name`.
+    pub async fn open_named(
+        servers: &[String],
+        lease_ms: u64,
+        connector: Connector,
+        client_name: String,
+    ) -> Result<Session, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no server address given".into()));
         }
@@ -237,7 +249,7 @@ impl Session {
         let mut order = servers.to_vec();
         let give_up = asked + OPEN_PATIENCE;
         let (conn, opened) = loop {
-            match connect(&connector, &mut order, 0, lease_ms).await {
+            match connect(&connector, &mut order, 0, lease_ms, &client_name).await {
                 Ok(c) => break c,
                 Err(ClientError::Unreachable(_))
                     if tokio::time::Instant::now() + Duration::from_millis(100) < give_up =>
@@ -490,11 +502,13 @@ async fn connect(
     servers: &mut Vec<String>,
     resume: u64,
     lease_ms: u64,
+    client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), ClientError> {
     let mut failures = Vec::new();
     let deadline = answer_deadline(lease_ms);
     for addr in servers.clone() {
-        let attempt = tokio::time::timeout(deadline, connect_one(connector, &addr, resume, lease_ms)).await;
+        let attempt =
+            tokio::time::timeout(deadline, connect_one(connector, &addr, resume, lease_ms, client_name)).await;
         let e = match attempt {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => e,
@@ -544,13 +558,18 @@ async fn connect_one(
     addr: &str,
     resume: u64,
     lease_ms: u64,
+    client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
     let channel = connector.channel(addr).map_err(tonic::Status::unavailable)?;
     let mut client = pb::locks_client::LocksClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let open = pb::ClientMessage {
         request_id: 0,
-        body: Some(Up::Open(pb::OpenSession { resume_session: resume, lease_ms, client_name: process_name() })),
+        body: Some(Up::Open(pb::OpenSession {
+            resume_session: resume,
+            lease_ms,
+            client_name: client_name.to_string(),
+        })),
     };
     tx.send(open).await.map_err(|_| tonic::Status::unavailable("stream closed"))?;
     let mut down = client.session(ReceiverStream::new(rx)).await?.into_inner();
@@ -668,7 +687,7 @@ impl Actor {
         // Keep trying for most of a lease: after that the session is gone anyway.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.lease_ms);
         while tokio::time::Instant::now() < deadline {
-            match connect(&self.connector, &mut self.servers, self.session, self.lease_ms).await {
+            match connect(&self.connector, &mut self.servers, self.session, self.lease_ms, "").await {
                 Ok(((up, down), _)) => {
                     self.gateway_moved();
                     for (id, (body, _, _)) in &self.unacked {
