@@ -500,6 +500,8 @@ impl pb::locks_server::Locks for LockService {
             writes_in_flight: data.writes_in_flight.load(Relaxed),
             writes_admitted_max: data.writes_admitted_max.load(Relaxed),
             worst_write_ms: data.worst_write_ms.load(Relaxed),
+            pid: std::process::id(),
+            data_dir: self.node.config.data_dir.display().to_string(),
         }))
     }
 

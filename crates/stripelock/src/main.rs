@@ -7,6 +7,7 @@ mod cluster;
 mod files;
 mod replay;
 mod tokens;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -332,7 +333,7 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
+        Command::Up { servers, data, json } => report(up::up(servers, &data, json)),
         Command::Server {
             config,
             id,
