@@ -377,7 +377,13 @@ impl pb::locks_server::Locks for LockService {
         let down_gateway = gateway.clone();
         tokio::spawn(async move {
             'stream: loop {
-                match applied.recv().await {
+                let next = tokio::select! {
+                    next = applied.recv() => next,
+                    // The client went away: nothing will read what comes, so stop now rather
+                    // than when the session's next entry finds the stream gone.
+                    _ = down_tx.closed() => break 'stream,
+                };
+                match next {
                     Some(a) => {
                         if a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session: s } if *s == session))
                         {
@@ -390,6 +396,9 @@ impl pb::locks_server::Locks for LockService {
                             }
                         }
                     }
+                    // The session was closed or expired: its last messages are out; the
+                    // stream ends here.
+                    None if !down_node.session_is_live(session) => break 'stream,
                     None => {
                         let _ = down_tx
                             .send(Err(Status::unavailable(
