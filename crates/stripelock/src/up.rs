@@ -341,7 +341,10 @@ fn stop_all(slots: &mut [Slot]) {
             std::thread::sleep(Duration::from_millis(50));
         }
         if is_server_of(pid, &dir) {
-            eprintln!("server {id} (pid {pid}, not started by this `up`) did not stop in {} s; killing it", STOP_GRACE.as_secs());
+            eprintln!(
+                "server {id} (pid {pid}, not started by this `up`) did not stop in {} s; killing it",
+                STOP_GRACE.as_secs()
+            );
             signal(pid, "-KILL");
         }
     }

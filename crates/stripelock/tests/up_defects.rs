@@ -236,7 +236,8 @@ fn up_restarts_a_killed_server_and_appends_to_its_log() {
     assert!(said.contains(log.to_str().unwrap()) || said.contains("server-2/server.log"), "no log path: {said}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("MARKER"), "the restart truncated the log: {text}");
-    let pid: u32 = std::fs::read_to_string(up.server_dir(victim.id).join("server.pid")).unwrap().trim().parse().unwrap();
+    let pid: u32 =
+        std::fs::read_to_string(up.server_dir(victim.id).join("server.pid")).unwrap().trim().parse().unwrap();
     assert_ne!(pid, victim.pid);
     assert!(runs_in(pid, &up.dir), "server.pid does not name the restarted server");
 }
