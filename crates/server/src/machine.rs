@@ -382,7 +382,11 @@ impl Machine {
         }
     }
 
-    fn route(&self, applied: Applied) {
+    /// Hands an applied entry to the queues of the sessions it concerns, then drops the queues
+    /// of the sessions in `ended`: nothing will ever concern them again, and a queue kept would
+    /// keep its stream's task and buffers alive for good (issue 10: a closed session's queue and
+    /// task stayed until the server stopped).
+    fn route(&self, applied: Applied, ended: &[SessionId]) {
         let mut sessions: Vec<SessionId> = applied.origin.map(|o| o.session).into_iter().collect();
         sessions.extend(applied.reply.outputs.iter().filter_map(output_session));
         sessions.sort_unstable();
@@ -398,6 +402,14 @@ impl Machine {
                 routes.remove(&session);
             }
         }
+        for session in ended {
+            routes.remove(session);
+        }
+    }
+
+    /// How many session queues this server holds (one per attached session).
+    pub fn attached_sessions(&self) -> usize {
+        self.routes.lock().expect("routes lock").len()
     }
 
     /// The index of the last entry applied on this server.
@@ -443,6 +455,8 @@ impl RaftStateMachine<C> for Machine {
         use openraft::vote::RaftLeaderId;
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
+            // Sessions this entry ended (closed, fenced, or expired): their queues go with it.
+            let mut ended: Vec<SessionId> = Vec::new();
             let (origin, reply) = {
                 let mut state = self.state();
                 state.last_applied = Some(entry.log_id);
@@ -461,6 +475,10 @@ impl RaftStateMachine<C> for Machine {
                     }
                     EntryPayload::Normal(cmd) => {
                         let origin = cmd.origin;
+                        let closing = match &cmd.op {
+                            Op::Engine(Input::CloseSession { session } | Input::FenceAck { session }) => Some(*session),
+                            _ => None,
+                        };
                         let seen = self.observer.as_ref().map(|_| {
                             let input = match &cmd.op {
                                 Op::Engine(input) | Op::Handover { request: input, .. } => Some(input.clone()),
@@ -492,12 +510,20 @@ impl RaftStateMachine<C> for Machine {
                             let server = self.server;
                             observer(ApplyEvent { server, index, now_ms, input, origin, reply: reply.clone() });
                         }
+                        ended = closing
+                            .into_iter()
+                            .chain(reply.outputs.iter().filter_map(|o| match o {
+                                Output::Expired { session } => Some(*session),
+                                _ => None,
+                            }))
+                            .filter(|s| !state.engine.session_is_live(*s))
+                            .collect();
                         (origin, reply)
                     }
                 }
             };
-            if !reply.outputs.is_empty() || origin.is_some() {
-                self.route(Applied { index, origin, reply: reply.clone() });
+            if !reply.outputs.is_empty() || origin.is_some() || !ended.is_empty() {
+                self.route(Applied { index, origin, reply: reply.clone() }, &ended);
             }
             self.index_tx.send_replace(index);
             if let Some(responder) = responder {
@@ -653,6 +679,57 @@ mod tests {
         assert_eq!(copy.engine.snapshot(), state.engine.snapshot());
         let retry = copy.apply(lock_cmd(session, 1, 1, 6), 4);
         assert!(retry.duplicate && retry.outputs == first.outputs);
+    }
+
+    /// Issue 10 (server memory grew with every short session and stayed): the queue a session's
+    /// stream reads on its server was kept after the session ended, and with it the stream's task
+    /// and buffers. Now a closed session's queue ends after its last entry, an expired one's after
+    /// the expiry, and the closed session's answered requests are gone.
+    #[tokio::test]
+    async fn an_ended_sessions_queue_and_answers_are_dropped() {
+        use openraft::entry::RaftEntry;
+        let db = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
+        let store = Store::in_memory(Arc::new(db)).unwrap();
+        let mut machine = Machine::new(store, 1, Limits::default(), &crate::node::Env::default()).unwrap();
+        let mut index = 0;
+        let mut apply = async |machine: &mut Machine, cmd: Command| {
+            index += 1;
+            let entry = openraft::type_config::alias::EntryOf::<C>::new(
+                openraft::testing::log_id::<C>(1, 1, index),
+                EntryPayload::Normal(cmd),
+            );
+            machine.apply(futures::stream::iter([Ok((entry, None))])).await.unwrap();
+        };
+        let open = Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 1_000, client: String::new() } };
+        apply(&mut machine, open.clone()).await;
+        apply(&mut machine, open).await;
+        let (closed, expired) = (SessionId(1), SessionId(2));
+        let mut closed_rx = machine.attach(closed);
+        let mut expired_rx = machine.attach(expired);
+        assert_eq!(machine.attached_sessions(), 2);
+
+        apply(&mut machine, lock_cmd(closed, 1, 1, 5)).await;
+        let close = Command {
+            now_ms: 6,
+            origin: Some(Origin { session: closed, request: 2 }),
+            op: Op::Engine(Input::CloseSession { session: closed }),
+        };
+        apply(&mut machine, close).await;
+        assert!(closed_rx.recv().await.is_some_and(|a| a.index == 3), "the grant");
+        assert!(closed_rx.recv().await.is_some_and(|a| a.index == 4), "the close's own answer");
+        // Bounded, so that on a failure the test fails rather than waits for good.
+        let end = async |rx: &mut mpsc::Receiver<Arc<Applied>>| {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await
+        };
+        assert!(matches!(end(&mut closed_rx).await, Ok(None)), "the closed session's queue must end");
+        assert_eq!(machine.attached_sessions(), 1);
+        assert!(!machine.state().answered.contains_key(&closed));
+
+        apply(&mut machine, Command { now_ms: 5_000, origin: None, op: Op::Engine(Input::Tick) }).await;
+        let a = expired_rx.recv().await.expect("the expiry");
+        assert!(a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session } if *session == expired)));
+        assert!(matches!(end(&mut expired_rx).await, Ok(None)), "the expired session's queue must end");
+        assert_eq!(machine.attached_sessions(), 0);
     }
 
     /// A handover releases the gateway's read lock and grants the client's write in one entry;

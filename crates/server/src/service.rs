@@ -403,7 +403,13 @@ impl pb::locks_server::Locks for LockService {
         let down_gateway = gateway.clone();
         tokio::spawn(async move {
             'stream: loop {
-                match applied.recv().await {
+                let next = tokio::select! {
+                    next = applied.recv() => next,
+                    // The client went away: nothing will read what comes, so stop now rather
+                    // than when the session's next entry finds the stream gone.
+                    _ = down_tx.closed() => break 'stream,
+                };
+                match next {
                     Some(a) => {
                         if a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session: s } if *s == session))
                         {
@@ -416,6 +422,9 @@ impl pb::locks_server::Locks for LockService {
                             }
                         }
                     }
+                    // The session was closed or expired: its last messages are out; the
+                    // stream ends here.
+                    None if !down_node.session_is_live(session) => break 'stream,
                     None => {
                         let _ = down_tx
                             .send(Err(Status::unavailable(
@@ -526,6 +535,8 @@ impl pb::locks_server::Locks for LockService {
             writes_in_flight: data.writes_in_flight.load(Relaxed),
             writes_admitted_max: data.writes_admitted_max.load(Relaxed),
             worst_write_ms: data.worst_write_ms.load(Relaxed),
+            pid: std::process::id(),
+            data_dir: self.node.config.data_dir.display().to_string(),
         }))
     }
 

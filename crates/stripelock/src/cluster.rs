@@ -173,7 +173,7 @@ impl ServerArgs {
 }
 
 /// Stops on SIGINT or SIGTERM.
-async fn stop_signal() -> watch::Receiver<bool> {
+pub(crate) async fn stop_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -195,10 +195,22 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         Some(l) => l,
         None => own.parse()?,
     };
+    // One server per data directory, held until this process ends; the lock file names our pid,
+    // so `up` can stop a server started by hand, and a second server can say whose it is.
+    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    let _pid_lock = match crate::up::take_pid_lock(&args.data.join(crate::up::SERVER_PID))? {
+        Ok(lock) => lock,
+        Err(pid) => bail!(
+            "{} is in use by another server process{}; stop it, or give another --data directory",
+            args.data.display(),
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        ),
+    };
+    let data_dir = args.data.canonicalize().with_context(|| format!("cannot resolve {}", args.data.display()))?;
     let config = ServerConfig {
         id: args.id,
         listen,
-        data_dir: args.data,
+        data_dir,
         peers,
         bootstrap: args.bootstrap,
         heartbeat_ms: args.heartbeat_ms,
@@ -224,96 +236,6 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
 
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `up`: N servers on 127.0.0.1 in child processes, until Ctrl-C or SIGTERM.
-pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
-    if !(1..=9).contains(&servers) {
-        bail!("--servers must be between 1 and 9, got {servers}");
-    }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let cluster_file = data.join(CLUSTER_FILE);
-    // A data directory that held a cluster keeps its addresses, so the servers find their logs.
-    let mut addrs: Vec<String> = std::fs::read_to_string(&cluster_file)
-        .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
-    if addrs.len() != servers as usize {
-        if !addrs.is_empty() {
-            bail!(
-                "{} holds a cluster of {} servers; use --servers {} or another --data directory",
-                data.display(),
-                addrs.len(),
-                addrs.len()
-            );
-        }
-        addrs = (0..servers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_>>()?;
-    }
-    let peers: String = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
-    let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
-    let mut children = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = i + 1;
-        let dir = data.join(format!("server-{id}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["server", "--id", &id.to_string(), "--data"]).arg(&dir).args(["--peers", &peers]);
-        if id == 1 {
-            cmd.arg("--bootstrap");
-        }
-        let child =
-            cmd.stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("cannot start server {id}"))?;
-        children.push((id, addr.clone(), dir, child));
-    }
-    std::fs::write(&cluster_file, addrs.join(","))?;
-    if json {
-        let list: Vec<_> = children
-            .iter()
-            .map(|(id, addr, dir, c)| serde_json::json!({"id": id, "address": addr, "data": dir, "pid": c.id()}))
-            .collect();
-        println!("{}", serde_json::json!({"cluster": addrs.join(","), "servers": list}));
-    } else {
-        println!("{:<4} {:<22} {:<8} data", "id", "address", "pid");
-        for (id, addr, dir, c) in &children {
-            println!("{id:<4} {addr:<22} {:<8} {}", c.id(), dir.display());
-        }
-        println!("\ncluster: {}  (written to {})", addrs.join(","), cluster_file.display());
-        println!("try:     stripelock lock /jobs/nightly -- sleep 5     (from this directory)");
-        println!("stop:    Ctrl-C");
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut stop = stop_signal().await;
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-            for (id, _, dir, c) in &mut children {
-                if let Ok(Some(status)) = c.try_wait() {
-                    eprintln!("server {id} exited ({status}); see {}", dir.join("server.log").display());
-                }
-            }
-            children.retain_mut(|(_, _, _, c)| !matches!(c.try_wait(), Ok(Some(_))));
-        }
-    });
-    // Stop the servers we started, by their PIDs: SIGTERM, then SIGKILL after 5 s.
-    for (_, _, _, c) in &children {
-        let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    for (id, _, _, c) in &mut children {
-        while std::time::Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(c.try_wait(), Ok(None)) {
-            eprintln!("server {id} did not stop in 5 s; killing it");
-            let _ = c.kill();
-        }
-        let _ = c.wait();
-    }
-    eprintln!("cluster stopped");
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `A..B`, `A..` or `all`; says which number is wrong, and never wraps one that is too large.
@@ -862,6 +784,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "sessions_fencing": s.sessions_fencing, "resources": s.resources, "locks_granted": s.locks_granted,
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
                     "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
+                    "pid": s.pid, "data_dir": s.data_dir,
                     "gateway": {
                         "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
                         "grants": s.gateway_grants, "handovers": s.gateway_handovers,

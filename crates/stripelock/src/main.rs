@@ -7,6 +7,7 @@ mod cluster;
 mod files;
 mod replay;
 mod tokens;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -380,7 +381,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
+        Command::Up { servers, data, json } => report(up::up(servers, &data, json)),
         Command::Server {
             config,
             id,
