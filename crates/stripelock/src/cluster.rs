@@ -290,18 +290,46 @@ pub enum OnLost {
     Kill,
 }
 
+/// `stripelock lock`'s arguments.
+#[derive(Debug, clap::Args)]
 pub struct LockArgs {
+    /// The resource (a path).
     pub path: String,
+    #[arg(long, default_value = "all")]
     pub range: String,
+    /// NL, CR, CW, PR, PW or EX.
+    #[arg(long, default_value = "EX")]
     pub mode: String,
+    /// Fail at once, saying who holds it, if the lock is taken.
+    #[arg(long)]
     pub nowait: bool,
+    /// With --mode PR: let the server grant it from its own cached read lock on the whole
+    /// file (no log write per reader); the lock then lasts only while that server's lease
+    /// does. Not with --nowait (such a read goes to the log).
+    #[arg(long)]
     pub gateway: bool,
-    pub timeout: Option<Duration>,
+    /// Give up after this long (e.g. 30s), counting from the start, reaching the cluster
+    /// included; 0 means one try, like --nowait.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Exit code when the lock is not available.
+    #[arg(long, default_value_t = exit::NOT_AVAILABLE)]
     pub conflict_exit_code: u8,
-    pub lease: Duration,
+    /// Session lease: the lock is released this long after this process dies (within the
+    /// cluster's bounds, by default 500ms to 10m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+    /// What to do to the command if the lock is lost while it runs (exit 121 in each case).
+    #[arg(long, value_enum, default_value = "term")]
     pub on_lost: OnLost,
-    pub grace: Duration,
+    /// After SIGTERM (lock lost, or this process told to stop), SIGKILL if the command has
+    /// not ended within this.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Servers HOST:PORT,... (default: STRIPELOCK_CLUSTER, else ./stripelock-data/cluster).
+    #[arg(long)]
     pub cluster: Option<String>,
+    #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
 

@@ -83,46 +83,7 @@ enum Command {
     /// runs in its own process group and dies with this process. Exit: the command's status,
     /// or 121 lock lost while it ran, 124 lock not available, 125 this command failed, 126
     /// command cannot run, 127 command not found, 128+N stopped by signal N.
-    Lock {
-        /// The resource (a path).
-        path: String,
-        #[arg(long, default_value = "all")]
-        range: String,
-        /// NL, CR, CW, PR, PW or EX.
-        #[arg(long, default_value = "EX")]
-        mode: String,
-        /// Fail at once, saying who holds it, if the lock is taken.
-        #[arg(long)]
-        nowait: bool,
-        /// With --mode PR: let the server grant it from its own cached read lock on the whole
-        /// file (no log write per reader); the lock then lasts only while that server's lease
-        /// does. Not with --nowait (such a read goes to the log).
-        #[arg(long)]
-        gateway: bool,
-        /// Give up after this long (e.g. 30s), counting from the start, reaching the cluster
-        /// included; 0 means one try, like --nowait.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<std::time::Duration>,
-        /// Exit code when the lock is not available.
-        #[arg(long, default_value_t = cluster::exit::NOT_AVAILABLE)]
-        conflict_exit_code: u8,
-        /// Session lease: the lock is released this long after this process dies (within the
-        /// cluster's bounds, by default 500ms to 10m).
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        lease: std::time::Duration,
-        /// What to do to the command if the lock is lost while it runs (exit 121 in each case).
-        #[arg(long, value_enum, default_value = "term")]
-        on_lost: cluster::OnLost,
-        /// After SIGTERM (lock lost, or this process told to stop), SIGKILL if the command has
-        /// not ended within this.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        grace: std::time::Duration,
-        /// Servers HOST:PORT,... (default: STRIPELOCK_CLUSTER, else ./stripelock-data/cluster).
-        #[arg(long)]
-        cluster: Option<String>,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Lock(cluster::LockArgs),
     /// The lock table: holders, waiters, tokens, and the wait-for graph.
     Locks {
         /// Only resources whose name starts with this.
@@ -415,33 +376,7 @@ fn main() -> ExitCode {
                 cluster::server(args)
             }))
         }
-        Command::Lock {
-            path,
-            range,
-            mode,
-            nowait,
-            gateway,
-            timeout,
-            conflict_exit_code,
-            lease,
-            on_lost,
-            grace,
-            cluster,
-            command,
-        } => cluster::lock(cluster::LockArgs {
-            path,
-            range,
-            mode,
-            nowait,
-            gateway,
-            timeout,
-            conflict_exit_code,
-            lease,
-            on_lost,
-            grace,
-            cluster,
-            command,
-        }),
+        Command::Lock(args) => cluster::lock(args),
         Command::Evict { sessions, holders, cluster, json } => {
             report(cluster::evict(&sessions, holders.as_deref(), cluster.as_deref(), json))
         }
