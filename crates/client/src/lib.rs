@@ -98,6 +98,30 @@ pub enum ClientError {
     Closed,
     #[error("the lock is lost: {0}")]
     Lost(String),
+    /// The cluster refused to open the session: the lease is out of its bounds, or a limit
+    /// (sessions) is reached. Trying another server would give the same answer.
+    #[error("the cluster refused the session: {0}")]
+    Refused(String),
+}
+
+/// How long one server gets to open (or resume) a session and answer, before the client moves
+/// on to the next: well under the lease, so a server that accepts connections but does not
+/// answer (paused, overloaded) cannot hold a client past its lease.
+pub fn answer_deadline(lease_ms: u64) -> Duration {
+    Duration::from_millis((lease_ms / 2).clamp(250, 1_000))
+}
+
+/// How long `Session::open` keeps going round the servers (an election takes a few seconds).
+pub const OPEN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Who this process is, as lock tables and conflict messages show it: `pid 1234 on host`.
+pub fn process_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown host".into());
+    format!("pid {} on {host}", std::process::id())
 }
 
 enum Want {
@@ -197,18 +221,45 @@ impl Numbers {
 }
 
 impl Session {
-    /// Opens a session on the first server of `servers` (`host:port`) that answers.
+    /// Opens a session on the first server of `servers` (`host:port`) that answers. Each server
+    /// gets [`answer_deadline`]; the servers are tried in turn, the ones that did not answer
+    /// last, for up to [`OPEN_PATIENCE`].
+    /// The session is recorded as opened by this process ([`process_name`]).
     pub async fn open(servers: &[String], lease_ms: u64) -> Result<Session, ClientError> {
-        Session::open_with(servers, lease_ms, Connector::tcp(Duration::from_secs(1))).await
+        Session::open_named(servers, lease_ms, Connector::tcp(Duration::from_secs(1)), process_name()).await
     }
 
-    /// Like `open`, reaching the servers through `connector` (the simulation's network).
+    /// Like `open`, reaching the servers through `connector` (the simulation's network), and
+    /// saying nothing of who opens it (a simulation must not log real pids).
     pub async fn open_with(servers: &[String], lease_ms: u64, connector: Connector) -> Result<Session, ClientError> {
+        Session::open_named(servers, lease_ms, connector, String::new()).await
+    }
+
+    /// Like `open_with`, recording the session as opened by `client_name`.
+    pub async fn open_named(
+        servers: &[String],
+        lease_ms: u64,
+        connector: Connector,
+        client_name: String,
+    ) -> Result<Session, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no server address given".into()));
         }
         let asked = tokio::time::Instant::now();
-        let (conn, opened) = connect(&connector, servers, 0, lease_ms).await?;
+        let mut order = servers.to_vec();
+        let give_up = asked + OPEN_PATIENCE;
+        let (conn, opened) = loop {
+            match connect(&connector, &mut order, 0, lease_ms, &client_name).await {
+                Ok(c) => break c,
+                Err(ClientError::Unreachable(_))
+                    if tokio::time::Instant::now() + Duration::from_millis(100) < give_up =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let servers = &order;
         let renewed = std::sync::Arc::new(std::sync::Mutex::new(asked));
         let (calls_tx, calls_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
@@ -443,27 +494,63 @@ impl Session {
 
 type Conn = (mpsc::Sender<pb::ClientMessage>, tonic::Streaming<pb::ServerMessage>);
 
-/// Opens (or, with `resume`, reattaches) a session on the first server that answers.
+/// Opens (or, with `resume`, reattaches) a session on the first server that answers within
+/// [`answer_deadline`]. A server that did not answer goes to the end of `servers`, so the next
+/// round starts with the ones that did.
 async fn connect(
     connector: &Connector,
-    servers: &[String],
+    servers: &mut Vec<String>,
     resume: u64,
     lease_ms: u64,
+    client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), ClientError> {
-    let mut last = String::new();
-    for addr in servers {
-        match connect_one(connector, addr, resume, lease_ms).await {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                // A resumed session that the cluster says is gone is final, not a server fault.
-                if e.code() == tonic::Code::NotFound {
-                    return Err(ClientError::Expired);
-                }
-                last = format!("{addr}: {}", e.message());
+    let mut failures = Vec::new();
+    let deadline = answer_deadline(lease_ms);
+    for addr in servers.clone() {
+        let attempt =
+            tokio::time::timeout(deadline, connect_one(connector, &addr, resume, lease_ms, client_name)).await;
+        let e = match attempt {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => e,
+            Err(_) => tonic::Status::deadline_exceeded(format!(
+                "no answer within {} ms (it accepts connections but does not answer: paused or overloaded?)",
+                deadline.as_millis()
+            )),
+        };
+        match e.code() {
+            // A resumed session that the cluster says is gone is final, not a server fault.
+            tonic::Code::NotFound => return Err(ClientError::Expired),
+            // The cluster itself said no (lease out of bounds, too many sessions): every server
+            // would say the same.
+            tonic::Code::OutOfRange | tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => {
+                return Err(ClientError::Refused(e.message().to_string()));
             }
+            _ => {}
+        }
+        failures.push(format!("{addr}: {}", status_text(&e)));
+        // Try it last next time.
+        if let Some(i) = servers.iter().position(|s| *s == addr) {
+            let s = servers.remove(i);
+            servers.push(s);
         }
     }
-    Err(ClientError::Unreachable(last))
+    Err(ClientError::Unreachable(failures.join("; ")))
+}
+
+/// A transport error's message with its causes, each said once ("tcp connect error: Connection
+/// refused"), not tonic's repetition of the outermost one.
+fn status_text(e: &tonic::Status) -> String {
+    let mut parts: Vec<String> = vec![e.message().to_string()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(": ")
 }
 
 async fn connect_one(
@@ -471,19 +558,21 @@ async fn connect_one(
     addr: &str,
     resume: u64,
     lease_ms: u64,
+    client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
-    let channel = connector.channel(addr).map_err(tonic::Status::invalid_argument)?;
+    let channel = connector.channel(addr).map_err(tonic::Status::unavailable)?;
     let mut client = pb::locks_client::LocksClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let open = pb::ClientMessage {
         request_id: 0,
-        body: Some(Up::Open(pb::OpenSession { resume_session: resume, lease_ms, client_name: String::new() })),
+        body: Some(Up::Open(pb::OpenSession {
+            resume_session: resume,
+            lease_ms,
+            client_name: client_name.to_string(),
+        })),
     };
     tx.send(open).await.map_err(|_| tonic::Status::unavailable("stream closed"))?;
-    let mut down = tokio::time::timeout(Duration::from_secs(10), client.session(ReceiverStream::new(rx)))
-        .await
-        .map_err(|_| tonic::Status::unavailable("no answer within 10 s"))??
-        .into_inner();
+    let mut down = client.session(ReceiverStream::new(rx)).await?.into_inner();
     match down.next().await {
         Some(Ok(pb::ServerMessage { body: Some(Down::Opened(o)), .. })) => Ok(((tx, down), o)),
         Some(Err(e)) => Err(e),
@@ -598,7 +687,7 @@ impl Actor {
         // Keep trying for most of a lease: after that the session is gone anyway.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.lease_ms);
         while tokio::time::Instant::now() < deadline {
-            match connect(&self.connector, &self.servers, self.session, self.lease_ms).await {
+            match connect(&self.connector, &mut self.servers, self.session, self.lease_ms, "").await {
                 Ok(((up, down), _)) => {
                     self.gateway_moved();
                     for (id, (body, _, _)) in &self.unacked {
@@ -606,7 +695,7 @@ impl Actor {
                     }
                     return Some((up, down));
                 }
-                Err(ClientError::Expired) => return None,
+                Err(ClientError::Expired | ClientError::Refused(_)) => return None,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }

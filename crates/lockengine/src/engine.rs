@@ -281,6 +281,12 @@ impl Engine {
                 Ok(())
             }
             Input::FenceAck { session } => self.fence_ack(session, out),
+            Input::Evict { session } => {
+                let deadline = self.check_live(session)?.deadline_ms;
+                self.expiry.remove(&(deadline, session));
+                self.start_fencing(session, out);
+                Ok(())
+            }
             Input::Posix { owner, resource, range, kind, wait } => self.posix(owner, resource, range, kind, wait, out),
             Input::PosixTest { owner, resource, range, kind } => self.posix_test(owner, &resource, range, kind, out),
         }
@@ -343,13 +349,19 @@ impl Engine {
                 break;
             }
             self.expiry.pop_first();
-            self.sessions.get_mut(&session).expect("expiry entry without session").fencing = true;
-            out.push(Output::Expired { session });
-            out.push(Output::Fence { session });
-            self.cancel_waits_of(session, out);
-            if self.skip_fence_wait {
-                self.drop_session(session, true, out);
-            }
+            self.start_fencing(session, out);
+        }
+    }
+
+    /// A session ends without releasing (its lease ran out, or it was evicted): its waiters are
+    /// cancelled, and its granted locks stay until storage acknowledges the fence.
+    fn start_fencing(&mut self, session: SessionId, out: &mut Vec<Output>) {
+        self.sessions.get_mut(&session).expect("fencing a session that does not exist").fencing = true;
+        out.push(Output::Expired { session });
+        out.push(Output::Fence { session });
+        self.cancel_waits_of(session, out);
+        if self.skip_fence_wait {
+            self.drop_session(session, true, out);
         }
     }
 
@@ -918,6 +930,7 @@ fn subject_of(input: &Input) -> Subject {
         Input::OpenSession { session, .. }
         | Input::Renew { session }
         | Input::CloseSession { session }
+        | Input::Evict { session }
         | Input::FenceAck { session } => Subject::Session(*session),
         Input::Lock { lock, .. }
         | Input::Convert { lock, .. }

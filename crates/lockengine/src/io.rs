@@ -56,6 +56,11 @@ pub enum Input {
         lock: LockId,
         value: Vec<u8>,
     },
+    /// An operator ends a live session as if its lease had run out (`stripelock evict`): its
+    /// waiters are cancelled and its locks are fenced, exactly as on expiry.
+    Evict {
+        session: SessionId,
+    },
     /// Storage has fenced the expired session: its locks may now be dropped.
     FenceAck {
         session: SessionId,

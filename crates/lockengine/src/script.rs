@@ -9,8 +9,9 @@
 //! > granted L1 EX 0..100 token=1
 //! ```
 //!
-//! Besides the commands of the issue, `close <S>` closes a session gracefully and `tick`
-//! steps the engine without advancing time.
+//! Besides the commands of the issue, `close <S>` closes a session gracefully, `evict <S>`
+//! ends it as an operator would (fenced like an expiry), and `tick` steps the engine without
+//! advancing time.
 
 use std::fmt::{self, Write as _};
 
@@ -170,11 +171,12 @@ impl Replay {
                 return Ok(Parsed::At(ms));
             }
             "tick" if w.len() == 1 => Input::Tick,
-            "renew" | "fence-ack" | "close" if w.len() == 2 => {
+            "renew" | "fence-ack" | "close" | "evict" if w.len() == 2 => {
                 let session = n.session(w[1]);
                 match command {
                     "renew" => Input::Renew { session },
                     "close" => Input::CloseSession { session },
+                    "evict" => Input::Evict { session },
                     _ => Input::FenceAck { session },
                 }
             }
@@ -251,13 +253,13 @@ impl Replay {
                 };
                 Input::PosixTest { owner, resource: w[2].to_string(), range, kind }
             }
-            "renew" | "fence-ack" | "close" => return Err(usage(&format!("{command} <S>"))),
+            "renew" | "fence-ack" | "close" | "evict" => return Err(usage(&format!("{command} <S>"))),
             "release" | "cancel" | "cache" => return Err(usage(&format!("{command} <L>"))),
             "tick" => return Err(usage("tick")),
             other => {
                 return Err(format!(
                     "unknown command `{other}`: expected one of session, at, renew, epoch, lock, convert, \
-                     release, cancel, cache, lvb, fence-ack, posix, posix-test, close, tick"
+                     release, cancel, cache, lvb, fence-ack, evict, posix, posix-test, close, tick"
                 ));
             }
         };

@@ -53,6 +53,8 @@ pub struct State {
     answered: BTreeMap<SessionId, Answered>,
     /// Gateway sessions and the server each belongs to.
     pub gateways: BTreeMap<SessionId, u64>,
+    /// Who opened each client session that said (`pid 1234 on host`).
+    pub clients: BTreeMap<SessionId, String>,
     /// The namespace: path → file.
     pub files: BTreeMap<String, FileMeta>,
     next_file: u64,
@@ -85,7 +87,13 @@ struct StateSnapshot {
     next_file: u64,
     #[serde(default)]
     puts_rolled_back: u64,
+    /// Added within version 2; absent in older snapshots.
+    #[serde(default)]
+    clients: Vec<(SessionId, String)>,
 }
+
+/// Longest client description kept per session.
+const CLIENT_NAME_MAX: usize = 128;
 
 const STATE_SNAPSHOT_VERSION: u32 = 2;
 
@@ -137,6 +145,7 @@ impl State {
             secret: None,
             answered: BTreeMap::new(),
             gateways: BTreeMap::new(),
+            clients: BTreeMap::new(),
             files: BTreeMap::new(),
             next_file: 0,
             putting: BTreeMap::new(),
@@ -162,10 +171,21 @@ impl State {
                 // Only the first one counts: a second bootstrap cannot change the key.
                 self.secret.get_or_insert(secret);
             }
-            Op::OpenSession { lease_ms } => {
+            Op::OpenSession { lease_ms, client } => {
                 self.next_session += 1;
                 let session = SessionId(self.next_session);
                 reply.outputs = self.engine.step(cmd.now_ms, Input::OpenSession { session, lease_ms });
+                if self.engine.session_is_live(session) && !client.is_empty() {
+                    let mut client = client;
+                    if client.len() > CLIENT_NAME_MAX {
+                        let mut end = CLIENT_NAME_MAX;
+                        while !client.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        client.truncate(end);
+                    }
+                    self.clients.insert(session, client);
+                }
                 reply.session = Some(session);
             }
             Op::OpenGatewaySession { lease_ms, server } => {
@@ -188,6 +208,7 @@ impl State {
                 {
                     self.answered.remove(&session);
                     self.gateways.remove(&session);
+                    self.clients.remove(&session);
                 }
             }
             Op::Handover { release, request } => {
@@ -300,6 +321,7 @@ impl State {
             files: self.files.iter().map(|(p, f)| (p.clone(), f.clone())).collect(),
             next_file: self.next_file,
             puts_rolled_back: self.puts_rolled_back,
+            clients: self.clients.iter().map(|(s, c)| (*s, c.clone())).collect(),
         };
         serde_json::to_vec(&snapshot).map_err(io_error)
     }
@@ -326,6 +348,7 @@ impl State {
             .filter_map(|(p, f)| f.writer.map(|w| (p.clone(), (f.id, w))))
             .collect();
         self.puts_rolled_back = s.puts_rolled_back;
+        self.clients = s.clients.into_iter().collect();
         Ok(())
     }
 }
@@ -415,7 +438,11 @@ impl Machine {
         }
     }
 
-    fn route(&self, applied: Applied) {
+    /// Hands an applied entry to the queues of the sessions it concerns, then drops the queues
+    /// of the sessions in `ended`: nothing will ever concern them again, and a queue kept would
+    /// keep its stream's task and buffers alive for good (issue 10: a closed session's queue and
+    /// task stayed until the server stopped).
+    fn route(&self, applied: Applied, ended: &[SessionId]) {
         let mut sessions: Vec<SessionId> = applied.origin.map(|o| o.session).into_iter().collect();
         sessions.extend(applied.reply.outputs.iter().filter_map(output_session));
         sessions.sort_unstable();
@@ -431,6 +458,14 @@ impl Machine {
                 routes.remove(&session);
             }
         }
+        for session in ended {
+            routes.remove(session);
+        }
+    }
+
+    /// How many session queues this server holds (one per attached session).
+    pub fn attached_sessions(&self) -> usize {
+        self.routes.lock().expect("routes lock").len()
     }
 
     /// The index of the last entry applied on this server.
@@ -476,6 +511,8 @@ impl RaftStateMachine<C> for Machine {
         use openraft::vote::RaftLeaderId;
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
+            // Sessions this entry ended (closed, fenced, or expired): their queues go with it.
+            let mut ended: Vec<SessionId> = Vec::new();
             let (origin, reply) = {
                 let mut state = self.state();
                 state.last_applied = Some(entry.log_id);
@@ -494,6 +531,10 @@ impl RaftStateMachine<C> for Machine {
                     }
                     EntryPayload::Normal(cmd) => {
                         let origin = cmd.origin;
+                        let closing = match &cmd.op {
+                            Op::Engine(Input::CloseSession { session } | Input::FenceAck { session }) => Some(*session),
+                            _ => None,
+                        };
                         let seen = self.observer.as_ref().map(|_| {
                             let input = match &cmd.op {
                                 Op::Engine(input) | Op::Handover { request: input, .. } => Some(input.clone()),
@@ -525,12 +566,20 @@ impl RaftStateMachine<C> for Machine {
                             let server = self.server;
                             observer(ApplyEvent { server, index, now_ms, input, origin, reply: reply.clone() });
                         }
+                        ended = closing
+                            .into_iter()
+                            .chain(reply.outputs.iter().filter_map(|o| match o {
+                                Output::Expired { session } => Some(*session),
+                                _ => None,
+                            }))
+                            .filter(|s| !state.engine.session_is_live(*s))
+                            .collect();
                         (origin, reply)
                     }
                 }
             };
-            if !reply.outputs.is_empty() || origin.is_some() {
-                self.route(Applied { index, origin, reply: reply.clone() });
+            if !reply.outputs.is_empty() || origin.is_some() || !ended.is_empty() {
+                self.route(Applied { index, origin, reply: reply.clone() }, &ended);
             }
             self.index_tx.send_replace(index);
             if let Some(responder) = responder {
@@ -625,7 +674,10 @@ mod tests {
     #[test]
     fn retried_requests_are_not_applied_twice() {
         let mut state = State::new(Limits::default(), false);
-        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 1);
+        let open = state.apply(
+            Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000, client: String::new() } },
+            1,
+        );
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 2);
         assert!(matches!(first.outputs.as_slice(), [Output::Granted { .. }]), "{first:?}");
@@ -672,7 +724,14 @@ mod tests {
         let mut state = State::new(Limits::default(), false);
         let open = |state: &mut State, i| {
             state
-                .apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, i)
+                .apply(
+                    Command {
+                        now_ms: 0,
+                        origin: None,
+                        op: Op::OpenSession { lease_ms: 10_000, client: String::new() },
+                    },
+                    i,
+                )
                 .session
                 .unwrap()
         };
@@ -713,7 +772,10 @@ mod tests {
     fn snapshot_round_trip() {
         let mut state = State::new(Limits::default(), false);
         state.apply(Command { now_ms: 0, origin: None, op: Op::Bootstrap { secret: [7; 32] } }, 1);
-        let open = state.apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, 2);
+        let open = state.apply(
+            Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000, client: String::new() } },
+            2,
+        );
         let session = open.session.expect("a session");
         let first = state.apply(lock_cmd(session, 1, 1, 5), 3);
         let bytes = state.to_bytes().unwrap();
@@ -726,6 +788,57 @@ mod tests {
         assert!(retry.duplicate && retry.outputs == first.outputs);
     }
 
+    /// Issue 10 (server memory grew with every short session and stayed): the queue a session's
+    /// stream reads on its server was kept after the session ended, and with it the stream's task
+    /// and buffers. Now a closed session's queue ends after its last entry, an expired one's after
+    /// the expiry, and the closed session's answered requests are gone.
+    #[tokio::test]
+    async fn an_ended_sessions_queue_and_answers_are_dropped() {
+        use openraft::entry::RaftEntry;
+        let db = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
+        let store = Store::in_memory(Arc::new(db)).unwrap();
+        let mut machine = Machine::new(store, 1, Limits::default(), &crate::node::Env::default()).unwrap();
+        let mut index = 0;
+        let mut apply = async |machine: &mut Machine, cmd: Command| {
+            index += 1;
+            let entry = openraft::type_config::alias::EntryOf::<C>::new(
+                openraft::testing::log_id::<C>(1, 1, index),
+                EntryPayload::Normal(cmd),
+            );
+            machine.apply(futures::stream::iter([Ok((entry, None))])).await.unwrap();
+        };
+        let open = Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 1_000, client: String::new() } };
+        apply(&mut machine, open.clone()).await;
+        apply(&mut machine, open).await;
+        let (closed, expired) = (SessionId(1), SessionId(2));
+        let mut closed_rx = machine.attach(closed);
+        let mut expired_rx = machine.attach(expired);
+        assert_eq!(machine.attached_sessions(), 2);
+
+        apply(&mut machine, lock_cmd(closed, 1, 1, 5)).await;
+        let close = Command {
+            now_ms: 6,
+            origin: Some(Origin { session: closed, request: 2 }),
+            op: Op::Engine(Input::CloseSession { session: closed }),
+        };
+        apply(&mut machine, close).await;
+        assert!(closed_rx.recv().await.is_some_and(|a| a.index == 3), "the grant");
+        assert!(closed_rx.recv().await.is_some_and(|a| a.index == 4), "the close's own answer");
+        // Bounded, so that on a failure the test fails rather than waits for good.
+        let end = async |rx: &mut mpsc::Receiver<Arc<Applied>>| {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await
+        };
+        assert!(matches!(end(&mut closed_rx).await, Ok(None)), "the closed session's queue must end");
+        assert_eq!(machine.attached_sessions(), 1);
+        assert!(!machine.state().answered.contains_key(&closed));
+
+        apply(&mut machine, Command { now_ms: 5_000, origin: None, op: Op::Engine(Input::Tick) }).await;
+        let a = expired_rx.recv().await.expect("the expiry");
+        assert!(a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session } if *session == expired)));
+        assert!(matches!(end(&mut expired_rx).await, Ok(None)), "the expired session's queue must end");
+        assert_eq!(machine.attached_sessions(), 0);
+    }
+
     /// A handover releases the gateway's read lock and grants the client's write in one entry;
     /// when the read lock is already gone, the request alone is made and the client sees no
     /// refusal.
@@ -734,7 +847,14 @@ mod tests {
         let mut state = State::new(Limits::default(), false);
         let open = |state: &mut State, i| {
             state
-                .apply(Command { now_ms: 0, origin: None, op: Op::OpenSession { lease_ms: 10_000 } }, i)
+                .apply(
+                    Command {
+                        now_ms: 0,
+                        origin: None,
+                        op: Op::OpenSession { lease_ms: 10_000, client: String::new() },
+                    },
+                    i,
+                )
                 .session
                 .unwrap()
         };

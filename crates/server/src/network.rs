@@ -87,6 +87,10 @@ impl RaftNetworkV2<C> for Peer {
         self.call(&rpc, &option, |mut c, p| Box::pin(async move { c.vote(p).await })).await
     }
 
+    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.call(&rpc, &option, |mut c, p| Box::pin(async move { c.pre_vote(p).await })).await
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<C>,

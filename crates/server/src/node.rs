@@ -49,6 +49,9 @@ pub struct ServerConfig {
     /// How long units of a file no longer in the namespace are kept before they are deleted
     /// (checked every this often; a file must be missing at two checks); 0 keeps them.
     pub orphan_grace_ms: u64,
+    /// The shortest and longest session lease a client may ask for; others are refused.
+    pub lease_min_ms: u64,
+    pub lease_max_ms: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,
@@ -196,6 +199,9 @@ impl Node {
             // Send entries to followers as soon as the leader's append returns, before its own
             // flush: the two flushes overlap (see store.rs).
             broadcast_submitted_on_append: Some(true),
+            // A server that was paused or cut off asks whether it could win before it raises its
+            // term, so its return does not depose a healthy leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()
@@ -309,7 +315,16 @@ impl Node {
             }
         };
         let payload = encode(cmd).map_err(|e| ProposeError::Forward(e.to_string()))?;
-        let reply = client.propose(payload).await.map_err(|s| ProposeError::Forward(s.message().to_string()))?;
+        // A leader that accepts connections but does not answer (paused, cut off) must not hold
+        // the request: after the deadline it is asked again, of whoever leads by then (a command
+        // with an origin is applied once however often it is proposed).
+        let reply = tokio::time::timeout(FORWARD_DEADLINE, client.propose(payload))
+            .await
+            .map_err(|_| {
+                self.leaders.lock().expect("leaders lock").remove(&leader);
+                ProposeError::Forward(format!("leader {leader} did not answer within {FORWARD_DEADLINE:?}"))
+            })?
+            .map_err(|s| ProposeError::Forward(s.message().to_string()))?;
         let result: Result<Reply, String> =
             decode(reply.get_ref()).map_err(|e| ProposeError::Forward(e.to_string()))?;
         result.map_err(ProposeError::Forward)
@@ -379,6 +394,9 @@ impl Node {
     }
 }
 
+/// How long a follower waits for the leader to answer a forwarded command before asking again.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(1);
+
 /// The cluster secret, in the data directory of every server once it is replicated there
 /// (for `stripelock token verify`, and later for storage nodes).
 pub const SECRET_FILE: &str = "cluster.secret";
@@ -423,6 +441,12 @@ impl wire::v1::raft_server::Raft for RaftService {
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(encode(&resp).map_err(bad)?))
+    }
+
+    async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let resp = self.node.raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(encode(&resp).map_err(bad)?))
     }
 

@@ -22,9 +22,21 @@ use crate::machine::{Applied, output_session};
 use crate::node::Node;
 use crate::types::{Op, Origin, client_lock_id, engine_lock_id};
 
-/// Longest lease a client may ask for, and the shortest.
+/// Longest lease a client may ask for, and the shortest, unless the server's config says
+/// otherwise (`lease_max_ms`, `lease_min_ms`).
 pub const LEASE_MS_MAX: u64 = 600_000;
 pub const LEASE_MS_MIN: u64 = 500;
+
+/// A lease in the unit a person gave it ("10m", "500ms").
+fn lease_text(ms: u64) -> String {
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1_000) && ms > 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
+}
 /// Messages queued to one client before the server stops waiting for it.
 const DOWN_QUEUE: usize = 1024;
 
@@ -302,9 +314,10 @@ fn describe(node: &Node, blockers: &[LockId]) -> Vec<String> {
         .iter()
         .map(|b| {
             let session = b.0 >> crate::types::CLIENT_LOCK_BITS;
-            let who = match state.gateways.get(&SessionId(session)) {
-                Some(server) => format!("the gateway of server {server} (session {session}, for its readers)"),
-                None => format!("session {session}"),
+            let who = match (state.gateways.get(&SessionId(session)), state.clients.get(&SessionId(session))) {
+                (Some(server), _) => format!("the gateway of server {server} (session {session}, for its readers)"),
+                (None, Some(client)) => format!("session {session} ({client})"),
+                (None, None) => format!("session {session}"),
             };
             let view = state.engine.session_locks(SessionId(session)).into_iter().find(|v| v.lock == *b);
             match view {
@@ -336,7 +349,19 @@ impl pb::locks_server::Locks for LockService {
             return Err(Status::failed_precondition("a session stream must start with OpenSession"));
         };
         let node = self.node.clone();
-        let lease_ms = open.lease_ms.clamp(LEASE_MS_MIN, LEASE_MS_MAX);
+        let (min, max) = (node.config.lease_min_ms, node.config.lease_max_ms);
+        let lease_ms = open.lease_ms;
+        if !(min..=max).contains(&lease_ms) {
+            // Out of range, not clamped: a client that asked for an hour must not believe it
+            // has one.
+            return Err(Status::out_of_range(format!(
+                "a lease of {} is outside this cluster's bounds, {} to {} (server settings lease_min_ms, \
+                 lease_max_ms); ask for a lease within them",
+                lease_text(lease_ms),
+                lease_text(min),
+                lease_text(max)
+            )));
+        }
         let session = if open.resume_session != 0 {
             let s = SessionId(open.resume_session);
             if !node.session_is_live(s) {
@@ -347,7 +372,8 @@ impl pb::locks_server::Locks for LockService {
             }
             s
         } else {
-            let reply = node.propose(Op::OpenSession { lease_ms }, None).await.map_err(|e| e.status())?;
+            let client = open.client_name.chars().take(128).collect();
+            let reply = node.propose(Op::OpenSession { lease_ms, client }, None).await.map_err(|e| e.status())?;
             node.applied(reply.index).await;
             reply.session.ok_or_else(|| Status::internal("no session number in the reply"))?
         };
@@ -377,7 +403,13 @@ impl pb::locks_server::Locks for LockService {
         let down_gateway = gateway.clone();
         tokio::spawn(async move {
             'stream: loop {
-                match applied.recv().await {
+                let next = tokio::select! {
+                    next = applied.recv() => next,
+                    // The client went away: nothing will read what comes, so stop now rather
+                    // than when the session's next entry finds the stream gone.
+                    _ = down_tx.closed() => break 'stream,
+                };
+                match next {
                     Some(a) => {
                         if a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session: s } if *s == session))
                         {
@@ -390,6 +422,9 @@ impl pb::locks_server::Locks for LockService {
                             }
                         }
                     }
+                    // The session was closed or expired: its last messages are out; the
+                    // stream ends here.
+                    None if !down_node.session_is_live(session) => break 'stream,
                     None => {
                         let _ = down_tx
                             .send(Err(Status::unavailable(
@@ -501,6 +536,8 @@ impl pb::locks_server::Locks for LockService {
             writes_admitted_max: data.writes_admitted_max.load(Relaxed),
             worst_write_ms: data.worst_write_ms.load(Relaxed),
             file_bytes_max: self.node.config.file_bytes_max,
+            pid: std::process::id(),
+            data_dir: self.node.config.data_dir.display().to_string(),
         }))
     }
 
@@ -529,6 +566,7 @@ impl pb::locks_server::Locks for LockService {
                         wait_range: l.waiting.as_ref().map(|w| range_to_pb(w.1)),
                         blockers: l.waiting.as_ref().map_or(Vec::new(), |w| w.2.iter().map(|b| b.0).collect()),
                         gateway_of: state.gateways.get(&l.session).copied().unwrap_or(0),
+                        client: state.clients.get(&l.session).cloned().unwrap_or_default(),
                     })
                     .collect(),
                 posix: r
@@ -552,6 +590,53 @@ impl pb::locks_server::Locks for LockService {
             .map(|(from, to)| pb::WaitEdge { waiter: owner_name(from), holder: owner_name(to) })
             .collect();
         Ok(Response::new(pb::TableReply { resources, edges }))
+    }
+
+    async fn evict(&self, req: Request<pb::EvictRequest>) -> Result<Response<pb::EvictReply>, Status> {
+        let req = req.into_inner();
+        let mut sessions: Vec<SessionId> = req.sessions.iter().map(|s| SessionId(*s)).collect();
+        if !req.holders_of.is_empty() {
+            let state = self.node.machine.state();
+            let holders = state.engine.resources(&req.holders_of).into_iter().filter(|r| r.name == req.holders_of);
+            sessions.extend(holders.flat_map(|r| r.locks).filter(|l| l.granted.is_some()).map(|l| l.session));
+        }
+        sessions.sort();
+        sessions.dedup();
+        if sessions.is_empty() {
+            return Err(Status::not_found(if req.holders_of.is_empty() {
+                "no session given: name sessions, or a resource whose holders to evict".to_string()
+            } else {
+                format!("nobody holds a lock on {}", req.holders_of)
+            }));
+        }
+        let mut evicted = Vec::new();
+        for session in sessions {
+            let (client, locks) = {
+                let state = self.node.machine.state();
+                if !state.engine.session_is_live(session) {
+                    return Err(Status::not_found(format!(
+                        "session {} is not live (it expired, was closed, was evicted already or never \
+                         existed); `stripelock locks` lists the sessions holding locks",
+                        session.0
+                    )));
+                }
+                let client = match state.gateways.get(&session) {
+                    Some(server) => format!("the gateway of server {server}"),
+                    None => state.clients.get(&session).cloned().unwrap_or_default(),
+                };
+                let locks = state.engine.session_locks(session).iter().filter(|v| v.granted.is_some()).count();
+                (client, locks as u64)
+            };
+            let reply = self.node.propose(Op::Engine(Input::Evict { session }), None).await.map_err(|e| e.status())?;
+            if let Some(Output::Rejected { error, .. }) =
+                reply.outputs.iter().find(|o| matches!(o, Output::Rejected { .. }))
+            {
+                return Err(Status::failed_precondition(format!("session {}: {error}", session.0)));
+            }
+            self.node.applied(reply.index).await;
+            evicted.push(pb::EvictedSession { session: session.0, client, locks });
+        }
+        Ok(Response::new(pb::EvictReply { evicted }))
     }
 }
 

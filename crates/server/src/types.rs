@@ -31,8 +31,13 @@ pub struct Command {
 pub enum Op {
     /// The cluster secret for signing tokens, proposed once by the bootstrapping server.
     Bootstrap { secret: [u8; 32] },
-    /// Opens a session; the state machine picks its number.
-    OpenSession { lease_ms: u64 },
+    /// Opens a session; the state machine picks its number. `client` says who opened it (`pid
+    /// 1234 on host`), for lock tables and conflict messages; absent in older logs.
+    OpenSession {
+        lease_ms: u64,
+        #[serde(default)]
+        client: String,
+    },
     /// Opens the gateway session of server `server` (so tables can say whose it is).
     OpenGatewaySession { lease_ms: u64, server: u64 },
     /// An input for the lock engine.
@@ -64,7 +69,7 @@ impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.op {
             Op::Bootstrap { .. } => write!(f, "bootstrap@{}", self.now_ms),
-            Op::OpenSession { lease_ms } => write!(f, "open(lease={lease_ms})@{}", self.now_ms),
+            Op::OpenSession { lease_ms, client } => write!(f, "open(lease={lease_ms}, {client:?})@{}", self.now_ms),
             Op::OpenGatewaySession { lease_ms, server } => {
                 write!(f, "open-gateway(server={server}, lease={lease_ms})@{}", self.now_ms)
             }

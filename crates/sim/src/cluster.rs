@@ -259,6 +259,8 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 gateway_lease_ms: GATEWAY_LEASE_MS,
                 file_bytes_max: server::FILE_BYTES_MAX_DEFAULT,
                 orphan_grace_ms: 0,
+                lease_min_ms: server::LEASE_MS_MIN,
+                lease_max_ms: server::LEASE_MS_MAX,
                 limits: lockengine::Limits::default(),
                 env,
             };

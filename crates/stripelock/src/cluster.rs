@@ -40,7 +40,24 @@ pub fn cluster_addrs(flag: Option<&str>) -> Result<Vec<String>> {
     if addrs.is_empty() {
         bail!("the cluster address list is empty");
     }
+    for a in &addrs {
+        check_addr(a)?;
+    }
     Ok(addrs)
+}
+
+/// `HOST:PORT` with a port from 1 to 65535.
+fn check_addr(a: &str) -> Result<()> {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        bail!("cluster address `{a}` has no port: write HOST:PORT, e.g. 127.0.0.1:7001");
+    };
+    if host.is_empty() {
+        bail!("cluster address `{a}` has no host: write HOST:PORT, e.g. 127.0.0.1:7001");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => bail!("cluster address `{a}` has a bad port `{port}`: ports run from 1 to 65535"),
+    }
 }
 
 fn init_logs(default: &str) {
@@ -75,6 +92,8 @@ pub struct ServerArgs {
     pub gateway_lease_ms: u64,
     pub file_bytes_max: u64,
     pub orphan_grace_ms: u64,
+    pub lease_min_ms: u64,
+    pub lease_max_ms: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
 }
@@ -95,6 +114,9 @@ pub struct ServerFile {
     pub gateway_lease_ms: Option<u64>,
     pub file_bytes_max: Option<u64>,
     pub orphan_grace_ms: Option<u64>,
+    /// The shortest and longest session lease a client may ask for (default 500 and 600000).
+    pub lease_min_ms: Option<u64>,
+    pub lease_max_ms: Option<u64>,
 }
 
 impl ServerArgs {
@@ -131,6 +153,16 @@ impl ServerArgs {
         if orphan_grace_ms != 0 && orphan_grace_ms < 100 {
             bail!("orphan_grace_ms must be 0 (keep orphan units) or at least 100, not {orphan_grace_ms}");
         }
+        let lease_min_ms = flags.lease_min_ms.or(f.lease_min_ms).unwrap_or(server::LEASE_MS_MIN);
+        let lease_max_ms = flags.lease_max_ms.or(f.lease_max_ms).unwrap_or(server::LEASE_MS_MAX);
+        if lease_min_ms < 100 {
+            bail!("lease_min_ms must be at least 100 (a session renews every third of its lease), not {lease_min_ms}");
+        }
+        if lease_max_ms < lease_min_ms || lease_max_ms > 86_400_000 {
+            bail!(
+                "lease_max_ms must be between lease_min_ms ({lease_min_ms}) and 86400000 (a day), not {lease_max_ms}"
+            );
+        }
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -147,13 +179,15 @@ impl ServerArgs {
             gateway_lease_ms,
             file_bytes_max,
             orphan_grace_ms,
+            lease_min_ms,
+            lease_max_ms,
             break_stale_write_check: false,
         })
     }
 }
 
 /// Stops on SIGINT or SIGTERM.
-async fn stop_signal() -> watch::Receiver<bool> {
+pub(crate) async fn stop_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term =
@@ -175,10 +209,22 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         Some(l) => l,
         None => own.parse()?,
     };
+    // One server per data directory, held until this process ends; the lock file names our pid,
+    // so `up` can stop a server started by hand, and a second server can say whose it is.
+    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    let _pid_lock = match crate::up::take_pid_lock(&args.data.join(crate::up::SERVER_PID))? {
+        Ok(lock) => lock,
+        Err(pid) => bail!(
+            "{} is in use by another server process{}; stop it, or give another --data directory",
+            args.data.display(),
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        ),
+    };
+    let data_dir = args.data.canonicalize().with_context(|| format!("cannot resolve {}", args.data.display()))?;
     let config = ServerConfig {
         id: args.id,
         listen,
-        data_dir: args.data,
+        data_dir,
         peers,
         bootstrap: args.bootstrap,
         heartbeat_ms: args.heartbeat_ms,
@@ -187,6 +233,8 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         gateway_lease_ms: args.gateway_lease_ms,
         file_bytes_max: args.file_bytes_max,
         orphan_grace_ms: args.orphan_grace_ms,
+        lease_min_ms: args.lease_min_ms,
+        lease_max_ms: args.lease_max_ms,
         limits: Limits::default(),
         env: server::Env {
             break_stale_write_check_for_negative_control: args.break_stale_write_check,
@@ -206,121 +254,170 @@ pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// `up`: N servers on 127.0.0.1 in child processes, until Ctrl-C or SIGTERM.
-pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
-    if !(1..=9).contains(&servers) {
-        bail!("--servers must be between 1 and 9, got {servers}");
-    }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let cluster_file = data.join(CLUSTER_FILE);
-    // A data directory that held a cluster keeps its addresses, so the servers find their logs.
-    let mut addrs: Vec<String> = std::fs::read_to_string(&cluster_file)
-        .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
-    if addrs.len() != servers as usize {
-        if !addrs.is_empty() {
-            bail!(
-                "{} holds a cluster of {} servers; use --servers {} or another --data directory",
-                data.display(),
-                addrs.len(),
-                addrs.len()
-            );
-        }
-        addrs = (0..servers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_>>()?;
-    }
-    let peers: String = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
-    let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
-    let mut children = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = i + 1;
-        let dir = data.join(format!("server-{id}"));
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["server", "--id", &id.to_string(), "--data"]).arg(&dir).args(["--peers", &peers]);
-        if id == 1 {
-            cmd.arg("--bootstrap");
-        }
-        let child =
-            cmd.stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("cannot start server {id}"))?;
-        children.push((id, addr.clone(), dir, child));
-    }
-    std::fs::write(&cluster_file, addrs.join(","))?;
-    if json {
-        let list: Vec<_> = children
-            .iter()
-            .map(|(id, addr, dir, c)| serde_json::json!({"id": id, "address": addr, "data": dir, "pid": c.id()}))
-            .collect();
-        println!("{}", serde_json::json!({"cluster": addrs.join(","), "servers": list}));
-    } else {
-        println!("{:<4} {:<22} {:<8} data", "id", "address", "pid");
-        for (id, addr, dir, c) in &children {
-            println!("{id:<4} {addr:<22} {:<8} {}", c.id(), dir.display());
-        }
-        println!("\ncluster: {}  (written to {})", addrs.join(","), cluster_file.display());
-        println!("try:     stripelock lock /jobs/nightly -- sleep 5     (from this directory)");
-        println!("stop:    Ctrl-C");
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut stop = stop_signal().await;
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-            for (id, _, dir, c) in &mut children {
-                if let Ok(Some(status)) = c.try_wait() {
-                    eprintln!("server {id} exited ({status}); see {}", dir.join("server.log").display());
-                }
-            }
-            children.retain_mut(|(_, _, _, c)| !matches!(c.try_wait(), Ok(Some(_))));
-        }
-    });
-    // Stop the servers we started, by their PIDs: SIGTERM, then SIGKILL after 5 s.
-    for (_, _, _, c) in &children {
-        let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    for (id, _, _, c) in &mut children {
-        while std::time::Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(c.try_wait(), Ok(None)) {
-            eprintln!("server {id} did not stop in 5 s; killing it");
-            let _ = c.kill();
-        }
-        let _ = c.wait();
-    }
-    eprintln!("cluster stopped");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `A..B`, `A..` or `all`.
+/// `A..B`, `A..` or `all`; says which number is wrong, and never wraps one that is too large.
 pub fn parse_range(s: &str) -> Result<std::ops::Range<u64>> {
-    let r = lockengine::script::parse_range(s).with_context(|| format!("range `{s}` is not A..B, A.. or all"))?;
-    if r.start >= r.end {
+    if s == "all" {
+        return Ok(0..u64::MAX);
+    }
+    let Some((a, b)) = s.split_once("..") else {
+        bail!("range `{s}` is not A..B, A.. or all (bytes A to B, B excluded)");
+    };
+    let number = |n: &str| -> Result<u64> {
+        if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+            bail!("range `{s}`: `{n}` is not a byte offset (digits only)");
+        }
+        n.parse::<u64>()
+            .map_err(|_| anyhow::anyhow!("range `{s}`: {n} is past the largest byte offset, {} (2^64 - 1)", u64::MAX))
+    };
+    let start = number(a)?;
+    let end = if b.is_empty() { u64::MAX } else { number(b)? };
+    if start >= end {
         bail!("range `{s}` is empty or inverted: it needs start < end");
     }
-    Ok(r.start..r.end)
+    Ok(start..end)
 }
 
+/// `lock`'s own exit codes, apart from the command's, as timeout(1) keeps 124–127.
+pub mod exit {
+    /// The lock was lost while the command ran (the session expired or was evicted, or the
+    /// server whose cache granted a `--gateway` read went away); the command was signalled as
+    /// `--on-lost` says.
+    pub const LOST: u8 = 121;
+    /// The lock was not available: held by others with `--nowait`, `--timeout` passed, or the
+    /// request would deadlock (`--conflict-exit-code` changes it).
+    pub const NOT_AVAILABLE: u8 = 124;
+    /// `stripelock lock` itself failed: bad arguments, no server answered, a lease outside the
+    /// cluster's bounds.
+    pub const FAILED: u8 = 125;
+    /// The command was found but could not be run.
+    pub const CANNOT_RUN: u8 = 126;
+    /// The command was not found.
+    pub const NOT_FOUND: u8 = 127;
+}
+
+/// What `lock` does to its command when the lock is lost under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnLost {
+    /// Say so and let the command run on (it runs without the lock).
+    Warn,
+    /// SIGTERM to the command's process group, SIGKILL after the grace.
+    Term,
+    /// SIGKILL to the command's process group at once.
+    Kill,
+}
+
+/// `stripelock lock`'s arguments.
+#[derive(Debug, clap::Args)]
 pub struct LockArgs {
+    /// The resource (a path).
     pub path: String,
+    #[arg(long, default_value = "all")]
     pub range: String,
+    /// NL, CR, CW, PR, PW or EX.
+    #[arg(long, default_value = "EX")]
     pub mode: String,
+    /// Fail at once, saying who holds it, if the lock is taken.
+    #[arg(long)]
     pub nowait: bool,
+    /// With --mode PR: let the server grant it from its own cached read lock on the whole
+    /// file (no log write per reader); the lock then lasts only while that server's lease
+    /// does. Not with --nowait (such a read goes to the log).
+    #[arg(long)]
     pub gateway: bool,
-    pub timeout: Option<Duration>,
+    /// Give up after this long (e.g. 30s), counting from the start, reaching the cluster
+    /// included; 0 means one try, like --nowait.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Exit code when the lock is not available.
+    #[arg(long, default_value_t = exit::NOT_AVAILABLE)]
     pub conflict_exit_code: u8,
-    pub lease: Duration,
+    /// Session lease: the lock is released this long after this process dies (within the
+    /// cluster's bounds, by default 500ms to 10m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
+    /// What to do to the command if the lock is lost while it runs (exit 121 in each case).
+    #[arg(long, value_enum, default_value = "term")]
+    pub on_lost: OnLost,
+    /// After SIGTERM (lock lost, or this process told to stop), SIGKILL if the command has
+    /// not ended within this.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Servers HOST:PORT,... (default: STRIPELOCK_CLUSTER, else ./stripelock-data/cluster).
+    #[arg(long)]
     pub cluster: Option<String>,
+    #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
 
-/// `lock`: hold a lock while a command runs, like flock(1).
-pub fn lock(args: LockArgs) -> Result<ExitCode> {
+/// A lock path as the engine names resources: absolute, not empty, no NUL.
+pub fn check_lock_path(path: &str) -> Result<()> {
+    if path.is_empty() {
+        bail!("the lock path is empty: give an absolute path such as /jobs/nightly");
+    }
+    if !path.starts_with('/') {
+        bail!("lock path `{path}` is relative: lock paths start with / (try /{path})");
+    }
+    if path.contains('\0') {
+        bail!("lock path `{}` contains a NUL byte", path.escape_debug());
+    }
+    let max = Limits::default().resource_name_bytes_max;
+    if path.len() > max {
+        bail!("lock path is {} bytes long; the most is {max}", path.len());
+    }
+    Ok(())
+}
+
+/// The argument that makes `stripelock` the guard of a locked command: it asks the kernel to
+/// kill it when its parent (the `lock` client) dies, then becomes the command.
+pub const GUARD_ARG: &str = "__exec-guarded";
+
+/// Runs as `stripelock __exec-guarded PARENT_PID PROGRAM ARGS...`: sets PR_SET_PDEATHSIG so the
+/// command dies with the `lock` client that holds its lock (even by SIGKILL), then execs it
+/// (the death signal survives exec). Exit 127 if the program is not found, 126 if it cannot run.
+pub fn exec_guarded(args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let parent: Option<i32> = args.first().and_then(|a| a.to_str()).and_then(|a| a.parse().ok());
+    let (Some(parent), Some(program)) = (parent, args.get(1)) else {
+        eprintln!("stripelock: {GUARD_ARG} is internal to `stripelock lock`: {GUARD_ARG} PARENT_PID PROGRAM [ARGS]");
+        return ExitCode::from(exit::FAILED);
+    };
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)) {
+        eprintln!("stripelock: cannot tie the command to its lock holder (PR_SET_PDEATHSIG): {e}");
+        return ExitCode::from(exit::FAILED);
+    }
+    // The holder may have died before the line above, and then nothing would kill us.
+    if rustix::process::getppid().map(|p| p.as_raw_pid()) != Some(parent) {
+        eprintln!("stripelock: the lock holder (pid {parent}) is gone; not running the command");
+        return ExitCode::from(exit::LOST);
+    }
+    let err = std::process::Command::new(program).args(&args[2..]).exec();
+    eprintln!("stripelock: cannot run `{}`: {err}", program.to_string_lossy());
+    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound { exit::NOT_FOUND } else { exit::CANNOT_RUN })
+}
+
+/// `lock`: hold a lock while a command runs, like flock(1), and stop the command when the lock
+/// is lost or this process is told to stop. Its own failures exit 125 (see [`exit`]).
+pub fn lock(args: LockArgs) -> ExitCode {
+    match lock_and_run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stripelock lock: error: {e:#}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+/// Sends `signal` to the command's process group (it and whatever it started).
+fn signal_group(pgid: Option<u32>, signal: rustix::process::Signal) {
+    let Some(pid) = pgid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
+    let _ = rustix::process::kill_process_group(pid, signal);
+}
+
+fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
+    use rustix::process::Signal;
+    use tokio::signal::unix::{SignalKind, signal};
     let addrs = cluster_addrs(args.cluster.as_deref())?;
+    check_lock_path(&args.path)?;
     let range = parse_range(&args.range)?;
     let mode = Mode::parse(&args.mode.to_uppercase())
         .with_context(|| format!("mode `{}` is not one of NL CR CW PR PW EX", args.mode))?;
@@ -330,106 +427,261 @@ pub fn lock(args: LockArgs) -> Result<ExitCode> {
     if args.gateway && mode != Mode::PR {
         bail!("--gateway serves shared reads only: use it with --mode PR, not {mode}");
     }
+    // A zero timeout is one try, as with --nowait.
+    let nowait = args.nowait || args.timeout.is_some_and(|t| t.is_zero());
+    if args.gateway && nowait {
+        bail!("--gateway does not take --nowait (or a zero --timeout): such a read goes to the log; drop --gateway");
+    }
+    let lease_ms = u64::try_from(args.lease.as_millis()).unwrap_or(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let session = Session::open(&addrs, args.lease.as_millis() as u64).await?;
-        let options = LockOptions { nowait: args.nowait, timeout: args.timeout, gateway: args.gateway };
-        let grant = match session.lock(&args.path, range.clone(), mode, options).await {
-            Ok(g) => g,
-            Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock)) => {
-                eprintln!("stripelock: {} {} on {} is not available: {e}", mode, args.range, args.path);
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let deadline = args.timeout.filter(|t| !t.is_zero()).map(|t| tokio::time::Instant::now() + t);
+        let until_deadline = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let not_available = |why: &str| {
+            eprintln!("stripelock: {mode} {} on {} is not available: {why}", args.range, args.path);
+            ExitCode::from(args.conflict_exit_code)
+        };
+        // Open the session: within --timeout, and a signal ends the wait.
+        let session = tokio::select! {
+            s = Session::open(&addrs, lease_ms) => s.context("cannot open a session")?,
+            () = until_deadline => return Ok(not_available("timed out while reaching the cluster")),
+            _ = sigterm.recv() => return Ok(ExitCode::from(128 + 15)),
+            _ = sigint.recv() => return Ok(ExitCode::from(128 + 2)),
+            _ = sighup.recv() => return Ok(ExitCode::from(128 + 1)),
+        };
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let options = LockOptions { nowait, timeout: left, gateway: args.gateway };
+        let asked = tokio::select! {
+            r = session.lock(&args.path, range.clone(), mode, options) => Ok(r),
+            _ = sigterm.recv() => Err(15),
+            _ = sigint.recv() => Err(2),
+            _ = sighup.recv() => Err(1),
+        };
+        let grant = match asked {
+            Ok(Ok(g)) => g,
+            Ok(Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock))) => {
+                let code = not_available(&e.to_string());
                 if matches!(e, ClientError::TimedOut | ClientError::Deadlock) {
                     // Say who is in the way now, as --nowait does.
                     for line in holders(&addrs, &args.path, session.id()).await {
                         eprintln!("  {line}");
                     }
                 }
-                session.close().await;
-                return Ok(ExitCode::from(args.conflict_exit_code));
+                bounded(session.close()).await;
+                return Ok(code);
             }
-            Err(e) => {
-                session.close().await;
+            Ok(Err(e)) => {
+                bounded(session.close()).await;
                 return Err(e).context("cannot take the lock");
             }
-        };
-        // Say so if the lock is lost while the command runs (the session expired, or the server
-        // whose cache granted a --gateway read went away).
-        let mut events = session.events();
-        let (lock_no, path) = (grant.lock, args.path.clone());
-        let watcher = tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(client::Event::Expired) => {
-                        eprintln!("stripelock: warning: the session expired; the lock on {path} is lost");
-                    }
-                    Ok(client::Event::Lost { lock, reason }) if lock == lock_no => {
-                        eprintln!("stripelock: warning: the lock on {path} is lost: {reason}");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    _ => {}
-                }
+            Err(signo) => {
+                // Closing cancels the waiting request.
+                bounded(session.close()).await;
+                return Ok(ExitCode::from(128 + signo));
             }
-        });
-        let status = tokio::process::Command::new(program)
+        };
+
+        // The command runs in its own process group (so it and what it starts can be stopped
+        // together) under the guard, which ties its life to this process's.
+        let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg(GUARD_ARG)
+            .arg(std::process::id().to_string())
+            .arg(program)
             .args(rest)
             .env("STRIPELOCK_TOKEN", &grant.signed_token)
             .env("STRIPELOCK_TOKEN_NUMBER", grant.token.to_string())
-            .status()
-            .await;
-        watcher.abort();
-        let _ = session.unlock(grant.lock).await;
-        session.close().await;
-        let status = status.with_context(|| format!("cannot run `{program}`"))?;
-        Ok(match status.code() {
-            Some(c) => ExitCode::from(c as u8),
-            None => ExitCode::from(128),
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start `{program}`"))?;
+        let pgid = child.id();
+
+        let mut events = session.events();
+        let mut check = tokio::time::interval(Duration::from_millis(50));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lost = false;
+        let mut signalled: Option<u8> = None;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let path = args.path.clone();
+        let status = loop {
+            let mut lose_now: Option<String> = None;
+            let mut stop: Option<(u8, Signal)> = None;
+            tokio::select! {
+                st = child.wait() => break st,
+                ev = events.recv() => match ev {
+                    Ok(client::Event::Expired) => {
+                        lose_now = Some("the session expired (its lease ran out, or an operator evicted it)".into());
+                    }
+                    Ok(client::Event::Lost { lock, reason }) if lock == grant.lock => lose_now = Some(reason),
+                    _ => {}
+                },
+                _ = check.tick() => {
+                    if session.lease_left().is_zero() {
+                        lose_now = Some(format!(
+                            "no renewal of the session's {} lease was acknowledged in time (this process was \
+                             paused, or the cluster did not answer)",
+                            humantime::format_duration(args.lease)
+                        ));
+                    }
+                    if kill_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                        kill_at = None;
+                        eprintln!("stripelock: `{program}` did not stop within {}; killing it", humantime::format_duration(args.grace));
+                        signal_group(pgid, Signal::KILL);
+                    }
+                }
+                _ = sigterm.recv() => stop = Some((15, Signal::TERM)),
+                _ = sigint.recv() => stop = Some((2, Signal::INT)),
+                _ = sighup.recv() => stop = Some((1, Signal::HUP)),
+            }
+            if let Some(why) = lose_now
+                && !lost
+            {
+                lost = true;
+                eprintln!("stripelock: the lock on {path} is lost: {why}");
+                match args.on_lost {
+                    OnLost::Warn => eprintln!("stripelock: --on-lost warn: `{program}` runs on without the lock"),
+                    OnLost::Term => {
+                        eprintln!(
+                            "stripelock: stopping `{program}` (SIGTERM, SIGKILL after {})",
+                            humantime::format_duration(args.grace)
+                        );
+                        signal_group(pgid, Signal::TERM);
+                        kill_at.get_or_insert(tokio::time::Instant::now() + args.grace);
+                    }
+                    OnLost::Kill => {
+                        eprintln!("stripelock: killing `{program}`");
+                        signal_group(pgid, Signal::KILL);
+                    }
+                }
+            }
+            if let Some((signo, sig)) = stop {
+                if signalled.is_some() {
+                    // Asked twice: no more grace.
+                    signal_group(pgid, Signal::KILL);
+                } else {
+                    signalled = Some(signo);
+                    signal_group(pgid, sig);
+                    kill_at.get_or_insert(tokio::time::Instant::now() + args.grace);
+                }
+            }
+        };
+        // The command is over: now the lock can go (at once, not after the lease).
+        if !lost {
+            let _ = bounded(session.unlock(grant.lock)).await;
+        }
+        bounded(session.close()).await;
+        let status = status.with_context(|| format!("cannot wait for `{program}`"))?;
+        if let Some(signo) = signalled {
+            return Ok(ExitCode::from(128 + signo));
+        }
+        if lost {
+            return Ok(ExitCode::from(exit::LOST));
+        }
+        use std::os::unix::process::ExitStatusExt;
+        Ok(match (status.code(), status.signal()) {
+            (Some(c), _) => ExitCode::from(c as u8),
+            (None, Some(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+            (None, None) => ExitCode::from(exit::FAILED),
         })
     })
 }
 
+/// Runs a cleanup step for at most 3 s: a process asked to stop must not hang on the cluster.
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(Duration::from_secs(3), f).await.ok()
+}
+
 /// Who holds or waits for `path`, other than `me`, one line each.
 async fn holders(addrs: &[String], path: &str, me: u64) -> Vec<String> {
-    let Ok(mut c) = any_server(addrs).await else { return Vec::new() };
-    let Ok(table) = c.table(pb::TableRequest { prefix: path.to_string() }).await else { return Vec::new() };
+    let Ok(table) = table_any(addrs, path).await else { return Vec::new() };
     table
-        .into_inner()
         .resources
         .iter()
         .filter(|r| r.name == path)
         .flat_map(|r| &r.locks)
         .filter(|l| l.session != me)
         .map(|l| {
-            if l.granted {
-                format!(
-                    "session {} holds {} {} (token {})",
-                    l.session,
-                    mode_name(l.mode),
-                    range_text(&l.range),
-                    l.token
-                )
+            let who = if l.client.is_empty() {
+                format!("session {}", l.session)
             } else {
-                format!("session {} waits for {} {}", l.session, mode_name(l.wait_mode), range_text(&l.wait_range))
+                format!("session {} ({})", l.session, l.client)
+            };
+            if l.granted {
+                format!("{who} holds {} {} (token {})", mode_name(l.mode), range_text(&l.range), l.token)
+            } else {
+                format!("{who} waits for {} {}", mode_name(l.wait_mode), range_text(&l.wait_range))
             }
         })
         .collect()
 }
 
+/// How long one server gets to answer a read of its table or status: a server that accepts
+/// connections but does not answer (paused, overloaded) is passed over after this.
+const READ_DEADLINE: Duration = Duration::from_millis(1500);
+
 async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
-    Ok(pb::locks_client::LocksClient::new(endpoint.connect().await?))
+    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!("{}", transport_text(&e)))?;
+    Ok(pb::locks_client::LocksClient::new(channel))
 }
 
-/// The first server of the list that answers.
-async fn any_server(addrs: &[String]) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
-    let mut last = None;
-    for a in addrs {
-        match locks_client(a).await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = Some(e.context(format!("server {a}"))),
+/// A transport error and its causes, each said once.
+fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
         }
+        next = err.source();
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+    parts.join(": ")
+}
+
+/// Runs one read against `addr` within [`READ_DEADLINE`], connection included.
+async fn within_deadline<T>(addr: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(READ_DEADLINE, f).await {
+        Ok(r) => r.with_context(|| format!("server {addr}")),
+        Err(_) => bail!(
+            "server {addr}: no answer within {} ms (it accepts connections but does not answer: paused or overloaded?)",
+            READ_DEADLINE.as_millis()
+        ),
+    }
+}
+
+async fn table_from(addr: &str, prefix: &str) -> Result<pb::TableReply> {
+    within_deadline(addr, async {
+        let mut c = locks_client(addr).await?;
+        Ok(c.table(pb::TableRequest { prefix: prefix.to_string() }).await?.into_inner())
+    })
+    .await
+}
+
+async fn status_from(addr: &str) -> Result<pb::StatusReply> {
+    within_deadline(addr, async {
+        let mut c = locks_client(addr).await?;
+        Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+    })
+    .await
+}
+
+/// The lock table from whichever server answers first (every server applies the same log).
+async fn table_any(addrs: &[String], prefix: &str) -> Result<pb::TableReply> {
+    let asks = addrs.iter().map(|a| Box::pin(table_from(a, prefix)));
+    match futures::future::select_ok(asks).await {
+        Ok((table, _)) => Ok(table),
+        Err(last) => Err(last.context("no server of the cluster answered")),
+    }
 }
 
 fn mode_name(m: i32) -> &'static str {
@@ -444,10 +696,7 @@ fn range_text(r: &Option<pb::Range>) -> String {
 pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let table = rt.block_on(async {
-        let mut c = any_server(&addrs).await?;
-        Ok::<_, anyhow::Error>(c.table(pb::TableRequest { prefix: prefix.to_string() }).await?.into_inner())
-    })?;
+    let table = rt.block_on(table_any(&addrs, prefix))?;
     if json {
         let resources: Vec<_> = table
             .resources
@@ -463,6 +712,7 @@ pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode
                             "waiting": l.waiting.then(|| serde_json::json!({"mode": mode_name(l.wait_mode), "range": range_text(&l.wait_range), "blockers": l.blockers})),
                             "cached": l.cached,
                             "gateway_of": (l.gateway_of != 0).then_some(l.gateway_of),
+                            "client": (!l.client.is_empty()).then_some(&l.client),
                         })
                     })
                     .collect();
@@ -491,6 +741,11 @@ pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode
                     "cached".into()
                 } else {
                     String::new()
+                };
+                let note = if l.client.is_empty() {
+                    note
+                } else {
+                    format!("{note}{}{}", if note.is_empty() { "" } else { ", " }, l.client)
                 };
                 let note = if l.gateway_of != 0 {
                     format!("{note}{}gateway of server {}", if note.is_empty() { "" } else { ", " }, l.gateway_of)
@@ -557,17 +812,10 @@ pub fn locks(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode
 pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Every server at once, each within its deadline: a hung one costs no more than that.
     let replies: Vec<(String, Result<pb::StatusReply>)> = rt.block_on(async {
-        let mut out = Vec::new();
-        for a in &addrs {
-            let r = async {
-                let mut c = locks_client(a).await?;
-                Ok::<_, anyhow::Error>(c.status(pb::StatusRequest {}).await?.into_inner())
-            }
-            .await;
-            out.push((a.clone(), r));
-        }
-        out
+        let asks = addrs.iter().map(|a| async move { (a.clone(), status_from(a).await) });
+        futures::future::join_all(asks).await
     });
     let up = replies.iter().filter(|(_, r)| r.is_ok()).count();
     if json {
@@ -581,6 +829,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
                     "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
                     "file_bytes_max": s.file_bytes_max,
+                    "pid": s.pid, "data_dir": s.data_dir,
                     "gateway": {
                         "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
                         "grants": s.gateway_grants, "handovers": s.gateway_handovers,
@@ -652,4 +901,59 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(if up == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `evict`: end sessions as if their leases had run out (fenced, then their locks go to the
+/// next in line), by number or as every holder of a path, like `etcdctl lease revoke`.
+pub fn evict(sessions: &[u64], holders_of: Option<&str>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    if sessions.is_empty() && holders_of.is_none() {
+        bail!("name the sessions to evict (numbers from `stripelock locks`), or --holders PATH");
+    }
+    if let Some(p) = holders_of {
+        check_lock_path(p)?;
+    }
+    let request = pb::EvictRequest { sessions: sessions.to_vec(), holders_of: holders_of.unwrap_or("").to_string() };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(async {
+        let mut last = None;
+        for a in &addrs {
+            // Not within the read deadline: the eviction commits through the log.
+            let attempt = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut c = locks_client(a).await?;
+                Ok::<_, anyhow::Error>(c.evict(request.clone()).await)
+            })
+            .await;
+            match attempt {
+                Ok(Ok(Ok(r))) => return Ok(r.into_inner()),
+                // The cluster answered no: another server would say the same.
+                Ok(Ok(Err(status))) if status.code() != tonic::Code::Unavailable => {
+                    bail!("{}", status.message())
+                }
+                Ok(Ok(Err(status))) => last = Some(anyhow::anyhow!("server {a}: {}", status.message())),
+                Ok(Err(e)) => last = Some(e.context(format!("server {a}"))),
+                Err(_) => last = Some(anyhow::anyhow!("server {a}: no answer within 10 s")),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+    })?;
+    if json {
+        let list: Vec<_> = reply
+            .evicted
+            .iter()
+            .map(|e| serde_json::json!({"session": e.session, "client": e.client, "locks_fenced": e.locks}))
+            .collect();
+        println!("{}", serde_json::json!({"evicted": list}));
+    } else {
+        for e in &reply.evicted {
+            let who = if e.client.is_empty() { String::new() } else { format!(" ({})", e.client) };
+            println!(
+                "evicted session {}{who}: {} lock{} fenced, then given to whoever waits",
+                e.session,
+                e.locks,
+                if e.locks == 1 { "" } else { "s" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

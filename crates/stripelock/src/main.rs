@@ -7,6 +7,7 @@ mod cluster;
 mod files;
 mod replay;
 mod tokens;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,47 +76,40 @@ enum Command {
         /// (default 60000; 0 keeps them).
         #[arg(long)]
         orphan_grace_ms: Option<u64>,
+        /// Shortest session lease a client may ask for, in ms (default 500); shorter is refused.
+        #[arg(long)]
+        lease_min_ms: Option<u64>,
+        /// Longest session lease a client may ask for, in ms (default 600000, ten minutes); longer
+        /// is refused, so a dead holder's locks come back within it (or at `stripelock evict`).
+        #[arg(long)]
+        lease_max_ms: Option<u64>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
     },
-    /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN.
-    Lock {
-        /// The resource (a path).
-        path: String,
-        #[arg(long, default_value = "all")]
-        range: String,
-        /// NL, CR, CW, PR, PW or EX.
-        #[arg(long, default_value = "EX")]
-        mode: String,
-        /// Fail at once, saying who holds it, if the lock is taken.
-        #[arg(long)]
-        nowait: bool,
-        /// With --mode PR: let the server grant it from its own cached read lock on the whole
-        /// file (no log write per reader); the lock then lasts only while that server's lease
-        /// does. Not with --nowait (such a read goes to the log).
-        #[arg(long)]
-        gateway: bool,
-        /// Give up after this long (e.g. 30s).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<std::time::Duration>,
-        /// Exit code when the lock is not available.
-        #[arg(long, default_value_t = 1)]
-        conflict_exit_code: u8,
-        /// Session lease: the lock is released this long after this process dies.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        lease: std::time::Duration,
-        /// Servers HOST:PORT,... (default: STRIPELOCK_CLUSTER, else ./stripelock-data/cluster).
-        #[arg(long)]
-        cluster: Option<String>,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN; it
+    /// runs in its own process group and dies with this process. Exit: the command's status,
+    /// or 121 lock lost while it ran, 124 lock not available, 125 this command failed, 126
+    /// command cannot run, 127 command not found, 128+N stopped by signal N.
+    Lock(cluster::LockArgs),
     /// The lock table: holders, waiters, tokens, and the wait-for graph.
     Locks {
         /// Only resources whose name starts with this.
         #[arg(default_value = "")]
         prefix: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End sessions as if their leases had run out: their locks are fenced, then go to whoever
+    /// waits (like `etcdctl lease revoke`). For a holder that is gone or stuck.
+    Evict {
+        /// Session numbers (see `stripelock locks`).
+        sessions: Vec<u64>,
+        /// Evict every session holding a lock on this path (breaks the lock).
+        #[arg(long)]
+        holders: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -339,9 +333,25 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == cluster::GUARD_ARG) {
+        return cluster::exec_guarded(&argv[2..]);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let usage = !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+            if usage && argv.get(1).is_some_and(|a| a == "lock") {
+                // `lock` keeps 1 and 2 for its command: its own usage errors are 125.
+                let _ = e.print();
+                return ExitCode::from(cluster::exit::FAILED);
+            }
+            e.exit();
+        }
+    };
     match cli.command {
-        Command::Up { servers, data, json } => report(cluster::up(servers, &data, json)),
+        Command::Up { servers, data, json } => report(up::up(servers, &data, json)),
         Command::Server {
             config,
             id,
@@ -355,6 +365,8 @@ fn main() -> ExitCode {
             gateway_lease_ms,
             file_bytes_max,
             orphan_grace_ms,
+            lease_min_ms,
+            lease_max_ms,
             break_stale_write_check_for_negative_control,
         } => {
             let flags = cluster::ServerFile {
@@ -369,25 +381,17 @@ fn main() -> ExitCode {
                 gateway_lease_ms,
                 file_bytes_max,
                 orphan_grace_ms,
+                lease_min_ms,
+                lease_max_ms,
             };
             report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
                 args.break_stale_write_check = break_stale_write_check_for_negative_control;
                 cluster::server(args)
             }))
         }
-        Command::Lock { path, range, mode, nowait, gateway, timeout, conflict_exit_code, lease, cluster, command } => {
-            report(cluster::lock(cluster::LockArgs {
-                path,
-                range,
-                mode,
-                nowait,
-                gateway,
-                timeout,
-                conflict_exit_code,
-                lease,
-                cluster,
-                command,
-            }))
+        Command::Lock(args) => cluster::lock(args),
+        Command::Evict { sessions, holders, cluster, json } => {
+            report(cluster::evict(&sessions, holders.as_deref(), cluster.as_deref(), json))
         }
         Command::Put { local, path, stripe_unit, data, parity, cluster, json } => {
             report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }))

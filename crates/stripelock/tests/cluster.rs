@@ -3,210 +3,14 @@
 //! this file run one at a time (two cores, and elections want their timing).
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use client::{ClientError, LockOptions, Mode, Session};
 use wire::v1 as pb;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Runs one test's body on its own runtime, one test at a time.
-fn serial(body: impl std::future::Future<Output = ()>) {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body);
-}
-
-const EXE: &str = env!("CARGO_BIN_EXE_stripelock");
-
-struct Server {
-    id: u64,
-    addr: String,
-    data: PathBuf,
-    child: Option<Child>,
-}
-
-struct Cluster {
-    dir: PathBuf,
-    peers: String,
-    servers: Vec<Server>,
-    /// More `stripelock server` arguments for every server.
-    extra: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Cluster {
-    async fn start(n: u64, name: &str) -> Cluster {
-        Cluster::start_with(n, name, &[]).await
-    }
-
-    async fn start_with(n: u64, name: &str, extra: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("stripelock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let servers: Vec<Server> = (1..=n)
-            .map(|id| Server {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                data: dir.join(format!("server-{id}")),
-                child: None,
-            })
-            .collect();
-        let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
-        let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut cluster = Cluster { dir, peers, servers, extra };
-        for id in 1..=n {
-            cluster.spawn(id, id == 1);
-        }
-        cluster.wait_ready().await;
-        cluster
-    }
-
-    fn spawn(&mut self, id: u64, bootstrap: bool) {
-        let peers = self.peers.clone();
-        let s = &self.servers[id as usize - 1];
-        std::fs::create_dir_all(&s.data).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(s.data.join("server.log")).unwrap();
-        let mut cmd = Command::new(EXE);
-        cmd.args([
-            "server",
-            "--id",
-            &id.to_string(),
-            "--peers",
-            &peers,
-            "--heartbeat-ms",
-            "100",
-            "--tick-ms",
-            "100",
-            "--data",
-        ])
-        .arg(&s.data)
-        .args(&self.extra)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        if bootstrap {
-            cmd.arg("--bootstrap");
-        }
-        self.servers[id as usize - 1].child = Some(cmd.spawn().unwrap());
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.servers.iter().map(|s| s.addr.clone()).collect()
-    }
-
-    /// Addresses with server `first` at the head (clients connect to the first that answers).
-    fn addrs_from(&self, first: u64) -> Vec<String> {
-        let mut a = vec![self.servers[first as usize - 1].addr.clone()];
-        a.extend(self.servers.iter().filter(|s| s.id != first).map(|s| s.addr.clone()));
-        a
-    }
-
-    async fn status(&self, id: u64) -> Option<pb::StatusReply> {
-        let addr = &self.servers[id as usize - 1].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300));
-        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
-        c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
-    }
-
-    /// The lock table as server `id` sees it; `None` while it does not answer.
-    async fn table(&self, id: u64, prefix: &str) -> Option<pb::TableReply> {
-        let addr = &self.servers[id as usize - 1].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300));
-        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
-        c.table(pb::TableRequest { prefix: prefix.into() }).await.ok().map(|r| r.into_inner())
-    }
-
-    /// The leader as the live servers agree on it, waiting up to 10 s for one.
-    async fn leader(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            for s in self.servers.iter().filter(|s| s.child.is_some()) {
-                if let Some(st) = self.status(s.id).await
-                    && st.leader_id == st.server_id
-                {
-                    return st.server_id;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no leader within 10 s; logs in {}", self.dir.display());
-    }
-
-    /// Ready when a session can be opened and is given a signed token (bootstrap done).
-    async fn wait_ready(&self) {
-        self.leader().await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(s) = Session::open(&self.addrs(), 5_000).await {
-                let g = s.lock("/ready", 0..1, Mode::NL, LockOptions::default()).await;
-                s.close().await;
-                if g.is_ok_and(|g| !g.signed_token.is_empty()) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("cluster not ready in 20 s; logs in {}", self.dir.display());
-    }
-
-    fn kill(&mut self, id: u64) {
-        let s = &mut self.servers[id as usize - 1];
-        let mut child = s.child.take().expect("running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for s in &mut self.servers {
-            if let Some(mut c) = s.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// Waits until `check` holds on the table of server `id`, up to 10 s.
-async fn until_table(
-    c: &Cluster,
-    id: u64,
-    prefix: &str,
-    what: &str,
-    check: impl Fn(&pb::TableReply) -> bool,
-) -> pb::TableReply {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = c.table(id, prefix).await;
-        if let Some(t) = &t
-            && check(t)
-        {
-            return t.clone();
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {t:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn count(t: &pb::TableReply, granted: bool) -> usize {
-    t.resources
-        .iter()
-        .flat_map(|r| &r.locks)
-        .filter(|l| if granted { l.granted } else { l.waiting && !l.granted })
-        .count()
-}
+mod common;
+use common::*;
 
 #[test]
 fn conflicting_locks_serialize_disjoint_and_shared_do_not() {
@@ -314,7 +118,7 @@ async fn killed_lock_process_is_released_after_its_lease_body() {
     let c = Cluster::start(3, "expiry").await;
     let cluster = c.addrs().join(",");
     let lease = Duration::from_secs(2);
-    let mut holder = Command::new(EXE)
+    let mut holder = Command::new(&*EXE)
         .args(["lock", "/k", "--lease", "2s", "--cluster", &cluster, "--", "sleep", "60"])
         .spawn()
         .unwrap();
@@ -372,7 +176,7 @@ fn lock_command_gives_a_token_that_verifies() {
 async fn lock_command_gives_a_token_that_verifies_body() {
     let c = Cluster::start(1, "token").await;
     let cluster = c.addrs().join(",");
-    let out = Command::new(EXE)
+    let out = Command::new(&*EXE)
         .args(["lock", "/jobs/nightly", "--cluster", &cluster, "--", "sh", "-c", "printf %s \"$STRIPELOCK_TOKEN\""])
         .output()
         .unwrap();
@@ -385,7 +189,7 @@ async fn lock_command_gives_a_token_that_verifies_body() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let verify =
-        Command::new(EXE).args(["token", "verify", &token, "--json", "--secret-file"]).arg(&secret).output().unwrap();
+        Command::new(&*EXE).args(["token", "verify", &token, "--json", "--secret-file"]).arg(&secret).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(
@@ -393,10 +197,12 @@ async fn lock_command_gives_a_token_that_verifies_body() {
         (Some(true), Some("/jobs/nightly"), Some("EX"))
     );
     // While another process holds it, --nowait reports the conflict with the chosen exit code.
-    let mut holder =
-        Command::new(EXE).args(["lock", "/jobs/nightly", "--cluster", &cluster, "--", "sleep", "30"]).spawn().unwrap();
+    let mut holder = Command::new(&*EXE)
+        .args(["lock", "/jobs/nightly", "--cluster", &cluster, "--", "sleep", "30"])
+        .spawn()
+        .unwrap();
     until_table(&c, 1, "/jobs/", "the holder", |t| count(t, true) == 1).await;
-    let busy = Command::new(EXE)
+    let busy = Command::new(&*EXE)
         .args(["lock", "/jobs/nightly", "--nowait", "--cluster", &cluster, "--conflict-exit-code", "7", "--", "true"])
         .output()
         .unwrap();
@@ -591,7 +397,7 @@ async fn a_secondary_serves_readers_from_its_cached_read_lock_body() {
 
 /// Runs the stripelock CLI against `c`, returning stdout; panics with stderr if it fails.
 fn cli(c: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(EXE).args(args).arg("--cluster").arg(c.addrs().join(",")).output().unwrap();
+    let out = Command::new(&*EXE).args(args).arg("--cluster").arg(c.addrs().join(",")).output().unwrap();
     assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -637,14 +443,14 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         assert!(std::fs::read(&out).unwrap() == data, "{path} came back different");
     }
     // A range that starts inside one row and ends inside another, and one past the end.
-    let part = Command::new(EXE)
+    let part = Command::new(&*EXE)
         .args(["cat", "/data/x", "--range", "1000000..5000000", "--cluster"])
         .arg(c.addrs().join(","))
         .output()
         .unwrap();
     assert!(part.status.success(), "{part:?}");
     assert!(part.stdout == data[1_000_000..5_000_000], "cat --range returned other bytes");
-    let tail = Command::new(EXE)
+    let tail = Command::new(&*EXE)
         .args(["cat", "/data/x", "--range", "67108000..", "--cluster"])
         .arg(c.addrs().join(","))
         .output()
@@ -726,7 +532,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
     assert!(std::fs::read(&out).unwrap() == data, "3+2 with two servers down came back different");
     // And 4+1 with two down says so instead of returning anything.
     let failed =
-        Command::new(EXE).args(["get", "/data/x", out_s, "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
+        Command::new(&*EXE).args(["get", "/data/x", out_s, "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot be read"), "{failed:?}");
     assert!(std::fs::read(&out).unwrap() == data, "a failed get replaced the local file");
@@ -781,7 +587,7 @@ async fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server_body() {
         serde_json::from_str(&cli(&c, &["get", "/data/s", out.to_str().unwrap(), "--json"])).unwrap();
     assert!(std::fs::read(&out).unwrap() == data, "a read returned flipped bytes");
     assert!(got["rebuilt_rows"].as_u64().unwrap() > 0, "{got}");
-    let scrub = Command::new(EXE).args(["scrub", "--json", "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
+    let scrub = Command::new(&*EXE).args(["scrub", "--json", "--cluster"]).arg(c.addrs().join(",")).output().unwrap();
     assert_eq!(scrub.status.code(), Some(1), "scrub found nothing: {scrub:?}");
     let report: serde_json::Value = serde_json::from_slice(&scrub.stdout).unwrap();
     let bad = report["damaged"].as_array().unwrap().len() + report["parity_mismatches"].as_array().unwrap().len();
@@ -795,7 +601,7 @@ async fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server_body() {
 
     // Lose the victim for good; rebuild its units onto the spare.
     c.kill(victim);
-    let rebuild = Command::new(EXE)
+    let rebuild = Command::new(&*EXE)
         .args(["rebuild", "--server", &victim.to_string(), "--onto", &spare.to_string(), "--json", "--cluster"])
         .arg(c.addrs().join(","))
         .output()
@@ -844,7 +650,7 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
 /// Runs the stripelock CLI with server `first` as the gateway (first of --cluster).
 fn cli_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> String {
     use std::io::Write as _;
-    let mut child = Command::new(EXE)
+    let mut child = Command::new(&*EXE)
         .args(args)
         .arg("--cluster")
         .arg(c.addrs_from(first).join(","))
@@ -1124,7 +930,7 @@ async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
     std::fs::write(&local, &data).unwrap();
     cli(&c, &["put", local.to_str().unwrap(), "/inv", "--stripe-unit", "16KiB"]);
     let unlocked_cat = |range: &str| {
-        Command::new(EXE)
+        Command::new(&*EXE)
             .args(["cat", "/inv", "--no-lock", "--range", range, "--cluster"])
             .arg(c.addrs().join(","))
             .output()
