@@ -3,184 +3,13 @@
 //! killed with SIGKILL by their own PIDs. Tests of this file run one at a time (two cores, and
 //! elections want their timing), on small files with short leases so each takes a few seconds.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use client::{LockOptions, Mode, Session};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 use wire::v1 as pb;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial(body: impl std::future::Future<Output = ()>) {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body);
-}
-
-/// The binary under test; STRIPELOCK_EXE runs these tests against another build (to see them
-/// fail on the code before a fix).
-static EXE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    std::env::var("STRIPELOCK_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stripelock").to_string())
-});
-
-struct Server {
-    id: u64,
-    addr: String,
-    data: PathBuf,
-    child: Option<Child>,
-}
-
-struct Cluster {
-    dir: PathBuf,
-    peers: String,
-    servers: Vec<Server>,
-    extra: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Cluster {
-    async fn start(n: u64, name: &str, extra: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("stripelock-dp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let servers: Vec<Server> = (1..=n)
-            .map(|id| Server {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                data: dir.join(format!("server-{id}")),
-                child: None,
-            })
-            .collect();
-        let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
-        let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut cluster = Cluster { dir, peers, servers, extra };
-        for id in 1..=n {
-            cluster.spawn(id, id == 1);
-        }
-        cluster.wait_ready().await;
-        cluster
-    }
-
-    fn spawn(&mut self, id: u64, bootstrap: bool) {
-        let s = &self.servers[id as usize - 1];
-        std::fs::create_dir_all(&s.data).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(s.data.join("server.log")).unwrap();
-        let mut cmd = Command::new(&*EXE);
-        cmd.args([
-            "server",
-            "--id",
-            &id.to_string(),
-            "--peers",
-            &self.peers,
-            "--heartbeat-ms",
-            "100",
-            "--tick-ms",
-            "100",
-        ])
-        .arg("--data")
-        .arg(&s.data)
-        .args(&self.extra)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        if bootstrap {
-            cmd.arg("--bootstrap");
-        }
-        self.servers[id as usize - 1].child = Some(cmd.spawn().unwrap());
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.servers.iter().map(|s| s.addr.clone()).collect()
-    }
-
-    /// Addresses with server `first` at the head (clients use the first that answers).
-    fn addrs_from(&self, first: u64) -> Vec<String> {
-        let mut a = vec![self.servers[first as usize - 1].addr.clone()];
-        a.extend(self.servers.iter().filter(|s| s.id != first).map(|s| s.addr.clone()));
-        a
-    }
-
-    async fn status(&self, id: u64) -> Option<pb::StatusReply> {
-        let addr = &self.servers[id as usize - 1].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(2));
-        let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
-        c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
-    }
-
-    /// The leader as the live servers see it, waiting up to 10 s for one.
-    async fn leader(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            for s in self.servers.iter().filter(|s| s.child.is_some()) {
-                if let Some(st) = self.status(s.id).await
-                    && st.leader_id == st.server_id
-                {
-                    return st.server_id;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no leader within 10 s; logs in {}", self.dir.display());
-    }
-
-    async fn wait_ready(&self) {
-        self.leader().await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(s) = Session::open(&self.addrs(), 5_000).await {
-                let g = s.lock("/ready", 0..1, Mode::NL, LockOptions::default()).await;
-                s.close().await;
-                if g.is_ok_and(|g| !g.signed_token.is_empty()) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("cluster not ready in 20 s; logs in {}", self.dir.display());
-    }
-
-    /// The first server still running.
-    fn live(&self) -> u64 {
-        self.servers.iter().find(|s| s.child.is_some()).expect("a live server").id
-    }
-
-    fn pid(&self, id: u64) -> String {
-        self.servers[id as usize - 1].child.as_ref().expect("running").id().to_string()
-    }
-
-    /// Sends `signal` (STOP, CONT) to server `id`'s process, by its PID.
-    fn signal(&self, id: u64, signal: &str) {
-        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.pid(id)).status().unwrap().success();
-        assert!(ok, "kill -{signal} of server {id} failed");
-    }
-
-    fn kill(&mut self, id: u64) {
-        let mut child = self.servers[id as usize - 1].child.take().expect("running");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for s in &mut self.servers {
-            if let Some(mut c) = s.child.take() {
-                // A stopped process dies of SIGKILL too.
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
+mod common;
+use common::*;
 
 /// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
 fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> Output {
@@ -284,7 +113,7 @@ fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log() {
 /// so it cannot learn the grant until a new leader is elected. The write must wait for the
 /// grant and land, not be dropped.
 async fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body() {
-    let c = Cluster::start(5, "lag", &[]).await;
+    let c = Cluster::start_with(5, "lag", &[]).await;
     let leader = c.leader().await;
     let path = (0..100)
         .map(|i| format!("/lag{i}"))
@@ -355,7 +184,7 @@ fn a_put_whose_gateway_and_writer_die_is_rolled_back() {
 /// session ending must roll it back on its own: the path is free again within a few seconds of
 /// the lease running out, and a new put of it works.
 async fn a_put_whose_gateway_and_writer_die_is_rolled_back_body() {
-    let mut c = Cluster::start(4, "putdies", &[]).await;
+    let mut c = Cluster::start_with(4, "putdies", &[]).await;
     let leader = c.leader().await;
     // A path laid out away from a server g that is not the leader: g is the gateway killed.
     let (path, gateway) = (0..100)
@@ -414,7 +243,7 @@ fn a_write_past_the_largest_file_is_refused_with_the_limit() {
 /// 1 MiB) bounds what a write or a put may make, the refusal names the limit, `status` reports
 /// it, and a write that ends exactly at the limit is still taken.
 async fn a_write_past_the_largest_file_is_refused_with_the_limit_body() {
-    let c = Cluster::start(3, "maxsize", &["--file-bytes-max", "1048576"]).await;
+    let c = Cluster::start_with(3, "maxsize", &["--file-bytes-max", "1048576"]).await;
     let status: serde_json::Value = serde_json::from_str(&cli(&c, &["status", "--json"])).unwrap();
     for s in status["servers"].as_array().unwrap() {
         assert_eq!(s["file_bytes_max"], 1 << 20, "{s}");
@@ -450,7 +279,7 @@ fn layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused() {
 /// and `--stripe-unit 0` were replaced by defaults. Each is refused with a sentence now; only
 /// `--parity 0` stores no parity. The default largest file is 16 TiB.
 async fn layout_flags_never_drop_parity_unasked_and_impossible_ones_are_refused_body() {
-    let c = Cluster::start(5, "layoutflags", &[]).await;
+    let c = Cluster::start_with(5, "layoutflags", &[]).await;
     let data = noise(5000, 2);
     let local = c.dir.join("in.bin");
     std::fs::write(&local, &data).unwrap();
@@ -500,7 +329,7 @@ fn units_of_a_file_removed_while_their_server_was_down_are_collected() {
 /// (through scrubs and restarts). Each server now deletes, after a grace period, the units of
 /// files that are no longer in the namespace, and only those: a live file keeps every unit.
 async fn units_of_a_file_removed_while_their_server_was_down_are_collected_body() {
-    let mut c = Cluster::start(3, "orphans", &["--orphan-grace-ms", "300"]).await;
+    let mut c = Cluster::start_with(3, "orphans", &["--orphan-grace-ms", "300"]).await;
     let keep = noise(20_000, 8);
     let flags = ["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"];
     let kept = put(&c, "/keep", &keep, &flags)["file"].as_u64().unwrap();
@@ -549,7 +378,7 @@ fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down() {
 /// wholly past the end are zeros, not lost: for reads, for a rebuild from parity, for a write
 /// that grows the file into them, and for scrub.
 async fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down_body() {
-    let mut c = Cluster::start(5, "small", &[]).await;
+    let mut c = Cluster::start_with(5, "small", &[]).await;
     let tiny = put(&c, "/tiny", b"x", &[]);
     let tiny_id = tiny["file"].as_u64().unwrap();
     let total: u64 = (1..=5).map(|s| bytes_on_disk(&c, s, tiny_id)).sum();
@@ -601,7 +430,7 @@ fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly() {
 /// needs that server, lands in the other and says so; scrub exits 2 and says what it could not
 /// check; a rebuild prints a progress line a file on standard error, and none with --json.
 async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly_body() {
-    let mut c = Cluster::start(3, "partway", &[]).await;
+    let mut c = Cluster::start_with(3, "partway", &[]).await;
     let original = noise(24 << 10, 12);
     put(&c, "/p", &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
     let server = |row: usize, role: &str| server_of(&c, "/p", row, role);

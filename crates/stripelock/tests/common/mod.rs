@@ -19,10 +19,10 @@ pub fn serial(body: impl std::future::Future<Output = ()>) {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(body);
 }
 
-/// The binary under test: this build's, or `STRIPELOCK_TEST_EXE` (to show that a test fails on
-/// an older build, e.g. `STRIPELOCK_TEST_EXE=/tmp/old/stripelock cargo test --test lock_defects`).
+/// The binary under test: this build's, or `STRIPELOCK_EXE` (to show that a test fails on
+/// an older build, e.g. `STRIPELOCK_EXE=/tmp/old/stripelock cargo test --test lock_defects`).
 pub static EXE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    std::env::var("STRIPELOCK_TEST_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stripelock").to_string())
+    std::env::var("STRIPELOCK_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stripelock").to_string())
 });
 
 pub struct Server {
@@ -114,7 +114,8 @@ impl Cluster {
         let addr = &self.servers[id as usize - 1].addr;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
-            .connect_timeout(Duration::from_millis(300));
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(2));
         let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
         c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
     }
@@ -160,6 +161,21 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("cluster not ready in 20 s; logs in {}", self.dir.display());
+    }
+
+    /// The first server still running.
+    pub fn live(&self) -> u64 {
+        self.servers.iter().find(|s| s.child.is_some()).expect("a live server").id
+    }
+
+    pub fn pid(&self, id: u64) -> String {
+        self.servers[id as usize - 1].child.as_ref().expect("running").id().to_string()
+    }
+
+    /// Sends `signal` (STOP, CONT) to server `id`'s process, by its PID.
+    pub fn signal(&self, id: u64, signal: &str) {
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.pid(id)).status().unwrap().success();
+        assert!(ok, "kill -{signal} of server {id} failed");
     }
 
     pub fn kill(&mut self, id: u64) {
