@@ -407,10 +407,22 @@ pub fn lock(args: LockArgs) -> ExitCode {
     }
 }
 
-/// Sends `signal` to the command's process group (it and whatever it started).
-fn signal_group(pgid: Option<u32>, signal: rustix::process::Signal) {
-    let Some(pid) = pgid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
-    let _ = rustix::process::kill_process_group(pid, signal);
+/// The command `lock` runs: its pid, and whether it leads a process group of its own.
+#[derive(Debug, Clone, Copy)]
+struct Cmd {
+    pid: Option<u32>,
+    own_group: bool,
+}
+
+/// Sends `signal` to the command's process group (it and whatever it started), or to the
+/// command alone when it shares this process's group (a terminal's foreground job).
+fn signal_cmd(cmd: Cmd, signal: rustix::process::Signal) {
+    let Some(pid) = cmd.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
+    let _ = if cmd.own_group {
+        rustix::process::kill_process_group(pid, signal)
+    } else {
+        rustix::process::kill_process(pid, signal)
+    };
 }
 
 fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
@@ -489,20 +501,25 @@ fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
             }
         };
 
-        // The command runs in its own process group (so it and what it starts can be stopped
-        // together) under the guard, which ties its life to this process's.
+        // The command runs under the guard, which ties its life to this process's, and in its
+        // own process group (so it and what it starts can be stopped together) unless it reads
+        // a terminal: a job outside the terminal's foreground group could not read it.
+        use std::io::IsTerminal;
+        let own_group = !std::io::stdin().is_terminal();
         let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        command
             .arg(GUARD_ARG)
             .arg(std::process::id().to_string())
             .arg(program)
             .args(rest)
             .env("STRIPELOCK_TOKEN", &grant.signed_token)
-            .env("STRIPELOCK_TOKEN_NUMBER", grant.token.to_string())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start `{program}`"))?;
-        let pgid = child.id();
+            .env("STRIPELOCK_TOKEN_NUMBER", grant.token.to_string());
+        if own_group {
+            command.process_group(0);
+        }
+        let mut child = command.spawn().with_context(|| format!("cannot start `{program}`"))?;
+        let pgid = Cmd { pid: child.id(), own_group };
 
         let mut events = session.events();
         let mut check = tokio::time::interval(Duration::from_millis(50));
@@ -534,7 +551,7 @@ fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
                     if kill_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
                         kill_at = None;
                         eprintln!("stripelock: `{program}` did not stop within {}; killing it", humantime::format_duration(args.grace));
-                        signal_group(pgid, Signal::KILL);
+                        signal_cmd(pgid, Signal::KILL);
                     }
                 }
                 _ = sigterm.recv() => stop = Some((15, Signal::TERM)),
@@ -553,22 +570,22 @@ fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
                             "stripelock: stopping `{program}` (SIGTERM, SIGKILL after {})",
                             humantime::format_duration(args.grace)
                         );
-                        signal_group(pgid, Signal::TERM);
+                        signal_cmd(pgid, Signal::TERM);
                         kill_at.get_or_insert(tokio::time::Instant::now() + args.grace);
                     }
                     OnLost::Kill => {
                         eprintln!("stripelock: killing `{program}`");
-                        signal_group(pgid, Signal::KILL);
+                        signal_cmd(pgid, Signal::KILL);
                     }
                 }
             }
             if let Some((signo, sig)) = stop {
                 if signalled.is_some() {
                     // Asked twice: no more grace.
-                    signal_group(pgid, Signal::KILL);
+                    signal_cmd(pgid, Signal::KILL);
                 } else {
                     signalled = Some(signo);
-                    signal_group(pgid, sig);
+                    signal_cmd(pgid, sig);
                     kill_at.get_or_insert(tokio::time::Instant::now() + args.grace);
                 }
             }
