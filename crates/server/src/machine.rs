@@ -649,6 +649,12 @@ mod tests {
 
     use super::*;
 
+    /// Opens a client session by applying its entry at index `i`.
+    fn open_session(state: &mut State, i: u64) -> SessionId {
+        let op = Op::OpenSession { lease_ms: 10_000, client: String::new() };
+        state.apply(Command { now_ms: 0, origin: None, op }, i).session.unwrap()
+    }
+
     fn lock_cmd(session: SessionId, request: u64, lock: u64, now_ms: u64) -> Command {
         lock_on(session, request, lock, now_ms, "/f")
     }
@@ -722,20 +728,7 @@ mod tests {
     #[test]
     fn an_unfinished_put_of_an_ended_session_is_rolled_back() {
         let mut state = State::new(Limits::default(), false);
-        let open = |state: &mut State, i| {
-            state
-                .apply(
-                    Command {
-                        now_ms: 0,
-                        origin: None,
-                        op: Op::OpenSession { lease_ms: 10_000, client: String::new() },
-                    },
-                    i,
-                )
-                .session
-                .unwrap()
-        };
-        let (dying, living) = (open(&mut state, 1), open(&mut state, 2));
+        let (dying, living) = (open_session(&mut state, 1), open_session(&mut state, 2));
         let layout = layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap();
         let create = |path: &str, writer| Command {
             now_ms: 1,
@@ -845,20 +838,7 @@ mod tests {
     #[test]
     fn a_handover_trades_a_read_lock_for_a_write_in_one_entry() {
         let mut state = State::new(Limits::default(), false);
-        let open = |state: &mut State, i| {
-            state
-                .apply(
-                    Command {
-                        now_ms: 0,
-                        origin: None,
-                        op: Op::OpenSession { lease_ms: 10_000, client: String::new() },
-                    },
-                    i,
-                )
-                .session
-                .unwrap()
-        };
-        let (gateway, client) = (open(&mut state, 1), open(&mut state, 2));
+        let (gateway, client) = (open_session(&mut state, 1), open_session(&mut state, 2));
         let id = |s: SessionId, n: u64| LockId((s.0 << crate::types::CLIENT_LOCK_BITS) | n);
         let read = Input::Lock {
             lock: id(gateway, 1),

@@ -649,18 +649,7 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
 
 /// Runs the stripelock CLI with server `first` as the gateway (first of --cluster).
 fn cli_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> String {
-    use std::io::Write as _;
-    let mut child = Command::new(&*EXE)
-        .args(args)
-        .arg("--cluster")
-        .arg(c.addrs_from(first).join(","))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_at(c, first, args, stdin);
     assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

@@ -4,28 +4,11 @@
 //! elections want their timing), on small files with short leases so each takes a few seconds.
 
 use client::{LockOptions, Mode, Session};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use wire::v1 as pb;
 
 mod common;
 use common::*;
-
-/// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
-fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> Output {
-    use std::io::Write as _;
-    let mut child = Command::new(&*EXE)
-        .args(args)
-        .arg("--cluster")
-        .arg(c.addrs_from(first).join(","))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
 
 /// Runs the CLI; panics with its stderr if it fails; returns stdout.
 fn cli(c: &Cluster, args: &[&str]) -> String {

@@ -228,3 +228,19 @@ pub fn count(t: &pb::TableReply, granted: bool) -> usize {
         .filter(|l| if granted { l.granted } else { l.waiting && !l.granted })
         .count()
 }
+
+/// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
+pub fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(&*EXE)
+        .args(args)
+        .arg("--cluster")
+        .arg(c.addrs_from(first).join(","))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
