@@ -159,10 +159,18 @@ async fn restarted_server_rejoins_from_its_data_body() {
         held.push(s.lock(&format!("/r/{i}"), 0..10, Mode::PW, LockOptions::default()).await.unwrap());
     }
     c.spawn(follower, false);
-    // It catches up from its own log and the leader's: same lock table as the leader.
+    // It catches up from its own log and the leader's: the same lock table as the leader's,
+    // row for row (sessions, lock ids, modes, ranges, tokens), not just as many locks.
     let t = until_table(&c, follower, "/r/", "the restarted server to catch up", |t| count(t, true) == 20).await;
-    let tokens: Vec<u64> = t.resources.iter().map(|r| r.locks[0].token).collect();
-    assert_eq!(tokens.len(), 20);
+    let on_leader = c.table(leader, "/r/").await.expect("the leader's table");
+    assert_eq!(count(&on_leader, true), 20, "{on_leader:?}");
+    assert_eq!(t, on_leader, "the restarted server's table differs from the leader's");
+    let mut shown: Vec<u64> = t.resources.iter().map(|r| r.locks[0].token).collect();
+    shown.sort_unstable();
+    let mut granted: Vec<u64> = held.iter().map(|g| g.token).collect();
+    granted.sort_unstable();
+    granted.dedup();
+    assert_eq!(shown, granted, "the table's tokens are not the 20 distinct ones the client was granted");
     let st = c.status(follower).await.unwrap();
     assert_eq!(st.leader_id, leader, "the restarted server does not follow the leader");
     s.close().await;
