@@ -86,6 +86,10 @@ pub struct Env {
     /// Negative control for tests only: a stripe write is carried out even when the lock it was
     /// written under is gone (seed 004's timestamp check skipped). Never set outside a test.
     pub break_stale_write_check_for_negative_control: bool,
+    /// Negative control for tests only: the leader sends no invalidations (seed 000), so storage
+    /// servers keep serving reads without a lock from ranges a write lock now covers. Never set
+    /// outside a test.
+    pub break_invalidate_for_negative_control: bool,
 }
 
 impl std::fmt::Debug for Env {
@@ -96,6 +100,7 @@ impl std::fmt::Debug for Env {
             .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
             .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
             .field("break_stale_write_check_for_negative_control", &self.break_stale_write_check_for_negative_control)
+            .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
             .finish_non_exhaustive()
     }
 }

@@ -96,6 +96,8 @@ pub struct ServerArgs {
     pub lease_max_ms: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
+    /// Tests only: see `Env::break_invalidate_for_negative_control`.
+    pub break_invalidate: bool,
 }
 
 /// A server's settings as a TOML file holds them (and as flags give them: every one optional).
@@ -182,6 +184,7 @@ impl ServerArgs {
             lease_min_ms,
             lease_max_ms,
             break_stale_write_check: false,
+            break_invalidate: false,
         })
     }
 }
@@ -238,6 +241,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         limits: Limits::default(),
         env: server::Env {
             break_stale_write_check_for_negative_control: args.break_stale_write_check,
+            break_invalidate_for_negative_control: args.break_invalidate,
             ..server::Env::default()
         },
     };

@@ -912,7 +912,15 @@ async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
 
 #[test]
 fn a_write_lock_invalidates_only_the_servers_its_range_touches() {
-    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body());
+    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body(false));
+}
+
+/// The negative control: with the leader's invalidations switched off, the storage servers keep
+/// serving the now write-locked bytes without a lock, and the check below catches that stale
+/// read.
+#[test]
+fn skipping_the_invalidate_serves_a_stale_unlocked_read() {
+    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body(true));
 }
 
 /// Seed 000: reads without a lock (`cat --no-lock`) make every server of a 4+1 file remember
@@ -920,8 +928,9 @@ fn a_write_lock_invalidates_only_the_servers_its_range_touches() {
 /// unit then makes the leader invalidate exactly two servers, that unit's and row 0's parity
 /// server; the other three receive nothing and keep serving unlocked reads from what they
 /// know, while the locked bytes are refused until the lock goes.
-async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
-    let c = Cluster::start(5, "invalidate").await;
+async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body(broken: bool) {
+    let extra: &[&str] = if broken { &["--break-invalidate-for-negative-control"] } else { &[] };
+    let c = Cluster::start_with(5, "invalidate", extra).await;
     let data = noise(1 << 20, 31);
     let local = c.dir.join("inv.bin");
     std::fs::write(&local, &data).unwrap();
@@ -947,6 +956,18 @@ async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
 
     let w = Session::open(&c.addrs(), 10_000).await.unwrap();
     let g = w.lock("/inv", 100..200, Mode::PW, LockOptions::default()).await.unwrap();
+    if broken {
+        // Every server still holds its "free" for the bytes: the locked range is served.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stale = unlocked_cat("100..200");
+        assert!(
+            stale.status.success() && stale.stdout == data[100..200],
+            "without invalidations the locked bytes were still refused: {stale:?}"
+        );
+        assert_eq!(invalidations_received(&c).await, before, "invalidations arrived though switched off");
+        w.close().await;
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut after = invalidations_received(&c).await;
     while touched.iter().any(|&s| after[s as usize - 1] == before[s as usize - 1]) {
