@@ -17,6 +17,7 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::codec::{self, Record};
 use crate::store::Store;
 use crate::types::{C, Command, FileMeta, Op, Origin, Reply, SnapshotData, io_error};
 
@@ -70,32 +71,23 @@ pub struct State {
     break_fencing: bool,
 }
 
+/// The replicated state as a snapshot record (`codec`: its version comes first; the field
+/// order is the format, docs/formats.md).
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
-    version: u32,
     engine: EngineSnapshot,
     next_session: u64,
     secret: Option<[u8; 32]>,
     answered: Vec<(SessionId, Answered)>,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     gateways: Vec<(SessionId, u64)>,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     files: Vec<(String, FileMeta)>,
-    #[serde(default)]
     next_file: u64,
-    #[serde(default)]
     puts_rolled_back: u64,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     clients: Vec<(SessionId, String)>,
 }
 
 /// Longest client description kept per session.
 const CLIENT_NAME_MAX: usize = 128;
-
-const STATE_SNAPSHOT_VERSION: u32 = 2;
 
 /// Most files the namespace holds.
 const FILES_MAX: usize = 1_000_000;
@@ -312,7 +304,6 @@ impl State {
 
     fn to_bytes(&self) -> io::Result<Vec<u8>> {
         let snapshot = StateSnapshot {
-            version: STATE_SNAPSHOT_VERSION,
             engine: self.engine.snapshot(),
             next_session: self.next_session,
             secret: self.secret,
@@ -323,14 +314,11 @@ impl State {
             puts_rolled_back: self.puts_rolled_back,
             clients: self.clients.iter().map(|(s, c)| (*s, c.clone())).collect(),
         };
-        serde_json::to_vec(&snapshot).map_err(io_error)
+        Ok(codec::encode(Record::Snapshot, &snapshot)?)
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let s: StateSnapshot = serde_json::from_slice(bytes).map_err(io_error)?;
-        if s.version != STATE_SNAPSHOT_VERSION {
-            return Err(io::Error::other(format!("snapshot version {} is not {STATE_SNAPSHOT_VERSION}", s.version)));
-        }
+        let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
         if self.break_fencing {
             self.engine.break_fencing_for_negative_control();
