@@ -177,3 +177,245 @@ pub fn encode<T: Serialize>(what: Record, value: &T) -> Result<Vec<u8>, FormatEr
 pub fn decode<T: DeserializeOwned>(what: Record, bytes: &[u8]) -> Result<T, FormatError> {
     Format::CURRENT.decode(what, bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use lockengine::{ByteRange, Input, LockId, Mode, Output, SessionId, ValueBlock};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+    use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, StoredMembershipOf, VoteOf};
+    use openraft::{EntryPayload, Membership};
+
+    use super::*;
+    use crate::types::{C, Command, NodeAddr, Op, Origin, Reply};
+
+    fn log_id(term: u64, index: u64) -> LogIdOf<C> {
+        openraft::testing::log_id::<C>(term, 1, index)
+    }
+
+    fn layout() -> layout::Layout {
+        layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap()
+    }
+
+    fn membership() -> Membership<u64, NodeAddr> {
+        let nodes: BTreeMap<u64, NodeAddr> =
+            (1..=3).map(|id| (id, NodeAddr { addr: format!("127.0.0.1:{}", 7000 + id) })).collect();
+        Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes).unwrap()
+    }
+
+    fn meta() -> SnapshotMetaOf<C> {
+        SnapshotMetaOf::<C> {
+            last_log_id: Some(log_id(3, 90)),
+            last_membership: StoredMembershipOf::<C>::new(Some(log_id(1, 1)), membership()),
+        }
+    }
+
+    fn lock(session: u64, lock: u64) -> Input {
+        Input::Lock {
+            lock: LockId(lock),
+            session: SessionId(session),
+            resource: "/data/f".into(),
+            range: ByteRange { start: 0, end: 4096 },
+            mode: Mode::PW,
+            nowait: false,
+        }
+    }
+
+    /// One command of every `Op` variant, in declaration order.
+    fn every_op() -> Vec<Op> {
+        vec![
+            Op::Bootstrap { secret: [7; 32] },
+            Op::OpenSession { lease_ms: 10_000, client: "pid 1234 on host".into() },
+            Op::OpenGatewaySession { lease_ms: 10_000, server: 2 },
+            Op::Engine(lock(1, 1 << 20 | 1)),
+            Op::Handover { release: LockId(2 << 20 | 1), request: lock(1, 1 << 20 | 2) },
+            Op::CreateFile { path: "/f".into(), layout: layout(), writer: Some(SessionId(1)) },
+            Op::CompleteFile { path: "/f".into(), id: 1, size: 9 },
+            Op::RemoveFile { path: "/f".into(), id: 1 },
+            Op::SetLayout { path: "/f".into(), id: 1, layout: layout() },
+            Op::GrowFile { path: "/f".into(), id: 1, size: 12 },
+        ]
+    }
+
+    fn entries() -> Vec<EntryOf<C>> {
+        let mut entries = vec![
+            EntryOf::<C> { log_id: log_id(1, 1), payload: EntryPayload::Blank },
+            EntryOf::<C> { log_id: log_id(1, 2), payload: EntryPayload::Membership(membership()) },
+        ];
+        for (i, op) in every_op().into_iter().enumerate() {
+            let origin = Some(Origin { session: SessionId(1), request: i as u64 });
+            let cmd = Command { now_ms: 1_700_000_000_000 + i as u64, origin, op };
+            entries.push(EntryOf::<C> { log_id: log_id(2, 3 + i as u64), payload: EntryPayload::Normal(cmd) });
+        }
+        entries
+    }
+
+    fn reply() -> Reply {
+        let granted = Output::Granted {
+            session: SessionId(1),
+            lock: LockId(1 << 20 | 1),
+            mode: Mode::EX,
+            range: ByteRange::ALL,
+            token: 3 << 40 | 17,
+            value: ValueBlock::Value(vec![1, 2, 3].into_boxed_slice()),
+            reused: false,
+        };
+        Reply { session: None, outputs: vec![granted], duplicate: false, index: 42, file: Some(3), error: None }
+    }
+
+    /// Encodes, decodes and encodes again: the value and the bytes come back the same.
+    fn round_trip<T: Serialize + DeserializeOwned>(what: Record, value: &T) -> T {
+        let bytes = encode(what, value).unwrap();
+        assert_eq!(bytes[0], FORMAT_VERSION, "{what} does not start with the format version");
+        let back: T = decode(what, &bytes).unwrap();
+        assert_eq!(encode(what, &back).unwrap(), bytes, "{what} changed on a round trip");
+        back
+    }
+
+    #[test]
+    fn every_record_kind_round_trips() {
+        for entry in entries() {
+            let what = Record::LogEntry { index: entry.log_id.index };
+            assert_eq!(round_trip(what, &entry), entry);
+        }
+        let vote = VoteOf::<C>::new_committed(4, 2);
+        assert_eq!(round_trip(Record::Vote, &vote), vote);
+        assert_eq!(round_trip(Record::Vote, &VoteOf::<C>::new(5, 3)), VoteOf::<C>::new(5, 3));
+        for committed in [None, Some(log_id(4, 77))] {
+            assert_eq!(round_trip(Record::Committed, &committed), committed);
+        }
+        assert_eq!(round_trip(Record::Purged, &log_id(4, 60)), log_id(4, 60));
+        assert_eq!(round_trip(Record::SnapshotMeta, &meta()), meta());
+
+        let append = AppendEntriesRequest::<C> {
+            vote,
+            prev_log_id: Some(log_id(1, 2)),
+            entries: entries(),
+            leader_commit: Some(log_id(2, 5)),
+        };
+        let back = round_trip(Record::Message("append-entries"), &append);
+        assert_eq!((back.vote, back.prev_log_id, back.leader_commit), (vote, append.prev_log_id, append.leader_commit));
+        assert_eq!(back.entries, append.entries);
+        for resp in [
+            AppendEntriesResponse::<C>::Success,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(2, 4))),
+            AppendEntriesResponse::Conflict,
+            AppendEntriesResponse::HigherVote(VoteOf::<C>::new(6, 3)),
+        ] {
+            assert_eq!(round_trip(Record::Message("append-entries"), &resp), resp);
+        }
+        let mut ask = VoteRequest::<C>::new(VoteOf::<C>::new(5, 2), Some(log_id(4, 80)));
+        ask.leadership_transfer = true;
+        assert_eq!(round_trip(Record::Message("vote"), &ask), ask);
+        let answer = VoteResponse::<C>::new(VoteOf::<C>::new(5, 2), Some(log_id(4, 80)), true);
+        assert_eq!(round_trip(Record::Message("vote"), &answer), answer);
+        let installed = SnapshotResponse::<C>::new(vote);
+        assert_eq!(round_trip(Record::Message("full-snapshot"), &installed), installed);
+        let cmd = Command { now_ms: 9, origin: None, op: Op::Engine(Input::Tick) };
+        assert_eq!(round_trip(Record::Message("forwarded proposal"), &cmd), cmd);
+        for result in [Ok(reply()), Err("not the leader".to_string())] {
+            assert_eq!(round_trip(Record::Message("forwarded proposal"), &result), result);
+        }
+    }
+
+    /// A full snapshot's bytes travel after its vote and meta as they are.
+    #[test]
+    fn a_snapshot_message_carries_the_snapshot_bytes_as_they_are() {
+        let vote = VoteOf::<C>::new_committed(4, 2);
+        let snapshot: Vec<u8> = (0..=255).collect();
+        let payload = crate::network::encode_snapshot(&vote, &meta(), &snapshot).unwrap();
+        let head = encode(Record::Message("full-snapshot"), &(vote, meta())).unwrap();
+        assert_eq!(payload.data.len(), head.len() + snapshot.len());
+        assert!(payload.data.ends_with(&snapshot));
+        assert_eq!(crate::network::decode_snapshot(&payload).unwrap(), (vote, meta(), snapshot));
+    }
+
+    #[test]
+    fn a_record_of_a_version_not_read_is_refused_naming_both_versions() {
+        let entry = &entries()[3];
+        let what = Record::LogEntry { index: 42 };
+        let next = Format { version: FORMAT_VERSION + 1, oldest: FORMAT_VERSION + 1 };
+        // Written by a newer build, read by this one.
+        let newer = next.encode(what, entry).unwrap();
+        let e = decode::<EntryOf<C>>(what, &newer).unwrap_err();
+        assert!(matches!(e, FormatError::Version { found, .. } if found == FORMAT_VERSION + 1), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "log entry 42 has format version {}; this stripelock reads format version {}: it was written by a \
+                 newer stripelock; upgrade this server",
+                FORMAT_VERSION + 1,
+                FORMAT_VERSION
+            )
+        );
+        // Written by this build, read by a newer one that no longer reads this version.
+        let e = next.decode::<EntryOf<C>>(what, &encode(what, entry).unwrap()).unwrap_err();
+        let message = e.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "log entry 42 has format version {FORMAT_VERSION}; this stripelock reads format version {}",
+                FORMAT_VERSION + 1
+            )),
+            "{message}"
+        );
+        assert!(message.contains("older stripelock"), "{message}");
+        // The JSON of builds before versioned formats.
+        let json = serde_json::to_vec(entry).unwrap();
+        let e = decode::<EntryOf<C>>(what, &json).unwrap_err();
+        assert!(matches!(e, FormatError::Version { found: 1, .. }), "{e:?}");
+        assert!(e.to_string().contains("JSON"), "{e}");
+        // Nothing at all, and bytes after the end.
+        assert!(matches!(decode::<EntryOf<C>>(what, &[]), Err(FormatError::Empty { .. })));
+        let mut long = encode(what, entry).unwrap();
+        long.push(0);
+        assert!(matches!(decode::<EntryOf<C>>(what, &long), Err(FormatError::Trailing { extra: 1, .. })));
+        // A range of versions read is named as one.
+        let both = Format { version: FORMAT_VERSION + 1, oldest: FORMAT_VERSION };
+        let e = both.decode::<EntryOf<C>>(what, &[FORMAT_VERSION + 2]).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("reads format versions {FORMAT_VERSION} to {}", FORMAT_VERSION + 1)),
+            "{e}"
+        );
+    }
+
+    /// The bytes of a sample of every record kind, pinned. postcard is positional: reordering
+    /// fields or variants, adding or removing one, or changing a field's type changes them
+    /// (renaming does not). If this fails, the change needs a new `FORMAT_VERSION` and a decoder
+    /// that still reads the previous one (docs/formats.md, "Changing a format"); then pin the new
+    /// bytes here.
+    #[test]
+    fn encodings_are_pinned() {
+        let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let mut all = String::new();
+        for entry in entries() {
+            all += &hex(encode(Record::LogEntry { index: 0 }, &entry).unwrap());
+            all += "\n";
+        }
+        all += &hex(encode(Record::Vote, &VoteOf::<C>::new_committed(4, 2)).unwrap());
+        all += "\n";
+        all += &hex(encode(Record::SnapshotMeta, &meta()).unwrap());
+        all += "\n";
+        all += &hex(encode(Record::Message("forwarded proposal"), &Ok::<Reply, String>(reply())).unwrap());
+        all += "\n";
+        assert_eq!(all, PINNED, "an encoding changed; see this test's comment");
+    }
+
+    const PINNED: &str = concat!(
+        "0201010100\n",
+        "0201010202010301020303010e3132372e302e302e313a37303031020e3132372e302e302e313a37303032030e3132372e302e302e313a37303033\n",
+        "020201030180d095ffbc31010100000707070707070707070707070707070707070707070707070707070707070707\n",
+        "020201040181d095ffbc3101010101904e107069642031323334206f6e20686f7374\n",
+        "020201050182d095ffbc3101010202904e02\n",
+        "020201060183d095ffbc31010103030581804001072f646174612f660080200400\n",
+        "020201070184d095ffbc3101010404818080010582804001072f646174612f660080200400\n",
+        "020201080185d095ffbc3101010505022f6680200201030102030101\n",
+        "020201090186d095ffbc3101010606022f660109\n",
+        "0202010a0187d095ffbc3101010707022f6601\n",
+        "0202010b0188d095ffbc3101010808022f66018020020103010203\n",
+        "0202010c0189d095ffbc3101010909022f66010c\n",
+        "02040201\n",
+        "020103015a01010101010301020303010e3132372e302e302e313a37303031020e3132372e302e302e313a37303032030e3132372e302e302e313a3730303300\n",
+        "0200000100018180400500ffffffffffffffffff01918080808060010301020300002a010300\n",
+    );
+}

@@ -303,7 +303,11 @@ impl State {
     }
 
     fn to_bytes(&self) -> io::Result<Vec<u8>> {
-        let snapshot = StateSnapshot {
+        Ok(codec::encode(Record::Snapshot, &self.snapshot_data())?)
+    }
+
+    fn snapshot_data(&self) -> StateSnapshot {
+        StateSnapshot {
             engine: self.engine.snapshot(),
             next_session: self.next_session,
             secret: self.secret,
@@ -313,8 +317,7 @@ impl State {
             next_file: self.next_file,
             puts_rolled_back: self.puts_rolled_back,
             clients: self.clients.iter().map(|(s, c)| (*s, c.clone())).collect(),
-        };
-        Ok(codec::encode(Record::Snapshot, &snapshot)?)
+        }
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {

@@ -293,3 +293,120 @@ impl RaftLogStorage<C> for Store {
         tx.commit().map_err(io_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lockengine::{Input, SessionId};
+    use openraft::EntryPayload;
+
+    use super::*;
+    use crate::codec::{FORMAT_VERSION, FormatError};
+    use crate::types::{Command, Op, Origin};
+
+    fn database() -> Arc<redb::Database> {
+        Arc::new(redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap())
+    }
+
+    fn log_id(index: u64) -> LogIdOf<C> {
+        openraft::testing::log_id::<C>(1, 1, index)
+    }
+
+    fn entry(index: u64) -> EntryOf<C> {
+        let op = if index == 1 {
+            Op::OpenSession { lease_ms: 10_000, client: "pid 1 on host".into() }
+        } else {
+            Op::Engine(Input::Renew { session: SessionId(1) })
+        };
+        let cmd = Command { now_ms: index, origin: Some(Origin { session: SessionId(1), request: index }), op };
+        EntryOf::<C> { log_id: log_id(index), payload: EntryPayload::Normal(cmd) }
+    }
+
+    async fn write_log(store: &mut Store) {
+        store.append((1..=3).map(entry), IOFlushed::noop()).await.unwrap();
+        store.save_vote(&VoteOf::<C>::new_committed(1, 1)).await.unwrap();
+    }
+
+    /// The format error inside a store's I/O error.
+    fn format_error(e: &io::Error) -> &FormatError {
+        e.get_ref().and_then(|e| e.downcast_ref::<FormatError>()).unwrap_or_else(|| panic!("not a format error: {e}"))
+    }
+
+    /// Acceptance of issue 11: a log written by this build and read by a build of the next format
+    /// version (one that no longer reads this one) is refused, naming both versions.
+    #[tokio::test]
+    async fn a_log_of_this_build_is_refused_by_a_build_of_the_next_format_version() {
+        let db = database();
+        write_log(&mut Store::in_memory(db.clone()).unwrap()).await;
+        let next = Format { version: FORMAT_VERSION + 1, oldest: FORMAT_VERSION + 1 };
+        let mut newer = Store::in_memory(db).unwrap().with_format(next);
+        let e = newer.try_get_log_entries(1..).await.unwrap_err();
+        assert!(matches!(format_error(&e), FormatError::Version { found, .. } if *found == FORMAT_VERSION), "{e}");
+        let message = e.to_string();
+        let names = format!(
+            "log entry 1 has format version {FORMAT_VERSION}; this stripelock reads format version {}",
+            next.version
+        );
+        assert!(message.starts_with(&names), "{message}");
+        assert!(newer.get_log_state().await.unwrap_err().to_string().starts_with("log entry 3 has format version"));
+        assert!(newer.read_vote().await.unwrap_err().to_string().starts_with("the vote record has format version"));
+    }
+
+    /// And the other way: a log a newer build wrote is refused by this one, which says to upgrade.
+    #[tokio::test]
+    async fn a_log_of_a_newer_format_version_is_refused() {
+        let db = database();
+        let next = Format { version: FORMAT_VERSION + 1, oldest: FORMAT_VERSION + 1 };
+        write_log(&mut Store::in_memory(db.clone()).unwrap().with_format(next)).await;
+        let mut this = Store::in_memory(db).unwrap();
+        let e = this.try_get_log_entries(2..3).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "log entry 2 has format version {}; this stripelock reads format version {FORMAT_VERSION}: it was \
+                 written by a newer stripelock; upgrade this server",
+                next.version
+            )
+        );
+        let e = this.read_vote().await.unwrap_err();
+        assert!(matches!(format_error(&e), FormatError::Version { what: Record::Vote, .. }), "{e}");
+    }
+
+    /// A database of the JSON layout (every build before versioned formats) is refused at open,
+    /// rather than read as empty or misread.
+    #[test]
+    fn a_database_of_the_json_layout_is_refused_at_open() {
+        let db = database();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert(LAYOUT, b"1".as_slice()).unwrap();
+        tx.commit().unwrap();
+        let e = Store::in_memory(db).unwrap_err().to_string();
+        assert!(e.contains("has database layout version 1; this stripelock reads layout version 2"), "{e}");
+        assert!(e.contains("JSON"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn every_record_round_trips_through_the_store() {
+        let db = database();
+        let mut store = Store::in_memory(db.clone()).unwrap();
+        write_log(&mut store).await;
+        store.save_committed(Some(log_id(2))).await.unwrap();
+        let meta = SnapshotMetaOf::<C> { last_log_id: Some(log_id(2)), last_membership: Default::default() };
+        let snapshot = crate::codec::encode(Record::Snapshot, &"any state").unwrap();
+        store.save_snapshot(&meta, &snapshot).unwrap();
+        store.purge(log_id(1)).await.unwrap();
+
+        // Read back through a store opened again on the same database.
+        let mut store = Store::in_memory(db).unwrap();
+        assert_eq!(store.try_get_log_entries(..).await.unwrap(), vec![entry(2), entry(3)]);
+        assert_eq!(store.read_vote().await.unwrap(), Some(VoteOf::<C>::new_committed(1, 1)));
+        assert_eq!(store.read_committed().await.unwrap(), Some(log_id(2)));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(1)), Some(log_id(3))));
+        // The snapshot's bytes are stored as they are: not wrapped, not encoded again.
+        assert_eq!(store.snapshot().unwrap(), Some((meta, snapshot.clone())));
+        assert_eq!(store.raw(SNAPSHOT_DATA).unwrap(), Some(snapshot));
+        assert_eq!(store.raw(LAYOUT).unwrap(), Some(b"2".to_vec()));
+        store.save_committed(None).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), None);
+    }
+}
