@@ -261,7 +261,8 @@ mod tests {
             value: ValueBlock::Value(vec![1, 2, 3].into_boxed_slice()),
             reused: false,
         };
-        Reply { session: None, outputs: vec![granted], duplicate: false, index: 42, file: Some(3), error: None }
+        let error = Some("no such file: /f".to_string());
+        Reply { session: None, outputs: vec![granted], duplicate: false, index: 42, file: Some(3), error }
     }
 
     /// Encodes, decodes and encodes again: the value and the bytes come back the same.
