@@ -139,20 +139,12 @@ impl Format {
     }
 
     /// Reads a record written by [`Format::encode_with_tail`]: the value and the tail.
-    pub fn decode_with_tail<'a, T: DeserializeOwned>(
-        self,
-        what: Record,
-        bytes: &'a [u8],
-    ) -> Result<(T, &'a [u8]), FormatError> {
+    pub fn decode_with_tail<T: DeserializeOwned>(self, what: Record, bytes: &[u8]) -> Result<(T, &[u8]), FormatError> {
         let (value, _, rest) = self.decode_head(what, bytes)?;
         Ok((value, rest))
     }
 
-    fn decode_head<'a, T: DeserializeOwned>(
-        self,
-        what: Record,
-        bytes: &'a [u8],
-    ) -> Result<(T, u8, &'a [u8]), FormatError> {
+    fn decode_head<T: DeserializeOwned>(self, what: Record, bytes: &[u8]) -> Result<(T, u8, &[u8]), FormatError> {
         let (&version, body) = bytes.split_first().ok_or(FormatError::Empty { what })?;
         match version {
             // Every version read decodes alike so far. A change to an encoded type adds an arm
