@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ByteRange, EngineError, LockId, Mode, PosixKind, PosixOwner, SessionId, Token};
 
 /// One message into the engine. Time arrives beside it, as the `now_ms` argument of `step`.
+/// The server's Raft log encodes it by variant index (docs/formats.md): add variants at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
     /// Only advances time: expires sessions whose lease has passed.
@@ -103,6 +104,7 @@ pub enum Subject {
 
 /// One effect for the runtime to carry out, in order. Each names the session it is for (a lock's
 /// holder, a POSIX owner's session), so a runtime can route it without a table of its own.
+/// Server snapshots encode it by variant index (docs/formats.md): add variants at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// A new grant, or (with `reused`) a cached lock taken back into use by its holder.

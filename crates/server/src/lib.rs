@@ -7,6 +7,7 @@
 //! application of the log, so a grant is never shown before it is committed.
 
 mod admission;
+pub mod codec;
 mod delegation;
 mod files;
 pub mod gateway;

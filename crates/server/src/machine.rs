@@ -17,6 +17,7 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::codec::{self, Record};
 use crate::store::Store;
 use crate::types::{C, Command, FileMeta, Op, Origin, Reply, SnapshotData, io_error};
 
@@ -70,32 +71,23 @@ pub struct State {
     break_fencing: bool,
 }
 
+/// The replicated state as a snapshot record (`codec`: its version comes first; the field
+/// order is the format, docs/formats.md).
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
-    version: u32,
     engine: EngineSnapshot,
     next_session: u64,
     secret: Option<[u8; 32]>,
     answered: Vec<(SessionId, Answered)>,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     gateways: Vec<(SessionId, u64)>,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     files: Vec<(String, FileMeta)>,
-    #[serde(default)]
     next_file: u64,
-    #[serde(default)]
     puts_rolled_back: u64,
-    /// Added within version 2; absent in older snapshots.
-    #[serde(default)]
     clients: Vec<(SessionId, String)>,
 }
 
 /// Longest client description kept per session.
 const CLIENT_NAME_MAX: usize = 128;
-
-const STATE_SNAPSHOT_VERSION: u32 = 2;
 
 /// Most files the namespace holds.
 const FILES_MAX: usize = 1_000_000;
@@ -311,8 +303,11 @@ impl State {
     }
 
     fn to_bytes(&self) -> io::Result<Vec<u8>> {
-        let snapshot = StateSnapshot {
-            version: STATE_SNAPSHOT_VERSION,
+        Ok(codec::encode(Record::Snapshot, &self.snapshot_data())?)
+    }
+
+    fn snapshot_data(&self) -> StateSnapshot {
+        StateSnapshot {
             engine: self.engine.snapshot(),
             next_session: self.next_session,
             secret: self.secret,
@@ -322,15 +317,11 @@ impl State {
             next_file: self.next_file,
             puts_rolled_back: self.puts_rolled_back,
             clients: self.clients.iter().map(|(s, c)| (*s, c.clone())).collect(),
-        };
-        serde_json::to_vec(&snapshot).map_err(io_error)
+        }
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let s: StateSnapshot = serde_json::from_slice(bytes).map_err(io_error)?;
-        if s.version != STATE_SNAPSHOT_VERSION {
-            return Err(io::Error::other(format!("snapshot version {} is not {STATE_SNAPSHOT_VERSION}", s.version)));
-        }
+        let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
         if self.break_fencing {
             self.engine.break_fencing_for_negative_control();
@@ -779,6 +770,141 @@ mod tests {
         assert_eq!(copy.engine.snapshot(), state.engine.snapshot());
         let retry = copy.apply(lock_cmd(session, 1, 1, 6), 4);
         assert!(retry.duplicate && retry.outputs == first.outputs);
+    }
+
+    /// A state like a busy cluster's: `sessions` client sessions, each with `locks_each` PW locks
+    /// on 4 KiB ranges spread over `files` files, every request with an origin (so the answered
+    /// replies are kept), and `files` completed files. Returns it and one entry of each typical
+    /// kind: an open, a lock request, a create and a tick.
+    fn busy_state(sessions: u64, locks_each: u64, files: u64) -> (State, Vec<Command>) {
+        let mut state = State::new(Limits::default(), false);
+        let mut index = 0;
+        let mut apply = |state: &mut State, cmd: Command| {
+            index += 1;
+            state.apply(cmd, index)
+        };
+        apply(&mut state, Command { now_ms: 0, origin: None, op: Op::Bootstrap { secret: [7; 32] } });
+        let layout = layout::Layout::new(1 << 20, 4, 2, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let now_ms = 1_764_400_000_000;
+        let open =
+            |s: u64| Op::OpenSession { lease_ms: 10_000, client: format!("pid {} on host-{}", 40_000 + s, s % 3) };
+        let lock = |session: SessionId, n: u64| {
+            let i = session.0 * locks_each + n;
+            Op::Engine(Input::Lock {
+                lock: crate::types::engine_lock_id(session, n).unwrap(),
+                session,
+                resource: format!("/data/file-{}", i % files),
+                range: ByteRange::new(i * 4096, i * 4096 + 4096).unwrap(),
+                mode: Mode::PW,
+                nowait: false,
+            })
+        };
+        let create =
+            |k: u64, writer| Op::CreateFile { path: format!("/data/file-{k}"), layout: layout.clone(), writer };
+        for s in 1..=sessions {
+            let session = apply(&mut state, Command { now_ms, origin: None, op: open(s) }).session.unwrap();
+            for n in 1..=locks_each {
+                let origin = Some(Origin { session, request: n });
+                let reply = apply(&mut state, Command { now_ms, origin, op: lock(session, n) });
+                assert!(matches!(reply.outputs.as_slice(), [Output::Granted { .. }]), "{reply:?}");
+            }
+        }
+        for k in 0..files {
+            let origin = Some(Origin { session: SessionId(1), request: locks_each + 1 + k });
+            let id = apply(&mut state, Command { now_ms, origin, op: create(k, Some(SessionId(1))) }).file.unwrap();
+            let op = Op::CompleteFile { path: format!("/data/file-{k}"), id, size: 64 << 20 };
+            apply(&mut state, Command { now_ms, origin: None, op });
+        }
+        let origin = Some(Origin { session: SessionId(1), request: 1_000_000 });
+        let typical = vec![
+            Command { now_ms, origin: None, op: open(sessions + 1) },
+            Command { now_ms, origin, op: lock(SessionId(1), locks_each + 1) },
+            Command { now_ms, origin, op: create(files, Some(SessionId(1))) },
+            Command { now_ms, origin: None, op: Op::Engine(Input::Tick) },
+        ];
+        (state, typical)
+    }
+
+    /// The snapshot is the state's encoding, stored and sent as it is (issue 11: it was JSON
+    /// stored as a JSON array of its bytes, 3.5 times larger), and restores the same state.
+    #[tokio::test]
+    async fn the_snapshot_is_stored_and_sent_without_a_second_encoding() {
+        let (state, _) = busy_state(50, 10, 20);
+        let bytes = state.to_bytes().unwrap();
+        assert_eq!(bytes[0], codec::FORMAT_VERSION);
+        let json = serde_json::to_vec(&state.snapshot_data()).unwrap();
+        assert!(bytes.len() * 2 < json.len(), "{} bytes against {} in JSON", bytes.len(), json.len());
+
+        let db = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
+        let store = Store::in_memory(Arc::new(db)).unwrap();
+        let meta =
+            SnapshotMetaOf::<C> { last_log_id: Some(openraft::testing::log_id::<C>(1, 1, 9)), ..Default::default() };
+        store.save_snapshot(&meta, &bytes).unwrap();
+        let (_, stored) = store.snapshot().unwrap().unwrap();
+        assert_eq!(stored, bytes);
+        let vote = openraft::type_config::alias::VoteOf::<C>::new_committed(1, 1);
+        let sent = crate::network::encode_snapshot(&vote, &meta, &bytes).unwrap();
+        assert!(
+            sent.data.len() <= bytes.len() + 64,
+            "{} bytes sent for a {}-byte snapshot",
+            sent.data.len(),
+            bytes.len()
+        );
+
+        let mut copy = State::new(Limits::default(), false);
+        copy.restore(&stored).unwrap();
+        assert_eq!(copy.to_bytes().unwrap(), bytes);
+    }
+
+    /// Sizes for docs/benchmarks.md: entries and snapshot in the JSON of earlier builds and in
+    /// the versioned binary records.
+    /// `cargo test -p server --lib -- --ignored --nocapture format_sizes`
+    #[test]
+    #[ignore = "prints figures"]
+    fn format_sizes() {
+        use openraft::type_config::alias::{EntryOf, VoteOf};
+        let (sessions, locks_each, files) = (1_000, 10, 1_000);
+        let (state, typical) = busy_state(sessions, locks_each, files);
+        println!("state: {sessions} sessions, {} locks, {files} files", sessions * locks_each);
+        println!("| record | JSON (before) | binary (after) | after/before |");
+        println!("|---|---|---|---|");
+        let row = |what: &str, before: usize, after: usize| {
+            println!("| {what} | {before} | {after} | {:.2} |", after as f64 / before as f64);
+        };
+        for (cmd, name) in typical.into_iter().zip(["OpenSession", "Engine(Lock)", "CreateFile", "Engine(Tick)"]) {
+            let index = 123_456;
+            let entry = EntryOf::<C> {
+                log_id: openraft::testing::log_id::<C>(3, 1, index),
+                payload: EntryPayload::Normal(cmd),
+            };
+            let after = codec::encode(codec::Record::LogEntry { index }, &entry).unwrap().len();
+            row(&format!("log entry {name}"), serde_json::to_vec(&entry).unwrap().len(), after);
+        }
+        let json = serde_json::to_vec(&state.snapshot_data()).unwrap();
+        let bytes = state.to_bytes().unwrap();
+        row("state snapshot (its bytes)", json.len(), bytes.len());
+        let meta = SnapshotMetaOf::<C> {
+            last_log_id: Some(openraft::testing::log_id::<C>(3, 1, 123_456)),
+            last_membership: openraft::StoredMembership::new(
+                Some(openraft::testing::log_id::<C>(1, 1, 1)),
+                openraft::Membership::new(
+                    vec![[1, 2, 3].into()],
+                    (1..=3)
+                        .map(|id| (id, crate::types::NodeAddr { addr: format!("10.0.0.{id}:7001") }))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+                .unwrap(),
+            ),
+        };
+        // Before: `(meta, bytes)` as JSON under one key, the bytes an array of numbers. After: the
+        // meta record and the bytes as they are.
+        let stored_before = serde_json::to_vec(&(&meta, &json)).unwrap().len();
+        let stored_after = codec::encode(codec::Record::SnapshotMeta, &meta).unwrap().len() + bytes.len();
+        row("snapshot as stored (meta and bytes)", stored_before, stored_after);
+        let vote = VoteOf::<C>::new_committed(3, 1);
+        let sent_before = serde_json::to_vec(&(&vote, &meta, &json)).unwrap().len();
+        let sent_after = crate::network::encode_snapshot(&vote, &meta, &bytes).unwrap().data.len();
+        row("full-snapshot message", sent_before, sent_after);
     }
 
     /// Issue 10 (server memory grew with every short session and stayed): the queue a session's

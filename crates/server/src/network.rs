@@ -1,5 +1,6 @@
-//! Raft messages between servers over gRPC: each openraft request and response travels as
-//! serde-encoded bytes in the `Raft` service of the wire protocol.
+//! Raft messages between servers over gRPC: each openraft request and response travels as a
+//! versioned binary record (`codec`) in the `data` bytes of the `Raft` service's messages. A
+//! full snapshot's bytes follow its vote and meta as they are.
 
 use std::future::Future;
 
@@ -14,14 +15,37 @@ use tonic::transport::Channel;
 use wire::v1::RaftPayload;
 use wire::v1::raft_client::RaftClient;
 
+use crate::codec::{self, FormatError, Record};
 use crate::types::{C, NodeAddr, NodeId, SnapshotData};
 
-pub fn encode<T: Serialize>(v: &T) -> Result<RaftPayload, serde_json::Error> {
-    Ok(RaftPayload { data: serde_json::to_vec(v)? })
+/// Names of the messages, for errors.
+pub const APPEND_ENTRIES: &str = "append-entries";
+pub const VOTE: &str = "vote";
+pub const PRE_VOTE: &str = "pre-vote";
+pub const FULL_SNAPSHOT: &str = "full-snapshot";
+pub const PROPOSE: &str = "forwarded proposal";
+
+pub fn encode<T: Serialize>(name: &'static str, v: &T) -> Result<RaftPayload, FormatError> {
+    Ok(RaftPayload { data: codec::encode(Record::Message(name), v)? })
 }
 
-pub fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(&p.data)
+pub fn decode<T: DeserializeOwned>(name: &'static str, p: &RaftPayload) -> Result<T, FormatError> {
+    codec::decode(Record::Message(name), &p.data)
+}
+
+/// A full snapshot: its vote and meta, then the snapshot's bytes as they are.
+pub fn encode_snapshot(
+    vote: &VoteOf<C>,
+    meta: &SnapshotMetaOf<C>,
+    snapshot: &[u8],
+) -> Result<RaftPayload, FormatError> {
+    let data = codec::Format::CURRENT.encode_with_tail(Record::Message(FULL_SNAPSHOT), &(vote, meta), snapshot)?;
+    Ok(RaftPayload { data })
+}
+
+pub fn decode_snapshot(p: &RaftPayload) -> Result<(VoteOf<C>, SnapshotMetaOf<C>, SnapshotData), FormatError> {
+    let ((vote, meta), snapshot) = codec::Format::CURRENT.decode_with_tail(Record::Message(FULL_SNAPSHOT), &p.data)?;
+    Ok((vote, meta, snapshot.to_vec()))
 }
 
 /// One Raft RPC of the generated client, as a function of the client and the payload.
@@ -56,19 +80,20 @@ impl Peer {
         Unreachable::<C>::from_string(format!("server {}: {why}", self.target))
     }
 
-    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    async fn call<Resp: DeserializeOwned>(
         &mut self,
-        req: &Req,
+        name: &'static str,
+        payload: Result<RaftPayload, FormatError>,
         option: &RPCOption,
         which: Rpc,
     ) -> Result<Resp, RPCError<C>> {
         let client = self.client.clone().ok_or_else(|| RPCError::Unreachable(self.unreachable("bad address")))?;
-        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::<C>::new(&e)))?;
+        let payload = payload.map_err(|e| RPCError::Network(NetworkError::<C>::new(&e)))?;
         let reply = tokio::time::timeout(option.soft_ttl(), which(client, payload))
             .await
             .map_err(|_| RPCError::Unreachable(self.unreachable("timed out")))?
             .map_err(|status| RPCError::Unreachable(self.unreachable(status.message())))?;
-        decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::<C>::new(&e)))
+        decode(name, reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::<C>::new(&e)))
     }
 }
 
@@ -80,15 +105,18 @@ impl RaftNetworkV2<C> for Peer {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        self.call(&rpc, &option, |mut c, p| Box::pin(async move { c.append_entries(p).await })).await
+        let payload = encode(APPEND_ENTRIES, &rpc);
+        self.call(APPEND_ENTRIES, payload, &option, |mut c, p| Box::pin(async move { c.append_entries(p).await })).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(&rpc, &option, |mut c, p| Box::pin(async move { c.vote(p).await })).await
+        let payload = encode(VOTE, &rpc);
+        self.call(VOTE, payload, &option, |mut c, p| Box::pin(async move { c.vote(p).await })).await
     }
 
     async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
-        self.call(&rpc, &option, |mut c, p| Box::pin(async move { c.pre_vote(p).await })).await
+        let payload = encode(PRE_VOTE, &rpc);
+        self.call(PRE_VOTE, payload, &option, |mut c, p| Box::pin(async move { c.pre_vote(p).await })).await
     }
 
     async fn full_snapshot(
@@ -98,8 +126,8 @@ impl RaftNetworkV2<C> for Peer {
         _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let req: (VoteOf<C>, SnapshotMetaOf<C>, SnapshotData) = (vote, snapshot.meta, snapshot.snapshot);
-        self.call(&req, &option, |mut c, p| Box::pin(async move { c.full_snapshot(p).await }))
+        let payload = encode_snapshot(&vote, &snapshot.meta, &snapshot.snapshot);
+        self.call(FULL_SNAPSHOT, payload, &option, |mut c, p| Box::pin(async move { c.full_snapshot(p).await }))
             .await
             .map_err(StreamingError::from)
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockengine::{Input, Limits, SessionId};
 use openraft::async_runtime::WatchReceiver;
-use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::type_config::alias::SnapshotOf;
 use openraft::{Config, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -19,7 +19,9 @@ use wire::v1::raft_client::RaftClient;
 use wire::v1::raft_server::RaftServer;
 
 use crate::machine::{ApplyEvent, Machine};
-use crate::network::{Network, decode, encode};
+use crate::network::{
+    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, VOTE, decode, decode_snapshot, encode,
+};
 use crate::store::Store;
 use crate::types::{C, Command, NodeAddr, NodeId, Op, Reply, SnapshotData};
 
@@ -319,7 +321,7 @@ impl Node {
                 }
             }
         };
-        let payload = encode(cmd).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let payload = encode(PROPOSE, cmd).map_err(|e| ProposeError::Forward(e.to_string()))?;
         // A leader that accepts connections but does not answer (paused, cut off) must not hold
         // the request: after the deadline it is asked again, of whoever leads by then (a command
         // with an origin is applied once however often it is proposed).
@@ -331,7 +333,7 @@ impl Node {
             })?
             .map_err(|s| ProposeError::Forward(s.message().to_string()))?;
         let result: Result<Reply, String> =
-            decode(reply.get_ref()).map_err(|e| ProposeError::Forward(e.to_string()))?;
+            decode(PROPOSE, reply.get_ref()).map_err(|e| ProposeError::Forward(e.to_string()))?;
         result.map_err(ProposeError::Forward)
     }
 
@@ -431,33 +433,32 @@ pub struct RaftService {
     node: Node,
 }
 
-fn bad(e: serde_json::Error) -> Status {
+fn bad(e: crate::codec::FormatError) -> Status {
     Status::invalid_argument(format!("undecodable Raft message: {e}"))
 }
 
 #[tonic::async_trait]
 impl wire::v1::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let rpc = decode(APPEND_ENTRIES, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(encode(&resp).map_err(bad)?))
+        Ok(Response::new(encode(APPEND_ENTRIES, &resp).map_err(bad)?))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let rpc = decode(VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(encode(&resp).map_err(bad)?))
+        Ok(Response::new(encode(VOTE, &resp).map_err(bad)?))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let rpc = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(encode(&resp).map_err(bad)?))
+        Ok(Response::new(encode(PRE_VOTE, &resp).map_err(bad)?))
     }
 
     async fn full_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let (vote, meta, snapshot): (VoteOf<C>, SnapshotMetaOf<C>, SnapshotData) =
-            decode(req.get_ref()).map_err(bad)?;
+        let (vote, meta, snapshot) = decode_snapshot(req.get_ref()).map_err(bad)?;
         let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
         let resp = self
             .node
@@ -465,17 +466,17 @@ impl wire::v1::raft_server::Raft for RaftService {
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(encode(&resp).map_err(bad)?))
+        Ok(Response::new(encode(FULL_SNAPSHOT, &resp).map_err(bad)?))
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let cmd: Command = decode(req.get_ref()).map_err(bad)?;
+        let cmd: Command = decode(PROPOSE, req.get_ref()).map_err(bad)?;
         // Re-stamp with this leader's clock; a follower's clock is not the log's.
         let result: Result<Reply, String> =
             match self.node.raft.client_write(Command { now_ms: self.node.config.env.now_ms(), ..cmd }).await {
                 Ok(resp) => Ok(resp.data),
                 Err(e) => Err(e.to_string()),
             };
-        Ok(Response::new(encode(&result).map_err(bad)?))
+        Ok(Response::new(encode(PROPOSE, &result).map_err(bad)?))
     }
 }

@@ -27,17 +27,15 @@ pub struct Command {
     pub op: Op,
 }
 
+/// Encoded by variant index (`codec`): variants are only ever added at the end, with a format
+/// version bump, and never reordered (docs/formats.md lists them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// The cluster secret for signing tokens, proposed once by the bootstrapping server.
     Bootstrap { secret: [u8; 32] },
     /// Opens a session; the state machine picks its number. `client` says who opened it (`pid
-    /// 1234 on host`), for lock tables and conflict messages; absent in older logs.
-    OpenSession {
-        lease_ms: u64,
-        #[serde(default)]
-        client: String,
-    },
+    /// 1234 on host`), for lock tables and conflict messages.
+    OpenSession { lease_ms: u64, client: String },
     /// Opens the gateway session of server `server` (so tables can say whose it is).
     OpenGatewaySession { lease_ms: u64, server: u64 },
     /// An input for the lock engine.
@@ -47,14 +45,8 @@ pub enum Op {
     Handover { release: LockId, request: Input },
     /// Adds a file to the namespace (refused if the path exists); the state machine picks its id.
     /// `writer` is the session whose lock the put holds: if it ends before the put completes,
-    /// every replica takes the unfinished file out of the namespace (issue 10). Absent in
-    /// entries written before it existed.
-    CreateFile {
-        path: String,
-        layout: layout::Layout,
-        #[serde(default)]
-        writer: Option<SessionId>,
-    },
+    /// every replica takes the unfinished file out of the namespace (issue 10).
+    CreateFile { path: String, layout: layout::Layout, writer: Option<SessionId> },
     /// The put of file `id` at `path` is done: it has `size` bytes.
     CompleteFile { path: String, id: u64, size: u64 },
     /// Takes file `id` out of the namespace.
@@ -96,10 +88,8 @@ pub struct Reply {
     /// Log index the command was applied at.
     pub index: u64,
     /// For a namespace command: the file it concerns.
-    #[serde(default)]
     pub file: Option<u64>,
     /// For a namespace command that was refused: why.
-    #[serde(default)]
     pub error: Option<String>,
 }
 
@@ -112,7 +102,6 @@ pub struct FileMeta {
     /// False from creation until the put that writes it is done.
     pub complete: bool,
     /// While not complete: the session of the put's lock (see `Op::CreateFile`).
-    #[serde(default)]
     pub writer: Option<SessionId>,
 }
 
