@@ -1,6 +1,7 @@
 //! The stripelock wire protocol (`proto/stripelock.proto`, package `stripelock.v1`): prost
-//! messages and tonic clients and servers, generated at build time without protoc; and the
-//! `Connector` through which servers and clients open channels.
+//! messages and tonic clients and servers, generated at build time without protoc; the
+//! `Connector` through which servers and clients open channels; and [`ErrorCode`], the one error
+//! code of every service, with how a refused call carries it.
 
 #![allow(missing_debug_implementations, clippy::all)]
 
@@ -12,6 +13,10 @@ use tonic::transport::{Channel, Endpoint};
 pub mod v1 {
     tonic::include_proto!("stripelock.v1");
 }
+
+mod error;
+
+pub use error::{ERROR_DETAIL_KEY, ErrorCode, LeaderHint, UnknownErrorCode, code_of, not_leader_status, refusal_of, reword};
 
 /// Opens a lazily connecting gRPC channel to a `host:port`. Real TCP by default; the simulation
 /// hands servers and clients one that dials its simulated network instead.
