@@ -98,9 +98,10 @@ pub struct Reply {
     /// For a namespace command: the file it concerns.
     #[serde(default)]
     pub file: Option<u64>,
-    /// For a namespace command that was refused: why.
+    /// For a namespace command that was refused: why. (Such commands carry no origin, so a
+    /// reply with an error is never kept among a session's answered requests in a snapshot.)
     #[serde(default)]
-    pub error: Option<String>,
+    pub error: Option<crate::errors::NamespaceError>,
 }
 
 /// A file of the namespace: its id (which names its units), size and layout.

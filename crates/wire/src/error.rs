@@ -259,6 +259,12 @@ pub fn refusal_of(status: &Status) -> Result<(ErrorCode, Option<LeaderHint>), Un
     Ok((code, leader))
 }
 
+/// Whether the status came from a stripelock server (it carries an error detail), not from
+/// the transport between.
+pub fn from_server(status: &Status) -> bool {
+    status.metadata().get_bin(ERROR_DETAIL_KEY).is_some()
+}
+
 /// Just the code of [`refusal_of`].
 pub fn code_of(status: &Status) -> Result<ErrorCode, UnknownErrorCode> {
     refusal_of(status).map(|(code, _)| code)
@@ -307,6 +313,7 @@ mod tests {
         use prost::Message;
         let mut s = Status::unavailable("tcp connect error");
         assert_eq!(code_of(&s), Ok(ErrorCode::Unavailable));
+        assert!(!from_server(&s));
         let detail = pb::ErrorDetail { code: 77, ..Default::default() };
         s.metadata_mut().insert_bin(ERROR_DETAIL_KEY, MetadataValue::from_bytes(&detail.encode_to_vec()));
         assert_eq!(code_of(&s), Err(UnknownErrorCode(77)));

@@ -16,7 +16,9 @@ pub mod v1 {
 
 mod error;
 
-pub use error::{ERROR_DETAIL_KEY, ErrorCode, LeaderHint, UnknownErrorCode, code_of, not_leader_status, refusal_of, reword};
+pub use error::{
+    ERROR_DETAIL_KEY, ErrorCode, LeaderHint, UnknownErrorCode, code_of, from_server, not_leader_status, refusal_of, reword,
+};
 
 /// Opens a lazily connecting gRPC channel to a `host:port`. Real TCP by default; the simulation
 /// hands servers and clients one that dials its simulated network instead.
