@@ -24,10 +24,10 @@ use std::time::Duration;
 pub use wire::Connector;
 
 pub use lockengine::Mode;
-pub use wire::ErrorCode;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+pub use wire::ErrorCode;
 use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
@@ -598,7 +598,7 @@ async fn connect_one(
     lease_ms: u64,
     client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
-    let channel = connector.channel(addr).map_err(tonic::Status::unavailable)?;
+    let channel = connector.channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = pb::locks_client::LocksClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let open = pb::ClientMessage {
@@ -864,8 +864,11 @@ impl Actor {
                         // A lock this client cannot understand is given back, not used.
                         self.resolve_lock(g.lock, Err(e));
                         if let Some(calls) = self.calls.upgrade() {
-                            let release =
-                                Call { body: Up::Release(pb::LockRef { lock: g.lock }), lock: None, want: Want::Nothing };
+                            let release = Call {
+                                body: Up::Release(pb::LockRef { lock: g.lock }),
+                                lock: None,
+                                want: Want::Nothing,
+                            };
                             let _ = calls.try_send(release);
                         }
                     }
@@ -986,7 +989,10 @@ mod tests {
     /// Issue 11: a mode this client did not know was read as NL, a lock that protects nothing.
     #[test]
     fn an_unknown_mode_or_value_state_is_an_error_not_a_default() {
-        assert_eq!(grant_of(&granted(Mode::EX as i32, 1)).map(|g| (g.mode, g.value)), Ok((Mode::EX, Some(b"v".to_vec()))));
+        assert_eq!(
+            grant_of(&granted(Mode::EX as i32, 1)).map(|g| (g.mode, g.value)),
+            Ok((Mode::EX, Some(b"v".to_vec())))
+        );
         assert_eq!(grant_of(&granted(Mode::PR as i32, 2)).map(|g| g.value), Ok(None));
         assert_eq!(grant_of(&granted(6, 1)), Err(ClientError::Unknown { what: "lock mode", value: 6 }));
         assert_eq!(grant_of(&granted(-1, 1)), Err(ClientError::Unknown { what: "lock mode", value: -1 }));
@@ -1011,7 +1017,10 @@ mod tests {
         assert_eq!(e, ClientError::Refused { code: ErrorCode::NotFound, message: "no such file: /a".into() });
         assert_eq!(ClientError::from_status(&ErrorCode::SessionExpired.status("gone")), ClientError::Expired);
         // A transport failure (no detail): the code its gRPC status stands for.
-        assert_eq!(ClientError::from_status(&tonic::Status::unavailable("connection refused")).code(), ErrorCode::Unavailable);
+        assert_eq!(
+            ClientError::from_status(&tonic::Status::unavailable("connection refused")).code(),
+            ErrorCode::Unavailable
+        );
         assert!(ClientError::Busy(Vec::new()).is_retryable());
         assert!(!ClientError::Deadlock.is_retryable());
     }

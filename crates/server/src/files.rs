@@ -115,13 +115,11 @@ impl FilesService {
         if let Some(c) = self.channels.lock().expect("channels").get(&server) {
             return Ok(c.clone());
         }
-        let addr = self
-            .node
-            .config
-            .peers
-            .get(&server)
-            .ok_or_else(|| ErrorCode::Internal.status(format!("server {server} of the layout is not in this cluster")))?;
-        let channel = self.node.config.env.connector.channel(addr).map_err(|e| ErrorCode::Unavailable.status(e))?;
+        let addr = self.node.config.peers.get(&server).ok_or_else(|| {
+            ErrorCode::Internal.status(format!("server {server} of the layout is not in this cluster"))
+        })?;
+        let channel =
+            self.node.config.env.connector.channel(addr).map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
         self.channels.lock().expect("channels").insert(server, channel.clone());
         Ok(channel)
     }
@@ -141,22 +139,19 @@ impl FilesService {
 
     /// The claims of the caller's token, checked: signed by this cluster, for a lock on `path`.
     pub(crate) fn claims(&self, path: &str, text: &str) -> Result<token::Claims, Status> {
-        let secret = self
-            .node
-            .machine
-            .state()
-            .secret
-            .ok_or_else(|| ErrorCode::Unavailable.status("the cluster is still starting (no secret yet); try again"))?;
+        let secret =
+            self.node.machine.state().secret.ok_or_else(|| {
+                ErrorCode::Unavailable.status("the cluster is still starting (no secret yet); try again")
+            })?;
         let signed: token::SignedToken =
             text.parse().map_err(|e: token::TokenError| ErrorCode::BadToken.status(format!("no valid token: {e}")))?;
         let claims = token::ClusterKey::from_bytes(secret)
             .verify(&signed)
             .map_err(|e| ErrorCode::BadToken.status(format!("the token is not valid: {e}")))?;
         if claims.resource != path {
-            return Err(ErrorCode::Denied.status(format!(
-                "the token is for a lock on {}, not on {path}",
-                claims.resource
-            )));
+            return Err(
+                ErrorCode::Denied.status(format!("the token is for a lock on {}, not on {path}", claims.resource))
+            );
         }
         Ok(claims)
     }
@@ -343,7 +338,9 @@ impl FilesService {
                     Fetched::Ok(u)
                 }
             }
-            Err(e) if wire::code_of(&e) == Ok(ErrorCode::Corrupt) => Fetched::Damaged(format!("{what}: {}", e.message())),
+            Err(e) if wire::code_of(&e) == Ok(ErrorCode::Corrupt) => {
+                Fetched::Damaged(format!("{what}: {}", e.message()))
+            }
             Err(e) if unlocked.is_some() && wire::code_of(&e) == Ok(ErrorCode::Busy) => {
                 Fetched::Refused(format!("server {server}: {}", e.message()))
             }
@@ -740,7 +737,9 @@ impl pb::files_server::Files for FilesService {
         }
         let f = self.file(&r.path)?;
         if !f.complete {
-            return Err(ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path)));
+            return Err(
+                ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
+            );
         }
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
@@ -799,7 +798,9 @@ impl pb::files_server::Files for FilesService {
         self.check_token(&r.path, &r.token, r.repair)?;
         let f = self.file(&r.path)?;
         if !f.complete {
-            return Err(ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path)));
+            return Err(
+                ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
+            );
         }
         Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token).await))
     }

@@ -35,7 +35,8 @@ impl FilesService {
             cache.epoch()
         };
         let leader = self.node.leader().ok_or_else(|| {
-            ErrorCode::Unavailable.status("no leader is known to ask whether the bytes are locked; try again in a moment")
+            ErrorCode::Unavailable
+                .status("no leader is known to ask whether the bytes are locked; try again in a moment")
         })?;
         let q =
             pb::LockFreeQuery { path: path.to_string(), range: Some(pb::Range { start: range.start, end: range.end }) };

@@ -297,7 +297,7 @@ impl Node {
                         .env
                         .connector
                         .channel(addr)
-                        .map_err(|reason| ProposeError::LeaderUnreachable { leader, reason })?;
+                        .map_err(|e| ProposeError::LeaderUnreachable { leader, reason: e.to_string() })?;
                     let c = RaftClient::new(channel);
                     leaders.insert(leader, c.clone());
                     c
@@ -313,17 +313,12 @@ impl Node {
             .await
             .map_err(|_| {
                 self.leaders.lock().expect("leaders lock").remove(&leader);
-                ProposeError::LeaderUnreachable {
-                    leader,
-                    reason: format!("no answer within {FORWARD_DEADLINE:?}"),
-                }
+                ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
             })?
             .map_err(|s| match wire::code_of(&s) {
                 // The leader's own refusal (it could not read the command) keeps its code; the
                 // transport's failures say only that the leader was not reached.
-                Ok(code) if wire::from_server(&s) => {
-                    ProposeError::Refused { code, message: s.message().to_string() }
-                }
+                Ok(code) if wire::from_server(&s) => ProposeError::Refused { code, message: s.message().to_string() },
                 Ok(_) => ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() },
                 Err(unknown) => ProposeError::Refused { code: wire::ErrorCode::Internal, message: unknown.to_string() },
             })?;
@@ -460,12 +455,7 @@ impl wire::v1::raft_server::Raft for RaftService {
         let (vote, meta, snapshot): (VoteOf<C>, SnapshotMetaOf<C>, SnapshotData) =
             decode(req.get_ref()).map_err(bad)?;
         let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
-        let resp = self
-            .node
-            .raft
-            .install_full_snapshot(vote, snapshot)
-            .await
-            .map_err(raft_unavailable)?;
+        let resp = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(&resp).map_err(bad)?))
     }
 

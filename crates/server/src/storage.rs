@@ -216,8 +216,10 @@ impl pb::storage_server::Storage for StorageService {
         let r = req.into_inner();
         let id = unit_id(r.unit)?;
         if !r.unlocked_path.is_empty() {
-            let range = r.unlocked_range.ok_or_else(|| ErrorCode::BadRequest.status("an unlocked read needs its range"))?;
-            let range = ByteRange::new(range.start, range.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
+            let range =
+                r.unlocked_range.ok_or_else(|| ErrorCode::BadRequest.status("an unlocked read needs its range"))?;
+            let range =
+                ByteRange::new(range.start, range.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
             self.files.check_unlocked_read(&r.unlocked_path, range).await?;
         }
         let store = self.store()?;

@@ -195,7 +195,11 @@ impl FilesService {
             )));
         }
         let end = r.offset.checked_add(r.data.len() as u64).filter(|e| *e < u64::MAX).ok_or_else(|| {
-            ErrorCode::TooLarge.status(format!("{} bytes at offset {} run past the largest file", r.data.len(), r.offset))
+            ErrorCode::TooLarge.status(format!(
+                "{} bytes at offset {} run past the largest file",
+                r.data.len(),
+                r.offset
+            ))
         })?;
         // An empty write still needs a token for the byte it would start at.
         self.writer_claims(&r.path, &r.token, r.offset, end.max(r.offset + 1))?;
@@ -261,7 +265,10 @@ impl FilesService {
             } else {
                 ""
             };
-            return Err(wire::reword(&e, format!("{}; {landed}{size_note}; bytes {} were not", e.message(), show(&not))));
+            return Err(wire::reword(
+                &e,
+                format!("{}; {landed}{size_note}; bytes {} were not", e.message(), show(&not)),
+            ));
         }
         let rows = written.into_iter().collect::<Result<Vec<_>, Status>>()?;
         let mut size = f.size;
@@ -310,9 +317,7 @@ impl FilesService {
                 Err(e) if matches!(wire::code_of(&e), Ok(ErrorCode::Unavailable | ErrorCode::Busy)) => {
                     self.write_stripe_here(part).await
                 }
-                Err(e) => {
-                    Err(wire::reword(&e, format!("row {row}, delegated to server {target}: {}", e.message())))
-                }
+                Err(e) => Err(wire::reword(&e, format!("row {row}, delegated to server {target}: {}", e.message()))),
                 ok => ok,
             }
         };
@@ -330,10 +335,8 @@ impl FilesService {
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
         let f = self.file(&req.path)?;
         if f.id != req.file {
-            return Err(ErrorCode::Conflict.status(format!(
-                "{} was replaced while the write was on its way; write again",
-                req.path
-            )));
+            return Err(ErrorCode::Conflict
+                .status(format!("{} was replaced while the write was on its way; write again", req.path)));
         }
         let row_bytes = f.layout.row_bytes();
         if req.offset < req.row * row_bytes || end > (req.row + 1) * row_bytes {
@@ -389,7 +392,9 @@ impl FilesService {
             Err(client::ClientError::Cancelled) => return Err(busy(&req)),
             Err(e) => {
                 self.reset_stripe_session(&session).await;
-                return Err(ErrorCode::Unavailable.status(format!("the stripe lock of row {} failed: {e}; try again", req.row)));
+                return Err(
+                    ErrorCode::Unavailable.status(format!("the stripe lock of row {} failed: {e}; try again", req.row))
+                );
             }
         };
         // Seed 004: the write's timestamp is checked with the lock manager. A lock that is gone
@@ -420,7 +425,9 @@ impl FilesService {
             && let Err(e) = session.set_value(grant.lock, value).await
         {
             self.reset_stripe_session(&session).await;
-            return Err(ErrorCode::Unavailable.status(format!("row {}: setting its stripe version failed: {e}", req.row)));
+            return Err(
+                ErrorCode::Unavailable.status(format!("row {}: setting its stripe version failed: {e}", req.row))
+            );
         }
         self.put_back(&session, &grant, &resource).await;
         let (version, recomputed) = result.map_err(|e| e.status)?;
@@ -555,7 +562,9 @@ impl FilesService {
         let addr = self.node.config.peers.get(&self.node.id).cloned().unwrap_or_else(|| self.node.addr.clone());
         let session = Session::open_with(&[addr], STRIPE_SESSION_LEASE_MS, self.node.config.env.connector.clone())
             .await
-            .map_err(|e| ErrorCode::Unavailable.status(format!("this server could not open its stripe session: {e}")))?;
+            .map_err(|e| {
+                ErrorCode::Unavailable.status(format!("this server could not open its stripe session: {e}"))
+            })?;
         *s = Some(session.clone());
         Ok(session)
     }
@@ -699,10 +708,9 @@ impl FilesService {
                 ))));
             }
             let solved = solve_row(l, &all, crate::files::units_in_file(l, row, size)).map_err(|why| {
-                RmwError::before(ErrorCode::Corrupt.status(format!(
-                    "row {row} of {} cannot be read to write it: {why}",
-                    req.path
-                )))
+                RmwError::before(
+                    ErrorCode::Corrupt.status(format!("row {row} of {} cannot be read to write it: {why}", req.path)),
+                )
             })?;
             let expect = |u: &Fetched| if let Fetched::Ok(u) = u { Some(u.version) } else { None };
             let mut data = solved.data;
@@ -749,7 +757,10 @@ impl FilesService {
                 async move {
                     let mut c = self.storage(server)?;
                     c.write_unit(req).await.map_err(|e| {
-                        wire::reword(&e, format!("server {server} refused row {row} {}: {}", role_name(role), e.message()))
+                        wire::reword(
+                            &e,
+                            format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
+                        )
                     })
                 }
             });

@@ -402,7 +402,9 @@ pub fn lock(args: LockArgs) -> ExitCode {
         Ok(code) => code,
         // Refused for another reason than the lock being taken (busy and deadlock exit
         // NOT_AVAILABLE above): `lock`'s own failure, with the code's sentence.
-        Err(e) => ExitCode::from(crate::refusal::report(&e, false, "stripelock lock: ", |_| exit::FAILED, exit::FAILED)),
+        Err(e) => {
+            ExitCode::from(crate::refusal::report(&e, false, "stripelock lock: ", |_| exit::FAILED, exit::FAILED))
+        }
     }
 }
 
@@ -965,7 +967,8 @@ pub fn evict(sessions: &[u64], holders_of: Option<&str>, cluster: Option<&str>, 
                 Err(_) => last = Some(ClientError::Unreachable(format!("server {a}: no answer within 10 s")).into()),
             }
         }
-        Err(last.unwrap_or_else(|| ClientError::Unreachable("no servers".into()).into())
+        Err(last
+            .unwrap_or_else(|| ClientError::Unreachable("no servers".into()).into())
             .context("no server of the cluster answered"))
     })?;
     if json {

@@ -89,8 +89,9 @@ async fn lock_range(
         Err(e) => {
             session.close().await;
             match e {
-                ClientError::TimedOut => Err(anyhow::Error::new(ClientError::TimedOut)
-                    .context(format!("{what} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`"))),
+                ClientError::TimedOut => Err(anyhow::Error::new(ClientError::TimedOut).context(format!(
+                    "{what} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`"
+                ))),
                 e => Err(e).with_context(|| format!("cannot lock {what}")),
             }
         }

@@ -385,10 +385,13 @@ fn main() -> ExitCode {
                 lease_min_ms,
                 lease_max_ms,
             };
-            report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
-                args.break_stale_write_check = break_stale_write_check_for_negative_control;
-                cluster::server(args)
-            }), false)
+            report(
+                cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
+                    args.break_stale_write_check = break_stale_write_check_for_negative_control;
+                    cluster::server(args)
+                }),
+                false,
+            )
         }
         Command::Lock(args) => cluster::lock(args),
         Command::Evict { sessions, holders, cluster, json } => {
@@ -408,7 +411,9 @@ fn main() -> ExitCode {
                 .and_then(|r| files::get(&path, None, r, no_lock, cluster.as_deref(), false)),
             false,
         ),
-        Command::Write { path, offset, cluster, json } => report(files::write(&path, offset, cluster.as_deref(), json), json),
+        Command::Write { path, offset, cluster, json } => {
+            report(files::write(&path, offset, cluster.as_deref(), json), json)
+        }
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json), json),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json), json),

@@ -38,7 +38,9 @@ pub fn sentence(code: ErrorCode) -> &'static str {
         ErrorCode::Deadlock => {
             "waiting would deadlock with the sessions it waits for; release the locks this process holds and try again"
         }
-        ErrorCode::NotLeader => "the server asked does not lead the cluster; try again, or ask the leader `status` names",
+        ErrorCode::NotLeader => {
+            "the server asked does not lead the cluster; try again, or ask the leader `status` names"
+        }
         ErrorCode::SessionExpired => {
             "the session ended (its lease ran out, or it was closed or evicted) and its locks are gone; take them again"
         }
@@ -48,7 +50,9 @@ pub fn sentence(code: ErrorCode) -> &'static str {
         ErrorCode::StaleToken => {
             "the lock the token came from is gone or a newer holder has written there; take the lock again and redo the work"
         }
-        ErrorCode::BadToken => "the token is not one this cluster signed; use the STRIPELOCK_TOKEN of a lock it granted",
+        ErrorCode::BadToken => {
+            "the token is not one this cluster signed; use the STRIPELOCK_TOKEN of a lock it granted"
+        }
         ErrorCode::Denied => "the lock held does not allow this (its mode, range or file); take the lock this needs",
         ErrorCode::Limit => {
             "a limit of the cluster is reached; release or remove what is not needed, or raise the setting the message names"

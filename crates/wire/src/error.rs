@@ -220,11 +220,8 @@ pub struct LeaderHint {
 /// A NOT_LEADER refusal as a gRPC status, naming the leader when it is known.
 pub fn not_leader_status(leader: Option<LeaderHint>, message: impl Into<String>) -> Status {
     let leader = leader.unwrap_or_default();
-    let detail = pb::ErrorDetail {
-        code: pb::ErrorCode::NotLeader as i32,
-        leader_id: leader.id,
-        leader_address: leader.address,
-    };
+    let detail =
+        pb::ErrorDetail { code: pb::ErrorCode::NotLeader as i32, leader_id: leader.id, leader_address: leader.address };
     detail_status(detail, message)
 }
 
