@@ -83,7 +83,8 @@ pub struct LockOptions {
 /// so a caller can tell busy from deadlock from a limit without reading the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
-    #[error("no server of the cluster answered ({0})")]
+    /// No server answered; the text says which were tried and what each did.
+    #[error("{0}")]
     Unreachable(String),
     #[error("locked by others: {}", .0.join("; "))]
     Busy(Vec<String>),
@@ -130,10 +131,9 @@ impl ClientError {
     }
 
     /// A refused gRPC call (of the files service, say) as a client error with the code it
-    /// carries.
+    /// carries and the server's message.
     pub fn from_status(status: &tonic::Status) -> ClientError {
         match wire::refusal_of(status) {
-            Ok((ErrorCode::SessionExpired, _)) => ClientError::Expired,
             Ok((code, _)) => ClientError::Refused { code, message: status.message().to_string() },
             Err(unknown) => ClientError::Unknown { what: "error code", value: unknown.0 },
         }
@@ -572,7 +572,7 @@ async fn connect(
             servers.push(s);
         }
     }
-    Err(ClientError::Unreachable(failures.join("; ")))
+    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))))
 }
 
 /// A transport error's message with its causes, each said once ("tcp connect error: Connection
@@ -1015,7 +1015,10 @@ mod tests {
     fn a_refused_call_maps_to_its_code() {
         let e = ClientError::from_status(&ErrorCode::NotFound.status("no such file: /a"));
         assert_eq!(e, ClientError::Refused { code: ErrorCode::NotFound, message: "no such file: /a".into() });
-        assert_eq!(ClientError::from_status(&ErrorCode::SessionExpired.status("gone")), ClientError::Expired);
+        assert_eq!(
+            ClientError::from_status(&ErrorCode::SessionExpired.status("gone")).code(),
+            ErrorCode::SessionExpired
+        );
         // A transport failure (no detail): the code its gRPC status stands for.
         assert_eq!(
             ClientError::from_status(&tonic::Status::unavailable("connection refused")).code(),

@@ -653,7 +653,10 @@ const READ_DEADLINE: Duration = Duration::from_millis(1500);
 async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
-    let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable(transport_text(&e)))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable(format!("server {addr}: {}", transport_text(&e))))?;
     Ok(pb::locks_client::LocksClient::new(channel))
 }
 
@@ -663,7 +666,7 @@ pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 /// A transport error and its causes, each said once.
-fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(e);
     while let Some(err) = next {
@@ -679,6 +682,8 @@ fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
 /// Runs one read against `addr` within [`READ_DEADLINE`], connection included.
 async fn within_deadline<T>(addr: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     match tokio::time::timeout(READ_DEADLINE, f).await {
+        // A server that did not answer names itself; a refusal is said to come from it.
+        Ok(Err(e)) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Unreachable(_))) => Err(e),
         Ok(r) => r.with_context(|| format!("server {addr}")),
         Err(_) => Err(anyhow::Error::new(ClientError::Unreachable(format!(
             "server {addr}: no answer within {} ms (it accepts connections but does not answer: paused or overloaded?)",
@@ -968,7 +973,7 @@ pub fn evict(sessions: &[u64], holders_of: Option<&str>, cluster: Option<&str>, 
             }
         }
         Err(last
-            .unwrap_or_else(|| ClientError::Unreachable("no servers".into()).into())
+            .unwrap_or_else(|| ClientError::Unreachable("no server address given".into()).into())
             .context("no server of the cluster answered"))
     })?;
     if json {

@@ -48,7 +48,7 @@ pub(crate) fn human(bytes: u64) -> String {
 }
 
 pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
-    let mut last = None;
+    let mut failures = Vec::new();
     for a in addrs {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect_timeout(Duration::from_secs(1));
@@ -58,11 +58,10 @@ pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel
                     .max_decoding_message_size(server::MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(server::MESSAGE_BYTES_MAX));
             }
-            Err(e) => last = Some(ClientError::Unreachable(format!("server {a}: {e}"))),
+            Err(e) => failures.push(format!("server {a}: {}", crate::cluster::transport_text(&e))),
         }
     }
-    let last = last.unwrap_or_else(|| ClientError::Unreachable("no server address given".into()));
-    Err(anyhow::Error::new(last).context("no server of the cluster answered"))
+    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))).into())
 }
 
 use crate::cluster::status_error;
