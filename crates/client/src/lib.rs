@@ -27,6 +27,7 @@ pub use lockengine::Mode;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+pub use wire::ErrorCode;
 use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
@@ -78,9 +79,12 @@ pub struct LockOptions {
     pub gateway: bool,
 }
 
+/// Why a call failed. Every refusal keeps the cluster's [`ErrorCode`] ([`ClientError::code`]),
+/// so a caller can tell busy from deadlock from a limit without reading the message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
-    #[error("no server of the cluster answered ({0})")]
+    /// No server answered; the text says which were tried and what each did.
+    #[error("{0}")]
     Unreachable(String),
     #[error("locked by others: {}", .0.join("; "))]
     Busy(Vec<String>),
@@ -88,8 +92,10 @@ pub enum ClientError {
     TimedOut,
     #[error("refused: this request would deadlock")]
     Deadlock,
-    #[error("refused: {0}")]
-    Rejected(String),
+    /// The cluster refused the request (or, when opening a session, the session: a lease out
+    /// of its bounds, a limit reached; trying another server would give the same answer).
+    #[error("refused ({code}): {message}")]
+    Refused { code: ErrorCode, message: String },
     #[error("the request was cancelled")]
     Cancelled,
     #[error("the session expired: its locks are lost")]
@@ -98,10 +104,40 @@ pub enum ClientError {
     Closed,
     #[error("the lock is lost: {0}")]
     Lost(String),
-    /// The cluster refused to open the session: the lease is out of its bounds, or a limit
-    /// (sessions) is reached. Trying another server would give the same answer.
-    #[error("the cluster refused the session: {0}")]
-    Refused(String),
+    /// The server sent a value this client does not know (an error code, a lock mode): a newer
+    /// server, or a damaged message. Never read as some default.
+    #[error("the server sent {what} {value}, which this client does not know; upgrade the client")]
+    Unknown { what: &'static str, value: i32 },
+}
+
+impl ClientError {
+    /// The cluster's code for the failure. Failures the client itself sees get the nearest
+    /// code: no server answered is `unavailable`, a wait that timed out or was cancelled is
+    /// `busy`, a closed or expired session is `session-expired`.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClientError::Unreachable(_) | ClientError::Lost(_) => ErrorCode::Unavailable,
+            ClientError::Busy(_) | ClientError::TimedOut | ClientError::Cancelled => ErrorCode::Busy,
+            ClientError::Deadlock => ErrorCode::Deadlock,
+            ClientError::Refused { code, .. } => *code,
+            ClientError::Expired | ClientError::Closed => ErrorCode::SessionExpired,
+            ClientError::Unknown { .. } => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether the same call, made again unchanged a little later, may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.code().is_retryable()
+    }
+
+    /// A refused gRPC call (of the files service, say) as a client error with the code it
+    /// carries and the server's message.
+    pub fn from_status(status: &tonic::Status) -> ClientError {
+        match wire::refusal_of(status) {
+            Ok((code, _)) => ClientError::Refused { code, message: status.message().to_string() },
+            Err(unknown) => ClientError::Unknown { what: "error code", value: unknown.0 },
+        }
+    }
 }
 
 /// How long one server gets to open (or resume) a session and answer, before the client moves
@@ -519,15 +555,17 @@ async fn connect(
                 deadline.as_millis()
             )),
         };
-        match e.code() {
+        match wire::refusal_of(&e) {
             // A resumed session that the cluster says is gone is final, not a server fault.
-            tonic::Code::NotFound => return Err(ClientError::Expired),
+            Ok((ErrorCode::SessionExpired, _)) => return Err(ClientError::Expired),
             // The cluster itself said no (lease out of bounds, too many sessions): every server
-            // would say the same.
-            tonic::Code::OutOfRange | tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => {
-                return Err(ClientError::Refused(e.message().to_string()));
+            // would say the same. A server's own fault, or one that cannot serve now, is not
+            // the cluster's answer: the next server is asked.
+            Ok((code, _)) if wire::from_server(&e) && !code.is_retryable() && code != ErrorCode::Internal => {
+                return Err(ClientError::Refused { code, message: e.message().to_string() });
             }
-            _ => {}
+            Ok(_) => {}
+            Err(unknown) => return Err(ClientError::Unknown { what: "error code", value: unknown.0 }),
         }
         failures.push(format!("{addr}: {}", status_text(&e)));
         // Try it last next time.
@@ -536,7 +574,7 @@ async fn connect(
             servers.push(s);
         }
     }
-    Err(ClientError::Unreachable(failures.join("; ")))
+    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))))
 }
 
 /// A transport error's message with its causes, each said once ("tcp connect error: Connection
@@ -562,7 +600,7 @@ async fn connect_one(
     lease_ms: u64,
     client_name: &str,
 ) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
-    let channel = connector.channel(addr).map_err(tonic::Status::unavailable)?;
+    let channel = connector.channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = pb::locks_client::LocksClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     let open = pb::ClientMessage {
@@ -606,16 +644,40 @@ struct Actor {
     calls: mpsc::WeakSender<Call>,
 }
 
-fn grant_of(g: &pb::Granted) -> Grant {
+/// A grant as the client shows it; a mode or value state this client does not know is an
+/// error, never read as some default (a lock of an unknown mode taken for NL would be used as
+/// if it protected nothing).
+fn grant_of(g: &pb::Granted) -> Result<Grant, ClientError> {
     let range = g.range.as_ref().map_or(0..u64::MAX, |r| r.start..r.end);
-    Grant {
+    let mode = usize::try_from(g.mode)
+        .ok()
+        .and_then(|i| Mode::ALL.get(i).copied())
+        .ok_or(ClientError::Unknown { what: "lock mode", value: g.mode })?;
+    let value = match &g.value {
+        None => None,
+        Some(v) => match pb::value_block::State::try_from(v.state) {
+            Ok(pb::value_block::State::Value) => Some(v.value.clone()),
+            Ok(pb::value_block::State::Empty | pb::value_block::State::Invalid) => None,
+            Err(_) => return Err(ClientError::Unknown { what: "value block state", value: v.state }),
+        },
+    };
+    Ok(Grant {
         lock: g.lock,
-        mode: Mode::ALL.get(g.mode as usize).copied().unwrap_or(Mode::NL),
+        mode,
         range,
         token: g.token,
         signed_token: g.signed_token.clone(),
         via_gateway: g.gateway,
-        value: g.value.as_ref().filter(|v| v.state == 1).map(|v| v.value.clone()),
+        value,
+    })
+}
+
+/// A refusal as the client shows it: its code, or an error if the code is not one this client
+/// knows.
+fn refusal_of(r: pb::Rejected) -> ClientError {
+    match ErrorCode::try_from(r.error) {
+        Ok(code) => ClientError::Refused { code, message: r.message },
+        Err(unknown) => ClientError::Unknown { what: "error code", value: unknown.0 },
     }
 }
 
@@ -697,7 +759,7 @@ impl Actor {
                     }
                     return Some((up, down));
                 }
-                Err(ClientError::Expired | ClientError::Refused(_)) => return None,
+                Err(ClientError::Expired | ClientError::Refused { .. } | ClientError::Unknown { .. }) => return None,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -792,11 +854,26 @@ impl Actor {
         }
         match body {
             Down::Granted(g) | Down::Converted(g) => {
-                let grant = grant_of(&g);
                 self.gateway_waits.remove(&g.lock);
                 self.numbers.lock().expect("numbers").used.insert(g.lock);
-                if !self.resolve_lock(g.lock, Ok(grant.clone())) {
-                    let _ = self.events.send(Event::Granted(grant));
+                match grant_of(&g) {
+                    Ok(grant) => {
+                        if !self.resolve_lock(g.lock, Ok(grant.clone())) {
+                            let _ = self.events.send(Event::Granted(grant));
+                        }
+                    }
+                    Err(e) => {
+                        // A lock this client cannot understand is given back, not used.
+                        self.resolve_lock(g.lock, Err(e));
+                        if let Some(calls) = self.calls.upgrade() {
+                            let release = Call {
+                                body: Up::Release(pb::LockRef { lock: g.lock }),
+                                lock: None,
+                                want: Want::Nothing,
+                            };
+                            let _ = calls.try_send(release);
+                        }
+                    }
                 }
             }
             Down::Busy(b) => {
@@ -840,7 +917,7 @@ impl Actor {
             }
             Down::Rejected(r) => {
                 if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
-                    let e = ClientError::Rejected(r.message);
+                    let e = refusal_of(r);
                     match want {
                         Want::Lock(tx) => {
                             let _ = tx.send(Err(e));
@@ -893,5 +970,63 @@ impl Actor {
             Down::Queued(_) | Down::Released(_) | Down::Opened(_) | Down::Posix(_) | Down::NotLeader(_) => {}
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(mode: i32, state: i32) -> pb::Granted {
+        pb::Granted {
+            lock: 1,
+            mode,
+            range: Some(pb::Range { start: 0, end: 10 }),
+            token: 7,
+            value: Some(pb::ValueBlock { state, value: b"v".to_vec() }),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 11: a mode this client did not know was read as NL, a lock that protects nothing.
+    #[test]
+    fn an_unknown_mode_or_value_state_is_an_error_not_a_default() {
+        assert_eq!(
+            grant_of(&granted(Mode::EX as i32, 1)).map(|g| (g.mode, g.value)),
+            Ok((Mode::EX, Some(b"v".to_vec())))
+        );
+        assert_eq!(grant_of(&granted(Mode::PR as i32, 2)).map(|g| g.value), Ok(None));
+        assert_eq!(grant_of(&granted(6, 1)), Err(ClientError::Unknown { what: "lock mode", value: 6 }));
+        assert_eq!(grant_of(&granted(-1, 1)), Err(ClientError::Unknown { what: "lock mode", value: -1 }));
+        assert_eq!(grant_of(&granted(0, 9)), Err(ClientError::Unknown { what: "value block state", value: 9 }));
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_code_and_an_unknown_or_missing_code_is_an_error() {
+        let rejected = |error: i32| pb::Rejected { code: 16, message: "lock 1: limit".into(), error };
+        assert_eq!(
+            refusal_of(rejected(ErrorCode::Limit.into())),
+            ClientError::Refused { code: ErrorCode::Limit, message: "lock 1: limit".into() }
+        );
+        assert!(!refusal_of(rejected(ErrorCode::Limit.into())).is_retryable());
+        assert_eq!(refusal_of(rejected(0)), ClientError::Unknown { what: "error code", value: 0 });
+        assert_eq!(refusal_of(rejected(4242)), ClientError::Unknown { what: "error code", value: 4242 });
+    }
+
+    #[test]
+    fn a_refused_call_maps_to_its_code() {
+        let e = ClientError::from_status(&ErrorCode::NotFound.status("no such file: /a"));
+        assert_eq!(e, ClientError::Refused { code: ErrorCode::NotFound, message: "no such file: /a".into() });
+        assert_eq!(
+            ClientError::from_status(&ErrorCode::SessionExpired.status("gone")).code(),
+            ErrorCode::SessionExpired
+        );
+        // A transport failure (no detail): the code its gRPC status stands for.
+        assert_eq!(
+            ClientError::from_status(&tonic::Status::unavailable("connection refused")).code(),
+            ErrorCode::Unavailable
+        );
+        assert!(ClientError::Busy(Vec::new()).is_retryable());
+        assert!(!ClientError::Deadlock.is_retryable());
     }
 }

@@ -112,8 +112,11 @@ impl Solved {
 /// Why a row's data cannot be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SolveError {
+    /// More units are lost (unreadable, missing, or parity of other versions) than the row's
+    /// parity rebuilds. `damaged`: some of them are known bad, not merely on servers that did
+    /// not answer (then the row may be read once they are back).
     #[error("{}; its parity rebuilds at most {parity} lost unit(s)", .problems.join("; "))]
-    TooManyLost { problems: Vec<String>, parity: u8 },
+    TooManyLost { problems: Vec<String>, parity: u8, damaged: bool },
     #[error("the row's units do not fit its layout: {0}")]
     Parity(#[from] parity::ParityError),
 }
@@ -146,12 +149,14 @@ pub fn solve_row(l: &Layout, units: &[UnitRead], in_file: usize) -> Result<Solve
     let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(l.width());
     let mut lost = Vec::new();
     let mut problems = Vec::new();
+    let mut damaged = false;
     for (i, u) in units.iter().enumerate() {
         match u {
             UnitRead::Ok(u) if i < k => bytes.push(u.bytes.clone()),
             _ if i < k && absent[i] => bytes.push(vec![0; unit]),
             UnitRead::Ok(u) if consistent(u) => bytes.push(u.bytes.clone()),
             other => {
+                damaged |= matches!(other, UnitRead::Ok(_) | UnitRead::Damaged(_) | UnitRead::Missing(_));
                 if let UnitRead::Ok(u) = other {
                     let now: Vec<String> =
                         versions.iter().map(|v| v.map_or_else(|| "unknown".to_string(), |v| v.to_string())).collect();
@@ -170,7 +175,7 @@ pub fn solve_row(l: &Layout, units: &[UnitRead], in_file: usize) -> Result<Solve
         }
     }
     if lost.len() > l.parity() as usize {
-        return Err(SolveError::TooManyLost { problems, parity: l.parity() });
+        return Err(SolveError::TooManyLost { problems, parity: l.parity(), damaged });
     }
     let mut refs: Vec<&mut [u8]> = bytes.iter_mut().map(Vec::as_mut_slice).collect();
     parity::reconstruct(&mut refs, &lost, k, l.parity() as usize)?;

@@ -253,7 +253,7 @@ mod tests {
             value: ValueBlock::Value(vec![1, 2, 3].into_boxed_slice()),
             reused: false,
         };
-        let error = Some("no such file: /f".to_string());
+        let error = Some(crate::errors::NamespaceError::NotFound { path: "/f".into() });
         Reply { session: None, outputs: vec![granted], duplicate: false, index: 42, file: Some(3), error }
     }
 
@@ -409,6 +409,6 @@ mod tests {
         "0202010c0189d095ffbc3101010909022f66010c\n",
         "02040201\n",
         "020103015a01010101010301020303010e3132372e302e302e313a37303031020e3132372e302e302e313a37303032030e3132372e302e302e313a3730303300\n",
-        "0200000100018180400500ffffffffffffffffff01918080808060010301020300002a010301106e6f20737563682066696c653a202f66\n",
+        "0200000100018180400500ffffffffffffffffff01918080808060010301020300002a01030105022f66\n",
     );
 }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use wire::ErrorCode;
 use wire::v1 as pb;
 use wire::v1::files_client::FilesClient;
 use wire::v1::storage_client::StorageClient;
@@ -67,12 +68,12 @@ fn stat_of(path: &str, f: &FileMeta) -> pb::FileStat {
 
 fn check_path(path: &str) -> Result<(), Status> {
     if !path.starts_with('/') || path.len() > PATH_BYTES_MAX || path.contains('\0') {
-        return Err(Status::invalid_argument(format!(
+        return Err(ErrorCode::BadRequest.status(format!(
             "`{path}` is not a file path: it must start with / and be at most {PATH_BYTES_MAX} bytes"
         )));
     }
     if path.ends_with('/') || path.contains("//") {
-        return Err(Status::invalid_argument(format!(
+        return Err(ErrorCode::BadRequest.status(format!(
             "`{path}` names a directory, not a file (it ends with / or has an empty component); give the \
              file's own path"
         )));
@@ -114,13 +115,11 @@ impl FilesService {
         if let Some(c) = self.channels.lock().expect("channels").get(&server) {
             return Ok(c.clone());
         }
-        let addr = self
-            .node
-            .config
-            .peers
-            .get(&server)
-            .ok_or_else(|| Status::internal(format!("server {server} of the layout is not in this cluster")))?;
-        let channel = self.node.config.env.connector.channel(addr).map_err(Status::unavailable)?;
+        let addr = self.node.config.peers.get(&server).ok_or_else(|| {
+            ErrorCode::Internal.status(format!("server {server} of the layout is not in this cluster"))
+        })?;
+        let channel =
+            self.node.config.env.connector.channel(addr).map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
         self.channels.lock().expect("channels").insert(server, channel.clone());
         Ok(channel)
     }
@@ -140,22 +139,19 @@ impl FilesService {
 
     /// The claims of the caller's token, checked: signed by this cluster, for a lock on `path`.
     pub(crate) fn claims(&self, path: &str, text: &str) -> Result<token::Claims, Status> {
-        let secret = self
-            .node
-            .machine
-            .state()
-            .secret
-            .ok_or_else(|| Status::unavailable("the cluster is still starting (no secret yet); try again"))?;
+        let secret =
+            self.node.machine.state().secret.ok_or_else(|| {
+                ErrorCode::Unavailable.status("the cluster is still starting (no secret yet); try again")
+            })?;
         let signed: token::SignedToken =
-            text.parse().map_err(|e: token::TokenError| Status::permission_denied(format!("no valid token: {e}")))?;
+            text.parse().map_err(|e: token::TokenError| ErrorCode::BadToken.status(format!("no valid token: {e}")))?;
         let claims = token::ClusterKey::from_bytes(secret)
             .verify(&signed)
-            .map_err(|e| Status::permission_denied(format!("the token is not valid: {e}")))?;
+            .map_err(|e| ErrorCode::BadToken.status(format!("the token is not valid: {e}")))?;
         if claims.resource != path {
-            return Err(Status::permission_denied(format!(
-                "the token is for a lock on {}, not on {path}",
-                claims.resource
-            )));
+            return Err(
+                ErrorCode::Denied.status(format!("the token is for a lock on {}, not on {path}", claims.resource))
+            );
         }
         Ok(claims)
     }
@@ -164,7 +160,7 @@ impl FilesService {
     fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
         let claims = self.claims(path, text)?;
         if write && (!claims.mode.is_write() || !claims.range.contains(ByteRange::ALL)) {
-            return Err(Status::permission_denied(format!(
+            return Err(ErrorCode::Denied.status(format!(
                 "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
                 claims.mode, claims.range
             )));
@@ -176,7 +172,7 @@ impl FilesService {
     pub(crate) fn check_file_size(&self, path: &str, end: u64) -> Result<(), Status> {
         let max = self.node.config.file_bytes_max;
         if end > max {
-            return Err(Status::out_of_range(format!(
+            return Err(ErrorCode::TooLarge.status(format!(
                 "{path} would be {end} bytes long, past the largest file this cluster allows, {max} bytes ({}); \
                  the limit is the servers' file_bytes_max",
                 human_bytes(max)
@@ -192,7 +188,7 @@ impl FilesService {
             .files
             .get(path)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("no such file: {path}")))
+            .ok_or_else(|| ErrorCode::NotFound.status(format!("no such file: {path}")))
     }
 
     /// The layout of a new file: the requested shape (or the cluster's default) over servers
@@ -203,11 +199,11 @@ impl FilesService {
         let (k0, m0) = Layout::default_shape(n);
         let m = match first.parity_units_plus_one {
             0 => None,
-            p => Some(u8::try_from(p - 1).map_err(|_| Status::invalid_argument("parity must be 0, 1 or 2"))?),
+            p => Some(u8::try_from(p - 1).map_err(|_| ErrorCode::BadRequest.status("parity must be 0, 1 or 2"))?),
         };
         let k = match first.data_units {
             0 => None,
-            k => Some(u8::try_from(k).map_err(|_| Status::invalid_argument("too many data units"))?),
+            k => Some(u8::try_from(k).map_err(|_| ErrorCode::BadRequest.status("too many data units"))?),
         };
         // Parity not asked for is the cluster's default, never less: a layout that does not fit
         // is refused rather than quietly stored without parity (issue 10: `--data 5` on five
@@ -228,7 +224,7 @@ impl FilesService {
                 _ if fits >= 1 => format!("give --data {fits} or fewer, or fewer parity units"),
                 _ => "give fewer parity units".to_string(),
             };
-            return Err(Status::invalid_argument(format!(
+            return Err(ErrorCode::BadRequest.status(format!(
                 "a {k}+{m} layout ({k} data and {m} parity units a row, each on its own server) needs {} \
                  servers; this cluster has {n}: {hint}",
                 k as usize + m as usize
@@ -237,7 +233,7 @@ impl FilesService {
         let unit = if first.stripe_unit == 0 { DEFAULT_UNIT } else { first.stripe_unit };
         let start = (spread(path) % n as u64) as usize;
         let servers: Vec<u64> = (0..k as usize + m as usize).map(|i| ids[(start + i) % n]).collect();
-        Layout::new(unit, k, m, servers).map_err(|e| Status::invalid_argument(e.to_string()))
+        Layout::new(unit, k, m, servers).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))
     }
 
     /// Writes one row and its parity to fresh units. `data` is the row's bytes, `row_bytes` long
@@ -292,10 +288,7 @@ impl FilesService {
             };
             writes.push(async move {
                 client.write_unit(req).await.map_err(|e| {
-                    Status::new(
-                        e.code(),
-                        format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
-                    )
+                    wire::reword(&e, format!("server {server} refused row {row} {}: {}", role_name(role), e.message()))
                 })
             });
         }
@@ -345,8 +338,10 @@ impl FilesService {
                     Fetched::Ok(StoredUnit { bytes: u.data, version: u.version, covers: u.covers })
                 }
             }
-            Err(e) if e.code() == tonic::Code::DataLoss => Fetched::Damaged(format!("{what}: {}", e.message())),
-            Err(e) if unlocked.is_some() && e.code() == tonic::Code::FailedPrecondition => {
+            Err(e) if wire::code_of(&e) == Ok(ErrorCode::Corrupt) => {
+                Fetched::Damaged(format!("{what}: {}", e.message()))
+            }
+            Err(e) if unlocked.is_some() && wire::code_of(&e) == Ok(ErrorCode::Busy) => {
                 Fetched::Refused(format!("server {server}: {}", e.message()))
             }
             Err(e) => Fetched::Unavailable(format!("{what}: {}", e.message())),
@@ -365,7 +360,7 @@ impl FilesService {
         let reads = (0..in_file).map(|j| self.fetch_as(f, row, Role::Data(j as u8), as_reader));
         let mut fetched: Vec<Fetched> = futures::future::join_all(reads).await;
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
-            return Err(Status::failed_precondition(why.clone()));
+            return Err(ErrorCode::Busy.status(why.clone()));
         }
         if fetched.iter().all(|u| matches!(u, Fetched::Ok(_))) {
             let mut out = Vec::with_capacity(l.row_bytes() as usize);
@@ -380,14 +375,15 @@ impl FilesService {
         let rest: Vec<_> = rest.map(|r| self.fetch_as(f, row, r, as_reader)).collect();
         fetched.extend(futures::future::join_all(rest).await);
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
-            return Err(Status::failed_precondition(why.clone()));
+            return Err(ErrorCode::Busy.status(why.clone()));
         }
         if is_hole(l, &fetched) {
             // A write past the end skipped this row; it reads as zeros.
             return Ok((vec![0; l.row_bytes() as usize], false));
         }
-        let solved = solve_row(l, &fetched, in_file)
-            .map_err(|why| Status::data_loss(format!("row {row} of {path} cannot be read: {why}")))?;
+        let solved = solve_row(l, &fetched, in_file).map_err(|why| {
+            crate::errors::row_code(&why).status(format!("row {row} of {path} cannot be read: {why}"))
+        })?;
         Ok((solved.data.concat(), true))
     }
 
@@ -397,10 +393,10 @@ impl FilesService {
     }
 
     /// Stores a recomputed unit `id` of `path` on `server`.
-    async fn restore(&self, path: &str, server: u64, id: UnitId, unit: StoredUnit, token: &str) -> Result<(), String> {
+    async fn restore(&self, path: &str, server: u64, id: UnitId, unit: StoredUnit, token: &str) -> Result<(), Status> {
         let (row, role) = (id.row, id.role);
-        let _admitted = self.admit().await.map_err(|e| e.message().to_string())?;
-        let mut client = self.storage(server).map_err(|e| e.message().to_string())?;
+        let _admitted = self.admit().await?;
+        let mut client = self.storage(server)?;
         let req = pb::RestoreUnitRequest {
             unit: Some(unit_ref(&id)),
             resource: path.to_string(),
@@ -413,7 +409,7 @@ impl FilesService {
             .restore_unit(req)
             .await
             .map(|_| ())
-            .map_err(|e| format!("row {row} {} on server {server}: {}", role_name(role), e.message()))
+            .map_err(|e| wire::reword(&e, format!("row {row} {} on server {server}: {}", role_name(role), e.message())))
     }
 
     async fn scrub_file(&self, path: &str, f: &FileMeta, repair: bool, token: &str) -> pb::ScrubReport {
@@ -479,7 +475,7 @@ impl FilesService {
                         .await
                     {
                         Ok(()) => report.repaired += 1,
-                        Err(e) => report.unrepairable.push(e),
+                        Err(e) => report.unrepairable.push(e.message().to_string()),
                     }
                 }
             }
@@ -494,7 +490,7 @@ type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send
 impl pb::files_server::Files for FilesService {
     async fn put(&self, req: Request<Streaming<pb::PutChunk>>) -> Result<Response<pb::FileStat>, Status> {
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("an empty put"))?;
+        let first = stream.message().await?.ok_or_else(|| ErrorCode::BadRequest.status("an empty put"))?;
         let path = first.path.clone();
         check_path(&path)?;
         self.check_token(&path, &first.token, true)?;
@@ -506,9 +502,9 @@ impl pb::files_server::Files for FilesService {
             .await
             .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
-            return Err(Status::already_exists(e));
+            return Err(e.status());
         }
-        let id = reply.file.ok_or_else(|| Status::internal("no file id in the reply"))?;
+        let id = reply.file.ok_or_else(|| ErrorCode::Internal.status("no file id in the reply"))?;
         let meta = FileMeta { id, size: 0, layout, complete: false, writer: Some(writer) };
         let written = async {
             use futures::StreamExt;
@@ -561,7 +557,7 @@ impl pb::files_server::Files for FilesService {
         let reply =
             self.node.propose(Op::CompleteFile { path: path.clone(), id, size }, None).await.map_err(|e| e.status())?;
         if let Some(e) = reply.error {
-            return Err(Status::aborted(e));
+            return Err(e.status());
         }
         self.node.applied(reply.index).await;
         Ok(Response::new(stat_of(&path, &self.file(&path)?)))
@@ -578,14 +574,16 @@ impl pb::files_server::Files for FilesService {
         }
         let f = self.file(&r.path)?;
         if !f.complete {
-            return Err(Status::unavailable(format!("{} is still being written", r.path)));
+            return Err(
+                ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
+            );
         }
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         // The bytes wanted, clipped to the file; only the rows they touch are read.
         let (start, end) = match r.range {
             Some(g) if g.start > g.end => {
-                return Err(Status::invalid_argument(format!("range {}..{} ends before it starts", g.start, g.end)));
+                return Err(ErrorCode::BadRequest.status(format!("range {}..{} ends before it starts", g.start, g.end)));
             }
             Some(g) => (g.start.min(f.size), g.end.min(f.size)),
             None => (0, f.size),
@@ -637,7 +635,9 @@ impl pb::files_server::Files for FilesService {
         self.check_token(&r.path, &r.token, r.repair)?;
         let f = self.file(&r.path)?;
         if !f.complete {
-            return Err(Status::unavailable(format!("{} is still being written", r.path)));
+            return Err(
+                ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
+            );
         }
         Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token).await))
     }
@@ -648,11 +648,11 @@ impl pb::files_server::Files for FilesService {
         let f = self.file(&r.path)?;
         let l = &f.layout;
         let Some(position) = l.servers().iter().position(|s| *s == r.lost_server) else {
-            return Err(Status::invalid_argument(format!("server {} holds no unit of {}", r.lost_server, r.path)));
+            return Err(ErrorCode::BadRequest.status(format!("server {} holds no unit of {}", r.lost_server, r.path)));
         };
         let target = if r.onto == 0 { r.lost_server } else { r.onto };
         if r.onto != 0 && (l.servers().contains(&r.onto) || !self.node.config.peers.contains_key(&r.onto)) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ErrorCode::BadRequest.status(format!(
                 "server {} cannot take server {}'s place in {}: it is not a server of the cluster outside the file's layout",
                 r.onto, r.lost_server, r.path
             )));
@@ -670,8 +670,9 @@ impl pb::files_server::Files for FilesService {
                     // Nothing was ever written to the row.
                     return Ok(0);
                 }
-                let solved = solve_row(l, &fetched, units_in_file(l, row, f.size))
-                    .map_err(|why| Status::data_loss(format!("row {row} of {} cannot be rebuilt: {why}", r.path)))?;
+                let solved = solve_row(l, &fetched, units_in_file(l, row, f.size)).map_err(|why| {
+                    crate::errors::row_code(&why).status(format!("row {row} of {} cannot be rebuilt: {why}", r.path))
+                })?;
                 if let Role::Data(j) = role
                     && solved.absent[j as usize]
                 {
@@ -688,9 +689,7 @@ impl pb::files_server::Files for FilesService {
                     Role::Q => solved.parity(l)[1].clone(),
                 };
                 let bytes = unit.bytes.len() as u64;
-                self.restore(&r.path, target, UnitId { file: f.id, row, role }, unit, &r.token)
-                    .await
-                    .map_err(Status::unavailable)?;
+                self.restore(&r.path, target, UnitId { file: f.id, row, role }, unit, &r.token).await?;
                 Ok::<u64, Status>(bytes)
             }
         };
@@ -707,14 +706,14 @@ impl pb::files_server::Files for FilesService {
         servers[position] = target;
         if target != r.lost_server {
             let layout = Layout::new(l.unit(), l.data(), l.parity(), servers.clone())
-                .map_err(|e| Status::internal(e.to_string()))?;
+                .map_err(|e| ErrorCode::Internal.status(e.to_string()))?;
             let reply = self
                 .node
                 .propose(Op::SetLayout { path: r.path.clone(), id: f.id, layout }, None)
                 .await
                 .map_err(|e| e.status())?;
             if let Some(e) = reply.error {
-                return Err(Status::aborted(e));
+                return Err(e.status());
             }
             self.node.applied(reply.index).await;
         }
@@ -751,7 +750,7 @@ impl pb::files_server::Files for FilesService {
         let reply =
             self.node.propose(Op::RemoveFile { path: r.path.clone(), id: f.id }, None).await.map_err(|e| e.status())?;
         if let Some(e) = reply.error {
-            return Err(Status::not_found(e));
+            return Err(e.status());
         }
         Ok(Response::new(self.delete_units(&r.path, &f, &r.token).await))
     }
@@ -768,7 +767,7 @@ impl FilesService {
                     .delete_file(req)
                     .await
                     .map(|r| r.into_inner().units_deleted)
-                    .map_err(|e| Status::new(e.code(), format!("server {server}: {}", e.message())))
+                    .map_err(|e| wire::reword(&e, format!("server {server}: {}", e.message())))
             }
         });
         let mut reply = pb::RemoveReply::default();

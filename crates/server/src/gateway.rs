@@ -89,10 +89,11 @@ pub enum ToClient {
         lock: u64,
         why: String,
     },
-    /// The request was refused at once.
+    /// The request for lock `lock` was refused at once.
     Rejected {
         request: u64,
-        message: String,
+        lock: u64,
+        error: lockengine::EngineError,
     },
 }
 
@@ -236,8 +237,8 @@ impl Gateway {
             }
         };
         if self.local.contains_key(&key) {
-            let message = format!("lock number {} is already in use by this session", req.lock);
-            out.push(send(req.client, ToClient::Rejected { request: req.request, message }));
+            let error = lockengine::EngineError::LockExists;
+            out.push(send(req.client, ToClient::Rejected { request: req.request, lock: req.lock, error }));
             out.push(send(req.client, ToClient::Ack { request: req.request }));
             return;
         }

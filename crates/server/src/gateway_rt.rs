@@ -270,7 +270,14 @@ impl GatewayRt {
             ToClient::Cancelled { request, lock } => (request, Down::Cancelled(pb::LockRef { lock })),
             ToClient::Revoke { lock } => (0, Down::Revoke(pb::LockRef { lock })),
             ToClient::Lost { lock, why } => (0, Down::Lost(pb::LockLost { lock, reason: why })),
-            ToClient::Rejected { request, message } => (request, Down::Rejected(pb::Rejected { code: 0, message })),
+            ToClient::Rejected { request, lock, error } => {
+                let rejected = pb::Rejected {
+                    code: u32::from(error.code()),
+                    message: format!("lock {lock}: {error}"),
+                    error: crate::errors::engine_code(&error).into(),
+                };
+                (request, Down::Rejected(rejected))
+            }
         };
         pb::ServerMessage { request_id, body: Some(body) }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lockengine::ByteRange;
 use tonic::Status;
+use wire::ErrorCode;
 use wire::v1 as pb;
 
 use crate::files::FilesService;
@@ -17,8 +18,8 @@ use crate::files::FilesService;
 const INVALIDATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn range_of(r: Option<pb::Range>) -> Result<ByteRange, Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument("no range"))?;
-    ByteRange::new(r.start, r.end).map_err(|e| Status::invalid_argument(e.to_string()))
+    let r = r.ok_or_else(|| ErrorCode::BadRequest.status("no range"))?;
+    ByteRange::new(r.start, r.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))
 }
 
 impl FilesService {
@@ -34,7 +35,8 @@ impl FilesService {
             cache.epoch()
         };
         let leader = self.node.leader().ok_or_else(|| {
-            Status::unavailable("no leader is known to ask whether the bytes are locked; try again in a moment")
+            ErrorCode::Unavailable
+                .status("no leader is known to ask whether the bytes are locked; try again in a moment")
         })?;
         let q =
             pb::LockFreeQuery { path: path.to_string(), range: Some(pb::Range { start: range.start, end: range.end }) };
@@ -44,7 +46,7 @@ impl FilesService {
             self.peer(leader)?.lock_free(q).await?.into_inner()
         };
         if !answer.free {
-            return Err(Status::failed_precondition(format!(
+            return Err(ErrorCode::Busy.status(format!(
                 "bytes {range} of {path} are locked for writing ({}); read them under a lock (without --no-lock)",
                 answer.holder
             )));
@@ -58,7 +60,11 @@ impl FilesService {
     /// The leader's answer: whether a write lock is granted on any byte of the range.
     pub(crate) fn lock_free_here(&self, q: pb::LockFreeQuery) -> Result<pb::LockFreeAnswer, Status> {
         if !self.node.is_leader() {
-            return Err(Status::failed_precondition("not the leader; ask the leader"));
+            let leader = self.node.leader().map(|id| wire::LeaderHint {
+                id,
+                address: self.node.config.peers.get(&id).cloned().unwrap_or_default(),
+            });
+            return Err(wire::not_leader_status(leader, "not the leader; ask the leader"));
         }
         let range = range_of(q.range)?;
         let state = self.node.machine.state();

@@ -9,6 +9,7 @@
 mod admission;
 pub mod codec;
 mod delegation;
+mod errors;
 mod files;
 pub mod gateway;
 mod gateway_rt;
@@ -24,6 +25,7 @@ mod store;
 mod types;
 mod write;
 
+pub use errors::{NamespaceError, engine_code, row_code};
 pub use files::{DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, human_bytes};
 pub use machine::{Applied, ApplyEvent, Machine, State};
 pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::codec::{self, Record};
+use crate::errors::NamespaceError;
 use crate::store::Store;
 use crate::types::{C, Command, FileMeta, Op, Origin, Reply, SnapshotData, io_error};
 
@@ -214,13 +215,13 @@ impl State {
             }
             Op::CreateFile { path, layout, writer } => {
                 if self.files.contains_key(&path) {
-                    reply.error = Some(format!("{path} exists; remove it first (stripelock rm {path})"));
+                    reply.error = Some(NamespaceError::Exists { path: path.clone() });
                 } else if self.files.len() >= FILES_MAX {
-                    reply.error = Some(format!("the namespace holds its limit of {FILES_MAX} files"));
+                    reply.error = Some(NamespaceError::FilesLimit { max: FILES_MAX as u64 });
                 } else if let Some(w) = writer
                     && !self.engine.session_is_live(w)
                 {
-                    reply.error = Some(format!("the session putting {path} has ended; take the lock again"));
+                    reply.error = Some(NamespaceError::WriterEnded { path: path.clone() });
                 } else {
                     self.next_file += 1;
                     let id = self.next_file;
@@ -239,14 +240,14 @@ impl State {
                     self.putting.remove(&path);
                     reply.file = Some(id);
                 }
-                _ => reply.error = Some(format!("{path} is no longer the file being written (it was removed)")),
+                _ => reply.error = Some(NamespaceError::PutGone { path }),
             },
             Op::GrowFile { path, id, size } => match self.files.get_mut(&path) {
                 Some(f) if f.id == id && f.complete => {
                     f.size = f.size.max(size);
                     reply.file = Some(id);
                 }
-                _ => reply.error = Some(format!("{path} is no longer the file written (it was removed or replaced)")),
+                _ => reply.error = Some(NamespaceError::FileReplaced { path }),
             },
             Op::RemoveFile { path, id } => match self.files.get(&path) {
                 Some(f) if f.id == id => {
@@ -254,14 +255,14 @@ impl State {
                     self.putting.remove(&path);
                     reply.file = Some(id);
                 }
-                _ => reply.error = Some(format!("no such file: {path}")),
+                _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
             Op::SetLayout { path, id, layout } => match self.files.get_mut(&path) {
                 Some(f) if f.id == id => {
                     f.layout = layout;
                     reply.file = Some(id);
                 }
-                _ => reply.error = Some(format!("no such file: {path}")),
+                _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
         }
         self.roll_back_orphaned_puts();
@@ -748,7 +749,7 @@ mod tests {
         }
         // A put for a session already gone is refused outright.
         let refused = state.apply(create("/d", dying), 9);
-        assert!(refused.error.is_some_and(|e| e.contains("ended")));
+        assert_eq!(refused.error, Some(NamespaceError::WriterEnded { path: "/d".into() }));
     }
 
     /// The state survives a snapshot: sessions, tokens, the secret and the answered requests.

@@ -18,6 +18,7 @@ use wire::v1::RaftPayload;
 use wire::v1::raft_client::RaftClient;
 use wire::v1::raft_server::RaftServer;
 
+pub use crate::errors::ProposeError;
 use crate::machine::{ApplyEvent, Machine};
 use crate::network::{
     APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, VOTE, decode, decode_snapshot, encode,
@@ -110,26 +111,6 @@ impl std::fmt::Debug for Env {
 impl Env {
     pub fn now_ms(&self) -> u64 {
         self.clock.as_ref().map_or_else(wall_ms, |c| c())
-    }
-}
-
-/// Why a command could not be committed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProposeError {
-    #[error("no leader is known yet; the cluster may be electing one or may have lost its majority")]
-    NoLeader,
-    #[error("the leader could not be reached: {0}")]
-    Forward(String),
-    #[error("this server has stopped: {0}")]
-    Fatal(String),
-}
-
-impl ProposeError {
-    pub fn status(&self) -> Status {
-        match self {
-            ProposeError::NoLeader | ProposeError::Forward(_) => Status::unavailable(self.to_string()),
-            ProposeError::Fatal(_) => Status::internal(self.to_string()),
-        }
     }
 }
 
@@ -277,7 +258,10 @@ impl Node {
         loop {
             let attempt = self.propose_once(Command { now_ms: 0, origin, op: op.clone() }).await;
             match attempt {
-                Err(ProposeError::NoLeader | ProposeError::Forward(_)) if Instant::now() < deadline => {
+                // Decided by the code alone: a refusal the leader sent back is retried only when
+                // it is one that may pass (it lost leadership, it is stopping), not one that
+                // would come back the same (a command it cannot read).
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(200));
                 }
@@ -304,7 +288,7 @@ impl Node {
                     let Some(addr) = addr else { return Err(ProposeError::NoLeader) };
                     return self.forward(leader, &addr, &cmd).await;
                 }
-                Err(ProposeError::Fatal(e.to_string()))
+                Err(ProposeError::Stopped { reason: e.to_string() })
             }
         }
     }
@@ -315,13 +299,20 @@ impl Node {
             match leaders.get(&leader) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = RaftClient::new(self.config.env.connector.channel(addr).map_err(ProposeError::Forward)?);
+                    let channel = self
+                        .config
+                        .env
+                        .connector
+                        .channel(addr)
+                        .map_err(|e| ProposeError::LeaderUnreachable { leader, reason: e.to_string() })?;
+                    let c = RaftClient::new(channel);
                     leaders.insert(leader, c.clone());
                     c
                 }
             }
         };
-        let payload = encode(PROPOSE, cmd).map_err(|e| ProposeError::Forward(e.to_string()))?;
+        let payload = encode(PROPOSE, cmd)
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?;
         // A leader that accepts connections but does not answer (paused, cut off) must not hold
         // the request: after the deadline it is asked again, of whoever leads by then (a command
         // with an origin is applied once however often it is proposed).
@@ -329,12 +320,17 @@ impl Node {
             .await
             .map_err(|_| {
                 self.leaders.lock().expect("leaders lock").remove(&leader);
-                ProposeError::Forward(format!("leader {leader} did not answer within {FORWARD_DEADLINE:?}"))
+                ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
             })?
-            .map_err(|s| ProposeError::Forward(s.message().to_string()))?;
-        let result: Result<Reply, String> =
-            decode(PROPOSE, reply.get_ref()).map_err(|e| ProposeError::Forward(e.to_string()))?;
-        result.map_err(ProposeError::Forward)
+            .map_err(|s| match wire::code_of(&s) {
+                // The leader's own refusal (it could not read the command) keeps its code; the
+                // transport's failures say only that the leader was not reached.
+                Ok(code) if wire::from_server(&s) => ProposeError::Refused { code, message: s.message().to_string() },
+                Ok(_) => ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() },
+                Err(unknown) => ProposeError::Refused { code: wire::ErrorCode::Internal, message: unknown.to_string() },
+            })?;
+        decode::<Result<Reply, ProposeError>>(PROPOSE, reply.get_ref())
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?
     }
 
     /// Waits until this server has applied entry `index` (so its own sessions have seen it).
@@ -386,7 +382,7 @@ impl Node {
     /// Proposes on this server only (no forwarding): for the leader's own duties.
     async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
         let cmd = Command { now_ms: self.config.env.now_ms(), origin: None, op };
-        self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Fatal(e.to_string()))
+        self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Stopped { reason: e.to_string() })
     }
 
     pub fn raft_service(&self) -> RaftServer<RaftService> {
@@ -434,48 +430,48 @@ pub struct RaftService {
 }
 
 fn bad(e: crate::codec::FormatError) -> Status {
-    Status::invalid_argument(format!("undecodable Raft message: {e}"))
+    wire::ErrorCode::BadRequest.status(format!("undecodable Raft message: {e}"))
+}
+
+/// A Raft call the local node could not serve (stopped, or no longer in the state to).
+fn raft_unavailable(e: impl std::fmt::Display) -> Status {
+    wire::ErrorCode::Unavailable.status(e.to_string())
 }
 
 #[tonic::async_trait]
 impl wire::v1::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(APPEND_ENTRIES, req.get_ref()).map_err(bad)?;
-        let resp = self.node.raft.append_entries(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self.node.raft.append_entries(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(APPEND_ENTRIES, &resp).map_err(bad)?))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(VOTE, req.get_ref()).map_err(bad)?;
-        let resp = self.node.raft.vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self.node.raft.vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(VOTE, &resp).map_err(bad)?))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
-        let resp = self.node.raft.pre_vote(rpc).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self.node.raft.pre_vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(PRE_VOTE, &resp).map_err(bad)?))
     }
 
     async fn full_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (vote, meta, snapshot) = decode_snapshot(req.get_ref()).map_err(bad)?;
         let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
-        let resp = self
-            .node
-            .raft
-            .install_full_snapshot(vote, snapshot)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(FULL_SNAPSHOT, &resp).map_err(bad)?))
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let cmd: Command = decode(PROPOSE, req.get_ref()).map_err(bad)?;
         // Re-stamp with this leader's clock; a follower's clock is not the log's.
-        let result: Result<Reply, String> =
+        let result: Result<Reply, ProposeError> =
             match self.node.raft.client_write(Command { now_ms: self.node.config.env.now_ms(), ..cmd }).await {
                 Ok(resp) => Ok(resp.data),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(ProposeError::at_leader(&e)),
             };
         Ok(Response::new(encode(PROPOSE, &result).map_err(bad)?))
     }

@@ -17,6 +17,9 @@ use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
 
+use wire::ErrorCode;
+
+use crate::errors::engine_code;
 use crate::gateway_rt::GatewayRt;
 use crate::machine::{Applied, output_session};
 use crate::node::Node;
@@ -65,7 +68,7 @@ pub fn mode_from_pb(m: i32) -> Result<Mode, Status> {
     usize::try_from(m)
         .ok()
         .and_then(|i| Mode::ALL.get(i).copied())
-        .ok_or_else(|| Status::invalid_argument(format!("unknown lock mode {m}")))
+        .ok_or_else(|| ErrorCode::BadRequest.status(format!("unknown lock mode {m}")))
 }
 
 pub(crate) fn range_to_pb(r: ByteRange) -> pb::Range {
@@ -73,8 +76,8 @@ pub(crate) fn range_to_pb(r: ByteRange) -> pb::Range {
 }
 
 fn range_from_pb(r: Option<pb::Range>) -> Result<ByteRange, Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument("a range is required"))?;
-    ByteRange::new(r.start, r.end).map_err(|e| Status::invalid_argument(e.to_string()))
+    let r = r.ok_or_else(|| ErrorCode::BadRequest.status("a range is required"))?;
+    ByteRange::new(r.start, r.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))
 }
 
 pub(crate) fn value_to_pb(v: &ValueBlock) -> pb::ValueBlock {
@@ -90,7 +93,7 @@ fn posix_kind(k: i32) -> Result<PosixKind, Status> {
         0 => Ok(PosixKind::Read),
         1 => Ok(PosixKind::Write),
         2 => Ok(PosixKind::Unlock),
-        _ => Err(Status::invalid_argument(format!("unknown POSIX lock kind {k}"))),
+        _ => Err(ErrorCode::BadRequest.status(format!("unknown POSIX lock kind {k}"))),
     }
 }
 
@@ -105,10 +108,10 @@ fn posix_kind_to_pb(k: PosixKind) -> i32 {
 /// The engine input for one client request of `session`.
 fn input_of(session: SessionId, body: Up) -> Result<Input, Status> {
     let lock_id = |n: u64| {
-        engine_lock_id(session, n).ok_or_else(|| Status::invalid_argument(format!("lock number {n} is too large")))
+        engine_lock_id(session, n).ok_or_else(|| ErrorCode::TooLarge.status(format!("lock number {n} is too large")))
     };
     Ok(match body {
-        Up::Open(_) => return Err(Status::failed_precondition("the session is already open")),
+        Up::Open(_) => return Err(ErrorCode::Exists.status("the session is already open")),
         Up::Heartbeat(_) => Input::Renew { session },
         Up::Close(_) => Input::CloseSession { session },
         Up::Lock(l) => Input::Lock {
@@ -152,7 +155,7 @@ fn gateway_step(gateway: &GatewayRt, session: SessionId, request: u64, body: Up)
     match body {
         Up::Lock(l) if l.gateway && !l.nowait && mode_from_pb(l.mode)? == Mode::PR => {
             engine_lock_id(session, l.lock)
-                .ok_or_else(|| Status::invalid_argument(format!("lock number {} is too large", l.lock)))?;
+                .ok_or_else(|| ErrorCode::TooLarge.status(format!("lock number {} is too large", l.lock)))?;
             gateway.read(session, request, l.lock, l.resource, range_from_pb(l.range)?);
             Ok(None)
         }
@@ -167,7 +170,7 @@ fn gateway_step(gateway: &GatewayRt, session: SessionId, request: u64, body: Up)
             Ok(None)
         }
         Up::Convert(pb::ConvertRequest { lock, .. }) | Up::SetValue(pb::SetValue { lock, .. }) if served(lock) => {
-            Err(Status::failed_precondition(format!(
+            Err(ErrorCode::Conflict.status(format!(
                 "lock {lock} is a read lock served from this server's cache and cannot change in place; \
                  release it and ask for a write lock"
             )))
@@ -282,7 +285,11 @@ fn body_of(node: &Node, o: &Output) -> Option<Down> {
                 Subject::Owner(o) => format!("owner {}: ", o.owner),
                 Subject::Session(_) | Subject::Epoch => String::new(),
             };
-            Down::Rejected(pb::Rejected { code: error.code() as u32, message: format!("{what}{error}") })
+            Down::Rejected(pb::Rejected {
+                code: u32::from(error.code()),
+                message: format!("{what}{error}"),
+                error: engine_code(error).into(),
+            })
         }
     })
 }
@@ -344,9 +351,9 @@ impl pb::locks_server::Locks for LockService {
 
     async fn session(&self, req: Request<Streaming<pb::ClientMessage>>) -> Result<Response<DownStream>, Status> {
         let mut up = req.into_inner();
-        let first = up.next().await.ok_or_else(|| Status::invalid_argument("empty session stream"))??;
+        let first = up.next().await.ok_or_else(|| ErrorCode::BadRequest.status("empty session stream"))??;
         let Some(Up::Open(open)) = first.body else {
-            return Err(Status::failed_precondition("a session stream must start with OpenSession"));
+            return Err(ErrorCode::BadRequest.status("a session stream must start with OpenSession"));
         };
         let node = self.node.clone();
         let (min, max) = (node.config.lease_min_ms, node.config.lease_max_ms);
@@ -354,7 +361,7 @@ impl pb::locks_server::Locks for LockService {
         if !(min..=max).contains(&lease_ms) {
             // Out of range, not clamped: a client that asked for an hour must not believe it
             // has one.
-            return Err(Status::out_of_range(format!(
+            return Err(ErrorCode::BadRequest.status(format!(
                 "a lease of {} is outside this cluster's bounds, {} to {} (server settings lease_min_ms, \
                  lease_max_ms); ask for a lease within them",
                 lease_text(lease_ms),
@@ -365,7 +372,7 @@ impl pb::locks_server::Locks for LockService {
         let session = if open.resume_session != 0 {
             let s = SessionId(open.resume_session);
             if !node.session_is_live(s) {
-                return Err(Status::not_found(format!(
+                return Err(ErrorCode::SessionExpired.status(format!(
                     "session {} has expired or was closed: its locks are gone; open a new session",
                     s.0
                 )));
@@ -375,7 +382,7 @@ impl pb::locks_server::Locks for LockService {
             let client = open.client_name.chars().take(128).collect();
             let reply = node.propose(Op::OpenSession { lease_ms, client }, None).await.map_err(|e| e.status())?;
             node.applied(reply.index).await;
-            reply.session.ok_or_else(|| Status::internal("no session number in the reply"))?
+            reply.session.ok_or_else(|| ErrorCode::Internal.status("no session number in the reply"))?
         };
         // Attached before the resync reads the table, so nothing applied after it is missed. (A
         // new session cannot be concerned by an entry before its client has heard of it.)
@@ -427,7 +434,7 @@ impl pb::locks_server::Locks for LockService {
                     None if !down_node.session_is_live(session) => break 'stream,
                     None => {
                         let _ = down_tx
-                            .send(Err(Status::unavailable(
+                            .send(Err(ErrorCode::Unavailable.status(
                                 "this session stream fell behind or was replaced by another; \
                                  reconnect and resume the session",
                             )))
@@ -453,7 +460,9 @@ impl pb::locks_server::Locks for LockService {
                     Ok(Some(op)) => op,
                     Ok(None) => continue,
                     Err(status) => {
-                        let rejected = pb::Rejected { code: 0, message: status.message().to_string() };
+                        // Refused before the engine saw it: no engine code, the status's own.
+                        let error = wire::code_of(&status).unwrap_or(ErrorCode::Internal).into();
+                        let rejected = pb::Rejected { code: 0, message: status.message().to_string(), error };
                         let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
                         let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
                         if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
@@ -603,7 +612,7 @@ impl pb::locks_server::Locks for LockService {
         sessions.sort();
         sessions.dedup();
         if sessions.is_empty() {
-            return Err(Status::not_found(if req.holders_of.is_empty() {
+            return Err(ErrorCode::NotFound.status(if req.holders_of.is_empty() {
                 "no session given: name sessions, or a resource whose holders to evict".to_string()
             } else {
                 format!("nobody holds a lock on {}", req.holders_of)
@@ -614,7 +623,7 @@ impl pb::locks_server::Locks for LockService {
             let (client, locks) = {
                 let state = self.node.machine.state();
                 if !state.engine.session_is_live(session) {
-                    return Err(Status::not_found(format!(
+                    return Err(ErrorCode::SessionExpired.status(format!(
                         "session {} is not live (it expired, was closed, was evicted already or never \
                          existed); `stripelock locks` lists the sessions holding locks",
                         session.0
@@ -631,7 +640,7 @@ impl pb::locks_server::Locks for LockService {
             if let Some(Output::Rejected { error, .. }) =
                 reply.outputs.iter().find(|o| matches!(o, Output::Rejected { .. }))
             {
-                return Err(Status::failed_precondition(format!("session {}: {error}", session.0)));
+                return Err(engine_code(error).status(format!("session {}: {error}", session.0)));
             }
             self.node.applied(reply.index).await;
             evicted.push(pb::EvictedSession { session: session.0, client, locks });

@@ -9,6 +9,7 @@ use chunks::{Authority, ChunkError, ChunkStore, Device, UnitId};
 use layout::Role;
 use lockengine::ByteRange;
 use tonic::{Request, Response, Status};
+use wire::ErrorCode;
 use wire::v1 as pb;
 
 use crate::files::FilesService;
@@ -32,12 +33,12 @@ impl std::fmt::Debug for StorageService {
 }
 
 pub fn unit_id(u: Option<pb::UnitRef>) -> Result<UnitId, Status> {
-    let u = u.ok_or_else(|| Status::invalid_argument("no unit named"))?;
+    let u = u.ok_or_else(|| ErrorCode::BadRequest.status("no unit named"))?;
     let role = match (u.role, u8::try_from(u.index)) {
         (0, Ok(j)) if j < layout::DATA_MAX => Role::Data(j),
         (1, _) => Role::P,
         (2, _) => Role::Q,
-        _ => return Err(Status::invalid_argument(format!("unit role {} index {} is not valid", u.role, u.index))),
+        _ => return Err(ErrorCode::BadRequest.status(format!("unit role {} index {} is not valid", u.role, u.index))),
     };
     Ok(UnitId { file: u.file, row: u.row, role })
 }
@@ -51,16 +52,20 @@ pub fn unit_ref(id: &UnitId) -> pb::UnitRef {
     pb::UnitRef { file: id.file, row: id.row, role, index }
 }
 
-pub fn chunk_status(e: ChunkError) -> Status {
+/// The wire code of a chunk store refusal.
+pub fn chunk_code(e: &ChunkError) -> ErrorCode {
     match e {
-        ChunkError::BadToken(_) | ChunkError::NotWriter(_) | ChunkError::NotCovered { .. } => {
-            Status::permission_denied(e.to_string())
-        }
-        ChunkError::Stale { .. } => Status::failed_precondition(e.to_string()),
-        ChunkError::VersionMismatch { .. } => Status::aborted(e.to_string()),
-        ChunkError::Corrupt { .. } | ChunkError::Format { .. } => Status::data_loss(e.to_string()),
-        ChunkError::Io(_) => Status::unavailable(e.to_string()),
+        ChunkError::BadToken(_) => ErrorCode::BadToken,
+        ChunkError::NotWriter(_) | ChunkError::NotCovered { .. } => ErrorCode::Denied,
+        ChunkError::Stale { .. } => ErrorCode::StaleToken,
+        ChunkError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+        ChunkError::Corrupt { .. } | ChunkError::Format { .. } => ErrorCode::Corrupt,
+        ChunkError::Io(_) => ErrorCode::Unavailable,
     }
+}
+
+pub fn chunk_status(e: ChunkError) -> Status {
+    chunk_code(&e).status(e.to_string())
 }
 
 impl StorageService {
@@ -81,7 +86,7 @@ impl StorageService {
     /// The chunk store with the cluster's key; unavailable until the cluster is bootstrapped.
     fn store(&self) -> Result<ChunkStore<Arc<dyn Device>>, Status> {
         let secret = self.node.machine.state().secret.ok_or_else(|| {
-            Status::unavailable("the cluster has no secret yet (it is still starting); try again in a moment")
+            ErrorCode::Unavailable.status("the cluster has no secret yet (it is still starting); try again in a moment")
         })?;
         Ok(ChunkStore::new(self.volume.clone(), token::ClusterKey::from_bytes(secret)))
     }
@@ -168,7 +173,7 @@ impl StorageService {
             if tokio::time::Instant::now() >= deadline
                 || tokio::time::timeout_at(deadline, applied.changed()).await.is_err()
             {
-                return Err(Status::permission_denied(format!(
+                return Err(ErrorCode::Denied.status(format!(
                     "{resource} is neither the path of file {} nor the stripe lock of its row {}: a token for it \
                      cannot write unit {}",
                     id.file,
@@ -181,11 +186,11 @@ impl StorageService {
 }
 
 fn parse_token(text: &str) -> Result<token::SignedToken, Status> {
-    text.parse().map_err(|e: token::TokenError| Status::permission_denied(format!("the token is not valid: {e}")))
+    text.parse().map_err(|e: token::TokenError| ErrorCode::BadToken.status(format!("the token is not valid: {e}")))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| ErrorCode::Internal.status(format!("storage task failed: {e}")))?
 }
 
 #[tonic::async_trait]
@@ -193,8 +198,8 @@ impl pb::storage_server::Storage for StorageService {
     async fn write_unit(&self, req: Request<pb::WriteUnitRequest>) -> Result<Response<pb::WriteUnitReply>, Status> {
         let r = req.into_inner();
         let id = unit_id(r.unit)?;
-        let range = r.range.ok_or_else(|| Status::invalid_argument("no range"))?;
-        let range = ByteRange::new(range.start, range.end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let range = r.range.ok_or_else(|| ErrorCode::BadRequest.status("no range"))?;
+        let range = ByteRange::new(range.start, range.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
         let token = parse_token(&r.token)?;
         self.check_resource(&r.resource, &id).await?;
         let store = self.store()?;
@@ -211,8 +216,10 @@ impl pb::storage_server::Storage for StorageService {
         let r = req.into_inner();
         let id = unit_id(r.unit)?;
         if !r.unlocked_path.is_empty() {
-            let range = r.unlocked_range.ok_or_else(|| Status::invalid_argument("an unlocked read needs its range"))?;
-            let range = ByteRange::new(range.start, range.end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let range =
+                r.unlocked_range.ok_or_else(|| ErrorCode::BadRequest.status("an unlocked read needs its range"))?;
+            let range =
+                ByteRange::new(range.start, range.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
             self.files.check_unlocked_read(&r.unlocked_path, range).await?;
         }
         let store = self.store()?;

@@ -89,8 +89,9 @@ pub struct Reply {
     pub index: u64,
     /// For a namespace command: the file it concerns.
     pub file: Option<u64>,
-    /// For a namespace command that was refused: why.
-    pub error: Option<String>,
+    /// For a namespace command that was refused: why. (Such commands carry no origin, so a
+    /// reply with an error is never kept among a session's answered requests in a snapshot.)
+    pub error: Option<crate::errors::NamespaceError>,
 }
 
 /// A file of the namespace: its id (which names its units), size and layout.

@@ -29,6 +29,7 @@ use layout::stripe::{self, PlanError, RowWrite, UnitRead as Fetched, UnitWrite, 
 use lockengine::ByteRange;
 use tokio::sync::watch;
 use tonic::Status;
+use wire::ErrorCode;
 use wire::v1 as pb;
 
 use crate::admission::{Admission, Refused};
@@ -175,9 +176,9 @@ impl FilesService {
         end: u64,
     ) -> Result<(token::Claims, ByteRange), Status> {
         let claims = self.claims(path, token)?;
-        let range = ByteRange::new(start, end).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let range = ByteRange::new(start, end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
         if !claims.mode.is_write() || !claims.range.contains(range) {
-            return Err(Status::permission_denied(format!(
+            return Err(ErrorCode::Denied.status(format!(
                 "writing bytes {start}..{end} of {path} needs PW or EX covering them; the token is for {} {}",
                 claims.mode, claims.range
             )));
@@ -188,13 +189,17 @@ impl FilesService {
     /// A client's write of `data` at `offset` of `path` (the Write call).
     pub(crate) async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
         if r.data.len() > WRITE_BYTES_MAX {
-            return Err(Status::invalid_argument(format!(
+            return Err(ErrorCode::TooLarge.status(format!(
                 "a write carries at most {WRITE_BYTES_MAX} bytes; this one has {}: split it",
                 r.data.len()
             )));
         }
         let end = r.offset.checked_add(r.data.len() as u64).filter(|e| *e < u64::MAX).ok_or_else(|| {
-            Status::invalid_argument(format!("{} bytes at offset {} run past the largest file", r.data.len(), r.offset))
+            ErrorCode::TooLarge.status(format!(
+                "{} bytes at offset {} run past the largest file",
+                r.data.len(),
+                r.offset
+            ))
         })?;
         // An empty write still needs a token for the byte it would start at.
         self.writer_claims(&r.path, &r.token, r.offset, end.max(r.offset + 1))?;
@@ -203,7 +208,7 @@ impl FilesService {
         }
         let f = self.file(&r.path)?;
         if !f.complete {
-            return Err(Status::unavailable(format!("{} is still being put; write once the put is done", r.path)));
+            return Err(ErrorCode::Busy.status(format!("{} is still being put; write once the put is done", r.path)));
         }
         if r.data.is_empty() {
             return Ok(pb::WriteReply { size: f.size, rows: Vec::new() });
@@ -260,8 +265,8 @@ impl FilesService {
             } else {
                 ""
             };
-            return Err(Status::new(
-                e.code(),
+            return Err(wire::reword(
+                &e,
                 format!("{}; {landed}{size_note}; bytes {} were not", e.message(), show(&not)),
             ));
         }
@@ -274,7 +279,7 @@ impl FilesService {
                 .await
                 .map_err(|e| e.status())?;
             if let Some(e) = reply.error {
-                return Err(Status::aborted(e));
+                return Err(e.status());
             }
             self.node.applied(reply.index).await;
             size = self.file(&r.path)?.size;
@@ -309,10 +314,10 @@ impl FilesService {
                 // A delegate that cannot be reached (or cannot write now) is no reason to fail:
                 // this server carries the write out itself. Writing the same bytes again under
                 // the same client lock is harmless should the delegate have got some way.
-                Err(e) if e.code() == tonic::Code::Unavailable => self.write_stripe_here(part).await,
-                Err(e) => {
-                    Err(Status::new(e.code(), format!("row {row}, delegated to server {target}: {}", e.message())))
+                Err(e) if matches!(wire::code_of(&e), Ok(ErrorCode::Unavailable | ErrorCode::Busy)) => {
+                    self.write_stripe_here(part).await
                 }
+                Err(e) => Err(wire::reword(&e, format!("row {row}, delegated to server {target}: {}", e.message()))),
                 ok => ok,
             }
         };
@@ -330,14 +335,12 @@ impl FilesService {
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
         let f = self.file(&req.path)?;
         if f.id != req.file {
-            return Err(Status::aborted(format!(
-                "{} was replaced while the write was on its way; write again",
-                req.path
-            )));
+            return Err(ErrorCode::Conflict
+                .status(format!("{} was replaced while the write was on its way; write again", req.path)));
         }
         let row_bytes = f.layout.row_bytes();
         if req.offset < req.row * row_bytes || end > (req.row + 1) * row_bytes {
-            return Err(Status::invalid_argument(format!("{}..{end} is not inside row {}", req.offset, req.row)));
+            return Err(ErrorCode::BadRequest.status(format!("{}..{end} is not inside row {}", req.offset, req.row)));
         }
         // The client's lock was granted by an entry this server may not have applied yet (its
         // session lives on another server, and a cached stripe lock needs no round trip that
@@ -345,7 +348,7 @@ impl FilesService {
         // a live write would look stale and be dropped (issue 10: 3.5% of concurrent writes
         // were), so wait until the table holds the grant's token first.
         if !self.seen_token(claims.token).await {
-            return Err(Status::unavailable(format!(
+            return Err(ErrorCode::Unavailable.status(format!(
                 "server {} has not caught up with the log to the grant of token {} in {} s; try again",
                 self.node.id,
                 claims.token,
@@ -363,7 +366,7 @@ impl FilesService {
         };
         let stale = |why: &str| {
             self.node.data.stripe_writes_dropped.fetch_add(1, Ordering::Relaxed);
-            Status::failed_precondition(format!(
+            ErrorCode::StaleToken.status(format!(
                 "the write of {}..{end} of {} was dropped: the lock it was written under (token {}) is gone{why}; \
                  nothing was written. Take the lock again and rewrite",
                 req.offset, req.path, claims.token
@@ -389,7 +392,9 @@ impl FilesService {
             Err(client::ClientError::Cancelled) => return Err(busy(&req)),
             Err(e) => {
                 self.reset_stripe_session(&session).await;
-                return Err(Status::unavailable(format!("the stripe lock of row {} failed: {e}; try again", req.row)));
+                return Err(
+                    ErrorCode::Unavailable.status(format!("the stripe lock of row {} failed: {e}; try again", req.row))
+                );
             }
         };
         // Seed 004: the write's timestamp is checked with the lock manager. A lock that is gone
@@ -420,7 +425,9 @@ impl FilesService {
             && let Err(e) = session.set_value(grant.lock, value).await
         {
             self.reset_stripe_session(&session).await;
-            return Err(Status::unavailable(format!("row {}: setting its stripe version failed: {e}", req.row)));
+            return Err(
+                ErrorCode::Unavailable.status(format!("row {}: setting its stripe version failed: {e}", req.row))
+            );
         }
         self.put_back(&session, &grant, &resource).await;
         let (version, recomputed) = result.map_err(|e| e.status)?;
@@ -524,13 +531,13 @@ impl FilesService {
                 Ok(()) => return Ok(Admitted { svc: self, started: std::time::Instant::now() }),
                 Err(Refused::LeaseOut) => {
                     self.reset_stripe_session(&session).await;
-                    return Err(Status::unavailable(
+                    return Err(ErrorCode::Unavailable.status(
                         "this server's lease has run out (its renewals were not acknowledged in time), so it \
                          writes nothing until it holds one again; try again",
                     ));
                 }
                 Err(Refused::Full { limit }) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::unavailable(format!(
+                    return Err(ErrorCode::Unavailable.status(format!(
                         "this server has {limit} writes in flight, as many as can finish before its lease runs \
                          out, and none ended for {} s; try again",
                         STRIPE_WAIT.as_secs()
@@ -555,7 +562,9 @@ impl FilesService {
         let addr = self.node.config.peers.get(&self.node.id).cloned().unwrap_or_else(|| self.node.addr.clone());
         let session = Session::open_with(&[addr], STRIPE_SESSION_LEASE_MS, self.node.config.env.connector.clone())
             .await
-            .map_err(|e| Status::unavailable(format!("this server could not open its stripe session: {e}")))?;
+            .map_err(|e| {
+                ErrorCode::Unavailable.status(format!("this server could not open its stripe session: {e}"))
+            })?;
         *s = Some(session.clone());
         Ok(session)
     }
@@ -632,14 +641,13 @@ impl FilesService {
                 let in_file = stripe::units_in_file(l, row, size);
                 stripe::plan_recompute(l, &w, all, lvb, existing, in_file).map_err(|e| {
                     RmwError::before(match e {
-                        PlanError::Unreachable { .. } => Status::unavailable(format!(
+                        PlanError::Unreachable { .. } => ErrorCode::Unavailable.status(format!(
                             "row {row} of {} cannot be written while {e}; bring its server back or rebuild it onto \
                              another",
                             req.path
                         )),
-                        PlanError::Unreadable(why) => {
-                            Status::data_loss(format!("row {row} of {} cannot be read to write it: {why}", req.path))
-                        }
+                        PlanError::Unreadable(why) => crate::errors::row_code(&why)
+                            .status(format!("row {row} of {} cannot be read to write it: {why}", req.path)),
                     })
                 })?
             }
@@ -662,8 +670,8 @@ impl FilesService {
                 async move {
                     let mut c = self.storage(server)?;
                     c.write_unit(req).await.map_err(|e| {
-                        Status::new(
-                            e.code(),
+                        wire::reword(
+                            &e,
                             format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
                         )
                     })
@@ -680,7 +688,7 @@ impl FilesService {
 }
 
 fn busy(req: &pb::StripeWrite) -> Status {
-    Status::unavailable(format!(
+    ErrorCode::Busy.status(format!(
         "row {} of {} stayed locked for {} s (another writer holds its stripe lock); try again",
         req.row,
         req.path,

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use client::{ClientError, LockOptions, Mode, Session};
+use client::{ClientError, ErrorCode, LockOptions, Mode, Session};
 use lockengine::Limits;
 use server::ServerConfig;
 use tokio::sync::watch;
@@ -404,9 +404,10 @@ pub fn exec_guarded(args: &[std::ffi::OsString]) -> ExitCode {
 pub fn lock(args: LockArgs) -> ExitCode {
     match lock_and_run(args) {
         Ok(code) => code,
+        // Refused for another reason than the lock being taken (busy and deadlock exit
+        // NOT_AVAILABLE above): `lock`'s own failure, with the code's sentence.
         Err(e) => {
-            eprintln!("stripelock lock: error: {e:#}");
-            ExitCode::from(exit::FAILED)
+            ExitCode::from(crate::refusal::report(&e, false, "stripelock lock: ", |_| exit::FAILED, exit::FAILED))
         }
     }
 }
@@ -461,14 +462,18 @@ fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
                 None => std::future::pending().await,
             }
         };
-        let not_available = |why: &str| {
+        let not_available = |why: &str, code: ErrorCode| {
             eprintln!("stripelock: {mode} {} on {} is not available: {why}", args.range, args.path);
+            let sentence = crate::refusal::sentence(code);
+            eprintln!("stripelock: {code}: {sentence} (exit {})", args.conflict_exit_code);
             ExitCode::from(args.conflict_exit_code)
         };
         // Open the session: within --timeout, and a signal ends the wait.
         let session = tokio::select! {
             s = Session::open(&addrs, lease_ms) => s.context("cannot open a session")?,
-            () = until_deadline => return Ok(not_available("timed out while reaching the cluster")),
+            () = until_deadline => {
+                return Ok(not_available("timed out while reaching the cluster", ErrorCode::Unavailable));
+            }
             _ = sigterm.recv() => return Ok(ExitCode::from(128 + 15)),
             _ = sigint.recv() => return Ok(ExitCode::from(128 + 2)),
             _ = sighup.recv() => return Ok(ExitCode::from(128 + 1)),
@@ -483,8 +488,9 @@ fn lock_and_run(args: LockArgs) -> Result<ExitCode> {
         };
         let grant = match asked {
             Ok(Ok(g)) => g,
-            Ok(Err(e @ (ClientError::Busy(_) | ClientError::TimedOut | ClientError::Deadlock))) => {
-                let code = not_available(&e.to_string());
+            // Held by others, timed out waiting, or a deadlock: the lock is not available.
+            Ok(Err(e)) if matches!(e.code(), ErrorCode::Busy | ErrorCode::Deadlock) => {
+                let code = not_available(&e.to_string(), e.code());
                 if matches!(e, ClientError::TimedOut | ClientError::Deadlock) {
                     // Say who is in the way now, as --nowait does.
                     for line in holders(&addrs, &args.path, session.id()).await {
@@ -651,12 +657,20 @@ const READ_DEADLINE: Duration = Duration::from_millis(1500);
 async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
-    let channel = endpoint.connect().await.map_err(|e| anyhow::anyhow!("{}", transport_text(&e)))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable(format!("server {addr}: {}", transport_text(&e))))?;
     Ok(pb::locks_client::LocksClient::new(channel))
 }
 
+/// A refused call as an error whose code the CLI reports (see `refusal`).
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::Error::new(ClientError::from_status(&s))
+}
+
 /// A transport error and its causes, each said once.
-fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(e);
     while let Some(err) = next {
@@ -672,18 +686,20 @@ fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
 /// Runs one read against `addr` within [`READ_DEADLINE`], connection included.
 async fn within_deadline<T>(addr: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     match tokio::time::timeout(READ_DEADLINE, f).await {
+        // A server that did not answer names itself; a refusal is said to come from it.
+        Ok(Err(e)) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Unreachable(_))) => Err(e),
         Ok(r) => r.with_context(|| format!("server {addr}")),
-        Err(_) => bail!(
+        Err(_) => Err(anyhow::Error::new(ClientError::Unreachable(format!(
             "server {addr}: no answer within {} ms (it accepts connections but does not answer: paused or overloaded?)",
             READ_DEADLINE.as_millis()
-        ),
+        )))),
     }
 }
 
 async fn table_from(addr: &str, prefix: &str) -> Result<pb::TableReply> {
     within_deadline(addr, async {
         let mut c = locks_client(addr).await?;
-        Ok(c.table(pb::TableRequest { prefix: prefix.to_string() }).await?.into_inner())
+        Ok(c.table(pb::TableRequest { prefix: prefix.to_string() }).await.map_err(status_error)?.into_inner())
     })
     .await
 }
@@ -691,7 +707,7 @@ async fn table_from(addr: &str, prefix: &str) -> Result<pb::TableReply> {
 async fn status_from(addr: &str) -> Result<pb::StatusReply> {
     within_deadline(addr, async {
         let mut c = locks_client(addr).await?;
-        Ok(c.status(pb::StatusRequest {}).await?.into_inner())
+        Ok(c.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner())
     })
     .await
 }
@@ -868,7 +884,10 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "worst_write_ms": s.worst_write_ms,
                     },
                 }),
-                Err(e) => serde_json::json!({"address": a, "up": false, "error": format!("{e:#}")}),
+                Err(e) => serde_json::json!({
+                    "address": a, "up": false, "error": format!("{e:#}"),
+                    "code": crate::refusal::code_of(e).map(client::ErrorCode::name),
+                }),
             })
             .collect();
         println!("{}", serde_json::json!({"servers": servers, "up": up, "total": addrs.len()}));
@@ -947,16 +966,19 @@ pub fn evict(sessions: &[u64], holders_of: Option<&str>, cluster: Option<&str>, 
             .await;
             match attempt {
                 Ok(Ok(Ok(r))) => return Ok(r.into_inner()),
-                // The cluster answered no: another server would say the same.
-                Ok(Ok(Err(status))) if status.code() != tonic::Code::Unavailable => {
-                    bail!("{}", status.message())
+                // The cluster answered no: another server would say the same. A server that
+                // cannot serve now (no leader, stopping) is passed over.
+                Ok(Ok(Err(status))) if !ClientError::from_status(&status).is_retryable() => {
+                    return Err(status_error(status));
                 }
-                Ok(Ok(Err(status))) => last = Some(anyhow::anyhow!("server {a}: {}", status.message())),
+                Ok(Ok(Err(status))) => last = Some(status_error(status).context(format!("server {a}"))),
                 Ok(Err(e)) => last = Some(e.context(format!("server {a}"))),
-                Err(_) => last = Some(anyhow::anyhow!("server {a}: no answer within 10 s")),
+                Err(_) => last = Some(ClientError::Unreachable(format!("server {a}: no answer within 10 s")).into()),
             }
         }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+        Err(last
+            .unwrap_or_else(|| ClientError::Unreachable("no server address given".into()).into())
+            .context("no server of the cluster answered"))
     })?;
     if json {
         let list: Vec<_> = reply

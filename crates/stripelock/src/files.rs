@@ -48,7 +48,7 @@ pub(crate) fn human(bytes: u64) -> String {
 }
 
 pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
-    let mut last = None;
+    let mut failures = Vec::new();
     for a in addrs {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect_timeout(Duration::from_secs(1));
@@ -58,15 +58,13 @@ pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel
                     .max_decoding_message_size(server::MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(server::MESSAGE_BYTES_MAX));
             }
-            Err(e) => last = Some(anyhow::Error::from(e).context(format!("server {a}"))),
+            Err(e) => failures.push(format!("server {a}: {}", crate::cluster::transport_text(&e))),
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no servers")).context("no server of the cluster answered"))
+    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))).into())
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
-}
+use crate::cluster::status_error;
 
 /// Opens a session and takes `mode` on the whole of `path`; says who blocks if it cannot.
 pub(crate) async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Session, client::Grant)> {
@@ -90,9 +88,9 @@ async fn lock_range(
         Err(e) => {
             session.close().await;
             match e {
-                ClientError::TimedOut => {
-                    bail!("{what} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`")
-                }
+                ClientError::TimedOut => Err(anyhow::Error::new(ClientError::TimedOut).context(format!(
+                    "{what} stayed locked by others for {LOCK_WAIT:?}; see `stripelock locks {path}`"
+                ))),
                 e => Err(e).with_context(|| format!("cannot lock {what}")),
             }
         }

@@ -5,6 +5,7 @@ mod bench_io;
 mod bench_parity;
 mod cluster;
 mod files;
+mod refusal;
 mod replay;
 mod tokens;
 mod up;
@@ -354,7 +355,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Up { servers, data, json } => report(up::up(servers, &data, json)),
+        Command::Up { servers, data, json } => report(up::up(servers, &data, json), json),
         Command::Server {
             config,
             id,
@@ -388,21 +389,24 @@ fn main() -> ExitCode {
                 lease_min_ms,
                 lease_max_ms,
             };
-            report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
-                args.break_stale_write_check = break_stale_write_check_for_negative_control;
-                args.break_invalidate = break_invalidate_for_negative_control;
-                cluster::server(args)
-            }))
+            report(
+                cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
+                    args.break_stale_write_check = break_stale_write_check_for_negative_control;
+                    args.break_invalidate = break_invalidate_for_negative_control;
+                    cluster::server(args)
+                }),
+                false,
+            )
         }
         Command::Lock(args) => cluster::lock(args),
         Command::Evict { sessions, holders, cluster, json } => {
-            report(cluster::evict(&sessions, holders.as_deref(), cluster.as_deref(), json))
+            report(cluster::evict(&sessions, holders.as_deref(), cluster.as_deref(), json), json)
         }
         Command::Put { local, path, stripe_unit, data, parity, cluster, json } => {
-            report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }))
+            report(files::put(files::PutArgs { local, path, stripe_unit, data, parity, cluster, json }), json)
         }
         Command::Get { path, local, no_lock, cluster, json } => {
-            report(files::get(&path, Some(&local), None, no_lock, cluster.as_deref(), json))
+            report(files::get(&path, Some(&local), None, no_lock, cluster.as_deref(), json), json)
         }
         Command::Cat { path, range, no_lock, cluster } => report(
             range
@@ -410,19 +414,22 @@ fn main() -> ExitCode {
                 .map(cluster::parse_range)
                 .transpose()
                 .and_then(|r| files::get(&path, None, r, no_lock, cluster.as_deref(), false)),
+            false,
         ),
-        Command::Write { path, offset, cluster, json } => report(files::write(&path, offset, cluster.as_deref(), json)),
-        Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json)),
-        Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json)),
-        Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json)),
+        Command::Write { path, offset, cluster, json } => {
+            report(files::write(&path, offset, cluster.as_deref(), json), json)
+        }
+        Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json), json),
+        Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),
+        Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json), json),
         Command::Scrub { prefix, repair, cluster, json } => {
-            report(files::scrub(&prefix, repair, cluster.as_deref(), json))
+            report(files::scrub(&prefix, repair, cluster.as_deref(), json), json)
         }
         Command::Rebuild { server, onto, cluster, json } => {
-            report(files::rebuild(server, onto, cluster.as_deref(), json))
+            report(files::rebuild(server, onto, cluster.as_deref(), json), json)
         }
-        Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json)),
-        Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json)),
+        Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json), json),
+        Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json), json),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
             replay::run(&files, replay::Mode { check, bless, echo, json })
         }
@@ -442,10 +449,11 @@ fn main() -> ExitCode {
                 cluster::cluster_addrs(cluster.as_deref())
                     .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
                     .map(|()| ExitCode::SUCCESS),
+                json,
             )
         }
         Command::Bench { command: BenchCommand::Io { size, dir, json } } => {
-            report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS))
+            report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS), json)
         }
         Command::Bench { command: BenchCommand::Parity { seconds, unit, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {
@@ -470,13 +478,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints an operating error as a sentence (with its causes) and exits 2.
-fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+/// Prints an error as a sentence (with its causes) and exits with its code: a refusal of the
+/// cluster with its code's exit code (README's table) and sentence, anything else 2.
+fn report(result: anyhow::Result<ExitCode>, json: bool) -> ExitCode {
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => ExitCode::from(refusal::report(&e, json, "", refusal::exit_code, 2)),
     }
 }

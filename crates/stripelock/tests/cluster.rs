@@ -496,6 +496,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(wire::code_of(&refused), Ok(wire::ErrorCode::StaleToken), "{refused:?}");
     assert!(refused.message().contains("older than"), "{}", refused.message());
     assert_eq!(
         storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
@@ -518,6 +519,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         .await
         .unwrap_err();
     assert_eq!(foreign.code(), tonic::Code::PermissionDenied, "{foreign:?}");
+    assert_eq!(wire::code_of(&foreign), Ok(wire::ErrorCode::Denied), "{foreign:?}");
     assert_eq!(
         storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
         before,
@@ -901,6 +903,7 @@ async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
     } else {
         let e = stale.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert_eq!(wire::code_of(&e), Ok(wire::ErrorCode::StaleToken), "{e:?}");
         assert!(e.message().contains("dropped"), "{}", e.message());
         assert!(got == expect, "the stale write changed the file");
         assert_eq!(futures_total(&c, |s| s.stripe_writes_dropped).await, 1);

@@ -1,6 +1,7 @@
 //! The stripelock wire protocol (`proto/stripelock.proto`, package `stripelock.v1`): prost
-//! messages and tonic clients and servers, generated at build time without protoc; and the
-//! `Connector` through which servers and clients open channels.
+//! messages and tonic clients and servers, generated at build time without protoc; the
+//! `Connector` through which servers and clients open channels; and [`ErrorCode`], the one error
+//! code of every service, with how a refused call carries it.
 
 #![allow(missing_debug_implementations, clippy::all)]
 
@@ -13,13 +14,28 @@ pub mod v1 {
     tonic::include_proto!("stripelock.v1");
 }
 
+mod error;
+
+pub use error::{
+    ERROR_DETAIL_KEY, ErrorCode, LeaderHint, UnknownErrorCode, code_of, from_server, not_leader_status, refusal_of,
+    reword,
+};
+
 /// Opens a lazily connecting gRPC channel to a `host:port`. Real TCP by default; the simulation
 /// hands servers and clients one that dials its simulated network instead.
 #[derive(Clone)]
-pub struct Connector(Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>);
+pub struct Connector(Arc<dyn Fn(&str) -> Result<Channel, BadAddress> + Send + Sync>);
+
+/// A server address no channel can be made to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad server address {addr:?}: {reason}")]
+pub struct BadAddress {
+    pub addr: String,
+    pub reason: String,
+}
 
 impl Connector {
-    pub fn new(f: impl Fn(&str) -> Result<Channel, String> + Send + Sync + 'static) -> Connector {
+    pub fn new(f: impl Fn(&str) -> Result<Channel, BadAddress> + Send + Sync + 'static) -> Connector {
         Connector(Arc::new(f))
     }
 
@@ -30,7 +46,7 @@ impl Connector {
         })
     }
 
-    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {
         (self.0)(addr)
     }
 }
@@ -48,6 +64,7 @@ impl std::fmt::Debug for Connector {
 }
 
 /// The endpoint for `host:port` over plain HTTP/2.
-pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    Endpoint::from_shared(format!("http://{addr}")).map_err(|e| format!("bad server address {addr:?}: {e}"))
+pub fn endpoint(addr: &str) -> Result<Endpoint, BadAddress> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| BadAddress { addr: addr.to_string(), reason: e.to_string() })
 }
