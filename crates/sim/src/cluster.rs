@@ -246,6 +246,9 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 break_fencing_for_negative_control: break_fencing,
                 break_gateway_for_negative_control: break_gateway,
                 break_stale_write_check_for_negative_control: false,
+                storage_observer: None,
+                skip_storage_fence_for_negative_control: false,
+                hold_first_stripe_write_ms_for_test: None,
             };
             let config = ServerConfig {
                 id,
@@ -261,6 +264,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 orphan_grace_ms: 0,
                 lease_min_ms: server::LEASE_MS_MIN,
                 lease_max_ms: server::LEASE_MS_MAX,
+                storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
                 limits: lockengine::Limits::default(),
                 env,
             };

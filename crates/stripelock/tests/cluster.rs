@@ -484,6 +484,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             data: vec![0xee; 4096],
             covers: vec![],
             expect_version_plus_one: 0,
+            client_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -506,6 +507,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             data: vec![0xee; 4096],
             covers: vec![],
             expect_version_plus_one: 0,
+            client_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -514,6 +516,23 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
         before,
         "a write under another file's token changed the unit"
+    );
+    // Nor delete them (issue 11: `rm` checked its token against the resource the request
+    // named, not that this resource is the file being deleted).
+    let foreign_rm = storage
+        .delete_file(pb::DeleteFileRequest {
+            file: zstat["file"].as_u64().unwrap(),
+            resource: "/data/other".into(),
+            token: other.signed_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign_rm.code(), tonic::Code::PermissionDenied, "{foreign_rm:?}");
+    assert!(foreign_rm.message().contains("does not name file"), "{}", foreign_rm.message());
+    assert_eq!(
+        storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
+        before,
+        "a delete under another file's token removed the unit"
     );
     a.unlock(other.lock).await.unwrap();
     a.close().await;
