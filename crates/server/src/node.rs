@@ -92,7 +92,8 @@ pub struct Env {
     /// Sees what this server's storage does about fences (the simulation's checker).
     pub storage_observer: Option<Arc<dyn Fn(crate::fencing::StorageEvent) + Send + Sync>>,
     /// Negative control for tests only: the leader acknowledges fences without sending them to
-    /// storage (fence before re-grant unenforced, as before issue 11). Never set outside a test.
+    /// storage, and storage refuses no token for its session being fenced or ended (fence before
+    /// re-grant unenforced, as before issue 11). Never set outside a test.
     pub skip_storage_fence_for_negative_control: bool,
     /// Tests only: the first stripe write this server carries out waits this long after its
     /// lock check and before it writes any unit (a write held back past its client's lease).
