@@ -417,11 +417,11 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
     if !healed {
         return Err(fail(now, "the clients ended before the faults did".into()));
     }
-    check(seed, &record.lock().expect("record"), report)
+    check(seed, cfg.servers, &record.lock().expect("record"), report)
 }
 
 /// Reads the recorded history in log order.
-fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterReport, Violation> {
+fn check(seed: u64, servers: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterReport, Violation> {
     let fail = |at_ms: u64, what: String| Violation { seed, at_ms, what };
     if let Some(d) = &r.disagreement {
         return Err(fail(0, d.clone()));
@@ -437,7 +437,7 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
     let mut spans: Vec<(SessionId, String, ByteRange, Mode, u64, u64)> = Vec::new();
     let mut open: BTreeMap<LockId, (SessionId, String, ByteRange, Mode, u64)> = BTreeMap::new();
     let mut gateway_tokens: BTreeMap<u64, (String, SessionId)> = BTreeMap::new();
-    for server in 1..=cfg.servers {
+    for server in 1..=servers {
         checker.storage_server(server);
     }
     let mut storage_events = r.storage.iter().peekable();
