@@ -381,8 +381,7 @@ impl World {
             }
         }
         if self.cfg.break_storage_fence {
-            let due: Vec<SessionId> =
-                self.fence_due.iter().filter(|(_, t)| **t <= self.now).map(|(s, _)| *s).collect();
+            let due: Vec<SessionId> = self.fence_due.iter().filter(|(_, t)| **t <= self.now).map(|(s, _)| *s).collect();
             for s in due {
                 self.fence_due.remove(&s);
                 self.append(Input::FenceAck { session: s })?;

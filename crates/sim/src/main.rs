@@ -161,6 +161,8 @@ fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, breaks: &[&str], star
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--break-gateway] [--break-storage-fence] [--log]");
+    eprintln!(
+        "usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--break-gateway] [--break-storage-fence] [--log]"
+    );
     ExitCode::from(2)
 }

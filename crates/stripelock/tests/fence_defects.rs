@@ -49,11 +49,8 @@ async fn files_at(c: &Cluster, id: u64) -> pb::files_client::FilesClient<tonic::
 
 async fn read_with(c: &Cluster, gateway: u64, path: &str, token: &str) -> Vec<u8> {
     let mut files = files_at(c, gateway).await;
-    let mut stream = files
-        .get(pb::GetRequest { path: path.into(), token: token.into(), range: None })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        files.get(pb::GetRequest { path: path.into(), token: token.into(), range: None }).await.unwrap().into_inner();
     let mut out = Vec::new();
     while let Some(m) = stream.message().await.unwrap() {
         out.extend_from_slice(&m.data);
@@ -169,7 +166,10 @@ fn a_held_write_of_a_fenced_client_is_refused_by_storage() {
         let o = held_write_of_a_fenced_client("fence-held", false).await;
         let e = o.stale.expect_err("the fenced client's held write was carried out");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains("fenced") || e.message().contains("has ended"), "refused for another reason: {e:?}");
+        assert!(
+            e.message().contains("fenced") || e.message().contains("has ended"),
+            "refused for another reason: {e:?}"
+        );
         assert!(e.message().contains("Take the lock again"), "the refusal says what to do: {e:?}");
         let expected = splice(o.old.clone(), &o.new_bytes);
         assert!(o.now.len() == expected.len(), "size {} != {}", o.now.len(), expected.len());
