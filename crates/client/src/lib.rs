@@ -291,10 +291,12 @@ impl Session {
     }
 
     /// How much of the session's lease is left, counted from when its newest acknowledged
-    /// renewal was sent (so never more than the cluster grants). Zero once it has run out.
+    /// renewal was sent, less `lockengine::lease`'s drift margin (so it runs out here before the
+    /// cluster can expire the session). Zero once it has run out.
     pub fn lease_left(&self) -> Duration {
         let renewed = *self.renewed.lock().expect("renewed");
-        (renewed + Duration::from_millis(self.lease_ms)).saturating_duration_since(tokio::time::Instant::now())
+        let valid = Duration::from_millis(lockengine::lease::valid_until_ms(0, self.lease_ms));
+        (renewed + valid).saturating_duration_since(tokio::time::Instant::now())
     }
 
     pub fn lease_ms(&self) -> u64 {

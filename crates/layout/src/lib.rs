@@ -10,6 +10,7 @@
 //! Everything here is arithmetic on numbers and byte slices: no I/O, no clock.
 
 pub mod parity;
+pub mod stripe;
 
 use std::collections::BTreeSet;
 use std::ops::Range;

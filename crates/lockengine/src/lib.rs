@@ -23,6 +23,7 @@ mod error;
 mod index;
 mod invariants;
 mod io;
+pub mod lease;
 mod limits;
 mod posix;
 pub mod script;

@@ -51,15 +51,15 @@ use crate::types::Op;
 /// fence; a new leader at most this long after taking over.
 pub const STORAGE_LEASE_MS_DEFAULT: u64 = 2_000;
 
-/// The one rule for when a storage lease ends on the storage server's own clock: counted from
-/// when the renewal was sent, less the drift margin the gateway lease uses too.
+/// When a storage lease ends on the storage server's own clock: seed 003's one lease rule
+/// (`lockengine::lease`), counted from when the renewal was sent, less the drift margin.
 pub fn storage_lease_end(sent: Instant, lease_ms: u64) -> Instant {
     sent + Duration::from_millis(storage_lease_ms_left(lease_ms))
 }
 
 /// How many milliseconds of a fresh lease of `lease_ms` a storage server may use.
 pub fn storage_lease_ms_left(lease_ms: u64) -> u64 {
-    lease_ms.saturating_sub(crate::gateway::drift_margin_ms(lease_ms))
+    lockengine::lease::valid_until_ms(0, lease_ms)
 }
 
 /// What a storage server did about fences, for an observer (the simulation's checker).

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use chunks::UnitId;
 use futures::Stream;
+use layout::stripe::{StoredUnit, UnitRead as Fetched, is_hole, role_index, role_name, solve_row, units_in_file};
 use layout::{Layout, Role};
 use lockengine::ByteRange;
 use tokio::sync::mpsc;
@@ -342,7 +343,7 @@ impl FilesService {
                 } else {
                     // A short unit (the end of a file) holds zeros past its bytes.
                     u.data.resize(f.layout.unit() as usize, 0);
-                    Fetched::Ok(u)
+                    Fetched::Ok(StoredUnit { bytes: u.data, version: u.version, covers: u.covers })
                 }
             }
             Err(e) if e.code() == tonic::Code::DataLoss => Fetched::Damaged(format!("{what}: {}", e.message())),
@@ -371,7 +372,7 @@ impl FilesService {
             let mut out = Vec::with_capacity(l.row_bytes() as usize);
             for u in fetched {
                 let Fetched::Ok(u) = u else { unreachable!("checked") };
-                out.extend_from_slice(&u.data);
+                out.extend_from_slice(&u.bytes);
             }
             out.resize(l.row_bytes() as usize, 0);
             return Ok((out, false));
@@ -397,14 +398,7 @@ impl FilesService {
     }
 
     /// Stores a recomputed unit `id` of `path` on `server`.
-    async fn restore(
-        &self,
-        path: &str,
-        server: u64,
-        id: UnitId,
-        unit: RestoredUnit,
-        token: &str,
-    ) -> Result<(), String> {
+    async fn restore(&self, path: &str, server: u64, id: UnitId, unit: StoredUnit, token: &str) -> Result<(), String> {
         let (row, role) = (id.row, id.role);
         let _admitted = self.admit().await.map_err(|e| e.message().to_string())?;
         let mut client = self.storage(server).map_err(|e| e.message().to_string())?;
@@ -463,12 +457,12 @@ impl FilesService {
             let parity = solved.parity(l);
             for (i, role) in roles.iter().enumerate() {
                 let expected = if i < k {
-                    RestoredUnit { bytes: solved.data[i].clone(), version: solved.versions[i], covers: Vec::new() }
+                    StoredUnit { bytes: solved.data[i].clone(), version: solved.versions[i], covers: Vec::new() }
                 } else {
                     parity[i - k].clone()
                 };
                 let wrong = match &fetched[i] {
-                    Fetched::Ok(u) if i >= k && (u.covers != expected.covers || u.data != expected.bytes) => {
+                    Fetched::Ok(u) if i >= k && (u.covers != expected.covers || u.bytes != expected.bytes) => {
                         report.parity_mismatches.push(format!(
                             "row {row} {} on server {}: does not match its row",
                             role_name(*role),
@@ -493,159 +487,6 @@ impl FilesService {
         }
         report
     }
-}
-
-/// A unit as a repair or rebuild writes it.
-#[derive(Debug, Clone)]
-struct RestoredUnit {
-    bytes: Vec<u8>,
-    version: u64,
-    covers: Vec<u64>,
-}
-
-/// What fetching a unit gave.
-#[derive(Debug)]
-pub(crate) enum Fetched {
-    Ok(pb::UnitData),
-    /// Its server did not answer: not known to be bad.
-    Unavailable(String),
-    /// Its server has no such unit.
-    Missing(String),
-    /// Its record failed its checks.
-    Damaged(String),
-    /// Read without a lock, and its server refused: the bytes are locked for writing.
-    Refused(String),
-}
-
-/// Where `role` comes in a row's units in role order (data, P, Q).
-pub(crate) fn role_index(l: &Layout, role: Role) -> usize {
-    match role {
-        Role::Data(j) => j as usize,
-        Role::P => l.data() as usize,
-        Role::Q => l.data() as usize + 1,
-    }
-}
-
-/// A unit's role in words, for messages (never the enum's Rust name, `Data(3)`).
-pub(crate) fn role_name(r: Role) -> String {
-    match r {
-        Role::Data(j) => format!("data unit {j}"),
-        Role::P => "parity P".into(),
-        Role::Q => "parity Q".into(),
-    }
-}
-
-/// Whether a row's fetched units (all of them) show a hole: a row no write ever reached,
-/// which reads as zeros. A written row has all its units, so with at most `m` servers not
-/// answering, some unit would be found; here none is.
-pub(crate) fn is_hole(l: &Layout, fetched: &[Fetched]) -> bool {
-    let unavailable = fetched.iter().filter(|u| matches!(u, Fetched::Unavailable(_))).count();
-    unavailable <= l.parity() as usize
-        && fetched.iter().all(|u| matches!(u, Fetched::Missing(_) | Fetched::Unavailable(_)))
-}
-
-/// How many of row `row`'s data units start before byte `size` (the rest are wholly past the
-/// end of the file).
-pub(crate) fn units_in_file(l: &Layout, row: u64, size: u64) -> usize {
-    let start = row * l.row_bytes();
-    (size.saturating_sub(start).div_ceil(l.unit() as u64)).min(l.data() as u64) as usize
-}
-
-/// A row's data units and their versions.
-pub(crate) struct Solved {
-    pub(crate) data: Vec<Vec<u8>>,
-    pub(crate) versions: Vec<u64>,
-    /// Data units never written (not stored: zeros), which nothing needs to rebuild.
-    pub(crate) absent: Vec<bool>,
-}
-
-impl Solved {
-    /// The row's parity units as they should be.
-    fn parity(&self, l: &Layout) -> Vec<RestoredUnit> {
-        let unit = l.unit() as usize;
-        let refs: Vec<&[u8]> = self.data.iter().map(Vec::as_slice).collect();
-        let (mut p, mut q) = (vec![0u8; unit], vec![0u8; unit]);
-        layout::parity::encode(&refs, Some(&mut p), (l.parity() == 2).then_some(&mut q[..]));
-        let version = self.versions.iter().copied().max().unwrap_or(0);
-        [p, q]
-            .into_iter()
-            .take(l.parity() as usize)
-            .map(|bytes| RestoredUnit { bytes, version, covers: self.versions.clone() })
-            .collect()
-    }
-}
-
-/// The data of a row from its fetched units (in role order, all of them), rebuilding lost data
-/// units from parity. A parity unit is used only if it was computed from the versions the data
-/// units it did not lose are at; otherwise the row had an interrupted write and that parity
-/// would rebuild wrong bytes. A data unit that cannot be read is zeros, not lost, when such a
-/// parity says it was never written (version 0), or when it is missing, wholly past the end
-/// of the file (`in_file` data units start before it) and no parity says it was written.
-pub(crate) fn solve_row(l: &Layout, fetched: &[Fetched], in_file: usize) -> Result<Solved, String> {
-    let k = l.data() as usize;
-    let unit = l.unit() as usize;
-    let versions: Vec<Option<u64>> =
-        fetched[..k].iter().map(|u| if let Fetched::Ok(u) = u { Some(u.version) } else { None }).collect();
-    let consistent = |u: &pb::UnitData| {
-        u.covers.len() == k && versions.iter().zip(&u.covers).all(|(v, c)| v.is_none_or(|v| v == *c))
-    };
-    let covers: Option<Vec<u64>> = fetched[k..].iter().find_map(|u| match u {
-        Fetched::Ok(u) if consistent(u) => Some(u.covers.clone()),
-        _ => None,
-    });
-    let absent: Vec<bool> = (0..k)
-        .map(|j| {
-            !matches!(fetched[j], Fetched::Ok(_))
-                && match &covers {
-                    Some(c) => c[j] == 0,
-                    None => j >= in_file && matches!(fetched[j], Fetched::Missing(_)),
-                }
-        })
-        .collect();
-    let mut units: Vec<Vec<u8>> = Vec::with_capacity(l.width());
-    let mut lost = Vec::new();
-    let mut problems = Vec::new();
-    for (i, u) in fetched.iter().enumerate() {
-        match u {
-            Fetched::Ok(u) if i < k => units.push(u.data.clone()),
-            _ if i < k && absent[i] => units.push(vec![0; unit]),
-            Fetched::Ok(u) if consistent(u) => units.push(u.data.clone()),
-            other => {
-                match other {
-                    Fetched::Ok(u) => {
-                        let now: Vec<String> = versions
-                            .iter()
-                            .map(|v| v.map_or_else(|| "unknown".to_string(), |v| v.to_string()))
-                            .collect();
-                        problems.push(format!(
-                            "{} was computed from data versions {:?}, the data is at versions [{}]",
-                            role_name(l.roles().nth(i).expect("in the row")),
-                            u.covers,
-                            now.join(", ")
-                        ))
-                    }
-                    Fetched::Damaged(why)
-                    | Fetched::Missing(why)
-                    | Fetched::Unavailable(why)
-                    | Fetched::Refused(why) => problems.push(why.clone()),
-                }
-                units.push(vec![0; unit]);
-                lost.push(i);
-            }
-        }
-    }
-    if lost.len() > l.parity() as usize {
-        return Err(format!("{}; its parity rebuilds at most {} lost unit(s)", problems.join("; "), l.parity()));
-    }
-    let mut refs: Vec<&mut [u8]> = units.iter_mut().map(Vec::as_mut_slice).collect();
-    layout::parity::reconstruct(&mut refs, &lost, k, l.parity() as usize).map_err(|e| e.to_string())?;
-    let versions = versions
-        .iter()
-        .enumerate()
-        .map(|(j, v)| if absent[j] { Some(0) } else { *v }.or_else(|| covers.as_ref().map(|c| c[j])).unwrap_or(1))
-        .collect();
-    units.truncate(k);
-    Ok(Solved { data: units, versions, absent })
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
@@ -839,7 +680,7 @@ impl pb::files_server::Files for FilesService {
                     return Ok(0);
                 }
                 let unit = match role {
-                    Role::Data(j) => RestoredUnit {
+                    Role::Data(j) => StoredUnit {
                         bytes: solved.data[j as usize].clone(),
                         version: solved.versions[j as usize],
                         covers: Vec::new(),

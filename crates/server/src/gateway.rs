@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use lockengine::{ByteRange, Input, LockId, Mode, Output, SessionId, Subject, ValueBlock};
+use lockengine::{ByteRange, Input, LockId, Mode, Output, SessionId, Subject, ValueBlock, lease};
 
 use crate::types::engine_lock_id;
 
@@ -162,12 +162,6 @@ pub struct GatewayStats {
     pub grants: u64,
     /// Write requests that took the place of its idle read lock.
     pub handovers: u64,
-}
-
-/// How long before the lease ends on this server's clock local grants stop: room for clock drift
-/// between this server and the leader that stamps the log.
-pub fn drift_margin_ms(lease_ms: u64) -> u64 {
-    (lease_ms / 10).max(50)
 }
 
 impl Gateway {
@@ -401,7 +395,7 @@ impl Gateway {
         self.next_lock = 0;
         self.session = Session::Open {
             id: session,
-            valid_until_ms: sent_ms + self.lease_ms - drift_margin_ms(self.lease_ms),
+            valid_until_ms: lease::valid_until_ms(sent_ms, self.lease_ms),
             next_renew_ms: now_ms + self.lease_ms / 3,
             renewing: None,
         };
@@ -446,11 +440,8 @@ impl Gateway {
         if let Session::Open { id, valid_until_ms, next_renew_ms, renewing: Some((r, sent_ms)) } = self.session
             && r == request
         {
-            let valid_until_ms = if ok {
-                valid_until_ms.max(sent_ms + self.lease_ms - drift_margin_ms(self.lease_ms))
-            } else {
-                valid_until_ms
-            };
+            let valid_until_ms =
+                if ok { valid_until_ms.max(lease::valid_until_ms(sent_ms, self.lease_ms)) } else { valid_until_ms };
             self.session = Session::Open { id, valid_until_ms, next_renew_ms, renewing: None };
         }
     }
@@ -721,7 +712,7 @@ mod tests {
         g.proposed(request, false);
         out.clear();
         // No renewal committed: past lease minus the drift margin, everything is lost.
-        let end = LEASE - drift_margin_ms(LEASE);
+        let end = lease::valid_until_ms(0, LEASE);
         g.read(end - 1, read(B, 4, 8, "/f"), &mut out);
         assert!(matches!(&sends(&out, B)[..], [ToClient::Granted { .. }, ToClient::Ack { .. }]));
         out.clear();

@@ -86,7 +86,7 @@ impl FilesService {
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(g) = grants.recv().await {
-                if !this.node.is_leader() {
+                if !this.node.is_leader() || this.node.config.env.break_invalidate_for_negative_control {
                     continue;
                 }
                 let touched = g.layout.servers_touching(g.range.start..g.range.end);

@@ -99,6 +99,10 @@ pub struct Env {
     /// lock check and before it writes any unit (a write held back past its client's lease).
     /// Never set outside a test.
     pub hold_first_stripe_write_ms_for_test: Option<u64>,
+    /// Negative control for tests only: the leader sends no invalidations (seed 000), so storage
+    /// servers keep serving reads without a lock from ranges a write lock now covers. Never set
+    /// outside a test.
+    pub break_invalidate_for_negative_control: bool,
 }
 
 impl std::fmt::Debug for Env {
@@ -111,6 +115,7 @@ impl std::fmt::Debug for Env {
             .field("break_stale_write_check_for_negative_control", &self.break_stale_write_check_for_negative_control)
             .field("skip_storage_fence_for_negative_control", &self.skip_storage_fence_for_negative_control)
             .field("hold_first_stripe_write_ms_for_test", &self.hold_first_stripe_write_ms_for_test)
+            .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
             .finish_non_exhaustive()
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use chunks::UnitId;
 use client::{Grant, LockOptions, Mode, Session};
-use layout::Role;
+use layout::stripe::{self, PlanError, RowWrite, UnitRead as Fetched, UnitWrite, role_name};
 use lockengine::ByteRange;
 use tokio::sync::watch;
 use tonic::Status;
@@ -33,7 +33,7 @@ use wire::v1 as pb;
 
 use crate::admission::{Admission, Refused};
 use crate::delegation::{Delegation, Stripe};
-use crate::files::{Fetched, FilesService, is_hole, role_name, solve_row};
+use crate::files::FilesService;
 use crate::storage::unit_ref;
 use crate::types::{FileMeta, Op};
 
@@ -625,132 +625,45 @@ impl FilesService {
         resource: &str,
     ) -> Result<(u64, bool), RmwError> {
         let l = &f.layout;
-        let (k, m, unit) = (l.data() as usize, l.parity() as usize, l.unit() as u64);
         let row = req.row;
-        let lo = req.offset - row * l.row_bytes();
-        let hi = lo + req.data.len() as u64;
-        let touched: Vec<usize> = ((lo / unit) as usize..=((hi - 1) / unit) as usize).collect();
+        let w = RowWrite { lo: req.offset - row * l.row_bytes(), data: &req.data };
         // A row past the end of the file may not exist yet, and a row inside it that no write
         // ever reached (a hole, every unit missing) neither: their missing units are zeros.
         let size = self.file(&req.path).map_err(RmwError::before)?.size;
-        let mut existing = row < l.rows(size);
+        let existing = row < l.rows(size);
         let lvb = version_of(&grant.value);
-        let fresh = |u: Fetched, parity: bool, existing: bool| match u {
-            Fetched::Missing(_) if !existing => Fetched::Ok(pb::UnitData {
-                found: true,
-                data: vec![0; unit as usize],
-                version: 0,
-                covers: if parity { vec![0; k] } else { Vec::new() },
-            }),
-            u => u,
-        };
-        let roles: Vec<Role> = touched.iter().map(|&j| Role::Data(j as u8)).chain(l.roles().skip(k)).collect();
-        let fetched: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.fetch(f, row, r)))
+        let roles = stripe::update_roles(l, &w);
+        let read: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.fetch(f, row, r)))
             .await
             .into_iter()
             .zip(&roles)
-            .map(|(u, r)| fresh(u, !matches!(r, Role::Data(_)), existing))
+            .map(|(u, &r)| stripe::fresh(l, u, r, existing))
             .collect();
-        let ok: Vec<&pb::UnitData> =
-            fetched.iter().filter_map(|u| if let Fetched::Ok(u) = u { Some(u) } else { None }).collect();
-        let fast = ok.len() == fetched.len()
-            && (m == 0 || {
-                let p = ok[touched.len()];
-                lvb == Some(p.version)
-                    && ok[touched.len()..]
-                        .iter()
-                        .all(|u| u.version == p.version && u.covers.len() == k && u.covers == p.covers)
-                    && touched.iter().enumerate().all(|(i, &j)| ok[i].version == p.covers[j])
-            });
-        // The new bytes of each touched data unit.
-        let splice = |j: usize, old: &[u8]| {
-            let mut new = old.to_vec();
-            let (u0, u1) = (j as u64 * unit, (j as u64 + 1) * unit);
-            let (a, b) = (lo.max(u0), hi.min(u1));
-            new[(a - u0) as usize..(b - u0) as usize].copy_from_slice(&req.data[(a - lo) as usize..(b - lo) as usize]);
-            new
+        let plan = match stripe::plan_update(l, &w, &read, lvb, existing) {
+            Some(plan) => plan,
+            None => {
+                // Everything of the row, to recompute its parity from its data.
+                let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r))).await;
+                let in_file = stripe::units_in_file(l, row, size);
+                stripe::plan_recompute(l, &w, all, lvb, existing, in_file).map_err(|e| {
+                    RmwError::before(match e {
+                        PlanError::Unreachable { .. } => Status::unavailable(format!(
+                            "row {row} of {} cannot be written while {e}; bring its server back or rebuild it onto \
+                             another",
+                            req.path
+                        )),
+                        PlanError::Unreadable(why) => {
+                            Status::data_loss(format!("row {row} of {} cannot be read to write it: {why}", req.path))
+                        }
+                    })
+                })?
+            }
         };
-        // (role, bytes, covers, expected version) of every unit to write, data first.
-        let mut data_writes = Vec::new();
-        let mut parity_writes = Vec::new();
-        let recomputed = !fast && m > 0;
-        let version;
-        if fast {
-            let mut parity: Vec<Vec<u8>> = ok[touched.len()..].iter().map(|u| u.data.clone()).collect();
-            let mut covers = if m > 0 { ok[touched.len()].covers.clone() } else { Vec::new() };
-            for (i, &j) in touched.iter().enumerate() {
-                let new = splice(j, &ok[i].data);
-                let (p, q) = match parity.as_mut_slice() {
-                    [p] => (Some(&mut p[..]), None),
-                    [p, q] => (Some(&mut p[..]), Some(&mut q[..])),
-                    _ => (None, None),
-                };
-                layout::parity::update(j, &ok[i].data, &new, p, q);
-                if m > 0 {
-                    covers[j] = ok[i].version + 1;
-                }
-                data_writes.push((Role::Data(j as u8), new, Vec::new(), Some(ok[i].version)));
-            }
-            version = if m > 0 { ok[touched.len()].version + 1 } else { lvb.unwrap_or(0) + 1 };
-            for (r, bytes) in l.roles().skip(k).zip(parity) {
-                parity_writes.push((r, bytes, covers.clone(), Some(version - 1)));
-            }
-        } else {
-            // Everything of the row, to recompute its parity from its data.
-            let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r))).await;
-            existing &= !is_hole(l, &all);
-            let all: Vec<Fetched> =
-                all.into_iter().zip(l.roles()).map(|(u, r)| fresh(u, !matches!(r, Role::Data(_)), existing)).collect();
-            if let Some((i, Fetched::Unavailable(why))) = all
-                .iter()
-                .enumerate()
-                .find(|(i, u)| matches!(u, Fetched::Unavailable(_)) && (*i >= k || touched.contains(i)))
-            {
-                return Err(RmwError::before(Status::unavailable(format!(
-                    "row {row} of {} cannot be written while unit {} is unreachable ({why}); \
-                     bring its server back or rebuild it onto another",
-                    req.path,
-                    role_name(l.roles().nth(i).expect("in the row"))
-                ))));
-            }
-            let solved = solve_row(l, &all, crate::files::units_in_file(l, row, size)).map_err(|why| {
-                RmwError::before(Status::data_loss(format!(
-                    "row {row} of {} cannot be read to write it: {why}",
-                    req.path
-                )))
-            })?;
-            let expect = |u: &Fetched| if let Fetched::Ok(u) = u { Some(u.version) } else { None };
-            let mut data = solved.data;
-            let mut versions = solved.versions;
-            for j in 0..k {
-                let old = expect(&all[j]);
-                // A unit of a new row is written even where the write does not touch it (zeros),
-                // so the row is whole.
-                let new_row_unit = !existing && old == Some(0);
-                if !touched.contains(&j) && !new_row_unit {
-                    continue;
-                }
-                if touched.contains(&j) {
-                    data[j] = splice(j, &data[j]);
-                }
-                versions[j] = old.unwrap_or(versions[j]) + 1;
-                data_writes.push((Role::Data(j as u8), data[j].clone(), Vec::new(), old));
-            }
-            let parity_version = all[k..].iter().filter_map(expect).max().unwrap_or(0);
-            version = lvb.unwrap_or(0).max(parity_version) + 1;
-            if m > 0 {
-                let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-                let (mut p, mut q) = (vec![0u8; unit as usize], vec![0u8; unit as usize]);
-                layout::parity::encode(&refs, Some(&mut p), (m == 2).then_some(&mut q[..]));
-                for (i, (r, bytes)) in l.roles().skip(k).zip([p, q]).enumerate() {
-                    parity_writes.push((r, bytes, versions.clone(), expect(&all[k + i])));
-                }
-            }
-        }
+        let (version, recomputed) = (plan.version, plan.recomputed);
         // Data first, then parity: a crash in between leaves parity that does not cover the data.
         let mut wrote = false;
-        for batch in [data_writes, parity_writes] {
-            let writes = batch.into_iter().map(|(role, bytes, covers, expect)| {
+        for batch in [plan.data, plan.parity] {
+            let writes = batch.into_iter().map(|UnitWrite { role, bytes, covers, expect }| {
                 let server = l.server(row, role);
                 let req = pb::WriteUnitRequest {
                     unit: Some(unit_ref(&UnitId { file: f.id, row, role })),

@@ -275,6 +275,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 break_fencing_for_negative_control: break_fencing,
                 break_gateway_for_negative_control: break_gateway,
                 break_stale_write_check_for_negative_control: false,
+                break_invalidate_for_negative_control: false,
                 storage_observer: Some(Arc::new(storage_observer)),
                 skip_storage_fence_for_negative_control: break_storage_fence,
                 hold_first_stripe_write_ms_for_test: None,

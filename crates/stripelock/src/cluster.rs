@@ -96,6 +96,8 @@ pub struct ServerArgs {
     pub lease_max_ms: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
+    /// Tests only: see `Env::break_invalidate_for_negative_control`.
+    pub break_invalidate: bool,
 }
 
 /// A server's settings as a TOML file holds them (and as flags give them: every one optional).
@@ -182,6 +184,7 @@ impl ServerArgs {
             lease_min_ms,
             lease_max_ms,
             break_stale_write_check: false,
+            break_invalidate: false,
         })
     }
 }
@@ -258,6 +261,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             hold_first_stripe_write_ms_for_test: test_switch(HOLD_STRIPE_WRITE_ENV)
                 .map(|v| v.parse().with_context(|| format!("{HOLD_STRIPE_WRITE_ENV}={v} is not milliseconds")))
                 .transpose()?,
+            break_invalidate_for_negative_control: args.break_invalidate,
             ..server::Env::default()
         },
     };

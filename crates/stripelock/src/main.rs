@@ -86,6 +86,9 @@ enum Command {
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
+        /// Tests only (a negative control): send no invalidations for write locks.
+        #[arg(long, hide = true)]
+        break_invalidate_for_negative_control: bool,
     },
     /// Hold a lock while a command runs, like flock(1). The command sees STRIPELOCK_TOKEN; it
     /// runs in its own process group and dies with this process. Exit: the command's status,
@@ -368,6 +371,7 @@ fn main() -> ExitCode {
             lease_min_ms,
             lease_max_ms,
             break_stale_write_check_for_negative_control,
+            break_invalidate_for_negative_control,
         } => {
             let flags = cluster::ServerFile {
                 id,
@@ -386,6 +390,7 @@ fn main() -> ExitCode {
             };
             report(cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
                 args.break_stale_write_check = break_stale_write_check_for_negative_control;
+                args.break_invalidate = break_invalidate_for_negative_control;
                 cluster::server(args)
             }))
         }

@@ -159,10 +159,18 @@ async fn restarted_server_rejoins_from_its_data_body() {
         held.push(s.lock(&format!("/r/{i}"), 0..10, Mode::PW, LockOptions::default()).await.unwrap());
     }
     c.spawn(follower, false);
-    // It catches up from its own log and the leader's: same lock table as the leader.
+    // It catches up from its own log and the leader's: the same lock table as the leader's,
+    // row for row (sessions, lock ids, modes, ranges, tokens), not just as many locks.
     let t = until_table(&c, follower, "/r/", "the restarted server to catch up", |t| count(t, true) == 20).await;
-    let tokens: Vec<u64> = t.resources.iter().map(|r| r.locks[0].token).collect();
-    assert_eq!(tokens.len(), 20);
+    let on_leader = c.table(leader, "/r/").await.expect("the leader's table");
+    assert_eq!(count(&on_leader, true), 20, "{on_leader:?}");
+    assert_eq!(t, on_leader, "the restarted server's table differs from the leader's");
+    let mut shown: Vec<u64> = t.resources.iter().map(|r| r.locks[0].token).collect();
+    shown.sort_unstable();
+    let mut granted: Vec<u64> = held.iter().map(|g| g.token).collect();
+    granted.sort_unstable();
+    granted.dedup();
+    assert_eq!(shown, granted, "the table's tokens are not the 20 distinct ones the client was granted");
     let st = c.status(follower).await.unwrap();
     assert_eq!(st.leader_id, leader, "the restarted server does not follow the leader");
     s.close().await;
@@ -923,7 +931,15 @@ async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
 
 #[test]
 fn a_write_lock_invalidates_only_the_servers_its_range_touches() {
-    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body());
+    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body(false));
+}
+
+/// The negative control: with the leader's invalidations switched off, the storage servers keep
+/// serving the now write-locked bytes without a lock, and the check below catches that stale
+/// read.
+#[test]
+fn skipping_the_invalidate_serves_a_stale_unlocked_read() {
+    serial(a_write_lock_invalidates_only_the_servers_its_range_touches_body(true));
 }
 
 /// Seed 000: reads without a lock (`cat --no-lock`) make every server of a 4+1 file remember
@@ -931,8 +947,9 @@ fn a_write_lock_invalidates_only_the_servers_its_range_touches() {
 /// unit then makes the leader invalidate exactly two servers, that unit's and row 0's parity
 /// server; the other three receive nothing and keep serving unlocked reads from what they
 /// know, while the locked bytes are refused until the lock goes.
-async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
-    let c = Cluster::start(5, "invalidate").await;
+async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body(broken: bool) {
+    let extra: &[&str] = if broken { &["--break-invalidate-for-negative-control"] } else { &[] };
+    let c = Cluster::start_with(5, "invalidate", extra).await;
     let data = noise(1 << 20, 31);
     let local = c.dir.join("inv.bin");
     std::fs::write(&local, &data).unwrap();
@@ -958,6 +975,18 @@ async fn a_write_lock_invalidates_only_the_servers_its_range_touches_body() {
 
     let w = Session::open(&c.addrs(), 10_000).await.unwrap();
     let g = w.lock("/inv", 100..200, Mode::PW, LockOptions::default()).await.unwrap();
+    if broken {
+        // Every server still holds its "free" for the bytes: the locked range is served.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stale = unlocked_cat("100..200");
+        assert!(
+            stale.status.success() && stale.stdout == data[100..200],
+            "without invalidations the locked bytes were still refused: {stale:?}"
+        );
+        assert_eq!(invalidations_received(&c).await, before, "invalidations arrived though switched off");
+        w.close().await;
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut after = invalidations_received(&c).await;
     while touched.iter().any(|&s| after[s as usize - 1] == before[s as usize - 1]) {

@@ -1,0 +1,173 @@
+//! The row planner against a model that recomputes everything: random sequences of writes to
+//! one row, some interrupted between their data and parity writes, applied to an in-memory
+//! store the way storage applies them (version checks, versions bumped). After every complete
+//! write the stored data must be the model's bytes and the parity exactly the parity of that
+//! data, covering the data's versions; and a read that loses up to `m` units must give the
+//! model's bytes or refuse, never other bytes.
+
+use layout::stripe::{
+    self, Plan, RowWrite, StoredUnit, UnitRead, plan_recompute, plan_update, solve_row, update_roles,
+};
+use layout::{Layout, Role, parity};
+use proptest::prelude::*;
+
+/// One row's units as storage keeps them, in role order.
+struct Store {
+    units: Vec<Option<StoredUnit>>,
+}
+
+impl Store {
+    fn read(&self, l: &Layout, role: Role) -> UnitRead {
+        match &self.units[stripe::role_index(l, role)] {
+            Some(u) => UnitRead::Ok(u.clone()),
+            None => UnitRead::Missing(format!("{} missing", stripe::role_name(role))),
+        }
+    }
+
+    /// Stores one unit as the chunk store does: refused unless at the expected version.
+    fn write(&mut self, l: &Layout, w: &stripe::UnitWrite) {
+        let slot = &mut self.units[stripe::role_index(l, w.role)];
+        let now = slot.as_ref().map_or(0, |u| u.version);
+        if let Some(e) = w.expect {
+            assert_eq!(e, now, "{} expected at version {e}, is at {now}", stripe::role_name(w.role));
+        }
+        *slot = Some(StoredUnit { bytes: w.bytes.clone(), version: now + 1, covers: w.covers.clone() });
+    }
+}
+
+/// Plans a write as the runtime does: update if it can, else read everything and recompute.
+fn plan(l: &Layout, store: &Store, w: &RowWrite, stripe: Option<u64>, existing: bool) -> Plan {
+    let read: Vec<UnitRead> =
+        update_roles(l, w).into_iter().map(|r| stripe::fresh(l, store.read(l, r), r, existing)).collect();
+    if let Some(p) = plan_update(l, w, &read, stripe, existing) {
+        return p;
+    }
+    let all: Vec<UnitRead> = l.roles().map(|r| store.read(l, r)).collect();
+    plan_recompute(l, w, all, stripe, existing, l.data() as usize).expect("every unit is readable")
+}
+
+fn shapes() -> impl Strategy<Value = Layout> {
+    (1u8..=5, 0u8..=2, prop_oneof![Just(512u32), Just(1024)]).prop_map(|(k, m, unit)| {
+        let servers = (1..=(k + m) as u64).collect();
+        Layout::new(unit, k, m, servers).expect("a valid layout")
+    })
+}
+
+/// A write: where in the row, how long, its byte, and whether it is cut short after its data.
+type Step = (u64, u64, u8, bool);
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec((any::<u64>(), 1u64..3000, any::<u8>(), prop::bool::weighted(0.2)), 1..12)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn planned_writes_keep_the_row_equal_to_the_model(l in shapes(), steps in steps(), lose in any::<u64>()) {
+        let (k, m, unit) = (l.data() as usize, l.parity() as usize, l.unit() as usize);
+        let row_bytes = k * unit;
+        let mut model = vec![0u8; row_bytes];
+        let mut store = Store { units: vec![None; l.width()] };
+        let mut stripe: Option<u64> = None;
+        let mut existing = false;
+        let mut parity_current = true;
+        // The row as of the last complete write: what a parity that missed later writes holds.
+        let mut at_parity = model.clone();
+        for (at, len, byte, cut) in steps {
+            let lo = at % row_bytes as u64;
+            let len = len.min(row_bytes as u64 - lo);
+            let data = vec![byte; len as usize];
+            let w = RowWrite { lo, data: &data };
+            let p = plan(&l, &store, &w, stripe, existing);
+            prop_assert!(p.recomputed || parity_current || m == 0, "parity updated from a stale parity");
+            for u in &p.data {
+                store.write(&l, u);
+            }
+            model[lo as usize..(lo + len) as usize].copy_from_slice(&data);
+            existing = true;
+            if cut && m > 0 {
+                // Interrupted after the data: the parity misses it, the stripe version is lost.
+                stripe = None;
+                parity_current = false;
+                continue;
+            }
+            for u in &p.parity {
+                store.write(&l, u);
+            }
+            stripe = Some(p.version);
+            parity_current = true;
+            at_parity.clone_from(&model);
+            // Data as the model has it; parity exactly the parity of that data, covering it.
+            for j in 0..k {
+                let got = store.units[j].as_ref().map_or_else(|| vec![0; unit], |u| u.bytes.clone());
+                prop_assert_eq!(&got[..], &model[j * unit..(j + 1) * unit], "data unit {}", j);
+            }
+            if m > 0 {
+                let refs: Vec<&[u8]> = model.chunks(unit).collect();
+                let (mut pp, mut qq) = (vec![0u8; unit], vec![0u8; unit]);
+                parity::encode(&refs, Some(&mut pp), (m == 2).then_some(&mut qq[..]));
+                let versions: Vec<u64> = (0..k).map(|j| store.units[j].as_ref().map_or(0, |u| u.version)).collect();
+                for (i, want) in [pp, qq].iter().take(m).enumerate() {
+                    let u = store.units[k + i].as_ref().expect("parity stored");
+                    prop_assert_eq!(&u.bytes, want, "parity {}", i);
+                    prop_assert_eq!(&u.covers, &versions);
+                    prop_assert_eq!(Some(u.version), stripe, "the stripe version is the parity's");
+                }
+            }
+        }
+        // A read that loses up to m units gives the model's bytes, or refuses; never others.
+        let lost: Vec<usize> = (0..l.width()).filter(|i| (lose >> i) & 1 == 1).take(m).collect();
+        let units: Vec<UnitRead> = l.roles().enumerate().map(|(i, r)| {
+            if lost.contains(&i) { UnitRead::Unavailable("lost".into()) } else { store.read(&l, r) }
+        }).collect();
+        match solve_row(&l, &units, k) {
+            Ok(s) if parity_current => prop_assert_eq!(s.data.concat(), model, "a read rebuilt other bytes (lost {:?})", lost),
+            // After an interrupted write (which failed, so either outcome is allowed), a unit
+            // it changed that is lost can only come back as of the parity: old bytes, never
+            // a mix of old parity and new data.
+            Ok(s) => for (j, got) in s.data.iter().enumerate() {
+                let (new, old) = (&model[j * unit..(j + 1) * unit], &at_parity[j * unit..(j + 1) * unit]);
+                prop_assert!(got[..] == *new || got[..] == *old, "data unit {} rebuilt as neither old nor new bytes", j);
+            },
+            Err(e) => prop_assert!(!parity_current, "a current row refused a read that lost {:?}: {}", lost, e),
+        }
+    }
+}
+
+#[test]
+fn a_write_hole_is_recomputed_not_updated() {
+    let l = Layout::new(512, 2, 1, vec![1, 2, 3]).unwrap();
+    let mut store = Store { units: vec![None; 3] };
+    let first = plan(&l, &store, &RowWrite { lo: 0, data: &[7; 1024] }, None, false);
+    assert!(first.recomputed, "a new row's parity is computed from its data");
+    for u in first.data.iter().chain(&first.parity) {
+        store.write(&l, u);
+    }
+    // The next write's data lands, its parity does not.
+    let second = plan(&l, &store, &RowWrite { lo: 10, data: &[9; 5] }, Some(first.version), true);
+    assert!(!second.recomputed, "a current row is updated from the change");
+    for u in &second.data {
+        store.write(&l, u);
+    }
+    // With the stripe version lost, the update path must refuse and the recompute must fix it.
+    let read: Vec<UnitRead> =
+        update_roles(&l, &RowWrite { lo: 600, data: &[1] }).into_iter().map(|r| store.read(&l, r)).collect();
+    assert_eq!(plan_update(&l, &RowWrite { lo: 600, data: &[1] }, &read, None, true), None);
+    // Even with the old stripe version, parity does not cover data unit 0's new version.
+    let read0: Vec<UnitRead> =
+        update_roles(&l, &RowWrite { lo: 0, data: &[1] }).into_iter().map(|r| store.read(&l, r)).collect();
+    assert_eq!(plan_update(&l, &RowWrite { lo: 0, data: &[1] }, &read0, Some(first.version), true), None);
+    // A read that loses data unit 1 cannot use the stale parity.
+    let units = vec![store.read(&l, Role::Data(0)), UnitRead::Unavailable("down".into()), store.read(&l, Role::P)];
+    assert!(solve_row(&l, &units, 2).is_err(), "a stale parity rebuilt a unit");
+}
+
+#[test]
+fn an_unreachable_parity_stops_a_recompute() {
+    let l = Layout::new(512, 2, 1, vec![1, 2, 3]).unwrap();
+    let all =
+        vec![UnitRead::Missing("d0".into()), UnitRead::Missing("d1".into()), UnitRead::Unavailable("p down".into())];
+    let err = plan_recompute(&l, &RowWrite { lo: 0, data: &[1] }, all, None, true, 2).unwrap_err();
+    assert!(matches!(err, stripe::PlanError::Unreachable { role: Role::P, .. }), "{err}");
+}
