@@ -9,10 +9,12 @@
 //! of named blobs: a directory of files, memory, or a fault-injecting wrapper for tests.
 
 pub mod device;
+pub mod fences;
 
 use std::io;
 
 pub use device::{Device, DirDevice, FaultyDevice, MemDevice};
+pub use fences::{FENCES_BLOB, FENCES_FORMAT_VERSION, FenceTable, Fences};
 use layout::Role;
 use lockengine::{ByteRange, Mode};
 use token::{ClusterKey, SignedToken, TokenError};
@@ -102,6 +104,23 @@ pub enum ChunkError {
     Corrupt { unit: String, what: String },
     #[error("unit {unit} has record format {version}; this stripelock reads format {FORMAT_VERSION}")]
     Format { unit: String, version: u16 },
+    #[error(
+        "session {session} was fenced: its lease ran out (or it was evicted) and its locks may now be held by \
+         another client, so this storage server refuses every change made under its tokens; nothing was \
+         changed. Take the lock again and redo the change"
+    )]
+    Fenced { session: u64 },
+    #[error(
+        "session {session} has ended (it was closed, or it expired and was fenced): its locks are gone, so this \
+         storage server refuses changes made under its tokens; nothing was changed. Take the lock again and redo \
+         the change"
+    )]
+    SessionEnded { session: u64 },
+    #[error(
+        "the fence table has format {version}; this stripelock reads format {}: a newer stripelock wrote it",
+        fences::FENCES_FORMAT_VERSION
+    )]
+    FencesFormat { version: u16 },
     #[error("the data volume failed: {0}")]
     Io(String),
 }
@@ -207,6 +226,11 @@ impl<D: Device> ChunkStore<D> {
 
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// The cluster key tokens are checked with.
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
     }
 
     /// Reads a unit, checking its checksums. `None` if this server has never stored it.

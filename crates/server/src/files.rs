@@ -285,6 +285,7 @@ impl FilesService {
                 data: bytes,
                 covers,
                 expect_version_plus_one: 1,
+                client_token: String::new(),
             };
             writes.push(async move {
                 client.write_unit(req).await.map_err(|e| {

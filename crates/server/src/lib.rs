@@ -10,6 +10,7 @@ mod admission;
 pub mod codec;
 mod delegation;
 mod errors;
+pub mod fencing;
 mod files;
 pub mod gateway;
 mod gateway_rt;
@@ -26,6 +27,7 @@ mod types;
 mod write;
 
 pub use errors::{NamespaceError, engine_code, row_code};
+pub use fencing::{STORAGE_LEASE_MS_DEFAULT, StorageEvent};
 pub use files::{DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, human_bytes};
 pub use machine::{Applied, ApplyEvent, Machine, State};
 pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
@@ -72,6 +74,8 @@ where
     if node.config.orphan_grace_ms > 0 {
         tokio::spawn(storage.clone().collect_orphans(stop.clone()));
     }
+    tokio::spawn(storage.clone().renew_storage_lease(stop.clone()));
+    tokio::spawn(storage.clone().fence_duties(stop.clone()));
     let storage = storage.server();
     let files = files.server();
     let raft_service = node.raft_service();

@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// The shortest and longest session lease a client may ask for; others are refused.
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
+    /// Seed 003: how long a storage lease lasts (see `fencing.rs`); the leader waits at most
+    /// this long for a storage server that does not acknowledge a fence.
+    pub storage_lease_ms: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,
@@ -89,6 +92,16 @@ pub struct Env {
     /// Negative control for tests only: a stripe write is carried out even when the lock it was
     /// written under is gone (seed 004's timestamp check skipped). Never set outside a test.
     pub break_stale_write_check_for_negative_control: bool,
+    /// Sees what this server's storage does about fences (the simulation's checker).
+    pub storage_observer: Option<Arc<dyn Fn(crate::fencing::StorageEvent) + Send + Sync>>,
+    /// Negative control for tests only: the leader acknowledges fences without sending them to
+    /// storage, and storage refuses no token for its session being fenced or ended (fence before
+    /// re-grant unenforced, as before issue 11). Never set outside a test.
+    pub skip_storage_fence_for_negative_control: bool,
+    /// Tests only: the first stripe write this server carries out waits this long after its
+    /// lock check and before it writes any unit (a write held back past its client's lease).
+    /// Never set outside a test.
+    pub hold_first_stripe_write_ms_for_test: Option<u64>,
     /// Negative control for tests only: the leader sends no invalidations (seed 000), so storage
     /// servers keep serving reads without a lock from ranges a write lock now covers. Never set
     /// outside a test.
@@ -103,6 +116,8 @@ impl std::fmt::Debug for Env {
             .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
             .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
             .field("break_stale_write_check_for_negative_control", &self.break_stale_write_check_for_negative_control)
+            .field("skip_storage_fence_for_negative_control", &self.skip_storage_fence_for_negative_control)
+            .field("hold_first_stripe_write_ms_for_test", &self.hold_first_stripe_write_ms_for_test)
             .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
             .finish_non_exhaustive()
     }
@@ -340,8 +355,8 @@ impl Node {
     }
 
     /// The leader's duties, run on every server and acting only while it leads: stamp time
-    /// into the log so leases expire without traffic, and acknowledge the fences of expired
-    /// sessions (until storage nodes do it, in the data path).
+    /// into the log so leases expire without traffic. (Fences are the storage service's duty:
+    /// `fencing.rs`.)
     pub async fn leader_duties(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -362,25 +377,17 @@ impl Node {
             if !self.is_leader() {
                 continue;
             }
-            let (sessions, fencing) = {
-                let state = self.machine.state();
-                (state.engine.stats().sessions, state.engine.fencing_sessions())
-            };
+            let sessions = self.machine.state().engine.stats().sessions;
             if sessions > 0
                 && let Err(e) = self.propose_local(Op::Engine(Input::Tick)).await
             {
                 tracing::debug!("tick: {e}");
             }
-            for session in fencing {
-                if let Err(e) = self.propose_local(Op::Engine(Input::FenceAck { session })).await {
-                    tracing::debug!("fence ack of {session:?}: {e}");
-                }
-            }
         }
     }
 
     /// Proposes on this server only (no forwarding): for the leader's own duties.
-    async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
+    pub(crate) async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
         let cmd = Command { now_ms: self.config.env.now_ms(), origin: None, op };
         self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Stopped { reason: e.to_string() })
     }

@@ -269,6 +269,7 @@ fn body_of(node: &Node, o: &Output) -> Option<Down> {
         Output::Released { lock, .. } => Down::Released(lock_ref(*lock)),
         Output::Cancelled { lock, .. } => Down::Cancelled(lock_ref(*lock)),
         Output::Expired { session } => Down::Expired(pb::SessionEvent { session: session.0 }),
+        // Not for clients: the leader fences storage from `fencing_sessions()` (fencing.rs).
         Output::Fence { .. } => return None,
         Output::PosixGranted { owner, resource, range, kind } => posix(0, *owner, resource, *range, *kind, None),
         Output::PosixUnlocked { owner, resource, range } => posix(1, *owner, resource, *range, PosixKind::Unlock, None),

@@ -1,17 +1,25 @@
 //! The storage service: this server's stripe units (its data volume), read and written by the
 //! gateways of every server. Every write is checked by the chunk store against the fencing token
 //! it carries, signed with the replicated cluster secret.
+//!
+//! Every state-changing request (write, restore, delete) is admitted only while this server
+//! holds its storage lease, and refused if a token it carries (its own, and for a write under a
+//! stripe lock the client's it is made for) belongs to a session in the volume's fence table or
+//! one this server's state shows as ended (seed 003; see `fencing.rs`). A delete is bound to its
+//! file like a write: its token's resource must name the file, unless the file has already left
+//! the namespace (its units are then orphans, collected anyway).
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use chunks::{Authority, ChunkError, ChunkStore, Device, UnitId};
+use chunks::{Authority, ChunkError, ChunkStore, Device, Fences, UnitId};
 use layout::Role;
 use lockengine::ByteRange;
 use tonic::{Request, Response, Status};
 use wire::ErrorCode;
 use wire::v1 as pb;
 
+use crate::fencing::{LeaderLeases, StorageLease};
 use crate::files::FilesService;
 use crate::node::Node;
 
@@ -20,10 +28,17 @@ pub const MESSAGE_BYTES_MAX: usize = (64 << 20) + (1 << 20);
 
 #[derive(Clone)]
 pub struct StorageService {
-    node: Node,
-    volume: Arc<dyn Device>,
+    pub(crate) node: Node,
+    pub(crate) volume: Arc<dyn Device>,
     /// For reads without a lock: this server's gateway asks the leader (seed 000).
-    files: FilesService,
+    pub(crate) files: FilesService,
+    /// Seed 003: the sessions fenced on this volume, recorded durably in it.
+    pub(crate) fences: Arc<Fences>,
+    /// Seed 003: this server's storage lease, renewed from the leader.
+    pub(crate) lease: Arc<StorageLease>,
+    /// Seed 003, while this server leads: the storage leases it granted and the fences
+    /// acknowledged.
+    pub(crate) leader: Arc<Mutex<LeaderLeases>>,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -58,8 +73,9 @@ pub fn chunk_code(e: &ChunkError) -> ErrorCode {
         ChunkError::BadToken(_) => ErrorCode::BadToken,
         ChunkError::NotWriter(_) | ChunkError::NotCovered { .. } => ErrorCode::Denied,
         ChunkError::Stale { .. } => ErrorCode::StaleToken,
+        ChunkError::Fenced { .. } | ChunkError::SessionEnded { .. } => ErrorCode::Fenced,
         ChunkError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
-        ChunkError::Corrupt { .. } | ChunkError::Format { .. } => ErrorCode::Corrupt,
+        ChunkError::Corrupt { .. } | ChunkError::Format { .. } | ChunkError::FencesFormat { .. } => ErrorCode::Corrupt,
         ChunkError::Io(_) => ErrorCode::Unavailable,
     }
 }
@@ -74,7 +90,15 @@ impl StorageService {
             Some(v) => v.clone(),
             None => Arc::new(chunks::DirDevice::open(&node.config.data_dir.join("units"))?),
         };
-        Ok(StorageService { node, volume, files })
+        let fences = Fences::load(&*volume).map_err(std::io::Error::other)?;
+        Ok(StorageService {
+            node,
+            volume,
+            files,
+            fences: Arc::new(fences),
+            lease: Default::default(),
+            leader: Default::default(),
+        })
     }
 
     pub fn server(self) -> pb::storage_server::StorageServer<StorageService> {
@@ -193,6 +217,134 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| ErrorCode::Internal.status(format!("storage task failed: {e}")))?
 }
 
+/// How long a state-changing request waits for this server to hold its storage lease.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl StorageService {
+    /// Waits, up to [`LEASE_WAIT`], until this server holds a valid storage lease (seed 003).
+    async fn wait_for_lease(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        let mut applied = self.node.machine.applied_index();
+        loop {
+            let changed = self.lease.changed();
+            if self.lease_valid() {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ErrorCode::Unavailable.status(format!(
+                    "storage server {} holds no storage lease (it has not reached the leader, or has not caught \
+                     up with the log, for {} s), so it changes nothing; try again",
+                    self.node.id,
+                    LEASE_WAIT.as_secs()
+                )));
+            }
+            tokio::select! {
+                () = changed => {}
+                _ = applied.changed() => {}
+                () = tokio::time::sleep_until(deadline.min(now + std::time::Duration::from_millis(50))) => {}
+            }
+        }
+    }
+
+    fn lease_valid(&self) -> bool {
+        let applied = *self.node.machine.applied_index().borrow();
+        self.lease.valid(tokio::time::Instant::now(), applied)
+    }
+
+    /// Refuses tokens of sessions this server's state knows and shows as ended (closed, expired,
+    /// fencing, or fenced and acknowledged while this server was away). A session newer than
+    /// the state is left to the fence table and the lease.
+    fn check_sessions(&self, sessions: &[u64]) -> Result<(), Status> {
+        if self.node.config.env.skip_storage_fence_for_negative_control {
+            return Ok(());
+        }
+        let state = self.node.machine.state();
+        for &s in sessions {
+            if s <= state.next_session && !state.engine.session_is_live(lockengine::SessionId(s)) {
+                return Err(chunk_status(ChunkError::SessionEnded { session: s }));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a state-changing request must pass after its own checks, in its blocking task:
+    /// the fence table (held until the change is stored) and the storage lease.
+    fn gate(&self, sessions: &[u64]) -> Result<chunks::fences::Admitted<'_>, Status> {
+        let sessions = if self.node.config.env.skip_storage_fence_for_negative_control { &[] } else { sessions };
+        let admitted = self.fences.admit(sessions).map_err(chunk_status)?;
+        if !self.lease_valid() {
+            return Err(ErrorCode::Unavailable.status(format!(
+                "storage server {}'s storage lease ran out while the request waited; try again",
+                self.node.id
+            )));
+        }
+        Ok(admitted)
+    }
+
+    /// The checks every state-changing request passes before it touches the volume.
+    async fn admit_change(&self, sessions: &[u64]) -> Result<(), Status> {
+        self.check_sessions(sessions)?;
+        self.wait_for_lease().await?;
+        self.check_sessions(sessions)
+    }
+
+    /// The client's token a write under a stripe lock is made for: signed by the cluster, a
+    /// write mode, for the unit's file. Required when `resource` is not the file's own path.
+    async fn on_behalf_of(&self, resource: &str, text: &str, id: &UnitId) -> Result<Option<u64>, Status> {
+        let own_path = self.node.machine.state().files.get(resource).is_some_and(|f| f.id == id.file);
+        if text.is_empty() {
+            if own_path {
+                return Ok(None);
+            }
+            return Err(ErrorCode::Denied.status(format!(
+                "a write of unit {} under the stripe lock {resource} must carry the token of the client it is made \
+                 for",
+                id.name()
+            )));
+        }
+        let token = parse_token(text)?;
+        let claims = self.store()?.key().verify(&token).map_err(|e| chunk_status(ChunkError::BadToken(e)))?;
+        if !claims.mode.is_write() {
+            return Err(chunk_status(ChunkError::NotWriter(claims.mode)));
+        }
+        self.check_resource(&claims.resource, id).await?;
+        Ok(Some(claims.session.0))
+    }
+
+    /// Checks that a delete's `resource` names `file`: its path, while the file is in the
+    /// namespace. Once it has left it (a remove is applied before its units are deleted) its
+    /// units are orphans, which any valid token may have deleted, as the collector would.
+    async fn check_delete_resource(&self, resource: &str, file: u64) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + NAMESPACE_WAIT;
+        let mut applied = self.node.machine.applied_index();
+        loop {
+            {
+                let state = self.node.machine.state();
+                let named = state.files.get(resource).map(|f| f.id);
+                let live = state.files.values().any(|f| f.id == file);
+                if named == Some(file) || (!live && file <= state.last_file_id()) {
+                    return Ok(());
+                }
+                if live {
+                    return Err(ErrorCode::Denied.status(format!(
+                        "the token is for {resource}, which does not name file {file}: it cannot delete that file's \
+                         units"
+                    )));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline
+                || tokio::time::timeout_at(deadline, applied.changed()).await.is_err()
+            {
+                return Err(ErrorCode::Denied.status(format!(
+                    "file {file} is not known to storage server {} yet: {resource}'s token cannot delete it",
+                    self.node.id
+                )));
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::storage_server::Storage for StorageService {
     async fn write_unit(&self, req: Request<pb::WriteUnitRequest>) -> Result<Response<pb::WriteUnitReply>, Status> {
@@ -202,9 +354,14 @@ impl pb::storage_server::Storage for StorageService {
         let range = ByteRange::new(range.start, range.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
         let token = parse_token(&r.token)?;
         self.check_resource(&r.resource, &id).await?;
+        let client = self.on_behalf_of(&r.resource, &r.client_token, &id).await?;
+        let sessions: Vec<u64> = std::iter::once(token.claims.session.0).chain(client).collect();
+        self.admit_change(&sessions).await?;
         let store = self.store()?;
         let expect = r.expect_version_plus_one.checked_sub(1);
+        let this = self.clone();
         let version = blocking(move || {
+            let _admitted = this.gate(&sessions)?;
             let authority = Authority { resource: &r.resource, range };
             store.write(&id, authority, &token, &r.data, &r.covers, expect).map_err(chunk_status)
         })
@@ -235,9 +392,13 @@ impl pb::storage_server::Storage for StorageService {
         let id = unit_id(r.unit)?;
         let token = parse_token(&r.token)?;
         self.check_resource(&r.resource, &id).await?;
+        let sessions = [token.claims.session.0];
+        self.admit_change(&sessions).await?;
         let store = self.store()?;
         let version = r.version;
+        let this = self.clone();
         blocking(move || {
+            let _admitted = this.gate(&sessions)?;
             let authority = Authority { resource: &r.resource, range: ByteRange::ALL };
             let unit = chunks::Unit { bytes: r.data, version: r.version, highest_token: 0, covers: r.covers };
             store.repair(&id, authority, &token, unit).map_err(chunk_status)
@@ -249,8 +410,13 @@ impl pb::storage_server::Storage for StorageService {
     async fn delete_file(&self, req: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
         let r = req.into_inner();
         let token = parse_token(&r.token)?;
+        self.check_delete_resource(&r.resource, r.file).await?;
+        let sessions = [token.claims.session.0];
+        self.admit_change(&sessions).await?;
         let store = self.store()?;
+        let this = self.clone();
         let units_deleted = blocking(move || {
+            let _admitted = this.gate(&sessions)?;
             store
                 .check_token(Authority { resource: &r.resource, range: ByteRange::ALL }, &token)
                 .map_err(chunk_status)?;
@@ -258,6 +424,19 @@ impl pb::storage_server::Storage for StorageService {
         })
         .await?;
         Ok(Response::new(pb::DeleteFileReply { units_deleted }))
+    }
+
+    async fn fence(&self, req: Request<pb::FenceRequest>) -> Result<Response<pb::FenceReply>, Status> {
+        let fenced: Vec<(u64, u64)> = req.into_inner().sessions.iter().map(|s| (s.session, s.highest_token)).collect();
+        self.record_fences(fenced).await?;
+        Ok(Response::new(pb::FenceReply {}))
+    }
+
+    async fn renew_storage_lease(
+        &self,
+        req: Request<pb::StorageLeaseRequest>,
+    ) -> Result<Response<pb::StorageLeaseReply>, Status> {
+        Ok(Response::new(self.answer_lease(req.into_inner().server).await?))
     }
 }
 

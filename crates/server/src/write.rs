@@ -70,6 +70,8 @@ pub(crate) struct Stripes {
     /// Seed 003: state-changing operations admitted under this server's lease.
     pub(crate) admission: Mutex<Admission>,
     admitted: tokio::sync::Notify,
+    /// Whether the test hold (`Env::hold_first_stripe_write_ms_for_test`) was used.
+    held_for_test: std::sync::atomic::AtomicBool,
 }
 
 /// A write waiting for its turn or its stripe lock.
@@ -94,6 +96,7 @@ impl Stripes {
             cached: Mutex::new((VecDeque::new(), HashSet::new())),
             admission: Mutex::new(Admission::default()),
             admitted: tokio::sync::Notify::new(),
+            held_for_test: Default::default(),
         }
     }
 }
@@ -406,6 +409,7 @@ impl FilesService {
             return Err(stale(""));
         }
         ticket.start();
+        self.hold_for_test().await;
         let admitted = match self.admit().await {
             Ok(a) => a,
             Err(e) => {
@@ -440,6 +444,17 @@ impl FilesService {
             load: self.node.data.stripe_load.load(Ordering::Relaxed).saturating_sub(1),
             recomputed,
         })
+    }
+
+    /// Tests only (`Env::hold_first_stripe_write_ms_for_test`): holds the first stripe write
+    /// carried out here, after its lock check and before it writes a unit.
+    async fn hold_for_test(&self) {
+        if let Some(ms) = self.node.config.env.hold_first_stripe_write_ms_for_test
+            && !self.stripes.held_for_test.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(ms, "test hook: holding a stripe write");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 
     /// Waits, up to [`TOKEN_WAIT`], until this server has applied the grant that issued `token`.
@@ -666,6 +681,8 @@ impl FilesService {
                     data: bytes,
                     covers,
                     expect_version_plus_one: expect.map_or(0, |v| v + 1),
+                    // On whose behalf: storage refuses the write once that client is fenced.
+                    client_token: req.token.clone(),
                 };
                 async move {
                     let mut c = self.storage(server)?;

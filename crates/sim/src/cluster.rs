@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use client::{ClientError, Connector, LockOptions, Mode, Session};
 use lockengine::{ByteRange, Input, LockId, Output, SessionId};
-use server::{ApplyEvent, Env, ServerConfig};
+use server::{ApplyEvent, Env, ServerConfig, StorageEvent};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::checker::{Checker, Grant};
@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub break_fencing: bool,
     /// The gateways' negative control: give a revoked read lock back with readers still on it.
     pub break_gateway: bool,
+    /// Storage's negative control: the leader acknowledges fences without storage.
+    pub break_storage_fence: bool,
 }
 
 impl Default for ClusterConfig {
@@ -57,6 +59,7 @@ impl Default for ClusterConfig {
             heal_ms: 6_000,
             break_fencing: false,
             break_gateway: false,
+            break_storage_fence: false,
         }
     }
 }
@@ -74,6 +77,8 @@ pub struct ClusterReport {
     pub epochs: u64,
     /// Read locks granted from a gateway's cache and checked against the log.
     pub gateway_reads: u64,
+    /// Fence acknowledgements checked against what every storage server recorded.
+    pub fence_acks: u64,
     /// A digest of the applied history and what clients saw, to show two runs of a seed agree.
     pub digest: u64,
 }
@@ -89,6 +94,13 @@ const CLOCK_BASE_MS: u64 = 1_700_000_000_000;
 struct Record {
     /// Index → the first application of it (server, time stamp, input, reply).
     applied: BTreeMap<u64, ApplyEvent>,
+    /// Index → when it was first applied: (order among recorded events, true sim ms).
+    applied_at: BTreeMap<u64, (u64, u64)>,
+    /// What storage servers did about fences: (order among recorded events, event with its
+    /// lease end in true sim ms).
+    storage: Vec<(u64, StorageEvent)>,
+    /// Recorded events so far (their order: hosts run on this one thread).
+    events: u64,
     /// The first disagreement between servers.
     disagreement: Option<String>,
     /// Grants clients were told of: (session, client lock number, token).
@@ -213,14 +225,17 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
         // Like the database, the data volume outlives the server's crashes.
         let volume: Arc<dyn chunks::Device> = Arc::new(chunks::MemDevice::default());
         let skew_ms = rng.below(SKEW_MS_MAX);
-        let (peers, record, break_fencing, break_gateway) =
-            (peers.clone(), record.clone(), cfg.break_fencing, cfg.break_gateway);
+        let (peers, record, break_fencing, break_gateway, break_storage_fence) =
+            (peers.clone(), record.clone(), cfg.break_fencing, cfg.break_gateway, cfg.break_storage_fence);
         sim.host(server_name(id), move || {
             let observer_record = record.clone();
             let observer = move |e: ApplyEvent| {
                 let mut r = observer_record.lock().expect("record");
                 match r.applied.get(&e.index) {
                     None => {
+                        r.events += 1;
+                        let at = (r.events, elapsed_ms());
+                        r.applied_at.insert(e.index, at);
                         r.applied.insert(e.index, e);
                     }
                     Some(seen) if seen.reply.outputs != e.reply.outputs || seen.input != e.input => {
@@ -232,6 +247,20 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     }
                     Some(_) => {}
                 }
+            };
+            let storage_record = record.clone();
+            let storage_observer = move |e: StorageEvent| {
+                let mut r = storage_record.lock().expect("record");
+                r.events += 1;
+                let seq = r.events;
+                // The lease's end in true time: this server's clock runs `skew_ms` ahead.
+                let e = match e {
+                    StorageEvent::Lease { server, until_ms } => {
+                        StorageEvent::Lease { server, until_ms: until_ms.saturating_sub(CLOCK_BASE_MS + skew_ms) }
+                    }
+                    e => e,
+                };
+                r.storage.push((seq, e));
             };
             let env = Env {
                 clock: Some(Arc::new(move || {
@@ -247,6 +276,9 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 break_gateway_for_negative_control: break_gateway,
                 break_stale_write_check_for_negative_control: false,
                 break_invalidate_for_negative_control: false,
+                storage_observer: Some(Arc::new(storage_observer)),
+                skip_storage_fence_for_negative_control: break_storage_fence,
+                hold_first_stripe_write_ms_for_test: None,
             };
             let config = ServerConfig {
                 id,
@@ -262,6 +294,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 orphan_grace_ms: 0,
                 lease_min_ms: server::LEASE_MS_MIN,
                 lease_max_ms: server::LEASE_MS_MAX,
+                storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
                 limits: lockengine::Limits::default(),
                 env,
             };
@@ -385,11 +418,11 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
     if !healed {
         return Err(fail(now, "the clients ended before the faults did".into()));
     }
-    check(seed, &record.lock().expect("record"), report)
+    check(seed, cfg.servers, &record.lock().expect("record"), report)
 }
 
 /// Reads the recorded history in log order.
-fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterReport, Violation> {
+fn check(seed: u64, servers: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterReport, Violation> {
     let fail = |at_ms: u64, what: String| Violation { seed, at_ms, what };
     if let Some(d) = &r.disagreement {
         return Err(fail(0, d.clone()));
@@ -405,9 +438,23 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
     let mut spans: Vec<(SessionId, String, ByteRange, Mode, u64, u64)> = Vec::new();
     let mut open: BTreeMap<LockId, (SessionId, String, ByteRange, Mode, u64)> = BTreeMap::new();
     let mut gateway_tokens: BTreeMap<u64, (String, SessionId)> = BTreeMap::new();
+    for server in 1..=servers {
+        checker.storage_server(server);
+    }
+    let mut storage_events = r.storage.iter().peekable();
     for (index, e) in &r.applied {
         let server = e.server;
         let at = e.now_ms.saturating_sub(CLOCK_BASE_MS);
+        // What storage servers recorded before this entry was first applied.
+        let (seq, applied_ms) = r.applied_at.get(index).copied().unwrap_or((u64::MAX, u64::MAX));
+        while let Some((_, event)) = storage_events.next_if(|(s, _)| *s < seq) {
+            match event {
+                StorageEvent::Fenced { server, sessions } => {
+                    checker.storage_fenced(*server, sessions.iter().map(|s| SessionId(*s)))
+                }
+                StorageEvent::Lease { server, until_ms } => checker.storage_lease(*server, *until_ms),
+            }
+        }
         if trace {
             eprintln!(
                 "{index} s{server} @{at} req {:?} {:?} -> {:?}{}",
@@ -434,7 +481,10 @@ fn check(seed: u64, r: &Record, mut report: ClusterReport) -> Result<ClusterRepo
                     resource_of.insert(*lock, resource.clone());
                 }
             }
-            Some(Input::FenceAck { session }) => checker.fenced(*session),
+            Some(Input::FenceAck { session }) => {
+                checker.fence_acked(*session, applied_ms).map_err(|w| fail(at, format!("index {index}: {w}")))?;
+                report.fence_acks += 1;
+            }
             _ => {}
         }
         for o in &e.reply.outputs {

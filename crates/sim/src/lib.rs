@@ -1,13 +1,16 @@
 //! Deterministic simulations of the replicated lock service. This module's is at the level of its log: clients
 //! with sessions and heartbeats, a leader that stamps its (skewed) clock into entries, ticks and
-//! acknowledges fences after storage takes a while to fence, leader changes that raise the
+//! acknowledges fences once every storage server has recorded them or is past its storage lease
+//! (storage servers that renew their leases from the leader, learn the sessions fencing with
+//! each renewal, take fences after a delay, and go down now and then), leader changes that raise the
 //! epoch, requests that are delayed or lost, clients that pause past their lease, and replicas
 //! that apply the same log (one of them rebuilt from a snapshot now and then). Everything is
 //! drawn from one seed, so a seed replays a run exactly.
 //!
 //! A checker reads the history and fails the run on: two conflicting grants valid at once (a
 //! grant stays valid, as storage sees it, until its holder releases it or is fenced); a token
-//! not above every earlier conflicting token; a grant to an expired session; replicas that
+//! not above every earlier conflicting token; a grant to an expired session; a fence
+//! acknowledged while a storage server neither recorded it nor was past its lease; replicas that
 //! disagree; and, after the faults stop, a request that never completes.
 //!
 //! This one takes the log as given, in one order, and is fast (thousands of seeds a minute).
@@ -16,7 +19,7 @@
 pub mod checker;
 pub mod cluster;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use checker::{Checker, Grant};
 
@@ -59,6 +62,11 @@ pub struct Config {
     pub replicas: usize,
     /// Negative control: the engine drops an expired holder's locks before it is fenced.
     pub break_fencing: bool,
+    /// Storage servers, each with its fence table and storage lease.
+    pub storage_servers: usize,
+    pub storage_lease_ms: u64,
+    /// Negative control: the leader acknowledges fences after a while, without storage.
+    pub break_storage_fence: bool,
 }
 
 impl Default for Config {
@@ -71,6 +79,9 @@ impl Default for Config {
             heal_ms: 4_000,
             replicas: 3,
             break_fencing: false,
+            storage_servers: 3,
+            storage_lease_ms: 150,
+            break_storage_fence: false,
         }
     }
 }
@@ -93,6 +104,8 @@ pub struct Report {
     pub entries: u64,
     pub grants: u64,
     pub expiries: u64,
+    /// Fence acknowledgements checked against every storage server's fence table and lease.
+    pub fence_acks: u64,
     pub leader_changes: u64,
     pub restores: u64,
     /// A digest of every output, to show two runs of a seed are identical.
@@ -134,10 +147,27 @@ struct World {
     term: u64,
     skew: i64,
     next_session: u64,
+    /// Only with `break_storage_fence`: when the leader acknowledges a fence without storage.
     fence_due: BTreeMap<SessionId, u64>,
     last_arrival: BTreeMap<SessionId, u64>,
     checker: Checker,
     report: Report,
+    storage: Vec<StorageNode>,
+    /// The leader's view: the end of the storage lease it granted each storage server, when it
+    /// took over (it assumes each holds a lease until then plus the lease), and which storage
+    /// servers recorded each fencing session.
+    granted: Vec<u64>,
+    leader_since: u64,
+    acked: BTreeMap<SessionId, BTreeSet<usize>>,
+}
+
+/// A storage server: its fence table and its storage lease (seed 003).
+#[derive(Debug, Clone, Default)]
+struct StorageNode {
+    fenced: BTreeSet<SessionId>,
+    lease_until: u64,
+    next_renewal: u64,
+    down_until: u64,
 }
 
 impl World {
@@ -153,7 +183,8 @@ impl World {
     fn append(&mut self, input: Input) -> Result<Vec<Output>, Violation> {
         let stamp = (self.now as i64 + self.skew).max(0) as u64;
         if let Input::FenceAck { session } = input {
-            self.checker.fenced(session);
+            self.checker.fence_acked(session, self.now).map_err(|e| self.fail(e))?;
+            self.report.fence_acks += 1;
         }
         let outputs = self.replicas[0].step(stamp, input.clone());
         for r in 1..self.replicas.len() {
@@ -202,9 +233,11 @@ impl World {
             Output::Expired { session } => {
                 self.checker.expired(*session);
                 self.report.expiries += 1;
-                // Storage takes a while to fence; the leader acknowledges after that.
-                let delay = 1 + self.rng.below(80);
-                self.fence_due.insert(*session, self.now + delay);
+                if self.cfg.break_storage_fence {
+                    // The negative control: acknowledged after a while, storage or not.
+                    let delay = 1 + self.rng.below(80);
+                    self.fence_due.insert(*session, self.now + delay);
+                }
                 if let Some(c) = self.clients.iter_mut().find(|c| c.session == *session) {
                     c.state = ClientState::Closed;
                 }
@@ -297,15 +330,14 @@ impl World {
             self.term += 1;
             self.skew = self.rng.below(100) as i64 - 50;
             self.report.leader_changes += 1;
+            // It knows nothing of its predecessor's storage leases.
+            self.leader_since = self.now;
+            self.granted.iter_mut().for_each(|g| *g = 0);
             self.append(Input::SetEpoch { epoch: self.term })?;
         }
+        self.storage_step(faults)?;
         if self.now.is_multiple_of(20) {
             self.append(Input::Tick)?;
-        }
-        let due: Vec<SessionId> = self.fence_due.iter().filter(|(_, t)| **t <= self.now).map(|(s, _)| *s).collect();
-        for s in due {
-            self.fence_due.remove(&s);
-            self.append(Input::FenceAck { session: s })?;
         }
         if faults && self.replicas.len() > 1 && self.rng.chance(1) && self.rng.chance(5) {
             // A replica installs a snapshot of replica 0 instead of its own history.
@@ -317,6 +349,61 @@ impl World {
             }
             self.replicas[r] = restored;
             self.report.restores += 1;
+        }
+        Ok(())
+    }
+}
+
+impl World {
+    /// Storage servers go down and come back, renew their leases (recording the sessions
+    /// fencing that each answer carries), and take the leader's fences after a delay; the
+    /// leader acknowledges a fence once every storage server recorded it or is past its lease.
+    fn storage_step(&mut self, faults: bool) -> Result<(), Violation> {
+        let lease = self.cfg.storage_lease_ms;
+        let fencing = self.replicas[0].fencing_sessions();
+        for n in 0..self.storage.len() {
+            if faults && self.rng.chance(1) && self.rng.chance(5) {
+                self.storage[n].down_until = self.now + self.rng.below(4 * lease);
+            }
+            if self.storage[n].down_until > self.now {
+                continue;
+            }
+            if self.now >= self.storage[n].next_renewal {
+                // The answer carries the sessions fencing; they are recorded before the lease
+                // is taken, which ends the drift margin before the leader's view of it.
+                let until = self.now + lease - lease / 10;
+                self.storage[n].fenced.extend(fencing.iter().copied());
+                self.storage[n].lease_until = until;
+                self.storage[n].next_renewal = self.now + lease / 3;
+                self.granted[n] = self.now + lease;
+                self.checker.storage_fenced(n as u64, fencing.iter().copied());
+                self.checker.storage_lease(n as u64, until);
+            }
+        }
+        if self.cfg.break_storage_fence {
+            let due: Vec<SessionId> = self.fence_due.iter().filter(|(_, t)| **t <= self.now).map(|(s, _)| *s).collect();
+            for s in due {
+                self.fence_due.remove(&s);
+                self.append(Input::FenceAck { session: s })?;
+            }
+            return Ok(());
+        }
+        self.acked.retain(|s, _| fencing.contains(s));
+        for s in fencing {
+            for n in 0..self.storage.len() {
+                let up = self.storage[n].down_until <= self.now;
+                if up && !self.acked.get(&s).is_some_and(|a| a.contains(&n)) && self.rng.chance(10) {
+                    self.storage[n].fenced.insert(s);
+                    self.checker.storage_fenced(n as u64, [s]);
+                    self.acked.entry(s).or_default().insert(n);
+                }
+            }
+            let horizon = |n: usize| self.granted[n].max(self.leader_since + lease);
+            let missing = (0..self.storage.len())
+                .any(|n| !self.acked.get(&s).is_some_and(|a| a.contains(&n)) && self.now < horizon(n));
+            if !missing {
+                self.append(Input::FenceAck { session: s })?;
+            }
         }
         Ok(())
     }
@@ -355,7 +442,14 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Violation> {
         last_arrival: BTreeMap::new(),
         checker: Checker::default(),
         report: Report::default(),
+        storage: vec![StorageNode::default(); cfg.storage_servers],
+        granted: vec![0; cfg.storage_servers],
+        leader_since: 0,
+        acked: BTreeMap::new(),
     };
+    for n in 0..cfg.storage_servers {
+        w.checker.storage_server(n as u64);
+    }
     w.append(Input::SetEpoch { epoch: 1 })?;
     let end = cfg.fault_ms + cfg.heal_ms;
     while w.now < end {

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seeds = 0..100u64;
     let mut break_fencing = false;
+    let mut break_storage_fence = false;
     let mut break_gateway = false;
     let mut log_level = false;
     let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
                 i += 1;
             }
             ("--break-fencing", _) => break_fencing = true,
+            ("--break-storage-fence", _) => break_storage_fence = true,
             ("--break-gateway", _) => break_gateway = true,
             ("--log", _) => log_level = true,
             _ => return usage(),
@@ -56,6 +58,9 @@ fn main() -> ExitCode {
     if break_gateway {
         breaks.push("--break-gateway");
     }
+    if break_storage_fence {
+        breaks.push("--break-storage-fence");
+    }
     let flags: String =
         (log_level.then_some("--log").into_iter().chain(breaks.iter().copied())).map(|f| format!(" {f}")).collect();
     let started = Instant::now();
@@ -65,24 +70,26 @@ fn main() -> ExitCode {
     for seed in seeds {
         let t = Instant::now();
         let result = if log_level {
-            let cfg = sim::Config { break_fencing, ..sim::Config::default() };
+            let cfg = sim::Config { break_fencing, break_storage_fence, ..sim::Config::default() };
             sim::run(seed, &cfg).map(|r| {
                 format!(
-                    "{} entries, {} grants, {} expiries, {} leader changes, {} restores, digest {:016x}",
-                    r.entries, r.grants, r.expiries, r.leader_changes, r.restores, r.digest
+                    "{} entries, {} grants, {} expiries, {} fence-acks, {} leader changes, {} restores, digest {:016x}",
+                    r.entries, r.grants, r.expiries, r.fence_acks, r.leader_changes, r.restores, r.digest
                 )
             })
         } else {
-            let cfg = sim::cluster::ClusterConfig { break_fencing, break_gateway, ..Default::default() };
+            let cfg =
+                sim::cluster::ClusterConfig { break_fencing, break_gateway, break_storage_fence, ..Default::default() };
             sim::cluster::run(seed, &cfg).map(|r| {
                 format!(
-                    "{} entries, {} grants ({} seen by clients), {} gateway-reads, {} expiries, {} crashes, \
-                     {} partitions, {} pauses, {} epochs, digest {:016x}",
+                    "{} entries, {} grants ({} seen by clients), {} gateway-reads, {} expiries, {} fence-acks, \
+                     {} crashes, {} partitions, {} pauses, {} epochs, digest {:016x}",
                     r.entries,
                     r.grants,
                     r.client_grants,
                     r.gateway_reads,
                     r.expiries,
+                    r.fence_acks,
                     r.crashes,
                     r.partitions,
                     r.pauses,
@@ -154,6 +161,8 @@ fn run_processes(seeds: std::ops::Range<u64>, jobs: usize, breaks: &[&str], star
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--break-gateway] [--log]");
+    eprintln!(
+        "usage: sim [--seed N | --seeds A..B] [--jobs J] [--break-fencing] [--break-gateway] [--break-storage-fence] [--log]"
+    );
     ExitCode::from(2)
 }

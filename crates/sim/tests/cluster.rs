@@ -1,7 +1,8 @@
 //! The cluster simulation (the real servers and clients over turmoil's network) over a hundred
 //! seeds finds no violation, replays a seed exactly, and its checker is able to fail: with
-//! fence-before-grant broken in the servers' engines, or with gateways giving up read locks their
-//! readers still hold, some seed must be caught.
+//! fence-before-grant broken in the servers' engines, with gateways giving up read locks their
+//! readers still hold, or with the leader acknowledging fences without storage, some seed must
+//! be caught.
 
 use std::process::Command;
 
@@ -38,6 +39,8 @@ fn one_hundred_seeds_of_the_real_cluster_without_violation() {
     assert!(expiries > 100, "only {expiries} expiries: pauses past the lease are not happening");
     assert!(crashes > 50 && partitions > 50, "only {crashes} crashes and {partitions} partitions");
     assert!(epochs > 150, "only {epochs} leader terms granted anything: leaders are not changing");
+    let fence_acks = total(&out, "fence-acks");
+    assert!(fence_acks > 100, "only {fence_acks} fence acknowledgements were checked against storage servers");
     let gateway_reads = total(&out, "gateway-reads");
     assert!(gateway_reads > 1_000, "only {gateway_reads} reads from servers' gateway caches were checked");
 }
@@ -79,4 +82,14 @@ fn cluster_negative_control_breaking_the_gateway_is_caught() {
     assert!(!ok, "with gateways giving up read locks under their readers, no seed was caught\n{out}");
     assert!(out.contains("from a gateway over"), "caught, but for another reason:\n{out}");
     assert!(out.contains("--break-gateway"), "the replay line keeps the switch:\n{out}");
+}
+
+/// Issue 11: with the leader acknowledging fences without storage (the real servers' test-only
+/// switch), some seed must be caught acknowledging a fence a storage server never recorded.
+#[test]
+fn cluster_negative_control_skipping_the_storage_fence_is_caught() {
+    let (ok, out) = sim(&["--seeds", "0..10", "--break-storage-fence"]);
+    assert!(!ok, "with the storage fence skipped, no seed was caught: the checker cannot fail\n{out}");
+    assert!(out.contains("had not recorded it"), "caught, but for another reason:\n{out}");
+    assert!(out.contains("--break-storage-fence"), "the replay line keeps the switch:\n{out}");
 }

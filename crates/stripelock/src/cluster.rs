@@ -204,6 +204,21 @@ pub(crate) async fn stop_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// Tests only (issue 11's negative control): set, the leader acknowledges fences without
+/// sending them to storage (`Env::skip_storage_fence_for_negative_control`).
+pub const SKIP_STORAGE_FENCE_ENV: &str = "STRIPELOCK_TEST_SKIP_STORAGE_FENCE_FOR_NEGATIVE_CONTROL";
+/// Tests only: milliseconds the first stripe write a server carries out is held after its lock
+/// check (`Env::hold_first_stripe_write_ms_for_test`).
+pub const HOLD_STRIPE_WRITE_ENV: &str = "STRIPELOCK_TEST_HOLD_STRIPE_WRITE_MS";
+
+/// A test switch from the environment, if set and not empty; announced, so nobody runs with
+/// one unawares.
+fn test_switch(name: &str) -> Option<String> {
+    let v = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+    tracing::warn!("{name}={v} is set: a switch for tests only, never for real use");
+    Some(v)
+}
+
 pub fn server(args: ServerArgs) -> Result<ExitCode> {
     init_logs("warn,server=info");
     let peers = parse_peers(&args.peers)?;
@@ -238,9 +253,14 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         orphan_grace_ms: args.orphan_grace_ms,
         lease_min_ms: args.lease_min_ms,
         lease_max_ms: args.lease_max_ms,
+        storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
         limits: Limits::default(),
         env: server::Env {
             break_stale_write_check_for_negative_control: args.break_stale_write_check,
+            skip_storage_fence_for_negative_control: test_switch(SKIP_STORAGE_FENCE_ENV).is_some(),
+            hold_first_stripe_write_ms_for_test: test_switch(HOLD_STRIPE_WRITE_ENV)
+                .map(|v| v.parse().with_context(|| format!("{HOLD_STRIPE_WRITE_ENV}={v} is not milliseconds")))
+                .transpose()?,
             break_invalidate_for_negative_control: args.break_invalidate,
             ..server::Env::default()
         },

@@ -492,6 +492,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             data: vec![0xee; 4096],
             covers: vec![],
             expect_version_plus_one: 0,
+            client_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -515,6 +516,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             data: vec![0xee; 4096],
             covers: vec![],
             expect_version_plus_one: 0,
+            client_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -524,6 +526,23 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
         storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
         before,
         "a write under another file's token changed the unit"
+    );
+    // Nor delete them (issue 11: `rm` checked its token against the resource the request
+    // named, not that this resource is the file being deleted).
+    let foreign_rm = storage
+        .delete_file(pb::DeleteFileRequest {
+            file: zstat["file"].as_u64().unwrap(),
+            resource: "/data/other".into(),
+            token: other.signed_token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(foreign_rm.code(), tonic::Code::PermissionDenied, "{foreign_rm:?}");
+    assert!(foreign_rm.message().contains("does not name file"), "{}", foreign_rm.message());
+    assert_eq!(
+        storage.read_unit(pb::ReadUnitRequest { unit: Some(unit), ..Default::default() }).await.unwrap().into_inner(),
+        before,
+        "a delete under another file's token removed the unit"
     );
     a.unlock(other.lock).await.unwrap();
     a.close().await;
@@ -867,10 +886,14 @@ fn a_stale_scheduled_write_lands_without_the_check_negative_control() {
 /// Seed 004's stale writes: a write waits, scheduled, for its row while the lock it was
 /// written under expires (its client died). When the row's turn comes, and as soon as another
 /// write lands on the row, the server drops it: its bytes never reach the file. With the check
-/// switched off (negative control) the same stale bytes land, which the test shows.
+/// switched off (negative control) the same stale bytes land, which the test shows. Storage
+/// refuses a write of a fenced session too (issue 11), so the negative control switches that
+/// off as well: both defences gone, the stale bytes land.
 async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
     let extra: &[&str] = if broken { &["--break-stale-write-check-for-negative-control"] } else { &[] };
-    let c = Cluster::start_with(3, if broken { "stale-broken" } else { "stale" }, extra).await;
+    let env: &[(&str, &str)] =
+        if broken { &[("STRIPELOCK_TEST_SKIP_STORAGE_FENCE_FOR_NEGATIVE_CONTROL", "1")] } else { &[] };
+    let c = Cluster::start_with_env(3, if broken { "stale-broken" } else { "stale" }, extra, env).await;
     let (id, original) = small_file(&c, "/s").await;
     let t = Session::open(&c.addrs(), 10_000).await.unwrap();
     let stripe = t.lock(&format!("/s#{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();

@@ -38,6 +38,8 @@ pub struct Cluster {
     pub servers: Vec<Server>,
     /// More `stripelock server` arguments for every server.
     pub extra: Vec<String>,
+    /// Environment variables for every server (the test-only switches).
+    pub env: Vec<(String, String)>,
 }
 
 pub fn free_port() -> u16 {
@@ -50,6 +52,11 @@ impl Cluster {
     }
 
     pub async fn start_with(n: u64, name: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_with_env(n, name, extra, &[]).await
+    }
+
+    /// A cluster whose servers also see the environment variables `env`.
+    pub async fn start_with_env(n: u64, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let dir = std::env::temp_dir().join(format!("stripelock-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -63,7 +70,8 @@ impl Cluster {
             .collect();
         let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut cluster = Cluster { dir, peers, servers, extra };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut cluster = Cluster { dir, peers, servers, extra, env };
         for id in 1..=n {
             cluster.spawn(id, id == 1);
         }
@@ -91,6 +99,7 @@ impl Cluster {
         ])
         .arg(&s.data)
         .args(&self.extra)
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
         if bootstrap {
