@@ -148,6 +148,12 @@ pub struct Gateway {
     next_lock: u64,
     /// The negative control: release on revoke at once, readers or not, and tell no one.
     broken: bool,
+    /// Most read locks (granted, waiting or pending) it keeps for its clients at once, and most
+    /// requests waiting on one file: past them a read is refused with the limit, so no queue
+    /// grows without bound (the engine's `locks_per_session_max` and
+    /// `waiters_per_resource_max`, since the gateway's session holds these for its readers).
+    locks_max: u64,
+    waiters_max: u64,
     stats: GatewayStats,
 }
 
@@ -167,7 +173,14 @@ pub struct GatewayStats {
 
 impl Gateway {
     pub fn new(lease_ms: u64) -> Gateway {
+        Gateway::with_limits(lease_ms, &lockengine::Limits::default())
+    }
+
+    /// A gateway whose queues stop at `limits` (see the `locks_max` field).
+    pub fn with_limits(lease_ms: u64, limits: &lockengine::Limits) -> Gateway {
         Gateway {
+            locks_max: limits.locks_per_session_max,
+            waiters_max: limits.waiters_per_resource_max,
             lease_ms,
             session: Session::Closed,
             pending: Vec::new(),
@@ -240,6 +253,19 @@ impl Gateway {
             let error = lockengine::EngineError::LockExists;
             out.push(send(req.client, ToClient::Rejected { request: req.request, lock: req.lock, error }));
             out.push(send(req.client, ToClient::Ack { request: req.request }));
+            return;
+        }
+        let full = if self.local.len() as u64 >= self.locks_max {
+            Some((lockengine::LimitKind::LocksPerSession, self.locks_max))
+        } else if self.files.get(&req.resource).is_some_and(|f| f.waiters.len() as u64 >= self.waiters_max) {
+            Some((lockengine::LimitKind::WaitersPerResource, self.waiters_max))
+        } else {
+            None
+        };
+        if let Some((kind, max)) = full {
+            let error = lockengine::EngineError::Limit { kind, max };
+            out.push(send(req.client, ToClient::Rejected { request: req.request, lock: req.lock, error }));
+            ack(out);
             return;
         }
         self.local.insert(key, req.resource.clone());
@@ -776,5 +802,45 @@ mod tests {
         assert_eq!(sends(&out, A).len(), 1);
         assert!(matches!(sends(&out, A)[0], ToClient::Lost { lock: 1, .. }));
         assert_eq!(g.session(), None);
+    }
+
+    /// Past its limits a read is refused with the limit, and nothing is queued for it.
+    #[test]
+    fn reads_past_the_limits_are_refused_not_queued() {
+        let limits = lockengine::Limits { locks_per_session_max: 3, waiters_per_resource_max: 2, ..Default::default() };
+        let mut g = Gateway::with_limits(LEASE, &limits);
+        let mut out = Vec::new();
+        // No session yet: the first reads wait in `pending`, up to the lock limit.
+        for (lock, file) in [(1, "/a"), (2, "/b"), (3, "/c"), (4, "/d")] {
+            g.read(0, read(A, lock, lock, file), &mut out);
+        }
+        let refused = |out: &[Effect]| {
+            out.iter()
+                .filter_map(|e| match e {
+                    Effect::Send { message: ToClient::Rejected { lock, error, .. }, .. } => {
+                        Some((*lock, error.clone()))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            refused(&out),
+            vec![(4, lockengine::EngineError::Limit { kind: lockengine::LimitKind::LocksPerSession, max: 3 })]
+        );
+        assert_eq!(g.pending.len(), 3, "the refused read was queued");
+        // Waiters on one file stop at their own limit.
+        let mut g =
+            Gateway::with_limits(LEASE, &lockengine::Limits { waiters_per_resource_max: 2, ..Default::default() });
+        let mut first = Vec::new();
+        g.read(0, read(A, 1, 1, "/f"), &mut first);
+        g.opened(0, 0, SessionId(9), &mut first);
+        let mut out = Vec::new();
+        for lock in 2..=4 {
+            g.read(0, read(A, lock, lock, "/f"), &mut out);
+        }
+        // The first read waits for the file lock with the second; the third and fourth are refused.
+        let limit = lockengine::EngineError::Limit { kind: lockengine::LimitKind::WaitersPerResource, max: 2 };
+        assert_eq!(refused(&out), vec![(3, limit.clone()), (4, limit)]);
     }
 }

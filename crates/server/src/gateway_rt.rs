@@ -44,7 +44,7 @@ impl std::fmt::Debug for GatewayRt {
 impl GatewayRt {
     /// A gateway whose session has a lease of `lease_ms`; it opens the session on first use.
     pub fn start(node: Node, lease_ms: u64) -> GatewayRt {
-        let mut core = Gateway::new(lease_ms);
+        let mut core = Gateway::with_limits(lease_ms, &node.config.limits);
         if node.config.env.break_gateway_for_negative_control {
             core.break_for_negative_control();
         }
