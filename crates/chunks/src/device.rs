@@ -35,15 +35,30 @@ impl<T: Device + ?Sized> Device for std::sync::Arc<T> {
 }
 
 /// Blobs as files under a directory: `NAME` is a relative path of `/`-separated parts, each
-/// `[0-9a-z.]`. A put writes `NAME.tmp`, syncs it, renames it over `NAME` and syncs the directory.
+/// `[0-9a-z.]`. A put writes `NAME.PID.N.tmp` (a name of its own), syncs it, renames it over
+/// `NAME` and syncs the directory.
 #[derive(Debug)]
 pub struct DirDevice {
     root: PathBuf,
 }
 
 impl DirDevice {
+    /// Opens the volume at `root` (made if missing), removing what puts cut short by a crash
+    /// left behind (their `.tmp` files; the blobs they were replacing are whole).
     pub fn open(root: &Path) -> io::Result<DirDevice> {
         std::fs::create_dir_all(root)?;
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "tmp") {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
         Ok(DirDevice { root: root.to_path_buf() })
     }
 
@@ -80,7 +95,12 @@ impl Device for DirDevice {
         let path = self.path(name)?;
         let dir = path.parent().expect("under the root").to_path_buf();
         std::fs::create_dir_all(&dir)?;
-        let tmp = path.with_extension("tmp");
+        // A name of its own for each put: two puts of one name at once (or of a unit and its
+        // row's other role, which share a stem) must not rename each other's file away.
+        static PUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PUTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = path.file_name().expect("a blob name").to_string_lossy();
+        let tmp = dir.join(format!("{file}.{}.{n}.tmp", std::process::id()));
         {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;
@@ -198,5 +218,37 @@ impl<D: Device> Device for FaultyDevice<D> {
 
     fn list(&self) -> io::Result<Vec<String>> {
         self.inner.list()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Puts of one name at once, and of names sharing a stem (a row's `d0` and `p`), all land;
+    /// with one `.tmp` name per stem, one rename took the other's file away (ENOENT).
+    #[test]
+    fn concurrent_puts_of_one_name_all_succeed_and_a_reopen_clears_leftovers() {
+        let root = std::env::temp_dir().join(format!("stripelock-dirdevice-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dev = DirDevice::open(&root).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let dev = &dev;
+                s.spawn(move || {
+                    for i in 0..50u8 {
+                        let name = if t % 2 == 0 { "0001/0002.d0" } else { "0001/0002.p" };
+                        dev.put(name, &[t, i]).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(dev.list().unwrap(), vec!["0001/0002.d0".to_string(), "0001/0002.p".to_string()]);
+        // A put cut short by a crash leaves its temporary file; opening the volume removes it.
+        std::fs::write(root.join("0001/0002.p.1.2.tmp"), b"half").unwrap();
+        DirDevice::open(&root).unwrap();
+        assert!(!root.join("0001/0002.p.1.2.tmp").exists());
+        assert_eq!(dev.get("0001/0002.p").unwrap().map(|b| b.len()), Some(2));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
