@@ -47,16 +47,9 @@ impl DirDevice {
     /// left behind (their `.tmp` files; the blobs they were replacing are whole).
     pub fn open(root: &Path) -> io::Result<DirDevice> {
         std::fs::create_dir_all(root)?;
-        let mut dirs = vec![root.to_path_buf()];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let path = entry.path();
-                if entry.file_type()?.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "tmp") {
-                    std::fs::remove_file(&path)?;
-                }
+        for path in files_under(root)? {
+            if path.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&path)?;
             }
         }
         Ok(DirDevice { root: root.to_path_buf() })
@@ -75,6 +68,23 @@ impl DirDevice {
         }
         Ok(self.root.join(name))
     }
+}
+
+/// Every file under `root`, at any depth.
+fn files_under(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                out.push(entry.path());
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -120,20 +130,11 @@ impl Device for DirDevice {
     }
 
     fn list(&self) -> io::Result<Vec<String>> {
-        let mut out = Vec::new();
-        let mut dirs = vec![self.root.clone()];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let path = entry.path();
-                if entry.file_type()?.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_none_or(|e| e != "tmp") {
-                    let rel = path.strip_prefix(&self.root).expect("under the root");
-                    out.push(rel.to_string_lossy().replace('\\', "/"));
-                }
-            }
-        }
+        let mut out: Vec<String> = files_under(&self.root)?
+            .into_iter()
+            .filter(|path| path.extension().is_none_or(|e| e != "tmp"))
+            .map(|path| path.strip_prefix(&self.root).expect("under the root").to_string_lossy().replace('\\', "/"))
+            .collect();
         out.sort();
         Ok(out)
     }

@@ -410,19 +410,6 @@ fn cli(c: &Cluster, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Deterministic bytes that do not repeat within a stripe row.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn files_survive_a_lost_server_and_two_with_p_plus_q() {
     serial(files_survive_a_lost_server_and_two_with_p_plus_q_body());

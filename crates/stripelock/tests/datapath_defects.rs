@@ -25,19 +25,6 @@ fn cli_fails(c: &Cluster, args: &[&str]) -> String {
     stderr
 }
 
-/// Deterministic bytes that do not repeat within a stripe row.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Puts `data` at `path` with extra put flags; returns the stat as JSON.
 fn put(c: &Cluster, path: &str, data: &[u8], flags: &[&str]) -> serde_json::Value {
     let local = c.dir.join("put.bin");

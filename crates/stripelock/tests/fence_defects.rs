@@ -24,18 +24,6 @@ const HOLD_MS: u64 = 5_000;
 /// Stripe unit 4 KiB, 2 data + 1 parity: a row is 8 KiB; the file has two rows.
 const ROW: usize = 8 << 10;
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn sig(pid: u32, signal: &str) {
     let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success();
     assert!(ok, "kill -{signal} {pid} failed");

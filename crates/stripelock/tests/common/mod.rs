@@ -253,3 +253,16 @@ pub fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> std::proc
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// Deterministic bytes that differ from any other seed's (xorshift).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
