@@ -28,6 +28,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 pub use wire::ErrorCode;
+use wire::convert;
 use wire::v1 as pb;
 use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
@@ -387,8 +388,8 @@ impl Session {
         let body = Up::Lock(pb::LockRequest {
             lock: n,
             resource: resource.to_string(),
-            range: Some(pb::Range { start: range.start, end: range.end }),
-            mode: mode as i32,
+            range: Some(convert::span_to_pb(&range)),
+            mode: convert::mode_to_pb(mode),
             nowait: options.nowait,
             gateway: options.gateway,
         });
@@ -424,8 +425,8 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         let body = Up::Convert(pb::ConvertRequest {
             lock,
-            mode: mode as i32,
-            range: range.map(|r| pb::Range { start: r.start, end: r.end }),
+            mode: convert::mode_to_pb(mode),
+            range: range.as_ref().map(convert::span_to_pb),
         });
         self.call(body, Some(lock), Want::Lock(tx)).await?;
         rx.await.unwrap_or(Err(ClientError::Closed))
@@ -649,18 +650,8 @@ struct Actor {
 /// if it protected nothing).
 fn grant_of(g: &pb::Granted) -> Result<Grant, ClientError> {
     let range = g.range.as_ref().map_or(0..u64::MAX, |r| r.start..r.end);
-    let mode = usize::try_from(g.mode)
-        .ok()
-        .and_then(|i| Mode::ALL.get(i).copied())
-        .ok_or(ClientError::Unknown { what: "lock mode", value: g.mode })?;
-    let value = match &g.value {
-        None => None,
-        Some(v) => match pb::value_block::State::try_from(v.state) {
-            Ok(pb::value_block::State::Value) => Some(v.value.clone()),
-            Ok(pb::value_block::State::Empty | pb::value_block::State::Invalid) => None,
-            Err(_) => return Err(ClientError::Unknown { what: "value block state", value: v.state }),
-        },
-    };
+    let mode = convert::mode_from_pb(g.mode).map_err(unknown)?;
+    let value = g.value.as_ref().map(convert::value_from_pb).transpose().map_err(unknown)?.flatten();
     Ok(Grant {
         lock: g.lock,
         mode,
@@ -670,6 +661,14 @@ fn grant_of(g: &pb::Granted) -> Result<Grant, ClientError> {
         via_gateway: g.gateway,
         value,
     })
+}
+
+/// A field of a server's message this client cannot read.
+fn unknown(e: convert::ConvertError) -> ClientError {
+    match e {
+        convert::ConvertError::Unknown { what, value } => ClientError::Unknown { what, value },
+        other => ClientError::Refused { code: ErrorCode::Internal, message: other.to_string() },
+    }
 }
 
 /// A refusal as the client shows it: its code, or an error if the code is not one this client

@@ -142,7 +142,7 @@ pub struct Engine {
     pub(crate) next_seq: u64,
     pub(crate) sessions: FxHashMap<SessionId, Session>,
     pub(crate) expiry: BTreeSet<(u64, SessionId)>,
-    pub(crate) locks: LockTable,
+    pub(crate) locks: LockTable<Lock>,
     pub(crate) names: FxHashMap<Arc<str>, ResIdx>,
     pub(crate) resources: Vec<Resource>,
     pub(crate) free: Vec<ResIdx>,

@@ -7,16 +7,22 @@ use std::ops::Index;
 use rustc_hash::FxHashMap;
 
 use crate::LockId;
-use crate::engine::Lock;
 
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LockTable {
+/// Generic over the record (the engine's `Lock`), so the table knows nothing of the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct LockTable<Lock> {
     slots: FxHashMap<LockId, u32>,
     records: Vec<Option<Lock>>,
     free: Vec<u32>,
 }
 
-impl LockTable {
+impl<Lock> Default for LockTable<Lock> {
+    fn default() -> Self {
+        LockTable { slots: FxHashMap::default(), records: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<Lock> LockTable<Lock> {
     pub(crate) fn get(&self, id: &LockId) -> Option<&Lock> {
         self.slots.get(id).map(|&s| self.records[s as usize].as_ref().expect("live slot"))
     }
@@ -55,7 +61,7 @@ impl LockTable {
     }
 }
 
-impl Index<&LockId> for LockTable {
+impl<Lock> Index<&LockId> for LockTable<Lock> {
     type Output = Lock;
 
     fn index(&self, id: &LockId) -> &Lock {

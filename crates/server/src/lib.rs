@@ -1,48 +1,34 @@
-//! A stripelock server: the lock engine as the replicated state machine of an openraft group
-//! whose log, vote and snapshots live in redb, served to clients over gRPC.
-//!
-//! Invariants: every change to lock state is a log entry, stamped with the proposing leader's
-//! time, so every replica applies the same inputs and computes the same outputs; a server never
-//! reads its own clock while applying. A server answers its own clients from its own
-//! application of the log, so a grant is never shown before it is committed.
+//! A stripelock server: the replicated lock service (`lockservice`) and the striped data path
+//! (`datapath`) wired together and served over gRPC on one address. The data path sees the
+//! lock service only through `datapath::Locks`, implemented here (`locks.rs`).
 
-mod admission;
-pub mod codec;
-mod delegation;
-mod errors;
-pub mod fencing;
-mod files;
-pub mod gateway;
-mod gateway_rt;
-mod invalidate;
-mod lockcache;
-mod machine;
-mod network;
-mod node;
-mod rt;
-mod service;
-mod storage;
-mod store;
-mod types;
-mod write;
+mod locks;
 
-pub use errors::{NamespaceError, engine_code, row_code};
-pub use fencing::{STORAGE_LEASE_MS_DEFAULT, StorageEvent};
-pub use files::{DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, human_bytes};
-pub use machine::{Applied, ApplyEvent, Machine, State};
-pub use node::{DataStats, Env, Node, ProposeError, SECRET_FILE, ServerConfig, wall_ms};
-pub use rt::seed_thread_rng;
-pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService};
-pub use storage::MESSAGE_BYTES_MAX;
-pub use storage::ORPHAN_GRACE_MS_DEFAULT;
-pub use store::Store;
-pub use types::{CLIENT_LOCK_BITS, Command, FileMeta, NodeAddr, Op, Origin, Reply, client_lock_id, engine_lock_id};
-pub use write::{WRITE_BYTES_MAX, stripe_resource};
+use std::sync::Arc;
+
+pub use datapath::{
+    DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, MESSAGE_BYTES_MAX, ORPHAN_GRACE_MS_DEFAULT, STORAGE_LEASE_MS_DEFAULT,
+    StorageEvent, WRITE_BYTES_MAX, human_bytes,
+};
+pub use locks::NodeLocks;
+pub use lockservice::{
+    ApplyEvent, CLIENT_LOCK_BITS, LEASE_MS_MAX, LEASE_MS_MIN, SECRET_FILE, client_lock_id, seed_thread_rng,
+};
+
+pub use datapath::{Config as DataConfig, Env as DataEnv, Limits as DataLimits};
+pub use lockservice::{Config as LockConfig, Env as LockEnv};
+
+/// How a server is set up: its lock service and its data path.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub locks: lockservice::Config,
+    pub data: datapath::Config,
+}
 
 /// Runs a server on its TCP listen address until `stop` turns true.
 pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
     use futures::StreamExt;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.locks.listen).await?;
     // Small answers must leave at once: Nagle's algorithm would hold one back behind an unacked
     // segment for a delayed ACK (40 ms). tonic's own `tcp_nodelay` covers only its listener.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -54,7 +40,7 @@ pub async fn run(config: ServerConfig, stop: tokio::sync::watch::Receiver<bool>)
 }
 
 /// Runs a server on the connections `incoming` yields until `stop` turns true: the Raft node,
-/// both gRPC services, the leader's duties.
+/// the lock and data services, the leader's duties.
 pub async fn serve<S, IO>(
     config: ServerConfig,
     incoming: S,
@@ -64,27 +50,20 @@ where
     S: futures::Stream<Item = std::io::Result<IO>> + Send + 'static,
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
 {
-    let bootstrap = config.bootstrap;
-    let node = Node::start(config).await?;
-    let service = LockService::new(node.clone()).server();
-    let files = files::FilesService::new(node.clone());
-    files.start_invalidations();
-    let storage = storage::StorageService::new(node.clone(), files.clone())?;
-    // Not even spawned when off: the simulation's seeds replay only with the same tasks.
-    if node.config.orphan_grace_ms > 0 {
-        tokio::spawn(storage.clone().collect_orphans(stop.clone()));
-    }
-    tokio::spawn(storage.clone().renew_storage_lease(stop.clone()));
-    tokio::spawn(storage.clone().fence_duties(stop.clone()));
-    let storage = storage.server();
-    let files = files.server();
+    let bootstrap = config.locks.bootstrap;
+    let node = lockservice::Node::start(config.locks).await?;
+    let locks = lockservice::LockService::new(node.clone());
+    let data = datapath::DataPath::open(Arc::new(NodeLocks(node.clone())), config.data)?;
+    data.start_duties(&stop);
+    let locks = locks.with_status(data.stats()).server();
     let raft_service = node.raft_service();
+    let (files, storage) = (data.files_server(), data.storage_server());
     let mut shutdown = stop.clone();
     let serve = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(raft_service)
-            .add_service(service)
+            .add_service(locks)
             .add_service(files)
             .add_service(storage)
             .serve_with_incoming_shutdown(incoming, async move {

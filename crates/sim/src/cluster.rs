@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use client::{ClientError, Connector, LockOptions, Mode, Session};
 use lockengine::{ByteRange, Input, LockId, Output, SessionId};
-use server::{ApplyEvent, Env, ServerConfig, StorageEvent};
+use server::{ApplyEvent, DataConfig, DataEnv, DataLimits, LockConfig, LockEnv, ServerConfig, StorageEvent};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::checker::{Checker, Grant};
@@ -262,41 +262,51 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 };
                 r.storage.push((seq, e));
             };
-            let env = Env {
+            let env = LockEnv {
                 clock: Some(Arc::new(move || {
                     CLOCK_BASE_MS + skew_ms + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
                 })),
                 connector: connector(),
                 database: Some(db.clone()),
-                volume: Some(volume.clone()),
                 secret: Some([7; 32]),
                 election_timeout_ms: None,
                 observer: Some(Arc::new(observer)),
                 break_fencing_for_negative_control: break_fencing,
                 break_gateway_for_negative_control: break_gateway,
-                break_stale_write_check_for_negative_control: false,
-                break_invalidate_for_negative_control: false,
+            };
+            let data_env = DataEnv {
+                volume: Some(volume.clone()),
                 storage_observer: Some(Arc::new(storage_observer)),
                 skip_storage_fence_for_negative_control: break_storage_fence,
+                break_stale_write_check_for_negative_control: false,
+                break_invalidate_for_negative_control: false,
                 hold_first_stripe_write_ms_for_test: None,
             };
+            let data_dir = std::path::PathBuf::from("/nonexistent");
             let config = ServerConfig {
-                id,
-                listen: ([0, 0, 0, 0], PORT).into(),
-                data_dir: std::path::PathBuf::from("/nonexistent"),
-                peers: peers.clone(),
-                bootstrap: id == 1,
-                heartbeat_ms: 50,
-                tick_ms: 100,
-                snapshot_every: 300,
-                gateway_lease_ms: GATEWAY_LEASE_MS,
-                file_bytes_max: server::FILE_BYTES_MAX_DEFAULT,
-                orphan_grace_ms: 0,
-                lease_min_ms: server::LEASE_MS_MIN,
-                lease_max_ms: server::LEASE_MS_MAX,
-                storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
-                limits: lockengine::Limits::default(),
-                env,
+                locks: LockConfig {
+                    id,
+                    listen: ([0, 0, 0, 0], PORT).into(),
+                    data_dir: data_dir.clone(),
+                    peers: peers.clone(),
+                    bootstrap: id == 1,
+                    heartbeat_ms: 50,
+                    tick_ms: 100,
+                    snapshot_every: 300,
+                    gateway_lease_ms: GATEWAY_LEASE_MS,
+                    lease_min_ms: server::LEASE_MS_MIN,
+                    lease_max_ms: server::LEASE_MS_MAX,
+                    limits: lockengine::Limits::default(),
+                    env,
+                },
+                data: DataConfig {
+                    data_dir,
+                    tick_ms: 100,
+                    orphan_grace_ms: 0,
+                    storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
+                    limits: DataLimits::default(),
+                    env: data_env,
+                },
             };
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;

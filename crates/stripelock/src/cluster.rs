@@ -230,7 +230,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
     // One server per data directory, held until this process ends; the lock file names our pid,
     // so `up` can stop a server started by hand, and a second server can say whose it is.
     std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
-    let _pid_lock = match crate::up::take_pid_lock(&args.data.join(crate::up::SERVER_PID))? {
+    let _pid_lock = match crate::pidlock::take_pid_lock(&args.data.join(crate::pidlock::SERVER_PID))? {
         Ok(lock) => lock,
         Err(pid) => bail!(
             "{} is in use by another server process{}; stop it, or give another --data directory",
@@ -240,29 +240,36 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
     };
     let data_dir = args.data.canonicalize().with_context(|| format!("cannot resolve {}", args.data.display()))?;
     let config = ServerConfig {
-        id: args.id,
-        listen,
-        data_dir,
-        peers,
-        bootstrap: args.bootstrap,
-        heartbeat_ms: args.heartbeat_ms,
-        tick_ms: args.tick_ms,
-        snapshot_every: args.snapshot_every,
-        gateway_lease_ms: args.gateway_lease_ms,
-        file_bytes_max: args.file_bytes_max,
-        orphan_grace_ms: args.orphan_grace_ms,
-        lease_min_ms: args.lease_min_ms,
-        lease_max_ms: args.lease_max_ms,
-        storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
-        limits: Limits::default(),
-        env: server::Env {
-            break_stale_write_check_for_negative_control: args.break_stale_write_check,
-            skip_storage_fence_for_negative_control: test_switch(SKIP_STORAGE_FENCE_ENV).is_some(),
-            hold_first_stripe_write_ms_for_test: test_switch(HOLD_STRIPE_WRITE_ENV)
-                .map(|v| v.parse().with_context(|| format!("{HOLD_STRIPE_WRITE_ENV}={v} is not milliseconds")))
-                .transpose()?,
-            break_invalidate_for_negative_control: args.break_invalidate,
-            ..server::Env::default()
+        locks: server::LockConfig {
+            id: args.id,
+            listen,
+            data_dir: data_dir.clone(),
+            peers,
+            bootstrap: args.bootstrap,
+            heartbeat_ms: args.heartbeat_ms,
+            tick_ms: args.tick_ms,
+            snapshot_every: args.snapshot_every,
+            gateway_lease_ms: args.gateway_lease_ms,
+            lease_min_ms: args.lease_min_ms,
+            lease_max_ms: args.lease_max_ms,
+            limits: Limits::default(),
+            env: server::LockEnv::default(),
+        },
+        data: server::DataConfig {
+            data_dir,
+            tick_ms: args.tick_ms,
+            orphan_grace_ms: args.orphan_grace_ms,
+            storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
+            limits: server::DataLimits { file_bytes_max: args.file_bytes_max, ..server::DataLimits::default() },
+            env: server::DataEnv {
+                break_stale_write_check_for_negative_control: args.break_stale_write_check,
+                skip_storage_fence_for_negative_control: test_switch(SKIP_STORAGE_FENCE_ENV).is_some(),
+                hold_first_stripe_write_ms_for_test: test_switch(HOLD_STRIPE_WRITE_ENV)
+                    .map(|v| v.parse().with_context(|| format!("{HOLD_STRIPE_WRITE_ENV}={v} is not milliseconds")))
+                    .transpose()?,
+                break_invalidate_for_negative_control: args.break_invalidate,
+                ..server::DataEnv::default()
+            },
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -5,6 +5,7 @@ mod bench_io;
 mod bench_parity;
 mod cluster;
 mod files;
+mod pidlock;
 mod refusal;
 mod replay;
 mod tokens;

@@ -1,7 +1,8 @@
 //! The stripelock wire protocol (`proto/stripelock.proto`, package `stripelock.v1`): prost
 //! messages and tonic clients and servers, generated at build time without protoc; the
-//! `Connector` through which servers and clients open channels; and [`ErrorCode`], the one error
-//! code of every service, with how a refused call carries it.
+//! `Connector` through which servers and clients open channels; [`ErrorCode`], the one error
+//! code of every service, with how a refused call carries it; and `convert`, every conversion
+//! between messages and the domain's types.
 
 #![allow(missing_debug_implementations, clippy::all)]
 
@@ -14,6 +15,7 @@ pub mod v1 {
     tonic::include_proto!("stripelock.v1");
 }
 
+pub mod convert;
 mod error;
 
 pub use error::{

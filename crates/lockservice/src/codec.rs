@@ -171,7 +171,7 @@ pub fn decode<T: DeserializeOwned>(what: Record, bytes: &[u8]) -> Result<T, Form
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use lockengine::{ByteRange, Input, LockId, Mode, Output, SessionId, ValueBlock};
@@ -196,7 +196,7 @@ mod tests {
         Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes).unwrap()
     }
 
-    fn meta() -> SnapshotMetaOf<C> {
+    pub(crate) fn meta() -> SnapshotMetaOf<C> {
         SnapshotMetaOf::<C> {
             last_log_id: Some(log_id(3, 90)),
             last_membership: StoredMembershipOf::<C>::new(Some(log_id(1, 1)), membership()),
@@ -253,7 +253,7 @@ mod tests {
             value: ValueBlock::Value(vec![1, 2, 3].into_boxed_slice()),
             reused: false,
         };
-        let error = Some(crate::errors::NamespaceError::NotFound { path: "/f".into() });
+        let error = Some(crate::types::NamespaceError::NotFound { path: "/f".into() });
         Reply { session: None, outputs: vec![granted], duplicate: false, index: 42, file: Some(3), error }
     }
 
@@ -310,18 +310,6 @@ mod tests {
         for result in [Ok(reply()), Err("not the leader".to_string())] {
             assert_eq!(round_trip(Record::Message("forwarded proposal"), &result), result);
         }
-    }
-
-    /// A full snapshot's bytes travel after its vote and meta as they are.
-    #[test]
-    fn a_snapshot_message_carries_the_snapshot_bytes_as_they_are() {
-        let vote = VoteOf::<C>::new_committed(4, 2);
-        let snapshot: Vec<u8> = (0..=255).collect();
-        let payload = crate::network::encode_snapshot(&vote, &meta(), &snapshot).unwrap();
-        let head = encode(Record::Message("full-snapshot"), &(vote, meta())).unwrap();
-        assert_eq!(payload.data.len(), head.len() + snapshot.len());
-        assert!(payload.data.ends_with(&snapshot));
-        assert_eq!(crate::network::decode_snapshot(&payload).unwrap(), (vote, meta(), snapshot));
     }
 
     #[test]

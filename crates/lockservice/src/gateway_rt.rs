@@ -255,11 +255,11 @@ impl GatewayRt {
                 let signed_token = self.sign(client, &resource, range, token).unwrap_or_default();
                 let g = pb::Granted {
                     lock,
-                    mode: crate::service::mode_to_pb(Mode::PR),
-                    range: Some(pb::Range { start: range.start, end: range.end }),
+                    mode: wire::convert::mode_to_pb(Mode::PR),
+                    range: Some(wire::convert::range_to_pb(range)),
                     token,
                     signed_token,
-                    value: Some(crate::service::value_to_pb(&value)),
+                    value: Some(wire::convert::value_to_pb(&value)),
                     reused: false,
                     gateway: true,
                 };

@@ -18,6 +18,9 @@ use wire::v1::client_message::Body as Up;
 use wire::v1::server_message::Body as Down;
 
 use wire::ErrorCode;
+use wire::convert::{
+    mode_from_pb, mode_to_pb, posix_kind_from_pb, posix_kind_to_pb, range_from_pb, range_to_pb, value_to_pb,
+};
 
 use crate::errors::engine_code;
 use crate::gateway_rt::GatewayRt;
@@ -43,65 +46,36 @@ fn lease_text(ms: u64) -> String {
 /// Messages queued to one client before the server stops waiting for it.
 const DOWN_QUEUE: usize = 1024;
 
-#[derive(Debug, Clone)]
+/// What another part of the server adds to `status` (the data path's counters).
+pub type StatusPart = Arc<dyn Fn(&mut pb::StatusReply) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct LockService {
     node: Node,
     gateway: GatewayRt,
+    status_parts: Vec<StatusPart>,
+}
+
+impl std::fmt::Debug for LockService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockService").field("node", &self.node).finish_non_exhaustive()
+    }
 }
 
 impl LockService {
     pub fn new(node: Node) -> LockService {
         let gateway = GatewayRt::start(node.clone(), node.config.gateway_lease_ms);
-        LockService { node, gateway }
+        LockService { node, gateway, status_parts: Vec::new() }
+    }
+
+    /// Lets `part` fill in its fields of every `status` reply.
+    pub fn with_status(mut self, part: StatusPart) -> LockService {
+        self.status_parts.push(part);
+        self
     }
 
     pub fn server(self) -> pb::locks_server::LocksServer<LockService> {
         pb::locks_server::LocksServer::new(self)
-    }
-}
-
-pub fn mode_to_pb(m: Mode) -> i32 {
-    m as i32
-}
-
-pub fn mode_from_pb(m: i32) -> Result<Mode, Status> {
-    usize::try_from(m)
-        .ok()
-        .and_then(|i| Mode::ALL.get(i).copied())
-        .ok_or_else(|| ErrorCode::BadRequest.status(format!("unknown lock mode {m}")))
-}
-
-pub(crate) fn range_to_pb(r: ByteRange) -> pb::Range {
-    pb::Range { start: r.start, end: r.end }
-}
-
-fn range_from_pb(r: Option<pb::Range>) -> Result<ByteRange, Status> {
-    let r = r.ok_or_else(|| ErrorCode::BadRequest.status("a range is required"))?;
-    ByteRange::new(r.start, r.end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))
-}
-
-pub(crate) fn value_to_pb(v: &ValueBlock) -> pb::ValueBlock {
-    match v {
-        ValueBlock::Empty => pb::ValueBlock { state: 0, value: Vec::new() },
-        ValueBlock::Value(b) => pb::ValueBlock { state: 1, value: b.to_vec() },
-        ValueBlock::Invalid => pb::ValueBlock { state: 2, value: Vec::new() },
-    }
-}
-
-fn posix_kind(k: i32) -> Result<PosixKind, Status> {
-    match k {
-        0 => Ok(PosixKind::Read),
-        1 => Ok(PosixKind::Write),
-        2 => Ok(PosixKind::Unlock),
-        _ => Err(ErrorCode::BadRequest.status(format!("unknown POSIX lock kind {k}"))),
-    }
-}
-
-fn posix_kind_to_pb(k: PosixKind) -> i32 {
-    match k {
-        PosixKind::Read => 0,
-        PosixKind::Write => 1,
-        PosixKind::Unlock => 2,
     }
 }
 
@@ -135,14 +109,14 @@ fn input_of(session: SessionId, body: Up) -> Result<Input, Status> {
             owner: PosixOwner { session, owner: p.owner },
             resource: p.resource,
             range: range_from_pb(p.range)?,
-            kind: posix_kind(p.kind)?,
+            kind: posix_kind_from_pb(p.kind)?,
             wait: p.wait,
         },
         Up::PosixTest(p) => Input::PosixTest {
             owner: PosixOwner { session, owner: p.owner },
             resource: p.resource,
             range: range_from_pb(p.range)?,
-            kind: posix_kind(p.kind)?,
+            kind: posix_kind_from_pb(p.kind)?,
         },
     })
 }
@@ -512,9 +486,7 @@ impl pb::locks_server::Locks for LockService {
                 voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
             })
             .collect();
-        let data = &self.node.data;
-        use std::sync::atomic::Ordering::Relaxed;
-        Ok(Response::new(pb::StatusReply {
+        let mut reply = pb::StatusReply {
             server_id: self.node.id,
             address: self.node.addr.clone(),
             leader_id: m.current_leader.unwrap_or(0),
@@ -535,20 +507,14 @@ impl pb::locks_server::Locks for LockService {
             gateway_readers: gateway.readers,
             gateway_grants: gateway.grants,
             gateway_handovers: gateway.handovers,
-            stripe_writes: data.stripe_writes.load(Relaxed),
-            stripe_writes_delegated: data.stripe_writes_delegated.load(Relaxed),
-            stripe_writes_dropped: data.stripe_writes_dropped.load(Relaxed),
-            stripe_load: data.stripe_load.load(Relaxed),
-            invalidations_received: data.invalidations_received.load(Relaxed),
-            lock_free_ranges: data.lock_free_ranges.load(Relaxed),
-            invalidations_sent: data.invalidations_sent.load(Relaxed),
-            writes_in_flight: data.writes_in_flight.load(Relaxed),
-            writes_admitted_max: data.writes_admitted_max.load(Relaxed),
-            worst_write_ms: data.worst_write_ms.load(Relaxed),
-            file_bytes_max: self.node.config.file_bytes_max,
             pid: std::process::id(),
             data_dir: self.node.config.data_dir.display().to_string(),
-        }))
+            ..Default::default()
+        };
+        for part in &self.status_parts {
+            part(&mut reply);
+        }
+        Ok(Response::new(reply))
     }
 
     async fn table(&self, req: Request<pb::TableRequest>) -> Result<Response<pb::TableReply>, Status> {

@@ -24,13 +24,25 @@ pub enum Refused {
     Full { limit: u32 },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
     in_flight: u32,
     recent: VecDeque<u64>,
+    in_flight_max: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Admission {
+        Admission::with_max(IN_FLIGHT_MAX)
+    }
 }
 
 impl Admission {
+    /// Admits at most `in_flight_max` at once, however long the lease.
+    pub fn with_max(in_flight_max: u32) -> Admission {
+        Admission { in_flight: 0, recent: VecDeque::new(), in_flight_max }
+    }
+
     /// The longest recent operation, in ms (at least 1).
     pub fn worst_ms(&self) -> u64 {
         self.recent.iter().copied().max().unwrap_or(WORST_ASSUMED_MS).max(1)
@@ -38,7 +50,7 @@ impl Admission {
 
     /// How many may be in flight with `lease_left_ms` of lease.
     pub fn limit(&self, lease_left_ms: u64) -> u32 {
-        u32::try_from(lease_left_ms / self.worst_ms()).unwrap_or(u32::MAX).min(IN_FLIGHT_MAX)
+        u32::try_from(lease_left_ms / self.worst_ms()).unwrap_or(u32::MAX).min(self.in_flight_max)
     }
 
     pub fn in_flight(&self) -> u32 {

@@ -27,38 +27,29 @@ use chunks::UnitId;
 use client::{Grant, LockOptions, Mode, Session};
 use layout::stripe::{self, PlanError, RowWrite, UnitRead as Fetched, UnitWrite, role_name};
 use lockengine::ByteRange;
+use lockservice::{FileMeta, Op};
 use tokio::sync::watch;
 use tonic::Status;
 use wire::ErrorCode;
+use wire::convert::{range_to_pb, unit_ref};
 use wire::v1 as pb;
 
 use crate::admission::{Admission, Refused};
 use crate::delegation::{Delegation, Stripe};
-use crate::files::FilesService;
-use crate::storage::unit_ref;
-use crate::types::{FileMeta, Op};
+use crate::errors::row_code;
+use crate::shared::{Shared, stripe_resource};
 
-/// Longest write one call carries (a message's limit).
-pub const WRITE_BYTES_MAX: usize = 32 << 20;
 /// How long a stripe write waits for its turn and its stripe lock before giving up.
 const STRIPE_WAIT: Duration = Duration::from_secs(30);
-/// Stripe locks a server keeps cached; past this the oldest idle one is given back.
-const STRIPE_LOCKS_CACHED: usize = 1024;
 /// Lease of a server's stripe session.
 const STRIPE_SESSION_LEASE_MS: u64 = 10_000;
 /// How long a stripe write waits for this server to apply the grant of the client's lock.
 const TOKEN_WAIT: Duration = Duration::from_secs(5);
-/// Rows of one write in flight at once.
-const ROWS_IN_FLIGHT: usize = 4;
 
-/// The resource of a stripe row's lock.
-pub fn stripe_resource(path: &str, file: u64, row: u64) -> String {
-    format!("{path}#{file}/{row}")
-}
-
-/// A server's stripe-write state: whom its gateway delegates to, the session its stripe locks
-/// are held in, and the writes it has scheduled.
-pub(crate) struct Stripes {
+/// A server's stripe writes: whom its gateway delegates to, the session its stripe locks are
+/// held in, the writes it has scheduled, and seed 003's admission of writes under its lease.
+pub struct Stripes {
+    shared: Arc<Shared>,
     delegation: Mutex<Delegation>,
     session: tokio::sync::Mutex<Option<Session>>,
     /// One write of a stripe at a time on this server; entries go when nobody waits.
@@ -68,7 +59,7 @@ pub(crate) struct Stripes {
     /// Stripe lock resources kept cached, oldest first.
     cached: Mutex<(VecDeque<String>, HashSet<String>)>,
     /// Seed 003: state-changing operations admitted under this server's lease.
-    pub(crate) admission: Mutex<Admission>,
+    admission: Mutex<Admission>,
     admitted: tokio::sync::Notify,
     /// Whether the test hold (`Env::hold_first_stripe_write_ms_for_test`) was used.
     held_for_test: std::sync::atomic::AtomicBool,
@@ -85,16 +76,26 @@ struct Scheduled {
     running: bool,
 }
 
+impl std::fmt::Debug for Stripes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stripes({})", self.shared.id())
+    }
+}
+
 impl Stripes {
-    pub(crate) fn new(me: u64) -> Stripes {
+    pub fn new(shared: Arc<Shared>) -> Stripes {
+        let limits = &shared.config.limits;
+        let delegation = Delegation::new(shared.id()).remembering(limits.stripes_remembered);
+        let admission = Admission::with_max(limits.writes_in_flight_max);
         Stripes {
-            delegation: Mutex::new(Delegation::new(me)),
+            shared,
+            delegation: Mutex::new(delegation),
             session: tokio::sync::Mutex::new(None),
             turns: Mutex::new(HashMap::new()),
             scheduled: Mutex::new(HashMap::new()),
             next_ticket: Default::default(),
             cached: Mutex::new((VecDeque::new(), HashSet::new())),
-            admission: Mutex::new(Admission::default()),
+            admission: Mutex::new(admission),
             admitted: tokio::sync::Notify::new(),
             held_for_test: Default::default(),
         }
@@ -103,14 +104,14 @@ impl Stripes {
 
 /// A scheduled write's place; leaving it (drop) unschedules the write.
 struct Ticket<'a> {
-    svc: &'a FilesService,
+    svc: &'a Stripes,
     stripe: Stripe,
     ticket: u64,
 }
 
 impl Ticket<'_> {
     fn start(&self) {
-        if let Some(list) = self.svc.stripes.scheduled.lock().expect("scheduled").get_mut(&self.stripe)
+        if let Some(list) = self.svc.scheduled.lock().expect("scheduled").get_mut(&self.stripe)
             && let Some(s) = list.iter_mut().find(|s| s.ticket == self.ticket)
         {
             s.running = true;
@@ -120,15 +121,15 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let mut scheduled = self.svc.stripes.scheduled.lock().expect("scheduled");
+        let mut scheduled = self.svc.scheduled.lock().expect("scheduled");
         if let Some(list) = scheduled.get_mut(&self.stripe) {
             list.retain(|s| s.ticket != self.ticket);
             if list.is_empty() {
                 scheduled.remove(&self.stripe);
             }
         }
-        self.svc.node.data.stripe_load.fetch_sub(1, Ordering::Relaxed);
-        let mut turns = self.svc.stripes.turns.lock().expect("turns");
+        self.svc.shared.stats.stripe_load.fetch_sub(1, Ordering::Relaxed);
+        let mut turns = self.svc.turns.lock().expect("turns");
         if turns.get(&self.stripe).is_some_and(|t| Arc::strong_count(t) == 1) {
             turns.remove(&self.stripe);
         }
@@ -136,20 +137,20 @@ impl Drop for Ticket<'_> {
 }
 
 /// An operation admitted under the lease; its end is measured when this is dropped.
-pub(crate) struct Admitted<'a> {
-    svc: &'a FilesService,
+pub struct Admitted<'a> {
+    svc: &'a Stripes,
     started: std::time::Instant,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         let took = self.started.elapsed().as_millis() as u64;
-        let mut a = self.svc.stripes.admission.lock().expect("admission");
+        let mut a = self.svc.admission.lock().expect("admission");
         a.done(took);
-        self.svc.node.data.writes_in_flight.store(a.in_flight(), Ordering::Relaxed);
-        self.svc.node.data.worst_write_ms.store(a.worst_ms(), Ordering::Relaxed);
+        self.svc.shared.stats.writes_in_flight.store(a.in_flight(), Ordering::Relaxed);
+        self.svc.shared.stats.worst_write_ms.store(a.worst_ms(), Ordering::Relaxed);
         drop(a);
-        self.svc.stripes.admitted.notify_waiters();
+        self.svc.admitted.notify_waiters();
     }
 }
 
@@ -169,7 +170,7 @@ fn version_of(value: &Option<Vec<u8>>) -> Option<u64> {
     value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_le_bytes)
 }
 
-impl FilesService {
+impl Stripes {
     /// The claims of a token that may write bytes `start..end` of `path` (PW or EX over them).
     fn writer_claims(
         &self,
@@ -178,7 +179,7 @@ impl FilesService {
         start: u64,
         end: u64,
     ) -> Result<(token::Claims, ByteRange), Status> {
-        let claims = self.claims(path, token)?;
+        let claims = self.shared.claims(path, token)?;
         let range = ByteRange::new(start, end).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))?;
         if !claims.mode.is_write() || !claims.range.contains(range) {
             return Err(ErrorCode::Denied.status(format!(
@@ -190,10 +191,11 @@ impl FilesService {
     }
 
     /// A client's write of `data` at `offset` of `path` (the Write call).
-    pub(crate) async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
-        if r.data.len() > WRITE_BYTES_MAX {
+    pub async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
+        let write_bytes_max = self.shared.config.limits.write_bytes_max;
+        if r.data.len() > write_bytes_max {
             return Err(ErrorCode::TooLarge.status(format!(
-                "a write carries at most {WRITE_BYTES_MAX} bytes; this one has {}: split it",
+                "a write carries at most {write_bytes_max} bytes; this one has {}: split it",
                 r.data.len()
             )));
         }
@@ -207,9 +209,9 @@ impl FilesService {
         // An empty write still needs a token for the byte it would start at.
         self.writer_claims(&r.path, &r.token, r.offset, end.max(r.offset + 1))?;
         if !r.data.is_empty() {
-            self.check_file_size(&r.path, end)?;
+            self.shared.check_file_size(&r.path, end)?;
         }
-        let f = self.file(&r.path)?;
+        let f = self.shared.file(&r.path)?;
         if !f.complete {
             return Err(ErrorCode::Busy.status(format!("{} is still being put; write once the put is done", r.path)));
         }
@@ -230,14 +232,14 @@ impl FilesService {
                 offset: lo,
                 data,
                 token: r.token.clone(),
-                gateway: self.node.id,
+                gateway: self.shared.id(),
             });
         }
         let written = {
             use futures::StreamExt;
             futures::stream::iter(parts)
                 .map(|p| self.delegate(&f, p))
-                .buffered(ROWS_IN_FLIGHT)
+                .buffered(self.shared.config.limits.rows_in_flight)
                 .collect::<Vec<_>>()
                 .await
         };
@@ -277,15 +279,16 @@ impl FilesService {
         let mut size = f.size;
         if end > f.size {
             let reply = self
-                .node
-                .propose(Op::GrowFile { path: r.path.clone(), id: f.id, size: end }, None)
+                .shared
+                .locks
+                .propose(Op::GrowFile { path: r.path.clone(), id: f.id, size: end })
                 .await
                 .map_err(|e| e.status())?;
             if let Some(e) = reply.error {
                 return Err(e.status());
             }
-            self.node.applied(reply.index).await;
-            size = self.file(&r.path)?.size;
+            self.shared.applied(reply.index).await;
+            size = self.shared.file(&r.path)?.size;
         }
         Ok(pb::WriteReply { size, rows })
     }
@@ -294,22 +297,22 @@ impl FilesService {
     async fn delegate(&self, f: &FileMeta, part: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let stripe = (f.id, part.row);
         let mut candidates: Vec<u64> = f.layout.servers().to_vec();
-        if !candidates.contains(&self.node.id) {
-            candidates.push(self.node.id);
+        if !candidates.contains(&self.shared.id()) {
+            candidates.push(self.shared.id());
         }
-        let now = self.node.config.env.now_ms();
-        let own_load = self.node.data.stripe_load.load(Ordering::Relaxed);
+        let now = self.shared.locks.now_ms();
+        let own_load = self.shared.stats.stripe_load.load(Ordering::Relaxed);
         let target = {
-            let mut d = self.stripes.delegation.lock().expect("delegation");
-            d.report(self.node.id, own_load, now);
+            let mut d = self.delegation.lock().expect("delegation");
+            d.report(self.shared.id(), own_load, now);
             d.choose(stripe, &candidates, now)
         };
         let row = part.row;
-        let result = if target == self.node.id {
+        let result = if target == self.shared.id() {
             self.write_stripe_here(part).await
         } else {
-            self.node.data.stripe_writes_delegated.fetch_add(1, Ordering::Relaxed);
-            let delegated = match self.peer(target) {
+            self.shared.stats.stripe_writes_delegated.fetch_add(1, Ordering::Relaxed);
+            let delegated = match self.shared.peer(target) {
                 Ok(mut c) => c.write_stripe(part.clone()).await.map(|r| r.into_inner()),
                 Err(e) => Err(e),
             };
@@ -324,8 +327,8 @@ impl FilesService {
                 ok => ok,
             }
         };
-        let now = self.node.config.env.now_ms();
-        let mut d = self.stripes.delegation.lock().expect("delegation");
+        let now = self.shared.locks.now_ms();
+        let mut d = self.delegation.lock().expect("delegation");
         // Done by the target, not by this server in its place.
         let by_target = result.as_ref().ok().filter(|w| w.server == target);
         d.done(stripe, target, by_target.map(|w| w.load), by_target.is_some(), now);
@@ -333,10 +336,10 @@ impl FilesService {
     }
 
     /// Carries out one row's write here (a WriteStripe call, or this gateway's own choice).
-    pub(crate) async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+    pub async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let end = req.offset.saturating_add(req.data.len() as u64);
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
-        let f = self.file(&req.path)?;
+        let f = self.shared.file(&req.path)?;
         if f.id != req.file {
             return Err(ErrorCode::Conflict
                 .status(format!("{} was replaced while the write was on its way; write again", req.path)));
@@ -353,14 +356,14 @@ impl FilesService {
         if !self.seen_token(claims.token).await {
             return Err(ErrorCode::Unavailable.status(format!(
                 "server {} has not caught up with the log to the grant of token {} in {} s; try again",
-                self.node.id,
+                self.shared.id(),
                 claims.token,
                 TOKEN_WAIT.as_secs()
             )));
         }
         let stripe = (f.id, req.row);
         let (ticket, mut dropped) = self.schedule(stripe, &req.path, range, claims.token);
-        let turn = self.stripes.turns.lock().expect("turns").entry(stripe).or_default().clone();
+        let turn = self.turns.lock().expect("turns").entry(stripe).or_default().clone();
         let give_up = |mut dropped: watch::Receiver<bool>| async move {
             tokio::select! {
                 _ = dropped.wait_for(|d| *d) => {}
@@ -368,7 +371,7 @@ impl FilesService {
             }
         };
         let stale = |why: &str| {
-            self.node.data.stripe_writes_dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.stripe_writes_dropped.fetch_add(1, Ordering::Relaxed);
             ErrorCode::StaleToken.status(format!(
                 "the write of {}..{end} of {} was dropped: the lock it was written under (token {}) is gone{why}; \
                  nothing was written. Take the lock again and rewrite",
@@ -402,8 +405,8 @@ impl FilesService {
         };
         // Seed 004: the write's timestamp is checked with the lock manager. A lock that is gone
         // means a later holder may have written, or may write, these bytes.
-        let holds = self.node.config.env.break_stale_write_check_for_negative_control
-            || self.node.machine.state().engine.write_lock_holds(&req.path, range, claims.token);
+        let holds = self.shared.config.env.break_stale_write_check_for_negative_control
+            || self.shared.locks.write_lock_holds(&req.path, range, claims.token);
         if !holds {
             self.put_back(&session, &grant, &resource).await;
             return Err(stale(""));
@@ -435,13 +438,13 @@ impl FilesService {
         }
         self.put_back(&session, &grant, &resource).await;
         let (version, recomputed) = result.map_err(|e| e.status)?;
-        self.node.data.stripe_writes.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.stripe_writes.fetch_add(1, Ordering::Relaxed);
         self.tell_landed(&f, req.row, version);
         Ok(pb::StripeWritten {
             row: req.row,
-            server: self.node.id,
+            server: self.shared.id(),
             version,
-            load: self.node.data.stripe_load.load(Ordering::Relaxed).saturating_sub(1),
+            load: self.shared.stats.stripe_load.load(Ordering::Relaxed).saturating_sub(1),
             recomputed,
         })
     }
@@ -449,8 +452,8 @@ impl FilesService {
     /// Tests only (`Env::hold_first_stripe_write_ms_for_test`): holds the first stripe write
     /// carried out here, after its lock check and before it writes a unit.
     async fn hold_for_test(&self) {
-        if let Some(ms) = self.node.config.env.hold_first_stripe_write_ms_for_test
-            && !self.stripes.held_for_test.swap(true, Ordering::Relaxed)
+        if let Some(ms) = self.shared.config.env.hold_first_stripe_write_ms_for_test
+            && !self.held_for_test.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(ms, "test hook: holding a stripe write");
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -459,10 +462,10 @@ impl FilesService {
 
     /// Waits, up to [`TOKEN_WAIT`], until this server has applied the grant that issued `token`.
     async fn seen_token(&self, token: u64) -> bool {
-        let mut applied = self.node.machine.applied_index();
+        let mut applied = self.shared.locks.applied_index();
         let deadline = tokio::time::Instant::now() + TOKEN_WAIT;
         loop {
-            if self.node.machine.state().engine.last_token() >= token {
+            if self.shared.locks.last_token() >= token {
                 return true;
             }
             if !matches!(tokio::time::timeout_at(deadline, applied.changed()).await, Ok(Ok(()))) {
@@ -478,9 +481,9 @@ impl FilesService {
         range: ByteRange,
         token: u64,
     ) -> (Ticket<'_>, watch::Receiver<bool>) {
-        let ticket = self.stripes.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
-        self.stripes.scheduled.lock().expect("scheduled").entry(stripe).or_default().push(Scheduled {
+        self.scheduled.lock().expect("scheduled").entry(stripe).or_default().push(Scheduled {
             ticket,
             path: path.to_string(),
             range,
@@ -488,23 +491,23 @@ impl FilesService {
             drop: tx,
             running: false,
         });
-        self.node.data.stripe_load.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.stripe_load.fetch_add(1, Ordering::Relaxed);
         (Ticket { svc: self, stripe, ticket }, rx)
     }
 
     /// Drops the writes scheduled here for `stripe` whose lock is gone (a write landed on it).
-    pub(crate) fn drop_stale_writes(&self, stripe: Stripe) {
-        if self.node.config.env.break_stale_write_check_for_negative_control {
+    pub fn drop_stale_writes(&self, stripe: Stripe) {
+        if self.shared.config.env.break_stale_write_check_for_negative_control {
             return;
         }
-        let scheduled = self.stripes.scheduled.lock().expect("scheduled");
+        let scheduled = self.scheduled.lock().expect("scheduled");
         let Some(list) = scheduled.get(&stripe) else { return };
-        let state = self.node.machine.state();
+        let locks = &self.shared.locks;
         // Every scheduled write's grant was applied here before it was scheduled; the token
         // check only keeps that true should the order ever change.
-        let seen = state.engine.last_token();
+        let seen = locks.last_token();
         for s in list.iter().filter(|s| !s.running && s.token <= seen) {
-            if !state.engine.write_lock_holds(&s.path, s.range, s.token) {
+            if !locks.write_lock_holds(&s.path, s.range, s.token) {
                 let _ = s.drop.send(true);
             }
         }
@@ -512,12 +515,12 @@ impl FilesService {
 
     /// Tells the other servers of the row's layout that a write landed on it.
     fn tell_landed(&self, f: &FileMeta, row: u64, version: u64) {
-        let note = pb::StripeLandedNote { file: f.id, row, version, server: self.node.id };
+        let note = pb::StripeLandedNote { file: f.id, row, version, server: self.shared.id() };
         for &server in f.layout.servers() {
-            if server == self.node.id {
+            if server == self.shared.id() {
                 continue;
             }
-            let Ok(mut c) = self.peer(server) else { continue };
+            let Ok(mut c) = self.shared.peer(server) else { continue };
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(2), c.stripe_landed(note)).await;
             });
@@ -527,16 +530,16 @@ impl FilesService {
 
     /// Seed 003: waits until a state-changing operation may start under this server's lease
     /// (the lease of its stripe session), for up to [`STRIPE_WAIT`].
-    pub(crate) async fn admit(&self) -> Result<Admitted<'_>, Status> {
+    pub async fn admit(&self) -> Result<Admitted<'_>, Status> {
         let session = self.stripe_session().await?;
         let deadline = tokio::time::Instant::now() + STRIPE_WAIT;
         loop {
-            let notified = self.stripes.admitted.notified();
+            let notified = self.admitted.notified();
             let left = session.lease_left().as_millis() as u64;
             let verdict = {
-                let mut a = self.stripes.admission.lock().expect("admission");
+                let mut a = self.admission.lock().expect("admission");
                 let verdict = a.admit(left);
-                let data = &self.node.data;
+                let data = &self.shared.stats;
                 data.writes_in_flight.store(a.in_flight(), Ordering::Relaxed);
                 data.writes_admitted_max.store(a.limit(left), Ordering::Relaxed);
                 data.worst_write_ms.store(a.worst_ms(), Ordering::Relaxed);
@@ -570,26 +573,25 @@ impl FilesService {
 
     /// The session this server holds its stripe locks in, opened on first use.
     async fn stripe_session(&self) -> Result<Session, Status> {
-        let mut s = self.stripes.session.lock().await;
+        let mut s = self.session.lock().await;
         if let Some(s) = &*s {
             return Ok(s.clone());
         }
-        let addr = self.node.config.peers.get(&self.node.id).cloned().unwrap_or_else(|| self.node.addr.clone());
-        let session = Session::open_with(&[addr], STRIPE_SESSION_LEASE_MS, self.node.config.env.connector.clone())
-            .await
-            .map_err(|e| {
-                ErrorCode::Unavailable.status(format!("this server could not open its stripe session: {e}"))
-            })?;
+        let addr = self.shared.locks.address().to_string();
+        let session =
+            Session::open_with(&[addr], STRIPE_SESSION_LEASE_MS, self.shared.locks.connector().clone()).await.map_err(
+                |e| ErrorCode::Unavailable.status(format!("this server could not open its stripe session: {e}")),
+            )?;
         *s = Some(session.clone());
         Ok(session)
     }
 
     /// Forgets a stripe session that failed; the next write opens a new one.
     async fn reset_stripe_session(&self, failed: &Session) {
-        let mut s = self.stripes.session.lock().await;
+        let mut s = self.session.lock().await;
         if s.as_ref().is_some_and(|s| s.id() == failed.id()) {
             *s = None;
-            let mut cached = self.stripes.cached.lock().expect("cached");
+            let mut cached = self.cached.lock().expect("cached");
             cached.0.clear();
             cached.1.clear();
         }
@@ -606,12 +608,12 @@ impl FilesService {
             return;
         }
         let evict: Vec<String> = {
-            let mut cached = self.stripes.cached.lock().expect("cached");
+            let mut cached = self.cached.lock().expect("cached");
             if cached.1.insert(resource.to_string()) {
                 cached.0.push_back(resource.to_string());
             }
             let mut evict = Vec::new();
-            while cached.0.len() > STRIPE_LOCKS_CACHED {
+            while cached.0.len() > self.shared.config.limits.stripe_locks_cached {
                 if let Some(old) = cached.0.pop_front() {
                     cached.1.remove(&old);
                     evict.push(old);
@@ -638,11 +640,11 @@ impl FilesService {
         let w = RowWrite { lo: req.offset - row * l.row_bytes(), data: &req.data };
         // A row past the end of the file may not exist yet, and a row inside it that no write
         // ever reached (a hole, every unit missing) neither: their missing units are zeros.
-        let size = self.file(&req.path).map_err(RmwError::before)?.size;
+        let size = self.shared.file(&req.path).map_err(RmwError::before)?.size;
         let existing = row < l.rows(size);
         let lvb = version_of(&grant.value);
         let roles = stripe::update_roles(l, &w);
-        let read: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.fetch(f, row, r)))
+        let read: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.shared.fetch(f, row, r)))
             .await
             .into_iter()
             .zip(&roles)
@@ -652,7 +654,8 @@ impl FilesService {
             Some(plan) => plan,
             None => {
                 // Everything of the row, to recompute its parity from its data.
-                let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.fetch(f, row, r))).await;
+                let all: Vec<Fetched> =
+                    futures::future::join_all(l.roles().map(|r| self.shared.fetch(f, row, r))).await;
                 let in_file = stripe::units_in_file(l, row, size);
                 stripe::plan_recompute(l, &w, all, lvb, existing, in_file).map_err(|e| {
                     RmwError::before(match e {
@@ -661,7 +664,7 @@ impl FilesService {
                              another",
                             req.path
                         )),
-                        PlanError::Unreadable(why) => crate::errors::row_code(&why)
+                        PlanError::Unreadable(why) => row_code(&why)
                             .status(format!("row {row} of {} cannot be read to write it: {why}", req.path)),
                     })
                 })?
@@ -676,7 +679,7 @@ impl FilesService {
                 let req = pb::WriteUnitRequest {
                     unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
                     resource: resource.to_string(),
-                    range: Some(pb::Range { start: 0, end: u64::MAX }),
+                    range: Some(range_to_pb(ByteRange::ALL)),
                     token: grant.signed_token.clone(),
                     data: bytes,
                     covers,
@@ -685,7 +688,7 @@ impl FilesService {
                     client_token: req.token.clone(),
                 };
                 async move {
-                    let mut c = self.storage(server)?;
+                    let mut c = self.shared.storage(server)?;
                     c.write_unit(req).await.map_err(|e| {
                         wire::reword(
                             &e,

@@ -8,48 +8,36 @@
 //! whole file for put and rm). The gateway checks it before it does anything, and every storage
 //! server checks it again before it writes a unit.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chunks::UnitId;
 use futures::Stream;
 use layout::stripe::{StoredUnit, UnitRead as Fetched, is_hole, role_index, role_name, solve_row, units_in_file};
 use layout::{Layout, Role};
-use lockengine::ByteRange;
+use lockservice::{FileMeta, Op};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use wire::ErrorCode;
+use wire::convert::unit_ref;
 use wire::v1 as pb;
-use wire::v1::files_client::FilesClient;
-use wire::v1::storage_client::StorageClient;
 
-use crate::node::Node;
-use crate::storage::{MESSAGE_BYTES_MAX, unit_ref};
-use crate::types::{FileMeta, Op};
+use crate::config::{DEFAULT_UNIT, MESSAGE_BYTES_MAX};
+use crate::errors::row_code;
+use crate::shared::Shared;
 use crate::write::Stripes;
 
-/// The stripe unit when a put does not choose one.
-pub const DEFAULT_UNIT: u32 = 1 << 20;
-/// The largest file when the server's config does not say (16 TiB).
-pub const FILE_BYTES_MAX_DEFAULT: u64 = 16 << 40;
-/// Rows a put, get or rebuild keeps in flight at once.
-const ROWS_IN_FLIGHT: usize = 4;
-/// Longest path.
-const PATH_BYTES_MAX: usize = 4096;
-
+/// The files service of one server: the gateway of the data path for its clients.
 #[derive(Clone)]
 pub struct FilesService {
-    pub(crate) node: Node,
-    channels: Arc<Mutex<HashMap<u64, Channel>>>,
-    pub(crate) stripes: Arc<Stripes>,
+    shared: Arc<Shared>,
+    stripes: Arc<Stripes>,
 }
 
 impl std::fmt::Debug for FilesService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FilesService({})", self.node.id)
+        write!(f, "FilesService({})", self.shared.id())
     }
 }
 
@@ -66,10 +54,10 @@ fn stat_of(path: &str, f: &FileMeta) -> pb::FileStat {
     }
 }
 
-fn check_path(path: &str) -> Result<(), Status> {
-    if !path.starts_with('/') || path.len() > PATH_BYTES_MAX || path.contains('\0') {
+fn check_path(path: &str, path_bytes_max: usize) -> Result<(), Status> {
+    if !path.starts_with('/') || path.len() > path_bytes_max || path.contains('\0') {
         return Err(ErrorCode::BadRequest.status(format!(
-            "`{path}` is not a file path: it must start with / and be at most {PATH_BYTES_MAX} bytes"
+            "`{path}` is not a file path: it must start with / and be at most {path_bytes_max} bytes"
         )));
     }
     if path.ends_with('/') || path.contains("//") {
@@ -81,27 +69,15 @@ fn check_path(path: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// A size in the largest binary unit that divides it evenly (16 TiB, 3 KiB, 5 B).
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut i = 0;
-    let mut n = b;
-    while n >= 1024 && n.is_multiple_of(1024) && i + 1 < units.len() {
-        n /= 1024;
-        i += 1;
-    }
-    format!("{n} {}", units[i])
-}
-
 /// FNV-1a, to spread files' layouts over the servers.
 fn spread(path: &str) -> u64 {
     path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 impl FilesService {
-    pub fn new(node: Node) -> FilesService {
-        let stripes = Arc::new(Stripes::new(node.id));
-        FilesService { node, channels: Arc::new(Mutex::new(HashMap::new())), stripes }
+    pub fn new(shared: Arc<Shared>) -> FilesService {
+        let stripes = Arc::new(Stripes::new(shared.clone()));
+        FilesService { shared, stripes }
     }
 
     pub fn server(self) -> pb::files_server::FilesServer<FilesService> {
@@ -110,91 +86,10 @@ impl FilesService {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
-    /// The channel to server `server` (made once, then shared).
-    fn channel(&self, server: u64) -> Result<Channel, Status> {
-        if let Some(c) = self.channels.lock().expect("channels").get(&server) {
-            return Ok(c.clone());
-        }
-        let addr = self.node.config.peers.get(&server).ok_or_else(|| {
-            ErrorCode::Internal.status(format!("server {server} of the layout is not in this cluster"))
-        })?;
-        let channel =
-            self.node.config.env.connector.channel(addr).map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
-        self.channels.lock().expect("channels").insert(server, channel.clone());
-        Ok(channel)
-    }
-
-    pub(crate) fn storage(&self, server: u64) -> Result<StorageClient<Channel>, Status> {
-        Ok(StorageClient::new(self.channel(server)?)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
-    }
-
-    /// The files service of another server (to delegate stripe writes to it).
-    pub(crate) fn peer(&self, server: u64) -> Result<FilesClient<Channel>, Status> {
-        Ok(FilesClient::new(self.channel(server)?)
-            .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
-    }
-
-    /// The claims of the caller's token, checked: signed by this cluster, for a lock on `path`.
-    pub(crate) fn claims(&self, path: &str, text: &str) -> Result<token::Claims, Status> {
-        let secret =
-            self.node.machine.state().secret.ok_or_else(|| {
-                ErrorCode::Unavailable.status("the cluster is still starting (no secret yet); try again")
-            })?;
-        let signed: token::SignedToken =
-            text.parse().map_err(|e: token::TokenError| ErrorCode::BadToken.status(format!("no valid token: {e}")))?;
-        let claims = token::ClusterKey::from_bytes(secret)
-            .verify(&signed)
-            .map_err(|e| ErrorCode::BadToken.status(format!("the token is not valid: {e}")))?;
-        if claims.resource != path {
-            return Err(
-                ErrorCode::Denied.status(format!("the token is for a lock on {}, not on {path}", claims.resource))
-            );
-        }
-        Ok(claims)
-    }
-
-    /// Checks the caller's token for `path` (for writing: EX or PW on the whole file).
-    fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
-        let claims = self.claims(path, text)?;
-        if write && (!claims.mode.is_write() || !claims.range.contains(ByteRange::ALL)) {
-            return Err(ErrorCode::Denied.status(format!(
-                "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
-                claims.mode, claims.range
-            )));
-        }
-        Ok(())
-    }
-
-    /// Refuses to make `path` `end` bytes long past the largest file this server allows.
-    pub(crate) fn check_file_size(&self, path: &str, end: u64) -> Result<(), Status> {
-        let max = self.node.config.file_bytes_max;
-        if end > max {
-            return Err(ErrorCode::TooLarge.status(format!(
-                "{path} would be {end} bytes long, past the largest file this cluster allows, {max} bytes ({}); \
-                 the limit is the servers' file_bytes_max",
-                human_bytes(max)
-            )));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn file(&self, path: &str) -> Result<FileMeta, Status> {
-        self.node
-            .machine
-            .state()
-            .files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| ErrorCode::NotFound.status(format!("no such file: {path}")))
-    }
-
     /// The layout of a new file: the requested shape (or the cluster's default) over servers
     /// chosen by the path, so files spread over a larger cluster.
     fn choose_layout(&self, path: &str, first: &pb::PutChunk) -> Result<Layout, Status> {
-        let ids: Vec<u64> = self.node.config.peers.keys().copied().collect();
+        let ids: Vec<u64> = self.shared.locks.members().keys().copied().collect();
         let n = ids.len();
         let (k0, m0) = Layout::default_shape(n);
         let m = match first.parity_units_plus_one {
@@ -266,7 +161,7 @@ impl FilesService {
         let covers: Vec<u64> = (0..k).map(|j| u64::from(j < stored.len())).collect();
         let start = row * l.row_bytes();
         let range = pb::Range { start, end: start + l.row_bytes() };
-        let _admitted = self.admit().await?;
+        let _admitted = self.stripes.admit().await?;
         let mut writes = Vec::new();
         for role in l.roles() {
             let (bytes, covers) = match role {
@@ -276,7 +171,7 @@ impl FilesService {
                 Role::Q => (std::mem::take(&mut q), covers.clone()),
             };
             let server = l.server(row, role);
-            let mut client = self.storage(server)?;
+            let mut client = self.shared.storage(server)?;
             let req = pb::WriteUnitRequest {
                 unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
                 resource: path.to_string(),
@@ -299,56 +194,6 @@ impl FilesService {
         Ok(())
     }
 
-    /// One unit as its server has it.
-    pub(crate) async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
-        self.fetch_as(f, row, role, None).await
-    }
-
-    /// One unit, read for a reader without a lock on `unlocked` (a path) if given: its server
-    /// then serves it only while the bytes it holds are free of write locks.
-    async fn fetch_as(&self, f: &FileMeta, row: u64, role: Role, unlocked: Option<&str>) -> Fetched {
-        let server = f.layout.server(row, role);
-        let what = format!("row {row} {} on server {server}", role_name(role));
-        let mut client = match self.storage(server) {
-            Ok(c) => c,
-            Err(e) => return Fetched::Unavailable(format!("{what}: {}", e.message())),
-        };
-        let l = &f.layout;
-        let bytes = match role {
-            Role::Data(j) => {
-                let start = row * l.row_bytes() + j as u64 * l.unit() as u64;
-                start..start + l.unit() as u64
-            }
-            Role::P | Role::Q => row * l.row_bytes()..(row + 1) * l.row_bytes(),
-        };
-        let req = pb::ReadUnitRequest {
-            unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
-            unlocked_path: unlocked.unwrap_or_default().to_string(),
-            unlocked_range: unlocked.map(|_| pb::Range { start: bytes.start, end: bytes.end }),
-        };
-        match client.read_unit(req).await {
-            Ok(r) => {
-                let mut u = r.into_inner();
-                if !u.found {
-                    Fetched::Missing(format!("{what}: missing"))
-                } else if u.data.len() > f.layout.unit() as usize {
-                    Fetched::Damaged(format!("{what}: {} bytes, more than {}", u.data.len(), f.layout.unit()))
-                } else {
-                    // A short unit (the end of a file) holds zeros past its bytes.
-                    u.data.resize(f.layout.unit() as usize, 0);
-                    Fetched::Ok(StoredUnit { bytes: u.data, version: u.version, covers: u.covers })
-                }
-            }
-            Err(e) if wire::code_of(&e) == Ok(ErrorCode::Corrupt) => {
-                Fetched::Damaged(format!("{what}: {}", e.message()))
-            }
-            Err(e) if unlocked.is_some() && wire::code_of(&e) == Ok(ErrorCode::Busy) => {
-                Fetched::Refused(format!("server {server}: {}", e.message()))
-            }
-            Err(e) => Fetched::Unavailable(format!("{what}: {}", e.message())),
-        }
-    }
-
     /// The data of one row, rebuilt from parity if a unit cannot be read. Returns whether it was.
     /// For a reader without a lock, `unlocked` is true: each server checks the bytes it holds
     /// are free of write locks.
@@ -358,7 +203,7 @@ impl FilesService {
         let as_reader = unlocked.then_some(path);
         // Units wholly past the end of the file hold no byte a reader gets: not read at first.
         let in_file = units_in_file(l, row, f.size);
-        let reads = (0..in_file).map(|j| self.fetch_as(f, row, Role::Data(j as u8), as_reader));
+        let reads = (0..in_file).map(|j| self.shared.fetch_as(f, row, Role::Data(j as u8), as_reader));
         let mut fetched: Vec<Fetched> = futures::future::join_all(reads).await;
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
             return Err(ErrorCode::Busy.status(why.clone()));
@@ -373,7 +218,7 @@ impl FilesService {
             return Ok((out, false));
         }
         let rest = (in_file..k).map(|j| Role::Data(j as u8)).chain(l.roles().skip(k));
-        let rest: Vec<_> = rest.map(|r| self.fetch_as(f, row, r, as_reader)).collect();
+        let rest: Vec<_> = rest.map(|r| self.shared.fetch_as(f, row, r, as_reader)).collect();
         fetched.extend(futures::future::join_all(rest).await);
         if let Some(Fetched::Refused(why)) = fetched.iter().find(|u| matches!(u, Fetched::Refused(_))) {
             return Err(ErrorCode::Busy.status(why.clone()));
@@ -382,22 +227,21 @@ impl FilesService {
             // A write past the end skipped this row; it reads as zeros.
             return Ok((vec![0; l.row_bytes() as usize], false));
         }
-        let solved = solve_row(l, &fetched, in_file).map_err(|why| {
-            crate::errors::row_code(&why).status(format!("row {row} of {path} cannot be read: {why}"))
-        })?;
+        let solved = solve_row(l, &fetched, in_file)
+            .map_err(|why| row_code(&why).status(format!("row {row} of {path} cannot be read: {why}")))?;
         Ok((solved.data.concat(), true))
     }
 
     /// Every unit of a row, fetched at once.
     async fn fetch_row(&self, f: &FileMeta, row: u64) -> Vec<Fetched> {
-        futures::future::join_all(f.layout.roles().map(|r| self.fetch(f, row, r))).await
+        futures::future::join_all(f.layout.roles().map(|r| self.shared.fetch(f, row, r))).await
     }
 
     /// Stores a recomputed unit `id` of `path` on `server`.
     async fn restore(&self, path: &str, server: u64, id: UnitId, unit: StoredUnit, token: &str) -> Result<(), Status> {
         let (row, role) = (id.row, id.role);
-        let _admitted = self.admit().await?;
-        let mut client = self.storage(server)?;
+        let _admitted = self.stripes.admit().await?;
+        let mut client = self.shared.storage(server)?;
         let req = pb::RestoreUnitRequest {
             unit: Some(unit_ref(&id)),
             resource: path.to_string(),
@@ -493,13 +337,14 @@ impl pb::files_server::Files for FilesService {
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| ErrorCode::BadRequest.status("an empty put"))?;
         let path = first.path.clone();
-        check_path(&path)?;
-        self.check_token(&path, &first.token, true)?;
-        let writer = self.claims(&path, &first.token)?.session;
+        check_path(&path, self.shared.config.limits.path_bytes_max)?;
+        self.shared.check_token(&path, &first.token, true)?;
+        let writer = self.shared.claims(&path, &first.token)?.session;
         let layout = self.choose_layout(&path, &first)?;
         let reply = self
-            .node
-            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone(), writer: Some(writer) }, None)
+            .shared
+            .locks
+            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone(), writer: Some(writer) })
             .await
             .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
@@ -512,9 +357,10 @@ impl pb::files_server::Files for FilesService {
             let row_bytes = meta.layout.row_bytes() as usize;
             let mut buf = first.data;
             let mut size = buf.len() as u64;
-            self.check_file_size(&path, size)?;
+            self.shared.check_file_size(&path, size)?;
             let mut row = 0u64;
-            // Rows go out ROWS_IN_FLIGHT at a time, so the servers' syncs overlap.
+            let rows_in_flight = self.shared.config.limits.rows_in_flight;
+            // Rows go out `rows_in_flight` at a time, so the servers' syncs overlap.
             let mut in_flight = futures::stream::FuturesUnordered::new();
             loop {
                 while buf.len() >= row_bytes {
@@ -522,14 +368,14 @@ impl pb::files_server::Files for FilesService {
                     let full = std::mem::replace(&mut buf, rest);
                     in_flight.push(self.write_row(&path, &meta, row, full, &first.token));
                     row += 1;
-                    while in_flight.len() >= ROWS_IN_FLIGHT {
+                    while in_flight.len() >= rows_in_flight {
                         in_flight.next().await.expect("not empty")?;
                     }
                 }
                 match stream.message().await? {
                     Some(chunk) => {
                         size += chunk.data.len() as u64;
-                        self.check_file_size(&path, size)?;
+                        self.shared.check_file_size(&path, size)?;
                         buf.extend_from_slice(&chunk.data);
                     }
                     None => break,
@@ -548,20 +394,24 @@ impl pb::files_server::Files for FilesService {
             Ok(size) => size,
             Err(e) => {
                 // Nothing half-written stays visible: the file leaves the namespace.
-                let _ = self.node.propose(Op::RemoveFile { path: path.clone(), id }, None).await;
+                let _ = self.shared.locks.propose(Op::RemoveFile { path: path.clone(), id }).await;
                 let this = self.clone();
                 let (p, t) = (path.clone(), first.token.clone());
                 tokio::spawn(async move { this.delete_units(&p, &meta, &t).await });
                 return Err(e);
             }
         };
-        let reply =
-            self.node.propose(Op::CompleteFile { path: path.clone(), id, size }, None).await.map_err(|e| e.status())?;
+        let reply = self
+            .shared
+            .locks
+            .propose(Op::CompleteFile { path: path.clone(), id, size })
+            .await
+            .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
             return Err(e.status());
         }
-        self.node.applied(reply.index).await;
-        Ok(Response::new(stat_of(&path, &self.file(&path)?)))
+        self.shared.applied(reply.index).await;
+        Ok(Response::new(stat_of(&path, &self.shared.file(&path)?)))
     }
 
     type GetStream = DataStream;
@@ -571,9 +421,9 @@ impl pb::files_server::Files for FilesService {
         // No token: a read without a lock, which storage checks against write locks (seed 000).
         let unlocked = r.token.is_empty();
         if !unlocked {
-            self.check_token(&r.path, &r.token, false)?;
+            self.shared.check_token(&r.path, &r.token, false)?;
         }
-        let f = self.file(&r.path)?;
+        let f = self.shared.file(&r.path)?;
         if !f.complete {
             return Err(
                 ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
@@ -603,7 +453,7 @@ impl pb::files_server::Files for FilesService {
                         pb::FileData { data, rebuilt_rows: rebuilt as u32 }
                     })
                 })
-                .buffered(ROWS_IN_FLIGHT);
+                .buffered(this.shared.config.limits.rows_in_flight);
             while let Some(result) = reads.next().await {
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
@@ -616,25 +466,19 @@ impl pb::files_server::Files for FilesService {
 
     async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileStat>, Status> {
         let path = req.into_inner().path;
-        Ok(Response::new(stat_of(&path, &self.file(&path)?)))
+        Ok(Response::new(stat_of(&path, &self.shared.file(&path)?)))
     }
 
     async fn list(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileList>, Status> {
         let prefix = req.into_inner().path;
-        let state = self.node.machine.state();
-        let files = state
-            .files
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .map(|(p, f)| stat_of(p, f))
-            .collect();
+        let files = self.shared.locks.files(&prefix).iter().map(|(p, f)| stat_of(p, f)).collect();
         Ok(Response::new(pb::FileList { files }))
     }
 
     async fn scrub(&self, req: Request<pb::ScrubRequest>) -> Result<Response<pb::ScrubReport>, Status> {
         let r = req.into_inner();
-        self.check_token(&r.path, &r.token, r.repair)?;
-        let f = self.file(&r.path)?;
+        self.shared.check_token(&r.path, &r.token, r.repair)?;
+        let f = self.shared.file(&r.path)?;
         if !f.complete {
             return Err(
                 ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
@@ -645,14 +489,14 @@ impl pb::files_server::Files for FilesService {
 
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildReport>, Status> {
         let r = req.into_inner();
-        self.check_token(&r.path, &r.token, true)?;
-        let f = self.file(&r.path)?;
+        self.shared.check_token(&r.path, &r.token, true)?;
+        let f = self.shared.file(&r.path)?;
         let l = &f.layout;
         let Some(position) = l.servers().iter().position(|s| *s == r.lost_server) else {
             return Err(ErrorCode::BadRequest.status(format!("server {} holds no unit of {}", r.lost_server, r.path)));
         };
         let target = if r.onto == 0 { r.lost_server } else { r.onto };
-        if r.onto != 0 && (l.servers().contains(&r.onto) || !self.node.config.peers.contains_key(&r.onto)) {
+        if r.onto != 0 && (l.servers().contains(&r.onto) || !self.shared.locks.members().contains_key(&r.onto)) {
             return Err(ErrorCode::BadRequest.status(format!(
                 "server {} cannot take server {}'s place in {}: it is not a server of the cluster outside the file's layout",
                 r.onto, r.lost_server, r.path
@@ -672,7 +516,7 @@ impl pb::files_server::Files for FilesService {
                     return Ok(0);
                 }
                 let solved = solve_row(l, &fetched, units_in_file(l, row, f.size)).map_err(|why| {
-                    crate::errors::row_code(&why).status(format!("row {row} of {} cannot be rebuilt: {why}", r.path))
+                    row_code(&why).status(format!("row {row} of {} cannot be rebuilt: {why}", r.path))
                 })?;
                 if let Role::Data(j) = role
                     && solved.absent[j as usize]
@@ -696,7 +540,9 @@ impl pb::files_server::Files for FilesService {
         };
         {
             use futures::StreamExt;
-            let mut rows = futures::stream::iter(0..l.rows(f.size)).map(rebuild_row).buffer_unordered(ROWS_IN_FLIGHT);
+            let mut rows = futures::stream::iter(0..l.rows(f.size))
+                .map(rebuild_row)
+                .buffer_unordered(self.shared.config.limits.rows_in_flight);
             while let Some(bytes) = rows.next().await {
                 let bytes = bytes?;
                 report.bytes += bytes;
@@ -709,47 +555,52 @@ impl pb::files_server::Files for FilesService {
             let layout = Layout::new(l.unit(), l.data(), l.parity(), servers.clone())
                 .map_err(|e| ErrorCode::Internal.status(e.to_string()))?;
             let reply = self
-                .node
-                .propose(Op::SetLayout { path: r.path.clone(), id: f.id, layout }, None)
+                .shared
+                .locks
+                .propose(Op::SetLayout { path: r.path.clone(), id: f.id, layout })
                 .await
                 .map_err(|e| e.status())?;
             if let Some(e) = reply.error {
                 return Err(e.status());
             }
-            self.node.applied(reply.index).await;
+            self.shared.applied(reply.index).await;
         }
         report.servers = servers;
         Ok(Response::new(report))
     }
 
     async fn write(&self, req: Request<pb::WriteRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        self.write_at(req.into_inner()).await.map(Response::new)
+        self.stripes.write_at(req.into_inner()).await.map(Response::new)
     }
 
     async fn write_stripe(&self, req: Request<pb::StripeWrite>) -> Result<Response<pb::StripeWritten>, Status> {
-        self.write_stripe_here(req.into_inner()).await.map(Response::new)
+        self.stripes.write_stripe_here(req.into_inner()).await.map(Response::new)
     }
 
     async fn lock_free(&self, req: Request<pb::LockFreeQuery>) -> Result<Response<pb::LockFreeAnswer>, Status> {
-        self.lock_free_here(req.into_inner()).map(Response::new)
+        self.shared.lock_free_here(req.into_inner()).map(Response::new)
     }
 
     async fn invalidate(&self, req: Request<pb::InvalidateNote>) -> Result<Response<pb::Ack>, Status> {
-        self.invalidated(req.into_inner()).map(|()| Response::new(pb::Ack {}))
+        self.shared.invalidated(req.into_inner()).map(|()| Response::new(pb::Ack {}))
     }
 
     async fn stripe_landed(&self, req: Request<pb::StripeLandedNote>) -> Result<Response<pb::Ack>, Status> {
         let note = req.into_inner();
-        self.drop_stale_writes((note.file, note.row));
+        self.stripes.drop_stale_writes((note.file, note.row));
         Ok(Response::new(pb::Ack {}))
     }
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveReply>, Status> {
         let r = req.into_inner();
-        self.check_token(&r.path, &r.token, true)?;
-        let f = self.file(&r.path)?;
-        let reply =
-            self.node.propose(Op::RemoveFile { path: r.path.clone(), id: f.id }, None).await.map_err(|e| e.status())?;
+        self.shared.check_token(&r.path, &r.token, true)?;
+        let f = self.shared.file(&r.path)?;
+        let reply = self
+            .shared
+            .locks
+            .propose(Op::RemoveFile { path: r.path.clone(), id: f.id })
+            .await
+            .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
             return Err(e.status());
         }
@@ -763,7 +614,7 @@ impl FilesService {
         let deletes = f.layout.servers().iter().map(|server| {
             let req = pb::DeleteFileRequest { file: f.id, resource: path.to_string(), token: token.to_string() };
             async move {
-                let mut client = self.storage(*server)?;
+                let mut client = self.shared.storage(*server)?;
                 client
                     .delete_file(req)
                     .await

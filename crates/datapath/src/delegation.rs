@@ -27,6 +27,7 @@ pub struct Delegation {
     outstanding: HashMap<u64, u32>,
     last: HashMap<Stripe, u64>,
     order: VecDeque<Stripe>,
+    remembered: usize,
 }
 
 impl Delegation {
@@ -37,7 +38,14 @@ impl Delegation {
             outstanding: HashMap::new(),
             last: HashMap::new(),
             order: VecDeque::new(),
+            remembered: STRIPES_REMEMBERED,
         }
+    }
+
+    /// Remembers the last delegate of at most `stripes` stripes.
+    pub fn remembering(mut self, stripes: usize) -> Delegation {
+        self.remembered = stripes.max(1);
+        self
     }
 
     /// Server `server`'s load as this gateway knows it at `now_ms`.
@@ -91,7 +99,7 @@ impl Delegation {
         }
         if succeeded && self.last.insert(stripe, server).is_none() {
             self.order.push_back(stripe);
-            while self.order.len() > STRIPES_REMEMBERED {
+            while self.order.len() > self.remembered {
                 if let Some(old) = self.order.pop_front() {
                     self.last.remove(&old);
                 }

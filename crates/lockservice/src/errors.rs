@@ -1,5 +1,6 @@
-//! The server's errors as types, and the wire code of each: the engine's refusals, the
-//! namespace's, a proposal that could not be committed, a stripe row that cannot be solved.
+//! The lock service's errors as types, and the wire code of each: the engine's refusals and a
+//! proposal that could not be committed (the namespace's refusals are replicated data, in
+//! `types`).
 //! Every refusal a client sees carries a [`wire::ErrorCode`]; retrying is decided by that code,
 //! never by reading a message.
 
@@ -25,40 +26,6 @@ pub fn engine_code(e: &EngineError) -> ErrorCode {
         | EngineError::EpochBackwards { .. } => ErrorCode::Conflict,
         EngineError::ValueTooLarge { .. } | EngineError::NameTooLong { .. } => ErrorCode::TooLarge,
         EngineError::Limit { .. } => ErrorCode::Limit,
-    }
-}
-
-/// Why the state machine refused a namespace command. Part of `Reply`, so it is replicated
-/// data: add variants, never change one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum NamespaceError {
-    #[error("{path} exists; remove it first (stripelock rm {path})")]
-    Exists { path: String },
-    #[error("the namespace holds its limit of {max} files")]
-    FilesLimit { max: u64 },
-    #[error("the session putting {path} has ended; take the lock again")]
-    WriterEnded { path: String },
-    #[error("{path} is no longer the file being written (it was removed)")]
-    PutGone { path: String },
-    #[error("{path} is no longer the file written (it was removed or replaced)")]
-    FileReplaced { path: String },
-    #[error("no such file: {path}")]
-    NotFound { path: String },
-}
-
-impl NamespaceError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            NamespaceError::Exists { .. } => ErrorCode::Exists,
-            NamespaceError::FilesLimit { .. } => ErrorCode::Limit,
-            NamespaceError::WriterEnded { .. } => ErrorCode::SessionExpired,
-            NamespaceError::PutGone { .. } | NamespaceError::FileReplaced { .. } => ErrorCode::Conflict,
-            NamespaceError::NotFound { .. } => ErrorCode::NotFound,
-        }
-    }
-
-    pub fn status(&self) -> Status {
-        self.code().status(self.to_string())
     }
 }
 
@@ -114,19 +81,10 @@ impl ProposeError {
     }
 }
 
-/// The code of a row that cannot be read: corrupt when a unit is known bad, unavailable when
-/// units were only on servers that did not answer (it may be read once they are back).
-pub fn row_code(e: &layout::stripe::SolveError) -> ErrorCode {
-    match e {
-        layout::stripe::SolveError::TooManyLost { damaged: true, .. } => ErrorCode::Corrupt,
-        layout::stripe::SolveError::TooManyLost { damaged: false, .. } => ErrorCode::Unavailable,
-        layout::stripe::SolveError::Parity(_) => ErrorCode::Internal,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::NamespaceError;
 
     /// Forwarding keeps the leader's code, and only a retryable code is retried: a leader that
     /// could not read the command is not asked again and again for five seconds.

@@ -18,29 +18,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::codec::{self, Record};
-use crate::errors::NamespaceError;
+use crate::env::{ApplyEvent, Env};
 use crate::store::Store;
-use crate::types::{C, Command, FileMeta, Op, Origin, Reply, SnapshotData, io_error};
+use crate::types::{C, Command, FileMeta, NamespaceError, Op, Origin, Reply, SnapshotData, io_error};
 
 /// One applied entry, as the local server's sessions see it.
 #[derive(Debug, Clone)]
 pub struct Applied {
     pub index: u64,
-    pub origin: Option<Origin>,
-    pub reply: Reply,
-}
-
-/// One entry as applied on one server, for an observer (the simulation's checker).
-#[derive(Debug, Clone)]
-pub struct ApplyEvent {
-    pub server: u64,
-    pub index: u64,
-    /// The leader's time stamped into the entry.
-    pub now_ms: u64,
-    /// The engine input the entry carried: `None` for one that is not an engine input (opening
-    /// a session, bootstrap); a handover shows its request (its release shows in the outputs).
-    pub input: Option<Input>,
-    /// Who asked: session and request number.
     pub origin: Option<Origin>,
     pub reply: Reply,
 }
@@ -386,7 +371,7 @@ impl std::fmt::Debug for Machine {
 const APPLIED_BACKLOG: usize = 4_096;
 
 impl Machine {
-    pub fn new(store: Store, server: u64, limits: Limits, env: &crate::node::Env) -> io::Result<Machine> {
+    pub fn new(store: Store, server: u64, limits: Limits, env: &Env) -> io::Result<Machine> {
         let snapshot = store.snapshot()?;
         let (index_tx, _) = watch::channel(0);
         Ok(Machine {
@@ -917,7 +902,7 @@ mod tests {
         use openraft::entry::RaftEntry;
         let db = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
         let store = Store::in_memory(Arc::new(db)).unwrap();
-        let mut machine = Machine::new(store, 1, Limits::default(), &crate::node::Env::default()).unwrap();
+        let mut machine = Machine::new(store, 1, Limits::default(), &Env::default()).unwrap();
         let mut index = 0;
         let mut apply = async |machine: &mut Machine, cmd: Command| {
             index += 1;

@@ -1,16 +1,15 @@
-//! One server: its Raft node, its state machine, the gRPC services, and the leader's duties.
+//! One lock server: its Raft node, its state machine, the Raft service, and the leader's duties.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lockengine::{Input, Limits, SessionId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::SnapshotOf;
-use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use openraft::{Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -18,8 +17,9 @@ use wire::v1::RaftPayload;
 use wire::v1::raft_client::RaftClient;
 use wire::v1::raft_server::RaftServer;
 
+use crate::env::Env;
 pub use crate::errors::ProposeError;
-use crate::machine::{ApplyEvent, Machine};
+use crate::machine::Machine;
 use crate::network::{
     APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, VOTE, decode, decode_snapshot, encode,
 };
@@ -28,9 +28,9 @@ use crate::types::{C, Command, NodeAddr, NodeId, Op, Reply, SnapshotData};
 
 pub type StripeRaft = Raft<C, Machine>;
 
-/// How a server is set up.
+/// How a lock server is set up.
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct Config {
     pub id: NodeId,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -46,87 +46,12 @@ pub struct ServerConfig {
     pub snapshot_every: u64,
     /// Lease of the server's gateway session, whose cached read locks serve its clients.
     pub gateway_lease_ms: u64,
-    /// Largest file this server's gateway lets a put or a write make, in bytes (issue 10: an
-    /// offset of 2^62 made a file of 4.6 EB that no scrub could finish).
-    pub file_bytes_max: u64,
-    /// How long units of a file no longer in the namespace are kept before they are deleted
-    /// (checked every this often; a file must be missing at two checks); 0 keeps them.
-    pub orphan_grace_ms: u64,
     /// The shortest and longest session lease a client may ask for; others are refused.
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
-    /// Seed 003: how long a storage lease lasts (see `fencing.rs`); the leader waits at most
-    /// this long for a storage server that does not acknowledge a fence.
-    pub storage_lease_ms: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,
-}
-
-/// Everything a server takes from outside itself besides its configuration: clock, network,
-/// disk, randomness. A simulation replaces each with a deterministic one.
-#[derive(Clone, Default)]
-pub struct Env {
-    /// Milliseconds a leader stamps into entries; the wall clock when `None`.
-    pub clock: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
-    /// How to reach other servers.
-    pub connector: wire::Connector,
-    /// A database to keep the Raft state in instead of `DATA/raft.redb` (an in-memory one in the
-    /// simulation: commits are then durable at once and no flusher thread runs).
-    pub database: Option<Arc<redb::Database>>,
-    /// Where this server keeps its stripe units instead of `DATA/units` (memory in tests).
-    pub volume: Option<Arc<dyn chunks::Device>>,
-    /// The cluster secret to bootstrap with, instead of one from /dev/urandom.
-    pub secret: Option<[u8; 32]>,
-    /// Election timeouts (min, max) in ms, instead of 3–6 heartbeats.
-    pub election_timeout_ms: Option<(u64, u64)>,
-    /// Sees every entry this server applies, with its outputs (the simulation's checker).
-    pub observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
-    /// Negative control for the simulation only: the engine drops an expired holder's locks
-    /// before it is fenced. Never set outside a test.
-    pub break_fencing_for_negative_control: bool,
-    /// Negative control for the simulation only: a server's gateway gives its read lock back at
-    /// once when revoked, leaving its readers holding what is no longer covered. Never set
-    /// outside a test.
-    pub break_gateway_for_negative_control: bool,
-    /// Negative control for tests only: a stripe write is carried out even when the lock it was
-    /// written under is gone (seed 004's timestamp check skipped). Never set outside a test.
-    pub break_stale_write_check_for_negative_control: bool,
-    /// Sees what this server's storage does about fences (the simulation's checker).
-    pub storage_observer: Option<Arc<dyn Fn(crate::fencing::StorageEvent) + Send + Sync>>,
-    /// Negative control for tests only: the leader acknowledges fences without sending them to
-    /// storage, and storage refuses no token for its session being fenced or ended (fence before
-    /// re-grant unenforced, as before issue 11). Never set outside a test.
-    pub skip_storage_fence_for_negative_control: bool,
-    /// Tests only: the first stripe write this server carries out waits this long after its
-    /// lock check and before it writes any unit (a write held back past its client's lease).
-    /// Never set outside a test.
-    pub hold_first_stripe_write_ms_for_test: Option<u64>,
-    /// Negative control for tests only: the leader sends no invalidations (seed 000), so storage
-    /// servers keep serving reads without a lock from ranges a write lock now covers. Never set
-    /// outside a test.
-    pub break_invalidate_for_negative_control: bool,
-}
-
-impl std::fmt::Debug for Env {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Env")
-            .field("simulated_clock", &self.clock.is_some())
-            .field("in_memory", &self.database.is_some())
-            .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
-            .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
-            .field("break_stale_write_check_for_negative_control", &self.break_stale_write_check_for_negative_control)
-            .field("skip_storage_fence_for_negative_control", &self.skip_storage_fence_for_negative_control)
-            .field("hold_first_stripe_write_ms_for_test", &self.hold_first_stripe_write_ms_for_test)
-            .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Env {
-    pub fn now_ms(&self) -> u64 {
-        self.clock.as_ref().map_or_else(wall_ms, |c| c())
-    }
 }
 
 /// A running server's shared parts.
@@ -136,11 +61,7 @@ pub struct Node {
     pub addr: String,
     pub raft: StripeRaft,
     pub machine: Machine,
-    pub config: Arc<ServerConfig>,
-    /// Counters of the data path, for `status`.
-    pub data: Arc<DataStats>,
-    /// Seed 000: ranges of files this server knows are free of write locks.
-    pub lock_free: Arc<Mutex<crate::lockcache::LockFreeCache>>,
+    pub config: Arc<Config>,
     leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
 }
 
@@ -150,35 +71,8 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Counters of the data path since the server started, for `status`.
-#[derive(Debug, Default)]
-pub struct DataStats {
-    /// Stripe writes carried out here, delegated elsewhere by this gateway, and dropped here
-    /// because the lock they were written under was gone.
-    pub stripe_writes: AtomicU64,
-    pub stripe_writes_delegated: AtomicU64,
-    pub stripe_writes_dropped: AtomicU64,
-    /// Stripe writes scheduled or running here now.
-    pub stripe_load: AtomicU32,
-    /// Seed 000: invalidations received, and lock-free ranges cached now.
-    pub invalidations_received: AtomicU64,
-    pub lock_free_ranges: AtomicU64,
-    /// Seed 000, on the leader: invalidations sent.
-    pub invalidations_sent: AtomicU64,
-    /// Seed 003, as of the last admission: writes in flight, the most the lease admitted, and
-    /// the worst recent write time (ms).
-    pub writes_in_flight: AtomicU32,
-    pub writes_admitted_max: AtomicU32,
-    pub worst_write_ms: AtomicU64,
-}
-
-/// Wall-clock milliseconds. Only a leader reads it, to stamp a command; replicas never do.
-pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Node {
-    pub async fn start(config: ServerConfig) -> std::io::Result<Node> {
+    pub async fn start(config: Config) -> std::io::Result<Node> {
         let store = match &config.env.database {
             Some(db) => Store::in_memory(db.clone())?,
             None => {
@@ -189,7 +83,7 @@ impl Node {
         let machine = Machine::new(store.clone(), config.id, config.limits.clone(), &config.env)?;
         let (election_min, election_max) =
             config.env.election_timeout_ms.unwrap_or((config.heartbeat_ms * 3, config.heartbeat_ms * 6));
-        let raft_config = Config {
+        let raft_config = openraft::Config {
             cluster_name: "stripelock".into(),
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: election_min,
@@ -214,16 +108,7 @@ impl Node {
             .await
             .map_err(std::io::Error::other)?;
         let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
-        let node = Node {
-            id: config.id,
-            addr,
-            raft,
-            machine,
-            config: Arc::new(config),
-            data: Default::default(),
-            lock_free: Default::default(),
-            leaders: Default::default(),
-        };
+        let node = Node { id: config.id, addr, raft, machine, config: Arc::new(config), leaders: Default::default() };
         Ok(node)
     }
 
@@ -262,6 +147,21 @@ impl Node {
 
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// The current Raft term as this server knows it.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow_watched().current_term
+    }
+
+    /// Confirms with a majority that this server still leads (a ReadIndex round): a deposed
+    /// leader that has not noticed yet is refused.
+    pub async fn confirm_leadership(&self) -> Result<(), ProposeError> {
+        self.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::NotLeader, message: e.to_string() })
     }
 
     /// Commits `op` (stamped with the leader's time) and returns its reply, forwarding to the
@@ -379,7 +279,7 @@ impl Node {
             }
             let sessions = self.machine.state().engine.stats().sessions;
             if sessions > 0
-                && let Err(e) = self.propose_local(Op::Engine(Input::Tick)).await
+                && let Err(e) = self.propose_here(Op::Engine(Input::Tick)).await
             {
                 tracing::debug!("tick: {e}");
             }
@@ -387,7 +287,7 @@ impl Node {
     }
 
     /// Proposes on this server only (no forwarding): for the leader's own duties.
-    pub(crate) async fn propose_local(&self, op: Op) -> Result<Reply, ProposeError> {
+    pub async fn propose_here(&self, op: Op) -> Result<Reply, ProposeError> {
         let cmd = Command { now_ms: self.config.env.now_ms(), origin: None, op };
         self.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| ProposeError::Stopped { reason: e.to_string() })
     }

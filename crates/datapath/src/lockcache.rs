@@ -6,7 +6,7 @@
 //! An answer is cached only if no invalidation arrived while it was asked (the epoch did not
 //! move), so an invalidation overtaken by the answer it voids is not lost.
 //! Entries also age out after [`ENTRY_TTL_MS`], which bounds the harm of an invalidation lost
-//! on the network, and there are at most [`ENTRIES_MAX`]. Pure: time comes in as milliseconds.
+//! on the network, and there are at most `Limits::lock_free_ranges_max` ([`ENTRIES_MAX`] by default). Pure: time comes in as milliseconds.
 
 use std::collections::HashMap;
 
@@ -17,16 +17,28 @@ pub const ENTRY_TTL_MS: u64 = 10_000;
 /// Entries kept at most; past it the cache starts again empty (entries are only hints).
 pub const ENTRIES_MAX: usize = 65_536;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LockFreeCache {
     /// Per file: lock-free ranges and when each was learnt.
     files: HashMap<String, Vec<(ByteRange, u64)>>,
     /// Invalidations received, of any file.
     epoch: u64,
     entries: usize,
+    entries_max: usize,
+}
+
+impl Default for LockFreeCache {
+    fn default() -> LockFreeCache {
+        LockFreeCache::with_capacity(ENTRIES_MAX)
+    }
 }
 
 impl LockFreeCache {
+    /// A cache of at most `entries_max` ranges.
+    pub fn with_capacity(entries_max: usize) -> LockFreeCache {
+        LockFreeCache { files: HashMap::new(), epoch: 0, entries: 0, entries_max: entries_max.max(1) }
+    }
+
     /// Whether `range` of `path` is known free of write locks at `now_ms`.
     pub fn is_free(&self, path: &str, range: ByteRange, now_ms: u64) -> bool {
         self.files
@@ -45,7 +57,7 @@ impl LockFreeCache {
         if self.epoch != epoch {
             return false;
         }
-        if self.entries >= ENTRIES_MAX {
+        if self.entries >= self.entries_max {
             self.files.clear();
             self.entries = 0;
         }

@@ -132,3 +132,21 @@ impl RaftNetworkV2<C> for Peer {
             .map_err(StreamingError::from)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::meta;
+
+    /// A full snapshot's bytes travel after its vote and meta as they are.
+    #[test]
+    fn a_snapshot_message_carries_the_snapshot_bytes_as_they_are() {
+        let vote = VoteOf::<C>::new_committed(4, 2);
+        let snapshot: Vec<u8> = (0..=255).collect();
+        let payload = encode_snapshot(&vote, &meta(), &snapshot).unwrap();
+        let head = codec::encode(Record::Message(FULL_SNAPSHOT), &(vote, meta())).unwrap();
+        assert_eq!(payload.data.len(), head.len() + snapshot.len());
+        assert!(payload.data.ends_with(&snapshot));
+        assert_eq!(decode_snapshot(&payload).unwrap(), (vote, meta(), snapshot));
+    }
+}

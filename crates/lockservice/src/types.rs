@@ -4,6 +4,8 @@ use std::fmt;
 
 use lockengine::{Input, LockId, Output, SessionId};
 use serde::{Deserialize, Serialize};
+use tonic::Status;
+use wire::ErrorCode;
 
 /// How a server is reached; stored in the Raft membership.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -91,7 +93,41 @@ pub struct Reply {
     pub file: Option<u64>,
     /// For a namespace command that was refused: why. (Such commands carry no origin, so a
     /// reply with an error is never kept among a session's answered requests in a snapshot.)
-    pub error: Option<crate::errors::NamespaceError>,
+    pub error: Option<NamespaceError>,
+}
+
+/// Why the state machine refused a namespace command. Part of `Reply`, so it is replicated
+/// data: add variants, never change one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("{path} exists; remove it first (stripelock rm {path})")]
+    Exists { path: String },
+    #[error("the namespace holds its limit of {max} files")]
+    FilesLimit { max: u64 },
+    #[error("the session putting {path} has ended; take the lock again")]
+    WriterEnded { path: String },
+    #[error("{path} is no longer the file being written (it was removed)")]
+    PutGone { path: String },
+    #[error("{path} is no longer the file written (it was removed or replaced)")]
+    FileReplaced { path: String },
+    #[error("no such file: {path}")]
+    NotFound { path: String },
+}
+
+impl NamespaceError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            NamespaceError::Exists { .. } => ErrorCode::Exists,
+            NamespaceError::FilesLimit { .. } => ErrorCode::Limit,
+            NamespaceError::WriterEnded { .. } => ErrorCode::SessionExpired,
+            NamespaceError::PutGone { .. } | NamespaceError::FileReplaced { .. } => ErrorCode::Conflict,
+            NamespaceError::NotFound { .. } => ErrorCode::NotFound,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.code().status(self.to_string())
+    }
 }
 
 /// A file of the namespace: its id (which names its units), size and layout.

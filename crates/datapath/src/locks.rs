@@ -1,0 +1,80 @@
+//! The narrow face of the lock service that the data path sees: who leads, the namespace, the
+//! few questions it asks of the lock table, and proposing a command. The server's wiring
+//! implements it over the Raft node; nothing else of the lock service is reachable from here.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::future::BoxFuture;
+use lockengine::{ByteRange, SessionId};
+use lockservice::{FileMeta, NodeId, Op, ProposeError, Reply, WriteGrant};
+use tokio::sync::{mpsc, watch};
+
+/// Who leads, as this server sees it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    /// Whether this server leads.
+    pub leading: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+}
+
+/// The sessions being fenced (ended without releasing, their locks kept until `FenceAck`), as of
+/// one applied entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fencing {
+    pub applied_index: u64,
+    pub sessions: Vec<SessionId>,
+    /// The highest token the lock table has issued by then.
+    pub last_token: u64,
+}
+
+/// The files the namespace holds, by id, and the highest id it has handed out (ids are never
+/// reused).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileIds {
+    pub live: HashSet<u64>,
+    pub last: u64,
+}
+
+/// What the data path asks of the lock service. Reads answer from this server's own applied
+/// state; `propose` commits through the leader.
+pub trait Locks: Send + Sync + 'static {
+    /// This server's id.
+    fn id(&self) -> NodeId;
+    /// The address this server's own services are reached at.
+    fn address(&self) -> &str;
+    /// Every server of the cluster, this one included: id → address.
+    fn members(&self) -> &BTreeMap<NodeId, String>;
+    /// How to reach other servers.
+    fn connector(&self) -> &wire::Connector;
+    /// The clock the lock service stamps entries with, in ms.
+    fn now_ms(&self) -> u64;
+    fn leadership(&self) -> Leadership;
+    /// Confirms with a majority that this server still leads (so a deposed leader cannot hand
+    /// out a lease its successor does not count on).
+    fn confirm_leadership(&self) -> BoxFuture<'_, Result<(), ProposeError>>;
+    /// The cluster secret tokens are signed with; none until the cluster is bootstrapped.
+    fn secret(&self) -> Option<[u8; 32]>;
+    /// The index of the last entry this server applied, as it changes.
+    fn applied_index(&self) -> watch::Receiver<u64>;
+    /// The write locks on files this server applies from now on (for invalidations, seed 000).
+    fn write_grants(&self) -> mpsc::Receiver<WriteGrant>;
+    /// Commits `op` through the leader, wherever it is.
+    fn propose(&self, op: Op) -> BoxFuture<'_, Result<Reply, ProposeError>>;
+    /// Commits `op` on this server only, which must lead (the leader's own duties).
+    fn propose_here(&self, op: Op) -> BoxFuture<'_, Result<Reply, ProposeError>>;
+    fn file(&self, path: &str) -> Option<FileMeta>;
+    /// The files whose path starts with `prefix`, in path order.
+    fn files(&self, prefix: &str) -> Vec<(String, FileMeta)>;
+    fn file_ids(&self) -> FileIds;
+    /// Whether the write lock that issued `token` still holds `range` of `path` (seed 004).
+    fn write_lock_holds(&self, path: &str, range: ByteRange, token: u64) -> bool;
+    /// A session holding a write lock on some byte of `range` of `path`, and what it holds.
+    fn write_holder(&self, path: &str, range: ByteRange) -> Option<(SessionId, ByteRange)>;
+    /// The highest token issued so far.
+    fn last_token(&self) -> u64;
+    /// Whether `session` is known to have ended: an id the state has handed out that is not
+    /// live (closed, expired, fencing, or fenced and acknowledged).
+    fn session_ended(&self, session: u64) -> bool;
+    fn fencing(&self) -> Fencing;
+}

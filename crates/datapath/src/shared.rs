@@ -1,0 +1,182 @@
+//! What every part of a server's data path shares: the lock service (through [`Locks`]), the
+//! configuration, the counters `status` shows, the lock-free range cache, and one channel per
+//! peer server. Also the checks every call starts with: the caller's token, the file, its size.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use lockengine::ByteRange;
+use lockservice::FileMeta;
+use tonic::Status;
+use tonic::transport::Channel;
+use wire::ErrorCode;
+use wire::v1 as pb;
+use wire::v1::files_client::FilesClient;
+use wire::v1::storage_client::StorageClient;
+
+use crate::config::{Config, MESSAGE_BYTES_MAX, human_bytes};
+use crate::lockcache::LockFreeCache;
+use crate::locks::Locks;
+
+/// A server's data path, shared by its services and duties.
+pub struct Shared {
+    pub locks: Arc<dyn Locks>,
+    pub config: Config,
+    pub stats: DataStats,
+    /// Seed 000: ranges of files this server knows are free of write locks.
+    pub lock_free: Mutex<LockFreeCache>,
+    channels: Mutex<HashMap<u64, Channel>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataPath({})", self.locks.id())
+    }
+}
+
+/// Counters of the data path since the server started, for `status`.
+#[derive(Debug, Default)]
+pub struct DataStats {
+    /// Stripe writes carried out here, delegated elsewhere by this gateway, and dropped here
+    /// because the lock they were written under was gone.
+    pub stripe_writes: AtomicU64,
+    pub stripe_writes_delegated: AtomicU64,
+    pub stripe_writes_dropped: AtomicU64,
+    /// Stripe writes scheduled or running here now.
+    pub stripe_load: AtomicU32,
+    /// Seed 000: invalidations received, and lock-free ranges cached now.
+    pub invalidations_received: AtomicU64,
+    pub lock_free_ranges: AtomicU64,
+    /// Seed 000, on the leader: invalidations sent.
+    pub invalidations_sent: AtomicU64,
+    /// Seed 003, as of the last admission: writes in flight, the most the lease admitted, and
+    /// the worst recent write time (ms).
+    pub writes_in_flight: AtomicU32,
+    pub writes_admitted_max: AtomicU32,
+    pub worst_write_ms: AtomicU64,
+}
+
+impl DataStats {
+    /// Fills in the data path's fields of a `status` reply.
+    pub fn fill(&self, reply: &mut pb::StatusReply) {
+        use std::sync::atomic::Ordering::Relaxed;
+        reply.stripe_writes = self.stripe_writes.load(Relaxed);
+        reply.stripe_writes_delegated = self.stripe_writes_delegated.load(Relaxed);
+        reply.stripe_writes_dropped = self.stripe_writes_dropped.load(Relaxed);
+        reply.stripe_load = self.stripe_load.load(Relaxed);
+        reply.invalidations_received = self.invalidations_received.load(Relaxed);
+        reply.lock_free_ranges = self.lock_free_ranges.load(Relaxed);
+        reply.invalidations_sent = self.invalidations_sent.load(Relaxed);
+        reply.writes_in_flight = self.writes_in_flight.load(Relaxed);
+        reply.writes_admitted_max = self.writes_admitted_max.load(Relaxed);
+        reply.worst_write_ms = self.worst_write_ms.load(Relaxed);
+    }
+}
+
+/// The resource of a stripe row's lock.
+pub fn stripe_resource(path: &str, file: u64, row: u64) -> String {
+    format!("{path}#{file}/{row}")
+}
+
+impl Shared {
+    pub fn new(locks: Arc<dyn Locks>, config: Config) -> Shared {
+        let lock_free = LockFreeCache::with_capacity(config.limits.lock_free_ranges_max);
+        Shared {
+            locks,
+            config,
+            stats: DataStats::default(),
+            lock_free: Mutex::new(lock_free),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.locks.id()
+    }
+
+    /// Waits until this server has applied entry `index` (so its reads show it).
+    pub async fn applied(&self, index: u64) {
+        let mut rx = self.locks.applied_index();
+        let _ = rx.wait_for(|i| *i >= index).await;
+    }
+
+    /// The channel to server `server` (made once, then shared).
+    fn channel(&self, server: u64) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.lock().expect("channels").get(&server) {
+            return Ok(c.clone());
+        }
+        let addr = self.locks.members().get(&server).ok_or_else(|| {
+            ErrorCode::Internal.status(format!("server {server} of the layout is not in this cluster"))
+        })?;
+        let channel = self.locks.connector().channel(addr).map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
+        self.channels.lock().expect("channels").insert(server, channel.clone());
+        Ok(channel)
+    }
+
+    /// The storage service of server `server`.
+    pub fn storage(&self, server: u64) -> Result<StorageClient<Channel>, Status> {
+        Ok(StorageClient::new(self.channel(server)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// The files service of another server (to delegate stripe writes to it, to ask the leader).
+    pub fn peer(&self, server: u64) -> Result<FilesClient<Channel>, Status> {
+        Ok(FilesClient::new(self.channel(server)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// The cluster's key; unavailable until the cluster is bootstrapped.
+    pub fn key(&self) -> Result<token::ClusterKey, Status> {
+        let secret = self.locks.secret().ok_or_else(|| {
+            ErrorCode::Unavailable.status("the cluster is still starting (it has no secret yet); try again in a moment")
+        })?;
+        Ok(token::ClusterKey::from_bytes(secret))
+    }
+
+    /// The claims of the caller's token, checked: signed by this cluster, for a lock on `path`.
+    pub fn claims(&self, path: &str, text: &str) -> Result<token::Claims, Status> {
+        let key = self.key()?;
+        let signed: token::SignedToken =
+            text.parse().map_err(|e: token::TokenError| ErrorCode::BadToken.status(format!("no valid token: {e}")))?;
+        let claims =
+            key.verify(&signed).map_err(|e| ErrorCode::BadToken.status(format!("the token is not valid: {e}")))?;
+        if claims.resource != path {
+            return Err(
+                ErrorCode::Denied.status(format!("the token is for a lock on {}, not on {path}", claims.resource))
+            );
+        }
+        Ok(claims)
+    }
+
+    /// Checks the caller's token for `path` (for writing: EX or PW on the whole file).
+    pub fn check_token(&self, path: &str, text: &str, write: bool) -> Result<(), Status> {
+        let claims = self.claims(path, text)?;
+        if write && (!claims.mode.is_write() || !claims.range.contains(ByteRange::ALL)) {
+            return Err(ErrorCode::Denied.status(format!(
+                "writing {path} needs EX (or PW) on the whole file; the token is for {} {}",
+                claims.mode, claims.range
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses to make `path` `end` bytes long past the largest file this server allows.
+    pub fn check_file_size(&self, path: &str, end: u64) -> Result<(), Status> {
+        let max = self.config.limits.file_bytes_max;
+        if end > max {
+            return Err(ErrorCode::TooLarge.status(format!(
+                "{path} would be {end} bytes long, past the largest file this cluster allows, {max} bytes ({}); \
+                 the limit is the servers' file_bytes_max",
+                human_bytes(max)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn file(&self, path: &str) -> Result<FileMeta, Status> {
+        self.locks.file(path).ok_or_else(|| ErrorCode::NotFound.status(format!("no such file: {path}")))
+    }
+}

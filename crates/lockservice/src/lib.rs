@@ -1,0 +1,33 @@
+//! The replicated lock service: the lock engine as the state machine of an openraft group
+//! whose log, vote and snapshots live in redb, its sessions served to clients over gRPC, and
+//! each server's gateway session caching read locks for its clients (seed 002).
+//!
+//! Invariants: every change to lock state is a log entry, stamped with the proposing leader's
+//! time, so every replica applies the same inputs and computes the same outputs; a server never
+//! reads its own clock while applying. A server answers its own clients from its own
+//! application of the log, so a grant is never shown before it is committed.
+
+pub mod codec;
+mod env;
+mod errors;
+pub mod gateway;
+mod gateway_rt;
+mod machine;
+mod network;
+mod node;
+mod rt;
+mod service;
+mod store;
+mod types;
+
+pub use env::{ApplyEvent, Env, wall_ms};
+pub use errors::{ProposeError, engine_code};
+pub use machine::{Applied, Machine, State, WriteGrant};
+pub use node::{Config, Node, SECRET_FILE};
+pub use rt::seed_thread_rng;
+pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService, StatusPart};
+pub use store::Store;
+pub use types::{
+    CLIENT_LOCK_BITS, Command, FileMeta, NamespaceError, NodeAddr, NodeId, Op, Origin, Reply, client_lock_id,
+    engine_lock_id,
+};

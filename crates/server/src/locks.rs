@@ -1,0 +1,110 @@
+//! The lock service as the data path sees it: `datapath::Locks` over the Raft node, answering
+//! from this server's applied state. The only place where the two meet.
+
+use std::collections::BTreeMap;
+
+use datapath::{Fencing, FileIds, Leadership, Locks};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use lockengine::{ByteRange, SessionId};
+use lockservice::{FileMeta, Node, NodeId, Op, ProposeError, Reply, WriteGrant};
+use tokio::sync::{mpsc, watch};
+
+/// A Raft node seen through `datapath::Locks`.
+#[derive(Debug, Clone)]
+pub struct NodeLocks(pub Node);
+
+impl Locks for NodeLocks {
+    fn id(&self) -> NodeId {
+        self.0.id
+    }
+
+    fn address(&self) -> &str {
+        &self.0.addr
+    }
+
+    fn members(&self) -> &BTreeMap<NodeId, String> {
+        &self.0.config.peers
+    }
+
+    fn connector(&self) -> &wire::Connector {
+        &self.0.config.env.connector
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.0.config.env.now_ms()
+    }
+
+    fn leadership(&self) -> Leadership {
+        Leadership { leading: self.0.is_leader(), leader: self.0.leader(), term: self.0.term() }
+    }
+
+    fn confirm_leadership(&self) -> BoxFuture<'_, Result<(), ProposeError>> {
+        self.0.confirm_leadership().boxed()
+    }
+
+    fn secret(&self) -> Option<[u8; 32]> {
+        self.0.machine.state().secret
+    }
+
+    fn applied_index(&self) -> watch::Receiver<u64> {
+        self.0.machine.applied_index()
+    }
+
+    fn write_grants(&self) -> mpsc::Receiver<WriteGrant> {
+        self.0.machine.write_grants()
+    }
+
+    fn propose(&self, op: Op) -> BoxFuture<'_, Result<Reply, ProposeError>> {
+        self.0.propose(op, None).boxed()
+    }
+
+    fn propose_here(&self, op: Op) -> BoxFuture<'_, Result<Reply, ProposeError>> {
+        self.0.propose_here(op).boxed()
+    }
+
+    fn file(&self, path: &str) -> Option<FileMeta> {
+        self.0.machine.state().files.get(path).cloned()
+    }
+
+    fn files(&self, prefix: &str) -> Vec<(String, FileMeta)> {
+        let state = self.0.machine.state();
+        state
+            .files
+            .range(prefix.to_string()..)
+            .take_while(|(p, _)| p.starts_with(prefix))
+            .map(|(p, f)| (p.clone(), f.clone()))
+            .collect()
+    }
+
+    fn file_ids(&self) -> FileIds {
+        let state = self.0.machine.state();
+        FileIds { live: state.files.values().map(|f| f.id).collect(), last: state.last_file_id() }
+    }
+
+    fn write_lock_holds(&self, path: &str, range: ByteRange, token: u64) -> bool {
+        self.0.machine.state().engine.write_lock_holds(path, range, token)
+    }
+
+    fn write_holder(&self, path: &str, range: ByteRange) -> Option<(SessionId, ByteRange)> {
+        self.0.machine.state().engine.write_holder(path, range)
+    }
+
+    fn last_token(&self) -> u64 {
+        self.0.machine.state().engine.last_token()
+    }
+
+    fn session_ended(&self, session: u64) -> bool {
+        let state = self.0.machine.state();
+        session <= state.next_session && !state.engine.session_is_live(SessionId(session))
+    }
+
+    fn fencing(&self) -> Fencing {
+        let state = self.0.machine.state();
+        Fencing {
+            applied_index: state.last_applied.map_or(0, |l| l.index),
+            sessions: state.engine.fencing_sessions(),
+            last_token: state.engine.last_token(),
+        }
+    }
+}
