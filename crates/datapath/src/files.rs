@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use wire::ErrorCode;
-use wire::convert::unit_ref;
+use wire::convert::{span_to_pb, unit_ref};
 use wire::v1 as pb;
 
 use crate::config::{DEFAULT_UNIT, MESSAGE_BYTES_MAX};
@@ -160,7 +160,7 @@ impl FilesService {
         // Parity covers version 1 of each stored data unit and 0 (never written: zeros) of the rest.
         let covers: Vec<u64> = (0..k).map(|j| u64::from(j < stored.len())).collect();
         let start = row * l.row_bytes();
-        let range = pb::Range { start, end: start + l.row_bytes() };
+        let range = span_to_pb(&(start..start + l.row_bytes()));
         let _admitted = self.stripes.admit().await?;
         let mut writes = Vec::new();
         for role in l.roles() {

@@ -6,7 +6,7 @@ use layout::Role;
 use layout::stripe::{StoredUnit, UnitRead as Fetched, role_name};
 use lockservice::FileMeta;
 use wire::ErrorCode;
-use wire::convert::unit_ref;
+use wire::convert::{span_to_pb, unit_ref};
 use wire::v1 as pb;
 
 use crate::shared::Shared;
@@ -37,7 +37,7 @@ impl Shared {
         let req = pb::ReadUnitRequest {
             unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
             unlocked_path: unlocked.unwrap_or_default().to_string(),
-            unlocked_range: unlocked.map(|_| pb::Range { start: bytes.start, end: bytes.end }),
+            unlocked_range: unlocked.map(|_| span_to_pb(&bytes)),
         };
         match client.read_unit(req).await {
             Ok(r) => {

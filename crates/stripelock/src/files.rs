@@ -254,7 +254,7 @@ pub fn get(
             let mut client = files_client(&addrs).await?;
             let size =
                 client.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)?.into_inner().size;
-            let range = range.clone().map(|r| pb::Range { start: r.start, end: r.end });
+            let range = range.as_ref().map(wire::convert::span_to_pb);
             let req = pb::GetRequest { path: path.to_string(), token, range };
             let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
             let tmp = local.map(|l| {
