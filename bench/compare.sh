@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Measures, in one run on loopback with the same client counts: stripelock (3 durable servers,
-# `stripelock bench lock`, one resource per client), etcd's lock API (Lock + Unlock, one member,
-# on disk) and Redis in memory (SET NX PX + DEL); prints one table with ratios.
+# `stripelock bench lock`), etcd's lock API (Lock + Unlock, on disk) as one member and as three
+# members on loopback (like our three servers), and Redis in memory (SET NX PX + DEL). Two
+# cases: one resource per client (nothing contends), and every client on one resource (each
+# cycle a hand-off). Prints one table per case with ratios.
 # Installs Debian's etcd-server and redis-server if they are missing. Every process it starts is
 # stopped by its PID on exit. Env: CLIENTS (default "1 16 64"), SECS per case (default 3).
 set -euo pipefail
@@ -40,6 +42,16 @@ etcd --name bench --data-dir "$work/etcd" \
   --listen-peer-urls http://127.0.0.1:23801 --initial-advertise-peer-urls http://127.0.0.1:23801 \
   --initial-cluster bench=http://127.0.0.1:23801 >"$work/etcd.log" 2>&1 &
 pids+=($!)
+# Three members on loopback, each with its own data directory on disk.
+members="m1=http://127.0.0.1:23811,m2=http://127.0.0.1:23812,m3=http://127.0.0.1:23813"
+for i in 1 2 3; do
+  etcd --name "m$i" --data-dir "$work/etcd3-$i" \
+    --listen-client-urls "http://127.0.0.1:2372$i" --advertise-client-urls "http://127.0.0.1:2372$i" \
+    --listen-peer-urls "http://127.0.0.1:2381$i" --initial-advertise-peer-urls "http://127.0.0.1:2381$i" \
+    --initial-cluster "$members" --initial-cluster-state new >"$work/etcd3-$i.log" 2>&1 &
+  pids+=($!)
+done
+etcd3="127.0.0.1:23721,127.0.0.1:23722,127.0.0.1:23723"
 redis-server --port 63791 --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
 (cd "$work" && exec "$stripelock" up --data "$work/stripelock") >"$work/up.log" 2>&1 &
@@ -47,7 +59,8 @@ pids+=($!)
 
 for _ in $(seq 100); do
   if "$stripelock" status --cluster "$(cat "$work/stripelock/cluster" 2>/dev/null || echo 127.0.0.1:1)" >/dev/null 2>&1 \
-    && (exec 3<>/dev/tcp/127.0.0.1/23791) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/63791) 2>/dev/null; then
+    && (exec 3<>/dev/tcp/127.0.0.1/23791) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/63791) 2>/dev/null \
+    && (exec 3<>/dev/tcp/127.0.0.1/23721) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/23723) 2>/dev/null; then
     break
   fi
   sleep 0.2
@@ -58,8 +71,11 @@ sleep 1
 results="$work/results.jsonl"
 for n in $CLIENTS; do
   echo "measuring $n client(s) ..." >&2
-  "$compare" etcd 127.0.0.1:23791 "$n" "$SECS" >>"$results"
-  "$compare" redis 127.0.0.1:63791 "$n" "$SECS" >>"$results"
+  "$compare" etcd 127.0.0.1:23791 "$n" "$SECS" etcd >>"$results"
+  "$compare" etcd "$etcd3" "$n" "$SECS" etcd3 >>"$results"
+  "$compare" etcd-shared 127.0.0.1:23791 "$n" "$SECS" etcd_shared >>"$results"
+  "$compare" etcd-shared "$etcd3" "$n" "$SECS" etcd3_shared >>"$results"
+  "$compare" redis 127.0.0.1:63791 "$n" "$SECS" redis >>"$results"
 done
 clients_csv=$(echo "$CLIENTS" | tr ' ' ',')
 "$stripelock" bench lock --cluster "$cluster" --clients "$clients_csv" --duration "${SECS}s" --json >"$work/stripelock.json"
@@ -68,23 +84,36 @@ python3 - "$results" "$work/stripelock.json" <<'PY'
 import json, sys
 peers = [json.loads(l) for l in open(sys.argv[1])]
 ours = json.load(open(sys.argv[2]))
-print(f"{'clients':>7}  {'stripelock':>12} {'p50':>8} {'p99':>8}  {'etcd':>8} {'p50':>8}  {'redis':>8} {'p50':>8}  {'vs etcd':>8} {'vs redis':>8}")
-for c in sorted({p['clients'] for p in peers}):
-    s = next(x for x in ours['cases'] if x['clients'] == c and x['workload'] == 'ex_own')
-    e = next(p for p in peers if p['system'] == 'etcd' and p['clients'] == c)
-    r = next(p for p in peers if p['system'] == 'redis' and p['clients'] == c)
-    print(f"{c:>7}  {s['cycles_per_s']:>12.0f} {s['p50_us']:>6}us {s['p99_us']:>6}us  {e['cycles_per_s']:>8.0f} {e['p50_us']:>6}us  "
-          f"{r['cycles_per_s']:>8.0f} {r['p50_us']:>6}us  {s['cycles_per_s']/e['cycles_per_s']:>7.2f}x {s['cycles_per_s']/r['cycles_per_s']:>7.2f}x")
+def peer(system, c):
+    return next(p for p in peers if p['system'] == system and p['clients'] == c)
+def mine(workload, c):
+    return next(x for x in ours['cases'] if x['clients'] == c and x['workload'] == workload)
+clients = sorted({p['clients'] for p in peers})
+print("one resource per client (nothing contends): lock+unlock cycles/s")
+print(f"{'clients':>7}  {'stripelock':>10} {'p50':>8} {'p99':>8}  {'etcd 1':>7} {'p50':>8}  {'etcd 3':>7} {'p50':>8}  "
+      f"{'redis':>7} {'p50':>7}  {'vs etcd1':>8} {'vs etcd3':>8} {'vs redis':>8}")
+for c in clients:
+    s, e, e3, r = mine('ex_own', c), peer('etcd', c), peer('etcd3', c), peer('redis', c)
+    print(f"{c:>7}  {s['cycles_per_s']:>10.0f} {s['p50_us']:>6}us {s['p99_us']:>6}us  {e['cycles_per_s']:>7.0f} {e['p50_us']:>6}us  "
+          f"{e3['cycles_per_s']:>7.0f} {e3['p50_us']:>6}us  {r['cycles_per_s']:>7.0f} {r['p50_us']:>5}us  "
+          f"{s['cycles_per_s']/e['cycles_per_s']:>7.2f}x {s['cycles_per_s']/e3['cycles_per_s']:>7.2f}x {s['cycles_per_s']/r['cycles_per_s']:>7.2f}x")
+print()
+print("every client on one resource (each cycle a hand-off): hand-offs/s")
+print(f"{'clients':>7}  {'stripelock':>10} {'p50':>8}  {'etcd 1':>7} {'p50':>8}  {'etcd 3':>7} {'p50':>8}  {'vs etcd1':>8} {'vs etcd3':>8}")
+for c in clients:
+    s, e, e3 = mine('ex_contended', c), peer('etcd_shared', c), peer('etcd3_shared', c)
+    print(f"{c:>7}  {s['cycles_per_s']:>10.0f} {s['p50_us']:>6}us  {e['cycles_per_s']:>7.0f} {e['p50_us']:>6}us  "
+          f"{e3['cycles_per_s']:>7.0f} {e3['p50_us']:>6}us  "
+          f"{s['cycles_per_s']/e['cycles_per_s']:>7.2f}x {s['cycles_per_s']/e3['cycles_per_s']:>7.2f}x")
 print()
 print("shared reads of one file through each server's gateway cache (seed 002; etcd and redis have no shared lock,")
 print("so their exclusive cycle is the only figure to set beside it):")
-print(f"{'clients':>7}  {'PR via gateway':>14} {'p50':>8} {'p99':>8}  {'vs etcd':>8} {'vs redis':>8}")
-for c in sorted({p['clients'] for p in peers}):
-    g = next(x for x in ours['cases'] if x['clients'] == c and x['workload'] == 'pr_gateway')
-    e = next(p for p in peers if p['system'] == 'etcd' and p['clients'] == c)
-    r = next(p for p in peers if p['system'] == 'redis' and p['clients'] == c)
+print(f"{'clients':>7}  {'PR via gateway':>14} {'p50':>8} {'p99':>8}  {'vs etcd1':>8} {'vs redis':>8}")
+for c in clients:
+    g, e, r = mine('pr_gateway', c), peer('etcd', c), peer('redis', c)
     print(f"{c:>7}  {g['cycles_per_s']:>14.0f} {g['p50_us']:>6}us {g['p99_us']:>6}us  "
           f"{g['cycles_per_s']/e['cycles_per_s']:>7.2f}x {g['cycles_per_s']/r['cycles_per_s']:>7.2f}x")
 print(f"stripelock cached re-grant (no round trip): {ours['cached_regrant_per_s']:.0f}/s")
-print("stripelock: 3 servers, durable (fsync), one resource per client; etcd: 1 member on disk; redis: in memory")
+print("stripelock: 3 servers, durable (fsync); etcd 1: one member on disk; etcd 3: three members on loopback, on disk;")
+print("redis: in memory")
 PY

@@ -1,7 +1,9 @@
-//! `compare etcd|redis ADDR CLIENTS SECONDS`: lock+unlock cycles per second, p50 and p99, with
-//! one connection per client and one key per client (so nothing contends), as JSON on one line.
-//! etcd: its v3lock service, Lock(name, lease) then Unlock(key) (2 Raft writes a cycle).
-//! Redis: SET key value NX PX 30000 then DEL.
+//! `compare SYSTEM ADDRS CLIENTS SECONDS [LABEL]`: lock+unlock cycles per second, p50 and p99,
+//! with one connection per client, as JSON on one line (its "system" is LABEL, or SYSTEM).
+//! - `etcd`: one key per client (nothing contends); its v3lock service, Lock(name, lease) then
+//!   Unlock(key) (2 Raft writes a cycle). ADDRS may list several members, comma-separated.
+//! - `etcd-shared`: every client on one key, so each cycle is a hand-off from the last holder.
+//! - `redis`: SET key value NX PX 30000 then DEL, one key per client.
 
 use std::time::{Duration, Instant};
 
@@ -18,15 +20,18 @@ fn report(kind: &str, clients: usize, mut lat: Vec<u64>, secs: f64) {
     );
 }
 
-async fn etcd(addr: &str, clients: usize, secs: u64) -> Result<()> {
+async fn etcd(label: &str, addrs: &str, clients: usize, secs: u64, shared: bool) -> Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
+    let addrs: Vec<String> = addrs.split(',').map(str::to_string).collect();
     for i in 0..clients {
-        let addr = addr.to_string();
+        // Clients spread over the members, as stripelock's spread over its servers.
+        let mut addrs = addrs.clone();
+        addrs.rotate_left(i % addrs.len());
         tasks.push(tokio::spawn(async move {
-            let mut c = etcd_client::Client::connect([addr], None).await?;
+            let mut c = etcd_client::Client::connect(addrs, None).await?;
             let lease = c.lease_grant(60, None).await?.id();
-            let name = format!("/bench/etcd/{i}");
+            let name = if shared { "/bench/etcd/shared".to_string() } else { format!("/bench/etcd/{i}") };
             let mut lat = Vec::new();
             while start.elapsed() < Duration::from_secs(secs) {
                 let t = Instant::now();
@@ -42,7 +47,7 @@ async fn etcd(addr: &str, clients: usize, secs: u64) -> Result<()> {
     for t in tasks {
         all.extend(t.await??);
     }
-    report("etcd", clients, all, start.elapsed().as_secs_f64());
+    report(label, clients, all, start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -80,13 +85,16 @@ async fn redis(addr: &str, clients: usize, secs: u64) -> Result<()> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, kind, addr, clients, secs] = args.as_slice() else {
-        bail!("usage: compare etcd|redis HOST:PORT CLIENTS SECONDS");
+    let (kind, addr, clients, secs, label) = match args.as_slice() {
+        [_, kind, addr, clients, secs] => (kind, addr, clients, secs, kind),
+        [_, kind, addr, clients, secs, label] => (kind, addr, clients, secs, label),
+        _ => bail!("usage: compare etcd|etcd-shared|redis HOST:PORT[,HOST:PORT...] CLIENTS SECONDS [LABEL]"),
     };
     let clients: usize = clients.parse().context("CLIENTS")?;
     let secs: u64 = secs.parse().context("SECONDS")?;
     match kind.as_str() {
-        "etcd" => etcd(addr, clients, secs).await,
+        "etcd" => etcd(label, addr, clients, secs, false).await,
+        "etcd-shared" => etcd(label, addr, clients, secs, true).await,
         "redis" => redis(addr, clients, secs).await,
         other => bail!("unknown system {other}"),
     }

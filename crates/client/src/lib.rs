@@ -451,13 +451,13 @@ impl Session {
                 return Ok(());
             }
         }
+        // Answered once the release is in order on its way to the log (the server's `Ordered`):
+        // it takes effect before any later request of this session and before any conflicting
+        // grant. The session keeps it, and resends it on a resume, until it is applied; only
+        // then may the lock's number be used again.
         let (tx, rx) = oneshot::channel();
         self.call(Up::Release(pb::LockRef { lock }), None, Want::Done(tx)).await?;
-        let r = rx.await.unwrap_or(Err(ClientError::Closed));
-        if r.is_ok() {
-            self.numbers.lock().expect("numbers").used.remove(&lock);
-        }
-        r
+        rx.await.unwrap_or(Err(ClientError::Closed))
     }
 
     /// Sets the value block a held PW or EX lock writes back to its resource when released.
@@ -857,6 +857,14 @@ impl Actor {
                 self.numbers.lock().expect("numbers").used.insert(g.lock);
                 match grant_of(&g) {
                     Ok(grant) => {
+                        // A resumed session is told its locks again: a grant it already holds,
+                        // unchanged, is no news.
+                        let known = self.cache.lock().expect("cache").held.get(&g.lock).is_some_and(|(_, h)| {
+                            h.token == grant.token && h.mode == grant.mode && h.range == grant.range
+                        });
+                        if known && !self.waiting_locks.contains_key(&g.lock) {
+                            return false;
+                        }
                         if !self.resolve_lock(g.lock, Ok(grant.clone())) {
                             let _ = self.events.send(Event::Granted(grant));
                         }
@@ -929,6 +937,19 @@ impl Actor {
                     self.unacked.insert(m.request_id, (body, lock, Want::Nothing));
                 }
             }
+            Down::Ordered(_) => {
+                // A release in order on its way to the log: its caller may go on, but it stays
+                // here, resent on a resume, until its ack says it is applied.
+                if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
+                    if let Want::Done(tx) = want {
+                        let _ = tx.send(Ok(()));
+                    } else {
+                        self.unacked.insert(m.request_id, (body, lock, want));
+                        return false;
+                    }
+                    self.unacked.insert(m.request_id, (body, lock, Want::Nothing));
+                }
+            }
             Down::Ack(_) => {
                 if let Some(sent) = self.beats.remove(&m.request_id) {
                     // The renewal is committed: the lease runs from when it was asked for.
@@ -937,6 +958,10 @@ impl Actor {
                     self.beats.retain(|id, _| *id > m.request_id);
                 }
                 if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
+                    if let Up::Release(l) = &body {
+                        // Applied: the number may name a new lock now.
+                        self.numbers.lock().expect("numbers").used.remove(&l.lock);
+                    }
                     match want {
                         Want::Done(tx) => {
                             let _ = tx.send(Ok(()));

@@ -67,6 +67,18 @@ impl ProposeError {
         self.code().status(self.to_string())
     }
 
+    /// How this server's own core refused a command written into it.
+    pub(crate) fn refused_by_core(e: &openraft::errors::ClientWriteError<C>) -> ProposeError {
+        // Discarded on a leader change (it may commit yet) or not this leader's: either way
+        // whoever leads next takes it, resent with its origin.
+        let code = match e {
+            openraft::errors::ClientWriteError::ForwardToLeader(_)
+            | openraft::errors::ClientWriteError::LogEntryDiscarded(_) => ErrorCode::NotLeader,
+            _ => ErrorCode::Internal,
+        };
+        ProposeError::Refused { code, message: e.to_string() }
+    }
+
     /// How the leader answers a forwarded command that its own Raft node would not commit.
     pub(crate) fn at_leader(e: &openraft::errors::RaftError<C, openraft::errors::ClientWriteError<C>>) -> ProposeError {
         let message = e.to_string();

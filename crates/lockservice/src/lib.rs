@@ -10,6 +10,7 @@
 pub mod codec;
 mod env;
 mod errors;
+mod forward;
 pub mod gateway;
 mod gateway_rt;
 mod machine;
@@ -22,6 +23,7 @@ mod types;
 
 pub use env::{ApplyEvent, Env, wall_ms};
 pub use errors::{ProposeError, engine_code};
+pub use forward::Route;
 pub use machine::{Applied, Machine, State, WriteGrant};
 pub use node::{Config, Node, SECRET_FILE};
 pub use rt::seed_thread_rng;

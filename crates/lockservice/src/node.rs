@@ -19,6 +19,7 @@ use wire::v1::raft_server::RaftServer;
 
 use crate::env::Env;
 pub use crate::errors::ProposeError;
+use crate::forward::{Forwarder, Outcome, Route};
 use crate::machine::Machine;
 use crate::network::{
     APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, VOTE, decode, decode_snapshot, encode,
@@ -63,6 +64,8 @@ pub struct Node {
     pub machine: Machine,
     pub config: Arc<Config>,
     leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
+    /// This server's ordered stream of commands to the leader (`forward.rs`).
+    forwarder: Forwarder,
 }
 
 impl std::fmt::Debug for Node {
@@ -108,7 +111,30 @@ impl Node {
             .await
             .map_err(std::io::Error::other)?;
         let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
-        let node = Node { id: config.id, addr, raft, machine, config: Arc::new(config), leaders: Default::default() };
+        let leader_of: crate::forward::LeaderOf = {
+            let (raft, peers) = (raft.clone(), config.peers.clone());
+            Arc::new(move || {
+                let m = raft.metrics().borrow_watched().clone();
+                let leader = m.current_leader?;
+                let addr = m
+                    .membership_config
+                    .membership()
+                    .get_node(&leader)
+                    .map(|n| n.addr.clone())
+                    .or_else(|| peers.get(&leader).cloned())?;
+                Some((leader, addr))
+            })
+        };
+        let forwarder = Forwarder::start(config.env.connector.clone(), leader_of);
+        let node = Node {
+            id: config.id,
+            addr,
+            raft,
+            machine,
+            config: Arc::new(config),
+            leaders: Default::default(),
+            forwarder,
+        };
         Ok(node)
     }
 
@@ -248,6 +274,30 @@ impl Node {
             .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?
     }
 
+    /// Where a command submitted now goes (`forward.rs`).
+    pub fn route(&self) -> Route {
+        match self.raft.as_leader() {
+            Ok(l) => Route::Local { term: crate::forward::leader_term(&l) },
+            Err(_) => Route::Forward { generation: self.forwarder.generation() },
+        }
+    }
+
+    /// Puts `op` in order on its way to the log by `route`, and returns its outcome to come:
+    /// commands submitted on one route are applied in the order submitted, or fail as a suffix.
+    /// Fails at once if the route is no longer the current one.
+    pub async fn submit(
+        &self,
+        route: Route,
+        op: Op,
+        origin: Option<crate::types::Origin>,
+    ) -> Result<Outcome, ProposeError> {
+        let cmd = Command { now_ms: self.config.env.now_ms(), origin, op };
+        match route {
+            Route::Local { term } => crate::forward::write_local(&self.raft, term, cmd).await,
+            Route::Forward { generation } => self.forwarder.submit(generation, cmd).await,
+        }
+    }
+
     /// Waits until this server has applied entry `index` (so its own sessions have seen it).
     pub async fn applied(&self, index: u64) {
         let mut rx = self.machine.applied_index();
@@ -370,6 +420,17 @@ impl wire::v1::raft_server::Raft for RaftService {
         let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
         let resp = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(FULL_SNAPSHOT, &resp).map_err(bad)?))
+    }
+
+    type ProposeStreamStream = crate::forward::ResultStream;
+
+    async fn propose_stream(
+        &self,
+        req: Request<tonic::Streaming<RaftPayload>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        let env = self.node.config.env.clone();
+        let now_ms = Arc::new(move || env.now_ms());
+        crate::forward::serve_stream(self.node.raft.clone(), now_ms, req.into_inner()).map(Response::new)
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

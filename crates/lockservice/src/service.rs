@@ -22,7 +22,8 @@ use wire::convert::{
     mode_from_pb, mode_to_pb, posix_kind_from_pb, posix_kind_to_pb, range_from_pb, range_to_pb, value_to_pb,
 };
 
-use crate::errors::engine_code;
+use crate::errors::{ProposeError, engine_code};
+use crate::forward::Route;
 use crate::gateway_rt::GatewayRt;
 use crate::machine::{Applied, output_session};
 use crate::node::Node;
@@ -45,6 +46,17 @@ fn lease_text(ms: u64) -> String {
 }
 /// Messages queued to one client before the server stops waiting for it.
 const DOWN_QUEUE: usize = 1024;
+/// Requests of one session on their way to the log at once; the next waits for the first.
+const IN_FLIGHT_MAX: usize = 256;
+
+/// Tests only (`Env::crash_after_release_ack_for_test`): the process dies right after it
+/// acknowledged a release, before the release left it.
+async fn crash_for_test() {
+    tracing::warn!("test hook: crashing right after acknowledging a release");
+    // Long enough for the acknowledgement to leave.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    std::process::abort();
+}
 
 /// What another part of the server adds to `status` (the data path's counters).
 pub type StatusPart = Arc<dyn Fn(&mut pb::StatusReply) + Send + Sync>;
@@ -422,49 +434,108 @@ impl pb::locks_server::Locks for LockService {
             down_node.machine.detach(session);
         });
 
-        // Up: each request proposed in order (or served by the gateway); a failure to commit is
-        // reported on the stream.
+        // Up: each request put in order on its way to the log (or served by the gateway),
+        // pipelined: the next goes before the first is committed. Answers and acks come down
+        // from this server's own application of the log; a failure ends the stream, and the
+        // client resends what was not acknowledged, in order, on resume (`forward.rs`).
         let up_tx = tx;
+        let crash_after_release_ack = node.config.env.crash_after_release_ack_for_test.clone();
         tokio::spawn(async move {
-            while let Some(msg) = up.next().await {
-                let Ok(msg) = msg else { break };
-                let Some(body) = msg.body else { continue };
-                let closing = matches!(body, Up::Close(_));
-                let request = msg.request_id;
-                let op = match gateway_step(&gateway, session, request, body) {
-                    Ok(Some(op)) => op,
-                    Ok(None) => continue,
-                    Err(status) => {
-                        // Refused before the engine saw it: no engine code, the status's own.
-                        let error = wire::code_of(&status).unwrap_or(ErrorCode::Internal).into();
-                        let rejected = pb::Rejected { code: 0, message: status.message().to_string(), error };
-                        let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
-                        let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
-                        if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
-                            break;
+            let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut route: Option<Route> = None;
+            let mut closing = false;
+            let failed = loop {
+                tokio::select! {
+                    biased;
+                    Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                        if let Err(e) = outcome {
+                            break Some(e);
                         }
-                        continue;
                     }
-                };
-                let handover = match &op {
-                    Op::Handover { release, .. } => Some(*release),
-                    _ => None,
-                };
-                let origin = Origin { session, request };
-                match node.propose(op, Some(origin)).await {
-                    // The answers and the ack come down from this server's own application.
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(release) = handover {
-                            gateway.handover_failed(release);
+                    msg = up.next(), if !closing && in_flight.len() < IN_FLIGHT_MAX => {
+                        let Some(Ok(msg)) = msg else { break None };
+                        let Some(body) = msg.body else { continue };
+                        closing = matches!(body, Up::Close(_));
+                        let release = matches!(body, Up::Release(_));
+                        let request = msg.request_id;
+                        let op = match gateway_step(&gateway, session, request, body) {
+                            Ok(Some(op)) => op,
+                            Ok(None) => continue,
+                            Err(status) => {
+                                // Refused before the engine saw it: no engine code, the status's own.
+                                let error = wire::code_of(&status).unwrap_or(ErrorCode::Internal).into();
+                                let rejected = pb::Rejected { code: 0, message: status.message().to_string(), error };
+                                let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
+                                let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
+                                if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
+                                    break None;
+                                }
+                                continue;
+                            }
+                        };
+                        let release = release && matches!(op, Op::Engine(Input::Release { .. }));
+                        let handover = match &op {
+                            Op::Handover { release, .. } => Some(*release),
+                            _ => None,
+                        };
+                        // A new route only once the old one has answered everything on it.
+                        let now = node.route();
+                        if route.is_some_and(|r| r != now) {
+                            let mut lost = None;
+                            while let Some(outcome) = in_flight.next().await {
+                                lost = lost.or(outcome.err());
+                            }
+                            if let Some(e) = lost {
+                                break Some(e);
+                            }
                         }
-                        let _ = up_tx.send(Err(e.status())).await;
-                        break;
+                        route = Some(now);
+                        if release
+                            && let Some(flag) = &crash_after_release_ack
+                            && std::fs::remove_file(flag).is_ok()
+                        {
+                            // The worst moment to die: the client has its acknowledgement and the
+                            // release has not left this server; only the client's resend saves it.
+                            let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
+                            let _ = up_tx.send(Ok(ordered)).await;
+                            crash_for_test().await;
+                        }
+                        let origin = Origin { session, request };
+                        let outcome = match node.submit(now, op, Some(origin)).await {
+                            Ok(outcome) => outcome,
+                            Err(e) => {
+                                if let Some(release) = handover {
+                                    gateway.handover_failed(release);
+                                }
+                                break Some(e);
+                            }
+                        };
+                        let gateway = gateway.clone();
+                        in_flight.push_back(async move {
+                            let result = outcome.await.unwrap_or_else(|_| {
+                                Err(ProposeError::Stopped { reason: "the command's outcome was dropped".into() })
+                            });
+                            if result.is_err()
+                                && let Some(release) = handover
+                            {
+                                gateway.handover_failed(release);
+                            }
+                            result.map(|_| ())
+                        });
+                        if release {
+                            // In order on its way to the log: the client may go on.
+                            let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
+                            if up_tx.send(Ok(ordered)).await.is_err() {
+                                break None;
+                            }
+
+                        }
                     }
+                    else => break None,
                 }
-                if closing {
-                    break;
-                }
+            };
+            if let Some(e) = failed {
+                let _ = up_tx.send(Err(e.status())).await;
             }
             gateway.unregister(session, stream);
         });

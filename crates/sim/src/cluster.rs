@@ -273,6 +273,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 observer: Some(Arc::new(observer)),
                 break_fencing_for_negative_control: break_fencing,
                 break_gateway_for_negative_control: break_gateway,
+                crash_after_release_ack_for_test: None,
             };
             let data_env = DataEnv {
                 volume: Some(volume.clone()),

@@ -210,6 +210,9 @@ pub const SKIP_STORAGE_FENCE_ENV: &str = "STRIPELOCK_TEST_SKIP_STORAGE_FENCE_FOR
 /// Tests only: milliseconds the first stripe write a server carries out is held after its lock
 /// check (`Env::hold_first_stripe_write_ms_for_test`).
 pub const HOLD_STRIPE_WRITE_ENV: &str = "STRIPELOCK_TEST_HOLD_STRIPE_WRITE_MS";
+/// Tests only: while the file this names exists, the server removes it and aborts right after
+/// it acknowledged a release as ordered (`Env::crash_after_release_ack_for_test`).
+pub const CRASH_AFTER_RELEASE_ACK_ENV: &str = "STRIPELOCK_TEST_CRASH_AFTER_RELEASE_ACK";
 
 /// A test switch from the environment, if set and not empty; announced, so nobody runs with
 /// one unawares.
@@ -253,7 +256,10 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             lease_min_ms: args.lease_min_ms,
             lease_max_ms: args.lease_max_ms,
             limits: Limits::default(),
-            env: server::LockEnv::default(),
+            env: server::LockEnv {
+                crash_after_release_ack_for_test: test_switch(CRASH_AFTER_RELEASE_ACK_ENV).map(PathBuf::from),
+                ..server::LockEnv::default()
+            },
         },
         data: server::DataConfig {
             data_dir,
