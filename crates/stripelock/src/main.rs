@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_io;
+mod bench_lease;
 mod bench_parity;
 mod cluster;
 mod files;
@@ -304,6 +305,20 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Session lease renewals per second against a running cluster: N sessions, each keeping a
+    /// few heartbeats outstanding, spread over the servers.
+    Lease {
+        /// Sessions renewing at once.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Time measured, once every session is open.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The data path in one run, on a five-server cluster of its own: parity beside memcpy,
     /// striped write and read beside a raw disk write, a read with a server down, a rebuild.
     Io {
@@ -449,6 +464,22 @@ fn main() -> ExitCode {
             report(
                 cluster::cluster_addrs(cluster.as_deref())
                     .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
+                    .map(|()| ExitCode::SUCCESS),
+                json,
+            )
+        }
+        Command::Bench { command: BenchCommand::Lease { sessions, duration, cluster, json } } => {
+            if sessions == 0 || sessions > 10_000 {
+                eprintln!("error: --sessions takes 1 to 10000");
+                return ExitCode::from(2);
+            }
+            if duration.is_zero() || duration > std::time::Duration::from_secs(600) {
+                eprintln!("error: --duration must be above 0 and at most 10m");
+                return ExitCode::from(2);
+            }
+            report(
+                cluster::cluster_addrs(cluster.as_deref())
+                    .and_then(|addrs| bench_lease::lease(addrs, sessions, duration, json))
                     .map(|()| ExitCode::SUCCESS),
                 json,
             )
