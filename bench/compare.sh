@@ -3,13 +3,16 @@
 # `stripelock bench lock`), etcd's lock API (Lock + Unlock, on disk) as one member and as three
 # members on loopback (like our three servers), and Redis in memory (SET NX PX + DEL). Two
 # cases: one resource per client (nothing contends), and every client on one resource (each
-# cycle a hand-off). Prints one table per case with ratios.
+# cycle a hand-off). Then lease renewals: `stripelock bench lease` against etcd's
+# LeaseKeepAlive, with LEASE_SESSIONS (default "16 1000") sessions or streams. Prints one table
+# per case with ratios.
 # Installs Debian's etcd-server and redis-server if they are missing. Every process it starts is
 # stopped by its PID on exit. Env: CLIENTS (default "1 16 64"), SECS per case (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 CLIENTS="${CLIENTS:-1 16 64}"
+LEASE_SESSIONS="${LEASE_SESSIONS:-16 1000}"
 SECS="${SECS:-3}"
 work=$(mktemp -d)
 pids=()
@@ -79,8 +82,16 @@ for n in $CLIENTS; do
 done
 clients_csv=$(echo "$CLIENTS" | tr ' ' ',')
 "$stripelock" bench lock --cluster "$cluster" --clients "$clients_csv" --duration "${SECS}s" --json >"$work/stripelock.json"
+leases="$work/leases.jsonl"
+for n in $LEASE_SESSIONS; do
+  echo "measuring lease renewals with $n session(s) ..." >&2
+  "$compare" etcd-keepalive 127.0.0.1:23791 "$n" "$SECS" etcd >>"$leases"
+  "$compare" etcd-keepalive "$etcd3" "$n" "$SECS" etcd3 >>"$leases"
+  "$stripelock" bench lease --cluster "$cluster" --sessions "$n" --duration "${SECS}s" --json \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"system":"stripelock","clients":d["sessions"],"cycles_per_s":d["renewals_per_s"],"p50_us":d["p50_us"],"p99_us":d["p99_us"]}))' >>"$leases"
+done
 
-python3 - "$results" "$work/stripelock.json" <<'PY'
+python3 - "$results" "$work/stripelock.json" "$leases" <<'PY'
 import json, sys
 peers = [json.loads(l) for l in open(sys.argv[1])]
 ours = json.load(open(sys.argv[2]))
@@ -114,6 +125,14 @@ for c in clients:
     print(f"{c:>7}  {g['cycles_per_s']:>14.0f} {g['p50_us']:>6}us {g['p99_us']:>6}us  "
           f"{g['cycles_per_s']/e['cycles_per_s']:>7.2f}x {g['cycles_per_s']/r['cycles_per_s']:>7.2f}x")
 print(f"stripelock cached re-grant (no round trip): {ours['cached_regrant_per_s']:.0f}/s")
+print()
+leases = [json.loads(l) for l in open(sys.argv[3])]
+print("lease renewals/s (stripelock: heartbeats on session streams, 4 outstanding each; etcd: LeaseKeepAlive, 4 outstanding)")
+print(f"{'sessions':>8}  {'stripelock':>10} {'p50':>9}  {'etcd 1':>7} {'p50':>9}  {'etcd 3':>7} {'p50':>9}  {'vs etcd1':>8} {'vs etcd3':>8}")
+for n in sorted({l['clients'] for l in leases}):
+    s, e, e3 = (next(l for l in leases if l['system'] == k and l['clients'] == n) for k in ('stripelock', 'etcd', 'etcd3'))
+    print(f"{n:>8}  {s['cycles_per_s']:>10.0f} {s['p50_us']:>7}us  {e['cycles_per_s']:>7.0f} {e['p50_us']:>7}us  "
+          f"{e3['cycles_per_s']:>7.0f} {e3['p50_us']:>7}us  {s['cycles_per_s']/e['cycles_per_s']:>7.2f}x {s['cycles_per_s']/e3['cycles_per_s']:>7.2f}x")
 print("stripelock: 3 servers, durable (fsync); etcd 1: one member on disk; etcd 3: three members on loopback, on disk;")
 print("redis: in memory")
 PY

@@ -3,6 +3,8 @@
 //! - `etcd`: one key per client (nothing contends); its v3lock service, Lock(name, lease) then
 //!   Unlock(key) (2 Raft writes a cycle). ADDRS may list several members, comma-separated.
 //! - `etcd-shared`: every client on one key, so each cycle is a hand-off from the last holder.
+//! - `etcd-keepalive`: lease renewals, each client a LeaseKeepAlive stream of its own lease with
+//!   4 renewals outstanding; "cycles" are renewals.
 //! - `redis`: SET key value NX PX 30000 then DEL, one key per client.
 
 use std::time::{Duration, Instant};
@@ -27,7 +29,8 @@ async fn etcd(label: &str, addrs: &str, clients: usize, secs: u64, shared: bool)
     for i in 0..clients {
         // Clients spread over the members, as stripelock's spread over its servers.
         let mut addrs = addrs.clone();
-        addrs.rotate_left(i % addrs.len());
+        let n = addrs.len();
+        addrs.rotate_left(i % n);
         tasks.push(tokio::spawn(async move {
             let mut c = etcd_client::Client::connect(addrs, None).await?;
             let lease = c.lease_grant(60, None).await?.id();
@@ -48,6 +51,47 @@ async fn etcd(label: &str, addrs: &str, clients: usize, secs: u64, shared: bool)
         all.extend(t.await??);
     }
     report(label, clients, all, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn etcd_keepalive(label: &str, addrs: &str, clients: usize, secs: u64) -> Result<()> {
+    let addrs: Vec<String> = addrs.split(',').map(str::to_string).collect();
+    let opened = std::sync::Arc::new(tokio::sync::Barrier::new(clients));
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut addrs = addrs.clone();
+        let n = addrs.len();
+        addrs.rotate_left(i % n);
+        let opened = opened.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = etcd_client::Client::connect(addrs, None).await?;
+            let lease = c.lease_grant(60, None).await?.id();
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            opened.wait().await;
+            let start = Instant::now();
+            let mut sent = std::collections::VecDeque::new();
+            let mut lat = Vec::new();
+            loop {
+                while sent.len() < 4 && start.elapsed() < Duration::from_secs(secs) {
+                    keeper.keep_alive().await?;
+                    sent.push_back(Instant::now());
+                }
+                let Some(at) = sent.pop_front() else { break };
+                if stream.message().await?.is_none() {
+                    bail!("the keep-alive stream ended");
+                }
+                if start.elapsed() < Duration::from_secs(secs) {
+                    lat.push(at.elapsed().as_micros() as u64);
+                }
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    report(label, clients, all, secs as f64);
     Ok(())
 }
 
@@ -88,13 +132,14 @@ async fn main() -> Result<()> {
     let (kind, addr, clients, secs, label) = match args.as_slice() {
         [_, kind, addr, clients, secs] => (kind, addr, clients, secs, kind),
         [_, kind, addr, clients, secs, label] => (kind, addr, clients, secs, label),
-        _ => bail!("usage: compare etcd|etcd-shared|redis HOST:PORT[,HOST:PORT...] CLIENTS SECONDS [LABEL]"),
+        _ => bail!("usage: compare etcd|etcd-shared|etcd-keepalive|redis HOST:PORT[,HOST:PORT...] CLIENTS SECONDS [LABEL]"),
     };
     let clients: usize = clients.parse().context("CLIENTS")?;
     let secs: u64 = secs.parse().context("SECONDS")?;
     match kind.as_str() {
         "etcd" => etcd(label, addr, clients, secs, false).await,
         "etcd-shared" => etcd(label, addr, clients, secs, true).await,
+        "etcd-keepalive" => etcd_keepalive(label, addr, clients, secs).await,
         "redis" => redis(addr, clients, secs).await,
         other => bail!("unknown system {other}"),
     }
