@@ -270,10 +270,109 @@ async fn cached_case(addrs: &[String], duration: Duration) -> anyhow::Result<f64
     Ok(rate)
 }
 
-/// `stripelock bench lock`: lock+unlock cycles against a running cluster.
-pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: bool) -> anyhow::Result<()> {
+/// Each server's resident memory (from `/proc`, so only for servers on this machine) and the
+/// size of its Raft database, by server id.
+async fn server_memory(addrs: &[String]) -> Vec<(u64, Option<u64>, Option<u64>)> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let Ok(st) = crate::cluster::status_from(a).await else { continue };
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", st.pid)).ok().and_then(|t| {
+            t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        });
+        let db = std::fs::metadata(std::path::Path::new(&st.data_dir).join("raft.redb")).ok().map(|m| m.len());
+        out.push((st.server_id, rss.map(|kib| kib * 1024), db));
+    }
+    out
+}
+
+/// One server's memory around a fill: id, resident bytes before and after, Raft database bytes
+/// after (`None` where it could not be read).
+type ServerMemory = (u64, Option<u64>, Option<u64>, Option<u64>);
+
+/// What filling the table with `held` granted locks took and cost.
+struct Filled {
+    held: usize,
+    seconds: f64,
+    servers: Vec<ServerMemory>,
+    sessions: Vec<client::Session>,
+}
+
+/// Takes `held` EX locks, each on its own range of one of 1,024 resources, over sessions of at
+/// most 16,384 locks each spread over the servers, many requests in flight at once.
+async fn fill(addrs: &[String], held: usize, json: bool) -> anyhow::Result<Filled> {
+    const PER_SESSION: usize = 16_384;
+    const IN_FLIGHT: usize = 32;
+    let before = server_memory(addrs).await;
+    let n_sessions = held.div_ceil(PER_SESSION).max(1);
+    let mut sessions = Vec::new();
+    for i in 0..n_sessions {
+        let mut order = addrs.to_vec();
+        order.rotate_left(i % addrs.len());
+        sessions.push(client::Session::open(&order, 60_000).await?);
+    }
+    let start = Instant::now();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (si, s) in sessions.iter().enumerate() {
+        let mine = PER_SESSION.min(held - si * PER_SESSION);
+        for w in 0..IN_FLIGHT {
+            let (s, done) = (s.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = w;
+                while k < mine {
+                    let n = si * PER_SESSION + k;
+                    let resource = format!("/bench/held/{}", n % 1024);
+                    let at = (n / 1024) as u64;
+                    s.lock(&resource, at..at + 1, client::Mode::EX, client::LockOptions::default()).await?;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    k += IN_FLIGHT;
+                }
+                Ok::<_, client::ClientError>(())
+            }));
+        }
+    }
+    let progress = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if !json {
+                    eprintln!("  {} of {held} locks held", done.load(std::sync::atomic::Ordering::Relaxed));
+                }
+            }
+        })
+    };
+    for t in tasks {
+        t.await??;
+    }
+    progress.abort();
+    let seconds = start.elapsed().as_secs_f64();
+    // Let the servers settle (flushes, snapshots) before memory is read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server_memory(addrs).await;
+    let servers = after
+        .iter()
+        .map(|(id, rss, db)| {
+            let was = before.iter().find(|b| b.0 == *id).and_then(|b| b.1);
+            (*id, was, *rss, *db)
+        })
+        .collect();
+    Ok(Filled { held, seconds, servers, sessions })
+}
+
+/// `stripelock bench lock`: lock+unlock cycles against a running cluster, with `held` more
+/// locks granted in the table while it runs.
+pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: bool, held: usize) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (cases, cached) = rt.block_on(async {
+    let (cases, cached, filled) = rt.block_on(async {
+        let filled = if held > 0 {
+            if !json {
+                eprintln!("filling the table with {held} held locks...");
+            }
+            Some(fill(&addrs, held, json).await?)
+        } else {
+            None
+        };
         let mut cases = Vec::new();
         for &n in clients {
             for workload in [Workload::Own, Workload::Contended, Workload::GatewayReads] {
@@ -284,8 +383,29 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             }
         }
         let cached = cached_case(&addrs, duration).await?;
-        Ok::<_, anyhow::Error>((cases, cached))
+        if let Some(f) = &filled {
+            for s in &f.sessions {
+                s.clone().close().await;
+            }
+        }
+        Ok::<_, anyhow::Error>((cases, cached, filled))
     })?;
+    let held_json = filled.as_ref().map(|f| {
+        let servers: Vec<_> = f
+            .servers
+            .iter()
+            .map(|(id, before, after, db)| {
+                let per_lock = match (before, after) {
+                    (Some(b), Some(a)) => Some(a.saturating_sub(*b) as f64 / f.held as f64),
+                    _ => None,
+                };
+                serde_json::json!({"server": id, "rss_before": before, "rss_after": after,
+                    "bytes_per_lock": per_lock.map(f64::round), "raft_db_bytes": db})
+            })
+            .collect();
+        serde_json::json!({"held": f.held, "fill_seconds": f.seconds,
+            "fill_locks_per_s": (f.held as f64 / f.seconds).round(), "servers": servers})
+    });
     if json {
         let list: Vec<_> = cases
             .iter()
@@ -300,7 +420,8 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             .collect();
         println!(
             "{}",
-            serde_json::json!({"cases": list, "cached_regrant_per_s": cached.round(), "seconds_per_case": duration.as_secs_f64()})
+            serde_json::json!({"cases": list, "cached_regrant_per_s": cached.round(),
+                "seconds_per_case": duration.as_secs_f64(), "held": held_json})
         );
     } else {
         println!("{:<8} {:<16} {:>12} {:>10} {:>10}", "clients", "locks", "cycles/s", "p50", "p99");
@@ -315,6 +436,31 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             );
         }
         println!("cached re-grant (no round trip): {cached:.0}/s");
+        if let Some(f) = &filled {
+            println!(
+                "held: {} locks taken in {:.1} s ({:.0}/s); per server (resident memory from /proc):",
+                f.held,
+                f.seconds,
+                f.held as f64 / f.seconds
+            );
+            let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64));
+            for (id, before, after, db) in &f.servers {
+                let per_lock = match (before, after) {
+                    (Some(b), Some(a)) => format!("{:.0} B/lock", a.saturating_sub(*b) as f64 / f.held as f64),
+                    _ => "?".to_string(),
+                };
+                println!(
+                    "  server {id}: RSS {} -> {} ({per_lock}), Raft database {}",
+                    mib(*before),
+                    mib(*after),
+                    mib(*db)
+                );
+            }
+            println!(
+                "  not measured yet: snapshot size and the time to take and restore one, a wiped follower's catch-up, \
+                 failover (kill -> first grant)"
+            );
+        }
     }
     Ok(())
 }

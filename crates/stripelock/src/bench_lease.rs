@@ -94,7 +94,8 @@ pub fn lease(addrs: Vec<String>, sessions: usize, duration: Duration, json: bool
         Ok::<_, anyhow::Error>((renewals, duration.as_secs_f64(), latencies))
     })?;
     latencies.sort_unstable();
-    let p = |q: f64| if latencies.is_empty() { 0 } else { latencies[((latencies.len() - 1) as f64 * q).round() as usize] };
+    let p =
+        |q: f64| if latencies.is_empty() { 0 } else { latencies[((latencies.len() - 1) as f64 * q).round() as usize] };
     let rate = renewals as f64 / seconds;
     if json {
         println!(

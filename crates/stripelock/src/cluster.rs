@@ -737,7 +737,7 @@ async fn table_from(addr: &str, prefix: &str) -> Result<pb::TableReply> {
     .await
 }
 
-async fn status_from(addr: &str) -> Result<pb::StatusReply> {
+pub async fn status_from(addr: &str) -> Result<pb::StatusReply> {
     within_deadline(addr, async {
         let mut c = locks_client(addr).await?;
         Ok(c.status(pb::StatusRequest {}).await.map_err(status_error)?.into_inner())

@@ -297,6 +297,10 @@ enum BenchCommand {
         /// Client counts to measure, comma-separated.
         #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
         clients: Vec<usize>,
+        /// Fill the table with this many granted locks first (held until the end), and report
+        /// each server's memory per lock.
+        #[arg(long, default_value_t = 0)]
+        held: usize,
         /// Time for each case.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
@@ -452,7 +456,11 @@ fn main() -> ExitCode {
         Command::Token { command: TokenCommand::Verify { token, secret_file, json } } => {
             tokens::verify(&token, &secret_file, json)
         }
-        Command::Bench { command: BenchCommand::Lock { clients, duration, cluster, json } } => {
+        Command::Bench { command: BenchCommand::Lock { clients, duration, cluster, json, held } } => {
+            if held > 4_000_000 {
+                eprintln!("error: --held takes at most 4000000 locks");
+                return ExitCode::from(2);
+            }
             if clients.is_empty() || clients.iter().any(|c| *c == 0 || *c > 1024) {
                 eprintln!("error: --clients takes counts from 1 to 1024");
                 return ExitCode::from(2);
@@ -463,7 +471,7 @@ fn main() -> ExitCode {
             }
             report(
                 cluster::cluster_addrs(cluster.as_deref())
-                    .and_then(|addrs| bench::lock(addrs, &clients, duration, json))
+                    .and_then(|addrs| bench::lock(addrs, &clients, duration, json, held))
                     .map(|()| ExitCode::SUCCESS),
                 json,
             )
