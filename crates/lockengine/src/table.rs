@@ -23,6 +23,10 @@ impl<Lock> Default for LockTable<Lock> {
 }
 
 impl<Lock> LockTable<Lock> {
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
     pub(crate) fn get(&self, id: &LockId) -> Option<&Lock> {
         self.slots.get(id).map(|&s| self.records[s as usize].as_ref().expect("live slot"))
     }

@@ -138,6 +138,12 @@ impl Engine {
         s
     }
 
+    /// How many sessions and lock records (granted or waiting) the table holds: a constant-time
+    /// measure of its size, unlike [`Engine::stats`], which walks every lock.
+    pub fn size(&self) -> (usize, usize) {
+        (self.sessions.len(), self.locks.len())
+    }
+
     /// Whether a session is open and not expired.
     pub fn session_is_live(&self, session: SessionId) -> bool {
         self.sessions.get(&session).is_some_and(|s| !s.fencing)

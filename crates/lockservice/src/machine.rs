@@ -288,6 +288,8 @@ impl State {
         }
     }
 
+    /// The snapshot as stored (tests; the snapshot builder encodes its copy off the lock).
+    #[cfg(test)]
     fn to_bytes(&self) -> io::Result<Vec<u8>> {
         Ok(codec::encode(Record::Snapshot, &self.snapshot_data())?)
     }
@@ -459,14 +461,29 @@ impl RaftSnapshotBuilder<C> for Machine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
-        let (bytes, meta) = {
+        // Only the copy is made under the state's lock; applying goes on while it is encoded
+        // and stored (off the runtime's threads for a database on disk).
+        let (data, meta) = {
             let state = self.state();
             let meta =
                 SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
-            (state.to_bytes()?, meta)
+            (state.snapshot_data(), meta)
         };
-        // Persist before returning: openraft purges the log the snapshot covers afterwards.
-        self.store.save_snapshot(&meta, &bytes)?;
+        let encode_and_store = {
+            let (store, meta) = (self.store.clone(), meta.clone());
+            move || -> io::Result<Vec<u8>> {
+                let bytes = codec::encode(Record::Snapshot, &data)?;
+                // Persist before returning: openraft purges the log the snapshot covers afterwards.
+                store.save_snapshot(&meta, &bytes)?;
+                Ok(bytes)
+            }
+        };
+        let bytes = if self.store.is_in_memory() {
+            // The simulation's: done in place, so a seed replays exactly.
+            encode_and_store()?
+        } else {
+            tokio::task::spawn_blocking(encode_and_store).await.map_err(io::Error::other)??
+        };
         *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), bytes.clone()));
         Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot: bytes })
     }

@@ -167,6 +167,11 @@ impl Store {
         tx.commit().map_err(io_error)
     }
 
+    /// Whether commits are durable at once (the simulation's in-memory database).
+    pub fn is_in_memory(&self) -> bool {
+        self.flushes.is_none()
+    }
+
     /// Number of log entries kept (for status and for the bound-on-log test).
     pub fn log_len(&self) -> io::Result<u64> {
         let tx = self.db.begin_read().map_err(io_error)?;
