@@ -356,6 +356,15 @@ enum BenchCommand {
     },
 }
 
+/// A bench duration outside 0..=10m, refused with exit code 2.
+fn bad_duration(duration: std::time::Duration) -> Option<ExitCode> {
+    if duration.is_zero() || duration > std::time::Duration::from_secs(600) {
+        eprintln!("error: --duration must be above 0 and at most 10m");
+        return Some(ExitCode::from(2));
+    }
+    None
+}
+
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == cluster::GUARD_ARG) {
@@ -465,9 +474,8 @@ fn main() -> ExitCode {
                 eprintln!("error: --clients takes counts from 1 to 1024");
                 return ExitCode::from(2);
             }
-            if duration.is_zero() || duration > std::time::Duration::from_secs(600) {
-                eprintln!("error: --duration must be above 0 and at most 10m");
-                return ExitCode::from(2);
+            if let Some(bad) = bad_duration(duration) {
+                return bad;
             }
             report(
                 cluster::cluster_addrs(cluster.as_deref())
@@ -481,9 +489,8 @@ fn main() -> ExitCode {
                 eprintln!("error: --sessions takes 1 to 10000");
                 return ExitCode::from(2);
             }
-            if duration.is_zero() || duration > std::time::Duration::from_secs(600) {
-                eprintln!("error: --duration must be above 0 and at most 10m");
-                return ExitCode::from(2);
+            if let Some(bad) = bad_duration(duration) {
+                return bad;
             }
             report(
                 cluster::cluster_addrs(cluster.as_deref())
