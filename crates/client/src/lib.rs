@@ -923,6 +923,8 @@ impl Actor {
                 let _ = self.events.send(Event::Revoke { lock: l.lock });
             }
             Down::Rejected(r) => {
+                // A refused renewal renews nothing: its ack must not count.
+                self.beats.remove(&m.request_id);
                 if let Some((body, lock, want)) = self.unacked.remove(&m.request_id) {
                     let e = refusal_of(r);
                     match want {
@@ -952,7 +954,7 @@ impl Actor {
             }
             Down::Ack(_) => {
                 if let Some(sent) = self.beats.remove(&m.request_id) {
-                    // The renewal is committed: the lease runs from when it was asked for.
+                    // The leader renewed it: the lease runs from when it was asked for.
                     let mut renewed = self.renewed.lock().expect("renewed");
                     *renewed = (*renewed).max(sent);
                     self.beats.retain(|id, _| *id > m.request_id);

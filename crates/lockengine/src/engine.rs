@@ -153,6 +153,10 @@ pub struct Engine {
     touched: Vec<ResIdx>,
     /// Negative control only: drop an expired session's locks without waiting for the fence.
     skip_fence_wait: bool,
+    /// Sessions expire when their deadline passes in the engine's time (`Renew` moves it). Off
+    /// when leases are kept outside the engine (the lock service's leader keeps them in memory
+    /// and expires a session with `Evict`): then time never expires anyone here.
+    expire_by_time: bool,
 }
 
 impl Default for Engine {
@@ -179,7 +183,19 @@ impl Engine {
             dirty: Vec::new(),
             touched: Vec::new(),
             skip_fence_wait: false,
+            expire_by_time: true,
         }
+    }
+
+    /// Leases are kept outside: no session expires by time, only by `Evict` (a restored engine
+    /// needs this again; it is how the engine is run, not part of its state).
+    pub fn keep_leases_outside(&mut self) {
+        self.expire_by_time = false;
+    }
+
+    /// Every session that is neither closed nor expired, with the lease it asked for.
+    pub fn live_sessions(&self) -> impl Iterator<Item = (SessionId, u64)> + '_ {
+        self.sessions.iter().filter(|(_, s)| !s.fencing).map(|(id, s)| (*id, s.lease_ms))
     }
 
     pub fn limits(&self) -> &Limits {
@@ -344,6 +360,9 @@ impl Engine {
     /// Expires every session whose lease has passed: its waiters are cancelled at once (a waiter
     /// of an expired session is never granted), its granted locks stay until `FenceAck`.
     fn expire_sessions(&mut self, out: &mut Vec<Output>) {
+        if !self.expire_by_time {
+            return;
+        }
         while let Some(&(deadline, session)) = self.expiry.first() {
             if deadline >= self.now_ms {
                 break;

@@ -149,6 +149,11 @@ impl Engine {
         self.sessions.get(&session).is_some_and(|s| !s.fencing)
     }
 
+    /// The lease a live session asked for (`None`: closed, expired or unknown).
+    pub fn live_lease_ms(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).filter(|s| !s.fencing).map(|s| s.lease_ms)
+    }
+
     /// Locks of one session, granted or waiting, by id (what a reattaching client is told).
     pub fn session_locks(&self, session: SessionId) -> Vec<LockView> {
         let Some(s) = self.sessions.get(&session) else { return Vec::new() };

@@ -32,6 +32,9 @@ pub struct Env {
     /// once when revoked, leaving its readers holding what is no longer covered. Never set
     /// outside a test.
     pub break_gateway_for_negative_control: bool,
+    /// Negative control for the simulation only: a new leader gives the sessions it inherits no
+    /// fresh lease and expires them at once. Never set outside a test.
+    pub break_fresh_lease_for_negative_control: bool,
     /// Tests only: while this file exists, the process removes it and aborts right after it
     /// acknowledged a release as ordered (issue 12), before the release left it, so only the
     /// client's resend can make it take effect. Never set outside a test.
@@ -45,6 +48,7 @@ impl std::fmt::Debug for Env {
             .field("in_memory", &self.database.is_some())
             .field("break_fencing_for_negative_control", &self.break_fencing_for_negative_control)
             .field("break_gateway_for_negative_control", &self.break_gateway_for_negative_control)
+            .field("break_fresh_lease_for_negative_control", &self.break_fresh_lease_for_negative_control)
             .field("crash_after_release_ack_for_test", &self.crash_after_release_ack_for_test)
             .finish_non_exhaustive()
     }

@@ -168,6 +168,21 @@ impl GatewayRt {
     }
 
     async fn propose(&self, request: u64, input: Input) {
+        if let Input::Renew { session } = input {
+            // Renewed in the leader's memory, not the log; a refusal means the session is gone
+            // (its expiry reaches the gateway through the log).
+            // Retried while no leader answers (an election): counted from the first send, so
+            // a late answer only makes the gateway more careful than the leader.
+            let mut renewed = self.node.renew(session).await;
+            for _ in 0..10 {
+                let Err(e) = &renewed else { break };
+                tracing::debug!("gateway renewal of session {}: {e}; retrying", session.0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                renewed = self.node.renew(session).await;
+            }
+            self.with(|core, _| core.proposed(request, renewed == Ok(true)));
+            return;
+        }
         loop {
             let Some(session) = self.with(|core, _| core.session()) else { return };
             let origin = Origin { session, request };

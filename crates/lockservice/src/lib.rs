@@ -4,7 +4,8 @@
 //!
 //! Invariants: every change to lock state is a log entry, stamped with the proposing leader's
 //! time, so every replica applies the same inputs and computes the same outputs; a server never
-//! reads its own clock while applying. A server answers its own clients from its own
+//! reads its own clock while applying. Session leases are the exception that is not lock state:
+//! renewals live in the leader's memory (`leases.rs`), and only an expiry is an entry. A server answers its own clients from its own
 //! application of the log, so a grant is never shown before it is committed.
 
 pub mod codec;
@@ -13,9 +14,11 @@ mod errors;
 mod forward;
 pub mod gateway;
 mod gateway_rt;
+pub mod leases;
 mod machine;
 mod network;
 mod node;
+mod renew;
 mod rt;
 mod service;
 mod store;

@@ -113,6 +113,8 @@ impl Answered {
 impl State {
     fn new(limits: Limits, break_fencing: bool) -> State {
         let mut engine = Engine::new(limits);
+        // The leader keeps leases in memory and expires sessions with `Evict` (`leases.rs`).
+        engine.keep_leases_outside();
         if break_fencing {
             engine.break_fencing_for_negative_control();
         }
@@ -311,6 +313,7 @@ impl State {
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
         let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
+        self.engine.keep_leases_outside();
         if self.break_fencing {
             self.engine.break_fencing_for_negative_control();
         }
@@ -954,7 +957,11 @@ mod tests {
         assert_eq!(machine.attached_sessions(), 1);
         assert!(!machine.state().answered.contains_key(&closed));
 
+        // Time alone expires nobody here: the leader's lease table proposes the expiry.
         apply(&mut machine, Command { now_ms: 5_000, origin: None, op: Op::Engine(Input::Tick) }).await;
+        assert!(machine.state().engine.session_is_live(expired), "a session expired by the log's time");
+        apply(&mut machine, Command { now_ms: 5_001, origin: None, op: Op::Engine(Input::Evict { session: expired }) })
+            .await;
         let a = expired_rx.recv().await.expect("the expiry");
         assert!(a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session } if *session == expired)));
         assert!(matches!(end(&mut expired_rx).await, Ok(None)), "the expired session's queue must end");

@@ -24,6 +24,7 @@ pub const VOTE: &str = "vote";
 pub const PRE_VOTE: &str = "pre-vote";
 pub const FULL_SNAPSHOT: &str = "full-snapshot";
 pub const PROPOSE: &str = "forwarded proposal";
+pub const RENEW: &str = "lease renewals";
 
 pub fn encode<T: Serialize>(name: &'static str, v: &T) -> Result<RaftPayload, FormatError> {
     Ok(RaftPayload { data: codec::encode(Record::Message(name), v)? })

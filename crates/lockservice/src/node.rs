@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockengine::{Input, Limits, SessionId};
+use lockengine::{Limits, SessionId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::SnapshotOf;
 use openraft::{Raft, ServerState, SnapshotPolicy};
@@ -22,8 +22,9 @@ pub use crate::errors::ProposeError;
 use crate::forward::{Forwarder, Outcome, Route};
 use crate::machine::Machine;
 use crate::network::{
-    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, VOTE, decode, decode_snapshot, encode,
+    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, RENEW, VOTE, decode, decode_snapshot, encode,
 };
+use crate::renew::Renewer;
 use crate::store::Store;
 use crate::types::{C, Command, NodeAddr, NodeId, Op, Reply, SnapshotData};
 
@@ -66,6 +67,8 @@ pub struct Node {
     leaders: Arc<Mutex<HashMap<NodeId, RaftClient<tonic::transport::Channel>>>>,
     /// This server's ordered stream of commands to the leader (`forward.rs`).
     forwarder: Forwarder,
+    /// Session renewals, and the leader's lease table (`renew.rs`).
+    pub renewer: Renewer,
 }
 
 impl std::fmt::Debug for Node {
@@ -127,6 +130,7 @@ impl Node {
             })
         };
         let forwarder = Forwarder::start(config.env.connector.clone(), leader_of);
+        let renewer = Renewer::new(config.env.break_fresh_lease_for_negative_control);
         let node = Node {
             id: config.id,
             addr,
@@ -135,7 +139,9 @@ impl Node {
             config: Arc::new(config),
             leaders: Default::default(),
             forwarder,
+            renewer,
         };
+        tokio::spawn(node.renewer.clone().run(node.clone()));
         Ok(node)
     }
 
@@ -235,24 +241,62 @@ impl Node {
         }
     }
 
-    async fn forward(&self, leader: NodeId, addr: &str, cmd: &Command) -> Result<Reply, ProposeError> {
-        let mut client = {
-            let mut leaders = self.leaders.lock().expect("leaders lock");
-            match leaders.get(&leader) {
-                Some(c) => c.clone(),
-                None => {
-                    let channel = self
-                        .config
-                        .env
-                        .connector
-                        .channel(addr)
-                        .map_err(|e| ProposeError::LeaderUnreachable { leader, reason: e.to_string() })?;
-                    let c = RaftClient::new(channel);
-                    leaders.insert(leader, c.clone());
-                    c
-                }
-            }
+    fn leader_client(&self, leader: NodeId, addr: &str) -> Result<RaftClient<tonic::transport::Channel>, ProposeError> {
+        let mut leaders = self.leaders.lock().expect("leaders lock");
+        if let Some(c) = leaders.get(&leader) {
+            return Ok(c.clone());
+        }
+        let channel = self
+            .config
+            .env
+            .connector
+            .channel(addr)
+            .map_err(|e| ProposeError::LeaderUnreachable { leader, reason: e.to_string() })?;
+        let c = RaftClient::new(channel);
+        leaders.insert(leader, c.clone());
+        Ok(c)
+    }
+
+    /// Renews `session`'s lease with the leader (no log entry): `Ok(false)` when it is closed,
+    /// expired or expiring.
+    pub async fn renew(&self, session: SessionId) -> crate::renew::Renewed {
+        self.renewer.renew(session, false).await
+    }
+
+    /// Hands a batch of renewals to the leader in one RPC; its answer says, per session,
+    /// whether it renewed it.
+    pub(crate) async fn forward_renewals(&self, sessions: &[SessionId]) -> Result<Vec<bool>, ProposeError> {
+        let (leader, addr) = {
+            let m = self.raft.metrics().borrow_watched().clone();
+            let leader = m.current_leader.ok_or(ProposeError::NoLeader)?;
+            let addr = m
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+                .or_else(|| self.config.peers.get(&leader).cloned())
+                .ok_or(ProposeError::NoLeader)?;
+            (leader, addr)
         };
+        if leader == self.id {
+            return Err(ProposeError::NoLeader);
+        }
+        let mut client = self.leader_client(leader, &addr)?;
+        let payload = encode(RENEW, &sessions)
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?;
+        let reply = tokio::time::timeout(FORWARD_DEADLINE, client.renew(payload))
+            .await
+            .map_err(|_| {
+                self.leaders.lock().expect("leaders lock").remove(&leader);
+                ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
+            })?
+            .map_err(|s| ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() })?;
+        decode::<Result<Vec<bool>, ProposeError>>(RENEW, reply.get_ref())
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?
+    }
+
+    async fn forward(&self, leader: NodeId, addr: &str, cmd: &Command) -> Result<Reply, ProposeError> {
+        let mut client = self.leader_client(leader, addr)?;
         let payload = encode(PROPOSE, cmd)
             .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?;
         // A leader that accepts connections but does not answer (paused, cut off) must not hold
@@ -305,9 +349,9 @@ impl Node {
         let _ = rx.wait_for(|i| *i >= index).await;
     }
 
-    /// The leader's duties, run on every server and acting only while it leads: stamp time
-    /// into the log so leases expire without traffic. (Fences are the storage service's duty:
-    /// `fencing.rs`.)
+    /// The leader's duties, run on every server and acting only while it leads: expire the
+    /// sessions whose lease ran out (`renew.rs`), and snapshot when due. (Fences are the storage
+    /// service's duty: `fencing.rs`.)
     pub async fn leader_duties(self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -327,15 +371,8 @@ impl Node {
                 }
             }
             self.snapshot_if_due(&mut last_snapshot_asked).await;
-            if !self.is_leader() {
-                continue;
-            }
-            let (sessions, _) = self.machine.state().engine.size();
-            if sessions > 0
-                && let Err(e) = self.propose_here(Op::Engine(Input::Tick)).await
-            {
-                tracing::debug!("tick: {e}");
-            }
+            // Leases live in the leader's memory; only an expiry goes into the log.
+            self.renewer.expire_due(&self).await;
         }
     }
 
@@ -453,6 +490,13 @@ impl wire::v1::raft_server::Raft for RaftService {
         let env = self.node.config.env.clone();
         let now_ms = Arc::new(move || env.now_ms());
         crate::forward::serve_stream(self.node.raft.clone(), now_ms, req.into_inner()).map(Response::new)
+    }
+
+    async fn renew(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let sessions: Vec<SessionId> = decode(RENEW, req.get_ref()).map_err(bad)?;
+        let answers = futures::future::join_all(sessions.iter().map(|s| self.node.renewer.renew(*s, true))).await;
+        let result: Result<Vec<bool>, ProposeError> = answers.into_iter().collect();
+        Ok(Response::new(encode(RENEW, &result).map_err(bad)?))
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -330,6 +330,34 @@ fn describe(node: &Node, blockers: &[LockId]) -> Vec<String> {
         .collect()
 }
 
+/// Renews `session` with the leader and answers heartbeat `request`: an ack once renewed, a
+/// refusal and an ack when the session is gone. Unanswered when no leader could be asked: the
+/// client's next heartbeat tries again (and a server silent for two moves it elsewhere).
+async fn answer_heartbeat(
+    node: Node,
+    session: SessionId,
+    request: u64,
+    tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+) {
+    let renewed = match node.renew(session).await {
+        Ok(renewed) => renewed,
+        Err(e) => {
+            tracing::debug!("renewing session {}: {e}", session.0);
+            return;
+        }
+    };
+    if !renewed {
+        let error = lockengine::EngineError::SessionExpired;
+        let rejected = pb::Rejected {
+            code: u32::from(error.code()),
+            message: format!("session {} has expired or was closed: {error}", session.0),
+            error: engine_code(&error).into(),
+        };
+        let _ = tx.send(Ok(pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) })).await;
+    }
+    let _ = tx.send(Ok(pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) })).await;
+}
+
 type DownStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -455,6 +483,12 @@ impl pb::locks_server::Locks for LockService {
                     msg = up.next(), if !closing && in_flight.len() < IN_FLIGHT_MAX => {
                         let Some(Ok(msg)) = msg else { break None };
                         let Some(body) = msg.body else { continue };
+                        if matches!(body, Up::Heartbeat(_)) {
+                            // A renewal lives in the leader's memory, not in the log: answered
+                            // on its own, in no order with the requests around it.
+                            tokio::spawn(answer_heartbeat(node.clone(), session, msg.request_id, up_tx.clone()));
+                            continue;
+                        }
                         closing = matches!(body, Up::Close(_));
                         let release = matches!(body, Up::Release(_));
                         let request = msg.request_id;

@@ -46,6 +46,8 @@ pub struct ClusterConfig {
     pub break_gateway: bool,
     /// Storage's negative control: the leader acknowledges fences without storage.
     pub break_storage_fence: bool,
+    /// The leases' negative control: a new leader expires the sessions it inherits at once.
+    pub break_fresh_lease: bool,
 }
 
 impl Default for ClusterConfig {
@@ -60,6 +62,7 @@ impl Default for ClusterConfig {
             break_fencing: false,
             break_gateway: false,
             break_storage_fence: false,
+            break_fresh_lease: false,
         }
     }
 }
@@ -109,6 +112,9 @@ struct Record {
     gateway_reads: Vec<GatewayRead>,
     /// Requests that did not complete in time after the faults stopped.
     stuck: Vec<String>,
+    /// Session → the latest true sim ms until which its client counted its lease valid (from an
+    /// acknowledged renewal, less the drift margin): the cluster must not expire it before.
+    lease_beliefs: BTreeMap<u64, u64>,
     /// Clients asking to be paused (cut off) for this many ms, now.
     pause_requests: Vec<(usize, u64)>,
     client_digest: u64,
@@ -225,8 +231,14 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
         // Like the database, the data volume outlives the server's crashes.
         let volume: Arc<dyn chunks::Device> = Arc::new(chunks::MemDevice::default());
         let skew_ms = rng.below(SKEW_MS_MAX);
-        let (peers, record, break_fencing, break_gateway, break_storage_fence) =
-            (peers.clone(), record.clone(), cfg.break_fencing, cfg.break_gateway, cfg.break_storage_fence);
+        let (peers, record, break_fencing, break_gateway, break_storage_fence, break_fresh_lease) = (
+            peers.clone(),
+            record.clone(),
+            cfg.break_fencing,
+            cfg.break_gateway,
+            cfg.break_storage_fence,
+            cfg.break_fresh_lease,
+        );
         sim.host(server_name(id), move || {
             let observer_record = record.clone();
             let observer = move |e: ApplyEvent| {
@@ -273,6 +285,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 observer: Some(Arc::new(observer)),
                 break_fencing_for_negative_control: break_fencing,
                 break_gateway_for_negative_control: break_gateway,
+                break_fresh_lease_for_negative_control: break_fresh_lease,
                 crash_after_release_ack_for_test: None,
             };
             let data_env = DataEnv {
@@ -525,6 +538,18 @@ fn check(seed: u64, servers: u64, r: &Record, mut report: ClusterReport) -> Resu
                     }
                 }
                 Output::Expired { session } => {
+                    // Leases live in the leader's memory (issue 12): whatever leader expired
+                    // it, no acknowledged renewal may still cover the session.
+                    if let Some(until) = r.lease_beliefs.get(&session.0).filter(|u| **u > applied_ms) {
+                        return Err(fail(
+                            at,
+                            format!(
+                                "index {index}: session {} expired at {applied_ms} ms while its client held an \
+                                 acknowledged lease until {until} ms",
+                                session.0
+                            ),
+                        ));
+                    }
                     checker.expired(*session);
                     report.expiries += 1;
                 }
@@ -608,6 +633,17 @@ async fn client_loop(
         r.client_digest = fnv(r.client_digest.rotate_left(3), &what);
     };
     let stuck = |what: String| record.lock().expect("record").stuck.push(format!("client {me}: {what}"));
+    // What the client believes of its lease, for the checker.
+    let believe = |s: &Session| {
+        let left = s.lease_left().as_millis() as u64;
+        if left == 0 {
+            return; // The client knows its lease is gone.
+        }
+        let until = elapsed_ms() + left;
+        let mut r = record.lock().expect("record");
+        let belief = r.lease_beliefs.entry(s.id()).or_insert(0);
+        *belief = (*belief).max(until);
+    };
     // After the faults stop: time for the cluster to settle, then every request must complete
     // within this bound.
     let settle_ms = cfg.fault_ms + 3 * cfg.lease_ms + 1_000;
@@ -652,6 +688,7 @@ async fn client_loop(
         };
         let mut events = s.events();
         let outcome = tokio::time::timeout(bound, s.lock(&resource, range.clone(), mode, options)).await;
+        believe(&s);
         match outcome {
             Ok(Ok(g)) => {
                 let from_ms = elapsed_ms();
@@ -671,7 +708,9 @@ async fn client_loop(
                 let hold_ms = if cfg.break_gateway && g.via_gateway { 150 + rng.below(300) } else { 5 + rng.below(80) };
                 tokio::time::sleep(Duration::from_millis(hold_ms)).await;
                 let to_ms = elapsed_ms();
+                believe(&s);
                 let unlocked = tokio::time::timeout(bound, s.unlock(g.lock)).await;
+                believe(&s);
                 if g.via_gateway {
                     // Held until unlock was called, unless it was lost (then the gateway, not
                     // the client, knows when it ended) or the session expired meanwhile.

@@ -1,7 +1,7 @@
 //! `cargo run -p sim -- --seed N` replays one seed of the cluster simulation (real servers and
 //! clients over turmoil); `--seeds A..B` runs a range, each seed in a process of its own (`--jobs
-//! J` at once) so that no seed's run depends on the ones before it; `--break-fencing` and
-//! `--break-gateway` run the negative controls; `--log` runs the faster log-level simulation instead. Exit 1 on the first
+//! J` at once) so that no seed's run depends on the ones before it; `--break-fencing`,
+//! `--break-gateway`, `--break-storage-fence` and `--break-fresh-lease` run the negative controls; `--log` runs the faster log-level simulation instead. Exit 1 on the first
 //! violation.
 
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let mut break_fencing = false;
     let mut break_storage_fence = false;
     let mut break_gateway = false;
+    let mut break_fresh_lease = false;
     let mut log_level = false;
     let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut i = 0;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
             ("--break-fencing", _) => break_fencing = true,
             ("--break-storage-fence", _) => break_storage_fence = true,
             ("--break-gateway", _) => break_gateway = true,
+            ("--break-fresh-lease", _) => break_fresh_lease = true,
             ("--log", _) => log_level = true,
             _ => return usage(),
         }
@@ -61,6 +63,9 @@ fn main() -> ExitCode {
     if break_storage_fence {
         breaks.push("--break-storage-fence");
     }
+    if break_fresh_lease {
+        breaks.push("--break-fresh-lease");
+    }
     let flags: String =
         (log_level.then_some("--log").into_iter().chain(breaks.iter().copied())).map(|f| format!(" {f}")).collect();
     let started = Instant::now();
@@ -78,8 +83,13 @@ fn main() -> ExitCode {
                 )
             })
         } else {
-            let cfg =
-                sim::cluster::ClusterConfig { break_fencing, break_gateway, break_storage_fence, ..Default::default() };
+            let cfg = sim::cluster::ClusterConfig {
+                break_fencing,
+                break_gateway,
+                break_storage_fence,
+                break_fresh_lease,
+                ..Default::default()
+            };
             sim::cluster::run(seed, &cfg).map(|r| {
                 format!(
                     "{} entries, {} grants ({} seen by clients), {} gateway-reads, {} expiries, {} fence-acks, \

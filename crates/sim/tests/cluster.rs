@@ -93,3 +93,10 @@ fn cluster_negative_control_skipping_the_storage_fence_is_caught() {
     assert!(out.contains("had not recorded it"), "caught, but for another reason:\n{out}");
     assert!(out.contains("--break-storage-fence"), "the replay line keeps the switch:\n{out}");
 }
+
+#[test]
+fn cluster_negative_control_breaking_the_fresh_lease_at_election_is_caught() {
+    let (ok, out) = sim(&["--seeds", "0..20", "--break-fresh-lease"]);
+    assert!(!ok, "with new leaders expiring inherited sessions at once, no seed was caught\n{out}");
+    assert!(out.contains("acknowledged lease until"), "caught, but for another reason:\n{out}");
+}

@@ -257,6 +257,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             lease_max_ms: args.lease_max_ms,
             limits: Limits::default(),
             env: server::LockEnv {
+                break_fresh_lease_for_negative_control: false,
                 crash_after_release_ack_for_test: test_switch(CRASH_AFTER_RELEASE_ACK_ENV).map(PathBuf::from),
                 ..server::LockEnv::default()
             },
