@@ -1,0 +1,184 @@
+//! Issue 12: leases without log writes. A heartbeat renews its session in the leader's memory;
+//! only an expiry is a log entry. What must hold, with real server processes and a hand-driven
+//! session stream (so the test decides exactly when heartbeats stop):
+//! - heartbeats write nothing to the log;
+//! - no session expires early because the leader changed: a new leader gives every session a
+//!   full lease from its election, never less than what the old leader acknowledged;
+//! - a session whose heartbeats stop does expire, and its lock then goes to the next waiter.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, serial};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use wire::v1 as pb;
+use wire::v1::client_message::Body as Up;
+use wire::v1::server_message::Body as Down;
+
+const LEASE_MS: u64 = 4_000;
+/// What a holder may count on: the lease less its drift margin (`lockengine::lease`).
+const VALID_MS: u64 = LEASE_MS - LEASE_MS / 10;
+
+/// A session stream driven by hand: the test sends each message and sees each answer, with the
+/// time it came.
+struct RawSession {
+    up: mpsc::Sender<pb::ClientMessage>,
+    down: mpsc::UnboundedReceiver<(Instant, pb::ServerMessage)>,
+    /// Everything seen so far.
+    seen: Vec<(Instant, pb::ServerMessage)>,
+    id: u64,
+}
+
+impl RawSession {
+    async fn open(addr: &str) -> RawSession {
+        let (up, rx) = mpsc::channel(16);
+        let open = pb::OpenSession { resume_session: 0, lease_ms: LEASE_MS, client_name: "leases test".into() };
+        up.send(pb::ClientMessage { request_id: 1, body: Some(Up::Open(open)) }).await.unwrap();
+        let mut client = pb::locks_client::LocksClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut stream = client.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let (tx, down) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                if tx.send((Instant::now(), m)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut s = RawSession { up, down, seen: Vec::new(), id: 0 };
+        let opened = s.until(1, |b| matches!(b, Down::Opened(_))).await;
+        let Some(Down::Opened(o)) = opened.body else { unreachable!() };
+        s.id = o.session;
+        s
+    }
+
+    async fn send(&self, request_id: u64, body: Up) {
+        self.up.send(pb::ClientMessage { request_id, body: Some(body) }).await.unwrap();
+    }
+
+    /// Waits (up to 10 s) for a message to `request` that `want` accepts.
+    async fn until(&mut self, request: u64, want: impl Fn(&Down) -> bool) -> pb::ServerMessage {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.down.recv()).await;
+            let Ok(Some((at, m))) = next else { panic!("no answer to request {request}; seen {:?}", self.seen) };
+            self.seen.push((at, m.clone()));
+            if m.request_id == request && m.body.as_ref().is_some_and(&want) {
+                return m;
+            }
+        }
+    }
+
+    /// Takes what has arrived without waiting.
+    fn drain(&mut self) {
+        while let Ok(m) = self.down.try_recv() {
+            self.seen.push(m);
+        }
+    }
+
+    /// Renews once and returns when the heartbeat was sent, after its ack (not a refusal).
+    async fn heartbeat(&mut self, request: u64) -> Instant {
+        let sent = Instant::now();
+        self.send(request, Up::Heartbeat(pb::Heartbeat {})).await;
+        self.until(request, |b| matches!(b, Down::Ack(_))).await;
+        let refused = self.seen.iter().any(|(_, m)| m.request_id == request && matches!(m.body, Some(Down::Rejected(_))));
+        assert!(!refused, "heartbeat {request} was refused: {:?}", self.seen);
+        sent
+    }
+}
+
+fn lock(request: u64, resource: &str) -> Up {
+    Up::Lock(pb::LockRequest {
+        lock: request,
+        resource: resource.into(),
+        range: Some(pb::Range { start: 0, end: u64::MAX }),
+        mode: pb::Mode::Ex as i32,
+        nowait: false,
+        gateway: false,
+    })
+}
+
+/// The session holding `resource` as server `id` sees it (0: nobody; `None`: no answer).
+async fn holder(c: &Cluster, id: u64, resource: &str) -> Option<u64> {
+    let t = c.table(id, resource).await?;
+    Some(t.resources.iter().flat_map(|r| &r.locks).find(|l| l.granted).map_or(0, |l| l.session))
+}
+
+#[test]
+fn heartbeats_write_nothing_to_the_log() {
+    serial(async {
+        let c = Cluster::start(3, "lease-no-log").await;
+        let leader = c.leader().await;
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        let mut on_leader = RawSession::open(&c.addrs_from(leader)[0]).await;
+        let mut on_follower = RawSession::open(&c.addrs_from(follower)[0]).await;
+        // Let the opens and any bootstrap work settle, then count.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = c.status(leader).await.unwrap().commit_index;
+        for i in 0..20 {
+            on_leader.heartbeat(10 + i).await;
+            on_follower.heartbeat(10 + i).await;
+        }
+        let after = c.status(leader).await.unwrap().commit_index;
+        assert_eq!(before, after, "40 heartbeats moved the commit index from {before} to {after}");
+    });
+}
+
+/// The holder renews through a follower, the leader acknowledges it and is killed at once, and
+/// the holder sends nothing more. The new leader must keep the session (and its lock) for at
+/// least the lease the old leader acknowledged, counted from when the heartbeat was sent; then
+/// it expires the session, and the lock is freed (after the fence).
+#[test]
+fn no_session_expires_early_because_the_leader_changed() {
+    serial(async {
+        let mut c = Cluster::start(3, "lease-failover").await;
+        let old = c.leader().await;
+        let follower = (1..=3).find(|id| *id != old).unwrap();
+        let mut s = RawSession::open(&c.addrs_from(follower)[0]).await;
+        s.send(2, lock(2, "/lease")).await;
+        s.until(2, |b| matches!(b, Down::Granted(_))).await;
+        assert_eq!(holder(&c, follower, "/lease").await, Some(s.id));
+
+        let sent = s.heartbeat(3).await;
+        c.kill(old);
+        let killed = Instant::now();
+        let new = c.leader().await;
+        assert_ne!(new, old);
+        let elected_after = killed.elapsed();
+
+        // Until the acknowledged lease ends the session holds its lock, on every live server.
+        while sent.elapsed() < Duration::from_millis(VALID_MS - 100) {
+            for id in (1..=3).filter(|id| *id != old) {
+                if let Some(h) = holder(&c, id, "/lease").await {
+                    assert_eq!(
+                        h,
+                        s.id,
+                        "server {id} shows /lease held by {h}, not session {}, {:?} after the acknowledged \
+                         heartbeat (lease {LEASE_MS} ms; leader {new} elected {elected_after:?} after the kill)",
+                        s.id,
+                        sent.elapsed()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.drain();
+        let expired = s.seen.iter().find(|(_, m)| matches!(m.body, Some(Down::Expired(_))));
+        assert!(expired.is_none(), "the session was told it expired early: {:?}", s.seen);
+
+        // With no heartbeat since, it does expire: its lock is gone within the lease from the
+        // election, plus the fence's wait for the killed server's storage lease, plus slack.
+        let deadline = Instant::now() + Duration::from_millis(LEASE_MS + 10_000);
+        loop {
+            if holder(&c, new, "/lease").await == Some(0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the silent session's lock was never freed: {:?}", s.seen);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let freed = sent.elapsed();
+        assert!(freed >= Duration::from_millis(VALID_MS), "freed {freed:?} after the heartbeat");
+    });
+}
