@@ -15,6 +15,7 @@ mod forward;
 pub mod gateway;
 mod gateway_rt;
 pub mod leases;
+pub mod lru;
 mod machine;
 mod network;
 mod node;

@@ -265,7 +265,7 @@ impl Node {
 
     /// Hands a batch of renewals to the leader in one RPC; its answer says, per session,
     /// whether it renewed it.
-    pub(crate) async fn forward_renewals(&self, sessions: &[SessionId]) -> Result<Vec<bool>, ProposeError> {
+    pub(crate) async fn forward_renewals(&self, sessions: Vec<SessionId>) -> Result<Vec<bool>, ProposeError> {
         let (leader, addr) = {
             let m = self.raft.metrics().borrow_watched().clone();
             let leader = m.current_leader.ok_or(ProposeError::NoLeader)?;
@@ -410,6 +410,34 @@ impl Node {
     /// Session ids the engine still knows (for tests and status).
     pub fn session_is_live(&self, session: SessionId) -> bool {
         self.machine.state().engine.session_is_live(session)
+    }
+}
+
+impl crate::renew::Server for Node {
+    fn route(&self) -> Route {
+        Node::route(self)
+    }
+    fn machine(&self) -> &Machine {
+        &self.machine
+    }
+    fn is_leader(&self) -> bool {
+        Node::is_leader(self)
+    }
+    fn term(&self) -> u64 {
+        Node::term(self)
+    }
+    fn confirm_leadership(&self) -> impl std::future::Future<Output = Result<(), ProposeError>> + Send {
+        Node::confirm_leadership(self)
+    }
+    fn forward_renewals(
+        &self,
+        sessions: Vec<SessionId>,
+    ) -> impl std::future::Future<Output = Result<Vec<bool>, ProposeError>> + Send {
+        Node::forward_renewals(self, sessions)
+    }
+    fn expire(&self, session: SessionId) -> impl std::future::Future<Output = Result<(), ProposeError>> + Send {
+        let node = self.clone();
+        async move { node.propose_here(Op::Engine(lockengine::Input::Evict { session })).await.map(|_| ()) }
     }
 }
 

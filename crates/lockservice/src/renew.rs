@@ -4,16 +4,35 @@
 //! (a ReadIndex round) and answers; on a follower it forwards the batch to the leader in one
 //! RPC. The leader's tick expires sessions whose lease ran out, by proposing `Evict`.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use lockengine::{Input, SessionId};
+use lockengine::SessionId;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::errors::ProposeError;
+use crate::forward::Route;
 use crate::leases::Leases;
-use crate::node::Node;
-use crate::types::Op;
+use crate::machine::Machine;
+
+/// What the lease keeper asks of its server (the node implements it).
+pub trait Server: Clone + Send + Sync + 'static {
+    /// Where a command submitted now would go: this server's core (it leads) or the leader.
+    fn route(&self) -> Route;
+    fn machine(&self) -> &Machine;
+    fn is_leader(&self) -> bool;
+    fn term(&self) -> u64;
+    /// A ReadIndex round: a majority confirms this server still leads.
+    fn confirm_leadership(&self) -> impl Future<Output = Result<(), ProposeError>> + Send;
+    /// A batch of renewals handed to the leader; per session, whether it renewed it.
+    fn forward_renewals(
+        &self,
+        sessions: Vec<SessionId>,
+    ) -> impl Future<Output = Result<Vec<bool>, ProposeError>> + Send;
+    /// Proposes the expiry of `session` (an `Evict` entry) on this server, the leader.
+    fn expire(&self, session: SessionId) -> impl Future<Output = Result<(), ProposeError>> + Send;
+}
 
 /// Whether a session was renewed: `false` when it is closed, expired or expiring.
 pub type Renewed = Result<bool, ProposeError>;
@@ -76,7 +95,7 @@ impl Renewer {
     }
 
     /// Serves the queue for as long as the server runs.
-    pub async fn run(self, node: Node) {
+    pub async fn run<N: Server>(self, node: N) {
         loop {
             let batch: Vec<Waiting> = {
                 let mut q = self.inner.queue.lock().expect("renewals");
@@ -88,23 +107,23 @@ impl Renewer {
                 continue;
             }
             match node.route() {
-                crate::forward::Route::Local { term } if node.machine.state().applied_term == term => {
+                Route::Local { term } if node.machine().state().applied_term == term => {
                     self.renew_here(&node, term, batch).await
                 }
                 // Elected, and not yet caught up with its own term: asked again in a moment.
-                crate::forward::Route::Local { .. } => {
+                Route::Local { .. } => {
                     for w in batch {
                         let _ = w.answer.send(Err(ProposeError::NoLeader));
                     }
                 }
-                crate::forward::Route::Forward { .. } => self.forward(&node, batch).await,
+                Route::Forward { .. } => self.forward(&node, batch).await,
             }
         }
     }
 
-    async fn renew_here(&self, node: &Node, term: u64, batch: Vec<Waiting>) {
+    async fn renew_here<N: Server>(&self, node: &N, term: u64, batch: Vec<Waiting>) {
         let results: Vec<bool> = {
-            let state = node.machine.state();
+            let state = node.machine().state();
             let mut table = self.inner.table.lock().expect("leases");
             table.lead(term);
             let now = self.now_ms();
@@ -127,7 +146,7 @@ impl Renewer {
         }
     }
 
-    async fn forward(&self, node: &Node, batch: Vec<Waiting>) {
+    async fn forward<N: Server>(&self, node: &N, batch: Vec<Waiting>) {
         let (here_only, to_leader): (Vec<Waiting>, Vec<Waiting>) = batch.into_iter().partition(|w| w.here_only);
         for w in here_only {
             let _ = w.answer.send(Err(not_leader()));
@@ -136,7 +155,7 @@ impl Renewer {
             return;
         }
         let sessions: Vec<SessionId> = to_leader.iter().map(|w| w.session).collect();
-        match node.forward_renewals(&sessions).await {
+        match node.forward_renewals(sessions).await {
             Ok(renewed) if renewed.len() == to_leader.len() => {
                 for (w, r) in to_leader.into_iter().zip(renewed) {
                     let _ = w.answer.send(Ok(r));
@@ -161,7 +180,7 @@ impl Renewer {
 
     /// The leader's tick: sessions whose lease ran out are expired (`Evict` in the log). Off
     /// the leader, or before it applied an entry of its own term, the table is dropped or left.
-    pub async fn expire_due(&self, node: &Node) {
+    pub async fn expire_due<N: Server>(&self, node: &N) {
         let Some(term) = ready_term(node) else {
             if !node.is_leader() {
                 self.inner.table.lock().expect("leases").step_down();
@@ -169,7 +188,7 @@ impl Renewer {
             return;
         };
         let due = {
-            let state = node.machine.state();
+            let state = node.machine().state();
             let mut table = self.inner.table.lock().expect("leases");
             table.lead(term);
             table.sweep(self.now_ms(), state.engine.live_sessions())
@@ -178,7 +197,7 @@ impl Renewer {
             let (node, me) = (node.clone(), self.clone());
             tokio::spawn(async move {
                 tracing::info!("session {} expired: no renewal within its lease", session.0);
-                if let Err(e) = node.propose_here(Op::Engine(Input::Evict { session })).await {
+                if let Err(e) = node.expire(session).await {
                     tracing::debug!("expiring session {}: {e}", session.0);
                     me.inner.table.lock().expect("leases").expiry_failed(session);
                 }
@@ -189,12 +208,12 @@ impl Renewer {
 
 /// The term this server leads in, once it has applied an entry of that term (so every expiry an
 /// earlier leader proposed that will ever commit has been applied here).
-fn ready_term(node: &Node) -> Option<u64> {
+fn ready_term<N: Server>(node: &N) -> Option<u64> {
     let term = match node.route() {
-        crate::forward::Route::Local { term } => term,
-        crate::forward::Route::Forward { .. } => return None,
+        Route::Local { term } => term,
+        Route::Forward { .. } => return None,
     };
-    (node.machine.state().applied_term == term).then_some(term)
+    (node.machine().state().applied_term == term).then_some(term)
 }
 
 fn not_leader() -> ProposeError {

@@ -83,7 +83,8 @@ impl RawSession {
         let sent = Instant::now();
         self.send(request, Up::Heartbeat(pb::Heartbeat {})).await;
         self.until(request, |b| matches!(b, Down::Ack(_))).await;
-        let refused = self.seen.iter().any(|(_, m)| m.request_id == request && matches!(m.body, Some(Down::Rejected(_))));
+        let refused =
+            self.seen.iter().any(|(_, m)| m.request_id == request && matches!(m.body, Some(Down::Rejected(_))));
         assert!(!refused, "heartbeat {request} was refused: {:?}", self.seen);
         sent
     }
