@@ -199,6 +199,10 @@ struct Cache {
     cached: HashMap<u64, Cached>,
     /// Gateway locks lost while held and not yet unlocked by the application.
     lost: BTreeSet<u64>,
+    /// The most idle cached locks the servers let this session keep (`None`: not told yet).
+    limit: Option<u64>,
+    /// Counts uses, to order cached locks by their last.
+    clock: u64,
 }
 
 impl Cache {
@@ -219,6 +223,8 @@ struct Cached {
     grant: Grant,
     in_use: bool,
     revoked: bool,
+    /// When it was last put back idle ([`Cache::clock`]): the least recent goes first.
+    used_at: u64,
 }
 
 impl Cache {
@@ -234,6 +240,22 @@ impl Cache {
         })?;
         c.in_use = true;
         Some(c.grant.clone())
+    }
+
+    /// Takes out of the cache the least recently used idle locks beyond the servers' limit
+    /// (issue 12: lock memory that stays bounded); the caller releases them.
+    fn trim(&mut self) -> Vec<u64> {
+        let Some(limit) = self.limit else { return Vec::new() };
+        let mut idle: Vec<(u64, u64)> =
+            self.cached.iter().filter(|(_, c)| !c.in_use && !c.revoked).map(|(l, c)| (c.used_at, *l)).collect();
+        let Some(over) = idle.len().checked_sub(limit as usize).filter(|n| *n > 0) else { return Vec::new() };
+        idle.sort_unstable();
+        let out: Vec<u64> = idle[..over].iter().map(|(_, l)| *l).collect();
+        for l in &out {
+            self.cached.remove(l);
+            self.held.remove(l);
+        }
+        out
     }
 }
 
@@ -304,7 +326,7 @@ impl Session {
         let cache = std::sync::Arc::new(std::sync::Mutex::new(Cache::default()));
         let actor = Actor {
             cache: cache.clone(),
-            calls: calls_tx.downgrade(),
+            outbox: Vec::new(),
             servers: servers.to_vec(),
             connector,
             session: opened.session,
@@ -435,12 +457,15 @@ impl Session {
     /// Releases a held lock. A cached lock goes back to the cache instead, unless it was revoked
     /// meanwhile.
     pub async fn unlock(&self, lock: u64) -> Result<(), ClientError> {
-        {
+        let beyond = 'cached: {
             let mut cache = self.cache.lock().expect("cache");
+            cache.clock += 1;
+            let now = cache.clock;
             if let Some(c) = cache.cached.get_mut(&lock) {
                 if !c.revoked {
                     c.in_use = false;
-                    return Ok(());
+                    c.used_at = now;
+                    break 'cached Some(cache.trim());
                 }
                 cache.cached.remove(&lock);
             }
@@ -450,6 +475,16 @@ impl Session {
                 self.numbers.lock().expect("numbers").used.remove(&lock);
                 return Ok(());
             }
+            None
+        };
+        if let Some(beyond) = beyond {
+            // Back in the cache; what is beyond the LRU size goes back to the cluster, least
+            // recently used first, as if revoked.
+            for lock in beyond {
+                let release = Call { body: Up::Release(pb::LockRef { lock }), lock: None, want: Want::Nothing };
+                let _ = self.calls.send(release).await;
+            }
+            return Ok(());
         }
         // Answered once the release is in order on its way to the log (the server's `Ordered`):
         // it takes effect before any later request of this session and before any conflicting
@@ -485,7 +520,7 @@ impl Session {
         {
             let mut cache = self.cache.lock().expect("cache");
             if let Some((resource, grant)) = cache.held.get(&lock).cloned() {
-                cache.cached.insert(lock, Cached { resource, grant, in_use: true, revoked: false });
+                cache.cached.insert(lock, Cached { resource, grant, in_use: true, revoked: false, used_at: 0 });
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -641,8 +676,9 @@ struct Actor {
     events: broadcast::Sender<Event>,
     numbers: std::sync::Arc<std::sync::Mutex<Numbers>>,
     cache: std::sync::Arc<std::sync::Mutex<Cache>>,
-    /// To release a revoked idle lock through the same path as any call.
-    calls: mpsc::WeakSender<Call>,
+    /// Releases the actor decided on itself (revoked idle locks, locks beyond the LRU size),
+    /// sent like any call once the message that caused them is handled.
+    outbox: Vec<Call>,
 }
 
 /// A grant as the client shows it; a mode or value state this client does not know is an
@@ -699,6 +735,9 @@ impl Actor {
                         if self.handle(m) {
                             return;
                         }
+                        for call in std::mem::take(&mut self.outbox) {
+                            self.send_call(&mut up, call).await;
+                        }
                         false
                     }
                     // The stream broke: the server is gone.
@@ -710,11 +749,8 @@ impl Actor {
                     true
                 }
                 call = calls.recv() => match call {
-                    Some(Call { body, lock, want }) => {
-                        let id = self.next_request;
-                        self.next_request += 1;
-                        let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
-                        self.unacked.insert(id, (body, lock, want));
+                    Some(call) => {
+                        self.send_call(&mut up, call).await;
                         false
                     }
                     None => return,
@@ -744,6 +780,15 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Sends a call with the next request number; kept until acknowledged.
+    async fn send_call(&mut self, up: &mut mpsc::Sender<pb::ClientMessage>, call: Call) {
+        let Call { body, lock, want } = call;
+        let id = self.next_request;
+        self.next_request += 1;
+        let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
+        self.unacked.insert(id, (body, lock, want));
     }
 
     async fn reconnect(&mut self) -> Option<Conn> {
@@ -872,14 +917,11 @@ impl Actor {
                     Err(e) => {
                         // A lock this client cannot understand is given back, not used.
                         self.resolve_lock(g.lock, Err(e));
-                        if let Some(calls) = self.calls.upgrade() {
-                            let release = Call {
-                                body: Up::Release(pb::LockRef { lock: g.lock }),
-                                lock: None,
-                                want: Want::Nothing,
-                            };
-                            let _ = calls.try_send(release);
-                        }
+                        self.outbox.push(Call {
+                            body: Up::Release(pb::LockRef { lock: g.lock }),
+                            lock: None,
+                            want: Want::Nothing,
+                        });
                     }
                 }
             }
@@ -913,14 +955,27 @@ impl Actor {
                         None => false,
                     }
                 };
-                if idle && let Some(calls) = self.calls.upgrade() {
-                    // Give the idle cached lock back; its number is freed once released.
-                    let release =
-                        Call { body: Up::Release(pb::LockRef { lock: l.lock }), lock: None, want: Want::Nothing };
-                    let _ = calls.try_send(release);
-                    self.numbers.lock().expect("numbers").used.remove(&l.lock);
+                if idle {
+                    // Give the idle cached lock back; its number is freed once the release is
+                    // applied (its ack), not before: a new lock must not reuse it meanwhile.
+                    self.outbox.push(Call {
+                        body: Up::Release(pb::LockRef { lock: l.lock }),
+                        lock: None,
+                        want: Want::Nothing,
+                    });
                 }
                 let _ = self.events.send(Event::Revoke { lock: l.lock });
+            }
+            Down::LruSize(l) => {
+                let beyond = {
+                    let mut cache = self.cache.lock().expect("cache");
+                    cache.limit = Some(l.max_cached);
+                    cache.trim()
+                };
+                for lock in beyond {
+                    // Its number is freed once the release is applied (its ack).
+                    self.outbox.push(Call { body: Up::Release(pb::LockRef { lock }), lock: None, want: Want::Nothing });
+                }
             }
             Down::Rejected(r) => {
                 // A refused renewal renews nothing: its ack must not count.

@@ -51,6 +51,9 @@ pub struct Config {
     /// The shortest and longest session lease a client may ask for; others are refused.
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
+    /// Bytes of lock records the server means to hold at most: near it, holders are asked to
+    /// keep fewer idle cached locks (`lru.rs`).
+    pub lock_memory_budget: u64,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use lockengine::{ByteRange, Input, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock};
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,6 +27,7 @@ use wire::convert::{
 use crate::errors::{ProposeError, engine_code};
 use crate::forward::Route;
 use crate::gateway_rt::GatewayRt;
+use crate::lru::{Lru, LruState};
 use crate::machine::{Applied, output_session};
 use crate::node::Node;
 use crate::types::{Op, Origin, client_lock_id, engine_lock_id};
@@ -66,6 +69,8 @@ pub struct LockService {
     node: Node,
     gateway: GatewayRt,
     status_parts: Vec<StatusPart>,
+    /// The LRU size this server asks its sessions to keep, with its budget and use (`lru.rs`).
+    lru: watch::Receiver<LruState>,
 }
 
 impl std::fmt::Debug for LockService {
@@ -77,7 +82,8 @@ impl std::fmt::Debug for LockService {
 impl LockService {
     pub fn new(node: Node) -> LockService {
         let gateway = GatewayRt::start(node.clone(), node.config.gateway_lease_ms);
-        LockService { node, gateway, status_parts: Vec::new() }
+        let lru = start_lru(node.clone());
+        LockService { node, gateway, status_parts: Vec::new(), lru }
     }
 
     /// Lets `part` fill in its fields of every `status` reply.
@@ -89,6 +95,37 @@ impl LockService {
     pub fn server(self) -> pb::locks_server::LocksServer<LockService> {
         pb::locks_server::LocksServer::new(self)
     }
+}
+
+/// How often a server looks at its lock table to size its holders' LRUs.
+const LRU_EVERY: Duration = Duration::from_secs(1);
+
+/// Sizes the holders' LRUs from the lock table, once a second, for as long as the server runs.
+fn start_lru(node: Node) -> watch::Receiver<LruState> {
+    let mut lru = Lru::new(node.config.lock_memory_budget);
+    let first = {
+        let (sessions, locks) = node.machine.state().engine.size();
+        lru.step(locks as u64, sessions as u64)
+    };
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(LRU_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = tx.closed() => return,
+            }
+            let (sessions, locks) = node.machine.state().engine.size();
+            let next = lru.step(locks as u64, sessions as u64);
+            tx.send_if_modified(|s| std::mem::replace(s, next) != next);
+        }
+    });
+    rx
+}
+
+fn lru_message(size: u64) -> pb::ServerMessage {
+    pb::ServerMessage { request_id: 0, body: Some(Down::LruSize(pb::LruSize { max_cached: size })) }
 }
 
 /// The engine input for one client request of `session`.
@@ -409,6 +446,9 @@ impl pb::locks_server::Locks for LockService {
             body: Some(Down::Opened(pb::SessionOpened { session: session.0, lease_ms, heartbeat_ms })),
         };
         tx.send(Ok(opened)).await.map_err(|_| Status::cancelled("client went away"))?;
+        let mut lru = self.lru.clone();
+        let mut lru_sent = lru.borrow_and_update().size;
+        tx.send(Ok(lru_message(lru_sent))).await.map_err(|_| Status::cancelled("client went away"))?;
         let gateway = self.gateway.clone();
         let stream = gateway.register(session, tx.clone());
         // A resumed session is told the state of its locks again: what was in flight while it
@@ -427,6 +467,16 @@ impl pb::locks_server::Locks for LockService {
             'stream: loop {
                 let next = tokio::select! {
                     next = applied.recv() => next,
+                    Ok(()) = lru.changed() => {
+                        let size = lru.borrow_and_update().size;
+                        if size != lru_sent {
+                            lru_sent = size;
+                            if down_tx.send(Ok(lru_message(size))).await.is_err() {
+                                break 'stream;
+                            }
+                        }
+                        continue 'stream;
+                    }
                     // The client went away: nothing will read what comes, so stop now rather
                     // than when the session's next entry finds the stream gone.
                     _ = down_tx.closed() => break 'stream,
@@ -581,6 +631,7 @@ impl pb::locks_server::Locks for LockService {
         let m = self.node.raft.metrics().borrow_watched().clone();
         let stats = self.node.machine.state().engine.stats();
         let gateway = self.gateway.stats();
+        let lru = *self.lru.borrow();
         let servers = m
             .membership_config
             .membership()
@@ -613,6 +664,9 @@ impl pb::locks_server::Locks for LockService {
             gateway_grants: gateway.grants,
             gateway_handovers: gateway.handovers,
             pid: std::process::id(),
+            lock_memory_budget: lru.budget,
+            lock_memory_used: lru.used,
+            lru_size: lru.size,
             data_dir: self.node.config.data_dir.display().to_string(),
             ..Default::default()
         };

@@ -310,6 +310,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     gateway_lease_ms: GATEWAY_LEASE_MS,
                     lease_min_ms: server::LEASE_MS_MIN,
                     lease_max_ms: server::LEASE_MS_MAX,
+                    lock_memory_budget: 1 << 30,
                     limits: lockengine::Limits::default(),
                     env,
                 },

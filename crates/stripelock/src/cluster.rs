@@ -80,6 +80,9 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
+/// A server's lock-memory budget unless its config says otherwise: about a million locks.
+pub const LOCK_MEMORY_BUDGET_DEFAULT: u64 = 1 << 30;
+
 pub struct ServerArgs {
     pub id: u64,
     pub listen: Option<SocketAddr>,
@@ -94,6 +97,7 @@ pub struct ServerArgs {
     pub orphan_grace_ms: u64,
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
+    pub lock_memory_budget: u64,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -119,6 +123,8 @@ pub struct ServerFile {
     /// The shortest and longest session lease a client may ask for (default 500 and 600000).
     pub lease_min_ms: Option<u64>,
     pub lease_max_ms: Option<u64>,
+    /// Lock memory the server means to use at most: `"512MiB"`, `"2GiB"` (default 1GiB).
+    pub lock_memory_budget: Option<String>,
 }
 
 impl ServerArgs {
@@ -165,6 +171,13 @@ impl ServerArgs {
                 "lease_max_ms must be between lease_min_ms ({lease_min_ms}) and 86400000 (a day), not {lease_max_ms}"
             );
         }
+        let lock_memory_budget = match flags.lock_memory_budget.or(f.lock_memory_budget) {
+            None => LOCK_MEMORY_BUDGET_DEFAULT,
+            Some(text) => crate::files::parse_bytes(&text).context("lock_memory_budget")?,
+        };
+        if lock_memory_budget < 64 << 10 {
+            bail!("lock_memory_budget must be at least 64KiB (64 locks), not {lock_memory_budget} bytes");
+        }
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -183,6 +196,7 @@ impl ServerArgs {
             orphan_grace_ms,
             lease_min_ms,
             lease_max_ms,
+            lock_memory_budget,
             break_stale_write_check: false,
             break_invalidate: false,
         })
@@ -255,6 +269,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             gateway_lease_ms: args.gateway_lease_ms,
             lease_min_ms: args.lease_min_ms,
             lease_max_ms: args.lease_max_ms,
+            lock_memory_budget: args.lock_memory_budget,
             limits: Limits::default(),
             env: server::LockEnv {
                 break_fresh_lease_for_negative_control: false,
@@ -917,6 +932,9 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "writes_in_flight": s.writes_in_flight, "writes_admitted_max": s.writes_admitted_max,
                         "worst_write_ms": s.worst_write_ms,
                     },
+                    "lock_memory": {
+                        "budget": s.lock_memory_budget, "used": s.lock_memory_used, "lru_size": s.lru_size,
+                    },
                 }),
                 Err(e) => serde_json::json!({
                     "address": a, "up": false, "error": format!("{e:#}"),
@@ -972,6 +990,16 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         if !largest.is_empty() {
             let sizes: Vec<String> = largest.iter().map(|b| server::human_bytes(*b)).collect();
             println!("largest file: {}", sizes.join(" or "));
+        }
+        for s in replies.iter().filter_map(|(_, r)| r.as_ref().ok()) {
+            println!(
+                "server {} lock memory: {} of {} used ({} locks at 1 KiB); holders keep at most {} idle cached locks",
+                s.server_id,
+                server::human_bytes(s.lock_memory_used),
+                server::human_bytes(s.lock_memory_budget),
+                s.lock_memory_used / 1024,
+                s.lru_size
+            );
         }
     }
     Ok(if up == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })

@@ -86,6 +86,10 @@ enum Command {
         /// is refused, so a dead holder's locks come back within it (or at `stripelock evict`).
         #[arg(long)]
         lease_max_ms: Option<u64>,
+        /// Lock memory this server means to use at most, e.g. 512MiB (default 1GiB): near it,
+        /// holders are asked to keep fewer idle cached locks (their LRU shrinks).
+        #[arg(long)]
+        lock_memory_budget: Option<String>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -400,6 +404,7 @@ fn main() -> ExitCode {
             orphan_grace_ms,
             lease_min_ms,
             lease_max_ms,
+            lock_memory_budget,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -417,6 +422,7 @@ fn main() -> ExitCode {
                 orphan_grace_ms,
                 lease_min_ms,
                 lease_max_ms,
+                lock_memory_budget,
             };
             report(
                 cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
