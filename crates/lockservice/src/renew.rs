@@ -47,12 +47,25 @@ struct Waiting {
     answer: oneshot::Sender<Renewed>,
 }
 
+/// A renewal recorded in the table, to be answered once leadership is confirmed.
+struct Recorded {
+    term: u64,
+    renewed: bool,
+    answer: oneshot::Sender<Renewed>,
+}
+
 #[derive(Default)]
 struct Inner {
     table: Mutex<Leases>,
     queue: Mutex<Vec<Waiting>>,
     wake: Notify,
+    /// Recorded renewals waiting for the next ReadIndex round.
+    confirming: Mutex<Vec<Recorded>>,
+    confirm_wake: Notify,
 }
+
+/// Batches of renewals a follower has with the leader at once.
+const FORWARDS_IN_FLIGHT: usize = 8;
 
 /// The server's lease keeper: its queue of renewals and, while it leads, its lease table.
 #[derive(Clone)]
@@ -94,8 +107,13 @@ impl Renewer {
         self.inner.table.lock().expect("leases").len()
     }
 
-    /// Serves the queue for as long as the server runs.
+    /// Serves the queue for as long as the server runs. Recording never waits: confirming
+    /// leadership (a round trip to a majority, slow under load) runs beside it, one round for
+    /// everything recorded meanwhile, and a follower keeps several batches with the leader at
+    /// once. A renewal waiting behind a slow round could otherwise see its lease run out.
     pub async fn run<N: Server>(self, node: N) {
+        tokio::spawn(self.clone().confirm_loop(node.clone()));
+        let forwards = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
         loop {
             let batch: Vec<Waiting> = {
                 let mut q = self.inner.queue.lock().expect("renewals");
@@ -108,7 +126,7 @@ impl Renewer {
             }
             match node.route() {
                 Route::Local { term } if node.machine().state().applied_term == term => {
-                    self.renew_here(&node, term, batch).await
+                    self.record(&node, term, batch)
                 }
                 // Elected, and not yet caught up with its own term: asked again in a moment.
                 Route::Local { .. } => {
@@ -116,12 +134,20 @@ impl Renewer {
                         let _ = w.answer.send(Err(ProposeError::NoLeader));
                     }
                 }
-                Route::Forward { .. } => self.forward(&node, batch).await,
+                Route::Forward { .. } => {
+                    let Ok(permit) = forwards.clone().acquire_owned().await else { return };
+                    let (me, node) = (self.clone(), node.clone());
+                    tokio::spawn(async move {
+                        me.forward(&node, batch).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }
 
-    async fn renew_here<N: Server>(&self, node: &N, term: u64, batch: Vec<Waiting>) {
+    /// Records a batch in the leader's table now; its answers wait for the next ReadIndex round.
+    fn record<N: Server>(&self, node: &N, term: u64, batch: Vec<Waiting>) {
         let results: Vec<bool> = {
             let state = node.machine().state();
             let mut table = self.inner.table.lock().expect("leases");
@@ -135,14 +161,34 @@ impl Renewer {
                 })
                 .collect()
         };
-        // Acknowledged only once a majority confirms this server still leads (`leases.rs`).
-        let confirmed = match node.confirm_leadership().await {
-            Ok(()) if node.term() == term => Ok(()),
-            Ok(()) => Err(not_leader()),
-            Err(e) => Err(e),
-        };
-        for (w, renewed) in batch.into_iter().zip(results) {
-            let _ = w.answer.send(confirmed.clone().map(|()| renewed));
+        let mut confirming = self.inner.confirming.lock().expect("confirming");
+        confirming.extend(
+            batch.into_iter().zip(results).map(|(w, renewed)| Recorded { term, renewed, answer: w.answer }),
+        );
+        drop(confirming);
+        self.inner.confirm_wake.notify_one();
+    }
+
+    /// Answers recorded renewals, one ReadIndex round for all recorded since the last.
+    async fn confirm_loop<N: Server>(self, node: N) {
+        loop {
+            let recorded: Vec<Recorded> = std::mem::take(&mut *self.inner.confirming.lock().expect("confirming"));
+            if recorded.is_empty() {
+                self.inner.confirm_wake.notified().await;
+                continue;
+            }
+            // Acknowledged only once a majority confirms this server still leads, in the term
+            // it recorded them in (`leases.rs`).
+            let confirmed = node.confirm_leadership().await;
+            let term = node.term();
+            for r in recorded {
+                let answer = match &confirmed {
+                    Ok(()) if r.term == term => Ok(r.renewed),
+                    Ok(()) => Err(not_leader()),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = r.answer.send(answer);
+            }
         }
     }
 
