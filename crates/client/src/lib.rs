@@ -729,6 +729,17 @@ impl Actor {
             let silent = tokio::time::sleep_until(last_heard + silence_limit);
             let server_lost = tokio::select! {
                 biased;
+                // First: a session busy with answers and calls must still renew its lease (the
+                // ticks are a third of a lease apart, so they take nothing from the rest).
+                _ = beat.tick() => {
+                    let id = self.next_request;
+                    self.next_request += 1;
+                    let body = Up::Heartbeat(pb::Heartbeat {});
+                    self.beats.insert(id, tokio::time::Instant::now());
+                    let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
+                    self.unacked.insert(id, (body, None, Want::Nothing));
+                    false
+                }
                 msg = down.next() => match msg {
                     Some(Ok(m)) => {
                         last_heard = tokio::time::Instant::now();
@@ -755,15 +766,6 @@ impl Actor {
                     }
                     None => return,
                 },
-                _ = beat.tick() => {
-                    let id = self.next_request;
-                    self.next_request += 1;
-                    let body = Up::Heartbeat(pb::Heartbeat {});
-                    self.beats.insert(id, tokio::time::Instant::now());
-                    let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
-                    self.unacked.insert(id, (body, None, Want::Nothing));
-                    false
-                }
             };
             if server_lost {
                 // Resume the session on another server and resend what was not acknowledged.

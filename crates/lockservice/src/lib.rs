@@ -28,7 +28,7 @@ mod types;
 pub use env::{ApplyEvent, Env, wall_ms};
 pub use errors::{ProposeError, engine_code};
 pub use forward::Route;
-pub use machine::{Applied, Machine, State, WriteGrant};
+pub use machine::{Applied, Machine, SnapshotStats, State, WriteGrant};
 pub use node::{Config, Node, SECRET_FILE};
 pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService, StatusPart};

@@ -352,6 +352,21 @@ pub struct Machine {
     observer: Option<Arc<dyn Fn(ApplyEvent) + Send + Sync>>,
     /// Where write locks granted on files go, for the leader's invalidations (seed 000).
     write_grants: Arc<Mutex<Option<mpsc::Sender<WriteGrant>>>>,
+    /// The last snapshot built and the last restored, for `status` (measured, never applied).
+    snapshot_stats: Arc<Mutex<SnapshotStats>>,
+}
+
+/// What the last snapshots cost this server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Bytes of the last snapshot built or installed.
+    pub bytes: u64,
+    /// The lock records it held.
+    pub locks: u64,
+    /// Time to build the last one (copy, encode, store), ms.
+    pub build_ms: u64,
+    /// Time to restore the last one installed (at start, or sent by the leader), ms.
+    pub restore_ms: u64,
 }
 
 /// A PW or EX lock granted (or converted to) on a file of the namespace.
@@ -376,6 +391,11 @@ impl std::fmt::Debug for Machine {
 const APPLIED_BACKLOG: usize = 4_096;
 
 impl Machine {
+    /// What the last snapshots cost this server.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        *self.snapshot_stats.lock().expect("snapshot stats")
+    }
+
     pub fn new(store: Store, server: u64, limits: Limits, env: &Env) -> io::Result<Machine> {
         let snapshot = store.snapshot()?;
         let (index_tx, _) = watch::channel(0);
@@ -388,6 +408,7 @@ impl Machine {
             server,
             observer: env.observer.clone(),
             write_grants: Arc::default(),
+            snapshot_stats: Arc::default(),
         })
     }
 
@@ -466,12 +487,14 @@ impl RaftSnapshotBuilder<C> for Machine {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, SnapshotData>, io::Error> {
         // Only the copy is made under the state's lock; applying goes on while it is encoded
         // and stored (off the runtime's threads for a database on disk).
+        let started = std::time::Instant::now();
         let (data, meta) = {
             let state = self.state();
             let meta =
                 SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
             (state.snapshot_data(), meta)
         };
+        let locks = data.engine.locks.len() as u64;
         let encode_and_store = {
             let (store, meta) = (self.store.clone(), meta.clone());
             move || -> io::Result<Vec<u8>> {
@@ -487,6 +510,12 @@ impl RaftSnapshotBuilder<C> for Machine {
         } else {
             tokio::task::spawn_blocking(encode_and_store).await.map_err(io::Error::other)??
         };
+        {
+            let mut stats = self.snapshot_stats.lock().expect("snapshot stats");
+            stats.bytes = bytes.len() as u64;
+            stats.locks = locks;
+            stats.build_ms = started.elapsed().as_millis() as u64;
+        }
         *self.snapshot.lock().expect("snapshot lock") = Some((meta.clone(), bytes.clone()));
         Ok(SnapshotOf::<C, SnapshotData> { meta, snapshot: bytes })
     }
@@ -592,11 +621,19 @@ impl RaftStateMachine<C> for Machine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, snapshot: SnapshotData) -> Result<(), io::Error> {
         self.store.save_snapshot(meta, &snapshot)?;
-        {
+        let started = std::time::Instant::now();
+        let locks = {
             let mut state = self.state();
             state.restore(&snapshot)?;
             state.last_applied = meta.last_log_id;
             state.last_membership = meta.last_membership.clone();
+            state.engine.size().1 as u64
+        };
+        {
+            let mut stats = self.snapshot_stats.lock().expect("snapshot stats");
+            stats.bytes = snapshot.len() as u64;
+            stats.locks = locks;
+            stats.restore_ms = started.elapsed().as_millis() as u64;
         }
         if let Some(id) = &meta.last_log_id {
             self.index_tx.send_replace(id.index);

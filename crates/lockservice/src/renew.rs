@@ -125,9 +125,7 @@ impl Renewer {
                 continue;
             }
             match node.route() {
-                Route::Local { term } if node.machine().state().applied_term == term => {
-                    self.record(&node, term, batch)
-                }
+                Route::Local { term } if node.machine().state().applied_term == term => self.record(&node, term, batch),
                 // Elected, and not yet caught up with its own term: asked again in a moment.
                 Route::Local { .. } => {
                     for w in batch {
@@ -162,9 +160,11 @@ impl Renewer {
                 .collect()
         };
         let mut confirming = self.inner.confirming.lock().expect("confirming");
-        confirming.extend(
-            batch.into_iter().zip(results).map(|(w, renewed)| Recorded { term, renewed, answer: w.answer }),
-        );
+        confirming.extend(batch.into_iter().zip(results).map(|(w, renewed)| Recorded {
+            term,
+            renewed,
+            answer: w.answer,
+        }));
         drop(confirming);
         self.inner.confirm_wake.notify_one();
     }

@@ -632,6 +632,7 @@ impl pb::locks_server::Locks for LockService {
         let stats = self.node.machine.state().engine.stats();
         let gateway = self.gateway.stats();
         let lru = *self.lru.borrow();
+        let snap = self.node.machine.snapshot_stats();
         let servers = m
             .membership_config
             .membership()
@@ -667,6 +668,10 @@ impl pb::locks_server::Locks for LockService {
             lock_memory_budget: lru.budget,
             lock_memory_used: lru.used,
             lru_size: lru.size,
+            snapshot_bytes: snap.bytes,
+            snapshot_locks: snap.locks,
+            snapshot_build_ms: snap.build_ms,
+            snapshot_restore_ms: snap.restore_ms,
             data_dir: self.node.config.data_dir.display().to_string(),
             ..Default::default()
         };

@@ -362,9 +362,16 @@ async fn fill(addrs: &[String], held: usize, json: bool) -> anyhow::Result<Fille
 
 /// `stripelock bench lock`: lock+unlock cycles against a running cluster, with `held` more
 /// locks granted in the table while it runs.
-pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: bool, held: usize) -> anyhow::Result<()> {
+pub fn lock(
+    addrs: Vec<String>,
+    clients: &[usize],
+    duration: Duration,
+    json: bool,
+    held: usize,
+    disrupt: bool,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (cases, cached, filled) = rt.block_on(async {
+    let (cases, cached, filled, snapshots, disrupted) = rt.block_on(async {
         let filled = if held > 0 {
             if !json {
                 eprintln!("filling the table with {held} held locks...");
@@ -383,13 +390,37 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
             }
         }
         let cached = cached_case(&addrs, duration).await?;
+        let snapshots = crate::bench_scale::snapshots(&addrs).await;
+        let disrupted = if disrupt {
+            if !json {
+                eprintln!("killing the leader, then wiping a follower (each restarted by `stripelock up`)...");
+            }
+            Some(crate::bench_scale::disrupt(&addrs).await?)
+        } else {
+            None
+        };
         if let Some(f) = &filled {
             for s in &f.sessions {
                 s.clone().close().await;
             }
         }
-        Ok::<_, anyhow::Error>((cases, cached, filled))
+        Ok::<_, anyhow::Error>((cases, cached, filled, snapshots, disrupted))
     })?;
+    let snapshots_json: Vec<_> = snapshots
+        .iter()
+        .map(|s| {
+            serde_json::json!({"server": s.server, "bytes": s.bytes, "locks": s.locks,
+                "build_ms": s.build_ms, "restore_ms": s.restore_ms})
+        })
+        .collect();
+    let back_json = |r: &crate::bench_scale::Return| {
+        serde_json::json!({"server": r.server, "answered_ms": r.answered_ms, "restore_ms": r.restore_ms,
+            "snapshot_bytes": r.snapshot_bytes, "in_step_ms": r.in_step_ms})
+    };
+    let disrupted_json = disrupted.as_ref().map(|d| {
+        serde_json::json!({"killed_leader": d.killed_leader, "failover_ms": d.failover_ms,
+            "leader_back": back_json(&d.leader_back), "wiped_follower": back_json(&d.wiped)})
+    });
     let held_json = filled.as_ref().map(|f| {
         let servers: Vec<_> = f
             .servers
@@ -421,7 +452,8 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
         println!(
             "{}",
             serde_json::json!({"cases": list, "cached_regrant_per_s": cached.round(),
-                "seconds_per_case": duration.as_secs_f64(), "held": held_json})
+                "seconds_per_case": duration.as_secs_f64(), "held": held_json,
+                "snapshots": snapshots_json, "disrupted": disrupted_json})
         );
     } else {
         println!("{:<8} {:<16} {:>12} {:>10} {:>10}", "clients", "locks", "cycles/s", "p50", "p99");
@@ -456,9 +488,33 @@ pub fn lock(addrs: Vec<String>, clients: &[usize], duration: Duration, json: boo
                     mib(*db)
                 );
             }
+        }
+        println!("last snapshot of each server:");
+        for x in &snapshots {
             println!(
-                "  not measured yet: snapshot size and the time to take and restore one, a wiped follower's catch-up, \
-                 failover (kill -> first grant)"
+                "  server {}: {:.1} MiB, {} locks, built in {} ms, last restore {} ms",
+                x.server,
+                x.bytes as f64 / (1 << 20) as f64,
+                x.locks,
+                x.build_ms,
+                x.restore_ms
+            );
+        }
+        if let Some(d) = &disrupted {
+            println!("failover: leader (server {}) killed -> first grant in {} ms", d.killed_leader, d.failover_ms);
+            for (what, r) in [("killed leader restarted", &d.leader_back), ("wiped follower restarted", &d.wiped)] {
+                println!(
+                    "  {what} (server {}): answered after {} ms, snapshot restore {} ms ({:.1} MiB), in step with the log after {} ms",
+                    r.server,
+                    r.answered_ms,
+                    r.restore_ms,
+                    r.snapshot_bytes as f64 / (1 << 20) as f64,
+                    r.in_step_ms
+                );
+            }
+        } else if filled.is_some() {
+            println!(
+                "(add --disrupt on a cluster run by `stripelock up` to measure failover and a wiped follower's catch-up)"
             );
         }
     }

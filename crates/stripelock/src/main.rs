@@ -4,6 +4,7 @@ mod bench;
 mod bench_io;
 mod bench_lease;
 mod bench_parity;
+mod bench_scale;
 mod cluster;
 mod files;
 mod pidlock;
@@ -305,6 +306,10 @@ enum BenchCommand {
         /// each server's memory per lock.
         #[arg(long, default_value_t = 0)]
         held: usize,
+        /// Then kill the leader (failover: kill -> first grant) and wipe a follower's Raft
+        /// database (its catch-up), on a local cluster run by `stripelock up`, which restarts them.
+        #[arg(long)]
+        disrupt: bool,
         /// Time for each case.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
@@ -471,7 +476,7 @@ fn main() -> ExitCode {
         Command::Token { command: TokenCommand::Verify { token, secret_file, json } } => {
             tokens::verify(&token, &secret_file, json)
         }
-        Command::Bench { command: BenchCommand::Lock { clients, duration, cluster, json, held } } => {
+        Command::Bench { command: BenchCommand::Lock { clients, duration, cluster, json, held, disrupt } } => {
             if held > 4_000_000 {
                 eprintln!("error: --held takes at most 4000000 locks");
                 return ExitCode::from(2);
@@ -485,7 +490,7 @@ fn main() -> ExitCode {
             }
             report(
                 cluster::cluster_addrs(cluster.as_deref())
-                    .and_then(|addrs| bench::lock(addrs, &clients, duration, json, held))
+                    .and_then(|addrs| bench::lock(addrs, &clients, duration, json, held, disrupt))
                     .map(|()| ExitCode::SUCCESS),
                 json,
             )
