@@ -55,7 +55,11 @@ pub type Outcome = oneshot::Receiver<Result<Reply, ProposeError>>;
 const QUEUED: usize = 4_096;
 /// How long the oldest unanswered command may wait before the stream is given up: a leader that
 /// accepts connections but does not answer (paused, cut off) must not hold commands for ever.
-const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A leader change is seen sooner, by the check every `CHECK_EVERY`; this covers a leader that
+/// hangs and is not replaced. Not shorter: a loaded leader (a snapshot of a million locks, a
+/// slow fsync) answered nothing for over a second, and giving the stream up then made every
+/// session on this server reconnect and resend, which kept it from ever catching up.
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the forwarding task looks at who leads and at its deadline.
 const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 

@@ -376,6 +376,7 @@ async fn answer_heartbeat(
     request: u64,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
 ) {
+    tracing::debug!("heartbeat {request} of session {}", session.0);
     let renewed = match node.renew(session).await {
         Ok(renewed) => renewed,
         Err(e) => {
@@ -383,6 +384,7 @@ async fn answer_heartbeat(
             return;
         }
     };
+    tracing::debug!("heartbeat {request} of session {}: renewed {renewed}", session.0);
     if !renewed {
         let error = lockengine::EngineError::SessionExpired;
         let rejected = pb::Rejected {
@@ -428,6 +430,11 @@ impl pb::locks_server::Locks for LockService {
                     "session {} has expired or was closed: its locks are gone; open a new session",
                     s.0
                 )));
+            }
+            // A resume is a sign of life: renewed before the requests it resends, which its
+            // heartbeats would otherwise wait behind. (The client counts nothing from it.)
+            if let Err(e) = node.renew(s).await {
+                tracing::debug!("renewing resumed session {}: {e}", s.0);
             }
             s
         } else {
