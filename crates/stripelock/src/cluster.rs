@@ -173,7 +173,7 @@ impl ServerArgs {
         }
         let lock_memory_budget = match flags.lock_memory_budget.or(f.lock_memory_budget) {
             None => LOCK_MEMORY_BUDGET_DEFAULT,
-            Some(text) => crate::files::parse_bytes(&text).context("lock_memory_budget")?,
+            Some(text) => crate::size::parse_bytes(&text).context("lock_memory_budget")?,
         };
         if lock_memory_budget < 64 << 10 {
             bail!("lock_memory_budget must be at least 64KiB (64 locks), not {lock_memory_budget} bytes");
@@ -934,6 +934,10 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     },
                     "lock_memory": {
                         "budget": s.lock_memory_budget, "used": s.lock_memory_used, "lru_size": s.lru_size,
+                    },
+                    "last_snapshot": {
+                        "bytes": s.snapshot_bytes, "locks": s.snapshot_locks,
+                        "build_ms": s.snapshot_build_ms, "restore_ms": s.snapshot_restore_ms,
                     },
                 }),
                 Err(e) => serde_json::json!({

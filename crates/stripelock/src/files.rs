@@ -25,23 +25,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// `64KiB`, `1MiB`, `4096`: a size in bytes.
 pub fn parse_size(text: &str) -> Result<u32> {
-    u32::try_from(parse_bytes(text)?).with_context(|| format!("{text} is too large"))
-}
-
-/// `512MiB`, `2GiB`, `4096`: a size in bytes, up to 2^64 - 1.
-pub fn parse_bytes(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().with_context(|| format!("`{text}` is not a size (e.g. 65536, 64KiB, 1MiB, 2GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" | "kb" => 1 << 10,
-        "m" | "mib" | "mb" => 1 << 20,
-        "g" | "gib" | "gb" => 1 << 30,
-        other => bail!("unknown size unit `{other}` in `{text}`: use B, KiB, MiB or GiB"),
-    };
-    n.checked_mul(mult).with_context(|| format!("{text} is too large"))
+    u32::try_from(crate::size::parse_bytes(text)?).with_context(|| format!("{text} is too large"))
 }
 
 pub(crate) fn human(bytes: u64) -> String {

@@ -10,6 +10,7 @@ mod files;
 mod pidlock;
 mod refusal;
 mod replay;
+mod size;
 mod tokens;
 mod up;
 
