@@ -419,7 +419,8 @@ pub fn lock(
     };
     let disrupted_json = disrupted.as_ref().map(|d| {
         serde_json::json!({"killed_leader": d.killed_leader, "failover_ms": d.failover_ms,
-            "leader_back": back_json(&d.leader_back), "wiped_follower": back_json(&d.wiped)})
+            "leader_back": back_json(&d.leader_back),
+            "wiped_follower": d.wiped.as_ref().map_or_else(|e| serde_json::json!({"error": e}), back_json)})
     });
     let held_json = filled.as_ref().map(|f| {
         let servers: Vec<_> = f
@@ -502,7 +503,9 @@ pub fn lock(
         }
         if let Some(d) = &disrupted {
             println!("failover: leader (server {}) killed -> first grant in {} ms", d.killed_leader, d.failover_ms);
-            for (what, r) in [("killed leader restarted", &d.leader_back), ("wiped follower restarted", &d.wiped)] {
+            let wiped = d.wiped.as_ref().map_err(|e| println!("  wiped follower restarted: {e}")).ok();
+            for (what, r) in [("killed leader restarted", Some(&d.leader_back)), ("wiped follower restarted", wiped)] {
+                let Some(r) = r else { continue };
                 println!(
                     "  {what} (server {}): answered after {} ms, snapshot restore {} ms ({:.1} MiB), in step with the log after {} ms",
                     r.server,

@@ -36,7 +36,8 @@ pub(crate) struct Disrupted {
     /// SIGKILL of the leader → the first grant of a new session on the other servers.
     pub failover_ms: u64,
     pub leader_back: Return,
-    pub wiped: Return,
+    /// The wiped follower's return, or why it was not seen within the bound.
+    pub wiped: Result<Return, String>,
 }
 
 pub(crate) async fn snapshots(addrs: &[String]) -> Vec<SnapshotFigures> {
@@ -75,8 +76,14 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 /// Waits until `addr` answers again as a process other than `old_pid`, then until it has applied
 /// what the leader had committed when it answered.
-async fn back_in_step(addrs: &[String], addr: &str, old_pid: u32, since: Instant) -> anyhow::Result<Return> {
-    let deadline = Instant::now() + Duration::from_secs(600);
+async fn back_in_step(
+    addrs: &[String],
+    addr: &str,
+    old_pid: u32,
+    since: Instant,
+    bound: Duration,
+) -> anyhow::Result<Return> {
+    let deadline = Instant::now() + bound;
     let answered = loop {
         if let Ok(s) = status_from(addr).await
             && s.pid != old_pid
@@ -84,7 +91,7 @@ async fn back_in_step(addrs: &[String], addr: &str, old_pid: u32, since: Instant
             break s;
         }
         if Instant::now() > deadline {
-            bail!("{addr} did not come back within 10 minutes (is the cluster run by `stripelock up`?)");
+            bail!("{addr} did not come back within {bound:?} (is the cluster run by `stripelock up`?)");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -100,7 +107,8 @@ async fn back_in_step(addrs: &[String], addr: &str, old_pid: u32, since: Instant
             break s.clone();
         }
         if Instant::now() > deadline {
-            bail!("{addr} did not catch up with index {target} within 10 minutes: {s:?}");
+            let at = s.map_or(0, |s| s.applied_index);
+            bail!("{addr} did not catch up with index {target} within {bound:?} (it had applied {at})");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -144,7 +152,7 @@ pub(crate) async fn disrupt(addrs: &[String]) -> anyhow::Result<Disrupted> {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let leader_back = back_in_step(addrs, &leader_addr, leader.pid, killed).await?;
+    let leader_back = back_in_step(addrs, &leader_addr, leader.pid, killed, Duration::from_secs(600)).await?;
 
     // A follower that is not the bootstrapping server 1 (`up` restarts it with --bootstrap).
     let now = statuses(addrs).await;
@@ -159,6 +167,7 @@ pub(crate) async fn disrupt(addrs: &[String]) -> anyhow::Result<Disrupted> {
     std::fs::remove_file(&db).with_context(|| format!("cannot remove {}", db.display()))?;
     signal(f.pid, "KILL")?;
     let wiped_at = Instant::now();
-    let wiped = back_in_step(addrs, &f_addr, f.pid, wiped_at).await?;
+    let wiped =
+        back_in_step(addrs, &f_addr, f.pid, wiped_at, Duration::from_secs(120)).await.map_err(|e| format!("{e:#}"));
     Ok(Disrupted { killed_leader: leader.server_id, failover_ms, leader_back, wiped })
 }
