@@ -120,17 +120,7 @@ impl Node {
         let addr = config.peers.get(&config.id).cloned().unwrap_or_else(|| config.listen.to_string());
         let leader_of: crate::forward::LeaderOf = {
             let (raft, peers) = (raft.clone(), config.peers.clone());
-            Arc::new(move || {
-                let m = raft.metrics().borrow_watched().clone();
-                let leader = m.current_leader?;
-                let addr = m
-                    .membership_config
-                    .membership()
-                    .get_node(&leader)
-                    .map(|n| n.addr.clone())
-                    .or_else(|| peers.get(&leader).cloned())?;
-                Some((leader, addr))
-            })
+            Arc::new(move || leader_and_address(&raft, &peers))
         };
         let forwarder = Forwarder::start(config.env.connector.clone(), leader_of);
         let renewer = Renewer::new(config.env.break_fresh_lease_for_negative_control);
@@ -269,24 +259,12 @@ impl Node {
     /// Hands a batch of renewals to the leader in one RPC; its answer says, per session,
     /// whether it renewed it.
     pub(crate) async fn forward_renewals(&self, sessions: Vec<SessionId>) -> Result<Vec<bool>, ProposeError> {
-        let (leader, addr) = {
-            let m = self.raft.metrics().borrow_watched().clone();
-            let leader = m.current_leader.ok_or(ProposeError::NoLeader)?;
-            let addr = m
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.addr.clone())
-                .or_else(|| self.config.peers.get(&leader).cloned())
-                .ok_or(ProposeError::NoLeader)?;
-            (leader, addr)
-        };
+        let (leader, addr) = leader_and_address(&self.raft, &self.config.peers).ok_or(ProposeError::NoLeader)?;
         if leader == self.id {
             return Err(ProposeError::NoLeader);
         }
         let mut client = self.leader_client(leader, &addr)?;
-        let payload = encode(RENEW, &sessions)
-            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?;
+        let payload = encode(RENEW, &sessions).map_err(unreadable)?;
         let reply = tokio::time::timeout(FORWARD_DEADLINE, client.renew(payload))
             .await
             .map_err(|_| {
@@ -294,14 +272,12 @@ impl Node {
                 ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
             })?
             .map_err(|s| ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() })?;
-        decode::<Result<Vec<bool>, ProposeError>>(RENEW, reply.get_ref())
-            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?
+        decode::<Result<Vec<bool>, ProposeError>>(RENEW, reply.get_ref()).map_err(unreadable)?
     }
 
     async fn forward(&self, leader: NodeId, addr: &str, cmd: &Command) -> Result<Reply, ProposeError> {
         let mut client = self.leader_client(leader, addr)?;
-        let payload = encode(PROPOSE, cmd)
-            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?;
+        let payload = encode(PROPOSE, cmd).map_err(unreadable)?;
         // A leader that accepts connections but does not answer (paused, cut off) must not hold
         // the request: after the deadline it is asked again, of whoever leads by then (a command
         // with an origin is applied once however often it is proposed).
@@ -318,8 +294,7 @@ impl Node {
                 Ok(_) => ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() },
                 Err(unknown) => ProposeError::Refused { code: wire::ErrorCode::Internal, message: unknown.to_string() },
             })?;
-        decode::<Result<Reply, ProposeError>>(PROPOSE, reply.get_ref())
-            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() })?
+        decode::<Result<Reply, ProposeError>>(PROPOSE, reply.get_ref()).map_err(unreadable)?
     }
 
     /// Where a command submitted now goes (`forward.rs`).
@@ -442,6 +417,24 @@ impl crate::renew::Server for Node {
         let node = self.clone();
         async move { node.propose_here(Op::Engine(lockengine::Input::Evict { session })).await.map(|_| ()) }
     }
+}
+
+/// The leader as this server knows it, with its address (from the membership, else the peers).
+fn leader_and_address(raft: &StripeRaft, peers: &BTreeMap<NodeId, String>) -> Option<(NodeId, String)> {
+    let m = raft.metrics().borrow_watched().clone();
+    let leader = m.current_leader?;
+    let addr = m
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.addr.clone())
+        .or_else(|| peers.get(&leader).cloned())?;
+    Some((leader, addr))
+}
+
+/// A message to or from the leader that could not be encoded or read.
+fn unreadable(e: crate::codec::FormatError) -> ProposeError {
+    ProposeError::Refused { code: wire::ErrorCode::Internal, message: e.to_string() }
 }
 
 /// How long a follower waits for the leader to answer a forwarded command before asking again.

@@ -102,11 +102,6 @@ impl Renewer {
         rx.await.unwrap_or(Err(ProposeError::Stopped { reason: "the lease keeper stopped".into() }))
     }
 
-    /// Sessions the leader's table counts (0 on a follower).
-    pub fn counted(&self) -> usize {
-        self.inner.table.lock().expect("leases").len()
-    }
-
     /// Serves the queue for as long as the server runs. Recording never waits: confirming
     /// leadership (a round trip to a majority, slow under load) runs beside it, one round for
     /// everything recorded meanwhile, and a follower keeps several batches with the leader at
