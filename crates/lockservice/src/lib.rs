@@ -19,6 +19,7 @@ pub mod lru;
 mod machine;
 mod network;
 mod node;
+mod rejoin;
 mod renew;
 mod rt;
 mod service;

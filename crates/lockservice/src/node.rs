@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ pub use crate::errors::ProposeError;
 use crate::forward::{Forwarder, Outcome, Route};
 use crate::machine::Machine;
 use crate::network::{
-    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, RENEW, VOTE, decode, decode_snapshot, encode,
+    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, REJOIN, RENEW, VOTE, decode, decode_snapshot, encode,
 };
 use crate::renew::Renewer;
 use crate::store::Store;
@@ -72,6 +73,10 @@ pub struct Node {
     forwarder: Forwarder,
     /// Session renewals, and the leader's lease table (`renew.rs`).
     pub renewer: Renewer,
+    /// This server lost its Raft state and does not vote until readmitted (`rejoin.rs`).
+    pub(crate) rejoining: Arc<AtomicBool>,
+    /// On the leader: one readmission of a rejoining server at a time.
+    pub(crate) readmitting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -82,11 +87,12 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     pub async fn start(config: Config) -> std::io::Result<Node> {
-        let store = match &config.env.database {
-            Some(db) => Store::in_memory(db.clone())?,
+        let (store, rejoining) = match &config.env.database {
+            Some(db) => (Store::in_memory(db.clone())?, false),
             None => {
                 std::fs::create_dir_all(&config.data_dir)?;
-                Store::open(&config.data_dir.join("raft.redb"))?
+                let rejoining = crate::rejoin::must_rejoin(&config.data_dir)?;
+                (Store::open(&config.data_dir.join(crate::rejoin::DATABASE_FILE))?, rejoining)
             }
         };
         let machine = Machine::new(store.clone(), config.id, config.limits.clone(), &config.env)?;
@@ -109,6 +115,9 @@ impl Node {
             // A server that was paused or cut off asks whether it could win before it raises its
             // term, so its return does not depose a healthy leader.
             enable_pre_vote: Some(true),
+            // A follower whose log went back (its database was wiped) is replicated to again from
+            // the start instead of stopping replication; it votes only once readmitted (rejoin.rs).
+            allow_log_reversion: Some(true),
             ..Default::default()
         }
         .validate()
@@ -133,13 +142,26 @@ impl Node {
             leaders: Default::default(),
             forwarder,
             renewer,
+            rejoining: Arc::new(AtomicBool::new(rejoining)),
+            readmitting: Default::default(),
         };
         tokio::spawn(node.renewer.clone().run(node.clone()));
+        if node.config.env.database.is_none() {
+            tokio::spawn(crate::rejoin::mark_joined(node.clone()));
+        }
+        if rejoining {
+            tokio::spawn(crate::rejoin::ask_until_readmitted(node.clone()));
+        }
         Ok(node)
     }
 
     /// Initializes a fresh cluster from this server: membership of every peer, then the secret.
     pub async fn bootstrap(&self) -> std::io::Result<()> {
+        if self.rejoining() {
+            // Initializing again would start a second cluster; the leader readmits it instead.
+            tracing::warn!("server {} lost its Raft database: rejoining instead of bootstrapping", self.id);
+            return Ok(());
+        }
         if self.raft.is_initialized().await.map_err(std::io::Error::other)? {
             return Ok(());
         }
@@ -164,6 +186,36 @@ impl Node {
             }
         }
         Err(std::io::Error::other("no leader elected within 30 s of bootstrap"))
+    }
+
+    /// Whether this server lost its Raft state and is waiting to be readmitted (not voting).
+    pub fn rejoining(&self) -> bool {
+        self.rejoining.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn rejoined(&self) {
+        self.rejoining.store(false, Ordering::SeqCst);
+    }
+
+    /// The leader as this server knows it, with its address.
+    pub(crate) fn leader_address(&self) -> Option<(NodeId, String)> {
+        leader_and_address(&self.raft, &self.config.peers)
+    }
+
+    /// Asks the server at `addr` (the leader) to readmit this one; waits while it catches up.
+    pub(crate) async fn ask_readmit(&self, addr: &str) -> Result<(), ProposeError> {
+        let channel = self
+            .config
+            .env
+            .connector
+            .channel(addr)
+            .map_err(|e| ProposeError::LeaderUnreachable { leader: 0, reason: e.to_string() })?;
+        let payload = encode(REJOIN, &self.id).map_err(unreadable)?;
+        let reply = RaftClient::new(channel)
+            .rejoin(payload)
+            .await
+            .map_err(|s| ProposeError::LeaderUnreachable { leader: 0, reason: s.message().to_string() })?;
+        decode::<Result<(), ProposeError>>(REJOIN, reply.get_ref()).map_err(unreadable)?
     }
 
     pub fn is_leader(&self) -> bool {
@@ -487,12 +539,14 @@ impl wire::v1::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        crate::rejoin::refuse_vote(&self.node)?;
         let rpc = decode(VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(VOTE, &resp).map_err(bad)?))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        crate::rejoin::refuse_vote(&self.node)?;
         let rpc = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.pre_vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(PRE_VOTE, &resp).map_err(bad)?))
@@ -521,6 +575,12 @@ impl wire::v1::raft_server::Raft for RaftService {
         let answers = futures::future::join_all(sessions.iter().map(|s| self.node.renewer.renew(*s, true))).await;
         let result: Result<Vec<bool>, ProposeError> = answers.into_iter().collect();
         Ok(Response::new(encode(RENEW, &result).map_err(bad)?))
+    }
+
+    async fn rejoin(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let id: NodeId = decode(REJOIN, req.get_ref()).map_err(bad)?;
+        let result = crate::rejoin::readmit(&self.node, id).await;
+        Ok(Response::new(encode(REJOIN, &result).map_err(bad)?))
     }
 
     async fn propose(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -679,6 +679,7 @@ impl pb::locks_server::Locks for LockService {
             snapshot_locks: snap.locks,
             snapshot_build_ms: snap.build_ms,
             snapshot_restore_ms: snap.restore_ms,
+            rejoining: self.node.rejoining(),
             data_dir: self.node.config.data_dir.display().to_string(),
             ..Default::default()
         };

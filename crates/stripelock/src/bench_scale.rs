@@ -75,7 +75,8 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 }
 
 /// Waits until `addr` answers again as a process other than `old_pid`, then until it has applied
-/// what the leader had committed when it answered.
+/// what the leader had committed when it answered and votes again (a wiped server is readmitted
+/// by the leader once it has caught up, `lockservice/src/rejoin.rs`).
 async fn back_in_step(
     addrs: &[String],
     addr: &str,
@@ -103,6 +104,7 @@ async fn back_in_step(
         let s = status_from(addr).await.ok();
         if let Some(s) = &s
             && s.applied_index >= target
+            && !s.rejoining
         {
             break s.clone();
         }

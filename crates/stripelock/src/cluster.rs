@@ -915,7 +915,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "requests_waiting": s.requests_waiting, "last_token": s.last_token,
                     "log_entries": s.log_entries, "snapshot_index": s.snapshot_index,
                     "file_bytes_max": s.file_bytes_max,
-                    "pid": s.pid, "data_dir": s.data_dir,
+                    "pid": s.pid, "data_dir": s.data_dir, "rejoining": s.rejoining,
                     "gateway": {
                         "session": s.gateway_session, "files": s.gateway_files, "readers": s.gateway_readers,
                         "grants": s.gateway_grants, "handovers": s.gateway_handovers,
@@ -966,7 +966,13 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         for (a, r) in &replies {
             match r {
                 Ok(s) => {
-                    let role = if s.leader_id == s.server_id { "leader" } else { "follower" };
+                    let role = if s.leader_id == s.server_id {
+                        "leader"
+                    } else if s.rejoining {
+                        "rejoin"
+                    } else {
+                        "follower"
+                    };
                     println!(
                         "{:<4} {:<22} {:<8} {:>5} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>12} {:>13}",
                         s.server_id,
@@ -987,6 +993,12 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             }
         }
         println!("\n{up} of {} servers answer", addrs.len());
+        for s in replies.iter().filter_map(|(_, r)| r.as_ref().ok()).filter(|s| s.rejoining) {
+            println!(
+                "server {} lost its Raft database and is rejoining: it catches up as a non-voter, then votes again",
+                s.server_id
+            );
+        }
         let mut largest: Vec<u64> =
             replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.file_bytes_max).collect();
         largest.sort_unstable();
