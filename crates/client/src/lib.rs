@@ -308,7 +308,7 @@ impl Session {
         let mut order = servers.to_vec();
         let give_up = asked + OPEN_PATIENCE;
         let (conn, opened) = loop {
-            match connect(&connector, &mut order, 0, lease_ms, &client_name).await {
+            match connect(&connector, &mut order, 0, lease_ms, &client_name, Vec::new()).await {
                 Ok(c) => break c,
                 Err(ClientError::Unreachable(_))
                     if tokio::time::Instant::now() + Duration::from_millis(100) < give_up =>
@@ -577,12 +577,16 @@ async fn connect(
     resume: u64,
     lease_ms: u64,
     client_name: &str,
+    waiting: Vec<u64>,
 ) -> Result<(Conn, pb::SessionOpened), ClientError> {
     let mut failures = Vec::new();
     let deadline = answer_deadline(lease_ms);
     for addr in servers.clone() {
-        let attempt =
-            tokio::time::timeout(deadline, connect_one(connector, &addr, resume, lease_ms, client_name)).await;
+        let attempt = tokio::time::timeout(
+            deadline,
+            connect_one(connector, &addr, resume, lease_ms, client_name, waiting.clone()),
+        )
+        .await;
         let e = match attempt {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => e,
@@ -635,6 +639,7 @@ async fn connect_one(
     resume: u64,
     lease_ms: u64,
     client_name: &str,
+    waiting: Vec<u64>,
 ) -> Result<(Conn, pb::SessionOpened), tonic::Status> {
     let channel = connector.channel(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = pb::locks_client::LocksClient::new(channel);
@@ -645,6 +650,8 @@ async fn connect_one(
             resume_session: resume,
             lease_ms,
             client_name: client_name.to_string(),
+            resync_locks: waiting,
+            resync_listed: true,
         })),
     };
     tx.send(open).await.map_err(|_| tonic::Status::unavailable("stream closed"))?;
@@ -797,7 +804,16 @@ impl Actor {
         // Keep trying for most of a lease: after that the session is gone anyway.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.lease_ms);
         while tokio::time::Instant::now() < deadline {
-            match connect(&self.connector, &mut self.servers, self.session, self.lease_ms, "").await {
+            // Only the locks still awaited need telling again: the rest the client knows.
+            let waiting: Vec<u64> = self
+                .waiting_locks
+                .keys()
+                .copied()
+                .chain(
+                    self.unacked.values().filter_map(|(_, lock, want)| lock.filter(|_| matches!(want, Want::Lock(_)))),
+                )
+                .collect();
+            match connect(&self.connector, &mut self.servers, self.session, self.lease_ms, "", waiting).await {
                 Ok(((up, down), _)) => {
                     self.gateway_moved();
                     for (id, (body, _, _)) in &self.unacked {

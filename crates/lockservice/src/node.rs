@@ -103,10 +103,15 @@ impl Node {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: election_min,
             election_timeout_max: election_max,
-            install_snapshot_timeout: 5_000,
+            // A snapshot of a million locks is tens of MiB: sending and installing it on a busy
+            // machine takes seconds, and a timed-out install starts over from nothing.
+            install_snapshot_timeout: 60_000,
             // Asked for by `snapshot_if_due`, at an interval that grows with the table.
             snapshot_policy: SnapshotPolicy::Never,
-            max_in_snapshot_log_to_keep: config.snapshot_every.min(1_000),
+            // Entries kept behind a snapshot: a follower that lags by fewer catches up from the
+            // log, not from a whole-table snapshot (issue 12: followers busy with their own
+            // snapshot during a 1M fill fell behind by more than 1,000 and got one).
+            max_in_snapshot_log_to_keep: config.snapshot_every.saturating_mul(2).min(20_000),
             purge_batch_size: config.snapshot_every.min(256),
             replication_lag_threshold: config.snapshot_every.max(1_000),
             // Send entries to followers as soon as the leader's append returns, before its own

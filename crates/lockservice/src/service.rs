@@ -461,7 +461,8 @@ impl pb::locks_server::Locks for LockService {
         // A resumed session is told the state of its locks again: what was in flight while it
         // was away may have been granted.
         if open.resume_session != 0 {
-            for msg in resync(&node, session) {
+            let only = open.resync_listed.then(|| open.resync_locks.iter().copied().collect());
+            for msg in resync(&node, session, only) {
                 let _ = tx.send(Ok(msg)).await;
             }
         }
@@ -795,12 +796,14 @@ fn owner_name(o: lockengine::OwnerKey) -> String {
     }
 }
 
-/// The current state of a resumed session's locks, as grant and queued messages.
-fn resync(node: &Node, session: SessionId) -> Vec<pb::ServerMessage> {
+/// The current state of a resumed session's locks, as grant and queued messages: of those in
+/// `only` (by the client's lock number) if given, else of all.
+fn resync(node: &Node, session: SessionId, only: Option<std::collections::HashSet<u64>>) -> Vec<pb::ServerMessage> {
     let views = node.machine.state().engine.session_locks(session);
     let values = Arc::new(ValueBlock::Empty);
     views
         .into_iter()
+        .filter(|v| only.as_ref().is_none_or(|o| o.contains(&client_lock_id(v.lock))))
         .map(|v| {
             let body = match v.granted {
                 Some((m, r, t)) => Down::Granted(granted(node, v.lock, m, r, t, &values, false)),

@@ -29,7 +29,12 @@ async fn one_session(
     let channel = wire::endpoint(&addr)?.connect().await.with_context(|| format!("cannot reach {addr}"))?;
     let mut locks = pb::locks_client::LocksClient::new(channel);
     let (up, up_rx) = tokio::sync::mpsc::channel::<pb::ClientMessage>(64);
-    let open = pb::OpenSession { resume_session: 0, lease_ms, client_name: "stripelock bench lease".into() };
+    let open = pb::OpenSession {
+        resume_session: 0,
+        lease_ms,
+        client_name: "stripelock bench lease".into(),
+        ..Default::default()
+    };
     up.send(pb::ClientMessage { request_id: 1, body: Some(Up::Open(open)) }).await?;
     let mut down = locks.session(tokio_stream::wrappers::ReceiverStream::new(up_rx)).await?.into_inner();
     match down.next().await {

@@ -35,7 +35,12 @@ struct RawSession {
 impl RawSession {
     async fn open(addr: &str) -> RawSession {
         let (up, rx) = mpsc::channel(16);
-        let open = pb::OpenSession { resume_session: 0, lease_ms: LEASE_MS, client_name: "leases test".into() };
+        let open = pb::OpenSession {
+            resume_session: 0,
+            lease_ms: LEASE_MS,
+            client_name: "leases test".into(),
+            ..Default::default()
+        };
         up.send(pb::ClientMessage { request_id: 1, body: Some(Up::Open(open)) }).await.unwrap();
         let mut client = pb::locks_client::LocksClient::connect(format!("http://{addr}")).await.unwrap();
         let mut stream = client.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
