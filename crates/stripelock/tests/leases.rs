@@ -34,13 +34,20 @@ struct RawSession {
 
 impl RawSession {
     async fn open(addr: &str) -> RawSession {
+        RawSession::open_with(
+            addr,
+            pb::OpenSession {
+                resume_session: 0,
+                lease_ms: LEASE_MS,
+                client_name: "leases test".into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn open_with(addr: &str, open: pb::OpenSession) -> RawSession {
         let (up, rx) = mpsc::channel(16);
-        let open = pb::OpenSession {
-            resume_session: 0,
-            lease_ms: LEASE_MS,
-            client_name: "leases test".into(),
-            ..Default::default()
-        };
         up.send(pb::ClientMessage { request_id: 1, body: Some(Up::Open(open)) }).await.unwrap();
         let mut client = pb::locks_client::LocksClient::connect(format!("http://{addr}")).await.unwrap();
         let mut stream = client.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
@@ -186,5 +193,57 @@ fn no_session_expires_early_because_the_leader_changed() {
         }
         let freed = sent.elapsed();
         assert!(freed >= Duration::from_millis(VALID_MS), "freed {freed:?} after the heartbeat");
+    });
+}
+
+/// A resumed session is told again of the locks it lists as awaited (granted while it was away),
+/// and not of the ones it holds and knows: a client holding many locks must not be sent them all
+/// on every reconnect (issue 12: at 1M locks such resyncs drowned the servers). A client that
+/// lists nothing (an older one) hears of every lock, as before.
+#[test]
+fn a_resumed_session_hears_again_only_of_the_locks_it_awaits() {
+    serial(async {
+        let c = Cluster::start(3, "lease-resume").await;
+        let addr = c.addrs()[0].clone();
+        let mut a = RawSession::open(&addr).await;
+        for i in 0..20u64 {
+            a.send(10 + i, lock(10 + i, &format!("/resume/{i}"))).await;
+            a.until(10 + i, |b| matches!(b, Down::Granted(_))).await;
+        }
+        let mut b = RawSession::open(&addr).await;
+        b.send(2, lock(2, "/resume/contended")).await;
+        b.until(2, |m| matches!(m, Down::Granted(_))).await;
+        // Lock 40 waits behind b's; then a's stream goes away and b releases.
+        a.send(40, lock(40, "/resume/contended")).await;
+        a.until(40, |m| matches!(m, Down::Queued(_))).await;
+        let id = a.id;
+        drop(a);
+        b.send(3, Up::Release(pb::LockRef { lock: 2 })).await;
+        b.until(3, |m| matches!(m, Down::Ack(_))).await;
+
+        let resume = |listed: bool| pb::OpenSession {
+            resume_session: id,
+            lease_ms: LEASE_MS,
+            client_name: String::new(),
+            resync_locks: if listed { vec![40] } else { Vec::new() },
+            resync_listed: listed,
+        };
+        let mut again = RawSession::open_with(&addr, resume(true)).await;
+        again.heartbeat(50).await;
+        let told: Vec<u64> = again
+            .seen
+            .iter()
+            .filter_map(|(_, m)| match &m.body {
+                Some(Down::Granted(g)) => Some(g.lock),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, vec![40], "a resume that lists lock 40 is told of it alone");
+        drop(again);
+
+        let mut old = RawSession::open_with(&addr, resume(false)).await;
+        old.heartbeat(60).await;
+        let told = old.seen.iter().filter(|(_, m)| matches!(m.body, Some(Down::Granted(_)))).count();
+        assert_eq!(told, 21, "a resume that lists nothing is told of every lock: {:?}", old.seen);
     });
 }
