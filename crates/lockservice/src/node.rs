@@ -92,6 +92,16 @@ impl Node {
             None => {
                 std::fs::create_dir_all(&config.data_dir)?;
                 let rejoining = crate::rejoin::must_rejoin(&config.data_dir)?;
+                if rejoining && config.peers.keys().all(|id| *id == config.id) {
+                    return Err(std::io::Error::other(format!(
+                        "server {} lost its Raft database ({}) and there is no other server to catch up from; \
+                         to start an empty cluster here instead, remove {} and {}",
+                        config.id,
+                        config.data_dir.join(crate::rejoin::DATABASE_FILE).display(),
+                        config.data_dir.join(crate::rejoin::JOINED_FILE).display(),
+                        config.data_dir.join(crate::rejoin::REJOINING_FILE).display(),
+                    )));
+                }
                 (Store::open(&config.data_dir.join(crate::rejoin::DATABASE_FILE))?, rejoining)
             }
         };
