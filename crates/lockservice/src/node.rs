@@ -133,6 +133,12 @@ impl Node {
             // A follower whose log went back (its database was wiped) is replicated to again from
             // the start instead of stopping replication; it votes only once readmitted (rejoin.rs).
             allow_log_reversion: Some(true),
+            // A restarted leader stands for election like anyone else, in a new term. Restored in
+            // its old term, it could renew a session whose expiry its earlier incarnation had
+            // appended but not committed: its own term's entries are applied already, so "applied
+            // an entry of my term" no longer means "applied every expiry that may still commit"
+            // (simulation seed 1868: an acknowledged renewal, then that expiry committed).
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()

@@ -8,6 +8,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 fn main() -> ExitCode {
+    // `SIM_LOG=lockservice=debug` prints the servers' own log lines (to stderr), for a seed
+    // being replayed.
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .without_time()
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seeds = 0..100u64;
     let mut break_fencing = false;
