@@ -247,3 +247,43 @@ fn a_resumed_session_hears_again_only_of_the_locks_it_awaits() {
         assert_eq!(told, 21, "a resume that lists nothing is told of every lock: {:?}", old.seen);
     });
 }
+
+/// A session kept busy with requests still renews its lease: its heartbeats are not starved by
+/// the answers and calls its loop is handling (issue 12: during the 1M fill, busy sessions
+/// expired because their loop never reached the heartbeat tick). The lease never runs out on
+/// the client's own count, and the cluster keeps the session.
+#[test]
+fn a_busy_session_still_renews_its_lease() {
+    serial(async {
+        const LEASE: u64 = 3_000;
+        let c = Cluster::start(3, "lease-busy").await;
+        let s = client::Session::open(&c.addrs(), LEASE).await.unwrap();
+        let started = Instant::now();
+        let mut cycles = 0u64;
+        let mut least = Duration::from_millis(LEASE);
+        // Eight calls in flight at a time for twice the lease: far more than one lease's worth.
+        while started.elapsed() < Duration::from_millis(2 * LEASE) {
+            let calls = (0..8).map(|i| {
+                let s = s.clone();
+                async move {
+                    let g =
+                        s.lock(&format!("/busy/{i}"), 0..1, client::Mode::EX, client::LockOptions::default()).await?;
+                    s.unlock(g.lock).await
+                }
+            });
+            for r in futures::future::join_all(calls).await {
+                r.expect("a call of the busy session failed");
+            }
+            cycles += 8;
+            least = least.min(s.lease_left());
+        }
+        assert!(cycles > 16, "only {cycles} cycles in {:?}", started.elapsed());
+        assert!(
+            least > Duration::ZERO,
+            "the busy session's lease ran out on its own count after {cycles} cycles (least left {least:?})"
+        );
+        let g = s.lock("/busy/after", 0..1, client::Mode::EX, client::LockOptions::default()).await;
+        assert!(g.is_ok(), "the busy session was lost: {g:?}");
+        s.close().await;
+    });
+}
