@@ -168,10 +168,29 @@ impl Node {
         };
         tokio::spawn(node.renewer.clone().run(node.clone()));
         if node.config.env.database.is_none() {
-            tokio::spawn(crate::rejoin::mark_joined(node.clone()));
+            let joined =
+                crate::rejoin::mark_joined(node.raft.clone(), node.config.data_dir.clone(), node.rejoining.clone());
+            tokio::spawn(joined);
         }
         if rejoining {
-            tokio::spawn(crate::rejoin::ask_until_readmitted(node.clone()));
+            let (me, asker) = (node.clone(), node.clone());
+            let targets = move || {
+                let mut addrs: Vec<String> = me.leader_address().map(|(_, a)| a).into_iter().collect();
+                addrs.extend(me.config.peers.iter().filter(|(id, _)| **id != me.id).map(|(_, a)| a.clone()));
+                addrs
+            };
+            let ask = move |addr: String| {
+                let node = asker.clone();
+                async move { node.ask_readmit(&addr).await }
+            };
+            let asking = crate::rejoin::ask_until_readmitted(
+                node.id,
+                node.config.data_dir.clone(),
+                node.rejoining.clone(),
+                targets,
+                ask,
+            );
+            tokio::spawn(asking);
         }
         Ok(node)
     }
@@ -212,10 +231,6 @@ impl Node {
     /// Whether this server lost its Raft state and is waiting to be readmitted (not voting).
     pub fn rejoining(&self) -> bool {
         self.rejoining.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn rejoined(&self) {
-        self.rejoining.store(false, Ordering::SeqCst);
     }
 
     /// The leader as this server knows it, with its address.
@@ -560,14 +575,14 @@ impl wire::v1::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        crate::rejoin::refuse_vote(&self.node)?;
+        crate::rejoin::refuse_vote(&self.node.rejoining, self.node.id)?;
         let rpc = decode(VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(VOTE, &resp).map_err(bad)?))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        crate::rejoin::refuse_vote(&self.node)?;
+        crate::rejoin::refuse_vote(&self.node.rejoining, self.node.id)?;
         let rpc = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
         let resp = self.node.raft.pre_vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(PRE_VOTE, &resp).map_err(bad)?))
@@ -600,7 +615,7 @@ impl wire::v1::raft_server::Raft for RaftService {
 
     async fn rejoin(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let id: NodeId = decode(REJOIN, req.get_ref()).map_err(bad)?;
-        let result = crate::rejoin::readmit(&self.node, id).await;
+        let result = crate::rejoin::readmit(&self.node.raft, &self.node.readmitting, id).await;
         Ok(Response::new(encode(REJOIN, &result).map_err(bad)?))
     }
 

@@ -16,17 +16,18 @@
 //! first start; replace such a server's disk by restoring `raft.joined` first.
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Raft};
 use wire::ErrorCode;
 
 use crate::errors::ProposeError;
-use crate::node::Node;
-use crate::types::NodeId;
+use crate::machine::Machine;
+use crate::types::{C, NodeId};
 
 /// Written once the server has applied an entry: from then on it is a member with a past.
 pub const JOINED_FILE: &str = "raft.joined";
@@ -65,16 +66,17 @@ fn write_durably(path: &Path, body: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes `raft.joined` once this server has applied an entry (then returns).
-pub async fn mark_joined(node: Node) {
-    let path = node.config.data_dir.join(JOINED_FILE);
+/// Writes `raft.joined` in `data_dir` once this server has applied an entry while not rejoining
+/// (then returns).
+pub async fn mark_joined(raft: Raft<C, Machine>, data_dir: PathBuf, rejoining: Arc<AtomicBool>) {
+    let path = data_dir.join(JOINED_FILE);
     if path.exists() {
         return;
     }
-    let mut metrics = node.raft.metrics();
+    let mut metrics = raft.metrics();
     loop {
         let applied = metrics.borrow_watched().last_applied.is_some();
-        if applied && !node.rejoining() {
+        if applied && !rejoining.load(Ordering::SeqCst) {
             if let Err(e) = write_durably(&path, b"this server has joined its cluster\n") {
                 tracing::warn!("cannot write {}: {e}", path.display());
             }
@@ -86,20 +88,27 @@ pub async fn mark_joined(node: Node) {
     }
 }
 
-/// The rejoining server's side: asks the leader (any server forwards nothing; it tries the one
-/// it believes leads, then every peer) to readmit it, until one has; then votes again.
-pub async fn ask_until_readmitted(node: Node) {
-    tracing::warn!("server {} lost its Raft database: not voting until the leader has readmitted it", node.id);
+/// The rejoining server's side: asks the servers `targets` names (the one it believes leads
+/// first, then every peer) to readmit it, through `ask`, until one has; then it votes again.
+pub async fn ask_until_readmitted<A, F>(
+    id: NodeId,
+    data_dir: PathBuf,
+    rejoining: Arc<AtomicBool>,
+    targets: impl Fn() -> Vec<String>,
+    ask: A,
+) where
+    A: Fn(String) -> F,
+    F: std::future::Future<Output = Result<(), ProposeError>>,
+{
+    tracing::warn!("server {id} lost its Raft database: not voting until the leader has readmitted it");
     let mut delay = Duration::from_millis(200);
     loop {
-        let mut addrs: Vec<String> = node.leader_address().map(|(_, a)| a).into_iter().collect();
-        addrs.extend(node.config.peers.iter().filter(|(id, _)| **id != node.id).map(|(_, a)| a.clone()));
-        for addr in addrs {
-            match node.ask_readmit(&addr).await {
+        for addr in targets() {
+            match ask(addr.clone()).await {
                 Ok(()) => {
-                    let _ = std::fs::remove_file(node.config.data_dir.join(REJOINING_FILE));
-                    node.rejoined();
-                    tracing::info!("server {} is a voter again, with the log", node.id);
+                    let _ = std::fs::remove_file(data_dir.join(REJOINING_FILE));
+                    rejoining.store(false, Ordering::SeqCst);
+                    tracing::info!("server {id} is a voter again, with the log");
                     return;
                 }
                 Err(e) => tracing::debug!("rejoin via {addr}: {e}"),
@@ -112,16 +121,16 @@ pub async fn ask_until_readmitted(node: Node) {
 
 /// The leader's side: demotes `id` to a learner, waits until it holds everything committed at
 /// that point, and makes it a voter again. One readmission at a time.
-pub async fn readmit(node: &Node, id: NodeId) -> Result<(), ProposeError> {
-    let _one = node.readmitting.lock().await;
-    if !node.is_leader() {
+pub async fn readmit(raft: &Raft<C, Machine>, one: &tokio::sync::Mutex<()>, id: NodeId) -> Result<(), ProposeError> {
+    let _one = one.lock().await;
+    if raft.metrics().borrow_watched().state != openraft::ServerState::Leader {
         return Err(ProposeError::Refused { code: ErrorCode::NotLeader, message: "not the leader".into() });
     }
     let failed = |what: &str, e: &dyn std::fmt::Display| ProposeError::Refused {
         code: ErrorCode::Unavailable,
         message: format!("readmitting server {id}: {what}: {e}"),
     };
-    let membership = node.raft.metrics().borrow_watched().membership_config.clone();
+    let membership = raft.metrics().borrow_watched().membership_config.clone();
     if membership.membership().get_node(&id).is_none() {
         return Err(ProposeError::Refused {
             code: ErrorCode::BadRequest,
@@ -130,18 +139,17 @@ pub async fn readmit(node: &Node, id: NodeId) -> Result<(), ProposeError> {
     }
     let is_voter = membership.membership().voter_ids().any(|v| v == id);
     let target = if is_voter {
-        let demoted = node
-            .raft
+        let demoted = raft
             .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true)
             .await
             .map_err(|e| failed("demoting it to a learner", &e))?;
         demoted.log_id.index
     } else {
-        node.raft.metrics().borrow_watched().local_committed.as_ref().map_or(0, |l| l.index)
+        raft.metrics().borrow_watched().local_committed.as_ref().map_or(0, |l| l.index)
     };
     tracing::info!("server {id} is rejoining: a learner until it holds index {target}");
     let deadline = Instant::now() + CATCH_UP_BOUND;
-    let mut metrics = node.raft.metrics();
+    let mut metrics = raft.metrics();
     loop {
         let m = metrics.borrow_watched().clone();
         if m.state != openraft::ServerState::Leader {
@@ -160,20 +168,18 @@ pub async fn readmit(node: &Node, id: NodeId) -> Result<(), ProposeError> {
         }
         let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), metrics.changed()).await;
     }
-    node.raft
-        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
         .await
         .map_err(|e| failed("making it a voter again", &e))?;
     tracing::info!("server {id} rejoined as a voter");
     Ok(())
 }
 
-/// Refuses a vote while this server is rejoining.
-pub fn refuse_vote(node: &Node) -> Result<(), tonic::Status> {
-    if node.rejoining.load(Ordering::SeqCst) {
+/// Refuses a vote while this server (`id`) is rejoining.
+pub fn refuse_vote(rejoining: &AtomicBool, id: NodeId) -> Result<(), tonic::Status> {
+    if rejoining.load(Ordering::SeqCst) {
         return Err(ErrorCode::Unavailable.status(format!(
-            "server {} lost its Raft state and is rejoining; it votes again once the leader has readmitted it",
-            node.id
+            "server {id} lost its Raft state and is rejoining; it votes again once the leader has readmitted it"
         )));
     }
     Ok(())
