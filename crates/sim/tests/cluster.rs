@@ -51,6 +51,7 @@ fn seeds_that_found_bugs_stay_clean() {
     for (seed, bug) in [
         (17, "a request applied after a newer one of its session was taken for a retry and dropped"),
         (144, "a replayed reply (Cancelled) was applied by the client to a later use of the lock number"),
+        (1868, "a leader restored in its old term renewed a session its earlier incarnation was expiring"),
     ] {
         let (ok, out) = sim(&["--seed", &seed.to_string()]);
         assert!(ok, "seed {seed} ({bug}) fails again:\n{out}");
