@@ -175,6 +175,14 @@ struct Call {
     want: Want,
 }
 
+impl Call {
+    /// A release the client decided on itself (a revoked idle lock, one beyond the LRU size, a
+    /// grant it cannot read): nobody waits for its answer.
+    fn release(lock: u64) -> Call {
+        Call { body: Up::Release(pb::LockRef { lock }), lock: None, want: Want::Nothing }
+    }
+}
+
 /// An open session. Dropping it stops heartbeats; the cluster then expires the session after
 /// its lease. Prefer [`Session::close`].
 #[derive(Debug, Clone)]
@@ -481,8 +489,7 @@ impl Session {
             // Back in the cache; what is beyond the LRU size goes back to the cluster, least
             // recently used first, as if revoked.
             for lock in beyond {
-                let release = Call { body: Up::Release(pb::LockRef { lock }), lock: None, want: Want::Nothing };
-                let _ = self.calls.send(release).await;
+                let _ = self.calls.send(Call::release(lock)).await;
             }
             return Ok(());
         }
@@ -935,11 +942,7 @@ impl Actor {
                     Err(e) => {
                         // A lock this client cannot understand is given back, not used.
                         self.resolve_lock(g.lock, Err(e));
-                        self.outbox.push(Call {
-                            body: Up::Release(pb::LockRef { lock: g.lock }),
-                            lock: None,
-                            want: Want::Nothing,
-                        });
+                        self.outbox.push(Call::release(g.lock));
                     }
                 }
             }
@@ -976,11 +979,7 @@ impl Actor {
                 if idle {
                     // Give the idle cached lock back; its number is freed once the release is
                     // applied (its ack), not before: a new lock must not reuse it meanwhile.
-                    self.outbox.push(Call {
-                        body: Up::Release(pb::LockRef { lock: l.lock }),
-                        lock: None,
-                        want: Want::Nothing,
-                    });
+                    self.outbox.push(Call::release(l.lock));
                 }
                 let _ = self.events.send(Event::Revoke { lock: l.lock });
             }
@@ -992,7 +991,7 @@ impl Actor {
                 };
                 for lock in beyond {
                     // Its number is freed once the release is applied (its ack).
-                    self.outbox.push(Call { body: Up::Release(pb::LockRef { lock }), lock: None, want: Want::Nothing });
+                    self.outbox.push(Call::release(lock));
                 }
             }
             Down::Rejected(r) => {

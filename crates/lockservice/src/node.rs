@@ -240,17 +240,9 @@ impl Node {
 
     /// Asks the server at `addr` (the leader) to readmit this one; waits while it catches up.
     pub(crate) async fn ask_readmit(&self, addr: &str) -> Result<(), ProposeError> {
-        let channel = self
-            .config
-            .env
-            .connector
-            .channel(addr)
-            .map_err(|e| ProposeError::LeaderUnreachable { leader: 0, reason: e.to_string() })?;
+        let channel = self.config.env.connector.channel(addr).map_err(|e| unreached(addr, &e.to_string()))?;
         let payload = encode(REJOIN, &self.id).map_err(unreadable)?;
-        let reply = RaftClient::new(channel)
-            .rejoin(payload)
-            .await
-            .map_err(|s| ProposeError::LeaderUnreachable { leader: 0, reason: s.message().to_string() })?;
+        let reply = RaftClient::new(channel).rejoin(payload).await.map_err(|s| unreached(addr, s.message()))?;
         decode::<Result<(), ProposeError>>(REJOIN, reply.get_ref()).map_err(unreadable)?
     }
 
@@ -518,6 +510,11 @@ fn leader_and_address(raft: &StripeRaft, peers: &BTreeMap<NodeId, String>) -> Op
         .map(|n| n.addr.clone())
         .or_else(|| peers.get(&leader).cloned())?;
     Some((leader, addr))
+}
+
+/// A server asked for something (by address, its id unknown) that could not be reached.
+fn unreached(addr: &str, why: &str) -> ProposeError {
+    ProposeError::Refused { code: wire::ErrorCode::Unavailable, message: format!("{addr} could not be reached: {why}") }
 }
 
 /// A message to or from the leader that could not be encoded or read.
