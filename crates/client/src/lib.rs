@@ -23,7 +23,7 @@ use std::ops::Range;
 use std::time::Duration;
 pub use wire::Connector;
 
-pub use lockengine::Mode;
+pub use lockengine::{Mode, PosixKind};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -166,7 +166,47 @@ enum Want {
     Lock(oneshot::Sender<Result<Grant, ClientError>>),
     /// Resolved by the request's ack (or a refusal).
     Done(oneshot::Sender<Result<(), ClientError>>),
+    /// Resolved by the POSIX request's answer (a queued one later, by its grant or end).
+    Posix(oneshot::Sender<Result<PosixOutcome, ClientError>>),
     Nothing,
+}
+
+/// The answer to a POSIX (fcntl) request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PosixOutcome {
+    Granted,
+    Unlocked,
+    /// F_GETLK: nothing conflicts.
+    Free,
+    /// F_SETLK or F_GETLK: `owner` of `session` holds `range` as `kind`.
+    Busy {
+        session: u64,
+        owner: u64,
+        range: Range<u64>,
+        kind: PosixKind,
+    },
+    /// F_SETLKW: waiting would close a cycle of waiters (EDEADLK).
+    Deadlock,
+    /// F_SETLKW: the wait was cancelled ([`Session::posix_cancel`], or the session ended).
+    Cancelled,
+}
+
+fn posix_outcome(a: &pb::PosixAnswer) -> Result<PosixOutcome, ClientError> {
+    use pb::posix_answer::Outcome as O;
+    Ok(match O::try_from(a.outcome).map_err(|_| ClientError::Unknown { what: "posix outcome", value: a.outcome })? {
+        O::Granted => PosixOutcome::Granted,
+        O::Unlocked => PosixOutcome::Unlocked,
+        O::Free => PosixOutcome::Free,
+        O::Busy => PosixOutcome::Busy {
+            session: a.conflict_session,
+            owner: a.conflict_owner,
+            range: a.range.as_ref().map_or(0..u64::MAX, |r| r.start..r.end),
+            kind: convert::posix_kind_from_pb(a.kind).map_err(unknown)?,
+        },
+        O::Deadlock => PosixOutcome::Deadlock,
+        O::Cancelled => PosixOutcome::Cancelled,
+        O::Queued => return Err(ClientError::Refused { code: ErrorCode::Internal, message: "queued".into() }),
+    })
 }
 
 struct Call {
@@ -343,6 +383,8 @@ impl Session {
             next_request: 1,
             unacked: BTreeMap::new(),
             waiting_locks: BTreeMap::new(),
+            posix_waits: BTreeMap::new(),
+            posix_recancels: BTreeSet::new(),
             gateway_waits: BTreeMap::new(),
             events: events.clone(),
             numbers: numbers.clone(),
@@ -564,6 +606,60 @@ impl Session {
         self.unlock(lock).await.map(|()| true)
     }
 
+    /// A POSIX (fcntl) lock request of `owner` (a number of this session's choosing: a process,
+    /// an open file) on `range` of `resource`: F_SETLK, or F_SETLKW with `wait`. A waiting
+    /// request is answered when granted, refused as a deadlock, or cancelled.
+    pub async fn posix(
+        &self,
+        owner: u64,
+        resource: &str,
+        range: Range<u64>,
+        kind: PosixKind,
+        wait: bool,
+    ) -> Result<PosixOutcome, ClientError> {
+        let req = pb::PosixRequest {
+            owner,
+            resource: resource.to_string(),
+            range: Some(convert::span_to_pb(&range)),
+            kind: convert::posix_kind_to_pb(kind),
+            wait,
+        };
+        self.posix_call(Up::Posix(req)).await
+    }
+
+    /// F_GETLK: the first lock of another owner that conflicts with `kind` on `range`.
+    pub async fn posix_test(
+        &self,
+        owner: u64,
+        resource: &str,
+        range: Range<u64>,
+        kind: PosixKind,
+    ) -> Result<PosixOutcome, ClientError> {
+        let req = pb::PosixRequest {
+            owner,
+            resource: resource.to_string(),
+            range: Some(convert::span_to_pb(&range)),
+            kind: convert::posix_kind_to_pb(kind),
+            wait: false,
+        };
+        self.posix_call(Up::PosixTest(req)).await
+    }
+
+    /// Gives up the waiting F_SETLKW of `owner` on `resource`: its caller then gets
+    /// [`PosixOutcome::Cancelled`], unless it was granted first (then it holds the lock).
+    pub async fn posix_cancel(&self, owner: u64, resource: &str) -> Result<(), ClientError> {
+        let req = pb::PosixRequest { owner, resource: resource.to_string(), ..Default::default() };
+        let (tx, rx) = oneshot::channel();
+        self.call(Up::PosixCancel(req), None, Want::Done(tx)).await?;
+        rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+
+    async fn posix_call(&self, body: Up) -> Result<PosixOutcome, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(body, None, Want::Posix(tx)).await?;
+        rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+
     /// Releases every lock and ends the session.
     pub async fn close(self) {
         let (tx, rx) = oneshot::channel();
@@ -682,6 +778,12 @@ struct Actor {
     next_request: u64,
     /// Requests sent but not acknowledged, in order: resent after a reconnect.
     unacked: BTreeMap<u64, (Up, Option<u64>, Want)>,
+    /// POSIX requests queued (F_SETLKW), by owner and resource, with their request: after a
+    /// move to another server each is cancelled and asked again, so a grant made meanwhile is
+    /// not missed (asking again for a lock the owner holds is granted at once).
+    posix_waits: BTreeMap<(u64, String), (Up, oneshot::Sender<Result<PosixOutcome, ClientError>>)>,
+    /// Those cancels: their answers are not the callers'.
+    posix_recancels: BTreeSet<u64>,
     /// Lock requests acknowledged (queued) but not yet granted or refused.
     waiting_locks: BTreeMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
     /// Of those, the ones a server's gateway queued (by lock), with their request: that server
@@ -826,6 +928,26 @@ impl Actor {
                     for (id, (body, _, _)) in &self.unacked {
                         let _ = up.send(pb::ClientMessage { request_id: *id, body: Some(body.clone()) }).await;
                     }
+                    // A queued F_SETLKW may have been granted while no server could tell us:
+                    // cancel it and ask again (granted at once if it was).
+                    let waits: Vec<Up> = self.posix_waits.values().map(|(b, _)| b.clone()).collect();
+                    for body in waits {
+                        let Up::Posix(p) = &body else { continue };
+                        let cancel = Up::PosixCancel(pb::PosixRequest {
+                            owner: p.owner,
+                            resource: p.resource.clone(),
+                            ..Default::default()
+                        });
+                        for b in [cancel, body.clone()] {
+                            let id = self.next_request;
+                            self.next_request += 1;
+                            if matches!(b, Up::PosixCancel(_)) {
+                                self.posix_recancels.insert(id);
+                            }
+                            let _ = up.send(pb::ClientMessage { request_id: id, body: Some(b.clone()) }).await;
+                            self.unacked.insert(id, (b, None, Want::Nothing));
+                        }
+                    }
                     return Some((up, down));
                 }
                 Err(ClientError::Expired | ClientError::Refused { .. } | ClientError::Unknown { .. }) => return None,
@@ -870,6 +992,49 @@ impl Actor {
         }
     }
 
+    /// A POSIX answer: to the request it came with if it is about that request's owner (an
+    /// entry can answer several owners of this session), else to a queued request.
+    fn posix_answer(&mut self, request_id: u64, a: pb::PosixAnswer) {
+        use pb::posix_answer::Outcome as O;
+        if self.posix_recancels.remove(&request_id) {
+            return;
+        }
+        let direct = match self.unacked.get(&request_id) {
+            Some((Up::Posix(p) | Up::PosixTest(p), _, Want::Posix(_))) => {
+                p.owner == a.owner && (a.resource.is_empty() || a.resource == p.resource)
+            }
+            _ => false,
+        };
+        if direct {
+            let (body, lock, want) = self.unacked.remove(&request_id).expect("present");
+            let Want::Posix(tx) = want else { unreachable!("checked") };
+            if a.outcome == O::Queued as i32 {
+                let key = match &body {
+                    Up::Posix(p) => (p.owner, p.resource.clone()),
+                    _ => (a.owner, a.resource.clone()),
+                };
+                self.posix_waits.insert(key, (body.clone(), tx));
+            } else {
+                let _ = tx.send(posix_outcome(&a));
+            }
+            self.unacked.insert(request_id, (body, lock, Want::Nothing));
+            return;
+        }
+        if a.outcome == O::Queued as i32 {
+            return;
+        }
+        let key = if a.resource.is_empty() {
+            self.posix_waits.keys().find(|(o, _)| *o == a.owner).cloned()
+        } else {
+            Some((a.owner, a.resource.clone())).filter(|k| self.posix_waits.contains_key(k))
+        };
+        if let Some(key) = key
+            && let Some((_, tx)) = self.posix_waits.remove(&key)
+        {
+            let _ = tx.send(posix_outcome(&a));
+        }
+    }
+
     fn fail_all(&mut self, e: ClientError) {
         for (_, (_, _, want)) in std::mem::take(&mut self.unacked) {
             match want {
@@ -879,10 +1044,16 @@ impl Actor {
                 Want::Done(tx) => {
                     let _ = tx.send(Err(e.clone()));
                 }
+                Want::Posix(tx) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
                 Want::Nothing => {}
             }
         }
         for (_, tx) in std::mem::take(&mut self.waiting_locks) {
+            let _ = tx.send(Err(e.clone()));
+        }
+        for (_, (_, tx)) in std::mem::take(&mut self.posix_waits) {
             let _ = tx.send(Err(e.clone()));
         }
         let _ = self.events.send(Event::Expired);
@@ -1006,6 +1177,9 @@ impl Actor {
                         Want::Done(tx) => {
                             let _ = tx.send(Err(e));
                         }
+                        Want::Posix(tx) => {
+                            let _ = tx.send(Err(e));
+                        }
                         Want::Nothing => {}
                     }
                     self.unacked.insert(m.request_id, (body, lock, Want::Nothing));
@@ -1025,6 +1199,7 @@ impl Actor {
                 }
             }
             Down::Ack(_) => {
+                self.posix_recancels.remove(&m.request_id);
                 if let Some(sent) = self.beats.remove(&m.request_id) {
                     // The leader renewed it: the lease runs from when it was asked for.
                     let mut renewed = self.renewed.lock().expect("renewed");
@@ -1039,6 +1214,12 @@ impl Actor {
                     match want {
                         Want::Done(tx) => {
                             let _ = tx.send(Ok(()));
+                        }
+                        Want::Posix(tx) => {
+                            let _ = tx.send(Err(ClientError::Refused {
+                                code: ErrorCode::Internal,
+                                message: "the server acknowledged a POSIX request without answering it".into(),
+                            }));
                         }
                         Want::Lock(tx) => {
                             // Acknowledged but not yet answered: it waits in the queue.
@@ -1065,7 +1246,8 @@ impl Actor {
                     let _ = self.events.send(Event::Lost { lock: l.lock, reason: l.reason });
                 }
             }
-            Down::Queued(_) | Down::Released(_) | Down::Opened(_) | Down::Posix(_) | Down::NotLeader(_) => {}
+            Down::Posix(a) => self.posix_answer(m.request_id, a),
+            Down::Queued(_) | Down::Released(_) | Down::Opened(_) | Down::NotLeader(_) => {}
         }
         false
     }

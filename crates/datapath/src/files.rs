@@ -25,6 +25,7 @@ use wire::v1 as pb;
 
 use crate::config::{DEFAULT_UNIT, MESSAGE_BYTES_MAX};
 use crate::errors::row_code;
+use crate::names;
 use crate::shared::Shared;
 use crate::write::Stripes;
 
@@ -67,6 +68,14 @@ fn check_path(path: &str, path_bytes_max: usize) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// The size and free space of the file system holding `dir` (0, 0 when it cannot be read).
+fn volume_space(dir: &std::path::Path) -> (u64, u64) {
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => (s.f_blocks.saturating_mul(s.f_frsize), s.f_bavail.saturating_mul(s.f_frsize)),
+        Err(_) => (0, 0),
+    }
 }
 
 /// FNV-1a, to spread files' layouts over the servers.
@@ -567,6 +576,25 @@ impl pb::files_server::Files for FilesService {
         }
         report.servers = servers;
         Ok(Response::new(report))
+    }
+
+    async fn lookup(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::Node>, Status> {
+        names::lookup(&self.shared, &req.into_inner().path).map(Response::new)
+    }
+
+    async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::NodeList>, Status> {
+        names::read_dir(&self.shared, &req.into_inner()).map(Response::new)
+    }
+
+    async fn change(&self, req: Request<pb::NameChange>) -> Result<Response<pb::Node>, Status> {
+        let layout_for = |path: &str| self.choose_layout(path, &pb::PutChunk::default());
+        names::change(&self.shared, layout_for, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn stat_fs(&self, _req: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
+        let (entries, entries_max) = self.shared.locks.entry_count();
+        let (total_bytes, free_bytes) = volume_space(&self.shared.config.data_dir);
+        Ok(Response::new(pb::StatFsReply { total_bytes, free_bytes, entries, entries_max }))
     }
 
     async fn write(&self, req: Request<pb::WriteRequest>) -> Result<Response<pb::WriteReply>, Status> {

@@ -16,6 +16,7 @@ mod files;
 mod lease;
 mod lockcache;
 mod locks;
+mod names;
 mod shared;
 mod storage;
 mod units;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use futures::future::BoxFuture;
 use lockengine::{ByteRange, SessionId};
+use lockservice::names::Entry;
 use lockservice::{FileMeta, NodeId, Op, ProposeError, Reply, WriteGrant};
 use tokio::sync::{mpsc, watch};
 
@@ -67,6 +68,13 @@ pub trait Locks: Send + Sync + 'static {
     /// The files whose path starts with `prefix`, in path order.
     fn files(&self, prefix: &str) -> Vec<(String, FileMeta)>;
     fn file_ids(&self) -> FileIds;
+    /// The namespace entry at `path` (file, directory, symlink), `/` included.
+    fn entry(&self, path: &str) -> Option<Entry>;
+    /// Up to `limit` entries of directory `dir` whose names sort after `after`, and whether
+    /// more follow.
+    fn list(&self, dir: &str, after: &str, limit: usize) -> (Vec<Entry>, bool);
+    /// How many entries the namespace holds, and the most it takes.
+    fn entry_count(&self) -> (u64, u64);
     /// Whether the write lock that issued `token` still holds `range` of `path` (seed 004).
     fn write_lock_holds(&self, path: &str, range: ByteRange, token: u64) -> bool;
     /// A session holding a write lock on some byte of `range` of `path`, and what it holds.

@@ -305,6 +305,7 @@ impl Engine {
             }
             Input::Posix { owner, resource, range, kind, wait } => self.posix(owner, resource, range, kind, wait, out),
             Input::PosixTest { owner, resource, range, kind } => self.posix_test(owner, &resource, range, kind, out),
+            Input::PosixCancel { owner, resource } => self.posix_cancel(owner, &resource, out),
         }
     }
 
@@ -957,6 +958,8 @@ fn subject_of(input: &Input) -> Subject {
         | Input::Cancel { lock }
         | Input::Cache { lock }
         | Input::SetValue { lock, .. } => Subject::Lock(*lock),
-        Input::Posix { owner, .. } | Input::PosixTest { owner, .. } => Subject::Owner(*owner),
+        Input::Posix { owner, .. } | Input::PosixTest { owner, .. } | Input::PosixCancel { owner, .. } => {
+            Subject::Owner(*owner)
+        }
     }
 }

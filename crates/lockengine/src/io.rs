@@ -81,6 +81,12 @@ pub enum Input {
         range: ByteRange,
         kind: PosixKind,
     },
+    /// The waiting F_SETLKW of `owner` on `resource` gives up (its caller was interrupted):
+    /// `PosixCancelled` if it still waited; nothing if it was answered already.
+    PosixCancel {
+        owner: PosixOwner,
+        resource: String,
+    },
 }
 
 /// The value block as a grant sees it.

@@ -151,6 +151,27 @@ impl Engine {
         Ok(())
     }
 
+    pub(crate) fn posix_cancel(
+        &mut self,
+        owner: PosixOwner,
+        resource: &str,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        self.check_live(owner.session)?;
+        let Some(res) = self.lookup(resource) else { return Ok(()) };
+        let seqs: Vec<u64> = self.sessions[&owner.session]
+            .posix_waits
+            .iter()
+            .copied()
+            .filter(|seq| self.posix_waits.get(seq).is_some_and(|w| w.owner == owner && w.res == res))
+            .collect();
+        for seq in seqs {
+            let w = self.remove_posix_wait(seq);
+            out.push(Output::PosixCancelled { owner, resource: resource.to_string(), range: w.range });
+        }
+        Ok(())
+    }
+
     pub(crate) fn remove_posix_wait(&mut self, seq: u64) -> PosixWait {
         let w = self.posix_waits.remove(&seq).expect("posix wait");
         self.resources[w.res as usize].posix_queue.remove(&seq);

@@ -253,13 +253,21 @@ impl Replay {
                 };
                 Input::PosixTest { owner, resource: w[2].to_string(), range, kind }
             }
+            "posix-cancel" => {
+                const U: &str = "posix-cancel <S>:<owner> <resource>";
+                if w.len() != 3 {
+                    return Err(usage(U));
+                }
+                let owner = parse_owner(n, w[1]).ok_or_else(|| usage(U))?;
+                Input::PosixCancel { owner, resource: w[2].to_string() }
+            }
             "renew" | "fence-ack" | "close" | "evict" => return Err(usage(&format!("{command} <S>"))),
             "release" | "cancel" | "cache" => return Err(usage(&format!("{command} <L>"))),
             "tick" => return Err(usage("tick")),
             other => {
                 return Err(format!(
                     "unknown command `{other}`: expected one of session, at, renew, epoch, lock, convert, \
-                     release, cancel, cache, lvb, fence-ack, evict, posix, posix-test, close, tick"
+                     release, cancel, cache, lvb, fence-ack, evict, posix, posix-test, posix-cancel, close, tick"
                 ));
             }
         };

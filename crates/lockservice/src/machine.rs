@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::codec::{self, Record};
 use crate::env::{ApplyEvent, Env};
+use crate::names::{Attr, NameOp, Names, Namespace, View};
 use crate::store::Store;
 use crate::types::{C, Command, FileMeta, NamespaceError, Op, Origin, Reply, SnapshotData, io_error};
 
@@ -44,6 +45,8 @@ pub struct State {
     pub clients: BTreeMap<SessionId, String>,
     /// The namespace: path → file.
     pub files: BTreeMap<String, FileMeta>,
+    /// Directories, symlinks and attributes beside the files (issue 13).
+    pub names: Names,
     next_file: u64,
     /// Files being put, by path, with their id and writer session (derived from `files`).
     putting: BTreeMap<String, (u64, SessionId)>,
@@ -58,9 +61,17 @@ pub struct State {
 }
 
 /// The replicated state as a snapshot record (`codec`: its version comes first; the field
-/// order is the format, docs/formats.md).
+/// order is the format, docs/formats.md). Format version 3 added `names` after the version 2
+/// record (`CoreSnapshot`), which is read as a namespace of files only.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
+    core: CoreSnapshot,
+    names: Names,
+}
+
+/// The snapshot record of format version 2.
+#[derive(Serialize, Deserialize)]
+struct CoreSnapshot {
     engine: EngineSnapshot,
     next_session: u64,
     secret: Option<[u8; 32]>,
@@ -76,7 +87,7 @@ struct StateSnapshot {
 const CLIENT_NAME_MAX: usize = 128;
 
 /// Most files the namespace holds.
-const FILES_MAX: usize = 1_000_000;
+pub const FILES_MAX: usize = 1_000_000;
 
 /// How many recent requests of a session keep their replies.
 const ANSWERED_WINDOW: usize = 64;
@@ -127,6 +138,7 @@ impl State {
             gateways: BTreeMap::new(),
             clients: BTreeMap::new(),
             files: BTreeMap::new(),
+            names: Names::default(),
             next_file: 0,
             putting: BTreeMap::new(),
             puts_rolled_back: 0,
@@ -201,7 +213,7 @@ impl State {
                 reply.outputs = outputs;
             }
             Op::CreateFile { path, layout, writer } => {
-                if self.files.contains_key(&path) {
+                if self.names_view().kind(&path).is_some() {
                     reply.error = Some(NamespaceError::Exists { path: path.clone() });
                 } else if self.files.len() >= FILES_MAX {
                     reply.error = Some(NamespaceError::FilesLimit { max: FILES_MAX as u64 });
@@ -210,13 +222,20 @@ impl State {
                 {
                     reply.error = Some(NamespaceError::WriterEnded { path: path.clone() });
                 } else {
-                    self.next_file += 1;
-                    let id = self.next_file;
-                    if let Some(w) = writer {
-                        self.putting.insert(path.clone(), (id, w));
+                    let now_ns = cmd.now_ms.saturating_mul(1_000_000);
+                    match self.namespace().make_parents(&path, now_ns) {
+                        Err(e) => reply.error = Some(e),
+                        Ok(()) => {
+                            self.next_file += 1;
+                            let id = self.next_file;
+                            if let Some(w) = writer {
+                                self.putting.insert(path.clone(), (id, w));
+                            }
+                            self.files.insert(path, FileMeta { id, size: 0, layout, complete: false, writer });
+                            self.names.file_attrs.insert(id, Attr::of_put(id, now_ns));
+                            reply.file = Some(id);
+                        }
                     }
-                    self.files.insert(path, FileMeta { id, size: 0, layout, complete: false, writer });
-                    reply.file = Some(id);
                 }
             }
             Op::CompleteFile { path, id, size } => match self.files.get_mut(&path) {
@@ -232,6 +251,10 @@ impl State {
             Op::GrowFile { path, id, size } => match self.files.get_mut(&path) {
                 Some(f) if f.id == id && f.complete => {
                     f.size = f.size.max(size);
+                    if let Some(a) = self.names.file_attrs.get_mut(&id) {
+                        a.mtime_ns = cmd.now_ms.saturating_mul(1_000_000);
+                        a.ctime_ns = a.mtime_ns;
+                    }
                     reply.file = Some(id);
                 }
                 _ => reply.error = Some(NamespaceError::FileReplaced { path }),
@@ -239,6 +262,7 @@ impl State {
             Op::RemoveFile { path, id } => match self.files.get(&path) {
                 Some(f) if f.id == id => {
                     self.files.remove(&path);
+                    self.names.file_attrs.remove(&id);
                     self.putting.remove(&path);
                     reply.file = Some(id);
                 }
@@ -251,6 +275,20 @@ impl State {
                 }
                 _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
+            Op::Name(op) => {
+                let renamed = match &op {
+                    NameOp::Rename { .. } => true,
+                    _ => false,
+                };
+                match self.namespace().apply(op, cmd.now_ms) {
+                    Ok(id) => reply.file = Some(id),
+                    Err(e) => reply.error = Some(e),
+                }
+                if renamed {
+                    // Files being put keep their writer wherever a rename moved them.
+                    self.putting = putting_of(&self.files);
+                }
+            }
         }
         self.roll_back_orphaned_puts();
         if let Some(origin) = cmd.origin
@@ -259,6 +297,15 @@ impl State {
             self.answered.entry(origin.session).or_default().insert(origin.request, reply.clone());
         }
         reply
+    }
+
+    fn namespace(&mut self) -> Namespace<'_> {
+        Namespace { files: &mut self.files, names: &mut self.names, next_id: &mut self.next_file, files_max: FILES_MAX }
+    }
+
+    /// The namespace, to read.
+    pub fn names_view(&self) -> View<'_> {
+        View { files: &self.files, names: &self.names }
     }
 
     /// The highest file id handed out: every file of a lower or equal id that is not in the
@@ -285,6 +332,7 @@ impl State {
             self.putting.remove(&path);
             if self.files.get(&path).is_some_and(|f| f.id == id && !f.complete) {
                 self.files.remove(&path);
+                self.names.file_attrs.remove(&id);
                 self.puts_rolled_back += 1;
             }
         }
@@ -297,7 +345,11 @@ impl State {
     }
 
     fn snapshot_data(&self) -> StateSnapshot {
-        StateSnapshot {
+        StateSnapshot { core: self.core_snapshot(), names: self.names.clone() }
+    }
+
+    fn core_snapshot(&self) -> CoreSnapshot {
+        CoreSnapshot {
             engine: self.engine.snapshot(),
             next_session: self.next_session,
             secret: self.secret,
@@ -311,7 +363,13 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
+        let (s, names) = if bytes.first() == Some(&2) {
+            (codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?, Names::default())
+        } else {
+            let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
+            (s.core, s.names)
+        };
+        self.names = names;
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
         self.engine.keep_leases_outside();
         if self.break_fencing {
@@ -323,16 +381,23 @@ impl State {
         self.gateways = s.gateways.into_iter().collect();
         self.files = s.files.into_iter().collect();
         self.next_file = s.next_file;
-        self.putting = self
-            .files
-            .iter()
-            .filter(|(_, f)| !f.complete)
-            .filter_map(|(p, f)| f.writer.map(|w| (p.clone(), (f.id, w))))
-            .collect();
+        self.putting = putting_of(&self.files);
+        if bytes.first() == Some(&2) {
+            // A namespace of files only: its directories are the files' parents.
+            let paths: Vec<String> = self.files.keys().cloned().collect();
+            for p in paths {
+                let _ = self.namespace().make_parents(&p, 0);
+            }
+        }
         self.puts_rolled_back = s.puts_rolled_back;
         self.clients = s.clients.into_iter().collect();
         Ok(())
     }
+}
+
+/// Files being put, by path, with their id and writer session.
+fn putting_of(files: &BTreeMap<String, FileMeta>) -> BTreeMap<String, (u64, SessionId)> {
+    files.iter().filter(|(_, f)| !f.complete).filter_map(|(p, f)| f.writer.map(|w| (p.clone(), (f.id, w)))).collect()
 }
 
 /// A snapshot as kept: its meta and its bytes.
@@ -494,7 +559,7 @@ impl RaftSnapshotBuilder<C> for Machine {
                 SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
             (state.snapshot_data(), meta)
         };
-        let locks = data.engine.locks.len() as u64;
+        let locks = data.core.engine.locks.len() as u64;
         let encode_and_store = {
             let (store, meta) = (self.store.clone(), meta.clone());
             move || -> io::Result<Vec<u8>> {

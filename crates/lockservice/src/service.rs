@@ -167,6 +167,9 @@ fn input_of(session: SessionId, body: Up) -> Result<Input, Status> {
             range: range_from_pb(p.range)?,
             kind: posix_kind_from_pb(p.kind)?,
         },
+        Up::PosixCancel(p) => {
+            Input::PosixCancel { owner: PosixOwner { session, owner: p.owner }, resource: p.resource }
+        }
     })
 }
 

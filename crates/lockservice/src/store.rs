@@ -305,7 +305,7 @@ mod tests {
     use openraft::EntryPayload;
 
     use super::*;
-    use crate::codec::{FORMAT_VERSION, FormatError};
+    use crate::codec::{FORMAT_VERSION, FORMAT_VERSION_OLDEST, FormatError};
     use crate::types::{Command, Op, Origin};
 
     fn database() -> Arc<redb::Database> {
@@ -367,7 +367,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "log entry 2 has format version {}; this stripelock reads format version {FORMAT_VERSION}: it was \
+                "log entry 2 has format version {}; this stripelock reads format versions {FORMAT_VERSION_OLDEST} to \
+                 {FORMAT_VERSION}: it was \
                  written by a newer stripelock; upgrade this server",
                 next.version
             )

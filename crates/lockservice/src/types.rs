@@ -57,6 +57,9 @@ pub enum Op {
     SetLayout { path: String, id: u64, layout: layout::Layout },
     /// A write ended at byte `size` of file `id`: its size becomes at least that.
     GrowFile { path: String, id: u64, size: u64 },
+    /// A change a mount makes to the namespace (issue 13): directories, symlinks, renames,
+    /// attributes.
+    Name(crate::names::NameOp),
 }
 
 impl fmt::Display for Command {
@@ -76,6 +79,7 @@ impl fmt::Display for Command {
             Op::RemoveFile { path, id } => write!(f, "remove({path}, {id})@{}", self.now_ms),
             Op::SetLayout { path, id, layout } => write!(f, "set-layout({path}, {id}, {layout:?})@{}", self.now_ms),
             Op::GrowFile { path, id, size } => write!(f, "grow({path}, {id}, {size})@{}", self.now_ms),
+            Op::Name(op) => write!(f, "{op:?}@{}", self.now_ms),
         }
     }
 }
@@ -110,8 +114,20 @@ pub enum NamespaceError {
     PutGone { path: String },
     #[error("{path} is no longer the file written (it was removed or replaced)")]
     FileReplaced { path: String },
-    #[error("no such file: {path}")]
+    #[error("no such file or directory: {path}")]
     NotFound { path: String },
+    #[error("{path} is not a directory")]
+    NotDir { path: String },
+    #[error("{path} is a directory")]
+    IsDir { path: String },
+    #[error("directory {path} is not empty")]
+    NotEmpty { path: String },
+    #[error(
+        "{path} is not a name this namespace takes (a path /a/b with no empty, `.` or `..` part), or the change asked of it is impossible"
+    )]
+    BadName { path: String },
+    #[error("{path} cannot be changed so (it is the root)")]
+    Busy { path: String },
 }
 
 impl NamespaceError {
@@ -122,6 +138,11 @@ impl NamespaceError {
             NamespaceError::WriterEnded { .. } => ErrorCode::SessionExpired,
             NamespaceError::PutGone { .. } | NamespaceError::FileReplaced { .. } => ErrorCode::Conflict,
             NamespaceError::NotFound { .. } => ErrorCode::NotFound,
+            NamespaceError::NotDir { .. } => ErrorCode::NotDir,
+            NamespaceError::IsDir { .. } => ErrorCode::IsDir,
+            NamespaceError::NotEmpty { .. } => ErrorCode::NotEmpty,
+            NamespaceError::BadName { .. } => ErrorCode::BadRequest,
+            NamespaceError::Busy { .. } => ErrorCode::Busy,
         }
     }
 

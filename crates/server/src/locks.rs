@@ -7,6 +7,7 @@ use datapath::{Fencing, FileIds, Leadership, Locks};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use lockengine::{ByteRange, SessionId};
+use lockservice::names::Entry;
 use lockservice::{FileMeta, Node, NodeId, Op, ProposeError, Reply, WriteGrant};
 use tokio::sync::{mpsc, watch};
 
@@ -80,6 +81,20 @@ impl Locks for NodeLocks {
     fn file_ids(&self) -> FileIds {
         let state = self.0.machine.state();
         FileIds { live: state.files.values().map(|f| f.id).collect(), last: state.last_file_id() }
+    }
+
+    fn entry(&self, path: &str) -> Option<Entry> {
+        self.0.machine.state().names_view().entry(path)
+    }
+
+    fn list(&self, dir: &str, after: &str, limit: usize) -> (Vec<Entry>, bool) {
+        self.0.machine.state().names_view().list(dir, after, limit)
+    }
+
+    fn entry_count(&self) -> (u64, u64) {
+        let state = self.0.machine.state();
+        let n = state.files.len() + state.names.dirs.len() + state.names.links.len();
+        (n as u64, lockservice::FILES_MAX as u64)
     }
 
     fn write_lock_holds(&self, path: &str, range: ByteRange, token: u64) -> bool {

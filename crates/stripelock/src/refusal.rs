@@ -5,7 +5,8 @@
 use client::{ClientError, ErrorCode};
 
 /// The exit code of a refusal with `code`, for every command but `lock` (which keeps 124 for a
-/// lock not available and 125 for its own failures, beside its command's codes). 101–118, the
+/// lock not available and 125 for its own failures, beside its command's codes). 101–120 (100 for
+/// not-empty), the
 /// proto enum's number + 100: clear of 1 and 2 (`scrub`, errors the CLI finds itself) and of
 /// 121–127 (`lock`).
 pub fn exit_code(code: ErrorCode) -> u8 {
@@ -28,6 +29,9 @@ pub fn exit_code(code: ErrorCode) -> u8 {
         ErrorCode::VersionMismatch => 116,
         ErrorCode::Corrupt => 117,
         ErrorCode::Internal => 118,
+        ErrorCode::NotDir => 119,
+        ErrorCode::IsDir => 120,
+        ErrorCode::NotEmpty => 100,
     }
 }
 
@@ -70,6 +74,9 @@ pub fn sentence(code: ErrorCode) -> &'static str {
             "stored data is damaged beyond what parity rebuilds; run `stripelock scrub --repair`, or put the file again"
         }
         ErrorCode::Internal => "a server failed on its own; its log (stripelock-data/server-N/server.log) says more",
+        ErrorCode::NotDir => "a part of the path is not a directory; check the path (`stripelock ls`)",
+        ErrorCode::IsDir => "it is a directory; name a file, or remove the directory's contents first",
+        ErrorCode::NotEmpty => "the directory is not empty; remove what it holds first",
     }
 }
 

@@ -33,6 +33,9 @@ pub enum ErrorCode {
     VersionMismatch,
     Corrupt,
     Internal,
+    NotDir,
+    IsDir,
+    NotEmpty,
 }
 
 /// A number on the wire that is not an error code this build knows (or is UNSPECIFIED).
@@ -44,7 +47,7 @@ pub struct UnknownErrorCode(pub i32);
 pub const ERROR_DETAIL_KEY: &str = "stripelock-error-bin";
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::Busy,
         ErrorCode::Deadlock,
         ErrorCode::NotLeader,
@@ -63,6 +66,9 @@ impl ErrorCode {
         ErrorCode::VersionMismatch,
         ErrorCode::Corrupt,
         ErrorCode::Internal,
+        ErrorCode::NotDir,
+        ErrorCode::IsDir,
+        ErrorCode::NotEmpty,
     ];
 
     /// The name scripts see (`--json`, messages): `busy`, `not-leader`, `too-large`.
@@ -86,6 +92,9 @@ impl ErrorCode {
             ErrorCode::VersionMismatch => "version-mismatch",
             ErrorCode::Corrupt => "corrupt",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotDir => "not-dir",
+            ErrorCode::IsDir => "is-dir",
+            ErrorCode::NotEmpty => "not-empty",
         }
     }
 
@@ -110,7 +119,8 @@ impl ErrorCode {
             ErrorCode::Limit => Code::ResourceExhausted,
             ErrorCode::TooLarge => Code::OutOfRange,
             ErrorCode::Exists => Code::AlreadyExists,
-            ErrorCode::BadRequest => Code::InvalidArgument,
+            ErrorCode::BadRequest | ErrorCode::NotDir | ErrorCode::IsDir => Code::InvalidArgument,
+            ErrorCode::NotEmpty => Code::FailedPrecondition,
             ErrorCode::Corrupt => Code::DataLoss,
             ErrorCode::Internal => Code::Internal,
         }
@@ -162,6 +172,9 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::VersionMismatch => pb::ErrorCode::VersionMismatch,
             ErrorCode::Corrupt => pb::ErrorCode::Corrupt,
             ErrorCode::Internal => pb::ErrorCode::Internal,
+            ErrorCode::NotDir => pb::ErrorCode::NotDir,
+            ErrorCode::IsDir => pb::ErrorCode::IsDir,
+            ErrorCode::NotEmpty => pb::ErrorCode::NotEmpty,
         }
     }
 }
@@ -196,6 +209,9 @@ impl TryFrom<pb::ErrorCode> for ErrorCode {
             pb::ErrorCode::VersionMismatch => ErrorCode::VersionMismatch,
             pb::ErrorCode::Corrupt => ErrorCode::Corrupt,
             pb::ErrorCode::Internal => ErrorCode::Internal,
+            pb::ErrorCode::NotDir => ErrorCode::NotDir,
+            pb::ErrorCode::IsDir => ErrorCode::IsDir,
+            pb::ErrorCode::NotEmpty => ErrorCode::NotEmpty,
         })
     }
 }
