@@ -586,6 +586,35 @@ impl Session {
         self.unlock(lock).await
     }
 
+    /// Keeps a held lock cached and in use: it stays held until [`Session::release_now`], and
+    /// the cluster sends [`Event::Revoke`] when another session waits for it (a mount keeps
+    /// its extent locks so, and drops the kernel's cache of the file before giving one back).
+    pub async fn keep_cached(&self, lock: u64) -> Result<(), ClientError> {
+        {
+            let mut cache = self.cache.lock().expect("cache");
+            if let Some((resource, grant)) = cache.held.get(&lock).cloned() {
+                cache.cached.insert(lock, Cached { resource, grant, in_use: true, revoked: false, used_at: 0 });
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = self.call(Up::Cache(pb::LockRef { lock }), None, Want::Done(tx)).await;
+        let acked = match sent {
+            Ok(()) => rx.await.unwrap_or(Err(ClientError::Closed)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = acked {
+            self.cache.lock().expect("cache").cached.remove(&lock);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Releases a held lock now, whether or not it is kept cached.
+    pub async fn release_now(&self, lock: u64) -> Result<(), ClientError> {
+        self.cache.lock().expect("cache").cached.remove(&lock);
+        self.unlock(lock).await
+    }
+
     /// Whether lock `lock` is one this session keeps cached.
     pub fn is_cached(&self, lock: u64) -> bool {
         self.cache.lock().expect("cache").cached.contains_key(&lock)

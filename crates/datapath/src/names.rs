@@ -108,6 +108,7 @@ pub async fn change(
                 atime_ns: s.atime_ns,
                 mtime_ns: s.mtime_ns,
                 size: s.size,
+                touch: s.touch,
             },
             s.path,
         ),

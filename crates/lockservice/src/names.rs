@@ -129,6 +129,9 @@ pub enum NameOp {
         atime_ns: Option<u64>,
         mtime_ns: Option<u64>,
         size: Option<u64>,
+        /// The file's data changed: mtime and ctime become now, and mtime always moves forward
+        /// (a mount's kernel drops cached pages when it sees the mtime change).
+        touch: bool,
     },
 }
 
@@ -305,7 +308,7 @@ impl Namespace<'_> {
                 Ok(a.ino)
             }
             NameOp::Rename { from, to, flags } => self.rename(&from, &to, flags, now_ns),
-            NameOp::SetAttr { path, ino, mode, uid, gid, atime_ns, mtime_ns, size } => {
+            NameOp::SetAttr { path, ino, mode, uid, gid, atime_ns, mtime_ns, size, touch } => {
                 let kind = self.kind(&path).ok_or_else(|| NamespaceError::NotFound { path: path.clone() })?;
                 if let Some(size) = size {
                     match kind {
@@ -341,8 +344,8 @@ impl Namespace<'_> {
                 if let Some(t) = mtime_ns {
                     attr.mtime_ns = t;
                 }
-                if size.is_some() && mtime_ns.is_none() {
-                    attr.mtime_ns = now_ns;
+                if (size.is_some() || touch) && mtime_ns.is_none() {
+                    attr.mtime_ns = now_ns.max(attr.mtime_ns + 1);
                 }
                 attr.ctime_ns = now_ns;
                 Ok(attr.ino)
@@ -677,6 +680,7 @@ mod tests {
             atime_ns: Some(11),
             mtime_ns: None,
             size,
+            touch: false,
         };
         assert_eq!(n.apply(set(id + 1, Some(3))), Err(NamespaceError::NotFound { path: "/f".into() }));
         n.apply(set(id, Some(4096))).unwrap();

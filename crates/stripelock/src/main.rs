@@ -7,6 +7,7 @@ mod bench_parity;
 mod bench_scale;
 mod cluster;
 mod files;
+mod mountcmd;
 mod pidlock;
 mod refusal;
 mod replay;
@@ -209,6 +210,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mount the cluster's namespace on DIR with FUSE (root; until Ctrl-C, SIGTERM or umount).
+    Mount {
+        dir: PathBuf,
+        /// Attach to this server (its id in `status`); else the first of the cluster that answers.
+        #[arg(long)]
+        server: Option<u64>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unmount a `stripelock mount` (plain umount works too).
+    Umount { dir: PathBuf },
     /// The files whose path starts with PREFIX.
     Ls {
         #[arg(default_value = "")]
@@ -461,6 +475,10 @@ fn main() -> ExitCode {
             report(files::write(&path, offset, cluster.as_deref(), json), json)
         }
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json), json),
+        Command::Mount { dir, server, cluster, json } => {
+            report(mountcmd::mount(&dir, cluster.as_deref(), server, json), json)
+        }
+        Command::Umount { dir } => report(mountcmd::umount(&dir), false),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json), json),
         Command::Scrub { prefix, repair, cluster, json } => {

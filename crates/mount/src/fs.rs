@@ -1,0 +1,1106 @@
+//! The FUSE file system: each request becomes namespace RPCs, data-path RPCs under extent
+//! locks, or fcntl locks of the lock engine.
+//!
+//! Extent locks (Lustre's way): reading a file takes PR on its whole path, writing takes PW; the
+//! mount keeps them (`Session::keep_cached`) until another session's conflicting request revokes
+//! them. On a revoke the mount waits for the I/O it is doing on the file, gives the lock back, and
+//! drops the kernel's pages of the file (FUSE notify inval). It does not drop them *before* giving
+//! the lock back: a read of that file blocked on a new lock holds a page lock the inval would
+//! wait for, and the new lock waits for this release. What keeps a reader from stale pages in
+//! that window is the attribute check the kernel makes on every read (attributes are never
+//! cached, AUTO_INVAL_DATA is on): a writer moves the file's mtime forward, strictly, at its
+//! first write under each write lock and at close, so a read after a write elsewhere sees a new
+//! mtime and drops its pages.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use client::{ClientError, Event, LockOptions, Mode, PosixKind, PosixOutcome, Session};
+use fuse3::raw::prelude::*;
+use fuse3::{Errno, Result, SetAttr, Timestamp};
+use futures::stream::{self, Stream};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use wire::ErrorCode;
+use wire::v1 as pb;
+use wire::v1::files_client::FilesClient;
+
+use crate::inodes::{Inodes, ROOT, entry_id, fuse_ino};
+use crate::notify::Notifier;
+use crate::posix::{self, Interrupts, Owners};
+
+/// Attributes and entries are never cached by the kernel (see the module comment).
+const TTL: Duration = Duration::ZERO;
+/// Largest write the kernel sends at once.
+const MAX_WRITE: u32 = 1 << 20;
+/// Bytes zeroed per write when a truncate cuts a file shorter.
+const ZERO_CHUNK: u64 = 4 << 20;
+/// Most extent locks a mount keeps; beyond it, the least recently used idle one goes back.
+pub const EXTENTS_MAX: usize = 4096;
+/// How long a call may keep failing over between servers before the caller gets EIO.
+const FAILOVER: Duration = Duration::from_secs(20);
+/// Longest name in a directory.
+const NAME_MAX: usize = 255;
+
+#[derive(Debug)]
+struct Held {
+    lock: u64,
+    mode: Mode,
+    token: String,
+    /// The path the lock is on (a rename makes the mount drop it).
+    path: String,
+    /// The file's mtime was moved forward since this lock was granted.
+    touched: bool,
+}
+
+#[derive(Debug, Default)]
+struct Extent {
+    held: Option<Held>,
+    used: u64,
+}
+
+#[derive(Debug)]
+struct Handle {
+    flags: u32,
+    /// Engine owners that took fcntl locks through this open file (OFD locks are dropped on
+    /// its release; FLUSH carries no owner for them).
+    owners: BTreeSet<u64>,
+    /// Written through since the last time the mtime moved.
+    wrote: bool,
+}
+
+/// A directory opened: its entries as of OPENDIR, so offsets stay put while it is read.
+#[derive(Debug)]
+struct DirHandle {
+    entries: Vec<(u64, FileType, OsString, Option<pb::Node>)>,
+}
+
+/// What `status` shows of a mount, and tests read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MountStats {
+    pub open_files: u64,
+    pub extent_locks: u64,
+    pub fcntl_locked_files: u64,
+}
+
+pub struct StripeFs {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StripeFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StripeFs(session {})", self.inner.session.id())
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) session: Session,
+    servers: Vec<FilesClient<Channel>>,
+    addrs: Vec<String>,
+    current: AtomicUsize,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_fh: AtomicU64,
+    owners: Mutex<Owners>,
+    interrupts: Mutex<Interrupts>,
+    extents: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Extent>>>>,
+    clock: AtomicU64,
+    pub(crate) notifier: Mutex<Option<Notifier>>,
+    expired: std::sync::atomic::AtomicBool,
+}
+
+fn errno(e: i32) -> Errno {
+    Errno::from(e)
+}
+
+fn errno_of_code(code: ErrorCode) -> Errno {
+    errno(match code {
+        ErrorCode::NotFound => libc::ENOENT,
+        ErrorCode::Exists => libc::EEXIST,
+        ErrorCode::NotDir => libc::ENOTDIR,
+        ErrorCode::IsDir => libc::EISDIR,
+        ErrorCode::NotEmpty => libc::ENOTEMPTY,
+        ErrorCode::BadRequest => libc::EINVAL,
+        ErrorCode::TooLarge => libc::EFBIG,
+        ErrorCode::Limit => libc::ENOSPC,
+        ErrorCode::Busy => libc::EAGAIN,
+        ErrorCode::Deadlock => libc::EDEADLK,
+        ErrorCode::Denied => libc::EACCES,
+        _ => libc::EIO,
+    })
+}
+
+fn errno_of_status(s: &tonic::Status) -> Errno {
+    errno_of_code(ClientError::from_status(s).code())
+}
+
+fn errno_of_client(e: &ClientError) -> Errno {
+    match e {
+        ClientError::Busy(_) => errno(libc::EAGAIN),
+        ClientError::Deadlock => errno(libc::EDEADLK),
+        ClientError::Cancelled => errno(libc::EINTR),
+        _ => errno(libc::EIO),
+    }
+}
+
+/// Whether a refused call is worth making again on another server.
+fn retry_elsewhere(s: &tonic::Status) -> bool {
+    let code = ClientError::from_status(s).code();
+    matches!(code, ErrorCode::Unavailable | ErrorCode::NotLeader)
+}
+
+fn ns_of(t: Timestamp) -> u64 {
+    if t.sec < 0 { 0 } else { (t.sec as u64).saturating_mul(1_000_000_000).saturating_add(u64::from(t.nsec)) }
+}
+
+fn ts(ns: u64) -> Timestamp {
+    Timestamp::new((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32)
+}
+
+fn kind_of(n: &pb::Node) -> FileType {
+    match pb::NodeKind::try_from(n.kind) {
+        Ok(pb::NodeKind::Dir) => FileType::Directory,
+        Ok(pb::NodeKind::Symlink) => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr_of(n: &pb::Node) -> FileAttr {
+    FileAttr {
+        ino: fuse_ino(n.ino),
+        size: n.size,
+        blocks: n.size.div_ceil(512),
+        atime: ts(n.atime_ns),
+        mtime: ts(n.mtime_ns),
+        ctime: ts(n.ctime_ns),
+        kind: kind_of(n),
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink.max(1),
+        uid: n.uid,
+        gid: n.gid,
+        rdev: 0,
+        blksize: MAX_WRITE,
+    }
+}
+
+fn join(dir: &str, name: &OsStr) -> Result<String> {
+    let name = name.to_str().ok_or_else(|| errno(libc::EINVAL))?;
+    if name.len() > NAME_MAX {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") })
+}
+
+impl Inner {
+    pub(crate) fn new(session: Session, addrs: Vec<String>) -> anyhow::Result<Inner> {
+        let mut servers = Vec::new();
+        for a in &addrs {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+            servers.push(FilesClient::new(ch).max_decoding_message_size(80 << 20).max_encoding_message_size(80 << 20));
+        }
+        Ok(Inner {
+            session,
+            servers,
+            addrs,
+            current: AtomicUsize::new(0),
+            inodes: Mutex::new(Inodes::default()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            owners: Mutex::new(Owners::default()),
+            interrupts: Mutex::new(Interrupts::default()),
+            extents: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+            notifier: Mutex::new(None),
+            expired: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> MountStats {
+        MountStats {
+            open_files: self.handles.lock().expect("handles").len() as u64,
+            extent_locks: self.extents.lock().expect("extents").len() as u64,
+            fcntl_locked_files: self.owners.lock().expect("owners").locked_files() as u64,
+        }
+    }
+
+    /// The server the mount talks to now.
+    pub(crate) fn server(&self) -> String {
+        self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()].clone()
+    }
+
+    /// Makes a Files call, moving to the next server while the one asked cannot serve.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(FilesClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + FAILOVER;
+        loop {
+            let i = self.current.load(Ordering::Relaxed) % self.servers.len();
+            match f(self.servers[i].clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retry_elsewhere(&s) && Instant::now() < deadline => {
+                    let _ = self.current.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => {
+                    tracing::debug!("files call refused: {s}");
+                    return Err(errno_of_status(&s));
+                }
+            }
+        }
+    }
+
+    fn path(&self, ino: u64) -> Result<String> {
+        self.inodes.lock().expect("inodes").path(ino).ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    async fn lookup_path(&self, path: &str) -> Result<pb::Node> {
+        let req = pb::PathRequest { path: path.to_string() };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.lookup(req).await }
+        })
+        .await
+    }
+
+    /// The entry `ino` names now (its path, checked to still be the same entry).
+    async fn node(&self, ino: u64) -> Result<(String, pb::Node)> {
+        let path = self.path(ino)?;
+        let n = self.lookup_path(&path).await?;
+        if ino != ROOT && fuse_ino(n.ino) != ino {
+            // The path names another entry now (renamed or replaced through another mount).
+            return Err(errno(libc::ESTALE));
+        }
+        Ok((path, n))
+    }
+
+    async fn change(&self, op: pb::name_change::Op) -> Result<pb::Node> {
+        let req = pb::NameChange { op: Some(op) };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.change(req).await }
+        })
+        .await
+    }
+
+    fn entry(&self, path: &str, n: &pb::Node) -> ReplyEntry {
+        self.inodes.lock().expect("inodes").looked_up(fuse_ino(n.ino), path);
+        ReplyEntry { ttl: TTL, attr: attr_of(n), generation: 0 }
+    }
+
+    fn extent(&self, ino: u64) -> Arc<tokio::sync::Mutex<Extent>> {
+        self.extents.lock().expect("extents").entry(ino).or_default().clone()
+    }
+
+    /// Runs `io` under an extent lock of at least `want` on file `ino`, taking it if needed.
+    async fn with_lock<T, F, Fut>(&self, ino: u64, path: &str, want: Mode, io: F) -> Result<T>
+    where
+        F: FnOnce(String, bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        if self.expired.load(Ordering::Relaxed) {
+            return Err(errno(libc::EIO));
+        }
+        let ext = self.extent(ino);
+        loop {
+            let mut g = ext.lock().await;
+            g.used = self.clock.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = &g.held
+                && h.path == path
+                && (h.mode == want || h.mode == Mode::PW || h.mode == Mode::EX)
+            {
+                let token = h.token.clone();
+                let first_write = want == Mode::PW && !h.touched;
+                let out = io(token, first_write).await;
+                if first_write && out.is_ok() {
+                    if let Some(h) = &mut g.held {
+                        h.touched = true;
+                    }
+                }
+                return out;
+            }
+            // Not held, or held too weakly (PR, to write): give back what is held, then ask.
+            if let Some(old) = g.held.take() {
+                let _ = self.session.release_now(old.lock).await;
+            }
+            drop(g);
+            let grant = self
+                .session
+                .lock(path, 0..u64::MAX, want, LockOptions::default())
+                .await
+                .map_err(|e| errno_of_client(&e))?;
+            if let Err(e) = self.session.keep_cached(grant.lock).await {
+                let _ = self.session.release_now(grant.lock).await;
+                return Err(errno_of_client(&e));
+            }
+            let mut g = ext.lock().await;
+            if let Some(old) = g.held.replace(Held {
+                lock: grant.lock,
+                mode: grant.mode,
+                token: grant.signed_token,
+                path: path.to_string(),
+                touched: false,
+            }) {
+                let _ = self.session.release_now(old.lock).await;
+            }
+            drop(g);
+            self.trim_extents().await;
+        }
+    }
+
+    /// Gives back the least recently used extent locks beyond [`EXTENTS_MAX`].
+    async fn trim_extents(&self) {
+        let over: Vec<(u64, Arc<tokio::sync::Mutex<Extent>>)> = {
+            let map = self.extents.lock().expect("extents");
+            if map.len() <= EXTENTS_MAX {
+                return;
+            }
+            let mut all: Vec<(u64, u64, Arc<tokio::sync::Mutex<Extent>>)> =
+                map.iter().filter_map(|(i, e)| e.try_lock().ok().map(|g| (g.used, *i, e.clone()))).collect();
+            all.sort_by_key(|(used, _, _)| *used);
+            let n = map.len() - EXTENTS_MAX;
+            all.into_iter().take(n).map(|(_, i, e)| (i, e)).collect()
+        };
+        for (ino, e) in over {
+            self.give_back(ino, &e).await;
+            self.extents.lock().expect("extents").remove(&ino);
+        }
+    }
+
+    /// Gives back the extent lock of `ino` (after the I/O on it ends), then drops the kernel's
+    /// pages of it.
+    async fn give_back(&self, ino: u64, ext: &tokio::sync::Mutex<Extent>) {
+        let held = ext.lock().await.held.take();
+        if let Some(h) = held {
+            let _ = self.session.release_now(h.lock).await;
+            self.inval(ino);
+        }
+    }
+
+    fn inval(&self, ino: u64) {
+        let notifier = self.notifier.lock().expect("notifier").clone();
+        if let Some(n) = notifier {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = n.inval_inode(ino) {
+                    tracing::debug!("inval of inode {ino}: {e}");
+                }
+            });
+        }
+    }
+
+    /// A revoke of lock `lock`: find the extent holding it and give it back.
+    pub(crate) async fn revoked(&self, lock: u64) {
+        let exts: Vec<(u64, Arc<tokio::sync::Mutex<Extent>>)> =
+            self.extents.lock().expect("extents").iter().map(|(i, e)| (*i, e.clone())).collect();
+        for (ino, e) in exts {
+            let mine = {
+                let g = e.lock().await;
+                g.held.as_ref().is_some_and(|h| h.lock == lock)
+            };
+            if mine {
+                self.give_back(ino, &e).await;
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn expire(&self) {
+        self.expired.store(true, Ordering::Relaxed);
+    }
+
+    /// Drops the extent locks of inodes whose path changed (a rename through this mount).
+    async fn drop_extents(&self, inos: &[u64]) {
+        for ino in inos {
+            let e = self.extents.lock().expect("extents").get(ino).cloned();
+            if let Some(e) = e {
+                self.give_back(*ino, &e).await;
+            }
+        }
+    }
+
+    async fn touch(&self, path: &str, ino: u64) -> Result<()> {
+        self.change(pb::name_change::Op::Setattr(pb::SetAttrRequest {
+            path: path.to_string(),
+            ino: entry_id(ino),
+            touch: true,
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    async fn read_at(&self, path: &str, token: String, offset: u64, size: u32) -> Result<Bytes> {
+        let req = pb::GetRequest {
+            path: path.to_string(),
+            token,
+            range: Some(pb::Range { start: offset, end: offset.saturating_add(u64::from(size)) }),
+        };
+        let deadline = Instant::now() + FAILOVER;
+        loop {
+            let i = self.current.load(Ordering::Relaxed) % self.servers.len();
+            let mut c = self.servers[i].clone();
+            let attempt = async {
+                let mut s = c.get(req.clone()).await?.into_inner();
+                let mut out = Vec::with_capacity(size as usize);
+                while let Some(m) = s.next().await {
+                    out.extend_from_slice(&m?.data);
+                }
+                Ok::<_, tonic::Status>(out)
+            };
+            match attempt.await {
+                Ok(out) => return Ok(Bytes::from(out)),
+                Err(s) if retry_elsewhere(&s) && Instant::now() < deadline => {
+                    let _ = self.current.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => return Err(errno_of_status(&s)),
+            }
+        }
+    }
+
+    async fn write_at(&self, path: &str, token: &str, offset: u64, data: &[u8]) -> Result<u64> {
+        let req = pb::WriteRequest { path: path.to_string(), token: token.to_string(), offset, data: data.to_vec() };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.write(req).await }
+        })
+        .await
+        .map(|r| r.size)
+    }
+
+    /// Sets the size of file `ino`: a shrink zeroes what it cuts off first (under the write
+    /// lock), so a later growth reads zeros there.
+    async fn truncate(&self, ino: u64, path: &str, size: u64) -> Result<()> {
+        self.with_lock(ino, path, Mode::PW, |token, _| async move {
+            let n = self.lookup_path(path).await?;
+            let mut at = size;
+            while at < n.size {
+                let len = (n.size - at).min(ZERO_CHUNK);
+                self.write_at(path, &token, at, &vec![0; len as usize]).await?;
+                at += len;
+            }
+            self.change(pb::name_change::Op::Setattr(pb::SetAttrRequest {
+                path: path.to_string(),
+                ino: entry_id(ino),
+                size: Some(size),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn unlock_owner(&self, owner: u64, ino: u64) {
+        let _ = self.session.posix(owner, &posix::resource(entry_id(ino)), 0..u64::MAX, PosixKind::Unlock, false).await;
+    }
+
+    async fn list_dir(&self, path: &str) -> Result<Vec<pb::Node>> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let req = pb::ReadDirRequest { path: path.to_string(), after: after.clone(), limit: 0 };
+            let page = self
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.read_dir(req).await }
+                })
+                .await?;
+            let more = page.more;
+            if let Some(last) = page.nodes.last() {
+                after = last.path.rsplit('/').next().unwrap_or_default().to_string();
+            }
+            out.extend(page.nodes);
+            if !more {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// Watches the session's events: revokes give extent locks back; expiry fails later I/O.
+pub(crate) async fn watch_events(inner: Arc<Inner>) {
+    let mut events = inner.session.events();
+    loop {
+        match events.recv().await {
+            Ok(Event::Revoke { lock }) => {
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.revoked(lock).await });
+            }
+            Ok(Event::Expired) => {
+                tracing::warn!("the mount's session expired: I/O on its files fails with EIO; mount again");
+                inner.expire();
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("{n} session events were missed");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl Filesystem for StripeFs {
+    async fn init(&self, _req: Request) -> Result<ReplyInit> {
+        Ok(ReplyInit::new(NonZeroU32::new(MAX_WRITE).expect("non-zero")))
+    }
+
+    async fn destroy(&self, _req: Request) {}
+
+    async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> Result<ReplyEntry> {
+        let path = join(&self.inner.path(parent)?, name)?;
+        let n = self.inner.lookup_path(&path).await?;
+        Ok(self.inner.entry(&path, &n))
+    }
+
+    async fn forget(&self, _req: Request, inode: u64, nlookup: u64) {
+        self.inner.inodes.lock().expect("inodes").forget(inode, nlookup);
+    }
+
+    async fn batch_forget(&self, _req: Request, inodes: &[(u64, u64)]) {
+        let mut t = self.inner.inodes.lock().expect("inodes");
+        for (i, n) in inodes {
+            t.forget(*i, *n);
+        }
+    }
+
+    async fn getattr(&self, _req: Request, inode: u64, _fh: Option<u64>, _flags: u32) -> Result<ReplyAttr> {
+        let (_, n) = self.inner.node(inode).await?;
+        Ok(ReplyAttr { ttl: TTL, attr: attr_of(&n) })
+    }
+
+    async fn setattr(&self, _req: Request, inode: u64, _fh: Option<u64>, set: SetAttr) -> Result<ReplyAttr> {
+        let (path, n) = self.inner.node(inode).await?;
+        if let Some(size) = set.size {
+            if kind_of(&n) != FileType::RegularFile {
+                return Err(errno(if kind_of(&n) == FileType::Directory { libc::EISDIR } else { libc::EINVAL }));
+            }
+            self.inner.truncate(inode, &path, size).await?;
+        }
+        let rest =
+            set.mode.is_some() || set.uid.is_some() || set.gid.is_some() || set.atime.is_some() || set.mtime.is_some();
+        let n = if rest || set.ctime.is_some() {
+            self.inner
+                .change(pb::name_change::Op::Setattr(pb::SetAttrRequest {
+                    path: path.clone(),
+                    ino: entry_id(inode),
+                    mode: set.mode,
+                    uid: set.uid,
+                    gid: set.gid,
+                    atime_ns: set.atime.map(ns_of),
+                    mtime_ns: set.mtime.map(ns_of),
+                    size: None,
+                    touch: false,
+                }))
+                .await?
+        } else {
+            self.inner.lookup_path(&path).await?
+        };
+        Ok(ReplyAttr { ttl: TTL, attr: attr_of(&n) })
+    }
+
+    async fn readlink(&self, _req: Request, inode: u64) -> Result<ReplyData> {
+        let (_, n) = self.inner.node(inode).await?;
+        if kind_of(&n) != FileType::Symlink {
+            return Err(errno(libc::EINVAL));
+        }
+        Ok(ReplyData { data: Bytes::from(n.target.into_bytes()) })
+    }
+
+    async fn symlink(&self, req: Request, parent: u64, name: &OsStr, link: &OsStr) -> Result<ReplyEntry> {
+        let path = join(&self.inner.path(parent)?, name)?;
+        let target = link.to_str().ok_or_else(|| errno(libc::EINVAL))?.to_string();
+        let n = self
+            .inner
+            .change(pb::name_change::Op::Symlink(pb::MakeNode {
+                path: path.clone(),
+                mode: 0o777,
+                uid: req.uid,
+                gid: req.gid,
+                target,
+            }))
+            .await?;
+        Ok(self.inner.entry(&path, &n))
+    }
+
+    async fn mknod(&self, req: Request, parent: u64, name: &OsStr, mode: u32, _rdev: u32) -> Result<ReplyEntry> {
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            // Devices, FIFOs and sockets are not kept by the cluster.
+            return Err(errno(libc::EPERM));
+        }
+        let path = join(&self.inner.path(parent)?, name)?;
+        let n = self
+            .inner
+            .change(pb::name_change::Op::Create(pb::MakeNode {
+                path: path.clone(),
+                mode: mode & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+                target: String::new(),
+            }))
+            .await?;
+        Ok(self.inner.entry(&path, &n))
+    }
+
+    async fn mkdir(&self, req: Request, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<ReplyEntry> {
+        let dir = self.inner.path(parent)?;
+        let path = join(&dir, name)?;
+        let n = self
+            .inner
+            .change(pb::name_change::Op::Mkdir(pb::MakeNode {
+                path: path.clone(),
+                mode: mode & !umask & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+                target: String::new(),
+            }))
+            .await?;
+        Ok(self.inner.entry(&path, &n))
+    }
+
+    async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
+        let path = join(&self.inner.path(parent)?, name)?;
+        let n = self.inner.change(pb::name_change::Op::Unlink(pb::PathRequest { path })).await?;
+        let ino = fuse_ino(n.ino);
+        let e = self.inner.extents.lock().expect("extents").remove(&ino);
+        if let Some(e) = e {
+            self.inner.give_back(ino, &e).await;
+        }
+        Ok(())
+    }
+
+    async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
+        let path = join(&self.inner.path(parent)?, name)?;
+        self.inner.change(pb::name_change::Op::Rmdir(pb::PathRequest { path })).await.map(|_| ())
+    }
+
+    async fn rename(&self, req: Request, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) -> Result<()> {
+        self.rename2(req, parent, name, new_parent, new_name, 0).await
+    }
+
+    async fn rename2(
+        &self,
+        _req: Request,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            // RENAME_WHITEOUT is for overlay file systems.
+            return Err(errno(libc::EINVAL));
+        }
+        let from = join(&self.inner.path(parent)?, name)?;
+        let to = join(&self.inner.path(new_parent)?, new_name)?;
+        self.inner
+            .change(pb::name_change::Op::Rename(pb::RenameRequest { from: from.clone(), to: to.clone(), flags }))
+            .await?;
+        let moved = {
+            let mut t = self.inner.inodes.lock().expect("inodes");
+            if flags & libc::RENAME_EXCHANGE != 0 { t.exchanged(&from, &to) } else { t.renamed(&from, &to) }
+        };
+        // Extent locks are on paths: those of moved files are given back.
+        self.inner.drop_extents(&moved).await;
+        Ok(())
+    }
+
+    async fn link(&self, _req: Request, _inode: u64, _new_parent: u64, _new_name: &OsStr) -> Result<ReplyEntry> {
+        // Hard links are not kept by the namespace (an entry is one path).
+        Err(errno(libc::EPERM))
+    }
+
+    async fn open(&self, _req: Request, inode: u64, flags: u32) -> Result<ReplyOpen> {
+        let (path, n) = self.inner.node(inode).await?;
+        match kind_of(&n) {
+            FileType::Directory => return Err(errno(libc::EISDIR)),
+            FileType::RegularFile => {}
+            _ => return Err(errno(libc::EINVAL)),
+        }
+        if flags & libc::O_TRUNC as u32 != 0 && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+            self.inner.truncate(inode, &path, 0).await?;
+        }
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.handles.lock().expect("handles").insert(fh, Handle { flags, owners: BTreeSet::new(), wrote: false });
+        // No FOPEN_KEEP_CACHE: the kernel drops the file's pages at every open (close-to-open).
+        Ok(ReplyOpen { fh, flags: 0 })
+    }
+
+    async fn create(&self, req: Request, parent: u64, name: &OsStr, mode: u32, flags: u32) -> Result<ReplyCreated> {
+        let path = join(&self.inner.path(parent)?, name)?;
+        let made = self
+            .inner
+            .change(pb::name_change::Op::Create(pb::MakeNode {
+                path: path.clone(),
+                mode: mode & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+                target: String::new(),
+            }))
+            .await;
+        let n = match made {
+            Ok(n) => n,
+            // Made meanwhile through another mount: without O_EXCL, open it.
+            Err(e) if i32::from(e) == libc::EEXIST && flags & libc::O_EXCL as u32 == 0 => {
+                let n = self.inner.lookup_path(&path).await?;
+                if kind_of(&n) != FileType::RegularFile {
+                    return Err(errno(libc::EISDIR));
+                }
+                if flags & libc::O_TRUNC as u32 != 0 {
+                    self.inner.truncate(fuse_ino(n.ino), &path, 0).await?;
+                }
+                self.inner.lookup_path(&path).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let entry = self.inner.entry(&path, &n);
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.handles.lock().expect("handles").insert(fh, Handle { flags, owners: BTreeSet::new(), wrote: false });
+        Ok(ReplyCreated { ttl: TTL, attr: entry.attr, generation: 0, fh, flags: 0 })
+    }
+
+    async fn read(&self, _req: Request, inode: u64, _fh: u64, offset: u64, size: u32) -> Result<ReplyData> {
+        let path = self.inner.path(inode)?;
+        let inner = &self.inner;
+        let p = path.clone();
+        let data = inner
+            .with_lock(inode, &path, Mode::PR, |token, _| async move { inner.read_at(&p, token, offset, size).await })
+            .await?;
+        Ok(ReplyData { data })
+    }
+
+    async fn write(
+        &self,
+        _req: Request,
+        inode: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        _write_flags: u32,
+        flags: u32,
+    ) -> Result<ReplyWrite> {
+        let path = self.inner.path(inode)?;
+        let append = flags & libc::O_APPEND as u32 != 0
+            || self
+                .inner
+                .handles
+                .lock()
+                .expect("handles")
+                .get(&fh)
+                .is_some_and(|h| h.flags & libc::O_APPEND as u32 != 0);
+        let inner = &self.inner;
+        let p = path.clone();
+        inner
+            .with_lock(inode, &path, Mode::PW, |token, first| async move {
+                // O_APPEND writes at the end as the cluster knows it, under the write lock.
+                let at = if append { inner.lookup_path(&p).await?.size } else { offset };
+                inner.write_at(&p, &token, at, data).await?;
+                if first {
+                    inner.touch(&p, inode).await?;
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(h) = self.inner.handles.lock().expect("handles").get_mut(&fh) {
+            h.wrote = true;
+        }
+        Ok(ReplyWrite { written: data.len() as u32 })
+    }
+
+    async fn statfs(&self, _req: Request, _inode: u64) -> Result<ReplyStatFs> {
+        let r = self.inner.call(|mut c| async move { c.stat_fs(pb::StatFsRequest {}).await }).await?;
+        let bsize = 4096u64;
+        Ok(ReplyStatFs {
+            blocks: r.total_bytes / bsize,
+            bfree: r.free_bytes / bsize,
+            bavail: r.free_bytes / bsize,
+            files: r.entries_max,
+            ffree: r.entries_max.saturating_sub(r.entries),
+            bsize: bsize as u32,
+            namelen: NAME_MAX as u32,
+            frsize: bsize as u32,
+        })
+    }
+
+    async fn release(
+        &self,
+        _req: Request,
+        inode: u64,
+        fh: u64,
+        _flags: u32,
+        _lock_owner: u64,
+        _flush: bool,
+    ) -> Result<()> {
+        let h = self.inner.handles.lock().expect("handles").remove(&fh);
+        if let Some(h) = h {
+            // OFD locks taken through this open file end with it.
+            for owner in h.owners {
+                if self.inner.owners.lock().expect("owners").drop_file(owner, inode) {
+                    self.inner.unlock_owner(owner, inode).await;
+                }
+            }
+            if h.wrote
+                && let Ok(path) = self.inner.path(inode)
+            {
+                let _ = self.inner.touch(&path, inode).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fsync(&self, _req: Request, _inode: u64, _fh: u64, _datasync: bool) -> Result<()> {
+        // Every write was stored (and synced) by the storage servers before it was answered.
+        Ok(())
+    }
+
+    async fn flush(&self, _req: Request, inode: u64, fh: u64, lock_owner: u64) -> Result<()> {
+        // close(2) of any descriptor drops the process's fcntl locks on the file.
+        let owner = self.inner.owners.lock().expect("owners").known(lock_owner);
+        if let Some(owner) = owner
+            && self.inner.owners.lock().expect("owners").drop_file(owner, inode)
+        {
+            self.inner.unlock_owner(owner, inode).await;
+        }
+        let wrote = self.inner.handles.lock().expect("handles").get_mut(&fh).map(|h| std::mem::take(&mut h.wrote));
+        if wrote == Some(true)
+            && let Ok(path) = self.inner.path(inode)
+        {
+            self.inner.touch(&path, inode).await?;
+        }
+        Ok(())
+    }
+
+    async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> Result<ReplyOpen> {
+        let (path, n) = self.inner.node(inode).await?;
+        if kind_of(&n) != FileType::Directory {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let nodes = self.inner.list_dir(&path).await?;
+        let mut entries = vec![
+            (inode, FileType::Directory, OsString::from("."), None),
+            (ROOT, FileType::Directory, OsString::from(".."), None),
+        ];
+        for n in nodes {
+            let name = n.path.rsplit('/').next().unwrap_or_default().to_string();
+            entries.push((fuse_ino(n.ino), kind_of(&n), OsString::from(name), Some(n)));
+        }
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.dirs.lock().expect("dirs").insert(fh, DirHandle { entries });
+        Ok(ReplyOpen { fh, flags: 0 })
+    }
+
+    async fn readdir<'a>(
+        &'a self,
+        _req: Request,
+        _parent: u64,
+        fh: u64,
+        offset: i64,
+    ) -> Result<ReplyDirectory<impl Stream<Item = Result<DirectoryEntry>> + Send + 'a>> {
+        let entries: Vec<Result<DirectoryEntry>> = {
+            let dirs = self.inner.dirs.lock().expect("dirs");
+            let d = dirs.get(&fh).ok_or_else(|| errno(libc::EBADF))?;
+            d.entries
+                .iter()
+                .enumerate()
+                .skip(offset.max(0) as usize)
+                .map(|(i, (ino, kind, name, _))| {
+                    Ok(DirectoryEntry { inode: *ino, kind: *kind, name: name.clone(), offset: i as i64 + 1 })
+                })
+                .collect()
+        };
+        Ok(ReplyDirectory { entries: stream::iter(entries) })
+    }
+
+    async fn readdirplus<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: u64,
+        _lock_owner: u64,
+    ) -> Result<ReplyDirectoryPlus<impl Stream<Item = Result<DirectoryEntryPlus>> + Send + 'a>> {
+        let (entries, parent_attr) = {
+            let dirs = self.inner.dirs.lock().expect("dirs");
+            let d = dirs.get(&fh).ok_or_else(|| errno(libc::EBADF))?;
+            let entries: Vec<(usize, u64, FileType, OsString, Option<pb::Node>)> = d
+                .entries
+                .iter()
+                .enumerate()
+                .skip(offset as usize)
+                .map(|(i, (ino, kind, name, node))| (i, *ino, *kind, name.clone(), node.clone()))
+                .collect();
+            (entries, ())
+        };
+        let _ = parent_attr;
+        let dir_attr = match self.inner.node(parent).await {
+            Ok((_, n)) => attr_of(&n),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, ino, kind, name, node) in entries {
+            let attr = match &node {
+                Some(n) => {
+                    // A READDIRPLUS entry counts as a lookup of it.
+                    self.inner.inodes.lock().expect("inodes").looked_up(ino, &n.path);
+                    attr_of(n)
+                }
+                None => FileAttr { ino, ..dir_attr },
+            };
+            out.push(Ok(DirectoryEntryPlus {
+                inode: ino,
+                generation: 0,
+                kind,
+                name,
+                offset: i as i64 + 1,
+                attr,
+                entry_ttl: TTL,
+                attr_ttl: TTL,
+            }));
+        }
+        Ok(ReplyDirectoryPlus { entries: stream::iter(out) })
+    }
+
+    async fn releasedir(&self, _req: Request, _inode: u64, fh: u64, _flags: u32) -> Result<()> {
+        self.inner.dirs.lock().expect("dirs").remove(&fh);
+        Ok(())
+    }
+
+    async fn fsyncdir(&self, _req: Request, _inode: u64, _fh: u64, _datasync: bool) -> Result<()> {
+        Ok(())
+    }
+
+    async fn access(&self, _req: Request, inode: u64, _mask: u32) -> Result<()> {
+        // The kernel checks permissions itself (default_permissions); only existence is ours.
+        self.inner.node(inode).await.map(|_| ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn getlk(
+        &self,
+        req: Request,
+        inode: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        _pid: u32,
+    ) -> Result<ReplyLock> {
+        let kind = match r#type as i32 {
+            libc::F_RDLCK => PosixKind::Read,
+            libc::F_WRLCK => PosixKind::Write,
+            _ => return Err(errno(libc::EINVAL)),
+        };
+        let owner = self.inner.owners.lock().expect("owners").owner(lock_owner, req.pid);
+        let range = posix::range_of(start, end);
+        let out = self
+            .inner
+            .session
+            .posix_test(owner, &posix::resource(entry_id(inode)), range, kind)
+            .await
+            .map_err(|e| errno_of_client(&e))?;
+        Ok(match out {
+            PosixOutcome::Busy { owner, range, kind, .. } => ReplyLock {
+                start: range.start,
+                end: posix::kernel_end(&range),
+                r#type: if kind == PosixKind::Write { libc::F_WRLCK } else { libc::F_RDLCK } as u32,
+                pid: posix::pid_of(owner),
+            },
+            _ => ReplyLock { start, end, r#type: libc::F_UNLCK as u32, pid: 0 },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn setlk(
+        &self,
+        req: Request,
+        inode: u64,
+        fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        pid: u32,
+        block: bool,
+    ) -> Result<()> {
+        let resource = posix::resource(entry_id(inode));
+        let range = posix::range_of(start, end);
+        let kind = match r#type as i32 {
+            libc::F_RDLCK => PosixKind::Read,
+            libc::F_WRLCK => PosixKind::Write,
+            libc::F_UNLCK => {
+                let owner = self.inner.owners.lock().expect("owners").known(lock_owner);
+                if let Some(owner) = owner {
+                    self.inner
+                        .session
+                        .posix(owner, &resource, range, PosixKind::Unlock, false)
+                        .await
+                        .map_err(|e| errno_of_client(&e))?;
+                }
+                return Ok(());
+            }
+            _ => return Err(errno(libc::EINVAL)),
+        };
+        let owner = self.inner.owners.lock().expect("owners").owner(lock_owner, if pid == 0 { req.pid } else { pid });
+        // Noted before asking: a FLUSH racing the grant must find it.
+        self.inner.owners.lock().expect("owners").took(owner, inode);
+        if let Some(h) = self.inner.handles.lock().expect("handles").get_mut(&fh) {
+            h.owners.insert(owner);
+        }
+        let out = if block {
+            let mut interrupted = self.inner.interrupts.lock().expect("interrupts").register(req.unique);
+            let ask = self.inner.session.posix(owner, &resource, range, kind, true);
+            tokio::pin!(ask);
+            let out = tokio::select! {
+                out = &mut ask => out,
+                _ = &mut interrupted => {
+                    // Interrupted (a signal, or the process is dying): stop waiting. A grant that
+                    // raced the cancel stands; the caller then holds the lock it asked for.
+                    let _ = self.inner.session.posix_cancel(owner, &resource).await;
+                    ask.await
+                }
+            };
+            self.inner.interrupts.lock().expect("interrupts").done(req.unique);
+            out
+        } else {
+            self.inner.session.posix(owner, &resource, range, kind, false).await
+        };
+        match out.map_err(|e| errno_of_client(&e))? {
+            PosixOutcome::Granted => Ok(()),
+            PosixOutcome::Busy { .. } => Err(errno(libc::EAGAIN)),
+            PosixOutcome::Deadlock => Err(errno(libc::EDEADLK)),
+            PosixOutcome::Cancelled => Err(errno(libc::EINTR)),
+            PosixOutcome::Unlocked | PosixOutcome::Free => Err(errno(libc::EIO)),
+        }
+    }
+
+    async fn interrupt(&self, _req: Request, unique: u64) -> Result<()> {
+        self.inner.interrupts.lock().expect("interrupts").interrupt(unique, Instant::now());
+        Ok(())
+    }
+
+    async fn fallocate(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: u64,
+        _offset: u64,
+        _length: u64,
+        _mode: u32,
+    ) -> Result<()> {
+        Err(errno(libc::EOPNOTSUPP))
+    }
+}
