@@ -74,9 +74,11 @@ impl DataStats {
     }
 }
 
-/// The resource of a stripe row's lock.
-pub fn stripe_resource(path: &str, file: u64, row: u64) -> String {
-    format!("{path}#{file}/{row}")
+/// The resource of a stripe row's lock: named by the file's id, not its path, so a rename
+/// does not give the same row a second lock whose tokens are not ordered with the first's
+/// (issue 13: a row written under one name refused the other name's older token).
+pub fn stripe_resource(file: u64, row: u64) -> String {
+    format!("#stripe/{file}/{row}")
 }
 
 impl Shared {

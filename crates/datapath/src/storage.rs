@@ -60,17 +60,13 @@ const NAMESPACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl StorageService {
     /// Checks that `resource`, which the write's token must cover, names the unit's file: its
-    /// path, or the stripe lock of the unit's row (`PATH#FILE/ROW`). A token for another file or
-    /// row then cannot write this unit, whatever the request says.
+    /// path, or the stripe lock of the unit's row (`#stripe/FILE/ROW`; such a write must also
+    /// carry the client's token for the file's path, `on_behalf_of`). A token for another file
+    /// or row then cannot write this unit, whatever the request says.
     async fn check_resource(&self, resource: &str, id: &UnitId) -> Result<(), Status> {
         let locks = &self.shared.locks;
-        let names_it = || {
-            locks.file(resource).is_some_and(|f| f.id == id.file)
-                || resource.rsplit_once('#').is_some_and(|(path, _)| {
-                    locks.file(path).is_some_and(|f| f.id == id.file)
-                        && stripe_resource(path, id.file, id.row) == resource
-                })
-        };
+        let names_it =
+            || locks.file(resource).is_some_and(|f| f.id == id.file) || stripe_resource(id.file, id.row) == resource;
         let deadline = tokio::time::Instant::now() + NAMESPACE_WAIT;
         let mut applied = self.shared.locks.applied_index();
         loop {

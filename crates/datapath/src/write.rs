@@ -386,7 +386,7 @@ impl Stripes {
             }
         };
         let session = self.stripe_session().await?;
-        let resource = stripe_resource(&req.path, f.id, req.row);
+        let resource = stripe_resource(f.id, req.row);
         let grant = match session
             .lock_until(&resource, 0..u64::MAX, Mode::EX, LockOptions::default(), give_up(dropped.clone()))
             .await

@@ -52,8 +52,8 @@ struct Held {
     lock: u64,
     mode: Mode,
     token: String,
-    /// The path the lock is on (a rename makes the mount drop it).
-    path: String,
+    /// The inode that last used it (whose kernel pages a revoke drops).
+    ino: u64,
     /// The file's mtime was moved forward since this lock was granted.
     touched: bool,
 }
@@ -109,7 +109,10 @@ pub(crate) struct Inner {
     next_fh: AtomicU64,
     owners: Mutex<Owners>,
     interrupts: Mutex<Interrupts>,
-    extents: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Extent>>>>,
+    /// Extent locks by the path they are on: one per path, whichever inode is there (two
+    /// locks of one session on a path would both be granted, and the older token's writes
+    /// refused once the newer one wrote).
+    extents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Extent>>>>,
     clock: AtomicU64,
     pub(crate) notifier: Mutex<Option<Notifier>>,
     expired: std::sync::atomic::AtomicBool,
@@ -137,10 +140,17 @@ fn errno_of_code(code: ErrorCode) -> Errno {
 }
 
 fn errno_of_status(s: &tonic::Status) -> Errno {
-    errno_of_code(ClientError::from_status(s).code())
+    let e = errno_of_code(ClientError::from_status(s).code());
+    if i32::from(e) == libc::EIO {
+        tracing::warn!("EIO for a refusal: {}", s.message());
+    }
+    e
 }
 
 fn errno_of_client(e: &ClientError) -> Errno {
+    if !matches!(e, ClientError::Busy(_) | ClientError::Deadlock | ClientError::Cancelled) {
+        tracing::warn!("EIO for a lock refusal: {e}");
+    }
     match e {
         ClientError::Busy(_) => errno(libc::EAGAIN),
         ClientError::Deadlock => errno(libc::EDEADLK),
@@ -301,8 +311,8 @@ impl Inner {
         ReplyEntry { ttl: TTL, attr: attr_of(n), generation: 0 }
     }
 
-    fn extent(&self, ino: u64) -> Arc<tokio::sync::Mutex<Extent>> {
-        self.extents.lock().expect("extents").entry(ino).or_default().clone()
+    fn extent(&self, path: &str) -> Arc<tokio::sync::Mutex<Extent>> {
+        self.extents.lock().expect("extents").entry(path.to_string()).or_default().clone()
     }
 
     /// Runs `io` under an extent lock of at least `want` on file `ino`, taking it if needed.
@@ -314,14 +324,14 @@ impl Inner {
         if self.expired.load(Ordering::Relaxed) {
             return Err(errno(libc::EIO));
         }
-        let ext = self.extent(ino);
+        let ext = self.extent(path);
         loop {
             let mut g = ext.lock().await;
             g.used = self.clock.fetch_add(1, Ordering::Relaxed);
-            if let Some(h) = &g.held
-                && h.path == path
+            if let Some(h) = &mut g.held
                 && (h.mode == want || h.mode == Mode::PW || h.mode == Mode::EX)
             {
+                h.ino = ino;
                 let token = h.token.clone();
                 let first_write = want == Mode::PW && !h.touched;
                 let out = io(token, first_write).await;
@@ -346,12 +356,13 @@ impl Inner {
                 let _ = self.session.release_now(grant.lock).await;
                 return Err(errno_of_client(&e));
             }
+            tracing::debug!("extent {path}: {want:?} granted as lock {} token {}", grant.lock, grant.token);
             let mut g = ext.lock().await;
             if let Some(old) = g.held.replace(Held {
                 lock: grant.lock,
                 mode: grant.mode,
                 token: grant.signed_token,
-                path: path.to_string(),
+                ino,
                 touched: false,
             }) {
                 let _ = self.session.release_now(old.lock).await;
@@ -363,30 +374,31 @@ impl Inner {
 
     /// Gives back the least recently used extent locks beyond [`EXTENTS_MAX`].
     async fn trim_extents(&self) {
-        let over: Vec<(u64, Arc<tokio::sync::Mutex<Extent>>)> = {
+        let over: Vec<(String, Arc<tokio::sync::Mutex<Extent>>)> = {
             let map = self.extents.lock().expect("extents");
             if map.len() <= EXTENTS_MAX {
                 return;
             }
-            let mut all: Vec<(u64, u64, Arc<tokio::sync::Mutex<Extent>>)> =
-                map.iter().filter_map(|(i, e)| e.try_lock().ok().map(|g| (g.used, *i, e.clone()))).collect();
+            let mut all: Vec<(u64, String, Arc<tokio::sync::Mutex<Extent>>)> =
+                map.iter().filter_map(|(p, e)| e.try_lock().ok().map(|g| (g.used, p.clone(), e.clone()))).collect();
             all.sort_by_key(|(used, _, _)| *used);
             let n = map.len() - EXTENTS_MAX;
-            all.into_iter().take(n).map(|(_, i, e)| (i, e)).collect()
+            all.into_iter().take(n).map(|(_, p, e)| (p, e)).collect()
         };
-        for (ino, e) in over {
-            self.give_back(ino, &e).await;
-            self.extents.lock().expect("extents").remove(&ino);
+        for (path, e) in over {
+            self.give_back(&e).await;
+            self.extents.lock().expect("extents").remove(&path);
         }
     }
 
     /// Gives back the extent lock of `ino` (after the I/O on it ends), then drops the kernel's
     /// pages of it.
-    async fn give_back(&self, ino: u64, ext: &tokio::sync::Mutex<Extent>) {
+    async fn give_back(&self, ext: &tokio::sync::Mutex<Extent>) {
         let held = ext.lock().await.held.take();
         if let Some(h) = held {
+            tracing::debug!("extent lock {} given back", h.lock);
             let _ = self.session.release_now(h.lock).await;
-            self.inval(ino);
+            self.inval(h.ino);
         }
     }
 
@@ -403,15 +415,15 @@ impl Inner {
 
     /// A revoke of lock `lock`: find the extent holding it and give it back.
     pub(crate) async fn revoked(&self, lock: u64) {
-        let exts: Vec<(u64, Arc<tokio::sync::Mutex<Extent>>)> =
-            self.extents.lock().expect("extents").iter().map(|(i, e)| (*i, e.clone())).collect();
-        for (ino, e) in exts {
+        let exts: Vec<Arc<tokio::sync::Mutex<Extent>>> =
+            self.extents.lock().expect("extents").values().cloned().collect();
+        for e in exts {
             let mine = {
                 let g = e.lock().await;
                 g.held.as_ref().is_some_and(|h| h.lock == lock)
             };
             if mine {
-                self.give_back(ino, &e).await;
+                self.give_back(&e).await;
                 return;
             }
         }
@@ -421,13 +433,45 @@ impl Inner {
         self.expired.store(true, Ordering::Relaxed);
     }
 
-    /// Drops the extent locks of inodes whose path changed (a rename through this mount).
-    async fn drop_extents(&self, inos: &[u64]) {
-        for ino in inos {
-            let e = self.extents.lock().expect("extents").get(ino).cloned();
-            if let Some(e) = e {
-                self.give_back(*ino, &e).await;
+    /// Takes EX on each of `paths` (in order, so two renames cannot deadlock), after giving back
+    /// this mount's own extent locks on them: every other mount's cached lock on those names
+    /// is revoked before an entry there is removed or replaced, so none keeps writing with a
+    /// token older than what the next file at that name accepts.
+    async fn exclusive(&self, paths: &[&str]) -> Result<Vec<u64>> {
+        let mut sorted: Vec<&str> = paths.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut held = Vec::new();
+        for p in sorted {
+            self.drop_extents(p).await;
+            match self.session.lock(p, 0..u64::MAX, Mode::EX, LockOptions::default()).await {
+                Ok(g) => held.push(g.lock),
+                Err(e) => {
+                    self.release_all(held).await;
+                    return Err(errno_of_client(&e));
+                }
             }
+        }
+        Ok(held)
+    }
+
+    async fn release_all(&self, locks: Vec<u64>) {
+        for l in locks {
+            let _ = self.session.release_now(l).await;
+        }
+    }
+
+    /// Gives back the extent locks on `path` and under it (it was renamed or removed through
+    /// this mount).
+    async fn drop_extents(&self, path: &str) {
+        let under = format!("{path}/");
+        let gone: Vec<Arc<tokio::sync::Mutex<Extent>>> = {
+            let mut map = self.extents.lock().expect("extents");
+            let keys: Vec<String> = map.keys().filter(|k| *k == path || k.starts_with(&under)).cloned().collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for e in gone {
+            self.give_back(&e).await;
         }
     }
 
@@ -673,13 +717,10 @@ impl Filesystem for StripeFs {
 
     async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
         let path = join(&self.inner.path(parent)?, name)?;
-        let n = self.inner.change(pb::name_change::Op::Unlink(pb::PathRequest { path })).await?;
-        let ino = fuse_ino(n.ino);
-        let e = self.inner.extents.lock().expect("extents").remove(&ino);
-        if let Some(e) = e {
-            self.inner.give_back(ino, &e).await;
-        }
-        Ok(())
+        let held = self.inner.exclusive(&[&path]).await?;
+        let out = self.inner.change(pb::name_change::Op::Unlink(pb::PathRequest { path: path.clone() })).await;
+        self.inner.release_all(held).await;
+        out.map(|_| ())
     }
 
     async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
@@ -709,12 +750,17 @@ impl Filesystem for StripeFs {
         self.inner
             .change(pb::name_change::Op::Rename(pb::RenameRequest { from: from.clone(), to: to.clone(), flags }))
             .await?;
-        let moved = {
+        {
             let mut t = self.inner.inodes.lock().expect("inodes");
-            if flags & libc::RENAME_EXCHANGE != 0 { t.exchanged(&from, &to) } else { t.renamed(&from, &to) }
-        };
-        // Extent locks are on paths: those of moved files are given back.
-        self.inner.drop_extents(&moved).await;
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                t.exchanged(&from, &to);
+            } else {
+                t.renamed(&from, &to);
+            }
+        }
+        // Extent locks are on paths: this mount's under both names go back too.
+        self.inner.drop_extents(&from).await;
+        self.inner.drop_extents(&to).await;
         Ok(())
     }
 

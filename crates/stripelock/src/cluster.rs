@@ -60,7 +60,7 @@ fn check_addr(a: &str) -> Result<()> {
     }
 }
 
-fn init_logs(default: &str) {
+pub(crate) fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRIPELOCK_LOG").unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

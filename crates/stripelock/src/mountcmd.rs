@@ -13,6 +13,7 @@ const MOUNT_LEASE_MS: u64 = 10_000;
 
 /// Mounts the cluster on `dir` and serves it until Ctrl-C, SIGTERM or `umount`.
 pub fn mount(dir: &Path, cluster: Option<&str>, server: Option<u64>, json: bool) -> Result<ExitCode> {
+    crate::cluster::init_logs("warn,mount=info");
     let mut addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
     rt.block_on(async {

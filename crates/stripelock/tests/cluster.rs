@@ -829,7 +829,7 @@ async fn stripe_writes_go_to_the_less_loaded_server_body() {
 
     // Hold row 0's stripe lock so writes queue where they are sent.
     let t = Session::open(&c.addrs(), 10_000).await.unwrap();
-    let stripe = t.lock(&format!("/d#{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let stripe = t.lock(&format!("#stripe/{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
     let mut pending = Vec::new();
     for i in 1..4u64 {
         pending.push(spawn_write(&c, 1, "/d", i * 100, vec![i as u8 + 1; 10], tokens[i as usize].clone()));
@@ -883,7 +883,7 @@ async fn a_stale_scheduled_write_is_dropped_body(broken: bool) {
     let c = Cluster::start_with_env(3, if broken { "stale-broken" } else { "stale" }, extra, env).await;
     let (id, original) = small_file(&c, "/s").await;
     let t = Session::open(&c.addrs(), 10_000).await.unwrap();
-    let stripe = t.lock(&format!("/s#{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+    let stripe = t.lock(&format!("#stripe/{id}/0"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
     // A live writer's write, then a doomed one's, both queued at gateway 1.
     let live = Session::open(&c.addrs(), 10_000).await.unwrap();
     let v = live.lock("/s", 0..10, Mode::PW, LockOptions::default()).await.unwrap();

@@ -1,0 +1,480 @@
+//! `stripelock mount` (issue 13): two mounts on different servers of one cluster, used by
+//! ordinary file calls and by processes taking fcntl locks (tests/helpers/fcntl_client.py).
+//! Skipped, loudly, where FUSE cannot be mounted (not root, no /dev/fuse).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Whether this machine can mount FUSE file systems; says why not when it cannot.
+fn fuse_usable() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    if !root || !dev {
+        eprintln!("SKIPPED: FUSE mounts need root and /dev/fuse (root: {root}, /dev/fuse usable: {dev})");
+    }
+    root && dev
+}
+
+/// A `stripelock mount` process.
+struct Mount {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Mount {
+    fn start(c: &Cluster, server: u64, name: &str) -> Mount {
+        let dir = c.dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(c.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(&*EXE)
+            .args(["mount"])
+            .arg(&dir)
+            .args(["--server", &server.to_string(), "--cluster", &c.addrs().join(",")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !mounted(&dir) {
+            assert!(Instant::now() < deadline, "{} was not mounted in 10 s", dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mount { dir, child }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p.trim_start_matches('/'))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new(&*EXE).arg("umount").arg(&self.dir).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mounted(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1).is_some_and(|m| Path::new(m) == dir))
+}
+
+/// A process taking fcntl locks on command.
+struct Locker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Locker {
+    fn open(path: &Path) -> Locker {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/helpers/fcntl_client.py");
+        let mut child =
+            Command::new("python3").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut l = Locker { child, stdin, stdout };
+        assert_eq!(l.ask(&format!("open {}", path.display())), "ok");
+        l
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    fn ask(&mut self, cmd: &str) -> String {
+        self.send(cmd);
+        self.answer()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether an answer has come within `wait`.
+    fn answers_within(&mut self, wait: Duration) -> Option<String> {
+        let fd = std::os::fd::AsFd::as_fd(self.stdout.get_ref());
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let ts = rustix::event::Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: wait.subsec_nanos() as i64 };
+        let ready = self.stdout.buffer().len() > 0 || rustix::event::poll(&mut fds, Some(&ts)).unwrap() > 0;
+        ready.then(|| self.answer())
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap().success());
+    }
+}
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fcntl waiters the cluster holds on `#fcntl/*` resources, as seen from server 1.
+async fn fcntl_waiters(c: &Cluster) -> usize {
+    let t = c.table(1, "#fcntl/").await.expect("table");
+    t.resources.iter().flat_map(|r| &r.posix).filter(|p| !p.granted).count()
+}
+
+async fn fcntl_holders(c: &Cluster) -> usize {
+    let t = c.table(1, "#fcntl/").await.expect("table");
+    t.resources.iter().flat_map(|r| &r.posix).filter(|p| p.granted).count()
+}
+
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn two_mounts_on_different_servers_see_one_namespace_and_the_same_bytes() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        let c = Cluster::start(3, "mount-ns").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        // Directories, files, renames across directories, unlink: seen through the other mount.
+        std::fs::create_dir_all(a.path("/d1/d2")).unwrap();
+        std::fs::write(a.path("/d1/d2/f"), b"hello").unwrap();
+        assert_eq!(std::fs::read(b.path("/d1/d2/f")).unwrap(), b"hello");
+        let kinds: Vec<(String, bool)> = std::fs::read_dir(b.path("/d1"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().into_string().unwrap(), e.file_type().unwrap().is_dir())
+            })
+            .collect();
+        assert_eq!(kinds, [("d2".to_string(), true)]);
+        std::fs::create_dir(b.path("/e")).unwrap();
+        std::fs::rename(a.path("/d1/d2/f"), a.path("/e/g")).unwrap();
+        assert!(!b.path("/d1/d2/f").exists());
+        assert_eq!(std::fs::read(b.path("/e/g")).unwrap(), b"hello");
+        // Rename over an existing file replaces it atomically.
+        std::fs::write(b.path("/e/h"), b"other").unwrap();
+        std::fs::rename(a.path("/e/h"), a.path("/e/g")).unwrap();
+        assert_eq!(std::fs::read(b.path("/e/g")).unwrap(), b"other");
+        assert_eq!(std::fs::remove_dir(b.path("/e")).unwrap_err().raw_os_error(), Some(libc_enotempty()));
+        std::fs::remove_file(b.path("/e/g")).unwrap();
+        std::fs::remove_dir(a.path("/e")).unwrap();
+        assert!(!b.path("/e").exists());
+        // O_EXCL, O_APPEND, truncate, sparse files, symlinks, hard links, modes and times.
+        let excl = std::fs::OpenOptions::new().write(true).create_new(true).open(a.path("/d1/d2"));
+        assert_eq!(excl.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+        std::fs::write(a.path("/log"), b"one\n").unwrap();
+        std::fs::OpenOptions::new().append(true).open(b.path("/log")).unwrap().write_all(b"two\n").unwrap();
+        std::fs::OpenOptions::new().append(true).open(a.path("/log")).unwrap().write_all(b"three\n").unwrap();
+        assert_eq!(std::fs::read(b.path("/log")).unwrap(), b"one\ntwo\nthree\n");
+        let f = std::fs::OpenOptions::new().write(true).open(a.path("/log")).unwrap();
+        f.set_len(2).unwrap();
+        f.set_len(6).unwrap();
+        drop(f);
+        assert_eq!(std::fs::read(b.path("/log")).unwrap(), b"on\0\0\0\0");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(a.path("/sparse")).unwrap();
+            f.write_all_at(b"end", 5 << 20).unwrap();
+        }
+        let sparse = std::fs::read(b.path("/sparse")).unwrap();
+        assert_eq!(sparse.len(), (5 << 20) + 3);
+        assert!(sparse[..5 << 20].iter().all(|b| *b == 0) && sparse.ends_with(b"end"));
+        std::os::unix::fs::symlink("log", a.path("/link")).unwrap();
+        assert_eq!(std::fs::read_link(b.path("/link")).unwrap(), Path::new("log"));
+        assert_eq!(std::fs::read(b.path("/link")).unwrap(), b"on\0\0\0\0");
+        let hard = std::fs::hard_link(a.path("/log"), a.path("/hard"));
+        assert_eq!(hard.unwrap_err().raw_os_error(), Some(1), "hard links are refused with EPERM");
+        std::fs::set_permissions(a.path("/log"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let m = std::fs::metadata(b.path("/log")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o600);
+        let before = m.mtime_nsec() as i128 + m.mtime() as i128 * 1_000_000_000;
+        std::thread::sleep(Duration::from_millis(5));
+        std::fs::OpenOptions::new().write(true).open(a.path("/log")).unwrap().write_all(b"x").unwrap();
+        let m = std::fs::metadata(b.path("/log")).unwrap();
+        assert!(m.mtime_nsec() as i128 + m.mtime() as i128 * 1_000_000_000 > before, "a write moves mtime");
+        // 64 MiB through one mount, read through the other and with `stripelock get`.
+        let data = noise(64 << 20, 13);
+        std::fs::write(a.path("/big"), &data).unwrap();
+        assert!(std::fs::read(b.path("/big")).unwrap() == data, "64 MiB read through mount b differ");
+        let out = c.dir.join("big.out");
+        let got = run_at(&c, 3, &["get", "/big", out.to_str().unwrap()], b"");
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert!(std::fs::read(&out).unwrap() == data, "64 MiB read by `stripelock get` differ");
+        // `put` and `ls` see the same tree.
+        let local = c.dir.join("put.in");
+        std::fs::write(&local, b"put bytes").unwrap();
+        let put = run_at(&c, 3, &["put", local.to_str().unwrap(), "/p/q/r"], b"");
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        assert!(b.path("/p/q").is_dir());
+        assert_eq!(std::fs::read(a.path("/p/q/r")).unwrap(), b"put bytes");
+        let ls = run_at(&c, 1, &["ls", "/d1"], b"");
+        assert!(String::from_utf8_lossy(&ls.stdout).contains("/d1/d2"), "{}", String::from_utf8_lossy(&ls.stdout));
+        // statfs answers.
+        let st = rustix::fs::statvfs(&a.dir).unwrap();
+        assert!(st.f_blocks > 0 && st.f_files > 0);
+    });
+}
+
+fn libc_enotempty() -> i32 {
+    39
+}
+
+#[test]
+fn fcntl_locks_hold_across_mounts() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        let c = Cluster::start(3, "mount-fcntl").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::write(a.path("/f"), vec![0u8; 100]).unwrap();
+        std::fs::write(a.path("/g"), vec![0u8; 100]).unwrap();
+        let mut p = Locker::open(&a.path("/f"));
+        let mut q = Locker::open(&b.path("/f"));
+        // A conflicting lock from another mount: EAGAIN; F_GETLK names the holder and its pid.
+        assert_eq!(p.ask("lock w 0 50 nb"), "ok");
+        assert_eq!(q.ask("lock w 10 10 nb"), "err EAGAIN");
+        assert_eq!(q.ask("lock r 50 50 nb"), "ok", "bytes 50.. are free");
+        assert_eq!(q.ask("getlk w 0 100"), format!("w 0 50 {}", p.pid()));
+        // Split by a partial unlock: the middle comes free, both ends stay held.
+        assert_eq!(p.ask("unlock 20 10"), "ok");
+        assert_eq!(q.ask("lock w 20 10 nb"), "ok");
+        assert_eq!(q.ask("lock w 10 5 nb"), "err EAGAIN");
+        assert_eq!(q.ask("lock w 30 5 nb"), "err EAGAIN");
+        assert_eq!(q.ask("unlock 0 100"), "ok");
+        // Upgrade and downgrade in place.
+        assert_eq!(p.ask("lock r 0 50 nb"), "ok");
+        assert_eq!(q.ask("lock r 0 10 nb"), "ok");
+        assert_eq!(p.ask("lock w 0 10 nb"), "err EAGAIN");
+        assert_eq!(q.ask("unlock 0 10"), "ok");
+        // F_SETLKW waits and is granted on release.
+        assert_eq!(p.ask("lock w 0 50 nb"), "ok");
+        q.send("lock w 0 10 wait");
+        assert_eq!(q.answers_within(Duration::from_millis(500)), None, "the waiter was not kept waiting");
+        assert_eq!(p.ask("unlock 0 50"), "ok");
+        assert_eq!(q.answers_within(Duration::from_secs(5)).as_deref(), Some("ok"));
+        // Deadlock across mounts: q holds 0..10 and waits for 50..60, which p holds; p asking
+        // for 0..10 would close the cycle: EDEADLK.
+        assert_eq!(p.ask("lock w 50 10 nb"), "ok");
+        q.send("lock w 50 10 wait");
+        assert_eq!(q.answers_within(Duration::from_millis(300)), None);
+        assert_eq!(p.ask("lock w 0 10 wait"), "err EDEADLK");
+        assert_eq!(p.ask("unlock 50 10"), "ok");
+        assert_eq!(q.answers_within(Duration::from_secs(5)).as_deref(), Some("ok"));
+        // Close of any descriptor of the file drops the owner's locks on it.
+        assert_eq!(q.ask("close"), "ok");
+        assert_eq!(p.ask("lock w 0 100 nb"), "ok");
+        assert_eq!(p.ask("unlock 0 100"), "ok");
+        // SIGKILL of a holder frees its lock.
+        let mut r = Locker::open(&b.path("/f"));
+        assert_eq!(r.ask("lock w 0 100 nb"), "ok");
+        assert_eq!(p.ask("lock w 0 1 nb"), "err EAGAIN");
+        drop(r);
+        until("the killed holder's lock to go", async || p.ask("lock w 0 1 nb") == "ok").await;
+        // SIGKILL of a waiter leaves no phantom lock.
+        let mut w = Locker::open(&b.path("/f"));
+        w.send("lock w 0 100 wait");
+        until("the waiter to wait", async || fcntl_waiters(&c).await == 1).await;
+        drop(w);
+        until("the killed waiter's wait to go", async || fcntl_waiters(&c).await == 0).await;
+        assert_eq!(p.ask("unlock 0 1"), "ok");
+        until("no lock held", async || fcntl_holders(&c).await == 0).await;
+        // OFD locks are forwarded too, and end with their open file.
+        let mut o = Locker::open(&a.path("/f"));
+        assert_eq!(o.ask("ofd"), "ok");
+        assert_eq!(o.ask("lock w 0 10 nb"), "ok");
+        let mut q = Locker::open(&b.path("/f"));
+        assert_eq!(q.ask("lock w 0 10 nb"), "err EAGAIN");
+        assert_eq!(o.ask("close"), "ok");
+        assert_eq!(q.ask("lock w 0 10 nb"), "ok");
+    });
+}
+
+#[test]
+fn a_wait_interrupted_by_a_signal_returns_eintr_within_a_second_and_leaves_no_waiter() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        let c = Cluster::start(3, "mount-intr").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::write(a.path("/f"), b"x").unwrap();
+        let mut holder = Locker::open(&a.path("/f"));
+        assert_eq!(holder.ask("lock w 0 0 nb"), "ok");
+        let mut waiter = Locker::open(&b.path("/f"));
+        waiter.send("lock w 0 0 wait");
+        until("the waiter to wait", async || fcntl_waiters(&c).await == 1).await;
+        let t = Instant::now();
+        waiter.signal("INT");
+        assert_eq!(waiter.answers_within(Duration::from_secs(1)).as_deref(), Some("err EINTR"));
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(1), "EINTR took {took:?}");
+        until("no waiter left", async || fcntl_waiters(&c).await == 0).await;
+        // The holder still holds; the interrupted process holds nothing.
+        assert_eq!(waiter.ask("lock w 0 0 nb"), "err EAGAIN");
+        assert_eq!(holder.ask("unlock 0 0"), "ok");
+        assert_eq!(waiter.ask("lock w 0 0 nb"), "ok");
+    });
+}
+
+#[test]
+fn a_counter_under_fcntl_on_two_mounts_survives_a_server_kill() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        let mut c = Cluster::start(3, "mount-counter").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::write(a.path("/counter"), b"00000000").unwrap();
+        let mut procs: Vec<Locker> =
+            (0..4).map(|i| Locker::open(&(if i % 2 == 0 { &a } else { &b }).path("/counter"))).collect();
+        for p in &mut procs {
+            p.send("incr 200");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Mount a's server goes; its session moves to another server with its locks.
+        c.kill(1);
+        let mut last = Vec::new();
+        for p in &mut procs {
+            let v = p.answers_within(Duration::from_secs(240)).expect("an incrementing process did not finish");
+            last.push(v);
+        }
+        let value = std::fs::read_to_string(b.path("/counter")).unwrap();
+        assert_eq!(value, "00000800", "lost increments (each process's last value: {last:?})");
+        assert!(last.iter().any(|v| v == "800"), "{last:?}");
+        let scrub = run_at(&c, 2, &["scrub", "/counter"], b"");
+        assert!(scrub.status.success(), "{}", String::from_utf8_lossy(&scrub.stdout));
+        drop(a);
+    });
+}
+
+/// A seeded sequence of creates, writes, truncates, renames, unlinks and reads through one
+/// mount and on a local directory; the two trees and every byte match, read through the other
+/// mount.
+#[test]
+fn a_random_operation_sequence_gives_the_same_tree_as_a_local_directory() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        let c = Cluster::start(3, "mount-model").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        let model = c.dir.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let names = ["a", "b", "c", "d/a", "d/b", "e/f/g"];
+        for d in ["d", "e", "e/f"] {
+            std::fs::create_dir_all(a.path(d)).unwrap();
+            std::fs::create_dir_all(model.join(d)).unwrap();
+        }
+        for step in 0..300u64 {
+            let name = names[rnd(names.len() as u64) as usize];
+            let (m, l) = (a.path(name), model.join(name));
+            let op = rnd(6);
+            let r_m: std::io::Result<Vec<u8>>;
+            let r_l: std::io::Result<Vec<u8>>;
+            match op {
+                0 => {
+                    let data = noise(rnd(200_000) as usize, step);
+                    r_m = std::fs::write(&m, &data).map(|_| vec![]);
+                    r_l = std::fs::write(&l, &data).map(|_| vec![]);
+                }
+                1 => {
+                    use std::os::unix::fs::FileExt;
+                    let data = noise(rnd(70_000) as usize + 1, step);
+                    let off = rnd(300_000);
+                    let w = |p: &Path| {
+                        std::fs::OpenOptions::new().write(true).open(p).and_then(|f| f.write_all_at(&data, off))
+                    };
+                    r_m = w(&m).map(|_| vec![]);
+                    r_l = w(&l).map(|_| vec![]);
+                }
+                2 => {
+                    let len = rnd(250_000);
+                    let t = |p: &Path| std::fs::OpenOptions::new().write(true).open(p).and_then(|f| f.set_len(len));
+                    r_m = t(&m).map(|_| vec![]);
+                    r_l = t(&l).map(|_| vec![]);
+                }
+                3 => {
+                    let to = names[rnd(names.len() as u64) as usize];
+                    r_m = std::fs::rename(&m, a.path(to)).map(|_| vec![]);
+                    r_l = std::fs::rename(&l, model.join(to)).map(|_| vec![]);
+                }
+                4 => {
+                    r_m = std::fs::remove_file(&m).map(|_| vec![]);
+                    r_l = std::fs::remove_file(&l).map(|_| vec![]);
+                }
+                _ => {
+                    r_m = std::fs::read(&m);
+                    r_l = std::fs::read(&l);
+                }
+            }
+            match (&r_m, &r_l) {
+                (Ok(x), Ok(y)) => assert!(x == y, "step {step}: op {op} on {name} read different bytes"),
+                (Err(x), Err(y)) => assert_eq!(x.kind(), y.kind(), "step {step}: op {op} on {name}"),
+                _ => panic!("step {step}: op {op} on {name}: mount {r_m:?}, local {:?}", r_l.as_ref().map(|v| v.len())),
+            }
+        }
+        // The whole tree, read through the other mount.
+        let mut want = Vec::new();
+        let mut got = Vec::new();
+        walk(&model, &model, &mut want);
+        walk(&b.dir, &b.dir, &mut got);
+        assert_eq!(
+            got.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            want.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>()
+        );
+        for ((p, x), (_, y)) in got.iter().zip(&want) {
+            assert!(x == y, "{p} differs");
+        }
+    });
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for p in entries {
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        if p.is_dir() {
+            out.push((format!("{rel}/"), vec![]));
+            walk(root, &p, out);
+        } else {
+            out.push((rel, std::fs::read(&p).unwrap()));
+        }
+    }
+}
