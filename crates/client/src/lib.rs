@@ -171,6 +171,14 @@ enum Want {
     Nothing,
 }
 
+/// A queued F_SETLKW: its request, its caller, and its generation (a new wait of the same
+/// owner and resource is a new generation).
+struct PosixWait {
+    body: Up,
+    tx: oneshot::Sender<Result<PosixOutcome, ClientError>>,
+    generation: u64,
+}
+
 /// The answer to a POSIX (fcntl) request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PosixOutcome {
@@ -385,6 +393,9 @@ impl Session {
             waiting_locks: BTreeMap::new(),
             posix_waits: BTreeMap::new(),
             posix_recancels: BTreeSet::new(),
+            posix_rewaits: BTreeMap::new(),
+            resent_upto: 0,
+            next_gen: 0,
             gateway_waits: BTreeMap::new(),
             events: events.clone(),
             numbers: numbers.clone(),
@@ -810,9 +821,18 @@ struct Actor {
     /// POSIX requests queued (F_SETLKW), by owner and resource, with their request: after a
     /// move to another server each is cancelled and asked again, so a grant made meanwhile is
     /// not missed (asking again for a lock the owner holds is granted at once).
-    posix_waits: BTreeMap<(u64, String), (Up, oneshot::Sender<Result<PosixOutcome, ClientError>>)>,
+    posix_waits: BTreeMap<(u64, String), PosixWait>,
     /// Those cancels: their answers are not the callers'.
     posix_recancels: BTreeSet<u64>,
+    /// The waits asked again after a move (request → the wait and its generation then): their
+    /// answer resolves that wait only if it is still the same one.
+    posix_rewaits: BTreeMap<u64, ((u64, String), u64)>,
+    /// The last request sent before the latest move to another server. A POSIX answer that
+    /// arrives with one of those requests and is not that request's own may be the replay of
+    /// an answer given before (a retried request's original outputs): it resolves no wait (the
+    /// waits are asked again after the move and answered directly).
+    resent_upto: u64,
+    next_gen: u64,
     /// Lock requests acknowledged (queued) but not yet granted or refused.
     waiting_locks: BTreeMap<u64, oneshot::Sender<Result<Grant, ClientError>>>,
     /// Of those, the ones a server's gateway queued (by lock), with their request: that server
@@ -958,20 +978,40 @@ impl Actor {
                         let _ = up.send(pb::ClientMessage { request_id: *id, body: Some(body.clone()) }).await;
                     }
                     // A queued F_SETLKW may have been granted while no server could tell us:
-                    // cancel it and ask again (granted at once if it was).
-                    let waits: Vec<Up> = self.posix_waits.values().map(|(b, _)| b.clone()).collect();
-                    for body in waits {
-                        let Up::Posix(p) = &body else { continue };
+                    // cancel it and ask again (granted at once if it was). A wait whose answer
+                    // has not come yet is treated alike.
+                    self.resent_upto = self.next_request.saturating_sub(1);
+                    let unanswered: Vec<u64> = self
+                        .unacked
+                        .iter()
+                        .filter(|(_, (b, _, w))| matches!((b, w), (Up::Posix(p), Want::Posix(_)) if p.wait))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in unanswered {
+                        let (body, lock, want) = self.unacked.remove(&id).expect("listed");
+                        if let (Up::Posix(p), Want::Posix(tx)) = (&body, want) {
+                            let generation = self.next_gen;
+                            self.next_gen += 1;
+                            let key = (p.owner, p.resource.clone());
+                            self.posix_waits.insert(key, PosixWait { body: body.clone(), tx, generation });
+                        }
+                        self.unacked.insert(id, (body, lock, Want::Nothing));
+                    }
+                    let waits: Vec<((u64, String), Up, u64)> =
+                        self.posix_waits.iter().map(|(k, w)| (k.clone(), w.body.clone(), w.generation)).collect();
+                    for (key, body, generation) in waits {
                         let cancel = Up::PosixCancel(pb::PosixRequest {
-                            owner: p.owner,
-                            resource: p.resource.clone(),
+                            owner: key.0,
+                            resource: key.1.clone(),
                             ..Default::default()
                         });
-                        for b in [cancel, body.clone()] {
+                        for b in [cancel, body] {
                             let id = self.next_request;
                             self.next_request += 1;
                             if matches!(b, Up::PosixCancel(_)) {
                                 self.posix_recancels.insert(id);
+                            } else {
+                                self.posix_rewaits.insert(id, (key.clone(), generation));
                             }
                             let _ = up.send(pb::ClientMessage { request_id: id, body: Some(b.clone()) }).await;
                             self.unacked.insert(id, (b, None, Want::Nothing));
@@ -1028,10 +1068,22 @@ impl Actor {
         if self.posix_recancels.remove(&request_id) {
             return;
         }
-        let direct = match self.unacked.get(&request_id) {
-            Some((Up::Posix(p) | Up::PosixTest(p), _, Want::Posix(_))) => {
-                p.owner == a.owner && (a.resource.is_empty() || a.resource == p.resource)
+        let about = |owner: u64, resource: &str| owner == a.owner && (a.resource.is_empty() || a.resource == resource);
+        if let Some((key, generation)) = self.posix_rewaits.get(&request_id).cloned()
+            && about(key.0, &key.1)
+        {
+            if a.outcome != O::Queued as i32 {
+                self.posix_rewaits.remove(&request_id);
+                if self.posix_waits.get(&key).is_some_and(|w| w.generation == generation)
+                    && let Some(w) = self.posix_waits.remove(&key)
+                {
+                    let _ = w.tx.send(posix_outcome(&a));
+                }
             }
+            return;
+        }
+        let direct = match self.unacked.get(&request_id) {
+            Some((Up::Posix(p) | Up::PosixTest(p), _, Want::Posix(_))) => about(p.owner, &p.resource),
             _ => false,
         };
         if direct {
@@ -1042,14 +1094,18 @@ impl Actor {
                     Up::Posix(p) => (p.owner, p.resource.clone()),
                     _ => (a.owner, a.resource.clone()),
                 };
-                self.posix_waits.insert(key, (body.clone(), tx));
+                let generation = self.next_gen;
+                self.next_gen += 1;
+                self.posix_waits.insert(key, PosixWait { body: body.clone(), tx, generation });
             } else {
                 let _ = tx.send(posix_outcome(&a));
             }
             self.unacked.insert(request_id, (body, lock, Want::Nothing));
             return;
         }
-        if a.outcome == O::Queued as i32 {
+        // Only what ends a wait ends one, and never an answer that may be a replay.
+        let ends_wait = [O::Granted, O::Deadlock, O::Cancelled].iter().any(|o| *o as i32 == a.outcome);
+        if !ends_wait || (request_id != 0 && request_id <= self.resent_upto) {
             return;
         }
         let key = if a.resource.is_empty() {
@@ -1058,9 +1114,9 @@ impl Actor {
             Some((a.owner, a.resource.clone())).filter(|k| self.posix_waits.contains_key(k))
         };
         if let Some(key) = key
-            && let Some((_, tx)) = self.posix_waits.remove(&key)
+            && let Some(w) = self.posix_waits.remove(&key)
         {
-            let _ = tx.send(posix_outcome(&a));
+            let _ = w.tx.send(posix_outcome(&a));
         }
     }
 
@@ -1082,8 +1138,8 @@ impl Actor {
         for (_, tx) in std::mem::take(&mut self.waiting_locks) {
             let _ = tx.send(Err(e.clone()));
         }
-        for (_, (_, tx)) in std::mem::take(&mut self.posix_waits) {
-            let _ = tx.send(Err(e.clone()));
+        for (_, w) in std::mem::take(&mut self.posix_waits) {
+            let _ = w.tx.send(Err(e.clone()));
         }
         let _ = self.events.send(Event::Expired);
     }
@@ -1229,6 +1285,7 @@ impl Actor {
             }
             Down::Ack(_) => {
                 self.posix_recancels.remove(&m.request_id);
+                self.posix_rewaits.remove(&m.request_id);
                 if let Some(sent) = self.beats.remove(&m.request_id) {
                     // The leader renewed it: the lease runs from when it was asked for.
                     let mut renewed = self.renewed.lock().expect("renewed");

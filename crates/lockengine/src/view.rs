@@ -12,6 +12,8 @@ pub struct LockView {
     /// The waiting request (new or conversion), if any, and who it waits for.
     pub waiting: Option<(Mode, ByteRange, Vec<LockId>)>,
     pub cached: bool,
+    /// A cached lock its holder was asked to give back (a revoke was sent).
+    pub revoked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,7 @@ impl Engine {
             granted: l.grant.map(|g| (g.mode, g.range, g.token)),
             waiting: l.request.as_ref().map(|r| (r.mode, r.range, r.blockers.clone())),
             cached: l.cached,
+            revoked: l.cached && l.revoke_sent,
         }
     }
 

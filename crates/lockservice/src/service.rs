@@ -804,6 +804,13 @@ fn owner_name(o: lockengine::OwnerKey) -> String {
 fn resync(node: &Node, session: SessionId, only: Option<std::collections::HashSet<u64>>) -> Vec<pb::ServerMessage> {
     let views = node.machine.state().engine.session_locks(session);
     let values = Arc::new(ValueBlock::Empty);
+    // A revoke sent while the session was moving may have been lost: every cached lock its
+    // holder was asked to give back is asked again (else the waiter behind it waits forever).
+    let revokes: Vec<pb::ServerMessage> = views
+        .iter()
+        .filter(|v| v.revoked && v.granted.is_some())
+        .map(|v| pb::ServerMessage { request_id: 0, body: Some(Down::Revoke(lock_ref(v.lock))) })
+        .collect();
     views
         .into_iter()
         .filter(|v| only.as_ref().is_none_or(|o| o.contains(&client_lock_id(v.lock))))
@@ -814,5 +821,6 @@ fn resync(node: &Node, session: SessionId, only: Option<std::collections::HashSe
             };
             pb::ServerMessage { request_id: 0, body: Some(body) }
         })
+        .chain(revokes)
         .collect()
 }

@@ -141,7 +141,7 @@ fn errno_of_code(code: ErrorCode) -> Errno {
 
 fn errno_of_status(s: &tonic::Status) -> Errno {
     let e = errno_of_code(ClientError::from_status(s).code());
-    if i32::from(e) == libc::EIO {
+    if e == errno(libc::EIO) {
         tracing::warn!("EIO for a refusal: {}", s.message());
     }
     e
@@ -159,10 +159,11 @@ fn errno_of_client(e: &ClientError) -> Errno {
     }
 }
 
-/// Whether a refused call is worth making again on another server.
+/// Whether a refused call is worth making again on another server: the server cannot serve
+/// now, or the call never got an answer from one (the connection broke: the server died).
 fn retry_elsewhere(s: &tonic::Status) -> bool {
     let code = ClientError::from_status(s).code();
-    matches!(code, ErrorCode::Unavailable | ErrorCode::NotLeader)
+    !wire::from_server(s) || matches!(code, ErrorCode::Unavailable | ErrorCode::NotLeader)
 }
 
 fn ns_of(t: Timestamp) -> u64 {
@@ -322,6 +323,7 @@ impl Inner {
         Fut: std::future::Future<Output = Result<T>>,
     {
         if self.expired.load(Ordering::Relaxed) {
+            tracing::warn!("EIO: the session expired; {path} is not written or read");
             return Err(errno(libc::EIO));
         }
         let ext = self.extent(path);
@@ -800,7 +802,7 @@ impl Filesystem for StripeFs {
         let n = match made {
             Ok(n) => n,
             // Made meanwhile through another mount: without O_EXCL, open it.
-            Err(e) if i32::from(e) == libc::EEXIST && flags & libc::O_EXCL as u32 == 0 => {
+            Err(e) if e == errno(libc::EEXIST) && flags & libc::O_EXCL as u32 == 0 => {
                 let n = self.inner.lookup_path(&path).await?;
                 if kind_of(&n) != FileType::RegularFile {
                     return Err(errno(libc::EISDIR));
@@ -1129,7 +1131,10 @@ impl Filesystem for StripeFs {
             PosixOutcome::Busy { .. } => Err(errno(libc::EAGAIN)),
             PosixOutcome::Deadlock => Err(errno(libc::EDEADLK)),
             PosixOutcome::Cancelled => Err(errno(libc::EINTR)),
-            PosixOutcome::Unlocked | PosixOutcome::Free => Err(errno(libc::EIO)),
+            other => {
+                tracing::warn!("EIO: a lock request of owner {owner} was answered {other:?}");
+                Err(errno(libc::EIO))
+            }
         }
     }
 

@@ -66,11 +66,19 @@ def answer(line):
         return "ok"
     if w[0] == "incr":
         value = 0
-        for _ in range(int(w[1])):
-            lock("w", 0, 0, True)
-            value = int(os.pread(fd, 8, 0) or b"0") + 1
-            os.pwrite(fd, b"%08d" % value, 0)
-            lock("u", 0, 0, False)
+        for i in range(int(w[1])):
+            step = "lock"
+            try:
+                lock("w", 0, 0, True)
+                step = "read"
+                value = int(os.pread(fd, 8, 0) or b"0") + 1
+                step = "write"
+                os.pwrite(fd, b"%08d" % value, 0)
+                step = "unlock"
+                lock("u", 0, 0, False)
+            except OSError as e:
+                e.strerror = "%s at increment %d (%s)" % (e.strerror, i, step)
+                raise
         return str(value)
     if w[0] == "pid":
         return str(os.getpid())
@@ -86,4 +94,6 @@ for line in sys.stdin:
         # EDEADLK and EDEADLOCK are one number on Linux; Python names it by the latter.
         name = "EDEADLK" if e.errno == errno.EDEADLK else errno.errorcode.get(e.errno, str(e.errno))
         out = "err " + name
+        if "increment" in str(e.strerror):
+            sys.stderr.write("%s\n" % e.strerror)
     print(out, flush=True)
