@@ -165,6 +165,11 @@ impl Engine {
         ids.into_iter().map(|id| self.lock_view(id)).collect()
     }
 
+    /// How many resources `session`'s POSIX owners hold locks on.
+    pub fn session_posix_locks(&self, session: SessionId) -> u64 {
+        self.sessions.get(&session).map_or(0, |s| s.posix_resources.len() as u64)
+    }
+
     /// The name of the resource a lock is on.
     pub fn resource_of(&self, lock: LockId) -> Option<&str> {
         self.locks.get(&lock).map(|l| &*self.resources[l.res as usize].name)

@@ -498,6 +498,11 @@ impl Machine {
         rx
     }
 
+    /// The sessions attached to this server now.
+    pub fn attached(&self) -> Vec<SessionId> {
+        self.routes.lock().expect("routes lock").iter().filter(|(_, tx)| !tx.is_closed()).map(|(s, _)| *s).collect()
+    }
+
     /// Forgets `session`'s queue if nobody reads it any more.
     pub fn detach(&self, session: SessionId) {
         let mut routes = self.routes.lock().expect("routes lock");

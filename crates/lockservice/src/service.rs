@@ -687,6 +687,16 @@ impl pb::locks_server::Locks for LockService {
             data_dir: self.node.config.data_dir.display().to_string(),
             ..Default::default()
         };
+        {
+            let attached = self.node.machine.attached();
+            let state = self.node.machine.state();
+            for session in attached {
+                let Some(client) = state.clients.get(&session).filter(|c| c.starts_with("mount ")) else { continue };
+                let locks = state.engine.session_locks(session).iter().filter(|v| v.granted.is_some()).count() as u64;
+                let fcntl_locks = state.engine.session_posix_locks(session);
+                reply.mounts.push(pb::MountInfo { session: session.0, client: client.clone(), locks, fcntl_locks });
+            }
+        }
         for part in &self.status_parts {
             part(&mut reply);
         }

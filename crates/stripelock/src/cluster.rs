@@ -904,6 +904,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         futures::future::join_all(asks).await
     });
     let up = replies.iter().filter(|(_, r)| r.is_ok()).count();
+    let local = crate::mountcmd::local_mounts();
     if json {
         let servers: Vec<_> = replies
             .iter()
@@ -939,6 +940,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "bytes": s.snapshot_bytes, "locks": s.snapshot_locks,
                         "build_ms": s.snapshot_build_ms, "restore_ms": s.snapshot_restore_ms,
                     },
+                    "mounts": s.mounts.iter().map(|m| mount_json(m, &local)).collect::<Vec<_>>(),
                 }),
                 Err(e) => serde_json::json!({
                     "address": a, "up": false, "error": format!("{e:#}"),
@@ -1007,6 +1009,29 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             let sizes: Vec<String> = largest.iter().map(|b| server::human_bytes(*b)).collect();
             println!("largest file: {}", sizes.join(" or "));
         }
+        let mounts: Vec<(u64, &pb::MountInfo)> = replies
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .flat_map(|s| s.mounts.iter().map(move |m| (s.server_id, m)))
+            .collect();
+        if !mounts.is_empty() {
+            println!(
+                "\n{:<7} {:<8} {:>10} {:>6} {:>11}  mount",
+                "server", "session", "open-files", "locks", "fcntl-files"
+            );
+            for (server, m) in mounts {
+                let open = local.get(&m.session).and_then(|v| v["open_files"].as_u64());
+                println!(
+                    "{:<7} {:<8} {:>10} {:>6} {:>11}  {}",
+                    server,
+                    m.session,
+                    open.map_or("?".to_string(), |n| n.to_string()),
+                    m.locks,
+                    m.fcntl_locks,
+                    m.client.trim_start_matches("mount ")
+                );
+            }
+        }
         for s in replies.iter().filter_map(|(_, r)| r.as_ref().ok()) {
             println!(
                 "server {} lock memory: {} of {} used ({} locks at 1 KiB); holders keep at most {} idle cached locks",
@@ -1019,6 +1044,15 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(if up == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn mount_json(m: &pb::MountInfo, local: &BTreeMap<u64, serde_json::Value>) -> serde_json::Value {
+    let here = local.get(&m.session);
+    serde_json::json!({
+        "session": m.session, "client": m.client, "locks": m.locks, "fcntl_locks": m.fcntl_locks,
+        "open_files": here.and_then(|v| v["open_files"].as_u64()),
+        "dir": here.and_then(|v| v["dir"].as_str()),
+    })
 }
 
 /// `evict`: end sessions as if their leases had run out (fenced, then their locks go to the

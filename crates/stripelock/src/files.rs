@@ -469,10 +469,39 @@ pub fn stat(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
 pub fn ls(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let list = rt.block_on(async {
+    let (list, dir) = rt.block_on(async {
         let mut c = files_client(&addrs).await?;
-        c.list(pb::PathRequest { path: prefix.to_string() }).await.map_err(status_error)
+        // A directory's own entries (files, directories, symlinks), as a mount shows them; with
+        // no PATH, every file, as before directories existed.
+        let dir_path = if prefix.is_empty() { "/" } else { prefix.trim_end_matches('/') };
+        let dir_path = if dir_path.is_empty() { "/" } else { dir_path };
+        let node = c.lookup(pb::PathRequest { path: dir_path.to_string() }).await.ok().map(|r| r.into_inner());
+        if !prefix.is_empty() && node.is_some_and(|n| n.kind == pb::NodeKind::Dir as i32) {
+            let mut nodes = Vec::new();
+            let mut after = String::new();
+            loop {
+                let page = c
+                    .read_dir(pb::ReadDirRequest { path: dir_path.to_string(), after: after.clone(), limit: 0 })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if let Some(last) = page.nodes.last() {
+                    after = last.path.rsplit('/').next().unwrap_or_default().to_string();
+                }
+                nodes.extend(page.nodes);
+                if !page.more {
+                    break;
+                }
+            }
+            return Ok::<_, anyhow::Error>((None, Some(nodes)));
+        }
+        let list = c.list(pb::PathRequest { path: prefix.to_string() }).await.map_err(status_error)?;
+        Ok((Some(list), None))
     })?;
+    if let Some(nodes) = dir {
+        return Ok(print_dir(prefix, &nodes, json));
+    }
+    let list = list.expect("listed");
     let files = list.into_inner().files;
     if json {
         println!("{}", serde_json::Value::Array(files.iter().map(stat_json).collect()));
@@ -494,6 +523,36 @@ pub fn ls(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A directory's entries: kind, mode, size, name.
+fn print_dir(dir: &str, nodes: &[pb::Node], json: bool) -> ExitCode {
+    let kind = |n: &pb::Node| match pb::NodeKind::try_from(n.kind) {
+        Ok(pb::NodeKind::Dir) => "dir",
+        Ok(pb::NodeKind::Symlink) => "symlink",
+        _ => "file",
+    };
+    if json {
+        let v: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({"path": n.path, "kind": kind(n), "size": n.size, "mode": format!("{:o}", n.mode),
+                    "uid": n.uid, "gid": n.gid, "mtime_ns": n.mtime_ns, "target": (!n.target.is_empty()).then_some(&n.target)})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return ExitCode::SUCCESS;
+    }
+    if nodes.is_empty() {
+        println!("directory {} is empty", if dir.is_empty() { "/" } else { dir });
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<8} {:>5} {:>12}  path", "kind", "mode", "size");
+    for n in nodes {
+        let target = if n.target.is_empty() { String::new() } else { format!(" -> {}", n.target) };
+        println!("{:<8} {:>5o} {:>12}  {}{}", kind(n), n.mode, n.size, n.path, target);
+    }
+    ExitCode::SUCCESS
 }
 
 pub fn rm(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {

@@ -223,7 +223,8 @@ enum Command {
     },
     /// Unmount a `stripelock mount` (plain umount works too).
     Umount { dir: PathBuf },
-    /// The files whose path starts with PREFIX.
+    /// The entries of directory PATH (files, directories, symlinks), or the files whose path
+    /// starts with PATH when it is not a directory; with no PATH, every file.
     Ls {
         #[arg(default_value = "")]
         prefix: String,

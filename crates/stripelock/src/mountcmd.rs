@@ -58,19 +58,57 @@ pub fn mount(dir: &Path, cluster: Option<&str>, server: Option<u64>, json: bool)
             );
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = m.wait() => {
-                r?;
-                eprintln!("{} was unmounted", dir.display());
-                return Ok(ExitCode::SUCCESS);
+        let stats_file = Path::new(MOUNTS_DIR).join(format!("{}.json", m.session()));
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let ended = loop {
+            tokio::select! {
+                r = m.wait() => break Some(r),
+                _ = tokio::signal::ctrl_c() => break None,
+                _ = term.recv() => break None,
+                _ = tick.tick() => write_stats(&stats_file, dir, &m),
             }
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        };
+        let _ = std::fs::remove_file(&stats_file);
+        if let Some(r) = ended {
+            r?;
+            eprintln!("{} was unmounted", dir.display());
+            return Ok(ExitCode::SUCCESS);
         }
         m.unmount().await?;
         eprintln!("unmounted {}", dir.display());
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Where each mount on this host keeps its counts for `status` (open files are known only to
+/// the mount itself).
+pub const MOUNTS_DIR: &str = "/run/stripelock/mounts";
+
+fn write_stats(file: &Path, dir: &Path, m: &mount::Mounted) {
+    let s = m.stats();
+    let v = serde_json::json!({
+        "dir": dir, "pid": std::process::id(), "session": m.session(), "server": m.server(),
+        "open_files": s.open_files, "extent_locks": s.extent_locks, "fcntl_locked_files": s.fcntl_locked_files,
+    });
+    let _ = std::fs::create_dir_all(MOUNTS_DIR);
+    let tmp = file.with_extension("tmp");
+    if std::fs::write(&tmp, v.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, file);
+    }
+}
+
+/// The counts of the mounts on this host, by session.
+pub fn local_mounts() -> std::collections::BTreeMap<u64, serde_json::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(MOUNTS_DIR).into_iter().flatten().flatten() {
+        if let Ok(text) = std::fs::read_to_string(e.path())
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(session) = v["session"].as_u64()
+        {
+            out.insert(session, v);
+        }
+    }
+    out
 }
 
 /// Unmounts `dir` (lazily: a shell inside it does not keep it mounted); the mount's process
