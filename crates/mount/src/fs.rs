@@ -38,6 +38,12 @@ use crate::posix::{self, Interrupts, Owners};
 const TTL: Duration = Duration::ZERO;
 /// Largest write the kernel sends at once.
 const MAX_WRITE: u32 = 1 << 20;
+/// Bytes a read fetches at once (aligned), kept for the reads that follow while the read lock
+/// it was read under is held (the kernel asks 128 KiB at a time; the data path serves whole
+/// stripe rows).
+const READ_CHUNK: u64 = 8 << 20;
+/// Most files with a fetched chunk kept.
+const READ_CACHE_FILES: usize = 8;
 /// Bytes zeroed per write when a truncate cuts a file shorter.
 const ZERO_CHUNK: u64 = 4 << 20;
 /// Most extent locks a mount keeps; beyond it, the least recently used idle one goes back.
@@ -114,6 +120,9 @@ pub(crate) struct Inner {
     /// refused once the newer one wrote).
     extents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Extent>>>>,
     clock: AtomicU64,
+    /// Per path: the token of the lock a chunk was read under, where it starts, its bytes. Valid
+    /// only while that same lock is held and nothing was written through this mount since.
+    reads: Mutex<HashMap<String, (String, u64, Bytes)>>,
     pub(crate) notifier: Mutex<Option<Notifier>>,
     expired: std::sync::atomic::AtomicBool,
 }
@@ -233,6 +242,7 @@ impl Inner {
             interrupts: Mutex::new(Interrupts::default()),
             extents: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
+            reads: Mutex::new(HashMap::new()),
             notifier: Mutex::new(None),
             expired: std::sync::atomic::AtomicBool::new(false),
         })
@@ -517,7 +527,41 @@ impl Inner {
         }
     }
 
+    /// A read served from the chunk fetched last under the same lock, or from a new chunk.
+    async fn read_cached(&self, path: &str, token: String, offset: u64, size: u32) -> Result<Bytes> {
+        let end = offset.saturating_add(u64::from(size));
+        {
+            let reads = self.reads.lock().expect("reads");
+            if let Some((t, start, bytes)) = reads.get(path)
+                && *t == token
+                && *start <= offset
+                && (end <= start + bytes.len() as u64 || (bytes.len() as u64) < READ_CHUNK)
+            {
+                let from = ((offset - start) as usize).min(bytes.len());
+                let to = ((end - start) as usize).min(bytes.len());
+                return Ok(bytes.slice(from..to));
+            }
+        }
+        let start = offset - offset % READ_CHUNK;
+        let len = (end - start).div_ceil(READ_CHUNK) * READ_CHUNK;
+        let bytes = self.read_at(path, token.clone(), start, len as u32).await?;
+        let from = ((offset - start) as usize).min(bytes.len());
+        let to = ((end - start) as usize).min(bytes.len());
+        let out = bytes.slice(from..to);
+        let mut reads = self.reads.lock().expect("reads");
+        if reads.len() >= READ_CACHE_FILES {
+            reads.clear();
+        }
+        reads.insert(path.to_string(), (token, start, bytes));
+        Ok(out)
+    }
+
+    fn forget_reads(&self, path: &str) {
+        self.reads.lock().expect("reads").remove(path);
+    }
+
     async fn write_at(&self, path: &str, token: &str, offset: u64, data: &[u8]) -> Result<u64> {
+        self.forget_reads(path);
         let req = pb::WriteRequest { path: path.to_string(), token: token.to_string(), offset, data: data.to_vec() };
         self.call(|mut c| {
             let req = req.clone();
@@ -538,6 +582,7 @@ impl Inner {
                 self.write_at(path, &token, at, &vec![0; len as usize]).await?;
                 at += len;
             }
+            self.forget_reads(path);
             self.change(pb::name_change::Op::Setattr(pb::SetAttrRequest {
                 path: path.to_string(),
                 ino: entry_id(ino),
@@ -825,7 +870,7 @@ impl Filesystem for StripeFs {
         let inner = &self.inner;
         let p = path.clone();
         let data = inner
-            .with_lock(inode, &path, Mode::PR, |token, _| async move { inner.read_at(&p, token, offset, size).await })
+            .with_lock(inode, &path, Mode::PR, |token, _| async move { inner.read_cached(&p, token, offset, size).await })
             .await?;
         Ok(ReplyData { data })
     }
