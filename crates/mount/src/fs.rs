@@ -42,6 +42,10 @@ const MAX_WRITE: u32 = 1 << 20;
 /// it was read under is held (the kernel asks 128 KiB at a time; the data path serves whole
 /// stripe rows).
 const READ_CHUNK: u64 = 8 << 20;
+/// Sequential writes are gathered up to this many bytes before they are sent (whole stripe
+/// rows then, without reading old data for parity); sent earlier on close, fsync, a read, a
+/// truncate, or when another session needs the file (a revoke).
+const WRITE_CHUNK: usize = 8 << 20;
 /// Most files with a fetched chunk kept.
 const READ_CACHE_FILES: usize = 8;
 /// Bytes zeroed per write when a truncate cuts a file shorter.
@@ -68,6 +72,19 @@ struct Held {
 struct Extent {
     held: Option<Held>,
     used: u64,
+}
+
+#[derive(Debug)]
+struct Dirty {
+    token: String,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Dirty {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
 }
 
 #[derive(Debug)]
@@ -123,6 +140,9 @@ pub(crate) struct Inner {
     /// Per path: the token of the lock a chunk was read under, where it starts, its bytes. Valid
     /// only while that same lock is held and nothing was written through this mount since.
     reads: Mutex<HashMap<String, (String, u64, Bytes)>>,
+    /// Per path: bytes written but not sent yet (one contiguous run), under the write lock whose
+    /// token they carry. Only touched under the file's extent mutex.
+    dirty: Mutex<HashMap<String, Dirty>>,
     pub(crate) notifier: Mutex<Option<Notifier>>,
     expired: std::sync::atomic::AtomicBool,
 }
@@ -243,6 +263,7 @@ impl Inner {
             extents: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             reads: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashMap::new()),
             notifier: Mutex::new(None),
             expired: std::sync::atomic::AtomicBool::new(false),
         })
@@ -290,11 +311,67 @@ impl Inner {
 
     async fn lookup_path(&self, path: &str) -> Result<pb::Node> {
         let req = pb::PathRequest { path: path.to_string() };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.lookup(req).await }
-        })
-        .await
+        let mut n = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.lookup(req).await }
+            })
+            .await?;
+        // Bytes written here and not sent yet count in the size the kernel sees.
+        if let Some(d) = self.dirty.lock().expect("dirty").get(path) {
+            n.size = n.size.max(d.end());
+        }
+        Ok(n)
+    }
+
+    /// Sends what was written to `path` and not sent yet. Call under the file's extent mutex.
+    async fn send_dirty(&self, path: &str) -> Result<()> {
+        let d = self.dirty.lock().expect("dirty").remove(path);
+        match d {
+            Some(d) => self.write_at(path, &d.token, d.start, &d.bytes).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Inner::send_dirty`] under the file's extent mutex.
+    async fn flush_path(&self, path: &str) -> Result<()> {
+        if !self.dirty.lock().expect("dirty").contains_key(path) {
+            return Ok(());
+        }
+        let ext = self.extent(path);
+        let _g = ext.lock().await;
+        self.send_dirty(path).await
+    }
+
+    /// A write: gathered with the bytes before it if it continues them, else those are sent
+    /// first; sent once WRITE_CHUNK bytes are gathered. Call under the file's extent mutex.
+    async fn buffer_write(&self, path: &str, token: &str, at: u64, data: &[u8]) -> Result<()> {
+        self.forget_reads(path);
+        let before = {
+            let mut dirty = self.dirty.lock().expect("dirty");
+            match dirty.get(path) {
+                Some(d) if d.token == token && d.end() == at => None,
+                Some(_) => dirty.remove(path),
+                None => None,
+            }
+        };
+        if let Some(d) = before {
+            self.write_at(path, &d.token, d.start, &d.bytes).await?;
+        }
+        let full = {
+            let mut dirty = self.dirty.lock().expect("dirty");
+            let d = dirty.entry(path.to_string()).or_insert_with(|| Dirty {
+                token: token.to_string(),
+                start: at,
+                bytes: Vec::new(),
+            });
+            d.bytes.extend_from_slice(data);
+            if d.bytes.len() >= WRITE_CHUNK { dirty.remove(path) } else { None }
+        };
+        if let Some(d) = full {
+            self.write_at(path, &d.token, d.start, &d.bytes).await?;
+        }
+        Ok(())
     }
 
     /// The entry `ino` names now (its path, checked to still be the same entry).
@@ -398,15 +475,21 @@ impl Inner {
             all.into_iter().take(n).map(|(_, p, e)| (p, e)).collect()
         };
         for (path, e) in over {
-            self.give_back(&e).await;
+            self.give_back(&path, &e).await;
             self.extents.lock().expect("extents").remove(&path);
         }
     }
 
     /// Gives back the extent lock of `ino` (after the I/O on it ends), then drops the kernel's
     /// pages of it.
-    async fn give_back(&self, ext: &tokio::sync::Mutex<Extent>) {
-        let held = ext.lock().await.held.take();
+    async fn give_back(&self, path: &str, ext: &tokio::sync::Mutex<Extent>) {
+        let mut g = ext.lock().await;
+        // What was written and not sent yet goes first, under the lock it was written under.
+        if let Err(e) = self.send_dirty(path).await {
+            tracing::warn!("writes to {path} not sent before its lock went back: {e}");
+        }
+        let held = g.held.take();
+        drop(g);
         if let Some(h) = held {
             tracing::debug!("extent lock {} given back", h.lock);
             let _ = self.session.release_now(h.lock).await;
@@ -427,15 +510,15 @@ impl Inner {
 
     /// A revoke of lock `lock`: find the extent holding it and give it back.
     pub(crate) async fn revoked(&self, lock: u64) {
-        let exts: Vec<Arc<tokio::sync::Mutex<Extent>>> =
-            self.extents.lock().expect("extents").values().cloned().collect();
-        for e in exts {
+        let exts: Vec<(String, Arc<tokio::sync::Mutex<Extent>>)> =
+            self.extents.lock().expect("extents").iter().map(|(p, e)| (p.clone(), e.clone())).collect();
+        for (path, e) in exts {
             let mine = {
                 let g = e.lock().await;
                 g.held.as_ref().is_some_and(|h| h.lock == lock)
             };
             if mine {
-                self.give_back(&e).await;
+                self.give_back(&path, &e).await;
                 return;
             }
         }
@@ -477,13 +560,13 @@ impl Inner {
     /// this mount).
     async fn drop_extents(&self, path: &str) {
         let under = format!("{path}/");
-        let gone: Vec<Arc<tokio::sync::Mutex<Extent>>> = {
+        let gone: Vec<(String, Arc<tokio::sync::Mutex<Extent>>)> = {
             let mut map = self.extents.lock().expect("extents");
             let keys: Vec<String> = map.keys().filter(|k| *k == path || k.starts_with(&under)).cloned().collect();
-            keys.iter().filter_map(|k| map.remove(k)).collect()
+            keys.into_iter().filter_map(|k| map.remove(&k).map(|e| (k, e))).collect()
         };
-        for e in gone {
-            self.give_back(&e).await;
+        for (p, e) in gone {
+            self.give_back(&p, &e).await;
         }
     }
 
@@ -529,6 +612,7 @@ impl Inner {
 
     /// A read served from the chunk fetched last under the same lock, or from a new chunk.
     async fn read_cached(&self, path: &str, token: String, offset: u64, size: u32) -> Result<Bytes> {
+        self.send_dirty(path).await?;
         let end = offset.saturating_add(u64::from(size));
         {
             let reads = self.reads.lock().expect("reads");
@@ -575,6 +659,7 @@ impl Inner {
     /// lock), so a later growth reads zeros there.
     async fn truncate(&self, ino: u64, path: &str, size: u64) -> Result<()> {
         self.with_lock(ino, path, Mode::PW, |token, _| async move {
+            self.send_dirty(path).await?;
             let n = self.lookup_path(path).await?;
             let mut at = size;
             while at < n.size {
@@ -869,9 +954,12 @@ impl Filesystem for StripeFs {
         let path = self.inner.path(inode)?;
         let inner = &self.inner;
         let p = path.clone();
-        let data = inner
-            .with_lock(inode, &path, Mode::PR, |token, _| async move { inner.read_cached(&p, token, offset, size).await })
-            .await?;
+        let data =
+            inner
+                .with_lock(inode, &path, Mode::PR, |token, _| async move {
+                    inner.read_cached(&p, token, offset, size).await
+                })
+                .await?;
         Ok(ReplyData { data })
     }
 
@@ -900,7 +988,7 @@ impl Filesystem for StripeFs {
             .with_lock(inode, &path, Mode::PW, |token, first| async move {
                 // O_APPEND writes at the end as the cluster knows it, under the write lock.
                 let at = if append { inner.lookup_path(&p).await?.size } else { offset };
-                inner.write_at(&p, &token, at, data).await?;
+                inner.buffer_write(&p, &token, at, data).await?;
                 if first {
                     inner.touch(&p, inode).await?;
                 }
@@ -937,6 +1025,11 @@ impl Filesystem for StripeFs {
         _lock_owner: u64,
         _flush: bool,
     ) -> Result<()> {
+        if let Ok(path) = self.inner.path(inode)
+            && let Err(e) = self.inner.flush_path(&path).await
+        {
+            tracing::warn!("writes to {path} could not be stored at its last close: {e}");
+        }
         let h = self.inner.handles.lock().expect("handles").remove(&fh);
         if let Some(h) = h {
             // OFD locks taken through this open file end with it.
@@ -954,12 +1047,18 @@ impl Filesystem for StripeFs {
         Ok(())
     }
 
-    async fn fsync(&self, _req: Request, _inode: u64, _fh: u64, _datasync: bool) -> Result<()> {
-        // Every write was stored (and synced) by the storage servers before it was answered.
-        Ok(())
+    async fn fsync(&self, _req: Request, inode: u64, _fh: u64, _datasync: bool) -> Result<()> {
+        // Gathered writes are sent; the storage servers sync every write before answering it.
+        let path = self.inner.path(inode)?;
+        self.inner.flush_path(&path).await
     }
 
     async fn flush(&self, _req: Request, inode: u64, fh: u64, lock_owner: u64) -> Result<()> {
+        // close(2) reports a write that could not be stored.
+        let sent = match self.inner.path(inode) {
+            Ok(path) => self.inner.flush_path(&path).await,
+            Err(_) => Ok(()),
+        };
         // close(2) of any descriptor drops the process's fcntl locks on the file.
         let owner = self.inner.owners.lock().expect("owners").known(lock_owner);
         if let Some(owner) = owner
@@ -973,7 +1072,7 @@ impl Filesystem for StripeFs {
         {
             self.inner.touch(&path, inode).await?;
         }
-        Ok(())
+        sent
     }
 
     async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> Result<ReplyOpen> {
