@@ -879,9 +879,13 @@ impl Filesystem for StripeFs {
         }
         let from = join(&self.inner.path(parent)?, name)?;
         let to = join(&self.inner.path(new_parent)?, new_name)?;
-        self.inner
+        let held = self.inner.exclusive(&[&from, &to]).await?;
+        let out = self
+            .inner
             .change(pb::name_change::Op::Rename(pb::RenameRequest { from: from.clone(), to: to.clone(), flags }))
-            .await?;
+            .await;
+        self.inner.release_all(held).await;
+        out?;
         {
             let mut t = self.inner.inodes.lock().expect("inodes");
             if flags & libc::RENAME_EXCHANGE != 0 {
@@ -902,6 +906,16 @@ impl Filesystem for StripeFs {
     }
 
     async fn open(&self, _req: Request, inode: u64, flags: u32) -> Result<ReplyOpen> {
+        // Close-to-open across mounts: the server this mount asks may not have applied a
+        // rename made through another one yet, but a lock on the path is granted only after
+        // every conflicting change there (a rename or unlink takes EX on its names). So take the
+        // read lock (kept for the reads that follow), then look again: a path that names another
+        // entry now answers ESTALE, and the kernel looks the name up again.
+        if let Ok(path) = self.inner.path(inode)
+            && self.inner.lookup_path(&path).await.is_ok_and(|n| kind_of(&n) == FileType::RegularFile)
+        {
+            self.inner.with_lock(inode, &path, Mode::PR, |_, _| async { Ok(()) }).await?;
+        }
         let (path, n) = self.inner.node(inode).await?;
         match kind_of(&n) {
             FileType::Directory => return Err(errno(libc::EISDIR)),
