@@ -276,10 +276,7 @@ impl State {
                 _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
             Op::Name(op) => {
-                let renamed = match &op {
-                    NameOp::Rename { .. } => true,
-                    _ => false,
-                };
+                let renamed = matches!(&op, NameOp::Rename { .. });
                 match self.namespace().apply(op, cmd.now_ms) {
                     Ok(id) => reply.file = Some(id),
                     Err(e) => reply.error = Some(e),

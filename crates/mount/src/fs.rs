@@ -424,10 +424,11 @@ impl Inner {
                 let token = h.token.clone();
                 let first_write = want == Mode::PW && !h.touched;
                 let out = io(token, first_write).await;
-                if first_write && out.is_ok() {
-                    if let Some(h) = &mut g.held {
-                        h.touched = true;
-                    }
+                if first_write
+                    && out.is_ok()
+                    && let Some(h) = &mut g.held
+                {
+                    h.touched = true;
                 }
                 return out;
             }
@@ -1138,7 +1139,7 @@ impl Filesystem for StripeFs {
         offset: u64,
         _lock_owner: u64,
     ) -> Result<ReplyDirectoryPlus<impl Stream<Item = Result<DirectoryEntryPlus>> + Send + 'a>> {
-        let (entries, parent_attr) = {
+        let entries = {
             let dirs = self.inner.dirs.lock().expect("dirs");
             let d = dirs.get(&fh).ok_or_else(|| errno(libc::EBADF))?;
             let entries: Vec<(usize, u64, FileType, OsString, Option<pb::Node>)> = d
@@ -1148,9 +1149,8 @@ impl Filesystem for StripeFs {
                 .skip(offset as usize)
                 .map(|(i, (ino, kind, name, node))| (i, *ino, *kind, name.clone(), node.clone()))
                 .collect();
-            (entries, ())
+            entries
         };
-        let _ = parent_attr;
         let dir_attr = match self.inner.node(parent).await {
             Ok((_, n)) => attr_of(&n),
             Err(e) => return Err(e),

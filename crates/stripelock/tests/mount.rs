@@ -116,7 +116,7 @@ impl Locker {
         let fd = std::os::fd::AsFd::as_fd(self.stdout.get_ref());
         let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
         let ts = rustix::event::Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: wait.subsec_nanos() as i64 };
-        let ready = self.stdout.buffer().len() > 0 || rustix::event::poll(&mut fds, Some(&ts)).unwrap() > 0;
+        let ready = !self.stdout.buffer().is_empty() || rustix::event::poll(&mut fds, Some(&ts)).unwrap() > 0;
         ready.then(|| self.answer())
     }
 
