@@ -59,7 +59,7 @@ pub enum Op {
     GrowFile { path: String, id: u64, size: u64 },
     /// A change a mount makes to the namespace (issue 13): directories, symlinks, renames,
     /// attributes.
-    Name(crate::names::NameOp),
+    Name(NameOp),
 }
 
 impl fmt::Display for Command {
@@ -193,3 +193,60 @@ pub fn client_lock_id(lock: lockengine::LockId) -> u64 {
 pub fn io_error(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
+
+/// A change a mount makes to the namespace. Encoded by variant index inside `Op::Name`:
+/// variants are only added at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NameOp {
+    Mkdir {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// An empty, complete file with the layout the server chose.
+    Create {
+        path: String,
+        layout: layout::Layout,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// Takes a file or a symlink out (a file's units are collected as orphans).
+    Unlink {
+        path: String,
+    },
+    Rmdir {
+        path: String,
+    },
+    /// rename(2) and renameat2's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2).
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    /// `ino` (when not 0) must still be the entry's id: a stale path is refused, not obeyed.
+    /// `size` only for files, after the mount has zeroed what a shrink cuts off.
+    SetAttr {
+        path: String,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime_ns: Option<u64>,
+        mtime_ns: Option<u64>,
+        size: Option<u64>,
+        /// The file's data changed: mtime and ctime become now, and mtime always moves forward
+        /// (a mount's kernel drops cached pages when it sees the mtime change).
+        touch: bool,
+    },
+}
+
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;

@@ -904,7 +904,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         futures::future::join_all(asks).await
     });
     let up = replies.iter().filter(|(_, r)| r.is_ok()).count();
-    let local = crate::mountcmd::local_mounts();
+    let local = crate::mountstats::local_mounts();
     if json {
         let servers: Vec<_> = replies
             .iter()

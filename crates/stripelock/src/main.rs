@@ -8,6 +8,7 @@ mod bench_scale;
 mod cluster;
 mod files;
 mod mountcmd;
+mod mountstats;
 mod pidlock;
 mod refusal;
 mod replay;
