@@ -5,10 +5,9 @@
 use client::{ClientError, ErrorCode};
 
 /// The exit code of a refusal with `code`, for every command but `lock` (which keeps 124 for a
-/// lock not available and 125 for its own failures, beside its command's codes). 101–120 (100 for
-/// not-empty), the
-/// proto enum's number + 100: clear of 1 and 2 (`scrub`, errors the CLI finds itself) and of
-/// 121–127 (`lock`).
+/// lock not available and 125 for its own failures, beside its command's codes). 101–118, the
+/// proto enum's number + 100, then 97–99 for the namespace's codes (19–21): clear of 1 and 2
+/// (`scrub`, errors the CLI finds itself) and of 119–127 (`lock`).
 pub fn exit_code(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::Busy => 101,
@@ -29,9 +28,9 @@ pub fn exit_code(code: ErrorCode) -> u8 {
         ErrorCode::VersionMismatch => 116,
         ErrorCode::Corrupt => 117,
         ErrorCode::Internal => 118,
-        ErrorCode::NotDir => 119,
-        ErrorCode::IsDir => 120,
-        ErrorCode::NotEmpty => 100,
+        ErrorCode::NotDir => 97,
+        ErrorCode::IsDir => 98,
+        ErrorCode::NotEmpty => 99,
     }
 }
 
@@ -119,7 +118,8 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for code in ErrorCode::ALL {
             let n = exit_code(code);
-            assert_eq!(i32::from(n), i32::from(code) + 100, "{code}: the table is the enum's number + 100");
+            let want = if i32::from(code) <= 18 { i32::from(code) + 100 } else { i32::from(code) - 19 + 97 };
+            assert_eq!(i32::from(n), want, "{code}: the table is the enum's number + 100 (19-21: 97-99)");
             assert!(!(119..=127).contains(&n) && n > 2, "{code}: {n} collides with a documented exit code");
             assert!(seen.insert(n), "{code}: exit code {n} used twice");
             assert!(!sentence(code).is_empty());
