@@ -475,6 +475,8 @@ impl Session {
             mode: convert::mode_to_pb(mode),
             nowait: options.nowait,
             gateway: options.gateway,
+            // The server ends the wait too, should this client's cancel never reach it.
+            wait_ms: options.timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
         });
         self.call(body, Some(n), Want::Lock(tx)).await?;
         let mut rx = rx;
@@ -657,12 +659,27 @@ impl Session {
         kind: PosixKind,
         wait: bool,
     ) -> Result<PosixOutcome, ClientError> {
+        self.posix_waiting_at_most(owner, resource, range, kind, wait, None).await
+    }
+
+    /// [`Session::posix`] whose wait (`wait == true`) the cluster ends after `limit`, answering
+    /// [`PosixOutcome::Cancelled`], even if this client is gone quiet by then.
+    pub async fn posix_waiting_at_most(
+        &self,
+        owner: u64,
+        resource: &str,
+        range: Range<u64>,
+        kind: PosixKind,
+        wait: bool,
+        limit: Option<Duration>,
+    ) -> Result<PosixOutcome, ClientError> {
         let req = pb::PosixRequest {
             owner,
             resource: resource.to_string(),
             range: Some(convert::span_to_pb(&range)),
             kind: convert::posix_kind_to_pb(kind),
             wait,
+            wait_ms: limit.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
         self.posix_call(Up::Posix(req)).await
     }
@@ -680,7 +697,7 @@ impl Session {
             resource: resource.to_string(),
             range: Some(convert::span_to_pb(&range)),
             kind: convert::posix_kind_to_pb(kind),
-            wait: false,
+            ..Default::default()
         };
         self.posix_call(Up::PosixTest(req)).await
     }

@@ -186,7 +186,7 @@ impl FilesService {
                 resource: path.to_string(),
                 range: Some(range),
                 token: token.to_string(),
-                data: bytes,
+                data: bytes.into(),
                 covers,
                 expect_version_plus_one: 1,
                 client_token: String::new(),
@@ -255,7 +255,7 @@ impl FilesService {
             unit: Some(unit_ref(&id)),
             resource: path.to_string(),
             token: token.to_string(),
-            data: unit.bytes,
+            data: unit.bytes.into(),
             version: unit.version,
             covers: unit.covers,
         };
@@ -364,7 +364,7 @@ impl pb::files_server::Files for FilesService {
         let written = async {
             use futures::StreamExt;
             let row_bytes = meta.layout.row_bytes() as usize;
-            let mut buf = first.data;
+            let mut buf = Vec::from(first.data);
             let mut size = buf.len() as u64;
             self.shared.check_file_size(&path, size)?;
             let mut row = 0u64;
@@ -459,7 +459,7 @@ impl pb::files_server::Files for FilesService {
                         let base = row * row_bytes;
                         data.truncate((end - base).min(row_bytes) as usize);
                         let data = data.split_off(start.saturating_sub(base) as usize);
-                        pb::FileData { data, rebuilt_rows: rebuilt as u32 }
+                        pb::FileData { data: data.into(), rebuilt_rows: rebuilt as u32 }
                     })
                 })
                 .buffered(this.shared.config.limits.rows_in_flight);

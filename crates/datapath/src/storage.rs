@@ -180,7 +180,7 @@ impl pb::storage_server::Storage for StorageService {
         let store = self.volume.store()?;
         let unit = blocking(move || store.read(&id).map_err(chunk_status)).await?;
         Ok(Response::new(match unit {
-            Some(u) => pb::UnitData { found: true, data: u.bytes, version: u.version, covers: u.covers },
+            Some(u) => pb::UnitData { found: true, data: u.bytes.into(), version: u.version, covers: u.covers },
             None => pb::UnitData::default(),
         }))
     }
@@ -198,7 +198,7 @@ impl pb::storage_server::Storage for StorageService {
         blocking(move || {
             let _admitted = volume.gate(&sessions)?;
             let authority = Authority { resource: &r.resource, range: ByteRange::ALL };
-            let unit = chunks::Unit { bytes: r.data, version: r.version, highest_token: 0, covers: r.covers };
+            let unit = chunks::Unit { bytes: r.data.into(), version: r.version, highest_token: 0, covers: r.covers };
             store.repair(&id, authority, &token, unit).map_err(chunk_status)
         })
         .await?;

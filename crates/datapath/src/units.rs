@@ -41,15 +41,16 @@ impl Shared {
         };
         match client.read_unit(req).await {
             Ok(r) => {
-                let mut u = r.into_inner();
+                let u = r.into_inner();
                 if !u.found {
                     Fetched::Missing(format!("{what}: missing"))
                 } else if u.data.len() > f.layout.unit() as usize {
                     Fetched::Damaged(format!("{what}: {} bytes, more than {}", u.data.len(), f.layout.unit()))
                 } else {
                     // A short unit (the end of a file) holds zeros past its bytes.
-                    u.data.resize(f.layout.unit() as usize, 0);
-                    Fetched::Ok(StoredUnit { bytes: u.data, version: u.version, covers: u.covers })
+                    let mut data = Vec::from(u.data);
+                    data.resize(f.layout.unit() as usize, 0);
+                    Fetched::Ok(StoredUnit { bytes: data, version: u.version, covers: u.covers })
                 }
             }
             Err(e) if wire::code_of(&e) == Ok(ErrorCode::Corrupt) => {

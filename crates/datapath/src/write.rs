@@ -224,7 +224,7 @@ impl Stripes {
         for row in rows {
             let lo = r.offset.max(row * row_bytes);
             let hi = end.min((row + 1) * row_bytes);
-            let data = r.data[(lo - r.offset) as usize..(hi - r.offset) as usize].to_vec();
+            let data = r.data.slice((lo - r.offset) as usize..(hi - r.offset) as usize);
             parts.push(pb::StripeWrite {
                 path: r.path.clone(),
                 file: f.id,
@@ -643,6 +643,38 @@ impl Stripes {
         let size = self.shared.file(&req.path).map_err(RmwError::before)?.size;
         let existing = row < l.rows(size);
         let lvb = version_of(&grant.value);
+        // A row past the end that was never written (a file growing): nothing to read.
+        let mut wrote = false;
+        if !existing && let Some(plan) = stripe::plan_new_row(l, &w, lvb) {
+            let (version, recomputed) = (plan.version, plan.recomputed);
+            match self.store_plan(f, req, grant, resource, plan).await {
+                Ok(()) => return Ok((version, recomputed)),
+                // Some unit exists after all: read the row and plan again.
+                Err(e) if wire::code_of(&e.status) == Ok(ErrorCode::VersionMismatch) => wrote = e.wrote,
+                Err(e) => return Err(e),
+            }
+        }
+        self.rmw_by_reading(f, req, grant, resource, size, lvb).await.map_err(|mut e| {
+            e.wrote |= wrote;
+            e
+        })
+    }
+
+    /// [`Stripes::rmw`] that reads the row first: the units the write changes and the parity
+    /// (an update), or every unit (a recompute).
+    async fn rmw_by_reading(
+        &self,
+        f: &FileMeta,
+        req: &pb::StripeWrite,
+        grant: &Grant,
+        resource: &str,
+        size: u64,
+        lvb: Option<u64>,
+    ) -> Result<(u64, bool), RmwError> {
+        let l = &f.layout;
+        let row = req.row;
+        let w = RowWrite { lo: req.offset - row * l.row_bytes(), data: &req.data };
+        let existing = row < l.rows(size);
         let roles = stripe::update_roles(l, &w);
         let read: Vec<Fetched> = futures::future::join_all(roles.iter().map(|&r| self.shared.fetch(f, row, r)))
             .await
@@ -671,7 +703,22 @@ impl Stripes {
             }
         };
         let (version, recomputed) = (plan.version, plan.recomputed);
-        // Data first, then parity: a crash in between leaves parity that does not cover the data.
+        self.store_plan(f, req, grant, resource, plan).await?;
+        Ok((version, recomputed))
+    }
+
+    /// Writes a planned row's units under its stripe lock: data first, then parity (a crash in
+    /// between leaves parity that does not cover the data, which the covers show).
+    async fn store_plan(
+        &self,
+        f: &FileMeta,
+        req: &pb::StripeWrite,
+        grant: &Grant,
+        resource: &str,
+        plan: stripe::Plan,
+    ) -> Result<(), RmwError> {
+        let l = &f.layout;
+        let row = req.row;
         let mut wrote = false;
         for batch in [plan.data, plan.parity] {
             let writes = batch.into_iter().map(|UnitWrite { role, bytes, covers, expect }| {
@@ -681,7 +728,7 @@ impl Stripes {
                     resource: resource.to_string(),
                     range: Some(range_to_pb(ByteRange::ALL)),
                     token: grant.signed_token.clone(),
-                    data: bytes,
+                    data: bytes.into(),
                     covers,
                     expect_version_plus_one: expect.map_or(0, |v| v + 1),
                     // On whose behalf: storage refuses the write once that client is fenced.
@@ -703,7 +750,7 @@ impl Stripes {
                 return Err(RmwError { status: e, wrote });
             }
         }
-        Ok((version, recomputed))
+        Ok(())
     }
 }
 

@@ -203,6 +203,23 @@ impl RowWrite<'_> {
         ((self.lo / unit) as usize..=((hi - 1) / unit) as usize).collect()
     }
 
+    /// Data unit `j`'s bytes after the write, where it was zeros before.
+    fn unit_bytes(&self, l: &Layout, j: usize) -> Vec<u8> {
+        let unit = l.unit() as u64;
+        let (u0, u1) = (j as u64 * unit, (j as u64 + 1) * unit);
+        let hi = self.lo + self.data.len() as u64;
+        if self.lo <= u0 && u1 <= hi {
+            return self.data[(u0 - self.lo) as usize..(u1 - self.lo) as usize].to_vec();
+        }
+        let mut new = vec![0; unit as usize];
+        let (a, b) = (self.lo.max(u0), hi.min(u1));
+        if a < b {
+            new[(a - u0) as usize..(b - u0) as usize]
+                .copy_from_slice(&self.data[(a - self.lo) as usize..(b - self.lo) as usize]);
+        }
+        new
+    }
+
     /// Data unit `j`'s bytes after the write, from its bytes before.
     fn splice(&self, l: &Layout, j: usize, old: &[u8]) -> Vec<u8> {
         let unit = l.unit() as u64;
@@ -237,6 +254,37 @@ pub struct Plan {
     pub version: u64,
     /// Parity recomputed from all the row's data, not updated from the change.
     pub recomputed: bool,
+}
+
+/// The write of a row that does not exist yet (past the end of the file, `stripe` unknown or
+/// 0), planned without reading it: its data units are the write's bytes with zeros around them,
+/// parity is computed from those, and every unit goes to version 1 expecting to be absent
+/// (version 0). Should a unit exist after all (a write that failed part-way, bytes left past a
+/// truncation), storage refuses it with a version mismatch: then read the row and plan again
+/// with [`plan_update`] / [`plan_recompute`]. `None` when the row is known to have been written.
+pub fn plan_new_row(l: &Layout, w: &RowWrite, stripe: Option<u64>) -> Option<Plan> {
+    if stripe.unwrap_or(0) != 0 {
+        return None;
+    }
+    let (k, m) = (l.data() as usize, l.parity() as usize);
+    let bytes: Vec<Vec<u8>> = (0..k).map(|j| w.unit_bytes(l, j)).collect();
+    let versions = vec![1; k];
+    let mut parity = Vec::new();
+    if m > 0 {
+        let unit = l.unit() as usize;
+        let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let (mut p, mut q) = (vec![0u8; unit], vec![0u8; unit]);
+        parity::encode(&refs, Some(&mut p), (m == 2).then_some(&mut q[..]));
+        for (role, b) in l.roles().skip(k).zip([p, q]) {
+            parity.push(UnitWrite { role, bytes: b, covers: versions.clone(), expect: Some(0) });
+        }
+    }
+    let data = bytes
+        .into_iter()
+        .enumerate()
+        .map(|(j, bytes)| UnitWrite { role: Role::Data(j as u8), bytes, covers: Vec::new(), expect: Some(0) })
+        .collect();
+    Some(Plan { data, parity, version: 1, recomputed: m > 0 })
 }
 
 /// A unit a row that does not exist yet is missing reads as zeros at version 0 (covering

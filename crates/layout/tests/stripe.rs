@@ -6,7 +6,7 @@
 //! model's bytes or refuse, never other bytes.
 
 use layout::stripe::{
-    self, Plan, RowWrite, StoredUnit, UnitRead, plan_recompute, plan_update, solve_row, update_roles,
+    self, Plan, RowWrite, StoredUnit, UnitRead, plan_new_row, plan_recompute, plan_update, solve_row, update_roles,
 };
 use layout::{Layout, Role, parity};
 use proptest::prelude::*;
@@ -62,6 +62,23 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A row that does not exist yet, planned without reading it, gets exactly the plan the
+    /// reading path makes for it; a row known to be written is never planned that way.
+    #[test]
+    fn a_new_row_is_planned_without_reads_as_the_reading_path_plans_it(
+        l in shapes(), at in any::<u64>(), len in 1u64..6000, byte in any::<u8>(), stripe in 1u64..9,
+    ) {
+        let row_bytes = l.data() as u64 * l.unit() as u64;
+        let lo = at % row_bytes;
+        let data = vec![byte; len.min(row_bytes - lo) as usize];
+        let w = RowWrite { lo, data: &data };
+        let empty = Store { units: vec![None; l.width()] };
+        let planned = plan_new_row(&l, &w, None).expect("a new row");
+        prop_assert_eq!(&planned, &plan(&l, &empty, &w, None, false));
+        prop_assert_eq!(plan_new_row(&l, &w, Some(0)), Some(planned));
+        prop_assert_eq!(plan_new_row(&l, &w, Some(stripe)), None);
+    }
 
     #[test]
     fn planned_writes_keep_the_row_equal_to_the_model(l in shapes(), steps in steps(), lose in any::<u64>()) {

@@ -170,6 +170,20 @@ impl Engine {
         self.sessions.get(&session).map_or(0, |s| s.posix_resources.len() as u64)
     }
 
+    /// Whether `lock` is a new request still waiting (not granted; a pending conversion of a
+    /// granted lock does not count).
+    pub fn lock_waits(&self, lock: LockId) -> bool {
+        self.locks.get(&lock).is_some_and(|l| l.grant.is_none() && l.request.is_some())
+    }
+
+    /// Whether POSIX owner `owner` waits (F_SETLKW) on `resource`.
+    pub fn posix_waits_on(&self, owner: PosixOwner, resource: &str) -> bool {
+        let Some(&res) = self.names.get(resource) else { return false };
+        self.sessions.get(&owner.session).is_some_and(|s| {
+            s.posix_waits.iter().any(|seq| self.posix_waits.get(seq).is_some_and(|w| w.owner == owner && w.res == res))
+        })
+    }
+
     /// The name of the resource a lock is on.
     pub fn resource_of(&self, lock: LockId) -> Option<&str> {
         self.locks.get(&lock).map(|l| &*self.resources[l.res as usize].name)

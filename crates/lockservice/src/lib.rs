@@ -26,6 +26,7 @@ mod rt;
 mod service;
 mod store;
 mod types;
+mod waits;
 
 pub use env::{ApplyEvent, Env, wall_ms};
 pub use errors::{ProposeError, engine_code};

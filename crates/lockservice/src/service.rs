@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use lockengine::{ByteRange, Input, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -31,6 +31,7 @@ use crate::lru::{Lru, LruState};
 use crate::machine::{Applied, output_session};
 use crate::node::Node;
 use crate::types::{Op, Origin, client_lock_id, engine_lock_id};
+use crate::waits::{self, Deadlines, Due};
 
 /// Longest lease a client may ask for, and the shortest, unless the server's config says
 /// otherwise (`lease_max_ms`, `lease_min_ms`).
@@ -402,6 +403,40 @@ async fn answer_heartbeat(
 
 type DownStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
+/// A request of the session on its way to the log.
+type InFlight = Pin<Box<dyn std::future::Future<Output = Result<(), ProposeError>> + Send>>;
+
+/// Keeps the deadline of a blocking request that carries one (`wait_ms`). A POSIX request
+/// without one still counts: it voids the deadline of an older wait of its owner there.
+fn note_deadline(node: &Node, session: SessionId, body: &Up, deadlines: &mut Deadlines) {
+    let at = |ms: u64| Instant::now() + Duration::from_millis(ms);
+    let kept = match body {
+        Up::Lock(l) if l.wait_ms > 0 && !l.nowait => match engine_lock_id(session, l.lock) {
+            Some(lock) => deadlines.lock(lock, at(l.wait_ms)),
+            None => true,
+        },
+        Up::Posix(p) => {
+            let owner = PosixOwner { session, owner: p.owner };
+            deadlines.posix(owner, &p.resource, (p.wait && p.wait_ms > 0).then(|| at(p.wait_ms)))
+        }
+        _ => true,
+    };
+    if !kept {
+        // Full: drop what no longer waits, and keep this one if that made room.
+        let state = node.machine.state();
+        deadlines.prune(|due| match due {
+            Due::Lock(lock) => state.engine.lock_waits(*lock),
+            Due::Posix { owner, resource } => state.engine.posix_waits_on(*owner, resource),
+        });
+        drop(state);
+        if deadlines.len() < waits::DEADLINES_MAX {
+            note_deadline(node, session, body, deadlines);
+        } else {
+            tracing::warn!(session = session.0, "{} waits with deadlines: this one's is not kept", deadlines.len());
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::locks_server::Locks for LockService {
     type SessionStream = DownStream;
@@ -533,100 +568,135 @@ impl pb::locks_server::Locks for LockService {
             let mut in_flight = futures::stream::FuturesOrdered::new();
             let mut route: Option<Route> = None;
             let mut closing = false;
+            let mut deadlines = Deadlines::default();
             let failed = loop {
-                tokio::select! {
+                let due = deadlines.next_due();
+                let next = tokio::select! {
                     biased;
                     Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
                         if let Err(e) = outcome {
                             break Some(e);
                         }
+                        continue;
                     }
+                    () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => None,
                     msg = up.next(), if !closing && in_flight.len() < IN_FLIGHT_MAX => {
                         let Some(Ok(msg)) = msg else { break None };
-                        let Some(body) = msg.body else { continue };
-                        if matches!(body, Up::Heartbeat(_)) {
-                            // A renewal lives in the leader's memory, not in the log: answered
-                            // on its own, in no order with the requests around it.
-                            tokio::spawn(answer_heartbeat(node.clone(), session, msg.request_id, up_tx.clone()));
-                            continue;
-                        }
-                        closing = matches!(body, Up::Close(_));
-                        let release = matches!(body, Up::Release(_));
-                        let request = msg.request_id;
-                        let op = match gateway_step(&gateway, session, request, body) {
-                            Ok(Some(op)) => op,
-                            Ok(None) => continue,
-                            Err(status) => {
-                                // Refused before the engine saw it: no engine code, the status's own.
-                                let error = wire::code_of(&status).unwrap_or(ErrorCode::Internal).into();
-                                let rejected = pb::Rejected { code: 0, message: status.message().to_string(), error };
-                                let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
-                                let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
-                                if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
-                                    break None;
-                                }
-                                continue;
-                            }
-                        };
-                        let release = release && matches!(op, Op::Engine(Input::Release { .. }));
-                        let handover = match &op {
-                            Op::Handover { release, .. } => Some(*release),
-                            _ => None,
-                        };
-                        // A new route only once the old one has answered everything on it.
-                        let now = node.route();
-                        if route.is_some_and(|r| r != now) {
-                            let mut lost = None;
-                            while let Some(outcome) = in_flight.next().await {
-                                lost = lost.or(outcome.err());
-                            }
-                            if let Some(e) = lost {
-                                break Some(e);
-                            }
-                        }
-                        route = Some(now);
-                        if release
-                            && let Some(flag) = &crash_after_release_ack
-                            && std::fs::remove_file(flag).is_ok()
-                        {
-                            // The worst moment to die: the client has its acknowledgement and the
-                            // release has not left this server; only the client's resend saves it.
-                            let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
-                            let _ = up_tx.send(Ok(ordered)).await;
-                            crash_for_test().await;
-                        }
-                        let origin = Origin { session, request };
-                        let outcome = match node.submit(now, op, Some(origin)).await {
-                            Ok(outcome) => outcome,
-                            Err(e) => {
-                                if let Some(release) = handover {
-                                    gateway.handover_failed(release);
-                                }
-                                break Some(e);
-                            }
-                        };
-                        let gateway = gateway.clone();
-                        in_flight.push_back(async move {
-                            let result = outcome.await.unwrap_or_else(|_| {
-                                Err(ProposeError::Stopped { reason: "the command's outcome was dropped".into() })
-                            });
-                            if result.is_err()
-                                && let Some(release) = handover
-                            {
-                                gateway.handover_failed(release);
-                            }
-                            result.map(|_| ())
-                        });
-                        if release {
-                            // In order on its way to the log: the client may go on.
-                            let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
-                            if up_tx.send(Ok(ordered)).await.is_err() {
-                                break None;
-                            }
-
-                        }
+                        Some(msg)
                     }
                     else => break None,
+                };
+                // A deadline that passed: the request is cancelled as if the client had asked
+                // (no request of the client's to answer; the `cancelled` goes to it as an event).
+                let Some(msg) = next else {
+                    let Some(due) = deadlines.take_due(Instant::now()) else { continue };
+                    let cancel = {
+                        let state = node.machine.state();
+                        match due {
+                            Due::Lock(lock) if state.engine.lock_waits(lock) => Some(Input::Cancel { lock }),
+                            Due::Posix { owner, resource } if state.engine.posix_waits_on(owner, &resource) => {
+                                Some(Input::PosixCancel { owner, resource })
+                            }
+                            _ => None,
+                        }
+                    };
+                    let Some(cancel) = cancel else { continue };
+                    tracing::debug!(session = session.0, "a wait reached its deadline: {cancel:?}");
+                    let now = node.route();
+                    match node.submit(now, Op::Engine(cancel), None).await {
+                        Ok(outcome) => in_flight.push_back(Box::pin(async move {
+                            outcome
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(ProposeError::Stopped { reason: "the command's outcome was dropped".into() })
+                                })
+                                .map(|_| ())
+                        }) as InFlight),
+                        Err(e) => break Some(e),
+                    }
+                    continue;
+                };
+                let Some(body) = msg.body else { continue };
+                if matches!(body, Up::Heartbeat(_)) {
+                    // A renewal lives in the leader's memory, not in the log: answered
+                    // on its own, in no order with the requests around it.
+                    tokio::spawn(answer_heartbeat(node.clone(), session, msg.request_id, up_tx.clone()));
+                    continue;
+                }
+                note_deadline(&node, session, &body, &mut deadlines);
+                closing = matches!(body, Up::Close(_));
+                let release = matches!(body, Up::Release(_));
+                let request = msg.request_id;
+                let op = match gateway_step(&gateway, session, request, body) {
+                    Ok(Some(op)) => op,
+                    Ok(None) => continue,
+                    Err(status) => {
+                        // Refused before the engine saw it: no engine code, the status's own.
+                        let error = wire::code_of(&status).unwrap_or(ErrorCode::Internal).into();
+                        let rejected = pb::Rejected { code: 0, message: status.message().to_string(), error };
+                        let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
+                        let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
+                        if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
+                            break None;
+                        }
+                        continue;
+                    }
+                };
+                let release = release && matches!(op, Op::Engine(Input::Release { .. }));
+                let handover = match &op {
+                    Op::Handover { release, .. } => Some(*release),
+                    _ => None,
+                };
+                // A new route only once the old one has answered everything on it.
+                let now = node.route();
+                if route.is_some_and(|r| r != now) {
+                    let mut lost = None;
+                    while let Some(outcome) = in_flight.next().await {
+                        lost = lost.or(outcome.err());
+                    }
+                    if let Some(e) = lost {
+                        break Some(e);
+                    }
+                }
+                route = Some(now);
+                if release
+                    && let Some(flag) = &crash_after_release_ack
+                    && std::fs::remove_file(flag).is_ok()
+                {
+                    // The worst moment to die: the client has its acknowledgement and the
+                    // release has not left this server; only the client's resend saves it.
+                    let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
+                    let _ = up_tx.send(Ok(ordered)).await;
+                    crash_for_test().await;
+                }
+                let origin = Origin { session, request };
+                let outcome = match node.submit(now, op, Some(origin)).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        if let Some(release) = handover {
+                            gateway.handover_failed(release);
+                        }
+                        break Some(e);
+                    }
+                };
+                let gateway = gateway.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let result = outcome.await.unwrap_or_else(|_| {
+                        Err(ProposeError::Stopped { reason: "the command's outcome was dropped".into() })
+                    });
+                    if result.is_err()
+                        && let Some(release) = handover
+                    {
+                        gateway.handover_failed(release);
+                    }
+                    result.map(|_| ())
+                }) as InFlight);
+                if release {
+                    // In order on its way to the log: the client may go on.
+                    let ordered = pb::ServerMessage { request_id: request, body: Some(Down::Ordered(pb::Ack {})) };
+                    if up_tx.send(Ok(ordered)).await.is_err() {
+                        break None;
+                    }
                 }
             };
             if let Some(e) = failed {

@@ -46,6 +46,10 @@ const READ_CHUNK: u64 = 8 << 20;
 /// rows then, without reading old data for parity); sent earlier on close, fsync, a read, a
 /// truncate, or when another session needs the file (a revoke).
 const WRITE_CHUNK: usize = 8 << 20;
+/// Gathered writes of one file sent and not answered yet, at most: the next run is gathered
+/// from the kernel while these travel. An error of one is returned by the next write, fsync or
+/// close of the file, as a write-back cache does.
+const WRITES_IN_FLIGHT: usize = 2;
 /// Most files with a fetched chunk kept.
 const READ_CACHE_FILES: usize = 8;
 /// Bytes zeroed per write when a truncate cuts a file shorter.
@@ -85,6 +89,22 @@ impl Dirty {
     fn end(&self) -> u64 {
         self.start + self.bytes.len() as u64
     }
+}
+
+/// A gathered write sent and not answered yet.
+#[derive(Debug)]
+struct Sending {
+    start: u64,
+    end: u64,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// The chunk after the last one read, being fetched (read-ahead) under the lock of `token`.
+#[derive(Debug)]
+struct Ahead {
+    token: String,
+    start: u64,
+    task: tokio::task::JoinHandle<Result<Bytes>>,
 }
 
 #[derive(Debug)]
@@ -143,8 +163,15 @@ pub(crate) struct Inner {
     /// Per path: bytes written but not sent yet (one contiguous run), under the write lock whose
     /// token they carry. Only touched under the file's extent mutex.
     dirty: Mutex<HashMap<String, Dirty>>,
+    /// Per path: gathered writes on their way (at most [`WRITES_IN_FLIGHT`], never overlapping).
+    /// Only touched under the file's extent mutex; waited for wherever `dirty` is sent.
+    sending: Mutex<HashMap<String, Vec<Sending>>>,
+    /// Per path: the next chunk of a sequential read, fetched while the kernel takes this one.
+    ahead: Mutex<HashMap<String, Ahead>>,
     pub(crate) notifier: Mutex<Option<Notifier>>,
     expired: std::sync::atomic::AtomicBool,
+    /// The longest an F_SETLKW waits (`mount --lock-wait-max`); `None`: no limit.
+    lock_wait_max: Option<Duration>,
 }
 
 fn errno(e: i32) -> Errno {
@@ -241,7 +268,7 @@ fn join(dir: &str, name: &OsStr) -> Result<String> {
 }
 
 impl Inner {
-    pub(crate) fn new(session: Session, addrs: Vec<String>) -> anyhow::Result<Inner> {
+    pub(crate) fn new(session: Session, addrs: Vec<String>, lock_wait_max: Option<Duration>) -> anyhow::Result<Inner> {
         let mut servers = Vec::new();
         for a in &addrs {
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
@@ -264,8 +291,11 @@ impl Inner {
             clock: AtomicU64::new(0),
             reads: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
+            sending: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
             notifier: Mutex::new(None),
             expired: std::sync::atomic::AtomicBool::new(false),
+            lock_wait_max,
         })
     }
 
@@ -321,21 +351,69 @@ impl Inner {
         if let Some(d) = self.dirty.lock().expect("dirty").get(path) {
             n.size = n.size.max(d.end());
         }
+        if let Some(q) = self.sending.lock().expect("sending").get(path) {
+            n.size = q.iter().map(|w| w.end).fold(n.size, u64::max);
+        }
         Ok(n)
     }
 
-    /// Sends what was written to `path` and not sent yet. Call under the file's extent mutex.
+    /// Sends what was written to `path` and not sent yet, and waits for the writes on their way.
+    /// Call under the file's extent mutex.
     async fn send_dirty(&self, path: &str) -> Result<()> {
+        let sent = self.wait_sent(path, 0, 0..0).await;
         let d = self.dirty.lock().expect("dirty").remove(path);
-        match d {
-            Some(d) => self.write_at(path, &d.token, d.start, &d.bytes).await.map(|_| ()),
+        let last = match d {
+            Some(d) => self.write_at(path, &d.token, d.start, Bytes::from(d.bytes)).await.map(|_| ()),
             None => Ok(()),
+        };
+        sent.and(last)
+    }
+
+    /// Waits for `path`'s writes on their way, oldest first, until at most `keep` are left and
+    /// none overlaps `range`. Returns the first error among those waited for.
+    async fn wait_sent(&self, path: &str, keep: usize, range: std::ops::Range<u64>) -> Result<()> {
+        let mut out = Ok(());
+        loop {
+            let oldest = {
+                let mut sending = self.sending.lock().expect("sending");
+                let Some(q) = sending.get_mut(path) else { break };
+                let overlaps = q.iter().any(|w| w.start < range.end && range.start < w.end);
+                let w = if overlaps || q.len() > keep { Some(q.remove(0)) } else { None };
+                if q.is_empty() {
+                    sending.remove(path);
+                }
+                w
+            };
+            let Some(w) = oldest else { break };
+            let r = w.task.await.unwrap_or_else(|e| {
+                tracing::warn!("a write to {path} was lost: {e}");
+                Err(errno(libc::EIO))
+            });
+            if out.is_ok() {
+                out = r;
+            }
         }
+        out
+    }
+
+    /// Sends gathered bytes without waiting for the answer (at most [`WRITES_IN_FLIGHT`] on
+    /// their way per file). Call under the file's extent mutex.
+    async fn send_async(self: &Arc<Self>, path: &str, d: Dirty) -> Result<()> {
+        let (start, end) = (d.start, d.end());
+        self.wait_sent(path, WRITES_IN_FLIGHT - 1, start..end).await?;
+        let inner = self.clone();
+        let p = path.to_string();
+        let task =
+            tokio::spawn(async move { inner.write_at(&p, &d.token, d.start, Bytes::from(d.bytes)).await.map(|_| ()) });
+        self.sending.lock().expect("sending").entry(path.to_string()).or_default().push(Sending { start, end, task });
+        Ok(())
     }
 
     /// [`Inner::send_dirty`] under the file's extent mutex.
     async fn flush_path(&self, path: &str) -> Result<()> {
-        if !self.dirty.lock().expect("dirty").contains_key(path) {
+        if !self.dirty.lock().expect("dirty").contains_key(path)
+            && !self.sending.lock().expect("sending").contains_key(path)
+        {
             return Ok(());
         }
         let ext = self.extent(path);
@@ -345,7 +423,7 @@ impl Inner {
 
     /// A write: gathered with the bytes before it if it continues them, else those are sent
     /// first; sent once WRITE_CHUNK bytes are gathered. Call under the file's extent mutex.
-    async fn buffer_write(&self, path: &str, token: &str, at: u64, data: &[u8]) -> Result<()> {
+    async fn buffer_write(self: &Arc<Self>, path: &str, token: &str, at: u64, data: &[u8]) -> Result<()> {
         self.forget_reads(path);
         let before = {
             let mut dirty = self.dirty.lock().expect("dirty");
@@ -356,20 +434,20 @@ impl Inner {
             }
         };
         if let Some(d) = before {
-            self.write_at(path, &d.token, d.start, &d.bytes).await?;
+            self.send_async(path, d).await?;
         }
         let full = {
             let mut dirty = self.dirty.lock().expect("dirty");
             let d = dirty.entry(path.to_string()).or_insert_with(|| Dirty {
                 token: token.to_string(),
                 start: at,
-                bytes: Vec::new(),
+                bytes: Vec::with_capacity(WRITE_CHUNK),
             });
             d.bytes.extend_from_slice(data);
             if d.bytes.len() >= WRITE_CHUNK { dirty.remove(path) } else { None }
         };
         if let Some(d) = full {
-            self.write_at(path, &d.token, d.start, &d.bytes).await?;
+            self.send_async(path, d).await?;
         }
         Ok(())
     }
@@ -594,14 +672,18 @@ impl Inner {
             let mut c = self.servers[i].clone();
             let attempt = async {
                 let mut s = c.get(req.clone()).await?.into_inner();
-                let mut out = Vec::with_capacity(size as usize);
+                let mut parts: Vec<Bytes> = Vec::new();
                 while let Some(m) = s.next().await {
-                    out.extend_from_slice(&m?.data);
+                    parts.push(m?.data);
                 }
-                Ok::<_, tonic::Status>(out)
+                Ok::<_, tonic::Status>(match parts.len() {
+                    0 => Bytes::new(),
+                    1 => parts.pop().expect("one part"),
+                    _ => Bytes::from(parts.concat()),
+                })
             };
             match attempt.await {
-                Ok(out) => return Ok(Bytes::from(out)),
+                Ok(out) => return Ok(out),
                 Err(s) if retry_elsewhere(&s) && Instant::now() < deadline => {
                     let _ = self.current.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -611,43 +693,83 @@ impl Inner {
         }
     }
 
-    /// A read served from the chunk fetched last under the same lock, or from a new chunk.
-    async fn read_cached(&self, path: &str, token: String, offset: u64, size: u32) -> Result<Bytes> {
+    /// A read served from the chunk fetched last under the same lock, or from a new chunk; a
+    /// read that continues the chunk before it starts fetching the next one (read-ahead).
+    async fn read_cached(self: &Arc<Self>, path: &str, token: String, offset: u64, size: u32) -> Result<Bytes> {
         self.send_dirty(path).await?;
         let end = offset.saturating_add(u64::from(size));
-        {
+        let sequential_from = {
             let reads = self.reads.lock().expect("reads");
-            if let Some((t, start, bytes)) = reads.get(path)
-                && *t == token
-                && *start <= offset
-                && (end <= start + bytes.len() as u64 || (bytes.len() as u64) < READ_CHUNK)
-            {
-                let from = ((offset - start) as usize).min(bytes.len());
-                let to = ((end - start) as usize).min(bytes.len());
-                return Ok(bytes.slice(from..to));
+            match reads.get(path) {
+                Some((t, start, bytes))
+                    if *t == token
+                        && *start <= offset
+                        && (end <= start + bytes.len() as u64 || (bytes.len() as u64) < READ_CHUNK) =>
+                {
+                    let from = ((offset - start) as usize).min(bytes.len());
+                    let to = ((end - start) as usize).min(bytes.len());
+                    return Ok(bytes.slice(from..to));
+                }
+                Some((t, start, bytes)) if *t == token => Some(start + bytes.len() as u64),
+                _ => None,
             }
-        }
+        };
         let start = offset - offset % READ_CHUNK;
         let len = (end - start).div_ceil(READ_CHUNK) * READ_CHUNK;
-        let bytes = self.read_at(path, token.clone(), start, len as u32).await?;
+        let ahead = {
+            let mut ahead = self.ahead.lock().expect("ahead");
+            match ahead.remove(path) {
+                Some(a) if a.token == token && a.start == start && len == READ_CHUNK => Some(a.task),
+                Some(a) => {
+                    a.task.abort();
+                    None
+                }
+                None => None,
+            }
+        };
+        let fetched = match ahead {
+            Some(task) => task.await.ok().and_then(|r| r.ok()),
+            None => None,
+        };
+        let bytes = match fetched {
+            Some(b) => b,
+            None => self.read_at(path, token.clone(), start, len as u32).await?,
+        };
         let from = ((offset - start) as usize).min(bytes.len());
         let to = ((end - start) as usize).min(bytes.len());
         let out = bytes.slice(from..to);
-        let mut reads = self.reads.lock().expect("reads");
-        if reads.len() >= READ_CACHE_FILES {
-            reads.clear();
+        let next = start + bytes.len() as u64;
+        let full = bytes.len() as u64 == len;
+        {
+            let mut reads = self.reads.lock().expect("reads");
+            if reads.len() >= READ_CACHE_FILES {
+                reads.clear();
+                for (_, a) in self.ahead.lock().expect("ahead").drain() {
+                    a.task.abort();
+                }
+            }
+            reads.insert(path.to_string(), (token.clone(), start, bytes));
         }
-        reads.insert(path.to_string(), (token, start, bytes));
+        if full && (start == 0 || sequential_from == Some(start)) {
+            let inner = self.clone();
+            let p = path.to_string();
+            let t = token.clone();
+            let task = tokio::spawn(async move { inner.read_at(&p, t, next, READ_CHUNK as u32).await });
+            self.ahead.lock().expect("ahead").insert(path.to_string(), Ahead { token, start: next, task });
+        }
         Ok(out)
     }
 
     fn forget_reads(&self, path: &str) {
         self.reads.lock().expect("reads").remove(path);
+        if let Some(a) = self.ahead.lock().expect("ahead").remove(path) {
+            a.task.abort();
+        }
     }
 
-    async fn write_at(&self, path: &str, token: &str, offset: u64, data: &[u8]) -> Result<u64> {
+    async fn write_at(&self, path: &str, token: &str, offset: u64, data: Bytes) -> Result<u64> {
         self.forget_reads(path);
-        let req = pb::WriteRequest { path: path.to_string(), token: token.to_string(), offset, data: data.to_vec() };
+        let req = pb::WriteRequest { path: path.to_string(), token: token.to_string(), offset, data };
         self.call(|mut c| {
             let req = req.clone();
             async move { c.write(req).await }
@@ -665,7 +787,7 @@ impl Inner {
             let mut at = size;
             while at < n.size {
                 let len = (n.size - at).min(ZERO_CHUNK);
-                self.write_at(path, &token, at, &vec![0; len as usize]).await?;
+                self.write_at(path, &token, at, Bytes::from(vec![0; len as usize])).await?;
                 at += len;
             }
             self.forget_reads(path);
@@ -1266,13 +1388,16 @@ impl Filesystem for StripeFs {
         if let Some(h) = self.inner.handles.lock().expect("handles").get_mut(&fh) {
             h.owners.insert(owner);
         }
+        let mut was_interrupted = false;
         let out = if block {
             let mut interrupted = self.inner.interrupts.lock().expect("interrupts").register(req.unique);
-            let ask = self.inner.session.posix(owner, &resource, range, kind, true);
+            let limit = self.inner.lock_wait_max;
+            let ask = self.inner.session.posix_waiting_at_most(owner, &resource, range, kind, true, limit);
             tokio::pin!(ask);
             let out = tokio::select! {
                 out = &mut ask => out,
                 _ = &mut interrupted => {
+                    was_interrupted = true;
                     // Interrupted (a signal, or the process is dying): stop waiting. A grant that
                     // raced the cancel stands; the caller then holds the lock it asked for.
                     let _ = self.inner.session.posix_cancel(owner, &resource).await;
@@ -1288,7 +1413,12 @@ impl Filesystem for StripeFs {
             PosixOutcome::Granted => Ok(()),
             PosixOutcome::Busy { .. } => Err(errno(libc::EAGAIN)),
             PosixOutcome::Deadlock => Err(errno(libc::EDEADLK)),
-            PosixOutcome::Cancelled => Err(errno(libc::EINTR)),
+            PosixOutcome::Cancelled if was_interrupted => Err(errno(libc::EINTR)),
+            // Not by a signal here: the cluster ended the wait at `--lock-wait-max`.
+            PosixOutcome::Cancelled => {
+                tracing::info!("ENOLCK: owner {owner} waited {:?}, the longest allowed", self.inner.lock_wait_max);
+                Err(errno(libc::ENOLCK))
+            }
             other => {
                 tracing::warn!("EIO: a lock request of owner {owner} was answered {other:?}");
                 Err(errno(libc::EIO))

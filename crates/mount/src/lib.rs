@@ -34,6 +34,9 @@ pub struct Options {
     /// The cluster's servers, the one to attach to first.
     pub servers: Vec<String>,
     pub lease_ms: u64,
+    /// The longest an F_SETLKW waits (the cluster ends it; the call fails with ENOLCK).
+    /// `None`: no limit, as POSIX has it.
+    pub lock_wait_max: Option<std::time::Duration>,
 }
 
 /// A mounted file system.
@@ -67,7 +70,7 @@ pub async fn mount(opts: Options) -> Result<Mounted> {
     let session = Session::open_named(&opts.servers, opts.lease_ms, client::Connector::default(), name)
         .await
         .context("no session could be opened with the cluster")?;
-    let inner = Arc::new(fs::Inner::new(session, opts.servers.clone())?);
+    let inner = Arc::new(fs::Inner::new(session, opts.servers.clone(), opts.lock_wait_max)?);
     let mut mo = MountOptions::default();
     mo.fs_name("stripelock")
         .custom_options("subtype=stripelock")

@@ -131,7 +131,7 @@ async fn put(b: &Bench, path: &str, bytes: usize, block: &[u8]) -> Result<f64> {
     let chunks = (0..n).map(move |i| pb::PutChunk {
         path: if i == 0 { "/bench/io".into() } else { String::new() },
         token: if i == 0 { token.clone() } else { String::new() },
-        data: block.to_vec(),
+        data: block.to_vec().into(),
         ..Default::default()
     });
     let start = Instant::now();

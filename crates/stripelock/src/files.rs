@@ -167,7 +167,7 @@ pub fn put(args: PutArgs) -> Result<ExitCode> {
             stripe_unit,
             data_units: args.data.map_or(0, u32::from),
             parity_units_plus_one: args.parity.map_or(0, |p| p as u32 + 1),
-            data: Vec::new(),
+            data: Default::default(),
         };
         let reader = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut chunk = first;
@@ -182,7 +182,7 @@ pub fn put(args: PutArgs) -> Result<ExitCode> {
                     n += r;
                 }
                 buf.truncate(n);
-                chunk.data = buf;
+                chunk.data = buf.into();
                 if tx.blocking_send(chunk).is_err() || n < CHUNK {
                     return Ok(());
                 }
@@ -339,7 +339,7 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
                     path: path.to_string(),
                     token: grant.signed_token.clone(),
                     offset: at,
-                    data: piece.to_vec(),
+                    data: piece.to_vec().into(),
                 };
                 let reply = client.write(req).await.map_err(status_error)?.into_inner();
                 rows.extend(reply.rows);

@@ -217,6 +217,11 @@ enum Command {
         /// Attach to this server (its id in `status`); else the first of the cluster that answers.
         #[arg(long)]
         server: Option<u64>,
+        /// The longest an F_SETLKW waits: past it the cluster ends the wait and the call fails
+        /// with ENOLCK (e.g. `10m`). Default: no limit, as POSIX has it; the wait still ends
+        /// with EINTR on a signal, and with the mount's session.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lock_wait_max: Option<std::time::Duration>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -477,8 +482,8 @@ fn main() -> ExitCode {
             report(files::write(&path, offset, cluster.as_deref(), json), json)
         }
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json), json),
-        Command::Mount { dir, server, cluster, json } => {
-            report(mountcmd::mount(&dir, cluster.as_deref(), server, json), json)
+        Command::Mount { dir, server, lock_wait_max, cluster, json } => {
+            report(mountcmd::mount(&dir, cluster.as_deref(), server, lock_wait_max, json), json)
         }
         Command::Umount { dir } => report(mountcmd::umount(&dir), false),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),

@@ -13,7 +13,13 @@ use crate::mountstats::{MOUNTS_DIR, write_stats};
 const MOUNT_LEASE_MS: u64 = 10_000;
 
 /// Mounts the cluster on `dir` and serves it until Ctrl-C, SIGTERM or `umount`.
-pub fn mount(dir: &Path, cluster: Option<&str>, server: Option<u64>, json: bool) -> Result<ExitCode> {
+pub fn mount(
+    dir: &Path,
+    cluster: Option<&str>,
+    server: Option<u64>,
+    lock_wait_max: Option<std::time::Duration>,
+    json: bool,
+) -> Result<ExitCode> {
     crate::cluster::init_logs("warn,mount=info");
     let mut addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
@@ -42,8 +48,13 @@ pub fn mount(dir: &Path, cluster: Option<&str>, server: Option<u64>, json: bool)
             addrs.retain(|a| *a != s.address);
             addrs.insert(0, s.address.clone());
         }
-        let mut m = mount::mount(mount::Options { dir: dir.to_path_buf(), servers: addrs, lease_ms: MOUNT_LEASE_MS })
-            .await?;
+        let mut m = mount::mount(mount::Options {
+            dir: dir.to_path_buf(),
+            servers: addrs,
+            lease_ms: MOUNT_LEASE_MS,
+            lock_wait_max,
+        })
+        .await?;
         if json {
             println!(
                 "{}",

@@ -476,7 +476,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             resource: "/data/z".into(),
             range: Some(pb::Range { start: 0, end: 4096 }),
             token: old.signed_token.clone(),
-            data: vec![0xee; 4096],
+            data: vec![0xee; 4096].into(),
             covers: vec![],
             expect_version_plus_one: 0,
             client_token: String::new(),
@@ -500,7 +500,7 @@ async fn files_survive_a_lost_server_and_two_with_p_plus_q_body() {
             resource: "/data/other".into(),
             range: Some(pb::Range { start: 0, end: 4096 }),
             token: other.signed_token.clone(),
-            data: vec![0xee; 4096],
+            data: vec![0xee; 4096].into(),
             covers: vec![],
             expect_version_plus_one: 0,
             client_token: String::new(),
@@ -791,7 +791,7 @@ fn spawn_write(
     tokio::spawn(async move {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
         let mut files = pb::files_client::FilesClient::new(endpoint.connect().await.unwrap());
-        files.write(pb::WriteRequest { path, token, offset: at, data }).await.map(|r| r.into_inner())
+        files.write(pb::WriteRequest { path, token, offset: at, data: data.into() }).await.map(|r| r.into_inner())
     })
 }
 

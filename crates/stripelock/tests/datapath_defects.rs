@@ -103,7 +103,7 @@ async fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body() {
         async move {
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
             let mut files = pb::files_client::FilesClient::new(endpoint.connect().await.unwrap());
-            files.write(pb::WriteRequest { path, token, offset: at, data }).await.map(|r| r.into_inner())
+            files.write(pb::WriteRequest { path, token, offset: at, data: data.into() }).await.map(|r| r.into_inner())
         }
     };
     // A first write through X: X carries it out and keeps the row's stripe lock cached.
@@ -174,7 +174,7 @@ async fn a_put_whose_gateway_and_writer_die_is_rolled_back_body() {
         stripe_unit: 4096,
         data_units: 2,
         parity_units_plus_one: 2,
-        data: noise(64 << 10, 3),
+        data: noise(64 << 10, 3).into(),
     })
     .await
     .unwrap();

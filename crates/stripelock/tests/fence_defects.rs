@@ -102,7 +102,7 @@ async fn held_write_of_a_fenced_client(name: &str, skip_storage_fence: bool) -> 
     // A's write of the first row, in flight: held at the server carrying it out.
     let stale_bytes = (0, vec![0xaa; 100]);
     let mut gateway = files_at(&c, 1).await;
-    let req = pb::WriteRequest { path: "/f".into(), token: token_a, offset: 0, data: stale_bytes.1.clone() };
+    let req = pb::WriteRequest { path: "/f".into(), token: token_a, offset: 0, data: stale_bytes.1.clone().into() };
     let stale = tokio::spawn(async move { gateway.write(req).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!stale.is_finished(), "the write was not held: {:?}", stale.await);
@@ -123,7 +123,7 @@ async fn held_write_of_a_fenced_client(name: &str, skip_storage_fence: bool) -> 
         path: "/f".into(),
         token: g.signed_token.clone(),
         offset: new_bytes.0 as u64,
-        data: new_bytes.1.clone(),
+        data: new_bytes.1.clone().into(),
     };
     files.write(req).await.expect("B's write");
 

@@ -110,6 +110,7 @@ fn lock(request: u64, resource: &str) -> Up {
         mode: pb::Mode::Ex as i32,
         nowait: false,
         gateway: false,
+        wait_ms: 0,
     })
 }
 
