@@ -288,3 +288,91 @@ fn a_busy_session_still_renews_its_lease() {
         s.close().await;
     });
 }
+
+/// A blocking request that carries a limit (`wait_ms`) is ended by the server when the limit
+/// passes, although its client never cancels it (issue 13: a wait whose client went quiet must
+/// not stay in the queue until the session's lease runs out). A request without a limit still
+/// waits; a POSIX wait ends the same way; and a newer wait of the same POSIX owner is not
+/// cancelled by the deadline of an older one.
+#[test]
+fn a_wait_ends_at_its_server_side_deadline_without_the_clients_cancel() {
+    serial(async {
+        let c = Cluster::start(3, "wait-deadline").await;
+        let addr = c.addrs()[1].clone();
+        let mut a = RawSession::open(&addr).await;
+        a.send(2, lock(2, "/deadline/r")).await;
+        a.until(2, |m| matches!(m, Down::Granted(_))).await;
+        let posix = |owner: u64, wait: bool, wait_ms: u64| {
+            Up::Posix(pb::PosixRequest {
+                owner,
+                resource: "/deadline/p".into(),
+                range: Some(pb::Range { start: 0, end: 100 }),
+                kind: pb::PosixKind::PosixWrite as i32,
+                wait,
+                wait_ms,
+            })
+        };
+        a.send(3, posix(1, false, 0)).await;
+        a.until(3, |m| matches!(m, Down::Ack(_))).await;
+
+        let mut b = RawSession::open(&addr).await;
+        let started = Instant::now();
+        b.send(2, Up::Lock(pb::LockRequest { wait_ms: 600, ..lock_request(2, "/deadline/r") })).await;
+        b.until(2, |m| matches!(m, Down::Queued(_))).await;
+        // Another session's request without a limit, behind it.
+        let mut n = RawSession::open(&addr).await;
+        n.send(3, lock(3, "/deadline/r")).await;
+        n.until(3, |m| matches!(m, Down::Queued(_))).await;
+        b.send(4, posix(9, true, 600)).await;
+        b.until(4, |m| matches!(m, Down::Posix(p) if p.outcome == 2)).await;
+        // Owner 10 waits with a shorter limit.
+        b.send(5, posix(10, true, 300)).await;
+        b.until(5, |m| matches!(m, Down::Posix(p) if p.outcome == 2)).await;
+        b.heartbeat(6).await;
+
+        // Nothing of b's cancels them: the server does, as events (request 0).
+        b.until(0, |m| matches!(m, Down::Cancelled(l) if l.lock == 2)).await;
+        let waited = b.seen.last().map(|(at, _)| at.duration_since(started)).unwrap();
+        assert!(
+            waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+            "lock 2 was cancelled after {waited:?}, not soon after its 600 ms"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.drain();
+        let posix_ended = |b: &RawSession, owner: u64| {
+            b.seen
+                .iter()
+                .filter(|(_, m)| {
+                    m.request_id == 0 && matches!(&m.body, Some(Down::Posix(p)) if p.owner == owner && p.outcome == 6)
+                })
+                .count()
+        };
+        assert_eq!(posix_ended(&b, 9), 1, "owner 9's wait ends at its limit: {:?}", b.seen);
+        assert_eq!(posix_ended(&b, 10), 1, "owner 10's wait ends at its limit: {:?}", b.seen);
+        // Asked again without a limit, owner 10 waits on.
+        b.send(7, posix(10, true, 0)).await;
+        b.until(7, |m| matches!(m, Down::Posix(p) if p.outcome == 2)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        b.heartbeat(8).await;
+        n.heartbeat(9).await;
+        b.drain();
+        let ended = n.seen.iter().any(|(_, m)| matches!(&m.body, Some(Down::Cancelled(_))));
+        assert!(!ended, "lock 3 had no limit and must still wait: {:?}", n.seen);
+        let owner_10_ends = b
+            .seen
+            .iter()
+            .filter(|(_, m)| matches!(&m.body, Some(Down::Posix(p)) if p.owner == 10 && p.outcome == 6))
+            .count();
+        assert_eq!(owner_10_ends, 1, "owner 10's second wait has no limit and must still wait: {:?}", b.seen);
+        // The cluster agrees: lock 3 and owner 10 wait, lock 2 and owner 9 do not.
+        let t = c.table(2, "/deadline/r").await.expect("a lock table");
+        let waiting: Vec<u64> =
+            t.resources.iter().flat_map(|r| &r.locks).filter(|l| l.waiting).map(|l| l.session).collect();
+        assert_eq!(waiting, vec![n.id], "only lock 3 still waits: {t:?}");
+    });
+}
+
+fn lock_request(request: u64, resource: &str) -> pb::LockRequest {
+    let Up::Lock(l) = lock(request, resource) else { unreachable!() };
+    l
+}
