@@ -380,6 +380,56 @@ fn a_counter_under_fcntl_on_two_mounts_survives_a_server_kill() {
     });
 }
 
+/// A mount whose session ends (evicted, as when its network was cut past the lease) fails
+/// later I/O with EIO rather than writing under the lock it lost: what it wrote and synced
+/// before stays, nothing written after lands, and the file's lock is free for others.
+#[test]
+fn a_mount_whose_session_ends_fails_io_with_eio_and_writes_nothing_under_the_lost_lock() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start(3, "mount-evict").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        let f = std::fs::OpenOptions::new().create(true).read(true).write(true).open(a.path("/e")).unwrap();
+        f.write_all_at(b"before", 0).unwrap();
+        f.sync_all().unwrap();
+        // Mount a keeps its write lock on /e cached; its session is evicted under it.
+        let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap();
+        let session = log
+            .split("session ")
+            .nth(1)
+            .and_then(|s| s.split(|ch: char| !ch.is_ascii_digit()).next())
+            .unwrap_or_else(|| panic!("no session number in the mount's log: {log}"))
+            .to_string();
+        let out = run_at(&c, 2, &["evict", &session], b"");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            match f.write_all_at(b"AFTER!", 0).and_then(|()| f.sync_all()) {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(Instant::now() < deadline, "writes through an evicted mount still succeed after 10 s");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+        let mut buf = [0u8; 6];
+        let read = f.read_at(&mut buf, 0);
+        assert_eq!(read.map_err(|e| e.raw_os_error()), Err(Some(libc_eio())), "a read through the evicted mount");
+        // Another mount takes the lock at once and sees only what was synced before.
+        assert_eq!(std::fs::read(b.path("/e")).unwrap(), b"before");
+        drop(f);
+    });
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
 /// A seeded sequence of creates, writes, truncates, renames, unlinks and reads through one
 /// mount and on a local directory; the two trees and every byte match, read through the other
 /// mount.
