@@ -60,6 +60,9 @@ pub const EXTENTS_MAX: usize = 4096;
 const FAILOVER: Duration = Duration::from_secs(20);
 /// Longest name in a directory.
 const NAME_MAX: usize = 255;
+/// The name a file unlinked while open through a mount has until its last close there, with
+/// its entry id in hex after it.
+const UNLINKED_PREFIX: &str = ".stripelock-unlinked-";
 
 #[derive(Debug)]
 struct Held {
@@ -109,6 +112,7 @@ struct Ahead {
 
 #[derive(Debug)]
 struct Handle {
+    ino: u64,
     flags: u32,
     /// Engine owners that took fcntl locks through this open file (OFD locks are dropped on
     /// its release; FLUSH carries no owner for them).
@@ -172,6 +176,9 @@ pub(crate) struct Inner {
     expired: std::sync::atomic::AtomicBool,
     /// The longest an F_SETLKW waits (`mount --lock-wait-max`); `None`: no limit.
     lock_wait_max: Option<Duration>,
+    /// Files unlinked while open here, by inode: renamed to a hidden name in their directory
+    /// (NFS's "silly rename") and removed at their last close here.
+    unlinked: Mutex<HashMap<u64, String>>,
 }
 
 fn errno(e: i32) -> Errno {
@@ -296,6 +303,7 @@ impl Inner {
             notifier: Mutex::new(None),
             expired: std::sync::atomic::AtomicBool::new(false),
             lock_wait_max,
+            unlinked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -627,6 +635,45 @@ impl Inner {
             }
         }
         Ok(held)
+    }
+
+    /// Renames `from` to `to` in the namespace, with EX on both names around it, and moves this
+    /// mount's inodes and extent locks along.
+    async fn rename_path(&self, from: &str, to: &str, flags: u32) -> Result<()> {
+        let held = self.exclusive(&[from, to]).await?;
+        let out = self
+            .change(pb::name_change::Op::Rename(pb::RenameRequest {
+                from: from.to_string(),
+                to: to.to_string(),
+                flags,
+            }))
+            .await;
+        self.release_all(held).await;
+        out?;
+        {
+            let mut t = self.inodes.lock().expect("inodes");
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                t.exchanged(from, to);
+            } else {
+                t.renamed(from, to);
+            }
+        }
+        // Extent locks are on paths: this mount's under both names go back too.
+        self.drop_extents(from).await;
+        self.drop_extents(to).await;
+        Ok(())
+    }
+
+    /// Removes `path` from the namespace, with EX on it around the change.
+    async fn unlink_path(&self, path: &str) -> Result<()> {
+        let held = self.exclusive(&[path]).await?;
+        let out = self.change(pb::name_change::Op::Unlink(pb::PathRequest { path: path.to_string() })).await;
+        self.release_all(held).await;
+        out.map(|_| ())
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        self.handles.lock().expect("handles").values().any(|h| h.ino == ino)
     }
 
     async fn release_all(&self, locks: Vec<u64>) {
@@ -971,11 +1018,21 @@ impl Filesystem for StripeFs {
     }
 
     async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
-        let path = join(&self.inner.path(parent)?, name)?;
-        let held = self.inner.exclusive(&[&path]).await?;
-        let out = self.inner.change(pb::name_change::Op::Unlink(pb::PathRequest { path: path.clone() })).await;
-        self.inner.release_all(held).await;
-        out.map(|_| ())
+        let dir = self.inner.path(parent)?;
+        let path = join(&dir, name)?;
+        // A file open through this mount stays readable and writable through its open files
+        // until the last is closed, as POSIX has it: it is renamed out of the way instead (NFS's
+        // "silly rename", with the same limit: opens through other mounts lose it).
+        if let Ok(n) = self.inner.lookup_path(&path).await
+            && kind_of(&n) == FileType::RegularFile
+            && self.inner.is_open(fuse_ino(n.ino))
+        {
+            let hidden = join(&dir, OsStr::new(&format!("{UNLINKED_PREFIX}{:x}", n.ino)))?;
+            self.inner.rename_path(&path, &hidden, 0).await?;
+            self.inner.unlinked.lock().expect("unlinked").insert(fuse_ino(n.ino), hidden);
+            return Ok(());
+        }
+        self.inner.unlink_path(&path).await
     }
 
     async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
@@ -1002,25 +1059,7 @@ impl Filesystem for StripeFs {
         }
         let from = join(&self.inner.path(parent)?, name)?;
         let to = join(&self.inner.path(new_parent)?, new_name)?;
-        let held = self.inner.exclusive(&[&from, &to]).await?;
-        let out = self
-            .inner
-            .change(pb::name_change::Op::Rename(pb::RenameRequest { from: from.clone(), to: to.clone(), flags }))
-            .await;
-        self.inner.release_all(held).await;
-        out?;
-        {
-            let mut t = self.inner.inodes.lock().expect("inodes");
-            if flags & libc::RENAME_EXCHANGE != 0 {
-                t.exchanged(&from, &to);
-            } else {
-                t.renamed(&from, &to);
-            }
-        }
-        // Extent locks are on paths: this mount's under both names go back too.
-        self.inner.drop_extents(&from).await;
-        self.inner.drop_extents(&to).await;
-        Ok(())
+        self.inner.rename_path(&from, &to, flags).await
     }
 
     async fn link(&self, _req: Request, _inode: u64, _new_parent: u64, _new_name: &OsStr) -> Result<ReplyEntry> {
@@ -1049,7 +1088,11 @@ impl Filesystem for StripeFs {
             self.inner.truncate(inode, &path, 0).await?;
         }
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.inner.handles.lock().expect("handles").insert(fh, Handle { flags, owners: BTreeSet::new(), wrote: false });
+        self.inner
+            .handles
+            .lock()
+            .expect("handles")
+            .insert(fh, Handle { ino: inode, flags, owners: BTreeSet::new(), wrote: false });
         // No FOPEN_KEEP_CACHE: the kernel drops the file's pages at every open (close-to-open).
         Ok(ReplyOpen { fh, flags: 0 })
     }
@@ -1083,7 +1126,11 @@ impl Filesystem for StripeFs {
         };
         let entry = self.inner.entry(&path, &n);
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.inner.handles.lock().expect("handles").insert(fh, Handle { flags, owners: BTreeSet::new(), wrote: false });
+        self.inner
+            .handles
+            .lock()
+            .expect("handles")
+            .insert(fh, Handle { ino: entry.attr.ino, flags, owners: BTreeSet::new(), wrote: false });
         Ok(ReplyCreated { ttl: TTL, attr: entry.attr, generation: 0, fh, flags: 0 })
     }
 
@@ -1179,6 +1226,15 @@ impl Filesystem for StripeFs {
                 && let Ok(path) = self.inner.path(inode)
             {
                 let _ = self.inner.touch(&path, inode).await;
+            }
+        }
+        // The last close of a file unlinked while open removes it.
+        if !self.inner.is_open(inode) {
+            let hidden = self.inner.unlinked.lock().expect("unlinked").remove(&inode);
+            if let Some(hidden) = hidden
+                && let Err(e) = self.inner.unlink_path(&hidden).await
+            {
+                tracing::warn!("{hidden}, unlinked while open, could not be removed at its last close: {e}");
             }
         }
         Ok(())

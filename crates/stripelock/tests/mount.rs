@@ -393,7 +393,8 @@ fn a_mount_whose_session_ends_fails_io_with_eio_and_writes_nothing_under_the_los
         let c = Cluster::start(3, "mount-evict").await;
         let a = Mount::start(&c, 1, "a");
         let b = Mount::start(&c, 2, "b");
-        let f = std::fs::OpenOptions::new().create(true).read(true).write(true).open(a.path("/e")).unwrap();
+        let f =
+            std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(a.path("/e")).unwrap();
         f.write_all_at(b"before", 0).unwrap();
         f.sync_all().unwrap();
         // Mount a keeps its write lock on /e cached; its session is evicted under it.
@@ -423,6 +424,54 @@ fn a_mount_whose_session_ends_fails_io_with_eio_and_writes_nothing_under_the_los
         // Another mount takes the lock at once and sees only what was synced before.
         assert_eq!(std::fs::read(b.path("/e")).unwrap(), b"before");
         drop(f);
+    });
+}
+
+/// A file unlinked while open stays readable and writable through the open file until its
+/// last close (POSIX), and is gone from the namespace at once by its name and after that close
+/// entirely.
+#[test]
+fn a_file_unlinked_while_open_lives_until_its_last_close() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start(3, "mount-unlink-open").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::create_dir(a.path("/d")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(a.path("/d/f"))
+            .unwrap();
+        f.write_all_at(b"still here", 0).unwrap();
+        let g = std::fs::File::open(a.path("/d/f")).unwrap();
+        std::fs::remove_file(a.path("/d/f")).unwrap();
+        assert!(!a.path("/d/f").exists() && !b.path("/d/f").exists(), "the name is gone at once");
+        let mut buf = vec![0u8; 10];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"still here");
+        f.write_all_at(b"STILL", 0).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        // Another open file of it still reads it, with the write made through the first.
+        g.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"STILL here");
+        drop(g);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: Vec<_> = std::fs::read_dir(b.path("/d")).unwrap().map(|e| e.unwrap().file_name()).collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the unlinked file is still in /d after its last close: {left:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::remove_dir(a.path("/d")).unwrap();
     });
 }
 
