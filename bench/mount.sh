@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Figures of `stripelock mount` (issue 13), all in one run on one local cluster (`up`, 3 servers):
 #   1. sequential write and read of SIZE_MIB (default 1024) MiB through a mount (dd, 1 MiB
-#      blocks, fsync at the end) against `stripelock put` / `get` of the same file;
+#      blocks, fsync at the end) against `stripelock put` / `get` of the same file, ROUNDS
+#      (default 3) rounds alternating the two, with the median ratio (the disk's speed varies
+#      from minute to minute on a shared machine: only ratios of one round are compared);
 #   2. 4 KiB random writes under fcntl locks per second (lock the 4 KiB, pwrite, unlock);
 #   3. fcntl lock/unlock cycles per second through the mount, against lock/unlock cycles of the
 #      client library (`stripelock bench lock --clients 1`).
 # Needs root and /dev/fuse. Every process it starts is stopped by its PID on exit.
-# Env: SIZE_MIB, SECS (default 5, for 2 and 3).
+# Env: SIZE_MIB, ROUNDS, SECS (default 5, for 2 and 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 SIZE_MIB="${SIZE_MIB:-1024}"
 SECS="${SECS:-5}"
+ROUNDS="${ROUNDS:-3}"
 exe="$root/target/release/stripelock"
 cargo build --release --quiet
 work=$(mktemp -d /tmp/stripelock-bench-mount.XXXXXX)
@@ -42,18 +45,26 @@ now() { python3 -c 'import time; print(time.time())'; }
 rate() { python3 -c 'import sys; print("%.0f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$1" "$2"; }
 ratio() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$1" "$2"; }
 
-echo "== 1. sequential $SIZE_MIB MiB (MB/s; ratio mount / CLI, goal >= 0.7)"
+echo "== 1. sequential $SIZE_MIB MiB, $ROUNDS rounds alternating (MB/s; ratio mount / CLI, goal >= 0.7)"
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$work/src.bin"
-t=$(now); "$exe" put "$work/src.bin" /bench/put.bin >/dev/null; put_s=$(secs "$t")
-t=$(now); dd if="$work/src.bin" of="$work/a/bench/mount.bin" bs=1M conv=fsync status=none; wm_s=$(secs "$t")
-t=$(now); "$exe" get /bench/put.bin "$work/get.bin" >/dev/null; get_s=$(secs "$t")
-t=$(now); dd if="$work/b/bench/mount.bin" of="$work/read.bin" bs=1M status=none; rm_s=$(secs "$t")
-cmp "$work/src.bin" "$work/read.bin" && cmp "$work/src.bin" "$work/get.bin"
 mb=$((SIZE_MIB * 1048576 / 1000000))
-printf "%-28s %10s %10s %8s\n" "" "mount" "put/get" "ratio"
-printf "%-28s %10s %10s %8s\n" "write (mount a)" "$(rate $mb "$wm_s")" "$(rate $mb "$put_s")" "$(ratio "$put_s" "$wm_s")"
-printf "%-28s %10s %10s %8s\n" "read (mount b)" "$(rate $mb "$rm_s")" "$(rate $mb "$get_s")" "$(ratio "$get_s" "$rm_s")"
-rm -f "$work/src.bin" "$work/read.bin" "$work/get.bin"
+printf "%-8s %12s %12s %8s %12s %12s %8s\n" "round" "mount write" "put" "ratio" "mount read" "get" "ratio"
+wr=(); rr=()
+for r in $(seq "$ROUNDS"); do
+  t=$(now); "$exe" put "$work/src.bin" /bench/put.bin >/dev/null; put_s=$(secs "$t")
+  t=$(now); dd if="$work/src.bin" of="$work/a/bench/mount.bin" bs=1M conv=fsync status=none; wm_s=$(secs "$t")
+  t=$(now); "$exe" get /bench/put.bin "$work/get.bin" >/dev/null; get_s=$(secs "$t")
+  t=$(now); dd if="$work/b/bench/mount.bin" of="$work/read.bin" bs=1M status=none; rm_s=$(secs "$t")
+  cmp "$work/src.bin" "$work/read.bin" && cmp "$work/src.bin" "$work/get.bin"
+  w=$(ratio "$put_s" "$wm_s"); rd=$(ratio "$get_s" "$rm_s"); wr+=("$w"); rr+=("$rd")
+  printf "%-8s %12s %12s %8s %12s %12s %8s\n" "$r" "$(rate $mb "$wm_s")" "$(rate $mb "$put_s")" "$w" \
+    "$(rate $mb "$rm_s")" "$(rate $mb "$get_s")" "$rd"
+  rm -f "$work/read.bin" "$work/get.bin" "$work/a/bench/mount.bin"
+  "$exe" rm /bench/put.bin >/dev/null
+done
+median() { printf "%s\n" "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo "median ratio: write $(median "${wr[@]}"), read $(median "${rr[@]}")"
+rm -f "$work/src.bin"
 
 echo "== 2. 4 KiB random writes under fcntl locks ($SECS s, one process on mount a)"
 head -c $((64 << 20)) /dev/zero >"$work/a/bench/rand.bin"
