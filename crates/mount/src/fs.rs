@@ -29,6 +29,7 @@ use tonic::transport::Channel;
 use wire::ErrorCode;
 use wire::v1 as pb;
 use wire::v1::files_client::FilesClient;
+use wire::v1::locks_client::LocksClient;
 
 use crate::inodes::{Inodes, ROOT, entry_id, fuse_ino};
 use crate::notify::Notifier;
@@ -60,6 +61,8 @@ pub const EXTENTS_MAX: usize = 4096;
 const FAILOVER: Duration = Duration::from_secs(20);
 /// Longest name in a directory.
 const NAME_MAX: usize = 255;
+/// Most locked paths under a directory revoked before it is renamed.
+const LOCKED_UNDER_MAX: usize = 1024;
 /// The name a file unlinked while open through a mount has until its last close there, with
 /// its entry id in hex after it.
 const UNLINKED_PREFIX: &str = ".stripelock-unlinked-";
@@ -148,6 +151,8 @@ impl std::fmt::Debug for StripeFs {
 pub(crate) struct Inner {
     pub(crate) session: Session,
     servers: Vec<FilesClient<Channel>>,
+    /// The same servers' lock service (its lock table, to find the locks under a directory).
+    tables: Vec<LocksClient<Channel>>,
     addrs: Vec<String>,
     current: AtomicUsize,
     inodes: Mutex<Inodes>,
@@ -277,15 +282,18 @@ fn join(dir: &str, name: &OsStr) -> Result<String> {
 impl Inner {
     pub(crate) fn new(session: Session, addrs: Vec<String>, lock_wait_max: Option<Duration>) -> anyhow::Result<Inner> {
         let mut servers = Vec::new();
+        let mut tables = Vec::new();
         for a in &addrs {
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
                 .connect_timeout(Duration::from_secs(1))
                 .connect_lazy();
+            tables.push(LocksClient::new(ch.clone()).max_decoding_message_size(64 << 20));
             servers.push(FilesClient::new(ch).max_decoding_message_size(80 << 20).max_encoding_message_size(80 << 20));
         }
         Ok(Inner {
             session,
             servers,
+            tables,
             addrs,
             current: AtomicUsize::new(0),
             inodes: Mutex::new(Inodes::default()),
@@ -640,7 +648,15 @@ impl Inner {
     /// Renames `from` to `to` in the namespace, with EX on both names around it, and moves this
     /// mount's inodes and extent locks along.
     async fn rename_path(&self, from: &str, to: &str, flags: u32) -> Result<()> {
-        let held = self.exclusive(&[from, to]).await?;
+        // A directory moves with what is under it: the locks other mounts keep on paths under
+        // it are revoked first (their gathered writes sent under the old names), as for the
+        // two names themselves.
+        let mut names = vec![from.to_string(), to.to_string()];
+        for dir in [from, to] {
+            names.extend(self.locked_under(dir).await);
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let held = self.exclusive(&names).await?;
         let out = self
             .change(pb::name_change::Op::Rename(pb::RenameRequest {
                 from: from.to_string(),
@@ -662,6 +678,28 @@ impl Inner {
         self.drop_extents(from).await;
         self.drop_extents(to).await;
         Ok(())
+    }
+
+    /// The paths under directory `dir` on which some session holds or awaits a lock, as the
+    /// attached server's lock table shows them (at most [`LOCKED_UNDER_MAX`]; none if `dir` is
+    /// not a directory or the table cannot be read).
+    async fn locked_under(&self, dir: &str) -> Vec<String> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        let i = self.current.load(Ordering::Relaxed) % self.tables.len();
+        let mut c = self.tables[i].clone();
+        let Ok(t) = c.table(pb::TableRequest { prefix: prefix.clone() }).await else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> =
+            t.into_inner().resources.into_iter().map(|r| r.name).filter(|n| n.starts_with(&prefix)).collect();
+        if out.len() > LOCKED_UNDER_MAX {
+            tracing::warn!(
+                "{} paths under {dir} are locked; only the first {LOCKED_UNDER_MAX} are revoked before it moves",
+                out.len()
+            );
+            out.truncate(LOCKED_UNDER_MAX);
+        }
+        out
     }
 
     /// Removes `path` from the namespace, with EX on it around the change.

@@ -475,6 +475,30 @@ fn a_file_unlinked_while_open_lives_until_its_last_close() {
     });
 }
 
+/// A directory renamed through one mount moves the bytes another mount wrote under it and has
+/// not sent yet: the other mount's locks under the directory are revoked first, so it sends
+/// them under the old name before the name changes.
+#[test]
+fn a_directory_renamed_through_one_mount_keeps_what_another_mount_wrote_under_it() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start(3, "mount-dir-rename").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::create_dir_all(a.path("/d/sub")).unwrap();
+        // Written through b and kept there (gathered, not sent: no close, no fsync).
+        let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(b.path("/d/sub/f")).unwrap();
+        f.write_all_at(b"written through b", 0).unwrap();
+        std::fs::rename(a.path("/d"), a.path("/e")).unwrap();
+        assert_eq!(std::fs::read(a.path("/e/sub/f")).unwrap(), b"written through b");
+        assert!(!a.path("/d").exists());
+        drop(f);
+    });
+}
+
 fn libc_eio() -> i32 {
     5
 }
