@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use lockengine::{ByteRange, Input, LockId, Mode, Output, PosixKind, PosixOwner, SessionId, Subject, ValueBlock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -579,7 +581,7 @@ impl pb::locks_server::Locks for LockService {
                         }
                         continue;
                     }
-                    () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => None,
+                    () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => None,
                     msg = up.next(), if !closing && in_flight.len() < IN_FLIGHT_MAX => {
                         let Some(Ok(msg)) = msg else { break None };
                         Some(msg)

@@ -2,10 +2,11 @@
 //! server a session is attached to cancels a request that still waits when its deadline passes,
 //! so the wait ends even if the client's own cancel never arrives (issue 13). Kept in memory per
 //! session stream; a client that moves to another server sends its waits again there, with
-//! their limits. Pure: time comes in as an `Instant` argument.
+//! their limits. Pure: time comes in as an argument (tokio's `Instant`, the runtime's clock,
+//! simulated in the simulation; never the wall clock, which would make a seed replay differently).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use lockengine::{LockId, PosixOwner};
 

@@ -536,11 +536,10 @@ impl Inner {
                 .lock(path, 0..u64::MAX, want, LockOptions::default())
                 .await
                 .map_err(|e| errno_of_client(&e))?;
-            if let Err(e) = self.session.keep_cached(grant.lock).await {
-                let _ = self.session.release_now(grant.lock).await;
-                return Err(errno_of_client(&e));
-            }
             tracing::debug!("extent {path}: {want:?} granted as lock {} token {}", grant.lock, grant.token);
+            // Recorded before the cluster may revoke it: a revoke comes as soon as the lock is
+            // cached if someone waits, and one that found no extent holding the lock would be
+            // lost (the waiter would wait forever). Its handler waits for this mutex.
             let mut g = ext.lock().await;
             if let Some(old) = g.held.replace(Held {
                 lock: grant.lock,
@@ -550,6 +549,11 @@ impl Inner {
                 touched: false,
             }) {
                 let _ = self.session.release_now(old.lock).await;
+            }
+            if let Err(e) = self.session.keep_cached(grant.lock).await {
+                g.held = None;
+                let _ = self.session.release_now(grant.lock).await;
+                return Err(errno_of_client(&e));
             }
             drop(g);
             self.trim_extents().await;
