@@ -579,7 +579,8 @@ impl pb::files_server::Files for FilesService {
     }
 
     async fn lookup(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::Node>, Status> {
-        names::lookup(&self.shared, &req.into_inner().path).map(Response::new)
+        let r = req.into_inner();
+        names::lookup(&self.shared, &r.path, r.ino).map(Response::new)
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::NodeList>, Status> {

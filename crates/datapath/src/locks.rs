@@ -70,6 +70,8 @@ pub trait Locks: Send + Sync + 'static {
     fn file_ids(&self) -> FileIds;
     /// The namespace entry at `path` (file, directory, symlink), `/` included.
     fn entry(&self, path: &str) -> Option<Entry>;
+    /// The entry whose id is `ino`, wherever it is now.
+    fn locate(&self, ino: u64) -> Option<Entry>;
     /// Up to `limit` entries of directory `dir` whose names sort after `after`, and whether
     /// more follow.
     fn list(&self, dir: &str, after: &str, limit: usize) -> (Vec<Entry>, bool);

@@ -46,7 +46,13 @@ fn check(path: &str, shared: &Shared) -> Result<(), Status> {
     Ok(())
 }
 
-pub fn lookup(shared: &Shared, path: &str) -> Result<pb::Node, Status> {
+pub fn lookup(shared: &Shared, path: &str, ino: u64) -> Result<pb::Node, Status> {
+    if path.is_empty() && ino != 0 {
+        return match shared.locks.locate(ino) {
+            Some(e) => Ok(node_of(&e)),
+            None => Err(ErrorCode::NotFound.status(format!("no entry has id {ino} any more"))),
+        };
+    }
     check(path, shared)?;
     match shared.locks.entry(path) {
         Some(e) => Ok(node_of(&e)),

@@ -482,6 +482,22 @@ impl View<'_> {
         Some(Entry { path: path.to_string(), kind, attr, size, target })
     }
 
+    /// The entry whose id is `ino`, wherever it is now (a walk of the whole namespace: for the
+    /// rare open file whose name changed elsewhere).
+    pub fn locate(&self, ino: u64) -> Option<Entry> {
+        if ino == self.names.root.ino {
+            return self.entry("/");
+        }
+        let path = self
+            .files
+            .iter()
+            .find(|(_, f)| self.names.file_attrs.get(&f.id).map_or(f.id, |a| a.ino) == ino)
+            .map(|(p, _)| p)
+            .or_else(|| self.names.dirs.iter().find(|(_, a)| a.ino == ino).map(|(p, _)| p))
+            .or_else(|| self.names.links.iter().find(|(_, (a, _))| a.ino == ino).map(|(p, _)| p))?;
+        self.entry(path)
+    }
+
     /// Up to `limit` entries directly in directory `dir` whose names sort after `after`, by
     /// name, and whether more follow.
     pub fn list(&self, dir: &str, after: &str, limit: usize) -> (Vec<Entry>, bool) {
@@ -574,6 +590,20 @@ mod tests {
         assert_eq!(n.names("/"), ["/ab"]);
         assert!(n.names.file_attrs.is_empty());
         assert_eq!(n.apply(mkdir("/a/../b")), Err(NamespaceError::BadName { path: "/a/../b".into() }));
+    }
+
+    #[test]
+    fn an_entry_is_found_by_its_id_wherever_it_moved() {
+        let mut n = Ns::new();
+        let d = n.apply(mkdir("/a")).unwrap();
+        let f = n.apply(create("/a/f")).unwrap();
+        let l = n.apply(NameOp::Symlink { path: "/a/l".into(), target: "f".into(), uid: 0, gid: 0 }).unwrap();
+        n.apply(rename("/a", "/b", 0)).unwrap();
+        let at = |id: u64| n.view().locate(id).map(|e| e.path);
+        assert_eq!((at(d), at(f), at(l)), (Some("/b".into()), Some("/b/f".into()), Some("/b/l".into())));
+        assert_eq!(at(n.names.root.ino), Some("/".into()));
+        n.apply(NameOp::Unlink { path: "/b/f".into() }).unwrap();
+        assert_eq!(n.view().locate(f), None);
     }
 
     #[test]

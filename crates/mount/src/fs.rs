@@ -356,7 +356,7 @@ impl Inner {
     }
 
     async fn lookup_path(&self, path: &str) -> Result<pb::Node> {
-        let req = pb::PathRequest { path: path.to_string() };
+        let req = pb::PathRequest { path: path.to_string(), ino: 0 };
         let mut n = self
             .call(|mut c| {
                 let req = req.clone();
@@ -471,12 +471,30 @@ impl Inner {
     /// The entry `ino` names now (its path, checked to still be the same entry).
     async fn node(&self, ino: u64) -> Result<(String, pb::Node)> {
         let path = self.path(ino)?;
-        let n = self.lookup_path(&path).await?;
-        if ino != ROOT && fuse_ino(n.ino) != ino {
-            // The path names another entry now (renamed or replaced through another mount).
-            return Err(errno(libc::ESTALE));
+        match self.lookup_path(&path).await {
+            Ok(n) if ino == ROOT || fuse_ino(n.ino) == ino => return Ok((path, n)),
+            Ok(_) => {}
+            Err(e) if e == errno(libc::ENOENT) => {}
+            Err(e) => return Err(e),
         }
-        Ok((path, n))
+        // The path names another entry now, or none: renamed through another mount. Where
+        // the entry is now, if it still is.
+        let req = pb::PathRequest { path: String::new(), ino: entry_id(ino) };
+        let found = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.lookup(req).await }
+            })
+            .await;
+        match found {
+            Ok(n) if fuse_ino(n.ino) == ino => {
+                tracing::debug!("inode {ino} moved from {path} to {} elsewhere", n.path);
+                self.inodes.lock().expect("inodes").moved(ino, &n.path);
+                let n = self.lookup_path(&n.path).await?;
+                Ok((n.path.clone(), n))
+            }
+            _ => Err(errno(libc::ESTALE)),
+        }
     }
 
     async fn change(&self, op: pb::name_change::Op) -> Result<pb::Node> {
@@ -709,7 +727,7 @@ impl Inner {
     /// Removes `path` from the namespace, with EX on it around the change.
     async fn unlink_path(&self, path: &str) -> Result<()> {
         let held = self.exclusive(&[path]).await?;
-        let out = self.change(pb::name_change::Op::Unlink(pb::PathRequest { path: path.to_string() })).await;
+        let out = self.change(pb::name_change::Op::Unlink(pb::PathRequest { path: path.to_string(), ino: 0 })).await;
         self.release_all(held).await;
         out.map(|_| ())
     }
@@ -1079,7 +1097,7 @@ impl Filesystem for StripeFs {
 
     async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> Result<()> {
         let path = join(&self.inner.path(parent)?, name)?;
-        self.inner.change(pb::name_change::Op::Rmdir(pb::PathRequest { path })).await.map(|_| ())
+        self.inner.change(pb::name_change::Op::Rmdir(pb::PathRequest { path, ino: 0 })).await.map(|_| ())
     }
 
     async fn rename(&self, req: Request, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) -> Result<()> {

@@ -87,6 +87,10 @@ impl Locks for NodeLocks {
         self.0.machine.state().names_view().entry(path)
     }
 
+    fn locate(&self, ino: u64) -> Option<Entry> {
+        self.0.machine.state().names_view().locate(ino)
+    }
+
     fn list(&self, dir: &str, after: &str, limit: usize) -> (Vec<Entry>, bool) {
         self.0.machine.state().names_view().list(dir, after, limit)
     }

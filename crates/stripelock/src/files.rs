@@ -242,8 +242,12 @@ pub fn get(
         let token = locked.as_ref().map(|(_, g)| g.signed_token.clone()).unwrap_or_default();
         let result = async {
             let mut client = files_client(&addrs).await?;
-            let size =
-                client.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)?.into_inner().size;
+            let size = client
+                .stat(pb::PathRequest { path: path.to_string(), ino: 0 })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .size;
             let range = range.as_ref().map(wire::convert::span_to_pb);
             let req = pb::GetRequest { path: path.to_string(), token, range };
             let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
@@ -417,7 +421,7 @@ pub fn stat(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let s = rt.block_on(async {
         let mut c = files_client(&addrs).await?;
-        c.stat(pb::PathRequest { path: path.to_string() }).await.map_err(status_error)
+        c.stat(pb::PathRequest { path: path.to_string(), ino: 0 }).await.map_err(status_error)
     })?;
     let s = s.into_inner();
     let l = layout_of(&s)?;
@@ -475,7 +479,7 @@ pub fn ls(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         // no PATH, every file, as before directories existed.
         let dir_path = if prefix.is_empty() { "/" } else { prefix.trim_end_matches('/') };
         let dir_path = if dir_path.is_empty() { "/" } else { dir_path };
-        let node = c.lookup(pb::PathRequest { path: dir_path.to_string() }).await.ok().map(|r| r.into_inner());
+        let node = c.lookup(pb::PathRequest { path: dir_path.to_string(), ino: 0 }).await.ok().map(|r| r.into_inner());
         if !prefix.is_empty() && node.is_some_and(|n| n.kind == pb::NodeKind::Dir as i32) {
             let mut nodes = Vec::new();
             let mut after = String::new();
@@ -495,7 +499,7 @@ pub fn ls(prefix: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             }
             return Ok::<_, anyhow::Error>((None, Some(nodes)));
         }
-        let list = c.list(pb::PathRequest { path: prefix.to_string() }).await.map_err(status_error)?;
+        let list = c.list(pb::PathRequest { path: prefix.to_string(), ino: 0 }).await.map_err(status_error)?;
         Ok((Some(list), None))
     })?;
     if let Some(nodes) = dir {
@@ -583,7 +587,12 @@ pub fn rm(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
 }
 
 async fn list_files(client: &mut FilesClient<Channel>, prefix: &str) -> Result<Vec<pb::FileStat>> {
-    Ok(client.list(pb::PathRequest { path: prefix.to_string() }).await.map_err(status_error)?.into_inner().files)
+    Ok(client
+        .list(pb::PathRequest { path: prefix.to_string(), ino: 0 })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .files)
 }
 
 /// One line of progress over files, on a terminal.

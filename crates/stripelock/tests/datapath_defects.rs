@@ -140,7 +140,7 @@ async fn a_live_write_is_not_dropped_by_a_delegate_behind_the_log_body() {
 /// The files of the namespace under `prefix` as server `id` lists them: (path, complete).
 async fn ls(c: &Cluster, id: u64, prefix: &str) -> Vec<(String, bool)> {
     let mut files = files_at(c, id).await;
-    let list = files.list(pb::PathRequest { path: prefix.into() }).await.unwrap().into_inner();
+    let list = files.list(pb::PathRequest { path: prefix.into(), ino: 0 }).await.unwrap().into_inner();
     list.files.into_iter().map(|f| (f.path, f.complete)).collect()
 }
 

@@ -549,6 +549,33 @@ fn appends_from_two_mounts_interleave_whole_lines() {
     });
 }
 
+/// A file open through one mount and renamed through another stays usable through the open
+/// file: the mount finds where its entry went by id.
+#[test]
+fn a_file_renamed_through_another_mount_stays_usable_through_an_open_file() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start(3, "mount-rename-open").await;
+        let a = Mount::start(&c, 1, "a");
+        let b = Mount::start(&c, 2, "b");
+        std::fs::write(a.path("/r"), b"first bytes").unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(b.path("/r")).unwrap();
+        std::fs::create_dir(a.path("/elsewhere")).unwrap();
+        std::fs::rename(a.path("/r"), a.path("/elsewhere/r2")).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 11);
+        let mut buf = [0u8; 11];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"first bytes");
+        f.write_all_at(b"FIRST", 0).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(std::fs::read(a.path("/elsewhere/r2")).unwrap(), b"FIRST bytes");
+        assert!(!b.path("/r").exists());
+    });
+}
+
 fn libc_eio() -> i32 {
     5
 }
