@@ -413,8 +413,8 @@ type InFlight = Pin<Box<dyn std::future::Future<Output = Result<(), ProposeError
 fn note_deadline(node: &Node, session: SessionId, body: &Up, deadlines: &mut Deadlines) {
     let at = |ms: u64| Instant::now() + Duration::from_millis(ms);
     let kept = match body {
-        Up::Lock(l) if l.wait_ms > 0 && !l.nowait => match engine_lock_id(session, l.lock) {
-            Some(lock) => deadlines.lock(lock, at(l.wait_ms)),
+        Up::Lock(l) => match engine_lock_id(session, l.lock) {
+            Some(lock) => deadlines.lock(lock, (l.wait_ms > 0 && !l.nowait).then(|| at(l.wait_ms))),
             None => true,
         },
         Up::Posix(p) => {

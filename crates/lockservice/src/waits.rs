@@ -30,6 +30,9 @@ pub struct Deadlines {
     /// The newest F_SETLKW of each owner on each resource that has a deadline, by its number: a
     /// deadline of an older one never cancels a newer wait of the same owner there.
     posix_newest: HashMap<(PosixOwner, String), u64>,
+    /// The same for lock numbers, which a client uses again once a request has ended: the
+    /// deadline of an earlier request never cancels a later one under the same number.
+    lock_newest: HashMap<LockId, u64>,
 }
 
 impl Deadlines {
@@ -37,12 +40,20 @@ impl Deadlines {
         self.due.len()
     }
 
-    /// Lock request `lock` waits at most until `at`. False if not kept (full).
-    pub fn lock(&mut self, lock: LockId, at: Instant) -> bool {
+    /// A lock request under number `lock`; with `at`, one that waits at most until then. Every
+    /// request counts: it makes the deadline of an earlier request under that number void.
+    /// False if a deadline was asked for and not kept (full).
+    pub fn lock(&mut self, lock: LockId, at: Option<Instant>) -> bool {
+        let Some(at) = at else {
+            self.lock_newest.remove(&lock);
+            return true;
+        };
         if self.due.len() >= DEADLINES_MAX {
+            self.lock_newest.remove(&lock);
             return false;
         }
         self.next += 1;
+        self.lock_newest.insert(lock, self.next);
         self.due.insert((at, self.next), (Due::Lock(lock), self.next));
         true
     }
@@ -79,7 +90,12 @@ impl Deadlines {
             }
             let (due, n) = entry.remove();
             match &due {
-                Due::Lock(_) => return Some(due),
+                Due::Lock(lock) => {
+                    if self.lock_newest.get(lock) == Some(&n) {
+                        self.lock_newest.remove(lock);
+                        return Some(due);
+                    }
+                }
                 Due::Posix { owner, resource } => {
                     let key = (*owner, resource.clone());
                     if self.posix_newest.get(&key) == Some(&n) {
@@ -94,13 +110,22 @@ impl Deadlines {
 
     /// Drops the deadlines of requests that no longer wait.
     pub fn prune(&mut self, waits: impl Fn(&Due) -> bool) {
-        let newest = &mut self.posix_newest;
+        let (newest, lock_newest) = (&mut self.posix_newest, &mut self.lock_newest);
         self.due.retain(|_, (due, n)| {
             let keep = waits(due);
-            if !keep && let Due::Posix { owner, resource } = due {
-                let key = (*owner, resource.clone());
-                if newest.get(&key) == Some(n) {
-                    newest.remove(&key);
+            if !keep {
+                match due {
+                    Due::Posix { owner, resource } => {
+                        let key = (*owner, resource.clone());
+                        if newest.get(&key) == Some(n) {
+                            newest.remove(&key);
+                        }
+                    }
+                    Due::Lock(lock) => {
+                        if lock_newest.get(lock) == Some(n) {
+                            lock_newest.remove(lock);
+                        }
+                    }
                 }
             }
             keep
@@ -124,8 +149,8 @@ mod tests {
     fn deadlines_come_due_in_time_order() {
         let t0 = Instant::now();
         let mut d = Deadlines::default();
-        d.lock(LockId(2), t0 + Duration::from_millis(20));
-        d.lock(LockId(1), t0 + Duration::from_millis(10));
+        d.lock(LockId(2), Some(t0 + Duration::from_millis(20)));
+        d.lock(LockId(1), Some(t0 + Duration::from_millis(10)));
         assert_eq!(d.next_due(), Some(t0 + Duration::from_millis(10)));
         assert_eq!(d.take_due(t0 + Duration::from_millis(5)), None);
         assert_eq!(d.take_due(t0 + Duration::from_millis(30)), Some(Due::Lock(LockId(1))));
@@ -153,16 +178,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_number_used_again_is_not_cancelled_by_the_earlier_deadline() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        d.lock(LockId(5), Some(t0));
+        // The request ended and the client asked again under number 5, without a limit.
+        d.lock(LockId(5), None);
+        assert_eq!(d.take_due(t0 + Duration::from_secs(1)), None);
+        d.lock(LockId(5), Some(t0));
+        d.lock(LockId(5), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(d.take_due(t0 + Duration::from_secs(1)), None, "only the newest deadline counts");
+        assert_eq!(d.take_due(t0 + Duration::from_secs(2)), Some(Due::Lock(LockId(5))));
+    }
+
+    #[test]
     fn deadlines_are_bounded_and_pruned() {
         let t0 = Instant::now();
         let mut d = Deadlines::default();
         for i in 0..DEADLINES_MAX as u64 {
-            assert!(d.lock(LockId(i), t0));
+            assert!(d.lock(LockId(i), Some(t0)));
         }
-        assert!(!d.lock(LockId(u64::MAX), t0), "full");
+        assert!(!d.lock(LockId(u64::MAX), Some(t0)), "full");
         assert!(!d.posix(owner(1), "f", Some(t0)), "full");
         d.prune(|due| matches!(due, Due::Lock(LockId(n)) if *n < 10));
         assert_eq!(d.len(), 10);
-        assert!(d.lock(LockId(99_999), t0));
+        assert!(d.lock(LockId(99_999), Some(t0)));
     }
 }
