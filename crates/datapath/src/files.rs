@@ -580,11 +580,11 @@ impl pb::files_server::Files for FilesService {
 
     async fn lookup(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::Node>, Status> {
         let r = req.into_inner();
-        names::lookup(&self.shared, &r.path, r.ino).map(Response::new)
+        names::lookup(&self.shared, &r.path, r.ino).await.map(Response::new)
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::NodeList>, Status> {
-        names::read_dir(&self.shared, &req.into_inner()).map(Response::new)
+        names::read_dir(&self.shared, &req.into_inner()).await.map(Response::new)
     }
 
     async fn change(&self, req: Request<pb::NameChange>) -> Result<Response<pb::Node>, Status> {

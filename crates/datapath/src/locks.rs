@@ -54,6 +54,9 @@ pub trait Locks: Send + Sync + 'static {
     /// Confirms with a majority that this server still leads (so a deposed leader cannot hand
     /// out a lease its successor does not count on).
     fn confirm_leadership(&self) -> BoxFuture<'_, Result<(), ProposeError>>;
+    /// Waits until this server has applied everything committed before the call (a read
+    /// barrier: what a mount then looks up includes every change acknowledged to anyone).
+    fn read_barrier(&self) -> BoxFuture<'_, Result<(), ProposeError>>;
     /// The cluster secret tokens are signed with; none until the cluster is bootstrapped.
     fn secret(&self) -> Option<[u8; 32]>;
     /// The index of the last entry this server applied, as it changes.

@@ -1,7 +1,8 @@
 //! The namespace as a mount sees it (issue 13): an entry by path, a directory's entries, and
 //! the changes a mount makes (mkdir, symlink, create, unlink, rmdir, rename, setattr), each one
 //! replicated namespace entry through the leader. Reads answer from this server's applied state
-//! once it has applied what its own changes committed.
+//! after a read barrier (it has applied everything committed before the call, so a name made
+//! through another server is seen); while no leader answers, from its state as it is.
 
 use lockservice::Op;
 use lockservice::names::{Entry, Kind, NameOp, valid_path};
@@ -46,7 +47,16 @@ fn check(path: &str, shared: &Shared) -> Result<(), Status> {
     Ok(())
 }
 
-pub fn lookup(shared: &Shared, path: &str, ino: u64) -> Result<pb::Node, Status> {
+/// Waits until this server has applied what was committed before now; when it cannot tell (no
+/// leader answers), reads go on from its state as it is.
+async fn barrier(shared: &Shared) {
+    if let Err(e) = shared.locks.read_barrier().await {
+        tracing::debug!("a namespace read without a barrier: {e}");
+    }
+}
+
+pub async fn lookup(shared: &Shared, path: &str, ino: u64) -> Result<pb::Node, Status> {
+    barrier(shared).await;
     if path.is_empty() && ino != 0 {
         return match shared.locks.locate(ino) {
             Some(e) => Ok(node_of(&e)),
@@ -60,8 +70,9 @@ pub fn lookup(shared: &Shared, path: &str, ino: u64) -> Result<pb::Node, Status>
     }
 }
 
-pub fn read_dir(shared: &Shared, r: &pb::ReadDirRequest) -> Result<pb::NodeList, Status> {
+pub async fn read_dir(shared: &Shared, r: &pb::ReadDirRequest) -> Result<pb::NodeList, Status> {
     check(&r.path, shared)?;
+    barrier(shared).await;
     match shared.locks.entry(&r.path) {
         Some(e) if e.kind == Kind::Dir => {}
         Some(_) => return Err(ErrorCode::NotDir.status(format!("{} is not a directory", r.path))),
@@ -118,6 +129,7 @@ pub async fn change(
             },
             s.path,
         ),
+        C::Access(p) => (NameOp::Access { path: p.path.clone(), ino: p.ino }, p.path),
     };
     check(&path, shared)?;
     if let NameOp::SetAttr { size: Some(size), .. } = &op {

@@ -295,6 +295,15 @@ impl Namespace<'_> {
                 attr.ctime_ns = now_ns;
                 Ok(attr.ino)
             }
+            NameOp::Access { path, ino } => {
+                let kind = self.kind(&path).ok_or_else(|| NamespaceError::NotFound { path: path.clone() })?;
+                let attr = self.attr_mut(&path, kind, now_ns).expect("exists");
+                if ino != 0 && attr.ino != ino {
+                    return Err(NamespaceError::NotFound { path });
+                }
+                attr.atime_ns = attr.atime_ns.max(now_ns);
+                Ok(attr.ino)
+            }
         }
     }
 

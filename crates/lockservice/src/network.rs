@@ -26,6 +26,7 @@ pub const FULL_SNAPSHOT: &str = "full-snapshot";
 pub const PROPOSE: &str = "forwarded proposal";
 pub const RENEW: &str = "lease renewals";
 pub const REJOIN: &str = "rejoin";
+pub const READ_INDEX: &str = "read index";
 
 pub fn encode<T: Serialize>(name: &'static str, v: &T) -> Result<RaftPayload, FormatError> {
     Ok(RaftPayload { data: codec::encode(Record::Message(name), v)? })

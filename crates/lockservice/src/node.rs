@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use lockengine::{Limits, SessionId};
 use openraft::async_runtime::WatchReceiver;
-use openraft::type_config::alias::SnapshotOf;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::{Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -23,7 +24,8 @@ pub use crate::errors::ProposeError;
 use crate::forward::{Forwarder, Outcome, Route};
 use crate::machine::Machine;
 use crate::network::{
-    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, REJOIN, RENEW, VOTE, decode, decode_snapshot, encode,
+    APPEND_ENTRIES, FULL_SNAPSHOT, Network, PRE_VOTE, PROPOSE, READ_INDEX, REJOIN, RENEW, VOTE, decode,
+    decode_snapshot, encode,
 };
 use crate::renew::Renewer;
 use crate::store::Store;
@@ -355,6 +357,41 @@ impl Node {
         decode::<Result<Vec<bool>, ProposeError>>(RENEW, reply.get_ref()).map_err(unreadable)?
     }
 
+    /// Waits until this server has applied every entry committed before the call (Raft's
+    /// ReadIndex, asked of the leader when this server follows), so what it then reads from its
+    /// state includes every change any server acknowledged earlier.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let index = if self.is_leader() {
+            self.read_index().await?
+        } else {
+            let (leader, addr) = leader_and_address(&self.raft, &self.config.peers).ok_or(ProposeError::NoLeader)?;
+            let mut client = self.leader_client(leader, &addr)?;
+            let payload = encode(READ_INDEX, &()).map_err(unreadable)?;
+            let reply = tokio::time::timeout(FORWARD_DEADLINE, client.read_index(payload))
+                .await
+                .map_err(|_| {
+                    self.leaders.lock().expect("leaders lock").remove(&leader);
+                    ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
+                })?
+                .map_err(|s| ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() })?;
+            decode::<Result<u64, ProposeError>>(READ_INDEX, reply.get_ref()).map_err(unreadable)??
+        };
+        tokio::time::timeout(FORWARD_DEADLINE, self.applied(index)).await.map_err(|_| ProposeError::Refused {
+            code: wire::ErrorCode::Unavailable,
+            message: format!("this server has not applied entry {index} within {FORWARD_DEADLINE:?}"),
+        })
+    }
+
+    /// The leader's read index: confirmed with a majority that it still leads.
+    async fn read_index(&self) -> Result<u64, ProposeError> {
+        let (read, _) = self
+            .raft
+            .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| ProposeError::Refused { code: wire::ErrorCode::NotLeader, message: e.to_string() })?;
+        Ok(read.index())
+    }
+
     async fn forward(&self, leader: NodeId, addr: &str, cmd: &Command) -> Result<Reply, ProposeError> {
         let mut client = self.leader_client(leader, addr)?;
         let payload = encode(PROPOSE, cmd).map_err(unreadable)?;
@@ -554,6 +591,23 @@ pub struct RaftService {
     node: Node,
 }
 
+impl RaftService {
+    /// Refuses a Raft message this server sent itself. A connection to a peer's port on this
+    /// host while that peer is down can be a TCP self-connection (the kernel picks the peer's
+    /// port as the local one): a leader then got its own append-entries as if from another
+    /// leader of its term, and openraft's core panicked (seen in a test whose third server then
+    /// found its port taken).
+    fn not_from_self(&self, vote: &VoteOf<C>) -> Result<(), Status> {
+        if vote.leader_id.node_id == self.node.id {
+            return Err(wire::ErrorCode::Unavailable.status(format!(
+                "server {} got a Raft message from itself (a TCP connection to a peer's port that connected to itself)",
+                self.node.id
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn bad(e: crate::codec::FormatError) -> Status {
     wire::ErrorCode::BadRequest.status(format!("undecodable Raft message: {e}"))
 }
@@ -566,27 +620,31 @@ fn raft_unavailable(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl wire::v1::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(APPEND_ENTRIES, req.get_ref()).map_err(bad)?;
+        let rpc: AppendEntriesRequest<C> = decode(APPEND_ENTRIES, req.get_ref()).map_err(bad)?;
+        self.not_from_self(&rpc.vote)?;
         let resp = self.node.raft.append_entries(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(APPEND_ENTRIES, &resp).map_err(bad)?))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         crate::rejoin::refuse_vote(&self.node.rejoining, self.node.id)?;
-        let rpc = decode(VOTE, req.get_ref()).map_err(bad)?;
+        let rpc: VoteRequest<C> = decode(VOTE, req.get_ref()).map_err(bad)?;
+        self.not_from_self(&rpc.vote)?;
         let resp = self.node.raft.vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(VOTE, &resp).map_err(bad)?))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         crate::rejoin::refuse_vote(&self.node.rejoining, self.node.id)?;
-        let rpc = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
+        let rpc: VoteRequest<C> = decode(PRE_VOTE, req.get_ref()).map_err(bad)?;
+        self.not_from_self(&rpc.vote)?;
         let resp = self.node.raft.pre_vote(rpc).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(PRE_VOTE, &resp).map_err(bad)?))
     }
 
     async fn full_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (vote, meta, snapshot) = decode_snapshot(req.get_ref()).map_err(bad)?;
+        self.not_from_self(&vote)?;
         let snapshot = SnapshotOf::<C, SnapshotData> { meta, snapshot };
         let resp = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_unavailable)?;
         Ok(Response::new(encode(FULL_SNAPSHOT, &resp).map_err(bad)?))
@@ -608,6 +666,12 @@ impl wire::v1::raft_server::Raft for RaftService {
         let answers = futures::future::join_all(sessions.iter().map(|s| self.node.renewer.renew(*s, true))).await;
         let result: Result<Vec<bool>, ProposeError> = answers.into_iter().collect();
         Ok(Response::new(encode(RENEW, &result).map_err(bad)?))
+    }
+
+    async fn read_index(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let () = decode(READ_INDEX, req.get_ref()).map_err(bad)?;
+        let result = self.node.read_index().await;
+        Ok(Response::new(encode(READ_INDEX, &result).map_err(bad)?))
     }
 
     async fn rejoin(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

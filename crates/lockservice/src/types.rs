@@ -246,6 +246,12 @@ pub enum NameOp {
         /// (a mount's kernel drops cached pages when it sees the mtime change).
         touch: bool,
     },
+    /// A read: the entry's atime becomes now, its ctime stays (format version 4). `ino` as in
+    /// `SetAttr`.
+    Access {
+        path: String,
+        ino: u64,
+    },
 }
 
 pub const RENAME_NOREPLACE: u32 = 1;

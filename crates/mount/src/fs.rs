@@ -122,6 +122,8 @@ struct Handle {
     owners: BTreeSet<u64>,
     /// Written through since the last time the mtime moved.
     wrote: bool,
+    /// The first read through it moves the file's atime (see [`atime_due`]).
+    atime_due: bool,
 }
 
 /// A directory opened: its entries as of OPENDIR, so offsets stay put while it is read.
@@ -181,6 +183,8 @@ pub(crate) struct Inner {
     expired: std::sync::atomic::AtomicBool,
     /// The longest an F_SETLKW waits (`mount --lock-wait-max`); `None`: no limit.
     lock_wait_max: Option<Duration>,
+    /// Reads never move atime (`mount --noatime`).
+    noatime: bool,
     /// Files unlinked while open here, by inode: renamed to a hidden name in their directory
     /// (NFS's "silly rename") and removed at their last close here.
     unlinked: Mutex<HashMap<u64, String>>,
@@ -268,6 +272,17 @@ fn attr_of(n: &pb::Node) -> FileAttr {
     }
 }
 
+/// Whether a read now should move the atime of a file with these attributes, as Linux's
+/// relatime has it: the atime is not after the last change (mtime or ctime), or is a day old.
+fn atime_due(n: &pb::Node, now_ns: u64) -> bool {
+    const DAY_NS: u64 = 24 * 3600 * 1_000_000_000;
+    n.atime_ns <= n.mtime_ns || n.atime_ns <= n.ctime_ns || now_ns.saturating_sub(n.atime_ns) >= DAY_NS
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn join(dir: &str, name: &OsStr) -> Result<String> {
     let name = name.to_str().ok_or_else(|| errno(libc::EINVAL))?;
     if name.len() > NAME_MAX {
@@ -280,7 +295,12 @@ fn join(dir: &str, name: &OsStr) -> Result<String> {
 }
 
 impl Inner {
-    pub(crate) fn new(session: Session, addrs: Vec<String>, lock_wait_max: Option<Duration>) -> anyhow::Result<Inner> {
+    pub(crate) fn new(
+        session: Session,
+        addrs: Vec<String>,
+        lock_wait_max: Option<Duration>,
+        noatime: bool,
+    ) -> anyhow::Result<Inner> {
         let mut servers = Vec::new();
         let mut tables = Vec::new();
         for a in &addrs {
@@ -311,6 +331,7 @@ impl Inner {
             notifier: Mutex::new(None),
             expired: std::sync::atomic::AtomicBool::new(false),
             lock_wait_max,
+            noatime,
             unlinked: Mutex::new(HashMap::new()),
         })
     }
@@ -497,6 +518,25 @@ impl Inner {
         }
     }
 
+    /// Runs `io` on the path of `ino`; when the path turns out not to name it any more (ESTALE
+    /// from [`Inner::with_lock`]: renamed through another mount), finds where it is now and
+    /// runs `io` once more there. Answers the path used too.
+    async fn at_current_path<T, F, Fut>(&self, ino: u64, io: F) -> Result<(String, T)>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let path = self.path(ino)?;
+        match io(path.clone()).await {
+            Err(e) if e == errno(libc::ESTALE) => {
+                let (path, _) = self.node(ino).await?;
+                let out = io(path.clone()).await?;
+                Ok((path, out))
+            }
+            other => other.map(|out| (path, out)),
+        }
+    }
+
     async fn change(&self, op: pb::name_change::Op) -> Result<pb::Node> {
         let req = pb::NameChange { op: Some(op) };
         self.call(|mut c| {
@@ -572,6 +612,25 @@ impl Inner {
                 g.held = None;
                 let _ = self.session.release_now(grant.lock).await;
                 return Err(errno_of_client(&e));
+            }
+            // A lock newly granted on a path may come after a rename through another mount
+            // moved this file away (the rename held the path first): look again, past a read
+            // barrier, before any I/O goes to the path. While the lock is cached it stays true:
+            // renaming the path revokes the lock first.
+            let names = match self.lookup_path(path).await {
+                Ok(n) => ino == ROOT || fuse_ino(n.ino) == ino,
+                Err(e) if e == errno(libc::ENOENT) => false,
+                Err(e) => {
+                    g.held = None;
+                    let _ = self.session.release_now(grant.lock).await;
+                    return Err(e);
+                }
+            };
+            if !names {
+                tracing::debug!("{path} no longer names inode {ino}; its lock goes back");
+                g.held = None;
+                let _ = self.session.release_now(grant.lock).await;
+                return Err(errno(libc::ESTALE));
             }
             drop(g);
             self.trim_extents().await;
@@ -1147,12 +1206,13 @@ impl Filesystem for StripeFs {
         if flags & libc::O_TRUNC as u32 != 0 && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
             self.inner.truncate(inode, &path, 0).await?;
         }
+        let atime_due = !self.inner.noatime && atime_due(&n, now_ns());
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
         self.inner
             .handles
             .lock()
             .expect("handles")
-            .insert(fh, Handle { ino: inode, flags, owners: BTreeSet::new(), wrote: false });
+            .insert(fh, Handle { ino: inode, flags, owners: BTreeSet::new(), wrote: false, atime_due });
         // No FOPEN_KEEP_CACHE: the kernel drops the file's pages at every open (close-to-open).
         Ok(ReplyOpen { fh, flags: 0 })
     }
@@ -1186,24 +1246,41 @@ impl Filesystem for StripeFs {
         };
         let entry = self.inner.entry(&path, &n);
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .handles
-            .lock()
-            .expect("handles")
-            .insert(fh, Handle { ino: entry.attr.ino, flags, owners: BTreeSet::new(), wrote: false });
+        self.inner.handles.lock().expect("handles").insert(
+            fh,
+            Handle {
+                ino: entry.attr.ino,
+                flags,
+                owners: BTreeSet::new(),
+                wrote: false,
+                atime_due: !self.inner.noatime,
+            },
+        );
         Ok(ReplyCreated { ttl: TTL, attr: entry.attr, generation: 0, fh, flags: 0 })
     }
 
-    async fn read(&self, _req: Request, inode: u64, _fh: u64, offset: u64, size: u32) -> Result<ReplyData> {
-        let path = self.inner.path(inode)?;
+    async fn read(&self, _req: Request, inode: u64, fh: u64, offset: u64, size: u32) -> Result<ReplyData> {
         let inner = &self.inner;
-        let p = path.clone();
-        let data =
-            inner
-                .with_lock(inode, &path, Mode::PR, |token, _| async move {
-                    inner.read_cached(&p, token, offset, size).await
-                })
-                .await?;
+        let (path, data) = inner
+            .at_current_path(inode, |path| async move {
+                let p = path.clone();
+                inner
+                    .with_lock(inode, &path, Mode::PR, |token, _| async move {
+                        inner.read_cached(&p, token, offset, size).await
+                    })
+                    .await
+            })
+            .await?;
+        let access =
+            self.inner.handles.lock().expect("handles").get_mut(&fh).is_some_and(|h| std::mem::take(&mut h.atime_due));
+        if access
+            && let Err(e) = self
+                .inner
+                .change(pb::name_change::Op::Access(pb::PathRequest { path: path.clone(), ino: entry_id(inode) }))
+                .await
+        {
+            tracing::warn!("the atime of {path} was not moved: {e:?}");
+        }
         Ok(ReplyData { data })
     }
 
@@ -1217,7 +1294,6 @@ impl Filesystem for StripeFs {
         _write_flags: u32,
         flags: u32,
     ) -> Result<ReplyWrite> {
-        let path = self.inner.path(inode)?;
         let append = flags & libc::O_APPEND as u32 != 0
             || self
                 .inner
@@ -1227,16 +1303,20 @@ impl Filesystem for StripeFs {
                 .get(&fh)
                 .is_some_and(|h| h.flags & libc::O_APPEND as u32 != 0);
         let inner = &self.inner;
-        let p = path.clone();
         inner
-            .with_lock(inode, &path, Mode::PW, |token, first| async move {
-                // O_APPEND writes at the end as the cluster knows it, under the write lock.
-                let at = if append { inner.lookup_path(&p).await?.size } else { offset };
-                inner.buffer_write(&p, &token, at, data).await?;
-                if first {
-                    inner.touch(&p, inode).await?;
-                }
-                Ok(())
+            .at_current_path(inode, |path| async move {
+                let p = path.clone();
+                inner
+                    .with_lock(inode, &path, Mode::PW, |token, first| async move {
+                        // O_APPEND writes at the end as the cluster knows it, under the write lock.
+                        let at = if append { inner.lookup_path(&p).await?.size } else { offset };
+                        inner.buffer_write(&p, &token, at, data).await?;
+                        if first {
+                            inner.touch(&p, inode).await?;
+                        }
+                        Ok(())
+                    })
+                    .await
             })
             .await?;
         if let Some(h) = self.inner.handles.lock().expect("handles").get_mut(&fh) {

@@ -37,6 +37,8 @@ pub struct Options {
     /// The longest an F_SETLKW waits (the cluster ends it; the call fails with ENOLCK).
     /// `None`: no limit, as POSIX has it.
     pub lock_wait_max: Option<std::time::Duration>,
+    /// Reads never move atime (else as relatime: see [`fs`]'s `atime_due`).
+    pub noatime: bool,
 }
 
 /// A mounted file system.
@@ -70,7 +72,7 @@ pub async fn mount(opts: Options) -> Result<Mounted> {
     let session = Session::open_named(&opts.servers, opts.lease_ms, client::Connector::default(), name)
         .await
         .context("no session could be opened with the cluster")?;
-    let inner = Arc::new(fs::Inner::new(session, opts.servers.clone(), opts.lock_wait_max)?);
+    let inner = Arc::new(fs::Inner::new(session, opts.servers.clone(), opts.lock_wait_max, opts.noatime)?);
     let mut mo = MountOptions::default();
     mo.fs_name("stripelock")
         .custom_options("subtype=stripelock")

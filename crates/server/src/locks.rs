@@ -44,6 +44,10 @@ impl Locks for NodeLocks {
         self.0.confirm_leadership().boxed()
     }
 
+    fn read_barrier(&self) -> BoxFuture<'_, Result<(), ProposeError>> {
+        self.0.read_barrier().boxed()
+    }
+
     fn secret(&self) -> Option<[u8; 32]> {
         self.0.machine.state().secret
     }

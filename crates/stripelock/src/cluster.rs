@@ -304,7 +304,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
 }
 
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(wire::unused_port()?)
 }
 
 /// `A..B`, `A..` or `all`; says which number is wrong, and never wraps one that is too large.

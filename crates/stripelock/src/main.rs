@@ -222,6 +222,10 @@ enum Command {
         /// with EINTR on a signal, and with the mount's session.
         #[arg(long, value_parser = humantime::parse_duration)]
         lock_wait_max: Option<std::time::Duration>,
+        /// Reads never move a file's atime. By default a read moves it as Linux's relatime
+        /// does: when it is older than the mtime or ctime, or a day old.
+        #[arg(long)]
+        noatime: bool,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -482,8 +486,8 @@ fn main() -> ExitCode {
             report(files::write(&path, offset, cluster.as_deref(), json), json)
         }
         Command::Stat { path, cluster, json } => report(files::stat(&path, cluster.as_deref(), json), json),
-        Command::Mount { dir, server, lock_wait_max, cluster, json } => {
-            report(mountcmd::mount(&dir, cluster.as_deref(), server, lock_wait_max, json), json)
+        Command::Mount { dir, server, lock_wait_max, noatime, cluster, json } => {
+            report(mountcmd::mount(&dir, cluster.as_deref(), server, lock_wait_max, noatime, json), json)
         }
         Command::Umount { dir } => report(mountcmd::umount(&dir), false),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),

@@ -18,6 +18,7 @@ pub fn mount(
     cluster: Option<&str>,
     server: Option<u64>,
     lock_wait_max: Option<std::time::Duration>,
+    noatime: bool,
     json: bool,
 ) -> Result<ExitCode> {
     crate::cluster::init_logs("warn,mount=info");
@@ -53,6 +54,7 @@ pub fn mount(
             servers: addrs,
             lease_ms: MOUNT_LEASE_MS,
             lock_wait_max,
+            noatime,
         })
         .await?;
         if json {

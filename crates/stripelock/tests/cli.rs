@@ -135,7 +135,7 @@ fn server_config_file_errors_name_the_problem() {
 fn server_runs_from_a_config_file() {
     let dir = std::env::temp_dir().join(format!("stripelock-cfg-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = wire::unused_port().unwrap();
     let file = dir.join("server.toml");
     let config = format!(
         "id = 1\npeers = \"1=127.0.0.1:{port}\"\ndata = \"{}\"\nbootstrap = true\nheartbeat_ms = 50\n",

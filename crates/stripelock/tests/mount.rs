@@ -217,6 +217,21 @@ fn two_mounts_on_different_servers_see_one_namespace_and_the_same_bytes() {
         std::fs::OpenOptions::new().write(true).open(a.path("/log")).unwrap().write_all(b"x").unwrap();
         let m = std::fs::metadata(b.path("/log")).unwrap();
         assert!(m.mtime_nsec() as i128 + m.mtime() as i128 * 1_000_000_000 > before, "a write moves mtime");
+        // A read moves atime (relatime: once after each change) and leaves ctime.
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(std::fs::read(a.path("/log")).unwrap().len(), 6);
+        let read = std::fs::metadata(b.path("/log")).unwrap();
+        assert!(ns(read.atime(), read.atime_nsec()) > ns(m.mtime(), m.mtime_nsec()), "a read moves atime");
+        assert_eq!(ns(read.ctime(), read.ctime_nsec()), ns(m.ctime(), m.ctime_nsec()), "a read leaves ctime");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(std::fs::read(b.path("/log")).unwrap().len(), 6);
+        let again = std::fs::metadata(a.path("/log")).unwrap();
+        assert_eq!(
+            ns(again.atime(), again.atime_nsec()),
+            ns(read.atime(), read.atime_nsec()),
+            "relatime: once per change"
+        );
         // 64 MiB through one mount, read through the other and with `stripelock get`.
         let data = noise(64 << 20, 13);
         std::fs::write(a.path("/big"), &data).unwrap();
@@ -573,6 +588,18 @@ fn a_file_renamed_through_another_mount_stays_usable_through_an_open_file() {
         f.sync_all().unwrap();
         assert_eq!(std::fs::read(a.path("/elsewhere/r2")).unwrap(), b"FIRST bytes");
         assert!(!b.path("/r").exists());
+        // Renamed again and a new file made at the name b knows it by: b's next write (its
+        // first I/O since) goes to its own file, not to the newcomer.
+        std::fs::rename(a.path("/elsewhere/r2"), a.path("/r3")).unwrap();
+        std::fs::write(a.path("/elsewhere/r2"), b"decoy").unwrap();
+        f.write_all_at(b"SECOND", 0).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(std::fs::read(a.path("/r3")).unwrap(), b"SECONDbytes");
+        assert_eq!(std::fs::read(a.path("/elsewhere/r2")).unwrap(), b"decoy");
+        std::fs::rename(a.path("/r3"), a.path("/r4")).unwrap();
+        std::fs::write(a.path("/r3"), b"decoy two").unwrap();
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"SECONDbytes", "a read through b's open file reads its own file");
     });
 }
 

@@ -315,7 +315,7 @@ fn a_server_refuses_a_data_dir_another_server_uses() {
     let _one = serial();
     let dir = temp_dir("server-dir");
     let data = dir.join("server-1");
-    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = |_| wire::unused_port().unwrap();
     let (a, b) = (port(0), port(1));
     let peers = format!("1=127.0.0.1:{a}");
     let spawn = |listen: u16, bootstrap: bool| {

@@ -70,3 +70,27 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, BadAddress> {
     Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| BadAddress { addr: addr.to_string(), reason: e.to_string() })
 }
+
+/// A port on 127.0.0.1 that nothing listens on now, chosen below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`). A port the kernel handed out for port 0 is an ephemeral
+/// one: until a server binds it, the kernel may give it to an outgoing connection, and a
+/// connection to it from this host may connect to itself (TCP self-connection), which a Raft
+/// peer then takes for a message from another server.
+pub fn unused_port() -> std::io::Result<u16> {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = if first_ephemeral > 12_000 { (10_000u32, u32::from(first_ephemeral)) } else { (49_152, 65_536) };
+    // A start that differs between processes and calls, so parallel callers rarely collide.
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let span = high - low;
+    for i in 0..span {
+        let port = (low + (seed.wrapping_add(i.wrapping_mul(7919)) % span)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no free port below the ephemeral range"))
+}

@@ -43,7 +43,7 @@ pub struct Cluster {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    wire::unused_port().unwrap()
 }
 
 impl Cluster {
