@@ -23,6 +23,7 @@ pub fn node_of(e: &Entry) -> pb::Node {
             Kind::File => pb::NodeKind::File,
             Kind::Dir => pb::NodeKind::Dir,
             Kind::Symlink => pb::NodeKind::Symlink,
+            Kind::Special => pb::NodeKind::Special,
         } as i32,
         size: e.size,
         mode: e.attr.mode,
@@ -33,6 +34,7 @@ pub fn node_of(e: &Entry) -> pb::Node {
         ctime_ns: e.attr.ctime_ns,
         nlink: e.attr.nlink,
         target: e.target.clone().unwrap_or_default(),
+        rdev: e.rdev,
     }
 }
 
@@ -129,6 +131,9 @@ pub async fn change(
             },
             s.path,
         ),
+        C::Mknod(m) => {
+            (NameOp::Mknod { path: m.path.clone(), mode: m.mode, rdev: m.rdev, uid: m.uid, gid: m.gid }, m.path)
+        }
         C::Access(p) => (NameOp::Access { path: p.path.clone(), ino: p.ino }, p.path),
     };
     check(&path, shared)?;

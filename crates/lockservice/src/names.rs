@@ -15,6 +15,10 @@ use crate::types::{FileMeta, NamespaceError};
 
 /// Permission bits a mode keeps (with setuid, setgid, sticky).
 pub const MODE_BITS: u32 = 0o7777;
+/// The file type bits of a mode (`S_IFMT`), kept only by special files.
+pub const TYPE_BITS: u32 = 0o170000;
+/// The types a special file may have: FIFO, character device, block device, socket.
+pub const SPECIAL_TYPES: [u32; 4] = [0o010000, 0o020000, 0o060000, 0o140000];
 
 /// An entry's attributes. Times are ns since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +51,8 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// A FIFO, socket or device: its type is in its mode's [`TYPE_BITS`].
+    Special,
 }
 
 /// One entry as a mount sees it.
@@ -58,6 +64,8 @@ pub struct Entry {
     /// Files: their bytes; symlinks: the target's length; directories: 0.
     pub size: u64,
     pub target: Option<String>,
+    /// Devices: the device number.
+    pub rdev: u64,
 }
 
 /// Directories, symlinks and attributes. Files themselves stay in the state's `files`.
@@ -65,6 +73,9 @@ pub struct Entry {
 pub struct Names {
     pub root: Attr,
     pub dirs: BTreeMap<String, Attr>,
+    /// Entries without data: symlinks (attributes, target) and special files (attributes whose
+    /// mode has [`TYPE_BITS`], the device number in decimal; kept here so that adding them
+    /// changed no snapshot format).
     pub links: BTreeMap<String, (Attr, String)>,
     /// Attributes of files, by file id.
     pub file_attrs: BTreeMap<u64, Attr>,
@@ -229,7 +240,7 @@ impl Namespace<'_> {
                         self.names.file_attrs.remove(&f.id);
                         f.id
                     }
-                    Some(Kind::Symlink) => self.names.links.remove(&path).expect("a link").0.ino,
+                    Some(Kind::Symlink | Kind::Special) => self.names.links.remove(&path).expect("a link").0.ino,
                     Some(Kind::Dir) => return Err(NamespaceError::IsDir { path }),
                     None => return Err(NamespaceError::NotFound { path }),
                 };
@@ -259,7 +270,7 @@ impl Namespace<'_> {
                     match kind {
                         Kind::File => {}
                         Kind::Dir => return Err(NamespaceError::IsDir { path }),
-                        Kind::Symlink => return Err(NamespaceError::BadName { path }),
+                        Kind::Symlink | Kind::Special => return Err(NamespaceError::BadName { path }),
                     }
                     let f = self.files.get_mut(&path).expect("a file");
                     if ino != 0 && f.id != ino {
@@ -275,7 +286,7 @@ impl Namespace<'_> {
                     return Err(NamespaceError::NotFound { path });
                 }
                 if let Some(m) = mode {
-                    attr.mode = m & MODE_BITS;
+                    attr.mode = (attr.mode & TYPE_BITS) | (m & MODE_BITS);
                 }
                 if let Some(u) = uid {
                     attr.uid = u;
@@ -295,6 +306,18 @@ impl Namespace<'_> {
                 attr.ctime_ns = now_ns;
                 Ok(attr.ino)
             }
+            NameOp::Mknod { path, mode, rdev, uid, gid } => {
+                if !SPECIAL_TYPES.contains(&(mode & TYPE_BITS)) {
+                    return Err(NamespaceError::BadName { path });
+                }
+                self.check_new(&path)?;
+                let ino = self.new_id();
+                let mut attr = Attr::new(ino, mode, uid, gid, now_ns, 1);
+                attr.mode |= mode & TYPE_BITS;
+                self.names.links.insert(path.clone(), (attr, rdev.to_string()));
+                self.touch_dir(parent_of(&path), now_ns, 0);
+                Ok(ino)
+            }
             NameOp::Access { path, ino } => {
                 let kind = self.kind(&path).ok_or_else(|| NamespaceError::NotFound { path: path.clone() })?;
                 let attr = self.attr_mut(&path, kind, now_ns).expect("exists");
@@ -312,7 +335,7 @@ impl Namespace<'_> {
     fn attr_mut(&mut self, path: &str, kind: Kind, now_ns: u64) -> Option<&mut Attr> {
         match kind {
             Kind::Dir => self.dir_attr(path),
-            Kind::Symlink => self.names.links.get_mut(path).map(|(a, _)| a),
+            Kind::Symlink | Kind::Special => self.names.links.get_mut(path).map(|(a, _)| a),
             Kind::File => {
                 let id = self.files.get(path)?.id;
                 Some(self.names.file_attrs.entry(id).or_insert_with(|| Attr::of_put(id, now_ns)))
@@ -385,7 +408,7 @@ impl Namespace<'_> {
                     let f = self.files.remove(to).expect("a file");
                     self.names.file_attrs.remove(&f.id);
                 }
-                (_, Kind::Symlink) => {
+                (_, Kind::Symlink | Kind::Special) => {
                     self.names.links.remove(to);
                 }
             }
@@ -459,8 +482,8 @@ impl View<'_> {
             Some(Kind::Dir)
         } else if self.files.contains_key(path) {
             Some(Kind::File)
-        } else if self.names.links.contains_key(path) {
-            Some(Kind::Symlink)
+        } else if let Some((a, _)) = self.names.links.get(path) {
+            Some(if a.mode & TYPE_BITS == 0 { Kind::Symlink } else { Kind::Special })
         } else {
             None
         }
@@ -476,11 +499,17 @@ impl View<'_> {
 
     /// The entry at `path`.
     pub fn entry(&self, path: &str) -> Option<Entry> {
+        let mut rdev = 0;
         let (kind, attr, size, target) = match self.kind(path)? {
             Kind::Dir => (Kind::Dir, if path == "/" { self.names.root } else { self.names.dirs[path] }, 0, None),
             Kind::Symlink => {
                 let (a, t) = &self.names.links[path];
                 (Kind::Symlink, *a, t.len() as u64, Some(t.clone()))
+            }
+            Kind::Special => {
+                let (a, dev) = &self.names.links[path];
+                rdev = dev.parse().unwrap_or(0);
+                (Kind::Special, *a, 0, None)
             }
             Kind::File => {
                 let f = &self.files[path];
@@ -488,7 +517,7 @@ impl View<'_> {
                 (Kind::File, attr, f.size, None)
             }
         };
-        Some(Entry { path: path.to_string(), kind, attr, size, target })
+        Some(Entry { path: path.to_string(), kind, attr, size, target, rdev })
     }
 
     /// The entry whose id is `ino`, wherever it is now (a walk of the whole namespace: for the
@@ -681,5 +710,41 @@ mod tests {
         assert_eq!(n.names("/p"), ["/p/q"]);
         n.apply(create("/p/q/r")).unwrap();
         assert_eq!(n.ns().make_parents("/p/q/r/s", 0), Err(NamespaceError::NotDir { path: "/p/q/r".into() }));
+    }
+
+    #[test]
+    fn special_files_keep_their_type_and_device_and_an_access_moves_only_atime() {
+        let mut n = Ns::new();
+        let mknod = |p: &str, mode, rdev| NameOp::Mknod { path: p.into(), mode, rdev, uid: 1, gid: 2 };
+        let fifo = n.apply(mknod("/fifo", 0o010644, 0)).unwrap();
+        n.apply(mknod("/dev", 0o020600, 259)).unwrap();
+        assert_eq!(n.apply(mknod("/bad", 0o100644, 0)), Err(NamespaceError::BadName { path: "/bad".into() }));
+        let e = n.view().entry("/dev").unwrap();
+        assert_eq!((e.kind, e.attr.mode, e.rdev, e.size), (Kind::Special, 0o020600, 259, 0));
+        let chmod = NameOp::SetAttr {
+            path: "/fifo".into(),
+            ino: fifo,
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            atime_ns: None,
+            mtime_ns: None,
+            size: None,
+            touch: false,
+        };
+        n.apply(chmod).unwrap();
+        n.apply(rename("/fifo", "/p", 0)).unwrap();
+        let e = n.view().entry("/p").unwrap();
+        assert_eq!((e.kind, e.attr.mode, e.attr.ino), (Kind::Special, 0o010600, fifo));
+        assert_eq!(n.names("/"), ["/dev", "/p"]);
+        n.apply(NameOp::Unlink { path: "/p".into() }).unwrap();
+        assert_eq!(n.names("/"), ["/dev"]);
+        // A read at a later time: atime moves, ctime stays.
+        let before = n.view().entry("/dev").unwrap().attr;
+        n.ns().apply(NameOp::Access { path: "/dev".into(), ino: before.ino }, 9).unwrap();
+        let after = n.view().entry("/dev").unwrap().attr;
+        assert_eq!((after.atime_ns, after.ctime_ns, after.mtime_ns), (9_000_000, before.ctime_ns, before.mtime_ns));
+        let stale = NameOp::Access { path: "/dev".into(), ino: before.ino + 100 };
+        assert_eq!(n.apply(stale), Err(NamespaceError::NotFound { path: "/dev".into() }));
     }
 }

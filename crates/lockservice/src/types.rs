@@ -252,6 +252,15 @@ pub enum NameOp {
         path: String,
         ino: u64,
     },
+    /// mknod(2)/mkfifo(3) of a FIFO, socket, character or block device: an entry without data
+    /// (format version 4). `mode` carries the type bits (`S_IFIFO` …) with the permissions.
+    Mknod {
+        path: String,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 pub const RENAME_NOREPLACE: u32 = 1;

@@ -250,6 +250,12 @@ fn kind_of(n: &pb::Node) -> FileType {
     match pb::NodeKind::try_from(n.kind) {
         Ok(pb::NodeKind::Dir) => FileType::Directory,
         Ok(pb::NodeKind::Symlink) => FileType::Symlink,
+        Ok(pb::NodeKind::Special) => match n.mode & libc::S_IFMT {
+            libc::S_IFIFO => FileType::NamedPipe,
+            libc::S_IFCHR => FileType::CharDevice,
+            libc::S_IFBLK => FileType::BlockDevice,
+            _ => FileType::Socket,
+        },
         _ => FileType::RegularFile,
     }
 }
@@ -267,7 +273,7 @@ fn attr_of(n: &pb::Node) -> FileAttr {
         nlink: n.nlink.max(1),
         uid: n.uid,
         gid: n.gid,
-        rdev: 0,
+        rdev: n.rdev as u32,
         blksize: MAX_WRITE,
     }
 }
@@ -1044,7 +1050,12 @@ impl Filesystem for StripeFs {
 
     async fn getattr(&self, _req: Request, inode: u64, _fh: Option<u64>, _flags: u32) -> Result<ReplyAttr> {
         let (_, n) = self.inner.node(inode).await?;
-        Ok(ReplyAttr { ttl: TTL, attr: attr_of(&n) })
+        let mut attr = attr_of(&n);
+        if self.inner.unlinked.lock().expect("unlinked").contains_key(&inode) {
+            // Unlinked while open here: no name links to it any more.
+            attr.nlink = 0;
+        }
+        Ok(ReplyAttr { ttl: TTL, attr })
     }
 
     async fn setattr(&self, _req: Request, inode: u64, _fh: Option<u64>, set: SetAttr) -> Result<ReplyAttr> {
@@ -1096,27 +1107,32 @@ impl Filesystem for StripeFs {
                 uid: req.uid,
                 gid: req.gid,
                 target,
+                rdev: 0,
             }))
             .await?;
         Ok(self.inner.entry(&path, &n))
     }
 
-    async fn mknod(&self, req: Request, parent: u64, name: &OsStr, mode: u32, _rdev: u32) -> Result<ReplyEntry> {
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            // Devices, FIFOs and sockets are not kept by the cluster.
-            return Err(errno(libc::EPERM));
-        }
+    async fn mknod(&self, req: Request, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Result<ReplyEntry> {
         let path = join(&self.inner.path(parent)?, name)?;
-        let n = self
-            .inner
-            .change(pb::name_change::Op::Create(pb::MakeNode {
-                path: path.clone(),
-                mode: mode & 0o7777,
-                uid: req.uid,
-                gid: req.gid,
-                target: String::new(),
-            }))
-            .await?;
+        let node = pb::MakeNode {
+            path: path.clone(),
+            mode: mode & 0o7777,
+            uid: req.uid,
+            gid: req.gid,
+            target: String::new(),
+            rdev: 0,
+        };
+        let op = match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => pb::name_change::Op::Create(node),
+            // FIFOs, sockets and devices are entries without data; the kernel opens them
+            // locally (a FIFO's bytes never reach the cluster).
+            t @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
+                pb::name_change::Op::Mknod(pb::MakeNode { mode: t | (mode & 0o7777), rdev: u64::from(rdev), ..node })
+            }
+            _ => return Err(errno(libc::EINVAL)),
+        };
+        let n = self.inner.change(op).await?;
         Ok(self.inner.entry(&path, &n))
     }
 
@@ -1131,6 +1147,7 @@ impl Filesystem for StripeFs {
                 uid: req.uid,
                 gid: req.gid,
                 target: String::new(),
+                rdev: 0,
             }))
             .await?;
         Ok(self.inner.entry(&path, &n))
@@ -1227,6 +1244,7 @@ impl Filesystem for StripeFs {
                 uid: req.uid,
                 gid: req.gid,
                 target: String::new(),
+                rdev: 0,
             }))
             .await;
         let n = match made {

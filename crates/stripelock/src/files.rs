@@ -534,6 +534,7 @@ fn print_dir(dir: &str, nodes: &[pb::Node], json: bool) -> ExitCode {
     let kind = |n: &pb::Node| match pb::NodeKind::try_from(n.kind) {
         Ok(pb::NodeKind::Dir) => "dir",
         Ok(pb::NodeKind::Symlink) => "symlink",
+        Ok(pb::NodeKind::Special) => "special",
         _ => "file",
     };
     if json {

@@ -207,6 +207,23 @@ fn two_mounts_on_different_servers_see_one_namespace_and_the_same_bytes() {
         std::os::unix::fs::symlink("log", a.path("/link")).unwrap();
         assert_eq!(std::fs::read_link(b.path("/link")).unwrap(), Path::new("log"));
         assert_eq!(std::fs::read(b.path("/link")).unwrap(), b"on\0\0\0\0");
+        // FIFOs and devices are entries without data, seen through the other mount.
+        {
+            use rustix::fs::{CWD, FileType, Mode as Perm, makedev, mknodat};
+            use std::os::unix::fs::FileTypeExt;
+            mknodat(CWD, a.path("/fifo"), FileType::Fifo, Perm::from_raw_mode(0o640), 0).unwrap();
+            mknodat(CWD, a.path("/null2"), FileType::CharacterDevice, Perm::from_raw_mode(0o600), makedev(1, 3))
+                .unwrap();
+            let fifo = std::fs::symlink_metadata(b.path("/fifo")).unwrap();
+            assert!(fifo.file_type().is_fifo() && fifo.mode() & 0o7777 == 0o640, "{fifo:?}");
+            let dev = std::fs::symlink_metadata(b.path("/null2")).unwrap();
+            assert!(dev.file_type().is_char_device() && dev.rdev() == makedev(1, 3), "{dev:?}");
+            std::fs::set_permissions(b.path("/fifo"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(std::fs::symlink_metadata(a.path("/fifo")).unwrap().file_type().is_fifo(), "chmod keeps the type");
+            std::fs::rename(b.path("/fifo"), b.path("/fifo2")).unwrap();
+            std::fs::remove_file(a.path("/fifo2")).unwrap();
+            std::fs::remove_file(a.path("/null2")).unwrap();
+        }
         let hard = std::fs::hard_link(a.path("/log"), a.path("/hard"));
         assert_eq!(hard.unwrap_err().raw_os_error(), Some(1), "hard links are refused with EPERM");
         std::fs::set_permissions(a.path("/log"), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -476,6 +493,7 @@ fn a_file_unlinked_while_open_lives_until_its_last_close() {
         let g = std::fs::File::open(a.path("/d/f")).unwrap();
         std::fs::remove_file(a.path("/d/f")).unwrap();
         assert!(!a.path("/d/f").exists() && !b.path("/d/f").exists(), "the name is gone at once");
+        assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat of an unlinked open file: no links");
         let mut buf = vec![0u8; 10];
         f.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, b"still here");
