@@ -1,0 +1,278 @@
+//! Objects on the secondary tier. An object is written once, under a key unique to one migration
+//! attempt (`files/FILE/ATTEMPT`, both 16 hex digits), streamed in parts, and hashed with blake3
+//! on the way; nothing overwrites it (a second write of a key is refused). A stub names the key,
+//! the size and the hash, and a reader checks what it recalls against them.
+
+use std::ops::Range;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+
+/// Bytes per part of a streamed upload.
+pub const PART_BYTES: usize = 8 << 20;
+
+/// What went wrong on the tier, with the object it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    #[error("the tier object {key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("the tier object {key} is missing")]
+    Missing { key: String },
+    #[error("the tier object {key} has {found} bytes; its stub says {expected}")]
+    Size { key: String, found: u64, expected: u64 },
+    #[error("the tier object {key} does not hash to its stub's blake3 (found {found})")]
+    Checksum { key: String, found: String },
+    #[error("the tier cannot be opened at {place}: {reason}")]
+    Open { place: String, reason: String },
+}
+
+fn store_error(key: &str, source: object_store::Error) -> TierError {
+    match source {
+        object_store::Error::NotFound { .. } => TierError::Missing { key: key.to_string() },
+        source => TierError::Store { key: key.to_string(), source },
+    }
+}
+
+/// An object written: its size and blake3 hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub size: u64,
+    pub blake3: [u8; 32],
+}
+
+/// One object on the tier, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// When it was last written, ms since the Unix epoch.
+    pub written_ms: u64,
+}
+
+/// The secondary tier.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    store: Arc<dyn ObjectStore>,
+    /// Where it is, for messages.
+    place: String,
+}
+
+impl Tier {
+    /// A tier in directory `dir` (made if missing).
+    pub fn local(dir: &FsPath) -> Result<Tier, TierError> {
+        let open = |reason: String| TierError::Open { place: dir.display().to_string(), reason };
+        std::fs::create_dir_all(dir).map_err(|e| open(e.to_string()))?;
+        let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| open(e.to_string()))?;
+        Ok(Tier { store: Arc::new(store), place: dir.display().to_string() })
+    }
+
+    /// A tier over any object store (tests use `InMemory`; S3 comes through here).
+    pub fn over(store: Arc<dyn ObjectStore>, place: impl Into<String>) -> Tier {
+        Tier { store, place: place.into() }
+    }
+
+    /// An S3 bucket (`s3` feature): `endpoint` for an S3-protocol server other than AWS's.
+    #[cfg(feature = "s3")]
+    pub fn s3(bucket: &str, endpoint: Option<&str>, region: &str) -> Result<Tier, TierError> {
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_region(region);
+        if let Some(e) = endpoint {
+            b = b.with_endpoint(e).with_allow_http(true);
+        }
+        let store =
+            b.build().map_err(|e| TierError::Open { place: format!("s3://{bucket}"), reason: e.to_string() })?;
+        Ok(Tier { store: Arc::new(store), place: format!("s3://{bucket}") })
+    }
+
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// The key of attempt `attempt` at migrating file `file`.
+    pub fn key(file: u64, attempt: u64) -> String {
+        format!("files/{file:016x}/{attempt:016x}")
+    }
+
+    /// Writes `parts` as the object `key`, hashing them; refused if `key` exists.
+    pub async fn put(&self, key: &str, parts: impl IntoIterator<Item = Bytes>) -> Result<Written, TierError> {
+        let mut w = self.writer(key).await?;
+        for part in parts {
+            w.write(part).await?;
+        }
+        w.finish().await
+    }
+
+    /// A streamed write of the object `key`: `write` its bytes in order, then `finish`.
+    pub async fn writer(&self, key: &str) -> Result<ObjectWriter, TierError> {
+        let path = Path::from(key);
+        match self.store.head(&path).await {
+            Ok(_) => {
+                return Err(TierError::Store {
+                    key: key.to_string(),
+                    source: object_store::Error::AlreadyExists {
+                        path: key.to_string(),
+                        source: "written before".into(),
+                    },
+                });
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_error(key, e)),
+        }
+        let upload = self.store.put_multipart(&path).await.map_err(|e| store_error(key, e))?;
+        Ok(ObjectWriter {
+            key: key.to_string(),
+            upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+        })
+    }
+
+    /// Bytes `range` of object `key` (cut at its end).
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, TierError> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        self.store.get_range(&Path::from(key), range).await.map_err(|e| store_error(key, e))
+    }
+
+    /// Its size.
+    pub async fn size(&self, key: &str) -> Result<u64, TierError> {
+        self.store.head(&Path::from(key)).await.map(|m| m.size).map_err(|e| store_error(key, e))
+    }
+
+    /// Reads the whole object `key` and checks it has `size` bytes hashing to `blake3`.
+    pub async fn verify(&self, key: &str, size: u64, blake3: &[u8; 32]) -> Result<(), TierError> {
+        let got = self.store.get(&Path::from(key)).await.map_err(|e| store_error(key, e))?;
+        let mut stream = got.into_stream();
+        let mut hasher = blake3::Hasher::new();
+        let mut found = 0u64;
+        while let Some(chunk) = stream.try_next().await.map_err(|e| store_error(key, e))? {
+            found += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        if found != size {
+            return Err(TierError::Size { key: key.to_string(), found, expected: size });
+        }
+        let hash = hasher.finalize();
+        if hash.as_bytes() != blake3 {
+            return Err(TierError::Checksum { key: key.to_string(), found: hash.to_hex().to_string() });
+        }
+        Ok(())
+    }
+
+    /// Every object under `files/`.
+    pub async fn list(&self) -> Result<Vec<Listed>, TierError> {
+        let prefix = Path::from("files");
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&prefix)).try_collect().await.map_err(|e| store_error("files/", e))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| Listed {
+                key: m.location.to_string(),
+                size: m.size,
+                written_ms: m.last_modified.timestamp_millis().max(0) as u64,
+            })
+            .collect())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), TierError> {
+        match self.store.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error(key, e)),
+        }
+    }
+}
+
+/// An object being written (see [`Tier::writer`]). Dropped before `finish`, nothing is left
+/// under its key.
+pub struct ObjectWriter {
+    key: String,
+    upload: WriteMultipart,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl std::fmt::Debug for ObjectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectWriter({}, {} bytes)", self.key, self.size)
+    }
+}
+
+impl ObjectWriter {
+    /// Appends `bytes` (waits while too many parts are on their way).
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), TierError> {
+        self.hasher.update(&bytes);
+        self.size += bytes.len() as u64;
+        self.upload.wait_for_capacity(4).await.map_err(|e| store_error(&self.key, e))?;
+        self.upload.put(bytes);
+        Ok(())
+    }
+
+    /// Completes the object; answers its size and hash.
+    pub async fn finish(self) -> Result<Written, TierError> {
+        let key = self.key;
+        self.upload.finish().await.map_err(|e| store_error(&key, e))?;
+        Ok(Written { size: self.size, blake3: *self.hasher.finalize().as_bytes() })
+    }
+}
+
+/// The object `key` as one payload (small objects, tests).
+pub fn payload(bytes: Bytes) -> PutPayload {
+    PutPayload::from(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("stripelock-tier-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[tokio::test]
+    async fn an_object_round_trips_with_its_hash_and_is_never_overwritten() {
+        let dir = tmp("round");
+        let tier = Tier::local(&dir).unwrap();
+        let data: Vec<u8> = (0..(PART_BYTES * 2 + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        let key = Tier::key(7, 1);
+        let parts: Vec<Bytes> = data.chunks(3 << 20).map(Bytes::copy_from_slice).collect();
+        let w = tier.put(&key, parts).await.unwrap();
+        assert_eq!(w.size, data.len() as u64);
+        assert_eq!(&w.blake3, blake3::hash(&data).as_bytes());
+        assert_eq!(tier.get_range(&key, 100..4196).await.unwrap(), data[100..4196]);
+        assert_eq!(tier.size(&key).await.unwrap(), data.len() as u64);
+        tier.verify(&key, w.size, &w.blake3).await.unwrap();
+        assert!(matches!(tier.verify(&key, w.size, &[0; 32]).await, Err(TierError::Checksum { .. })));
+        assert!(matches!(tier.verify(&key, w.size + 1, &w.blake3).await, Err(TierError::Size { .. })));
+        assert!(tier.put(&key, [Bytes::from_static(b"x")]).await.is_err(), "a key is written once");
+        let keys: Vec<String> = tier.list().await.unwrap().into_iter().map(|l| l.key).collect();
+        assert_eq!(keys, [key.as_str()]);
+        tier.delete(&key).await.unwrap();
+        assert!(matches!(tier.get_range(&key, 0..1).await, Err(TierError::Missing { .. })));
+        tier.delete(&key).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_write_leaves_no_object() {
+        let dir = tmp("unfinished");
+        let tier = Tier::local(&dir).unwrap();
+        let key = Tier::key(8, 2);
+        let mut w = tier.writer(&key).await.unwrap();
+        w.write(Bytes::from(vec![1u8; PART_BYTES + 1])).await.unwrap();
+        drop(w);
+        assert!(tier.list().await.unwrap().is_empty());
+        assert!(matches!(tier.size(&key).await, Err(TierError::Missing { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
