@@ -10,6 +10,8 @@ use crate::lease::StorageEvent;
 pub struct Config {
     /// The server's data directory; its units are kept in `units/` there.
     pub data_dir: PathBuf,
+    /// The secondary tier (seed 001): a directory every server of the cluster reaches.
+    pub tier_dir: PathBuf,
     /// How often the leader's fencing duty runs (the lock service's tick).
     pub tick_ms: u64,
     /// How long units of a file no longer in the namespace are kept before they are deleted

@@ -15,7 +15,7 @@ use chunks::UnitId;
 use futures::Stream;
 use layout::stripe::{StoredUnit, UnitRead as Fetched, is_hole, role_index, role_name, solve_row, units_in_file};
 use layout::{Layout, Role};
-use lockservice::{FileMeta, Op};
+use lockservice::{FileMeta, Op, Stub};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -27,6 +27,7 @@ use crate::config::{DEFAULT_UNIT, MESSAGE_BYTES_MAX};
 use crate::errors::row_code;
 use crate::names;
 use crate::shared::Shared;
+use crate::tiering;
 use crate::write::Stripes;
 
 /// The files service of one server: the gateway of the data path for its clients.
@@ -42,7 +43,7 @@ impl std::fmt::Debug for FilesService {
     }
 }
 
-fn stat_of(path: &str, f: &FileMeta) -> pb::FileStat {
+fn stat_of(path: &str, f: &FileMeta, stub: Option<Stub>) -> pb::FileStat {
     pb::FileStat {
         path: path.to_string(),
         file: f.id,
@@ -52,6 +53,8 @@ fn stat_of(path: &str, f: &FileMeta) -> pb::FileStat {
         parity_units: f.layout.parity() as u32,
         servers: f.layout.servers().to_vec(),
         complete: f.complete,
+        tier_key: stub.as_ref().map(|s| s.key.clone()).unwrap_or_default(),
+        tier_blake3: stub.map(|s| s.blake3.iter().map(|b| format!("{b:02x}")).collect()).unwrap_or_default(),
     }
 }
 
@@ -420,7 +423,8 @@ impl pb::files_server::Files for FilesService {
             return Err(e.status());
         }
         self.shared.applied(reply.index).await;
-        Ok(Response::new(stat_of(&path, &self.shared.file(&path)?)))
+        let f = self.shared.file(&path)?;
+        Ok(Response::new(stat_of(&path, &f, self.shared.locks.stub(f.id))))
     }
 
     type GetStream = DataStream;
@@ -448,6 +452,12 @@ impl pb::files_server::Files for FilesService {
             Some(g) => (g.start.min(f.size), g.end.min(f.size)),
             None => (0, f.size),
         };
+        if let Some(stub) = self.shared.locks.stub(f.id) {
+            // On the secondary tier: only the bytes asked for are fetched (a partial recall).
+            let shared = self.shared.clone();
+            tokio::spawn(async move { tiering::read_stub(&shared, &stub, start, end, tx).await });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         tokio::spawn(async move {
             use futures::StreamExt;
             let row_bytes = f.layout.row_bytes();
@@ -475,12 +485,14 @@ impl pb::files_server::Files for FilesService {
 
     async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileStat>, Status> {
         let path = req.into_inner().path;
-        Ok(Response::new(stat_of(&path, &self.shared.file(&path)?)))
+        let f = self.shared.file(&path)?;
+        Ok(Response::new(stat_of(&path, &f, self.shared.locks.stub(f.id))))
     }
 
     async fn list(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileList>, Status> {
         let prefix = req.into_inner().path;
-        let files = self.shared.locks.files(&prefix).iter().map(|(p, f)| stat_of(p, f)).collect();
+        let files =
+            self.shared.locks.files(&prefix).iter().map(|(p, f)| stat_of(p, f, self.shared.locks.stub(f.id))).collect();
         Ok(Response::new(pb::FileList { files }))
     }
 
@@ -488,6 +500,15 @@ impl pb::files_server::Files for FilesService {
         let r = req.into_inner();
         self.shared.check_token(&r.path, &r.token, r.repair)?;
         let f = self.shared.file(&r.path)?;
+        if let Some(stub) = self.shared.locks.stub(f.id) {
+            // A stub is checked against its object: every byte read and hashed.
+            let tier = self.shared.tier()?;
+            let mut report = pb::ScrubReport { bytes_checked: stub.size, ..Default::default() };
+            if let Err(e) = tier.verify(&stub.key, stub.size, &stub.blake3).await {
+                report.damaged.push(format!("{} (on the secondary tier): {e}", r.path));
+            }
+            return Ok(Response::new(report));
+        }
         if !f.complete {
             return Err(
                 ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
@@ -499,7 +520,7 @@ impl pb::files_server::Files for FilesService {
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildReport>, Status> {
         let r = req.into_inner();
         self.shared.check_token(&r.path, &r.token, true)?;
-        let f = self.shared.file(&r.path)?;
+        let f = self.shared.striped_file(&r.path)?;
         let l = &f.layout;
         let Some(position) = l.servers().iter().position(|s| *s == r.lost_server) else {
             return Err(ErrorCode::BadRequest.status(format!("server {} holds no unit of {}", r.lost_server, r.path)));
@@ -590,6 +611,66 @@ impl pb::files_server::Files for FilesService {
     async fn change(&self, req: Request<pb::NameChange>) -> Result<Response<pb::Node>, Status> {
         let layout_for = |path: &str| self.choose_layout(path, &pb::PutChunk::default());
         names::change(&self.shared, layout_for, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn migrate(&self, req: Request<pb::TierRequest>) -> Result<Response<pb::MigrateReply>, Status> {
+        use futures::StreamExt;
+        let r = req.into_inner();
+        self.shared.check_token(&r.path, &r.token, true)?;
+        let lock_token = self.shared.claims(&r.path, &r.token)?.token;
+        let f = self.shared.striped_file(&r.path)?;
+        if !f.complete {
+            return Err(
+                ErrorCode::Busy.status(format!("{} is still being put; migrate it once the put is done", r.path))
+            );
+        }
+        let row_bytes = f.layout.row_bytes();
+        let (path, meta) = (&r.path, &f);
+        let rows = futures::stream::iter(0..f.size.div_ceil(row_bytes))
+            .map(|row| async move {
+                let (mut data, _) = self.read_row(path, meta, row, false).await?;
+                data.truncate((meta.size - row * row_bytes).min(row_bytes) as usize);
+                Ok(bytes::Bytes::from(data))
+            })
+            .buffered(self.shared.config.limits.rows_in_flight);
+        let stub = tiering::migrate(&self.shared, &r.path, &f, lock_token, Box::pin(rows)).await?;
+        // The units are freed once the stub is committed (a server down keeps its units until
+        // its orphan collection finds the file's units unnamed by any layout in use).
+        let removed = self.delete_units(&r.path, &f, &r.token).await;
+        self.shared.stats.migrated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Response::new(tiering::migrated(&stub, removed)))
+    }
+
+    async fn recall(&self, req: Request<pb::TierRequest>) -> Result<Response<pb::RecallReply>, Status> {
+        use futures::StreamExt;
+        let r = req.into_inner();
+        self.shared.check_token(&r.path, &r.token, true)?;
+        let lock_token = self.shared.claims(&r.path, &r.token)?.token;
+        let f = self.shared.file(&r.path)?;
+        let Some(stub) = self.shared.locks.stub(f.id) else {
+            return Err(ErrorCode::Conflict.status(format!("{} is not on the secondary tier", r.path)));
+        };
+        // Units a migration could not delete (a server was down) go first: rows are written
+        // as new units.
+        let removed = self.delete_units(&r.path, &f, &r.token).await;
+        if let Some(e) = removed.errors.first() {
+            return Err(ErrorCode::Unavailable
+                .status(format!("{} cannot be recalled while its old units cannot be cleared: {e}", r.path)));
+        }
+        let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
+        let (path, token, m) = (&r.path, &r.token, &meta);
+        let mut writes = Box::pin(tiering::recall_rows(&self.shared, stub.clone(), meta.layout.row_bytes()))
+            .map(|row| async move {
+                let (row, data) = row?;
+                self.write_row(path, m, row, data.to_vec(), token).await
+            })
+            .buffered(self.shared.config.limits.rows_in_flight);
+        while let Some(w) = writes.next().await {
+            w?;
+        }
+        tiering::recalled(&self.shared, &r.path, &f, &stub, lock_token).await?;
+        self.shared.stats.recalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Response::new(pb::RecallReply { size: stub.size }))
     }
 
     async fn stat_fs(&self, _req: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {

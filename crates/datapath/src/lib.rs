@@ -19,6 +19,7 @@ mod locks;
 mod names;
 mod shared;
 mod storage;
+mod tiering;
 mod units;
 mod unlocked;
 mod volume;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use futures::future::BoxFuture;
 use lockengine::{ByteRange, SessionId};
 use lockservice::names::Entry;
-use lockservice::{FileMeta, NodeId, Op, ProposeError, Reply, WriteGrant};
+use lockservice::{FileMeta, NodeId, Op, ProposeError, Reply, Stub, WriteGrant};
 use tokio::sync::{mpsc, watch};
 
 /// Who leads, as this server sees it now.
@@ -71,6 +71,8 @@ pub trait Locks: Send + Sync + 'static {
     /// The files whose path starts with `prefix`, in path order.
     fn files(&self, prefix: &str) -> Vec<(String, FileMeta)>;
     fn file_ids(&self) -> FileIds;
+    /// Where file `id`'s bytes are on the secondary tier, if they are (issue 14).
+    fn stub(&self, id: u64) -> Option<Stub>;
     /// The namespace entry at `path` (file, directory, symlink), `/` included.
     fn entry(&self, path: &str) -> Option<Entry>;
     /// The entry whose id is `ino`, wherever it is now.

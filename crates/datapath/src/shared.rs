@@ -27,6 +27,8 @@ pub struct Shared {
     /// Seed 000: ranges of files this server knows are free of write locks.
     pub lock_free: Mutex<LockFreeCache>,
     channels: Mutex<HashMap<u64, Channel>>,
+    /// The secondary tier, or why it cannot be opened.
+    tier: Result<tier::Tier, String>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -45,6 +47,11 @@ pub struct DataStats {
     pub stripe_writes_dropped: AtomicU64,
     /// Stripe writes scheduled or running here now.
     pub stripe_load: AtomicU32,
+    /// Seed 001: bytes read from the secondary tier for readers of stubs, and files migrated
+    /// and recalled through this server.
+    pub tier_bytes_read: AtomicU64,
+    pub migrated: AtomicU64,
+    pub recalled: AtomicU64,
     /// Seed 000: invalidations received, and lock-free ranges cached now.
     pub invalidations_received: AtomicU64,
     pub lock_free_ranges: AtomicU64,
@@ -71,6 +78,9 @@ impl DataStats {
         reply.writes_in_flight = self.writes_in_flight.load(Relaxed);
         reply.writes_admitted_max = self.writes_admitted_max.load(Relaxed);
         reply.worst_write_ms = self.worst_write_ms.load(Relaxed);
+        reply.tier_bytes_read = self.tier_bytes_read.load(Relaxed);
+        reply.files_migrated = self.migrated.load(Relaxed);
+        reply.files_recalled = self.recalled.load(Relaxed);
     }
 }
 
@@ -84,12 +94,17 @@ pub fn stripe_resource(file: u64, row: u64) -> String {
 impl Shared {
     pub fn new(locks: Arc<dyn Locks>, config: Config) -> Shared {
         let lock_free = LockFreeCache::with_capacity(config.limits.lock_free_ranges_max);
+        let tier = tier::Tier::local(&config.tier_dir).map_err(|e| e.to_string());
+        if let Err(e) = &tier {
+            tracing::warn!("no secondary tier: {e}");
+        }
         Shared {
             locks,
             config,
             stats: DataStats::default(),
             lock_free: Mutex::new(lock_free),
             channels: Mutex::new(HashMap::new()),
+            tier,
         }
     }
 
@@ -180,5 +195,22 @@ impl Shared {
 
     pub fn file(&self, path: &str) -> Result<FileMeta, Status> {
         self.locks.file(path).ok_or_else(|| ErrorCode::NotFound.status(format!("no such file: {path}")))
+    }
+
+    /// The file at `path`, which must be striped (not a stub on the secondary tier): what
+    /// writes, scrubs and rebuilds of its units need.
+    pub fn striped_file(&self, path: &str) -> Result<FileMeta, Status> {
+        let f = self.file(path)?;
+        if self.locks.stub(f.id).is_some() {
+            return Err(ErrorCode::Conflict.status(format!(
+                "{path} is on the secondary tier (a stub); `stripelock recall {path}` stripes it again"
+            )));
+        }
+        Ok(f)
+    }
+
+    /// The secondary tier.
+    pub fn tier(&self) -> Result<&tier::Tier, Status> {
+        self.tier.as_ref().map_err(|e| ErrorCode::Unavailable.status(format!("this server has no secondary tier: {e}")))
     }
 }

@@ -211,7 +211,7 @@ impl Stripes {
         if !r.data.is_empty() {
             self.shared.check_file_size(&r.path, end)?;
         }
-        let f = self.shared.file(&r.path)?;
+        let f = self.shared.striped_file(&r.path)?;
         if !f.complete {
             return Err(ErrorCode::Busy.status(format!("{} is still being put; write once the put is done", r.path)));
         }
@@ -339,7 +339,7 @@ impl Stripes {
     pub async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let end = req.offset.saturating_add(req.data.len() as u64);
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
-        let f = self.shared.file(&req.path)?;
+        let f = self.shared.striped_file(&req.path)?;
         if f.id != req.file {
             return Err(ErrorCode::Conflict
                 .status(format!("{} was replaced while the write was on its way; write again", req.path)));

@@ -10,7 +10,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, TryStreamExt};
-use lockengine::{Engine, EngineSnapshot, Input, Limits, Output, SessionId};
+use lockengine::{ByteRange, Engine, EngineSnapshot, Input, Limits, Output, SessionId};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend};
@@ -21,7 +21,7 @@ use crate::codec::{self, Record};
 use crate::env::{ApplyEvent, Env};
 use crate::names::{Attr, NameOp, Names, Namespace, View};
 use crate::store::Store;
-use crate::types::{C, Command, FileMeta, NamespaceError, Op, Origin, Reply, SnapshotData, io_error};
+use crate::types::{C, Command, FileMeta, NamespaceError, Op, Origin, Reply, SnapshotData, Stub, io_error};
 
 /// One applied entry, as the local server's sessions see it.
 #[derive(Debug, Clone)]
@@ -47,6 +47,8 @@ pub struct State {
     pub files: BTreeMap<String, FileMeta>,
     /// Directories, symlinks and attributes beside the files (issue 13).
     pub names: Names,
+    /// Files whose bytes are on the secondary tier, by id (issue 14).
+    pub stubs: BTreeMap<u64, Stub>,
     next_file: u64,
     /// Files being put, by path, with their id and writer session (derived from `files`).
     putting: BTreeMap<String, (u64, SessionId)>,
@@ -62,9 +64,18 @@ pub struct State {
 
 /// The replicated state as a snapshot record (`codec`: its version comes first; the field
 /// order is the format, docs/formats.md). Format version 3 added `names` after the version 2
-/// record (`CoreSnapshot`), which is read as a namespace of files only.
+/// record (`CoreSnapshot`), which is read as a namespace of files only; version 5 added `stubs`
+/// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
+    core: CoreSnapshot,
+    names: Names,
+    stubs: Vec<(u64, Stub)>,
+}
+
+/// The snapshot record of format versions 3 and 4.
+#[derive(Serialize, Deserialize)]
+struct NamedSnapshot {
     core: CoreSnapshot,
     names: Names,
 }
@@ -139,6 +150,7 @@ impl State {
             clients: BTreeMap::new(),
             files: BTreeMap::new(),
             names: Names::default(),
+            stubs: BTreeMap::new(),
             next_file: 0,
             putting: BTreeMap::new(),
             puts_rolled_back: 0,
@@ -158,6 +170,7 @@ impl State {
             return reply;
         }
         let mut reply = Reply { index, ..Reply::default() };
+        let removed_file = matches!(&cmd.op, Op::RemoveFile { .. });
         match cmd.op {
             Op::Bootstrap { secret } => {
                 // Only the first one counts: a second bootstrap cannot change the key.
@@ -275,8 +288,21 @@ impl State {
                 }
                 _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
+            Op::Migrated { path, id, token, stub } => match self.migrate(&path, id, token, stub, cmd.now_ms) {
+                Ok(()) => reply.file = Some(id),
+                Err(why) => {
+                    reply.error = Some(NamespaceError::TierRefused { path, what: "migrated".into(), why: why.into() })
+                }
+            },
+            Op::Recalled { path, id, token, layout } => match self.recall(&path, id, token, layout) {
+                Ok(()) => reply.file = Some(id),
+                Err(why) => {
+                    reply.error = Some(NamespaceError::TierRefused { path, what: "recalled".into(), why: why.into() })
+                }
+            },
             Op::Name(op) => {
                 let renamed = matches!(&op, NameOp::Rename { .. });
+                let removes = matches!(&op, NameOp::Rename { .. } | NameOp::Unlink { .. });
                 match self.namespace().apply(op, cmd.now_ms) {
                     Ok(id) => reply.file = Some(id),
                     Err(e) => reply.error = Some(e),
@@ -285,7 +311,13 @@ impl State {
                     // Files being put keep their writer wherever a rename moved them.
                     self.putting = putting_of(&self.files);
                 }
+                if removes && reply.error.is_none() {
+                    self.forget_gone_stubs();
+                }
             }
+        }
+        if removed_file {
+            self.forget_gone_stubs();
         }
         self.roll_back_orphaned_puts();
         if let Some(origin) = cmd.origin
@@ -294,6 +326,53 @@ impl State {
             self.answered.entry(origin.session).or_default().insert(origin.request, reply.clone());
         }
         reply
+    }
+
+    /// Drops the stubs of files no longer in the namespace (their objects are then `tier gc`'s).
+    /// A walk of the files, made only while some file is on the tier.
+    fn forget_gone_stubs(&mut self) {
+        if self.stubs.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<u64> = self.files.values().map(|f| f.id).collect();
+        self.stubs.retain(|id, _| live.contains(id));
+    }
+
+    /// Commits a stub (`Op::Migrated`) if everything it was made from still holds.
+    fn migrate(&mut self, path: &str, id: u64, token: u64, mut stub: Stub, now_ms: u64) -> Result<(), &'static str> {
+        let Some(f) = self.files.get(path) else { return Err("it is gone") };
+        if f.id != id || !f.complete {
+            return Err("it was replaced or is being written");
+        }
+        if self.stubs.contains_key(&id) {
+            return Err("it is on the tier already");
+        }
+        if f.size != stub.size {
+            return Err("its size changed while it was copied");
+        }
+        if !self.engine.write_lock_holds(path, ByteRange::ALL, token) {
+            return Err("the migrator's write lock on it no longer holds (its lease ran out, or it was released)");
+        }
+        stub.migrated_ms = now_ms;
+        self.stubs.insert(id, stub);
+        Ok(())
+    }
+
+    /// Stripes a stubbed file again (`Op::Recalled`).
+    fn recall(&mut self, path: &str, id: u64, token: u64, layout: layout::Layout) -> Result<(), &'static str> {
+        let Some(f) = self.files.get_mut(path) else { return Err("it is gone") };
+        if f.id != id {
+            return Err("it was replaced");
+        }
+        if !self.stubs.contains_key(&id) {
+            return Err("it is not on the tier");
+        }
+        if !self.engine.write_lock_holds(path, ByteRange::ALL, token) {
+            return Err("the recaller's write lock on it no longer holds");
+        }
+        f.layout = layout;
+        self.stubs.remove(&id);
+        Ok(())
     }
 
     fn namespace(&mut self) -> Namespace<'_> {
@@ -342,7 +421,11 @@ impl State {
     }
 
     fn snapshot_data(&self) -> StateSnapshot {
-        StateSnapshot { core: self.core_snapshot(), names: self.names.clone() }
+        StateSnapshot {
+            core: self.core_snapshot(),
+            names: self.names.clone(),
+            stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
+        }
     }
 
     fn core_snapshot(&self) -> CoreSnapshot {
@@ -360,13 +443,19 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let (s, names) = if bytes.first() == Some(&2) {
-            (codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?, Names::default())
-        } else {
-            let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
-            (s.core, s.names)
+        let (s, names, stubs) = match bytes.first() {
+            Some(2) => (codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?, Names::default(), Vec::new()),
+            Some(3 | 4) => {
+                let s: NamedSnapshot = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, Vec::new())
+            }
+            _ => {
+                let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, s.stubs)
+            }
         };
         self.names = names;
+        self.stubs = stubs.into_iter().collect();
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
         self.engine.keep_leases_outside();
         if self.break_fencing {

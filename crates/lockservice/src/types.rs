@@ -60,6 +60,25 @@ pub enum Op {
     /// A change a mount makes to the namespace (issue 13): directories, symlinks, renames,
     /// attributes.
     Name(NameOp),
+    /// File `id`'s bytes are on the secondary tier as `stub` says (issue 14, format version 5).
+    /// Applied only if the migrator's write lock `token` still holds the whole file, the file is
+    /// still `id`, complete, striped, and `stub.size` bytes long: a migrator whose lease ran out
+    /// cannot leave a stub (seed 003 applied to the tier).
+    Migrated { path: String, id: u64, token: u64, stub: Stub },
+    /// File `id` is striped again over `layout` (a recall), under write lock `token`.
+    Recalled { path: String, id: u64, token: u64, layout: layout::Layout },
+}
+
+/// A file's bytes on the secondary tier: the object, its size and blake3 hash, and the layout
+/// the file had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stub {
+    pub key: String,
+    pub size: u64,
+    pub blake3: [u8; 32],
+    pub layout: layout::Layout,
+    /// When the stub was committed (the leader's clock), ms.
+    pub migrated_ms: u64,
 }
 
 impl fmt::Display for Command {
@@ -80,6 +99,10 @@ impl fmt::Display for Command {
             Op::SetLayout { path, id, layout } => write!(f, "set-layout({path}, {id}, {layout:?})@{}", self.now_ms),
             Op::GrowFile { path, id, size } => write!(f, "grow({path}, {id}, {size})@{}", self.now_ms),
             Op::Name(op) => write!(f, "{op:?}@{}", self.now_ms),
+            Op::Migrated { path, id, token, stub } => {
+                write!(f, "migrated({path}, {id}, token={token}, {})@{}", stub.key, self.now_ms)
+            }
+            Op::Recalled { path, id, token, .. } => write!(f, "recalled({path}, {id}, token={token})@{}", self.now_ms),
         }
     }
 }
@@ -128,6 +151,9 @@ pub enum NamespaceError {
     BadName { path: String },
     #[error("{path} cannot be changed so (it is the root)")]
     Busy { path: String },
+    /// Appended in format version 5 (issue 14).
+    #[error("{path} was not {what}: {why}")]
+    TierRefused { path: String, what: String, why: String },
 }
 
 impl NamespaceError {
@@ -143,6 +169,7 @@ impl NamespaceError {
             NamespaceError::NotEmpty { .. } => ErrorCode::NotEmpty,
             NamespaceError::BadName { .. } => ErrorCode::BadRequest,
             NamespaceError::Busy { .. } => ErrorCode::Busy,
+            NamespaceError::TierRefused { .. } => ErrorCode::Conflict,
         }
     }
 

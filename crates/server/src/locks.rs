@@ -8,7 +8,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use lockengine::{ByteRange, SessionId};
 use lockservice::names::Entry;
-use lockservice::{FileMeta, Node, NodeId, Op, ProposeError, Reply, WriteGrant};
+use lockservice::{FileMeta, Node, NodeId, Op, ProposeError, Reply, Stub, WriteGrant};
 use tokio::sync::{mpsc, watch};
 
 /// A Raft node seen through `datapath::Locks`.
@@ -42,6 +42,10 @@ impl Locks for NodeLocks {
 
     fn confirm_leadership(&self) -> BoxFuture<'_, Result<(), ProposeError>> {
         self.0.confirm_leadership().boxed()
+    }
+
+    fn stub(&self, id: u64) -> Option<Stub> {
+        self.0.machine.state().stubs.get(&id).cloned()
     }
 
     fn read_barrier(&self) -> BoxFuture<'_, Result<(), ProposeError>> {

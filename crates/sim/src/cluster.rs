@@ -315,6 +315,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     env,
                 },
                 data: DataConfig {
+                    tier_dir: data_dir.join("tier"),
                     data_dir,
                     tick_ms: 100,
                     orphan_grace_ms: 0,

@@ -98,6 +98,8 @@ pub struct ServerArgs {
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
     pub lock_memory_budget: u64,
+    /// The secondary tier's directory (default: `tier` beside the data directory).
+    pub tier: Option<PathBuf>,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -125,6 +127,9 @@ pub struct ServerFile {
     pub lease_max_ms: Option<u64>,
     /// Lock memory the server means to use at most: `"512MiB"`, `"2GiB"` (default 1GiB).
     pub lock_memory_budget: Option<String>,
+    /// The secondary tier (seed 001): a directory every server reaches (default: `tier` beside
+    /// the data directory, which the servers of `up` share).
+    pub tier: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -197,6 +202,7 @@ impl ServerArgs {
             lease_min_ms,
             lease_max_ms,
             lock_memory_budget,
+            tier: flags.tier.or(f.tier),
             break_stale_write_check: false,
             break_invalidate: false,
         })
@@ -278,6 +284,12 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             },
         },
         data: server::DataConfig {
+            tier_dir: match &args.tier {
+                Some(t) => t.clone(),
+                // Beside the data directory: the servers of `up` (and of a test cluster), whose
+                // data directories are siblings, share it.
+                None => data_dir.parent().unwrap_or(&data_dir).join("tier"),
+            },
             data_dir,
             tick_ms: args.tick_ms,
             orphan_grace_ms: args.orphan_grace_ms,
@@ -924,6 +936,9 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     "stripe_writes": {
                         "done": s.stripe_writes, "delegated": s.stripe_writes_delegated,
                         "dropped": s.stripe_writes_dropped, "load": s.stripe_load,
+                    },
+                    "tier": {
+                        "bytes_read": s.tier_bytes_read, "migrated": s.files_migrated, "recalled": s.files_recalled,
                     },
                     "lock_cache": {
                         "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,

@@ -401,6 +401,7 @@ fn stat_json(s: &pb::FileStat) -> serde_json::Value {
     serde_json::json!({
         "path": s.path, "file": s.file, "size": s.size, "complete": s.complete,
         "layout": {"stripe_unit": s.stripe_unit, "data": s.data_units, "parity": s.parity_units, "servers": s.servers},
+        "tier_key": s.tier_key, "tier_blake3": s.tier_blake3,
     })
 }
 
@@ -449,6 +450,13 @@ pub fn stat(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
         s.file,
         if s.complete { "" } else { ", being written" }
     );
+    if !s.tier_key.is_empty() {
+        println!(
+            "on the secondary tier: object {} (blake3 {}); reads come from there, `stripelock recall {}` stripes it again",
+            s.tier_key, s.tier_blake3, s.path
+        );
+        println!("layout it had (and gets back on recall):");
+    }
     println!(
         "layout: {}+{} ({}), stripe unit {}, {} rows of {}",
         s.data_units,

@@ -13,6 +13,7 @@ mod pidlock;
 mod refusal;
 mod replay;
 mod size;
+mod tiercmd;
 mod tokens;
 mod up;
 
@@ -94,6 +95,10 @@ enum Command {
         /// holders are asked to keep fewer idle cached locks (their LRU shrinks).
         #[arg(long)]
         lock_memory_budget: Option<String>,
+        /// The secondary tier's directory, which every server must reach (default: `tier`
+        /// beside --data, shared by the servers of `up`).
+        #[arg(long)]
+        tier: Option<PathBuf>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -226,6 +231,25 @@ enum Command {
         /// does: when it is older than the mtime or ctime, or a day old.
         #[arg(long)]
         noatime: bool,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move files to the secondary tier (seed 001): each file's bytes go to one object, the file
+    /// stays in the namespace as a stub that reads transparently, its stripe units are freed.
+    Migrate {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stripe files on the secondary tier again (the reverse of `migrate`).
+    Recall {
+        #[arg(required = true)]
+        paths: Vec<String>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -436,6 +460,7 @@ fn main() -> ExitCode {
             lease_min_ms,
             lease_max_ms,
             lock_memory_budget,
+            tier,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -454,6 +479,7 @@ fn main() -> ExitCode {
                 lease_min_ms,
                 lease_max_ms,
                 lock_memory_budget,
+                tier,
             };
             report(
                 cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
@@ -492,6 +518,12 @@ fn main() -> ExitCode {
         Command::Umount { dir } => report(mountcmd::umount(&dir), false),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json), json),
+        Command::Migrate { paths, cluster, json } => {
+            report(tiercmd::run(tiercmd::Action::Migrate, &paths, cluster.as_deref(), json), json)
+        }
+        Command::Recall { paths, cluster, json } => {
+            report(tiercmd::run(tiercmd::Action::Recall, &paths, cluster.as_deref(), json), json)
+        }
         Command::Scrub { prefix, repair, cluster, json } => {
             report(files::scrub(&prefix, repair, cluster.as_deref(), json), json)
         }

@@ -1,0 +1,187 @@
+//! Seed 001 on the data path (issue 14): a file's bytes copied to the secondary tier and
+//! committed as a stub, read from the tier while stubbed, and striped again by a recall. The
+//! rows themselves are read and written by the Files service (`files.rs`), which hands them here.
+//!
+//! Seed 003 applied to the tier: the object store cannot check fencing tokens, so the copy is
+//! made only under the migrator's write lock on the whole file, and the stub is committed by a
+//! conditional log entry (`Op::Migrated`) that the state machine refuses once that lock no
+//! longer holds. A migrator paused past its lease leaves at most an object no stub names
+//! (`tier gc` removes it), never a stub naming a partial object: the object is complete and
+//! hashed before the entry is proposed.
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use lockservice::{FileMeta, Op, Stub};
+use tier::{Tier, TierError};
+use tokio::sync::mpsc;
+use tonic::Status;
+use wire::ErrorCode;
+use wire::v1 as pb;
+
+use crate::shared::Shared;
+
+/// Bytes one read of a stub asks the tier for at a time.
+pub const READ_PIECE: u64 = 8 << 20;
+
+pub fn tier_status(e: TierError) -> Status {
+    let code = match &e {
+        TierError::Missing { .. } => ErrorCode::NotFound,
+        TierError::Size { .. } | TierError::Checksum { .. } => ErrorCode::Corrupt,
+        TierError::Store { .. } | TierError::Open { .. } => ErrorCode::Unavailable,
+    };
+    code.status(e.to_string())
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Copies `f`'s bytes (`rows`, in order, each cut to the file's end) to the tier under a key of
+/// this attempt (the lock's token), then commits the stub. On any failure the object is deleted
+/// and the file stays striped as it was.
+pub async fn migrate(
+    shared: &Shared,
+    path: &str,
+    f: &FileMeta,
+    lock_token: u64,
+    mut rows: impl Stream<Item = Result<Bytes, Status>> + Unpin,
+) -> Result<Stub, Status> {
+    let tier = shared.tier()?;
+    let key = Tier::key(f.id, lock_token);
+    let copied = async {
+        let mut w = tier.writer(&key).await.map_err(tier_status)?;
+        while let Some(row) = rows.next().await {
+            w.write(row?).await.map_err(tier_status)?;
+        }
+        w.finish().await.map_err(tier_status)
+    }
+    .await;
+    let written = match copied {
+        Ok(w) if w.size == f.size => w,
+        Ok(w) => {
+            let _ = tier.delete(&key).await;
+            return Err(ErrorCode::Internal.status(format!("{} bytes of {path} copied, not {}", w.size, f.size)));
+        }
+        Err(e) => {
+            let _ = tier.delete(&key).await;
+            return Err(e);
+        }
+    };
+    let stub =
+        Stub { key: key.clone(), size: written.size, blake3: written.blake3, layout: f.layout.clone(), migrated_ms: 0 };
+    let op = Op::Migrated { path: path.to_string(), id: f.id, token: lock_token, stub: stub.clone() };
+    let committed = match shared.locks.propose(op).await {
+        Ok(reply) => match reply.error {
+            None => Ok(reply.index),
+            Some(e) => Err(e.status()),
+        },
+        Err(e) => Err(e.status()),
+    };
+    match committed {
+        Ok(index) => {
+            shared.applied(index).await;
+            Ok(stub)
+        }
+        Err(e) => {
+            // Not committed (or not known to be: then `tier gc` decides once the log has).
+            if e.code() != tonic::Code::Unavailable {
+                let _ = tier.delete(&key).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The reply of a migration.
+pub fn migrated(stub: &Stub, removed: pb::RemoveReply) -> pb::MigrateReply {
+    pb::MigrateReply {
+        key: stub.key.clone(),
+        size: stub.size,
+        blake3: hex(&stub.blake3),
+        units_deleted: removed.units_deleted,
+        errors: removed.errors,
+    }
+}
+
+/// Bytes `start..end` of a stubbed file, read from its object `READ_PIECE` at a time and sent
+/// on `tx` (an error ends the stream).
+pub async fn read_stub(
+    shared: &Shared,
+    stub: &Stub,
+    start: u64,
+    end: u64,
+    tx: mpsc::Sender<Result<pb::FileData, Status>>,
+) {
+    let tier = match shared.tier() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    let mut at = start;
+    while at < end {
+        let to = (at + READ_PIECE).min(end);
+        let piece = tier.get_range(&stub.key, at..to).await.map_err(tier_status);
+        let failed = piece.is_err();
+        let sent = tx.send(piece.map(|data| pb::FileData { data, rebuilt_rows: 0 })).await;
+        if sent.is_err() || failed {
+            return;
+        }
+        shared.stats.tier_bytes_read.fetch_add(to - at, std::sync::atomic::Ordering::Relaxed);
+        at = to;
+    }
+}
+
+/// The rows of a stubbed file, read back from its object (`row_bytes` each, the last one
+/// shorter), checked against the stub's blake3 as they go: the last row comes only if the
+/// whole object hashed right.
+pub fn recall_rows(
+    shared: &Shared,
+    stub: Stub,
+    row_bytes: u64,
+) -> impl Stream<Item = Result<(u64, Bytes), Status>> + '_ {
+    futures::stream::unfold((0u64, blake3::Hasher::new(), false), move |(row, mut hasher, done)| {
+        let stub = stub.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let start = row * row_bytes;
+            if start >= stub.size {
+                return None;
+            }
+            let end = (start + row_bytes).min(stub.size);
+            let got = match shared.tier() {
+                Ok(t) => t.get_range(&stub.key, start..end).await.map_err(tier_status),
+                Err(e) => Err(e),
+            };
+            let got = got.and_then(|data| {
+                if data.len() as u64 != end - start {
+                    return Err(ErrorCode::Corrupt
+                        .status(format!("the tier object {} is shorter than its stub says", stub.key)));
+                }
+                hasher.update(&data);
+                if end == stub.size && hasher.finalize().as_bytes() != &stub.blake3 {
+                    return Err(ErrorCode::Corrupt
+                        .status(format!("the tier object {} does not hash to its stub's blake3", stub.key)));
+                }
+                Ok((row, data))
+            });
+            let failed = got.is_err();
+            Some((got, (row + 1, hasher, failed)))
+        }
+    })
+}
+
+/// Commits a recall: the file is striped again over its old layout.
+pub async fn recalled(shared: &Shared, path: &str, f: &FileMeta, stub: &Stub, lock_token: u64) -> Result<(), Status> {
+    let op = Op::Recalled { path: path.to_string(), id: f.id, token: lock_token, layout: stub.layout.clone() };
+    let reply = shared.locks.propose(op).await.map_err(|e| e.status())?;
+    if let Some(e) = reply.error {
+        return Err(e.status());
+    }
+    shared.applied(reply.index).await;
+    // The object is kept until `tier gc` finds no stub naming it.
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Seed 001, the secondary tier (issue 14): a file migrated to the tier leaves a stub that reads
+//! byte-identical (a range read fetches only that range), frees its stripe units, refuses
+//! writes until recalled, is scrubbed against its object, and a recall stripes it again. A
+//! migrator whose lock is gone cannot commit a stub.
+
+mod common;
+use client::{LockOptions, Mode, Session};
+use common::*;
+use wire::v1 as pb;
+
+fn cli(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cli_fails(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    assert!(!out.status.success(), "stripelock {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&cli(c, &a)).unwrap()
+}
+
+/// Units of file `id` on every server's disk.
+fn units_on_disk(c: &Cluster, id: u64) -> usize {
+    c.servers
+        .iter()
+        .map(|s| {
+            std::fs::read_dir(s.data.join("units").join(format!("{id:016x}"))).map_or(0, |d| {
+                d.filter_map(Result::ok).filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp")).count()
+            })
+        })
+        .sum()
+}
+
+fn get(c: &Cluster, path: &str) -> Vec<u8> {
+    let out = c.dir.join("get.out");
+    cli(c, &["get", path, out.to_str().unwrap()]);
+    std::fs::read(&out).unwrap()
+}
+
+async fn tier_bytes_read(c: &Cluster) -> u64 {
+    let mut n = 0;
+    for s in &c.servers {
+        n += c.status(s.id).await.map_or(0, |r| r.tier_bytes_read);
+    }
+    n
+}
+
+#[test]
+fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
+    serial(async {
+        let c = Cluster::start(3, "tier-roundtrip").await;
+        let data = noise(64 << 20, 41);
+        let local = c.dir.join("big.in");
+        std::fs::write(&local, &data).unwrap();
+        let stat = json(&c, &["put", local.to_str().unwrap(), "/cold/big"]);
+        let id = stat["file"].as_u64().unwrap();
+        assert!(units_on_disk(&c, id) > 0);
+
+        let m = json(&c, &["migrate", "/cold/big"]);
+        let f = &m["files"][0];
+        assert_eq!((f["ok"].as_bool(), f["bytes"].as_u64()), (Some(true), Some(64 << 20)), "{m}");
+        assert_eq!(f["blake3"].as_str().unwrap(), blake3::hash(&data).to_hex().as_str());
+        assert_eq!(units_on_disk(&c, id), 0, "a migrated file's units are freed on every server");
+        let key = f["key"].as_str().unwrap().to_string();
+        let object = c.dir.join("tier").join(&key);
+        assert_eq!(std::fs::metadata(&object).unwrap().len(), 64 << 20, "the object is in the tier beside the servers");
+        let stat = json(&c, &["stat", "/cold/big"]);
+        assert_eq!(stat["tier_key"].as_str(), Some(key.as_str()), "{stat}");
+
+        // Reads: the whole file, and a 4 KiB range that fetches only its 4 KiB from the tier.
+        assert!(get(&c, "/cold/big") == data, "the stub reads byte-identical");
+        let before = tier_bytes_read(&c).await;
+        let out = run_at(&c, 2, &["cat", "/cold/big", "--range", "40000000..40004096"], b"");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout == data[40_000_000..40_004_096]);
+        assert_eq!(tier_bytes_read(&c).await - before, 4096, "a range read fetches only that range");
+
+        // A stub is not written to; scrub checks it against its object.
+        let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"new");
+        assert!(!w.status.success() && String::from_utf8_lossy(&w.stderr).contains("recall"), "{w:?}");
+        cli(&c, &["scrub", "/cold/"]);
+        let mut bytes = std::fs::read(&object).unwrap();
+        bytes[12345] ^= 1;
+        std::fs::write(&object, &bytes).unwrap();
+        let scrub = run_at(&c, 1, &["scrub", "/cold/"], b"");
+        assert!(!scrub.status.success(), "scrub finds a damaged object: {}", String::from_utf8_lossy(&scrub.stdout));
+        let err = cli_fails(&c, &["recall", "/cold/big"]);
+        assert!(err.contains("blake3"), "a recall checks the object: {err}");
+        bytes[12345] ^= 1;
+        std::fs::write(&object, &bytes).unwrap();
+
+        // Recall: striped again, byte-identical, writable.
+        cli(&c, &["recall", "/cold/big"]);
+        assert!(units_on_disk(&c, id) > 0);
+        assert_eq!(json(&c, &["stat", "/cold/big"])["tier_key"].as_str(), Some(""));
+        assert!(get(&c, "/cold/big") == data, "recalled bytes differ");
+        cli(&c, &["scrub", "/cold/"]);
+        let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"new");
+        assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+        let mut want = data.clone();
+        want[..3].copy_from_slice(b"new");
+        assert!(get(&c, "/cold/big") == want, "a write after the recall lands");
+    });
+}
+
+#[test]
+fn a_migrator_whose_lock_is_gone_cannot_leave_a_stub() {
+    serial(async {
+        let c = Cluster::start(3, "tier-fenced").await;
+        let data = noise(3 << 20, 5);
+        let local = c.dir.join("f.in");
+        std::fs::write(&local, &data).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/f"]);
+        // A migrator takes EX, then loses its session (as if paused past its lease) before
+        // it asks for the migration: the copy may be made, the stub is refused.
+        let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+        let g = s.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+        cli(&c, &["evict", &s.id().to_string()]);
+        let addr = &c.servers[0].addr;
+        let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
+        let refused =
+            files.migrate(pb::TierRequest { path: "/f".into(), token: g.signed_token.clone() }).await.unwrap_err();
+        assert!(refused.message().contains("no longer holds"), "{refused:?}");
+        assert_eq!(json(&c, &["stat", "/f"])["tier_key"].as_str(), Some(""), "no stub");
+        let objects = walk_files(&c.dir.join("tier"));
+        assert!(objects.is_empty(), "the refused attempt's object is deleted: {objects:?}");
+        assert!(get(&c, "/f") == data);
+        // Another migration of the same file succeeds.
+        let m = json(&c, &["migrate", "/f"]);
+        assert_eq!(m["failed"].as_u64(), Some(0), "{m}");
+        assert!(get(&c, "/f") == data);
+    });
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(d) = std::fs::read_dir(dir) {
+        for e in d.filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
