@@ -727,3 +727,36 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
         }
     }
 }
+
+#[test]
+fn a_stub_on_the_secondary_tier_reads_through_the_mount_and_a_write_recalls_it() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start(3, "mount-tier").await;
+        let data = noise(10 << 20, 77);
+        let local = c.dir.join("s.in");
+        std::fs::write(&local, &data).unwrap();
+        let put = run_at(&c, 1, &["put", local.to_str().unwrap(), "/s"], b"");
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let migrated = run_at(&c, 1, &["migrate", "/s"], b"");
+        assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+        let a = Mount::start(&c, 2, "a");
+        assert!(std::fs::read(a.path("/s")).unwrap() == data, "a stub reads through the mount");
+        let f = std::fs::OpenOptions::new().write(true).open(a.path("/s")).unwrap();
+        f.write_all_at(b"XYZ", 5 << 20).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let stat = run_at(&c, 3, &["stat", "/s", "--json"], b"");
+        let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+        assert_eq!(stat["tier_key"].as_str(), Some(""), "a write through the mount recalled the stub: {stat}");
+        let mut want = data.clone();
+        want[5 << 20..(5 << 20) + 3].copy_from_slice(b"XYZ");
+        let out = c.dir.join("s.out");
+        let got = run_at(&c, 3, &["get", "/s", out.to_str().unwrap()], b"");
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert!(std::fs::read(&out).unwrap() == want, "the write landed on the recalled file");
+    });
+}
