@@ -238,9 +238,26 @@ enum Command {
     },
     /// Move files to the secondary tier (seed 001): each file's bytes go to one object, the file
     /// stays in the namespace as a stub that reads transparently, its stripe units are freed.
+    /// With --older-than instead of paths, the policy picks them: files neither read nor
+    /// written for that long (e.g. `30d`), coldest first.
     Migrate {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "older_than")]
         paths: Vec<String>,
+        /// Migrate the files unused (atime and mtime) for at least this long, e.g. `30d`, `2h`.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "paths")]
+        older_than: Option<std::time::Duration>,
+        /// With --older-than: only files larger than this, e.g. `1MiB`.
+        #[arg(long, requires = "older_than")]
+        larger_than: Option<String>,
+        /// With --older-than: only files under this directory.
+        #[arg(long, requires = "older_than")]
+        under: Option<String>,
+        /// With --older-than: at most this many files (default 10000).
+        #[arg(long, requires = "older_than")]
+        max: Option<usize>,
+        /// Print what would be migrated, and migrate nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -518,8 +535,9 @@ fn main() -> ExitCode {
         Command::Umount { dir } => report(mountcmd::umount(&dir), false),
         Command::Ls { prefix, cluster, json } => report(files::ls(&prefix, cluster.as_deref(), json), json),
         Command::Rm { path, cluster, json } => report(files::rm(&path, cluster.as_deref(), json), json),
-        Command::Migrate { paths, cluster, json } => {
-            report(tiercmd::run(tiercmd::Action::Migrate, &paths, cluster.as_deref(), json), json)
+        Command::Migrate { paths, older_than, larger_than, under, max, dry_run, cluster, json } => {
+            let pick = older_than.map(|d| tiercmd::Pick { older_than: d, larger_than, under, max });
+            report(tiercmd::migrate(paths, pick, dry_run, cluster.as_deref(), json), json)
         }
         Command::Recall { paths, cluster, json } => {
             report(tiercmd::run(tiercmd::Action::Recall, &paths, cluster.as_deref(), json), json)

@@ -6,12 +6,99 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use client::Mode;
 use wire::v1 as pb;
 
 use crate::cluster::{cluster_addrs, status_error};
 use crate::files::{files_client, human, lock};
+
+/// `migrate --older-than D [--larger-than S] [--under DIR] [--max N]`: the policy's choice.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    pub older_than: std::time::Duration,
+    pub larger_than: Option<String>,
+    pub under: Option<String>,
+    pub max: Option<usize>,
+}
+
+/// The files `pick` chooses now: every file under its directory, with its times from the
+/// namespace, through the pure policy (`tier::policy`).
+async fn picked(addrs: &[String], pick: &Pick) -> Result<Vec<String>> {
+    let larger_than = match &pick.larger_than {
+        Some(t) => crate::size::parse_bytes(t).context("--larger-than")?,
+        None => 0,
+    };
+    let policy = tier::Policy {
+        older_than_ns: pick.older_than.as_nanos().min(u128::from(u64::MAX)) as u64,
+        larger_than,
+        under: pick.under.clone(),
+        max: pick.max.unwrap_or(10_000),
+    };
+    let mut c = files_client(addrs).await?;
+    let prefix = match pick.under.as_deref() {
+        None | Some("/") => String::new(),
+        Some(d) => d.trim_end_matches('/').to_string(),
+    };
+    let files = c.list(pb::PathRequest { path: prefix, ino: 0 }).await.map_err(status_error)?.into_inner().files;
+    let mut facts = Vec::with_capacity(files.len());
+    for f in files.into_iter().filter(|f| f.complete) {
+        let n = match c.lookup(pb::PathRequest { path: f.path.clone(), ino: 0 }).await {
+            Ok(n) => n.into_inner(),
+            // Gone since it was listed.
+            Err(_) => continue,
+        };
+        facts.push(tier::FileFacts {
+            path: f.path,
+            id: f.file,
+            size: f.size,
+            atime_ns: n.atime_ns,
+            mtime_ns: n.mtime_ns,
+            migrated: !f.tier_key.is_empty(),
+        });
+    }
+    let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    Ok(tier::cold(&policy, now_ns, facts).into_iter().map(|f| f.path).collect())
+}
+
+/// `migrate`: the paths given, or those the policy picks; `--dry-run` only names them.
+pub fn migrate(
+    paths: Vec<String>,
+    pick: Option<Pick>,
+    dry_run: bool,
+    cluster: Option<&str>,
+    json: bool,
+) -> Result<ExitCode> {
+    let paths = match &pick {
+        None => paths,
+        Some(p) => {
+            let addrs = cluster_addrs(cluster)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(picked(&addrs, p))?
+        }
+    };
+    if dry_run {
+        if json {
+            println!("{}", serde_json::json!({ "would_migrate": paths }));
+        } else if paths.is_empty() {
+            println!("nothing to migrate");
+        } else {
+            for p in &paths {
+                println!("would migrate {p}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if paths.is_empty() {
+        if json {
+            println!("{}", serde_json::json!({ "files": [], "failed": 0 }));
+        } else {
+            println!("nothing to migrate: no file matches");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    run(Action::Migrate, &paths, cluster, json)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

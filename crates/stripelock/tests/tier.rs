@@ -153,3 +153,45 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn the_policy_migrates_files_unused_for_long_enough_under_a_directory() {
+    serial(async {
+        let c = Cluster::start(3, "tier-policy").await;
+        let local = c.dir.join("p.in");
+        std::fs::write(&local, noise(200_000, 9)).unwrap();
+        for p in ["/p/old", "/p/new", "/q/old"] {
+            cli(&c, &["put", local.to_str().unwrap(), p]);
+        }
+        std::fs::write(&local, b"tiny").unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/p/small"]);
+        // Three of them last used two days ago.
+        let two_days_ago = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
+            - std::time::Duration::from_secs(2 * 86_400))
+        .as_nanos() as u64;
+        let addr = &c.servers[0].addr;
+        let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
+        for p in ["/p/old", "/p/small", "/q/old"] {
+            let set = pb::SetAttrRequest {
+                path: p.into(),
+                atime_ns: Some(two_days_ago),
+                mtime_ns: Some(two_days_ago),
+                ..Default::default()
+            };
+            let change = pb::NameChange { op: Some(pb::name_change::Op::Setattr(set)) };
+            files.change(change).await.unwrap();
+        }
+        let dry = json(&c, &["migrate", "--older-than", "1d", "--under", "/p", "--larger-than", "1KiB", "--dry-run"]);
+        assert_eq!(dry["would_migrate"], serde_json::json!(["/p/old"]), "{dry}");
+        assert_eq!(json(&c, &["stat", "/p/old"])["tier_key"].as_str(), Some(""), "a dry run moves nothing");
+        let m = json(&c, &["migrate", "--older-than", "1d", "--under", "/p", "--larger-than", "1KiB"]);
+        assert_eq!(m["files"].as_array().unwrap().len(), 1, "{m}");
+        for (p, on_tier) in [("/p/old", true), ("/p/new", false), ("/p/small", false), ("/q/old", false)] {
+            let key = json(&c, &["stat", p])["tier_key"].as_str().unwrap().to_string();
+            assert_eq!(!key.is_empty(), on_tier, "{p}");
+        }
+        // Run again: nothing left to move there.
+        let again = json(&c, &["migrate", "--older-than", "1d", "--under", "/p", "--larger-than", "1KiB"]);
+        assert_eq!(again["files"].as_array().unwrap().len(), 0, "{again}");
+    });
+}
