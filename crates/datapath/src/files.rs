@@ -673,6 +673,11 @@ impl pb::files_server::Files for FilesService {
         Ok(Response::new(pb::RecallReply { size: stub.size }))
     }
 
+    async fn tier_gc(&self, req: Request<pb::TierGcRequest>) -> Result<Response<pb::TierGcReply>, Status> {
+        let r = req.into_inner();
+        tiering::gc(&self.shared, r.grace_ms, r.dry_run).await.map(Response::new)
+    }
+
     async fn stat_fs(&self, _req: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
         let (entries, entries_max) = self.shared.locks.entry_count();
         let (total_bytes, free_bytes) = volume_space(&self.shared.config.data_dir);

@@ -73,6 +73,8 @@ pub trait Locks: Send + Sync + 'static {
     fn file_ids(&self) -> FileIds;
     /// Where file `id`'s bytes are on the secondary tier, if they are (issue 14).
     fn stub(&self, id: u64) -> Option<Stub>;
+    /// The object keys every stub names.
+    fn stub_keys(&self) -> std::collections::HashSet<String>;
     /// The namespace entry at `path` (file, directory, symlink), `/` included.
     fn entry(&self, path: &str) -> Option<Entry>;
     /// The entry whose id is `ino`, wherever it is now.

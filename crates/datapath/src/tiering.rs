@@ -185,3 +185,29 @@ pub async fn recalled(shared: &Shared, path: &str, f: &FileMeta, stub: &Stub, lo
     // The object is kept until `tier gc` finds no stub naming it.
     Ok(())
 }
+
+/// `tier gc`: deletes the objects no stub names, once older than `grace_ms` (by the object
+/// store's clock of when each was written). Reads the stubs after a read barrier, so a stub
+/// committed through another server is seen.
+pub async fn gc(shared: &Shared, grace_ms: u64, dry_run: bool) -> Result<pb::TierGcReply, Status> {
+    let tier = shared.tier()?;
+    shared.locks.read_barrier().await.map_err(|e| e.status())?;
+    let objects = tier.list().await.map_err(tier_status)?;
+    let named = shared.locks.stub_keys();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let mut reply = pb::TierGcReply { objects: objects.len() as u64, ..Default::default() };
+    for o in objects {
+        if named.contains(&o.key) {
+            reply.named += 1;
+        } else if now_ms.saturating_sub(o.written_ms) < grace_ms {
+            reply.young += 1;
+        } else {
+            if !dry_run {
+                tier.delete(&o.key).await.map_err(tier_status)?;
+            }
+            reply.bytes_deleted += o.size;
+            reply.deleted.push(o.key);
+        }
+    }
+    Ok(reply)
+}

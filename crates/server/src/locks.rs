@@ -48,6 +48,10 @@ impl Locks for NodeLocks {
         self.0.machine.state().stubs.get(&id).cloned()
     }
 
+    fn stub_keys(&self) -> std::collections::HashSet<String> {
+        self.0.machine.state().stubs.values().map(|s| s.key.clone()).collect()
+    }
+
     fn read_barrier(&self) -> BoxFuture<'_, Result<(), ProposeError>> {
         self.0.read_barrier().boxed()
     }

@@ -151,6 +151,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The secondary tier (seed 001): see also `migrate` and `recall`.
+    Tier {
+        #[command(subcommand)]
+        command: TierCommand,
+    },
     /// Store a local file in the cluster, striped with parity (takes EX on PATH).
     Put {
         /// The local file.
@@ -342,6 +347,24 @@ enum DebugCommand {
         #[arg(long)]
         echo: bool,
         /// Print one JSON object per file.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TierCommand {
+    /// Delete the tier's objects that no stub names (left by a recall, a removed stub, or a
+    /// migration that failed or was refused), once older than --grace.
+    Gc {
+        /// Keep unnamed objects younger than this (a migration may still be committing one).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        cluster: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -552,6 +575,9 @@ fn main() -> ExitCode {
         Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json), json),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
             replay::run(&files, replay::Mode { check, bless, echo, json })
+        }
+        Command::Tier { command: TierCommand::Gc { grace, dry_run, cluster, json } } => {
+            report(tiercmd::gc(grace, dry_run, cluster.as_deref(), json), json)
         }
         Command::Token { command: TokenCommand::Verify { token, secret_file, json } } => {
             tokens::verify(&token, &secret_file, json)

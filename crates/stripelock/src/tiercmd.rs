@@ -184,3 +184,34 @@ async fn one(action: Action, addrs: &[String], path: &str) -> Result<pb::Migrate
     session.close().await;
     result
 }
+
+/// `tier gc`: asked of one server (every server sees the same tier and the same stubs).
+pub fn gc(grace: std::time::Duration, dry_run: bool, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let r = rt.block_on(async {
+        let mut c = files_client(&addrs).await?;
+        let req = pb::TierGcRequest { grace_ms: grace.as_millis() as u64, dry_run };
+        Ok::<_, anyhow::Error>(c.tier_gc(req).await.map_err(status_error)?.into_inner())
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "objects": r.objects, "named": r.named, "young": r.young, "dry_run": dry_run,
+                "deleted": r.deleted, "bytes_deleted": r.bytes_deleted,
+            })
+        );
+    } else {
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        println!(
+            "{} objects on the tier: {} named by stubs, {} younger than the grace period, {verb} {} ({})",
+            r.objects,
+            r.named,
+            r.young,
+            r.deleted.len(),
+            human(r.bytes_deleted)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

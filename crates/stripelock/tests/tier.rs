@@ -96,12 +96,21 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         bytes[12345] ^= 1;
         std::fs::write(&object, &bytes).unwrap();
 
+        // gc keeps an object a stub names.
+        let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
+        assert_eq!((gc["named"].as_u64(), gc["deleted"].as_array().unwrap().len()), (Some(1), 0), "{gc}");
         // Recall: striped again, byte-identical, writable.
         cli(&c, &["recall", "/cold/big"]);
         assert!(units_on_disk(&c, id) > 0);
         assert_eq!(json(&c, &["stat", "/cold/big"])["tier_key"].as_str(), Some(""));
         assert!(get(&c, "/cold/big") == data, "recalled bytes differ");
         cli(&c, &["scrub", "/cold/"]);
+        // The recalled file's object is named by no stub now: gc removes it, past its grace.
+        let kept = json(&c, &["tier", "gc"]);
+        assert_eq!((kept["young"].as_u64(), kept["deleted"].as_array().unwrap().len()), (Some(1), 0), "{kept}");
+        let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
+        assert_eq!(gc["deleted"], serde_json::json!([key]), "{gc}");
+        assert!(!object.exists());
         let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"new");
         assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
         let mut want = data.clone();
