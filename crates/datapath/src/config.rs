@@ -12,6 +12,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The secondary tier (seed 001): a directory every server of the cluster reaches.
     pub tier_dir: PathBuf,
+    /// Hold the migration-signal lock and serve file metadata relaxed while it is held
+    /// (`signal.rs`); off, every read re-validates with the leader (strict mode always).
+    pub migration_signal: bool,
     /// How often the leader's fencing duty runs (the lock service's tick).
     pub tick_ms: u64,
     /// How long units of a file no longer in the namespace are kept before they are deleted

@@ -436,6 +436,9 @@ impl pb::files_server::Files for FilesService {
         if !unlocked {
             self.shared.check_token(&r.path, &r.token, false)?;
         }
+        // Seed 001: strict while a migration runs (this server's copy of the file's layout and
+        // stub is checked against the leader's), relaxed otherwise.
+        crate::signal::validate(&self.shared).await?;
         let f = self.shared.file(&r.path)?;
         if !f.complete {
             return Err(

@@ -18,6 +18,7 @@ mod lockcache;
 mod locks;
 mod names;
 mod shared;
+mod signal;
 mod storage;
 mod tiering;
 mod units;
@@ -35,6 +36,7 @@ pub use errors::{chunk_code, row_code};
 pub use lease::{STORAGE_LEASE_MS_DEFAULT, StorageEvent};
 pub use locks::{Fencing, FileIds, Leadership, Locks};
 pub use shared::{DataStats, stripe_resource};
+pub use signal::SIGNAL_RESOURCE;
 
 use fencing::Fencing as FenceDuties;
 use files::FilesService;
@@ -74,6 +76,9 @@ impl DataPath {
         }
         tokio::spawn(self.fencing.clone().renew_storage_lease(stop.clone()));
         tokio::spawn(self.fencing.clone().fence_duties(stop.clone()));
+        if self.shared.config.migration_signal {
+            tokio::spawn(signal::hold(self.shared.clone(), stop.clone()));
+        }
     }
 
     pub fn files_server(&self) -> wire::v1::files_server::FilesServer<FilesService> {
@@ -90,6 +95,8 @@ impl DataPath {
         Arc::new(move |reply| {
             shared.stats.fill(reply);
             reply.file_bytes_max = shared.config.limits.file_bytes_max;
+            reply.metadata_relaxed = shared.meta_mode.relaxed();
+            reply.metadata_round_trips = shared.meta_mode.round_trips();
         })
     }
 }

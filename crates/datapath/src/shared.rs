@@ -29,6 +29,8 @@ pub struct Shared {
     channels: Mutex<HashMap<u64, Channel>>,
     /// The secondary tier, or why it cannot be opened.
     tier: Result<tier::Tier, String>,
+    /// Seed 001: relaxed or strict file metadata (`signal.rs`).
+    pub meta_mode: crate::signal::MetaMode,
 }
 
 impl std::fmt::Debug for Shared {
@@ -105,6 +107,7 @@ impl Shared {
             lock_free: Mutex::new(lock_free),
             channels: Mutex::new(HashMap::new()),
             tier,
+            meta_mode: crate::signal::MetaMode::default(),
         }
     }
 

@@ -7,8 +7,8 @@ mod locks;
 use std::sync::Arc;
 
 pub use datapath::{
-    DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, MESSAGE_BYTES_MAX, ORPHAN_GRACE_MS_DEFAULT, STORAGE_LEASE_MS_DEFAULT,
-    StorageEvent, WRITE_BYTES_MAX, human_bytes,
+    DEFAULT_UNIT, FILE_BYTES_MAX_DEFAULT, MESSAGE_BYTES_MAX, ORPHAN_GRACE_MS_DEFAULT, SIGNAL_RESOURCE,
+    STORAGE_LEASE_MS_DEFAULT, StorageEvent, WRITE_BYTES_MAX, human_bytes,
 };
 pub use locks::NodeLocks;
 pub use lockservice::{

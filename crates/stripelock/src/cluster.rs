@@ -290,6 +290,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
                 // data directories are siblings, share it.
                 None => data_dir.parent().unwrap_or(&data_dir).join("tier"),
             },
+            migration_signal: true,
             data_dir,
             tick_ms: args.tick_ms,
             orphan_grace_ms: args.orphan_grace_ms,
@@ -939,6 +940,8 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     },
                     "tier": {
                         "bytes_read": s.tier_bytes_read, "migrated": s.files_migrated, "recalled": s.files_recalled,
+                        "metadata_mode": if s.metadata_relaxed { "relaxed" } else { "strict" },
+                        "metadata_round_trips": s.metadata_round_trips,
                     },
                     "lock_cache": {
                         "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,

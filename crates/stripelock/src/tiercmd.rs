@@ -110,6 +110,12 @@ pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) 
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        // Seed 001: the migration signal in EX for the whole batch, so every server turns strict
+        // (re-validating file metadata with the leader) before any file moves.
+        let signal = match action {
+            Action::Migrate => Some(take_signal(&addrs).await?),
+            Action::Recall => None,
+        };
         let mut failed = 0;
         let mut results = Vec::new();
         for (i, path) in paths.iter().enumerate() {
@@ -159,11 +165,35 @@ pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) 
                 }
             }
         }
+        if let Some((session, grant)) = signal {
+            let _ = session.unlock(grant.lock).await;
+            session.close().await;
+        }
         if json {
             println!("{}", serde_json::json!({ "files": results, "failed": failed }));
         }
         Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
+}
+
+/// How long a migrator waits for every server to give up relaxed mode.
+const SIGNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The migration signal in EX (every server strict until it is released).
+async fn take_signal(addrs: &[String]) -> Result<(client::Session, client::Grant)> {
+    let session = client::Session::open(addrs, 10_000).await.context("no session could be opened with the cluster")?;
+    let opts = client::LockOptions { timeout: Some(SIGNAL_WAIT), ..Default::default() };
+    match session.lock(server::SIGNAL_RESOURCE, 0..u64::MAX, Mode::EX, opts).await {
+        Ok(g) => Ok((session, g)),
+        Err(e) => {
+            session.close().await;
+            anyhow::bail!(
+                "the servers did not all turn to strict metadata within {SIGNAL_WAIT:?} (the migration signal {} was \
+                 not granted: {e}); nothing was migrated",
+                server::SIGNAL_RESOURCE
+            )
+        }
+    }
 }
 
 async fn one(action: Action, addrs: &[String], path: &str) -> Result<pb::MigrateReply> {

@@ -204,3 +204,76 @@ fn the_policy_migrates_files_unused_for_long_enough_under_a_directory() {
         assert_eq!(again["files"].as_array().unwrap().len(), 0, "{again}");
     });
 }
+
+/// Every server's (relaxed, metadata round trips).
+async fn modes(c: &Cluster) -> Vec<(bool, u64)> {
+    let mut v = Vec::new();
+    for s in &c.servers {
+        let r = c.status(s.id).await.unwrap();
+        v.push((r.metadata_relaxed, r.metadata_round_trips));
+    }
+    v
+}
+
+async fn until_modes(c: &Cluster, relaxed: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while modes(c).await.iter().any(|(r, _)| *r != relaxed) {
+        assert!(std::time::Instant::now() < deadline, "servers not all {relaxed}: {:?}", modes(c).await);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn trips(m: &[(bool, u64)]) -> u64 {
+    m.iter().map(|(_, t)| t).sum()
+}
+
+#[test]
+fn servers_read_metadata_relaxed_until_the_migration_signal_makes_them_strict() {
+    serial(async {
+        let c = Cluster::start(3, "tier-signal").await;
+        let data = noise(1 << 20, 3);
+        let local = c.dir.join("m.in");
+        std::fs::write(&local, &data).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/m"]);
+        until_modes(&c, true).await;
+        let before = trips(&modes(&c).await);
+        for _ in 0..5 {
+            assert!(run_at(&c, 2, &["cat", "/m"], b"").stdout == data);
+        }
+        assert_eq!(trips(&modes(&c).await), before, "relaxed: reads cost no round trip to the leader");
+
+        // A migrator's EX on the signal: every server is strict before it is granted.
+        let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+        let g = s.lock(server::SIGNAL_RESOURCE, 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+        assert!(modes(&c).await.iter().all(|(r, _)| !r), "strict before the migrator holds the signal");
+        let before = trips(&modes(&c).await);
+        for _ in 0..5 {
+            assert!(run_at(&c, 2, &["cat", "/m"], b"").stdout == data);
+        }
+        assert_eq!(trips(&modes(&c).await) - before, 5, "strict: each read re-validates once");
+        s.unlock(g.lock).await.unwrap();
+        until_modes(&c, true).await;
+
+        // A real migration with readers on other servers meanwhile: each read is whole and right.
+        let big = noise(24 << 20, 8);
+        std::fs::write(&local, &big).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/big"]);
+        let mut migrator = std::process::Command::new(&*EXE)
+            .args(["migrate", "/big", "--cluster", &c.addrs_from(1).join(",")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut reads = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while migrator.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            let out = run_at(&c, 2 + reads % 2, &["cat", "/big"], b"");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stdout == big, "a read during the migration saw other bytes");
+            reads += 1;
+        }
+        assert!(migrator.wait().unwrap().success());
+        assert!(json(&c, &["stat", "/big"])["tier_key"].as_str().unwrap() != "");
+        assert!(run_at(&c, 3, &["cat", "/big"], b"").stdout == big, "after {reads} reads during it");
+        until_modes(&c, true).await;
+    });
+}
