@@ -209,5 +209,10 @@ pub async fn gc(shared: &Shared, grace_ms: u64, dry_run: bool) -> Result<pb::Tie
             reply.deleted.push(o.key);
         }
     }
+    if !dry_run {
+        let (n, bytes) = tier.sweep_staged(grace_ms);
+        reply.staged_removed = n;
+        reply.bytes_deleted += bytes;
+    }
     Ok(reply)
 }

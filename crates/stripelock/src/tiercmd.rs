@@ -229,17 +229,19 @@ pub fn gc(grace: std::time::Duration, dry_run: bool, cluster: Option<&str>, json
             "{}",
             serde_json::json!({
                 "objects": r.objects, "named": r.named, "young": r.young, "dry_run": dry_run,
-                "deleted": r.deleted, "bytes_deleted": r.bytes_deleted,
+                "deleted": r.deleted, "bytes_deleted": r.bytes_deleted, "staged_removed": r.staged_removed,
             })
         );
     } else {
         let verb = if dry_run { "would delete" } else { "deleted" };
         println!(
-            "{} objects on the tier: {} named by stubs, {} younger than the grace period, {verb} {} ({})",
+            "{} objects on the tier: {} named by stubs, {} younger than the grace period, {verb} {} and {} \
+             interrupted uploads ({})",
             r.objects,
             r.named,
             r.young,
             r.deleted.len(),
+            r.staged_removed,
             human(r.bytes_deleted)
         );
     }

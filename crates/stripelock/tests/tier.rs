@@ -277,3 +277,86 @@ fn servers_read_metadata_relaxed_until_the_migration_signal_makes_them_strict() 
         until_modes(&c, true).await;
     });
 }
+
+#[test]
+fn killing_the_migrator_or_its_server_mid_migration_leaves_the_file_whole() {
+    serial(async {
+        let mut c = Cluster::start(3, "tier-crash").await;
+        let data = noise(32 << 20, 21);
+        let local = c.dir.join("c.in");
+        std::fs::write(&local, &data).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/c"]);
+        // Each round kills at another point: the CLI migrator (its server's handler is then
+        // dropped mid-copy) or server 1, which does the copy and the commit.
+        let mut outcomes = Vec::new();
+        for (round, delay_ms) in [10u64, 60, 150, 300, 700].into_iter().enumerate() {
+            let mut migrator = std::process::Command::new(&*EXE)
+                .args(["migrate", "/c", "--cluster", &c.addrs_from(1).join(",")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            let kill_server = round % 2 == 1;
+            if kill_server {
+                c.kill(1);
+            } else {
+                let _ = migrator.kill();
+            }
+            let _ = migrator.wait();
+            if kill_server {
+                c.spawn(1, false);
+                c.wait_ready().await;
+            }
+            // Whichever way it went (striped still, or a complete stub), the bytes are right.
+            let out = run_at(&c, 2, &["get", "/c", c.dir.join("c.out").to_str().unwrap()], b"");
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(std::fs::read(c.dir.join("c.out")).unwrap() == data, "round {round}: bytes differ");
+            let stubbed = json(&c, &["stat", "/c"])["tier_key"].as_str().unwrap() != "";
+            outcomes.push((kill_server, delay_ms, stubbed));
+            if stubbed {
+                let r = run_at(&c, 2, &["recall", "/c"], b"");
+                assert!(r.status.success(), "round {round}: {}", String::from_utf8_lossy(&r.stderr));
+            }
+        }
+        eprintln!("(killed server?, after ms, stub committed?) per round: {outcomes:?}");
+        // A last migration completes; gc then leaves exactly the object its stub names.
+        let m = json(&c, &["migrate", "/c"]);
+        assert_eq!(m["failed"].as_u64(), Some(0), "{m}");
+        let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
+        assert_eq!(gc["named"].as_u64(), Some(1), "{gc}");
+        let left = walk_files(&c.dir.join("tier"));
+        let key = json(&c, &["stat", "/c"])["tier_key"].as_str().unwrap().to_string();
+        assert_eq!(left, [c.dir.join("tier").join(&key)], "no orphan object or interrupted upload is left");
+        cli(&c, &["scrub", "/"]);
+        assert!(get(&c, "/c") == data);
+        // The server doing a recall killed part way: the file reads right either way, and
+        // another recall finishes the job.
+        for delay_ms in [50u64, 300] {
+            if json(&c, &["stat", "/c"])["tier_key"].as_str().unwrap().is_empty() {
+                cli(&c, &["migrate", "/c"]);
+            }
+            let mut recaller = std::process::Command::new(&*EXE)
+                .args(["recall", "/c", "--cluster", &c.addrs_from(1).join(",")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            c.kill(1);
+            let _ = recaller.wait();
+            c.spawn(1, false);
+            c.wait_ready().await;
+            let out = run_at(&c, 2, &["get", "/c", c.dir.join("c.out").to_str().unwrap()], b"");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(std::fs::read(c.dir.join("c.out")).unwrap() == data, "after a recall killed at {delay_ms} ms");
+        }
+        if !json(&c, &["stat", "/c"])["tier_key"].as_str().unwrap().is_empty() {
+            let r = run_at(&c, 2, &["recall", "/c"], b"");
+            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        }
+        let scrub = run_at(&c, 2, &["scrub", "/"], b"");
+        assert!(scrub.status.success(), "{}", String::from_utf8_lossy(&scrub.stdout));
+        assert!(get(&c, "/c") == data);
+    });
+}

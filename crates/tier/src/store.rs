@@ -64,6 +64,8 @@ pub struct Tier {
     store: Arc<dyn ObjectStore>,
     /// Where it is, for messages.
     place: String,
+    /// A local tier's directory (its interrupted uploads are files of its own to sweep).
+    root: Option<std::path::PathBuf>,
 }
 
 impl Tier {
@@ -72,12 +74,12 @@ impl Tier {
         let open = |reason: String| TierError::Open { place: dir.display().to_string(), reason };
         std::fs::create_dir_all(dir).map_err(|e| open(e.to_string()))?;
         let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| open(e.to_string()))?;
-        Ok(Tier { store: Arc::new(store), place: dir.display().to_string() })
+        Ok(Tier { store: Arc::new(store), place: dir.display().to_string(), root: Some(dir.to_path_buf()) })
     }
 
     /// A tier over any object store (tests use `InMemory`; S3 comes through here).
     pub fn over(store: Arc<dyn ObjectStore>, place: impl Into<String>) -> Tier {
-        Tier { store, place: place.into() }
+        Tier { store, place: place.into(), root: None }
     }
 
     /// An S3 bucket (`s3` feature): `endpoint` for an S3-protocol server other than AWS's.
@@ -89,7 +91,7 @@ impl Tier {
         }
         let store =
             b.build().map_err(|e| TierError::Open { place: format!("s3://{bucket}"), reason: e.to_string() })?;
-        Ok(Tier { store: Arc::new(store), place: format!("s3://{bucket}") })
+        Ok(Tier { store: Arc::new(store), place: format!("s3://{bucket}"), root: None })
     }
 
     pub fn place(&self) -> &str {
@@ -181,6 +183,37 @@ impl Tier {
                 written_ms: m.last_modified.timestamp_millis().max(0) as u64,
             })
             .collect())
+    }
+
+    /// Removes what uploads interrupted by a crash left on a local tier (object_store stages
+    /// an upload as `KEY#N` and renames it when complete; a killed process leaves it), once
+    /// older than `grace_ms`. Answers how many and their bytes. Other tiers: nothing to do
+    /// here (S3 keeps unfinished multipart uploads until a lifecycle rule aborts them).
+    pub fn sweep_staged(&self, grace_ms: u64) -> (u64, u64) {
+        fn walk(dir: &FsPath, grace: std::time::Duration, out: &mut (u64, u64)) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for e in entries.filter_map(Result::ok) {
+                let path = e.path();
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_dir() {
+                    walk(&path, grace, out);
+                    continue;
+                }
+                let name = e.file_name().to_string_lossy().into_owned();
+                let staged =
+                    name.split_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= grace);
+                if staged && old && std::fs::remove_file(&path).is_ok() {
+                    out.0 += 1;
+                    out.1 += meta.len();
+                }
+            }
+        }
+        let mut swept = (0, 0);
+        if let Some(root) = &self.root {
+            walk(&root.join("files"), std::time::Duration::from_millis(grace_ms), &mut swept);
+        }
+        swept
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), TierError> {
