@@ -387,6 +387,17 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// The secondary tier's raw speed, the baseline of `bench/tier.sh`: MIB MiB written to DIR
+    /// through object_store (8 MiB parts, blake3 on the way, as a migration does) and read back
+    /// 8 MiB at a time (as a recall does), then removed.
+    TierRaw {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lock+unlock cycles per second and latency against a running cluster.
     Lock {
         /// Client counts to measure, comma-separated.
@@ -618,6 +629,9 @@ fn main() -> ExitCode {
         }
         Command::Bench { command: BenchCommand::Io { size, dir, json } } => {
             report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS), json)
+        }
+        Command::Bench { command: BenchCommand::TierRaw { dir, mib, json } } => {
+            report(tiercmd::bench_raw(&dir, mib, json), json)
         }
         Command::Bench { command: BenchCommand::Parity { seconds, unit, json } } => {
             if !(seconds > 0.0 && seconds <= 60.0) {

@@ -247,3 +247,42 @@ pub fn gc(grace: std::time::Duration, dry_run: bool, cluster: Option<&str>, json
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `bench tier-raw`: object_store put and get of `mib` MiB in `dir`, as a migration and a recall
+/// move bytes (8 MiB parts hashed with blake3; reads of 8 MiB), without the cluster.
+pub fn bench_raw(dir: &std::path::Path, mib: u64, json: bool) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let tier = tier::Tier::local(dir)?;
+        let key = tier::Tier::key(u64::MAX, std::process::id().into());
+        let part: Vec<u8> = (0..tier::store::PART_BYTES).map(|i| (i * 31 % 251) as u8).collect();
+        let part = bytes::Bytes::from(part);
+        let total = mib << 20;
+        let started = Instant::now();
+        let mut w = tier.writer(&key).await?;
+        let mut written = 0;
+        while written < total {
+            let n = (total - written).min(part.len() as u64) as usize;
+            w.write(part.slice(..n)).await?;
+            written += n as u64;
+        }
+        w.finish().await?;
+        let put_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let mut at = 0;
+        while at < total {
+            let to = (at + (8 << 20)).min(total);
+            tier.get_range(&key, at..to).await?;
+            at = to;
+        }
+        let get_s = started.elapsed().as_secs_f64();
+        tier.delete(&key).await?;
+        let (put, get) = (total as f64 / put_s / 1e6, total as f64 / get_s / 1e6);
+        if json {
+            println!("{}", serde_json::json!({"bytes": total, "put_mb_per_s": put, "get_mb_per_s": get}));
+        } else {
+            println!("object_store put {}: {put:.0} MB/s; get: {get:.0} MB/s", human(total));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
