@@ -330,6 +330,17 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        // Seed 001: a write to a stub recalls it first.
+        let mut c = files_client(&addrs).await?;
+        if c.stat(pb::PathRequest { path: path.to_string(), ino: 0 })
+            .await
+            .is_ok_and(|s| !s.get_ref().tier_key.is_empty())
+        {
+            if !json {
+                eprintln!("{path} is on the secondary tier: recalling it before writing");
+            }
+            crate::tiercmd::recall_one(&addrs, path).await.with_context(|| format!("{path} could not be recalled"))?;
+        }
         let (session, grant) = lock_range(&addrs, path, offset..end, Mode::PW).await?;
         // Where the pieces written so far end (each piece is one call).
         let landed = std::sync::atomic::AtomicU64::new(offset);

@@ -82,9 +82,21 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         assert!(out.stdout == data[40_000_000..40_004_096]);
         assert_eq!(tier_bytes_read(&c).await - before, 4096, "a range read fetches only that range");
 
-        // A stub is not written to; scrub checks it against its object.
-        let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"new");
-        assert!(!w.status.success() && String::from_utf8_lossy(&w.stderr).contains("recall"), "{w:?}");
+        // The data path writes no unit of a stub (a raw write is refused, naming recall); scrub
+        // checks a stub against its object.
+        let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+        let g = s.lock("/cold/big", 0..3, Mode::PW, LockOptions::default()).await.unwrap();
+        let addr = &c.servers[0].addr;
+        let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
+        let raw = pb::WriteRequest {
+            path: "/cold/big".into(),
+            token: g.signed_token.clone(),
+            offset: 0,
+            data: b"new"[..].into(),
+        };
+        let refused = files.write(raw).await.unwrap_err();
+        assert!(refused.message().contains("recall"), "{refused:?}");
+        s.close().await;
         cli(&c, &["scrub", "/cold/"]);
         let mut bytes = std::fs::read(&object).unwrap();
         bytes[12345] ^= 1;
@@ -116,6 +128,13 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         let mut want = data.clone();
         want[..3].copy_from_slice(b"new");
         assert!(get(&c, "/cold/big") == want, "a write after the recall lands");
+        // `stripelock write` to a stub recalls it first.
+        cli(&c, &["migrate", "/cold/big"]);
+        let w = run_at(&c, 2, &["write", "/cold/big", "--offset", "1"], b"EW");
+        assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+        assert_eq!(json(&c, &["stat", "/cold/big"])["tier_key"].as_str(), Some(""), "recalled by the write");
+        want[1..3].copy_from_slice(b"EW");
+        assert!(get(&c, "/cold/big") == want);
     });
 }
 
