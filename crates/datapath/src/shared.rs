@@ -3,7 +3,7 @@
 //! peer server. Also the checks every call starts with: the caller's token, the file, its size.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lockengine::ByteRange;
@@ -28,9 +28,9 @@ pub struct Shared {
     pub lock_free: Mutex<LockFreeCache>,
     channels: Mutex<HashMap<u64, Channel>>,
     /// The secondary tier, or why it cannot be opened.
-    tier: Result<tier::Tier, String>,
+    tier: Result<tier::Tier, tier::TierError>,
     /// Seed 001: relaxed or strict file metadata (`signal.rs`).
-    pub meta_mode: crate::signal::MetaMode,
+    pub meta_mode: MetaMode,
 }
 
 impl std::fmt::Debug for Shared {
@@ -96,7 +96,7 @@ pub fn stripe_resource(file: u64, row: u64) -> String {
 impl Shared {
     pub fn new(locks: Arc<dyn Locks>, config: Config) -> Shared {
         let lock_free = LockFreeCache::with_capacity(config.limits.lock_free_ranges_max);
-        let tier = tier::Tier::local(&config.tier_dir).map_err(|e| e.to_string());
+        let tier = tier::Tier::local(&config.tier_dir);
         if let Err(e) = &tier {
             tracing::warn!("no secondary tier: {e}");
         }
@@ -107,7 +107,7 @@ impl Shared {
             lock_free: Mutex::new(lock_free),
             channels: Mutex::new(HashMap::new()),
             tier,
-            meta_mode: crate::signal::MetaMode::default(),
+            meta_mode: MetaMode::default(),
         }
     }
 
@@ -215,5 +215,34 @@ impl Shared {
     /// The secondary tier.
     pub fn tier(&self) -> Result<&tier::Tier, Status> {
         self.tier.as_ref().map_err(|e| ErrorCode::Unavailable.status(format!("this server has no secondary tier: {e}")))
+    }
+}
+
+/// Seed 001: this server's file metadata mode (relaxed while it holds the migration signal,
+/// `signal.rs`) and what strict mode has cost.
+#[derive(Debug, Default)]
+pub struct MetaMode {
+    relaxed: AtomicBool,
+    /// Reads that re-validated with the leader (strict mode).
+    round_trips: AtomicU64,
+}
+
+impl MetaMode {
+    pub fn relaxed(&self) -> bool {
+        self.relaxed.load(Ordering::SeqCst)
+    }
+
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_round_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set(&self, relaxed: bool) {
+        if self.relaxed.swap(relaxed, Ordering::SeqCst) != relaxed {
+            tracing::info!("file metadata: {} mode", if relaxed { "relaxed" } else { "strict" });
+        }
     }
 }

@@ -8,7 +8,6 @@
 //! and a strict server only pays one read index per read meanwhile.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use client::{Event, LockOptions, Mode, Session};
@@ -22,37 +21,13 @@ pub const SIGNAL_RESOURCE: &str = "#tier/migration-signal";
 /// The lease of the session a server holds the signal in.
 const SIGNAL_LEASE_MS: u64 = 10_000;
 
-/// This server's metadata mode and what strict mode has cost.
-#[derive(Debug, Default)]
-pub struct MetaMode {
-    relaxed: AtomicBool,
-    /// Reads that re-validated with the leader (strict mode).
-    round_trips: AtomicU64,
-}
-
-impl MetaMode {
-    pub fn relaxed(&self) -> bool {
-        self.relaxed.load(Ordering::SeqCst)
-    }
-
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, relaxed: bool) {
-        if self.relaxed.swap(relaxed, Ordering::SeqCst) != relaxed {
-            tracing::info!("file metadata: {} mode", if relaxed { "relaxed" } else { "strict" });
-        }
-    }
-}
-
 /// Before a read uses this server's file metadata: nothing in relaxed mode; in strict mode, a
 /// read index from the leader, so what it reads includes every stub committed before.
 pub async fn validate(shared: &Shared) -> Result<(), Status> {
     if shared.meta_mode.relaxed() {
         return Ok(());
     }
-    shared.meta_mode.round_trips.fetch_add(1, Ordering::Relaxed);
+    shared.meta_mode.count_round_trip();
     shared.locks.read_barrier().await.map_err(|e| e.status())
 }
 

@@ -339,7 +339,12 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
             if !json {
                 eprintln!("{path} is on the secondary tier: recalling it before writing");
             }
-            crate::tiercmd::recall_one(&addrs, path).await.with_context(|| format!("{path} could not be recalled"))?;
+            let (session, grant) = lock(&addrs, path, Mode::EX).await?;
+            let recalled =
+                c.recall(pb::TierRequest { path: path.to_string(), token: grant.signed_token.clone() }).await;
+            let _ = session.unlock(grant.lock).await;
+            session.close().await;
+            recalled.map_err(status_error).with_context(|| format!("{path} could not be recalled"))?;
         }
         let (session, grant) = lock_range(&addrs, path, offset..end, Mode::PW).await?;
         // Where the pieces written so far end (each piece is one call).

@@ -176,11 +176,6 @@ pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) 
     })
 }
 
-/// Recalls `path` (under EX on it), as `stripelock recall` does.
-pub(crate) async fn recall_one(addrs: &[String], path: &str) -> Result<()> {
-    one(Action::Recall, addrs, path).await.map(|_| ())
-}
-
 /// How long a migrator waits for every server to give up relaxed mode.
 const SIGNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
