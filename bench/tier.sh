@@ -4,6 +4,8 @@
 #      object_store's own put and get of as many bytes into a directory on the same disk
 #      (`stripelock bench tier-raw`: 8 MiB parts hashed with blake3, 8 MiB reads), ROUNDS
 #      (default 3) rounds alternating the two, with the median ratios;
+#      also the cluster's own `put` and `get` of the same file in the same round (a migration
+#      reads the file's stripes, a recall writes them: the bound the cluster itself sets);
 #   2. time to the first byte of a 4 KiB read from the middle of the stub: a `cat --range`
 #      from a fresh CLI process (process start, session, lock, read), median of 5, and the same
 #      4 KiB of a striped file for comparison.
@@ -36,10 +38,15 @@ field() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 echo "== migrate and recall of $SIZE_MIB MiB vs object_store put and get, $ROUNDS rounds"
-printf "%-6s %12s %10s %7s %12s %10s %7s\n" round migrate put ratio recall get ratio
+printf "%-6s %12s %10s %7s %12s %10s %7s %12s %12s\n" round migrate os-put ratio recall os-get ratio cluster-get cluster-put
 mr=() rr=()
+secs() { python3 -c "import time; print(time.time())"; }
 for r in $(seq "$ROUNDS"); do
-  "$exe" put "$work/src.bin" /bench/f$r >/dev/null
+  t0=$(secs); "$exe" put "$work/src.bin" /bench/f$r >/dev/null; t1=$(secs)
+  cput=$(python3 -c "print($SIZE_MIB*1048576/($t1-$t0)/1e6)")
+  t0=$(secs); "$exe" get /bench/f$r "$work/out.bin" >/dev/null; t1=$(secs)
+  cget=$(python3 -c "print($SIZE_MIB*1048576/($t1-$t0)/1e6)")
+  rm -f "$work/out.bin"
   mig=$("$exe" migrate /bench/f$r --json | field 'd["files"][0]["mb_per_s"]')
   raw=$("$exe" bench tier-raw --dir "$work/data/tier-raw" --mib "$SIZE_MIB" --json)
   put=$(echo "$raw" | field 'd["put_mb_per_s"]')
@@ -48,7 +55,7 @@ for r in $(seq "$ROUNDS"); do
   m=$(python3 -c "print(round($mig/$put, 2))")
   c=$(python3 -c "print(round($rec/$get, 2))")
   mr+=("$m") rr+=("$c")
-  printf "%-6s %9.0f MB/s %5.0f MB/s %7s %9.0f MB/s %5.0f MB/s %7s\n" "$r" "$mig" "$put" "$m" "$rec" "$get" "$c"
+  printf "%-6s %9.0f MB/s %5.0f MB/s %7s %9.0f MB/s %5.0f MB/s %7s %7.0f MB/s %7.0f MB/s\n" "$r" "$mig" "$put" "$m" "$rec" "$get" "$c" "$cget" "$cput"
   "$exe" rm /bench/f$r >/dev/null
 done
 echo "median ratio: migrate/put $(printf '%s\n' "${mr[@]}" | median)  recall/get $(printf '%s\n' "${rr[@]}" | median)  (goal >= 0.8)"

@@ -131,6 +131,7 @@ impl Tier {
         let upload = self.store.put_multipart(&path).await.map_err(|e| store_error(key, e))?;
         Ok(ObjectWriter {
             key: key.to_string(),
+            root: self.root.clone(),
             upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
             hasher: blake3::Hasher::new(),
             size: 0,
@@ -228,6 +229,8 @@ impl Tier {
 /// under its key.
 pub struct ObjectWriter {
     key: String,
+    /// A local tier's directory: the object is synced to disk before `finish` answers.
+    root: Option<std::path::PathBuf>,
     upload: WriteMultipart,
     hasher: blake3::Hasher,
     size: u64,
@@ -249,10 +252,33 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Completes the object; answers its size and hash.
+    /// Completes the object, durable (on a local tier: the file and the directories that name
+    /// it synced, as object_store does not); answers its size and hash. A stub may name it then.
     pub async fn finish(self) -> Result<Written, TierError> {
         let key = self.key;
         self.upload.finish().await.map_err(|e| store_error(&key, e))?;
+        if let Some(root) = self.root {
+            let path = root.join(&key);
+            let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::File::open(&path)?.sync_all()?;
+                // The object's directory, and the one above it (made for this file's first object).
+                let mut dir = path.parent();
+                for _ in 0..2 {
+                    if let Some(d) = dir {
+                        std::fs::File::open(d)?.sync_all()?;
+                        dir = d.parent();
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            synced.map_err(|e| TierError::Store {
+                key: key.clone(),
+                source: object_store::Error::Generic { store: "local", source: Box::new(e) },
+            })?;
+        }
         Ok(Written { size: self.size, blake3: *self.hasher.finalize().as_bytes() })
     }
 }
