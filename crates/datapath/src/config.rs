@@ -100,6 +100,12 @@ pub struct Env {
     /// servers keep serving reads without a lock from ranges a write lock now covers. Never set
     /// outside a test.
     pub break_invalidate_for_negative_control: bool,
+    /// Negative control for tests only: on the migration signal's revoke this server gives its
+    /// PR back but stays relaxed (seed 001's switch to strict skipped). Never set outside a test.
+    pub break_signal_for_negative_control: bool,
+    /// Tests only: a migration's stub is proposed this long after its object is complete (a
+    /// migrator held up past its lease). Never set outside a test.
+    pub hold_migrate_commit_ms_for_test: Option<u64>,
 }
 
 impl std::fmt::Debug for Env {
@@ -110,6 +116,8 @@ impl std::fmt::Debug for Env {
             .field("skip_storage_fence_for_negative_control", &self.skip_storage_fence_for_negative_control)
             .field("hold_first_stripe_write_ms_for_test", &self.hold_first_stripe_write_ms_for_test)
             .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
+            .field("break_signal_for_negative_control", &self.break_signal_for_negative_control)
+            .field("hold_migrate_commit_ms_for_test", &self.hold_migrate_commit_ms_for_test)
             .finish_non_exhaustive()
     }
 }

@@ -72,7 +72,9 @@ pub async fn hold(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             };
             // Strict before the migrator can be granted EX.
-            mode.set(false);
+            if !shared.config.env.break_signal_for_negative_control {
+                mode.set(false);
+            }
             if ended {
                 break;
             }

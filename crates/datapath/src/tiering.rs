@@ -67,6 +67,9 @@ pub async fn migrate(
             return Err(e);
         }
     };
+    if let Some(ms) = shared.config.env.hold_migrate_commit_ms_for_test {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let stub =
         Stub { key: key.clone(), size: written.size, blake3: written.blake3, layout: f.layout.clone(), migrated_ms: 0 };
     let op = Op::Migrated { path: path.to_string(), id: f.id, token: lock_token, stub: stub.clone() };

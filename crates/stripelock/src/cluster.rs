@@ -233,6 +233,12 @@ pub const HOLD_STRIPE_WRITE_ENV: &str = "STRIPELOCK_TEST_HOLD_STRIPE_WRITE_MS";
 /// Tests only: while the file this names exists, the server removes it and aborts right after
 /// it acknowledged a release as ordered (`Env::crash_after_release_ack_for_test`).
 pub const CRASH_AFTER_RELEASE_ACK_ENV: &str = "STRIPELOCK_TEST_CRASH_AFTER_RELEASE_ACK";
+/// Tests only (a negative control): set, a server stays relaxed on the migration signal's revoke
+/// (`Env::break_signal_for_negative_control`).
+pub const BREAK_SIGNAL_ENV: &str = "STRIPELOCK_TEST_BREAK_SIGNAL_FOR_NEGATIVE_CONTROL";
+/// Tests only: milliseconds a server holds a migration's stub back once its object is complete
+/// (`Env::hold_migrate_commit_ms_for_test`).
+pub const HOLD_MIGRATE_COMMIT_ENV: &str = "STRIPELOCK_TEST_HOLD_MIGRATE_COMMIT_MS";
 
 /// A test switch from the environment, if set and not empty; announced, so nobody runs with
 /// one unawares.
@@ -303,6 +309,10 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
                     .map(|v| v.parse().with_context(|| format!("{HOLD_STRIPE_WRITE_ENV}={v} is not milliseconds")))
                     .transpose()?,
                 break_invalidate_for_negative_control: args.break_invalidate,
+                break_signal_for_negative_control: test_switch(BREAK_SIGNAL_ENV).is_some(),
+                hold_migrate_commit_ms_for_test: test_switch(HOLD_MIGRATE_COMMIT_ENV)
+                    .map(|v| v.parse().with_context(|| format!("{HOLD_MIGRATE_COMMIT_ENV}={v} is not milliseconds")))
+                    .transpose()?,
                 ..server::DataEnv::default()
             },
         },

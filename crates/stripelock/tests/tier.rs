@@ -379,3 +379,55 @@ fn killing_the_migrator_or_its_server_mid_migration_leaves_the_file_whole() {
         assert!(get(&c, "/c") == data);
     });
 }
+
+/// The negative control of the relaxed/strict test: servers that give the signal back without
+/// turning strict are seen relaxed while the migrator holds it (the check above would fail).
+#[test]
+fn a_server_that_stays_relaxed_on_the_signal_revoke_is_caught() {
+    serial(async {
+        let env = [("STRIPELOCK_TEST_BREAK_SIGNAL_FOR_NEGATIVE_CONTROL", "1")];
+        let c = Cluster::start_with_env(3, "tier-signal-broken", &[], &env).await;
+        until_modes(&c, true).await;
+        let s = Session::open(&c.addrs(), 5_000).await.unwrap();
+        let g = s.lock(server::SIGNAL_RESOURCE, 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+        let m = modes(&c).await;
+        assert!(m.iter().all(|(relaxed, _)| *relaxed), "the broken servers stayed relaxed under the migrator: {m:?}");
+        s.unlock(g.lock).await.unwrap();
+    });
+}
+
+/// A migrator held up past its lease (here: its CLI stopped with SIGSTOP while the server holds
+/// the commit back) leaves no stub and no object; a later migration succeeds.
+#[test]
+fn a_paused_migrator_cannot_commit_its_stub() {
+    serial(async {
+        let env = [("STRIPELOCK_TEST_HOLD_MIGRATE_COMMIT_MS", "15000")];
+        let c = Cluster::start_with_env(3, "tier-paused", &[], &env).await;
+        let data = noise(2 << 20, 12);
+        let local = c.dir.join("p.in");
+        std::fs::write(&local, &data).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/p"]);
+        let migrator = std::process::Command::new(&*EXE)
+            .args(["migrate", "/p", "--json", "--cluster", &c.addrs().join(",")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let pid = migrator.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+        // Its sessions (10 s leases) run out while the server holds the commit; then it goes on.
+        tokio::time::sleep(std::time::Duration::from_secs(16)).await;
+        assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+        let out = migrator.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert!(!out.status.success(), "the paused migration was refused: {report}");
+        let why = report["files"][0]["error"].as_str().unwrap_or_default();
+        assert!(why.contains("no longer holds"), "refused at the commit, for its lock: {report}");
+        assert_eq!(json(&c, &["stat", "/p"])["tier_key"].as_str(), Some(""), "no stub");
+        assert!(walk_files(&c.dir.join("tier")).is_empty(), "its object was deleted");
+        assert!(get(&c, "/p") == data);
+        let m = json(&c, &["migrate", "/p"]);
+        assert_eq!(m["failed"].as_u64(), Some(0), "another migration succeeds: {m}");
+        assert!(get(&c, "/p") == data);
+    });
+}
