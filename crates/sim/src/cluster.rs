@@ -295,6 +295,8 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 break_stale_write_check_for_negative_control: false,
                 break_invalidate_for_negative_control: false,
                 hold_first_stripe_write_ms_for_test: None,
+                break_signal_for_negative_control: false,
+                hold_migrate_commit_ms_for_test: None,
             };
             let data_dir = std::path::PathBuf::from("/nonexistent");
             let config = ServerConfig {
