@@ -341,20 +341,36 @@ impl Node {
     /// Hands a batch of renewals to the leader in one RPC; its answer says, per session,
     /// whether it renewed it.
     pub(crate) async fn forward_renewals(&self, sessions: Vec<SessionId>) -> Result<Vec<bool>, ProposeError> {
+        self.ask_leader(RENEW, &sessions, |mut c, p| async move { c.renew(p).await }).await?
+    }
+
+    /// Sends `value` as the Raft message `name` to the leader (not this server) through `call`
+    /// and decodes its answer; a leader that does not answer within the deadline is forgotten.
+    async fn ask_leader<T, R, F>(
+        &self,
+        name: &'static str,
+        value: &T,
+        call: impl FnOnce(RaftClient<tonic::transport::Channel>, RaftPayload) -> F,
+    ) -> Result<R, ProposeError>
+    where
+        T: serde::Serialize,
+        R: serde::de::DeserializeOwned,
+        F: std::future::Future<Output = Result<Response<RaftPayload>, Status>>,
+    {
         let (leader, addr) = leader_and_address(&self.raft, &self.config.peers).ok_or(ProposeError::NoLeader)?;
         if leader == self.id {
             return Err(ProposeError::NoLeader);
         }
-        let mut client = self.leader_client(leader, &addr)?;
-        let payload = encode(RENEW, &sessions).map_err(unreadable)?;
-        let reply = tokio::time::timeout(FORWARD_DEADLINE, client.renew(payload))
+        let client = self.leader_client(leader, &addr)?;
+        let payload = encode(name, value).map_err(unreadable)?;
+        let reply = tokio::time::timeout(FORWARD_DEADLINE, call(client, payload))
             .await
             .map_err(|_| {
                 self.leaders.lock().expect("leaders lock").remove(&leader);
                 ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
             })?
             .map_err(|s| ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() })?;
-        decode::<Result<Vec<bool>, ProposeError>>(RENEW, reply.get_ref()).map_err(unreadable)?
+        decode::<R>(name, reply.get_ref()).map_err(unreadable)
     }
 
     /// Waits until this server has applied every entry committed before the call (Raft's
@@ -364,17 +380,10 @@ impl Node {
         let index = if self.is_leader() {
             self.read_index().await?
         } else {
-            let (leader, addr) = leader_and_address(&self.raft, &self.config.peers).ok_or(ProposeError::NoLeader)?;
-            let mut client = self.leader_client(leader, &addr)?;
-            let payload = encode(READ_INDEX, &()).map_err(unreadable)?;
-            let reply = tokio::time::timeout(FORWARD_DEADLINE, client.read_index(payload))
-                .await
-                .map_err(|_| {
-                    self.leaders.lock().expect("leaders lock").remove(&leader);
-                    ProposeError::LeaderUnreachable { leader, reason: format!("no answer within {FORWARD_DEADLINE:?}") }
-                })?
-                .map_err(|s| ProposeError::LeaderUnreachable { leader, reason: s.message().to_string() })?;
-            decode::<Result<u64, ProposeError>>(READ_INDEX, reply.get_ref()).map_err(unreadable)??
+            self.ask_leader::<_, Result<u64, ProposeError>, _>(READ_INDEX, &(), |mut c, p| async move {
+                c.read_index(p).await
+            })
+            .await??
         };
         tokio::time::timeout(FORWARD_DEADLINE, self.applied(index)).await.map_err(|_| ProposeError::Refused {
             code: wire::ErrorCode::Unavailable,

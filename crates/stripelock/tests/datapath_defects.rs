@@ -10,21 +10,6 @@ use wire::v1 as pb;
 mod common;
 use common::*;
 
-/// Runs the CLI; panics with its stderr if it fails; returns stdout.
-fn cli(c: &Cluster, args: &[&str]) -> String {
-    let out = run_at(c, c.live(), args, b"");
-    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs the CLI expecting it to fail; returns its stderr.
-fn cli_fails(c: &Cluster, args: &[&str]) -> String {
-    let out = run_at(c, c.live(), args, b"");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "stripelock {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
-    stderr
-}
-
 /// Puts `data` at `path` with extra put flags; returns the stat as JSON.
 fn put(c: &Cluster, path: &str, data: &[u8], flags: &[&str]) -> serde_json::Value {
     let local = c.dir.join("put.bin");

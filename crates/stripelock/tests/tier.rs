@@ -8,18 +8,6 @@ use client::{LockOptions, Mode, Session};
 use common::*;
 use wire::v1 as pb;
 
-fn cli(c: &Cluster, args: &[&str]) -> String {
-    let out = run_at(c, c.live(), args, b"");
-    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn cli_fails(c: &Cluster, args: &[&str]) -> String {
-    let out = run_at(c, c.live(), args, b"");
-    assert!(!out.status.success(), "stripelock {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
     a.push("--json");

@@ -266,3 +266,18 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Runs the CLI with the first live server at the head of --cluster; panics with its stderr if
+/// it fails; returns stdout.
+pub fn cli(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    assert!(out.status.success(), "stripelock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the CLI expecting it to fail; returns its stderr.
+pub fn cli_fails(c: &Cluster, args: &[&str]) -> String {
+    let out = run_at(c, c.live(), args, b"");
+    assert!(!out.status.success(), "stripelock {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
