@@ -10,11 +10,13 @@ use crate::lease::StorageEvent;
 pub struct Config {
     /// The server's data directory; its units are kept in `units/` there.
     pub data_dir: PathBuf,
-    /// The secondary tier (seed 001): a directory every server of the cluster reaches.
-    pub tier_dir: PathBuf,
+    /// The secondary tier (seed 001): a directory every server of the cluster reaches, or S3.
+    pub tier: tier::Place,
     /// Hold the migration-signal lock and serve file metadata relaxed while it is held
     /// (`signal.rs`); off, every read re-validates with the leader (strict mode always).
     pub migration_signal: bool,
+    /// Seed 001: after a read of a stub, stripe the whole file again in the background.
+    pub recall_on_read: bool,
     /// How often the leader's fencing duty runs (the lock service's tick).
     pub tick_ms: u64,
     /// How long units of a file no longer in the namespace are kept before they are deleted

@@ -24,6 +24,11 @@ use wire::convert::{span_to_pb, unit_ref};
 use wire::v1 as pb;
 
 use crate::config::{DEFAULT_UNIT, MESSAGE_BYTES_MAX};
+
+/// The lease of the session a background recall holds its lock in.
+const RECALL_LEASE_MS: u64 = 10_000;
+/// How long a background recall waits for the file's readers and writers to let it go.
+const RECALL_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::errors::row_code;
 use crate::names;
 use crate::shared::Shared;
@@ -87,6 +92,86 @@ fn spread(path: &str) -> u64 {
 }
 
 impl FilesService {
+    /// Stripes the stub at `path` again under `token` (a write lock on the whole file): the
+    /// object's rows are written as new units over the layout the file had, then the recall is
+    /// committed. Returns the file's size.
+    async fn recall_file(&self, path: &str, token: &str) -> Result<u64, Status> {
+        use futures::StreamExt;
+        self.shared.check_token(path, token, true)?;
+        let lock_token = self.shared.claims(path, token)?.token;
+        let f = self.shared.file(path)?;
+        let Some(stub) = self.shared.locks.stub(f.id) else {
+            return Err(ErrorCode::Conflict.status(format!("{path} is not on the secondary tier")));
+        };
+        // Units a migration could not delete (a server was down) go first: rows are written
+        // as new units.
+        let removed = self.delete_units(path, &f, token).await;
+        if let Some(e) = removed.errors.first() {
+            return Err(ErrorCode::Unavailable
+                .status(format!("{path} cannot be recalled while its old units cannot be cleared: {e}")));
+        }
+        let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
+        let m = &meta;
+        let mut writes = Box::pin(tiering::recall_rows(&self.shared, stub.clone(), meta.layout.row_bytes()))
+            .map(|row| async move {
+                let (row, data) = row?;
+                self.write_row(path, m, row, data.to_vec(), token).await
+            })
+            .buffered(self.shared.config.limits.rows_in_flight);
+        while let Some(w) = writes.next().await {
+            w?;
+        }
+        tiering::recalled(&self.shared, path, &f, &stub, lock_token).await?;
+        self.shared.stats.recalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(stub.size)
+    }
+
+    /// Seed 001's transparent recall: after a read of the stub at `path` (file `id`) is served
+    /// from the tier, the whole file is striped again in the background. One recall per file
+    /// on this server however many read it; across servers, the recall's write lock on the
+    /// file lets one through, and the others then find no stub and stop.
+    fn recall_after_read(&self, path: &str, id: u64) {
+        if !self.shared.config.recall_on_read || !self.shared.recalling.lock().expect("recalling").insert(id) {
+            return;
+        }
+        let (this, path) = (self.clone(), path.to_string());
+        tokio::spawn(async move {
+            match this.recall_in_background(&path, id).await {
+                Ok(true) => tracing::info!("{path} recalled from the secondary tier after a read"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("the background recall of {path} stopped: {}", e.message()),
+            }
+            this.shared.recalling.lock().expect("recalling").remove(&id);
+        });
+    }
+
+    /// The recall `recall_after_read` starts, under a write lock of a session of this server's
+    /// own. Whether it recalled the file (not if someone else did first).
+    async fn recall_in_background(&self, path: &str, id: u64) -> Result<bool, Status> {
+        use client::{LockOptions, Mode, Session};
+        let addrs = [self.shared.locks.address().to_string()];
+        let connector = self.shared.locks.connector().clone();
+        let session = Session::open_named(&addrs, RECALL_LEASE_MS, connector, format!("recall of {path}"))
+            .await
+            .map_err(|e| e.code().status(e.to_string()))?;
+        let recalled = async {
+            // Readers holding the file keep it until they give it back (a revoke asks them to).
+            let options = LockOptions { timeout: Some(RECALL_LOCK_WAIT), ..LockOptions::default() };
+            let grant =
+                session.lock(path, 0..u64::MAX, Mode::EX, options).await.map_err(|e| e.code().status(e.to_string()))?;
+            // What was done before the grant (another server's recall, a rename) is seen here.
+            self.shared.locks.read_barrier().await.map_err(|e| e.status())?;
+            match self.shared.file(path) {
+                Ok(f) if f.id == id && self.shared.locks.stub(id).is_some() => {}
+                _ => return Ok(false),
+            }
+            self.recall_file(path, &grant.signed_token).await.map(|_| true)
+        }
+        .await;
+        session.close().await;
+        recalled
+    }
+
     pub fn new(shared: Arc<Shared>) -> FilesService {
         let stripes = Arc::new(Stripes::new(shared.clone()));
         FilesService { shared, stripes }
@@ -459,6 +544,8 @@ impl pb::files_server::Files for FilesService {
             // On the secondary tier: only the bytes asked for are fetched (a partial recall).
             let shared = self.shared.clone();
             tokio::spawn(async move { tiering::read_stub(&shared, &stub, start, end, tx).await });
+            // The rest comes back in the background.
+            self.recall_after_read(&r.path, f.id);
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
         tokio::spawn(async move {
@@ -645,35 +732,15 @@ impl pb::files_server::Files for FilesService {
     }
 
     async fn recall(&self, req: Request<pb::TierRequest>) -> Result<Response<pb::RecallReply>, Status> {
-        use futures::StreamExt;
         let r = req.into_inner();
         self.shared.check_token(&r.path, &r.token, true)?;
-        let lock_token = self.shared.claims(&r.path, &r.token)?.token;
         let f = self.shared.file(&r.path)?;
-        let Some(stub) = self.shared.locks.stub(f.id) else {
-            return Err(ErrorCode::Conflict.status(format!("{} is not on the secondary tier", r.path)));
-        };
-        // Units a migration could not delete (a server was down) go first: rows are written
-        // as new units.
-        let removed = self.delete_units(&r.path, &f, &r.token).await;
-        if let Some(e) = removed.errors.first() {
-            return Err(ErrorCode::Unavailable
-                .status(format!("{} cannot be recalled while its old units cannot be cleared: {e}", r.path)));
+        if self.shared.locks.stub(f.id).is_none() {
+            // Under the caller's write lock, so nobody migrates it meanwhile.
+            return Ok(Response::new(pb::RecallReply { size: f.size, already_striped: true }));
         }
-        let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
-        let (path, token, m) = (&r.path, &r.token, &meta);
-        let mut writes = Box::pin(tiering::recall_rows(&self.shared, stub.clone(), meta.layout.row_bytes()))
-            .map(|row| async move {
-                let (row, data) = row?;
-                self.write_row(path, m, row, data.to_vec(), token).await
-            })
-            .buffered(self.shared.config.limits.rows_in_flight);
-        while let Some(w) = writes.next().await {
-            w?;
-        }
-        tiering::recalled(&self.shared, &r.path, &f, &stub, lock_token).await?;
-        self.shared.stats.recalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Response::new(pb::RecallReply { size: stub.size }))
+        let size = self.recall_file(&r.path, &r.token).await?;
+        Ok(Response::new(pb::RecallReply { size, already_striped: false }))
     }
 
     async fn tier_gc(&self, req: Request<pb::TierGcRequest>) -> Result<Response<pb::TierGcReply>, Status> {

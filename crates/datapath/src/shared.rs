@@ -31,6 +31,8 @@ pub struct Shared {
     tier: Result<tier::Tier, tier::TierError>,
     /// Seed 001: relaxed or strict file metadata (`signal.rs`).
     pub meta_mode: MetaMode,
+    /// Seed 001: files this server is recalling in the background after a read.
+    pub recalling: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -96,7 +98,7 @@ pub fn stripe_resource(file: u64, row: u64) -> String {
 impl Shared {
     pub fn new(locks: Arc<dyn Locks>, config: Config) -> Shared {
         let lock_free = LockFreeCache::with_capacity(config.limits.lock_free_ranges_max);
-        let tier = tier::Tier::local(&config.tier_dir);
+        let tier = config.tier.open();
         if let Err(e) = &tier {
             tracing::warn!("no secondary tier: {e}");
         }
@@ -108,6 +110,7 @@ impl Shared {
             channels: Mutex::new(HashMap::new()),
             tier,
             meta_mode: MetaMode::default(),
+            recalling: Mutex::new(std::collections::HashSet::new()),
         }
     }
 

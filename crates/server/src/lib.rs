@@ -16,6 +16,7 @@ pub use lockservice::{
 };
 
 pub use datapath::{Config as DataConfig, Env as DataEnv, Limits as DataLimits};
+pub use tier::Place as TierPlace;
 pub use lockservice::{Config as LockConfig, Env as LockEnv};
 
 /// How a server is set up: its lock service and its data path.

@@ -317,9 +317,10 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     env,
                 },
                 data: DataConfig {
-                    tier_dir: data_dir.join("tier"),
+                    tier: server::TierPlace::Dir(data_dir.join("tier")),
                     // Not simulated: its session and lock traffic would change every seed.
                     migration_signal: false,
+                    recall_on_read: false,
                     data_dir,
                     tick_ms: 100,
                     orphan_grace_ms: 0,

@@ -98,8 +98,10 @@ pub struct ServerArgs {
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
     pub lock_memory_budget: u64,
-    /// The secondary tier's directory (default: `tier` beside the data directory).
-    pub tier: Option<PathBuf>,
+    /// The secondary tier (default: the directory `tier` beside the data directory).
+    pub tier: Option<tier::Place>,
+    /// Seed 001: stripe a stub again in the background once it is read (default true).
+    pub recall_on_read: bool,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -128,8 +130,14 @@ pub struct ServerFile {
     /// Lock memory the server means to use at most: `"512MiB"`, `"2GiB"` (default 1GiB).
     pub lock_memory_budget: Option<String>,
     /// The secondary tier (seed 001): a directory every server reaches (default: `tier` beside
-    /// the data directory, which the servers of `up` share).
-    pub tier: Option<PathBuf>,
+    /// the data directory, which the servers of `up` share), or `s3://BUCKET`.
+    pub tier: Option<String>,
+    /// An S3 tier's endpoint, for an S3-protocol server other than AWS's (`http://host:port`).
+    pub tier_endpoint: Option<String>,
+    /// An S3 tier's region (default us-east-1).
+    pub tier_region: Option<String>,
+    /// After a read of a stub, stripe the whole file again in the background (default true).
+    pub recall_on_read: Option<bool>,
 }
 
 impl ServerArgs {
@@ -187,6 +195,15 @@ impl ServerArgs {
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
         }
+        let endpoint = flags.tier_endpoint.or(f.tier_endpoint);
+        let region = flags.tier_region.or(f.tier_region);
+        let tier = match flags.tier.or(f.tier) {
+            Some(t) => Some(tier::Place::parse(&t, endpoint, region).map_err(|e| anyhow::anyhow!("tier: {e}"))?),
+            None if endpoint.is_some() || region.is_some() => {
+                bail!("tier_endpoint and tier_region are for an S3 tier: give --tier s3://BUCKET too")
+            }
+            None => None,
+        };
         Ok(ServerArgs {
             id: flags.id.or(f.id).ok_or_else(|| missing("id"))?,
             listen: flags.listen.or(f.listen),
@@ -202,7 +219,8 @@ impl ServerArgs {
             lease_min_ms,
             lease_max_ms,
             lock_memory_budget,
-            tier: flags.tier.or(f.tier),
+            tier,
+            recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             break_stale_write_check: false,
             break_invalidate: false,
         })
@@ -290,13 +308,14 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             },
         },
         data: server::DataConfig {
-            tier_dir: match &args.tier {
+            tier: match &args.tier {
                 Some(t) => t.clone(),
                 // Beside the data directory: the servers of `up` (and of a test cluster), whose
                 // data directories are siblings, share it.
-                None => data_dir.parent().unwrap_or(&data_dir).join("tier"),
+                None => server::TierPlace::Dir(data_dir.parent().unwrap_or(&data_dir).join("tier")),
             },
             migration_signal: true,
+            recall_on_read: args.recall_on_read,
             data_dir,
             tick_ms: args.tick_ms,
             orphan_grace_ms: args.orphan_grace_ms,

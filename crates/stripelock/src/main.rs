@@ -95,10 +95,21 @@ enum Command {
         /// holders are asked to keep fewer idle cached locks (their LRU shrinks).
         #[arg(long)]
         lock_memory_budget: Option<String>,
-        /// The secondary tier's directory, which every server must reach (default: `tier`
-        /// beside --data, shared by the servers of `up`).
+        /// The secondary tier: a directory every server reaches (default: `tier` beside --data,
+        /// shared by the servers of `up`), or s3://BUCKET (a build with `--features s3`; the
+        /// credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
         #[arg(long)]
-        tier: Option<PathBuf>,
+        tier: Option<String>,
+        /// An S3 tier's endpoint, for an S3-protocol server other than AWS's (http://host:port).
+        #[arg(long)]
+        tier_endpoint: Option<String>,
+        /// An S3 tier's region (default us-east-1).
+        #[arg(long)]
+        tier_region: Option<String>,
+        /// After a read of a file on the secondary tier, stripe the whole file again in the
+        /// background (default true; the read itself fetches only what it asks for).
+        #[arg(long)]
+        recall_on_read: Option<bool>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -512,6 +523,9 @@ fn main() -> ExitCode {
             lease_max_ms,
             lock_memory_budget,
             tier,
+            tier_endpoint,
+            tier_region,
+            recall_on_read,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -531,6 +545,9 @@ fn main() -> ExitCode {
                 lease_max_ms,
                 lock_memory_budget,
                 tier,
+                tier_endpoint,
+                tier_region,
+                recall_on_read,
             };
             report(
                 cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {

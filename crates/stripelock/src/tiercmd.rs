@@ -137,6 +137,9 @@ pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) 
                                 &done.blake3[..16.min(done.blake3.len())],
                                 done.units_deleted
                             ),
+                            Action::Recall if done.key == ALREADY => {
+                                println!("{path} is striped already: it is not on the secondary tier")
+                            }
                             Action::Recall => {
                                 println!(
                                     "recalled {path}: {} striped again in {secs:.2} s, {rate:.0} MB/s",
@@ -148,9 +151,12 @@ pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) 
                             eprintln!("stripelock: warning: {e}; those units are collected later");
                         }
                     }
+                    let already = done.key == ALREADY;
+                    let key = if already { "" } else { done.key.as_str() };
                     results.push(serde_json::json!({
-                        "path": path, "ok": true, "bytes": done.size, "key": done.key, "blake3": done.blake3,
+                        "path": path, "ok": true, "bytes": done.size, "key": key, "blake3": done.blake3,
                         "units_deleted": done.units_deleted, "seconds": secs, "mb_per_s": rate,
+                        "already_striped": already,
                     }));
                 }
                 Err(e) => {
@@ -196,6 +202,9 @@ async fn take_signal(addrs: &[String]) -> Result<(client::Session, client::Grant
     }
 }
 
+/// The key `one` answers for a recall of a file that is striped already.
+const ALREADY: &str = "(striped already)";
+
 async fn one(action: Action, addrs: &[String], path: &str) -> Result<pb::MigrateReply> {
     let (session, grant) = lock(addrs, path, Mode::EX).await?;
     let result = async {
@@ -205,7 +214,9 @@ async fn one(action: Action, addrs: &[String], path: &str) -> Result<pb::Migrate
             Action::Migrate => Ok(c.migrate(req).await.map_err(status_error)?.into_inner()),
             Action::Recall => {
                 let r = c.recall(req).await.map_err(status_error)?.into_inner();
-                Ok(pb::MigrateReply { size: r.size, ..Default::default() })
+                // Striped already (e.g. recalled in the background after a read): nothing done.
+                let key = if r.already_striped { ALREADY.to_string() } else { String::new() };
+                Ok(pb::MigrateReply { size: r.size, key, ..Default::default() })
             }
         }
     }

@@ -43,7 +43,8 @@ async fn tier_bytes_read(c: &Cluster) -> u64 {
 #[test]
 fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
     serial(async {
-        let c = Cluster::start(3, "tier-roundtrip").await;
+        // Stubs stay stubs when read here (the background recall has a test of its own).
+        let c = Cluster::start_with(3, "tier-roundtrip", &["--recall-on-read", "false"]).await;
         let data = noise(64 << 20, 41);
         let local = c.dir.join("big.in");
         std::fs::write(&local, &data).unwrap();
@@ -288,7 +289,8 @@ fn servers_read_metadata_relaxed_until_the_migration_signal_makes_them_strict() 
 #[test]
 fn killing_the_migrator_or_its_server_mid_migration_leaves_the_file_whole() {
     serial(async {
-        let mut c = Cluster::start(3, "tier-crash").await;
+        // Reads between the kills leave a stub a stub (so each round starts where it says).
+        let mut c = Cluster::start_with(3, "tier-crash", &["--recall-on-read", "false"]).await;
         let data = noise(32 << 20, 21);
         let local = c.dir.join("c.in");
         std::fs::write(&local, &data).unwrap();
@@ -417,5 +419,61 @@ fn a_paused_migrator_cannot_commit_its_stub() {
         let m = json(&c, &["migrate", "/p"]);
         assert_eq!(m["failed"].as_u64(), Some(0), "another migration succeeds: {m}");
         assert!(get(&c, "/p") == data);
+    });
+}
+
+/// Seed 001's transparent recall: a read of a stub is served from the tier at once (only the
+/// bytes it asks for), and the whole file is striped again in the background; readers through
+/// several servers at once share one recall.
+#[test]
+fn a_read_of_a_stub_recalls_it_in_the_background_once() {
+    serial(async {
+        let c = Cluster::start(3, "tier-recall-on-read").await;
+        let data = noise(48 << 20, 5);
+        let local = c.dir.join("r.in");
+        std::fs::write(&local, &data).unwrap();
+        let id = json(&c, &["put", local.to_str().unwrap(), "/r"])["file"].as_u64().unwrap();
+        cli(&c, &["migrate", "/r"]);
+        assert_eq!(units_on_disk(&c, id), 0);
+        let before = tier_bytes_read(&c).await;
+
+        // Four readers of 4 KiB through all three servers at once.
+        let readers: Vec<_> = [(1u64, 0u64), (2, 20 << 20), (3, 40 << 20), (2, 7)]
+            .into_iter()
+            .map(|(server, at)| {
+                let range = format!("{at}..{}", at + 4096);
+                let child = std::process::Command::new(&*EXE)
+                    .args(["cat", "/r", "--range", &range, "--cluster", &c.addrs_from(server).join(",")])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (at as usize, child)
+            })
+            .collect();
+        for (at, child) in readers {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stdout == data[at..at + 4096], "the read at {at} got other bytes");
+        }
+        assert_eq!(tier_bytes_read(&c).await - before, 4 * 4096, "each read fetched only its range");
+
+        // Striped again in the background, by one recall.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !json(&c, &["stat", "/r"])["tier_key"].as_str().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the stub was not recalled in the background");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let mut recalls = 0;
+        for s in &c.servers {
+            recalls += c.status(s.id).await.unwrap().files_recalled;
+        }
+        assert_eq!(recalls, 1, "the readers shared one recall");
+        assert!(units_on_disk(&c, id) > 0, "its units are back");
+        assert!(get(&c, "/r") == data, "the recalled file reads byte-identical");
+        cli(&c, &["scrub", "/"]);
+        // An explicit recall now has nothing to do, and says so.
+        let r = json(&c, &["recall", "/r"]);
+        assert_eq!(r["files"][0]["already_striped"].as_bool(), Some(true), "{r}");
     });
 }

@@ -6,4 +6,4 @@ pub mod policy;
 pub mod store;
 
 pub use policy::{FileFacts, Policy, cold};
-pub use store::{Tier, TierError, Written};
+pub use store::{Place, S3_BUILT, Tier, TierError, Written};

@@ -58,6 +58,69 @@ pub struct Listed {
     pub written_ms: u64,
 }
 
+/// Where a cluster's secondary tier is, as a server's config names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A directory every server reaches (the default: `tier` beside the data directories).
+    Dir(std::path::PathBuf),
+    /// An S3 bucket (`s3://BUCKET`), at `endpoint` if not AWS's; credentials from the
+    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    S3 { bucket: String, endpoint: Option<String>, region: String },
+}
+
+/// The region an S3 tier uses when its config names none.
+pub const S3_REGION_DEFAULT: &str = "us-east-1";
+
+impl Place {
+    /// `s3://BUCKET` or a directory.
+    pub fn parse(text: &str, endpoint: Option<String>, region: Option<String>) -> Result<Place, String> {
+        match text.strip_prefix("s3://") {
+            Some(bucket) => {
+                let bucket = bucket.trim_end_matches('/');
+                if bucket.is_empty() || bucket.contains('/') {
+                    return Err(format!("{text} does not name a bucket: give s3://BUCKET"));
+                }
+                if !S3_BUILT {
+                    return Err(format!(
+                        "{text}: this stripelock was built without S3; build it with `cargo build --release --features s3`"
+                    ));
+                }
+                let region = region.unwrap_or_else(|| S3_REGION_DEFAULT.to_string());
+                Ok(Place::S3 { bucket: bucket.to_string(), endpoint, region })
+            }
+            None if endpoint.is_some() => Err(format!("a tier endpoint is for an s3:// tier, not the directory {text}")),
+            None => Ok(Place::Dir(text.into())),
+        }
+    }
+
+    /// Opens the tier.
+    pub fn open(&self) -> Result<Tier, TierError> {
+        match self {
+            Place::Dir(dir) => Tier::local(dir),
+            #[cfg(feature = "s3")]
+            Place::S3 { bucket, endpoint, region } => Tier::s3(bucket, endpoint.as_deref(), region),
+            #[cfg(not(feature = "s3"))]
+            Place::S3 { bucket, .. } => Err(TierError::Open {
+                place: format!("s3://{bucket}"),
+                reason: "this stripelock was built without S3 (`--features s3`)".into(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Dir(d) => write!(f, "{}", d.display()),
+            Place::S3 { bucket, endpoint: Some(e), .. } => write!(f, "s3://{bucket} at {e}"),
+            Place::S3 { bucket, .. } => write!(f, "s3://{bucket}"),
+        }
+    }
+}
+
+/// Whether this build reaches S3 (the `s3` feature).
+pub const S3_BUILT: bool = cfg!(feature = "s3");
+
 /// The secondary tier.
 #[derive(Debug, Clone)]
 pub struct Tier {
