@@ -16,8 +16,8 @@ pub use lockservice::{
 };
 
 pub use datapath::{Config as DataConfig, Env as DataEnv, Limits as DataLimits};
-pub use tier::Place as TierPlace;
 pub use lockservice::{Config as LockConfig, Env as LockEnv};
+pub use tier::Place as TierPlace;
 
 /// How a server is set up: its lock service and its data path.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ mod mountstats;
 mod pidlock;
 mod refusal;
 mod replay;
+mod servercmd;
 mod size;
 mod tiercmd;
 mod tokens;
@@ -110,6 +111,10 @@ enum Command {
         /// background (default true; the read itself fetches only what it asks for).
         #[arg(long)]
         recall_on_read: Option<bool>,
+        /// Run the migration policy in this server while it leads the cluster, e.g.
+        /// `older-than=30d,larger-than=1MiB,under=/archive,every=1h` (as `tier run` does).
+        #[arg(long)]
+        tier_policy: Option<String>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -365,6 +370,34 @@ enum DebugCommand {
 
 #[derive(Debug, Subcommand)]
 enum TierCommand {
+    /// Run the migration policy: the files unused for --older-than (and the other filters)
+    /// migrated now, and again every --every until SIGINT or SIGTERM (a server can run the
+    /// same with `--tier-policy`).
+    Run {
+        /// Migrate the files unused (atime and mtime) for at least this long, e.g. `30d`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Only files larger than this, e.g. `1MiB`.
+        #[arg(long)]
+        larger_than: Option<String>,
+        /// Only files under this directory.
+        #[arg(long)]
+        under: Option<String>,
+        /// At most this many files a pass (default 10000).
+        #[arg(long)]
+        max: Option<usize>,
+        /// How long between passes.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        every: std::time::Duration,
+        /// One pass, then exit (1 if a file failed).
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        cluster: Option<String>,
+        /// One JSON object per pass.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete the tier's objects that no stub names (left by a recall, a removed stub, or a
     /// migration that failed or was refused), once older than --grace.
     Gc {
@@ -526,10 +559,11 @@ fn main() -> ExitCode {
             tier_endpoint,
             tier_region,
             recall_on_read,
+            tier_policy,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
-            let flags = cluster::ServerFile {
+            let flags = servercmd::ServerFile {
                 id,
                 peers,
                 data,
@@ -548,12 +582,13 @@ fn main() -> ExitCode {
                 tier_endpoint,
                 tier_region,
                 recall_on_read,
+                tier_policy,
             };
             report(
-                cluster::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
+                servercmd::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
                     args.break_stale_write_check = break_stale_write_check_for_negative_control;
                     args.break_invalidate = break_invalidate_for_negative_control;
-                    cluster::server(args)
+                    servercmd::server(args)
                 }),
                 false,
             )
@@ -603,6 +638,12 @@ fn main() -> ExitCode {
         Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json), json),
         Command::Debug { command: DebugCommand::Replay { files, check, bless, echo, json } } => {
             replay::run(&files, replay::Mode { check, bless, echo, json })
+        }
+        Command::Tier {
+            command: TierCommand::Run { older_than, larger_than, under, max, every, once, cluster, json },
+        } => {
+            let pick = tiercmd::Pick { older_than, larger_than, under, max };
+            report(tiercmd::run_policy(pick, every, once, cluster.as_deref(), json), json)
         }
         Command::Tier { command: TierCommand::Gc { grace, dry_run, cluster, json } } => {
             report(tiercmd::gc(grace, dry_run, cluster.as_deref(), json), json)

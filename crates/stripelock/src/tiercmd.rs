@@ -109,77 +109,101 @@ pub enum Action {
 pub fn run(action: Action, paths: &[String], cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        // Seed 001: the migration signal in EX for the whole batch, so every server turns strict
-        // (re-validating file metadata with the leader) before any file moves.
-        let signal = match action {
-            Action::Migrate => Some(take_signal(&addrs).await?),
-            Action::Recall => None,
-        };
-        let mut failed = 0;
-        let mut results = Vec::new();
-        for (i, path) in paths.iter().enumerate() {
-            if !json && std::io::stderr().is_terminal() && paths.len() > 1 {
-                eprint!("\r{action:?}: file {} of {} ({path}){:20}", i + 1, paths.len(), "");
-            }
-            let started = Instant::now();
-            let outcome = one(action, &addrs, path).await;
-            let secs = started.elapsed().as_secs_f64();
-            match outcome {
-                Ok(done) => {
-                    let rate = done.size as f64 / secs.max(1e-6) / 1e6;
-                    if !json {
-                        match action {
-                            Action::Migrate => println!(
-                                "migrated {path}: {} to {} (blake3 {}…) in {secs:.2} s, {rate:.0} MB/s; {} units freed",
-                                human(done.size),
-                                done.key,
-                                &done.blake3[..16.min(done.blake3.len())],
-                                done.units_deleted
-                            ),
-                            Action::Recall if done.key == ALREADY => {
-                                println!("{path} is striped already: it is not on the secondary tier")
-                            }
-                            Action::Recall => {
-                                println!(
-                                    "recalled {path}: {} striped again in {secs:.2} s, {rate:.0} MB/s",
-                                    human(done.size)
-                                )
-                            }
+    let out = if json { Out::Json } else { Out::Text };
+    let failed = rt.block_on(run_async(action, &addrs, paths, out))?;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Where a batch reports: lines for a person, one JSON object, or the server's log (the
+/// policy a server runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    Text,
+    Json,
+    Log,
+}
+
+/// Migrates or recalls `paths`, one at a time; answers how many failed.
+pub async fn run_async(action: Action, addrs: &[String], paths: &[String], out: Out) -> Result<u64> {
+    let json = out != Out::Text;
+    // Seed 001: the migration signal in EX for the whole batch, so every server turns strict
+    // (re-validating file metadata with the leader) before any file moves.
+    let signal = match action {
+        Action::Migrate => Some(take_signal(addrs).await?),
+        Action::Recall => None,
+    };
+    let mut failed = 0;
+    let mut results = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        if out == Out::Text && std::io::stderr().is_terminal() && paths.len() > 1 {
+            eprint!("\r{action:?}: file {} of {} ({path}){:20}", i + 1, paths.len(), "");
+        }
+        let started = Instant::now();
+        let outcome = one(action, addrs, path).await;
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(done) => {
+                let rate = done.size as f64 / secs.max(1e-6) / 1e6;
+                if !json {
+                    match action {
+                        Action::Migrate => println!(
+                            "migrated {path}: {} to {} (blake3 {}…) in {secs:.2} s, {rate:.0} MB/s; {} units freed",
+                            human(done.size),
+                            done.key,
+                            &done.blake3[..16.min(done.blake3.len())],
+                            done.units_deleted
+                        ),
+                        Action::Recall if done.key == ALREADY => {
+                            println!("{path} is striped already: it is not on the secondary tier")
                         }
-                        for e in &done.errors {
-                            eprintln!("stripelock: warning: {e}; those units are collected later");
+                        Action::Recall => {
+                            println!(
+                                "recalled {path}: {} striped again in {secs:.2} s, {rate:.0} MB/s",
+                                human(done.size)
+                            )
                         }
                     }
-                    let already = done.key == ALREADY;
-                    let key = if already { "" } else { done.key.as_str() };
-                    results.push(serde_json::json!({
-                        "path": path, "ok": true, "bytes": done.size, "key": key, "blake3": done.blake3,
-                        "units_deleted": done.units_deleted, "seconds": secs, "mb_per_s": rate,
-                        "already_striped": already,
-                    }));
-                }
-                Err(e) => {
-                    failed += 1;
-                    if !json {
-                        eprintln!(
-                            "stripelock: {path} was not {}: {e:#}",
-                            if action == Action::Migrate { "migrated" } else { "recalled" }
-                        );
+                    for e in &done.errors {
+                        eprintln!("stripelock: warning: {e}; those units are collected later");
                     }
-                    results.push(serde_json::json!({"path": path, "ok": false, "error": format!("{e:#}")}));
+                }
+                let already = done.key == ALREADY;
+                let key = if already { "" } else { done.key.as_str() };
+                results.push(serde_json::json!({
+                    "path": path, "ok": true, "bytes": done.size, "key": key, "blake3": done.blake3,
+                    "units_deleted": done.units_deleted, "seconds": secs, "mb_per_s": rate,
+                    "already_striped": already,
+                }));
+            }
+            Err(e) => {
+                failed += 1;
+                if !json {
+                    eprintln!(
+                        "stripelock: {path} was not {}: {e:#}",
+                        if action == Action::Migrate { "migrated" } else { "recalled" }
+                    );
+                }
+                results.push(serde_json::json!({"path": path, "ok": false, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if let Some((session, grant)) = signal {
+        let _ = session.unlock(grant.lock).await;
+        session.close().await;
+    }
+    match out {
+        Out::Json => println!("{}", serde_json::json!({ "files": results, "failed": failed })),
+        Out::Log => {
+            for r in &results {
+                match r["ok"].as_bool() {
+                    Some(true) => tracing::info!("{action:?} {}: {} bytes", r["path"], r["bytes"]),
+                    _ => tracing::warn!("{action:?} {} failed: {}", r["path"], r["error"]),
                 }
             }
         }
-        if let Some((session, grant)) = signal {
-            let _ = session.unlock(grant.lock).await;
-            session.close().await;
-        }
-        if json {
-            println!("{}", serde_json::json!({ "files": results, "failed": failed }));
-        }
-        Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-    })
+        Out::Text => {}
+    }
+    Ok(failed)
 }
 
 /// How long a migrator waits for every server to give up relaxed mode.
@@ -296,4 +320,149 @@ pub fn bench_raw(dir: &std::path::Path, mib: u64, json: bool) -> Result<ExitCode
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// One pass of the policy: the files it picks now, migrated. Answers how many it picked and
+/// how many of those failed.
+pub async fn policy_pass(addrs: &[String], pick: &Pick, out: Out) -> Result<(usize, u64)> {
+    let paths = picked(addrs, pick).await?;
+    if paths.is_empty() {
+        if out == Out::Json {
+            println!("{}", serde_json::json!({ "files": [], "failed": 0 }));
+        }
+        return Ok((0, 0));
+    }
+    let failed = run_async(Action::Migrate, addrs, &paths, out).await?;
+    Ok((paths.len(), failed))
+}
+
+/// `tier run`: the policy applied now and then every `every` until SIGINT or SIGTERM (or
+/// once). Exit 1 if the last pass had a failure.
+pub fn run_policy(
+    pick: Pick,
+    every: std::time::Duration,
+    once: bool,
+    cluster: Option<&str>,
+    json: bool,
+) -> Result<ExitCode> {
+    let addrs = cluster_addrs(cluster)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let mut stop = crate::cluster::stop_signal().await;
+        let out = if json { Out::Json } else { Out::Text };
+        loop {
+            let (picked, failed) = tokio::select! {
+                r = policy_pass(&addrs, &pick, out) => r?,
+                _ = stop.changed() => return Ok(ExitCode::SUCCESS),
+            };
+            if !json {
+                println!("tier run: {picked} files picked, {} migrated, {failed} failed", picked as u64 - failed);
+            }
+            if once {
+                return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    })
+}
+
+/// A server's own tier policy (`tier_policy` in its config): `older-than=D` and optionally
+/// `larger-than=S`, `under=DIR`, `max=N`, `every=D` (default 1h), comma-separated.
+#[derive(Debug, Clone)]
+pub struct ServerPolicy {
+    pub pick: Pick,
+    pub every: std::time::Duration,
+}
+
+impl ServerPolicy {
+    pub fn parse(text: &str) -> Result<ServerPolicy> {
+        let mut older_than = None;
+        let mut pick = Pick { older_than: std::time::Duration::ZERO, larger_than: None, under: None, max: None };
+        let mut every = std::time::Duration::from_secs(3600);
+        let duration = |k: &str, v: &str| {
+            humantime::parse_duration(v).with_context(|| format!("tier_policy: {k}={v} is not a duration like 30d"))
+        };
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                anyhow::bail!("tier_policy: `{part}` is not KEY=VALUE (e.g. older-than=30d,larger-than=1MiB,every=1h)");
+            };
+            match k {
+                "older-than" => older_than = Some(duration(k, v)?),
+                "larger-than" => {
+                    crate::size::parse_bytes(v).with_context(|| format!("tier_policy: larger-than={v}"))?;
+                    pick.larger_than = Some(v.to_string());
+                }
+                "under" => pick.under = Some(v.to_string()),
+                "max" => pick.max = Some(v.parse().with_context(|| format!("tier_policy: max={v} is not a count"))?),
+                "every" => every = duration(k, v)?,
+                _ => anyhow::bail!("tier_policy: unknown key `{k}` (older-than, larger-than, under, max, every)"),
+            }
+        }
+        pick.older_than = older_than.context("tier_policy needs older-than=D (e.g. older-than=30d)")?;
+        if every < std::time::Duration::from_secs(1) {
+            anyhow::bail!("tier_policy: every={every:?} is too often; at least 1s");
+        }
+        Ok(ServerPolicy { pick, every })
+    }
+}
+
+/// Runs `policy` in a server (`own` its address, `own_id` its id) every `policy.every` until
+/// `stop`; only while this server leads, so the cluster runs it once. Each pass is what
+/// `tier run --once` does, through this server, reported in the server's log.
+pub async fn serve_policy(
+    own: String,
+    own_id: u64,
+    policy: ServerPolicy,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tracing::info!("tier policy: {policy:?}");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(policy.every) => {}
+            _ = stop.changed() => return,
+        }
+        match crate::cluster::status_from(&own).await {
+            Ok(s) if s.leader_id == own_id => {}
+            _ => continue,
+        }
+        let pass = tokio::select! {
+            r = policy_pass(std::slice::from_ref(&own), &policy.pick, Out::Log) => r,
+            _ = stop.changed() => return,
+        };
+        match pass {
+            Ok((0, _)) => {}
+            Ok((n, failed)) => tracing::info!("tier policy: {n} files picked, {failed} failed"),
+            Err(e) => tracing::warn!("tier policy: the pass failed: {e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn a_server_policy_reads_its_keys_and_refuses_what_it_does_not_know() {
+        let p = ServerPolicy::parse("older-than=30d, larger-than=1MiB,under=/archive,max=5,every=10m").unwrap();
+        assert_eq!(p.pick.older_than, Duration::from_secs(30 * 86_400));
+        assert_eq!(p.pick.larger_than.as_deref(), Some("1MiB"));
+        assert_eq!(p.pick.under.as_deref(), Some("/archive"));
+        assert_eq!((p.pick.max, p.every), (Some(5), Duration::from_secs(600)));
+        assert_eq!(ServerPolicy::parse("older-than=1d").unwrap().every, Duration::from_secs(3600));
+        for (bad, says) in [
+            ("larger-than=1MiB", "needs older-than"),
+            ("older-than=soon", "not a duration"),
+            ("older-than=1d,colder=yes", "unknown key `colder`"),
+            ("older-than=1d,larger-than=lots", "larger-than=lots"),
+            ("older-than=1d,every=10ms", "too often"),
+            ("older-than", "not KEY=VALUE"),
+        ] {
+            let e = format!("{:#}", ServerPolicy::parse(bad).unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -171,6 +171,25 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Sets the times of `paths` to two days ago.
+async fn age(c: &Cluster, paths: &[&str]) {
+    let two_days_ago = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
+        - std::time::Duration::from_secs(2 * 86_400))
+    .as_nanos() as u64;
+    let addr = &c.servers[0].addr;
+    let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
+    for p in paths {
+        let set = pb::SetAttrRequest {
+            path: p.to_string(),
+            atime_ns: Some(two_days_ago),
+            mtime_ns: Some(two_days_ago),
+            ..Default::default()
+        };
+        let change = pb::NameChange { op: Some(pb::name_change::Op::Setattr(set)) };
+        files.change(change).await.unwrap();
+    }
+}
+
 #[test]
 fn the_policy_migrates_files_unused_for_long_enough_under_a_directory() {
     serial(async {
@@ -183,21 +202,7 @@ fn the_policy_migrates_files_unused_for_long_enough_under_a_directory() {
         std::fs::write(&local, b"tiny").unwrap();
         cli(&c, &["put", local.to_str().unwrap(), "/p/small"]);
         // Three of them last used two days ago.
-        let two_days_ago = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
-            - std::time::Duration::from_secs(2 * 86_400))
-        .as_nanos() as u64;
-        let addr = &c.servers[0].addr;
-        let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
-        for p in ["/p/old", "/p/small", "/q/old"] {
-            let set = pb::SetAttrRequest {
-                path: p.into(),
-                atime_ns: Some(two_days_ago),
-                mtime_ns: Some(two_days_ago),
-                ..Default::default()
-            };
-            let change = pb::NameChange { op: Some(pb::name_change::Op::Setattr(set)) };
-            files.change(change).await.unwrap();
-        }
+        age(&c, &["/p/old", "/p/small", "/q/old"]).await;
         let dry = json(&c, &["migrate", "--older-than", "1d", "--under", "/p", "--larger-than", "1KiB", "--dry-run"]);
         assert_eq!(dry["would_migrate"], serde_json::json!(["/p/old"]), "{dry}");
         assert_eq!(json(&c, &["stat", "/p/old"])["tier_key"].as_str(), Some(""), "a dry run moves nothing");
@@ -475,5 +480,40 @@ fn a_read_of_a_stub_recalls_it_in_the_background_once() {
         // An explicit recall now has nothing to do, and says so.
         let r = json(&c, &["recall", "/r"]);
         assert_eq!(r["files"][0]["already_striped"].as_bool(), Some(true), "{r}");
+    });
+}
+
+/// The policy a server runs (`--tier-policy`): the leader migrates what it picks, every pass;
+/// `tier run --once` then finds nothing left to move.
+#[test]
+fn a_server_runs_the_tier_policy_while_it_leads() {
+    serial(async {
+        let policy = ["--tier-policy", "older-than=1d,larger-than=1KiB,under=/q,every=1s"];
+        let c = Cluster::start_with(3, "tier-run", &policy).await;
+        let data = noise(300_000, 17);
+        let local = c.dir.join("q.in");
+        std::fs::write(&local, &data).unwrap();
+        for p in ["/q/old", "/q/new", "/r/old"] {
+            cli(&c, &["put", local.to_str().unwrap(), p]);
+        }
+        age(&c, &["/q/old", "/r/old"]).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while json(&c, &["stat", "/q/old"])["tier_key"].as_str().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the server's policy did not migrate /q/old");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        for p in ["/q/new", "/r/old"] {
+            assert_eq!(json(&c, &["stat", p])["tier_key"].as_str(), Some(""), "{p} is not the policy's");
+        }
+        let mut migrated = Vec::new();
+        for s in &c.servers {
+            migrated.push(c.status(s.id).await.unwrap().files_migrated);
+        }
+        assert_eq!(migrated.iter().sum::<u64>(), 1, "one server ran it: {migrated:?}");
+        let pass = json(&c, &["tier", "run", "--once", "--older-than", "1d", "--under", "/q"]);
+        assert_eq!(pass["files"].as_array().map(Vec::len), Some(0), "nothing left: {pass}");
+        let pass = json(&c, &["tier", "run", "--once", "--older-than", "1d"]);
+        assert_eq!(pass["files"][0]["path"].as_str(), Some("/r/old"), "{pass}");
+        assert!(get(&c, "/q/old") == data, "the migrated file reads byte-identical");
     });
 }

@@ -88,7 +88,9 @@ impl Place {
                 let region = region.unwrap_or_else(|| S3_REGION_DEFAULT.to_string());
                 Ok(Place::S3 { bucket: bucket.to_string(), endpoint, region })
             }
-            None if endpoint.is_some() => Err(format!("a tier endpoint is for an s3:// tier, not the directory {text}")),
+            None if endpoint.is_some() => {
+                Err(format!("a tier endpoint is for an s3:// tier, not the directory {text}"))
+            }
             None => Ok(Place::Dir(text.into())),
         }
     }
