@@ -62,6 +62,8 @@ pub struct Fencing {
     /// Seed 003, while this server leads: the storage leases it granted and the fences
     /// acknowledged.
     leader: Arc<Mutex<LeaderLeases>>,
+    /// When this leader first saw each session it is fencing (for the fence's latency).
+    fencing_since: Arc<Mutex<std::collections::HashMap<SessionId, Instant>>>,
 }
 
 impl std::fmt::Debug for Fencing {
@@ -72,7 +74,7 @@ impl std::fmt::Debug for Fencing {
 
 impl Fencing {
     pub fn new(volume: Volume) -> Fencing {
-        Fencing { shared: volume.shared.clone(), volume, leader: Default::default() }
+        Fencing { shared: volume.shared.clone(), volume, leader: Default::default(), fencing_since: Default::default() }
     }
 
     fn storage_lease(&self) -> Duration {
@@ -186,6 +188,13 @@ impl Fencing {
                 l.leading(term, Instant::now());
                 l.keep_only(&fencing);
             }
+            {
+                let mut since = self.fencing_since.lock().expect("fencing since");
+                since.retain(|s, _| fencing.contains(s));
+                for s in &fencing {
+                    since.entry(*s).or_insert_with(Instant::now);
+                }
+            }
             if fencing.is_empty() {
                 continue;
             }
@@ -247,8 +256,14 @@ impl Fencing {
 
     async fn ack_fences(&self, sessions: &[SessionId]) {
         for &session in sessions {
-            if let Err(e) = self.shared.locks.propose_here(Op::Engine(Input::FenceAck { session })).await {
-                tracing::debug!("fence ack of {session:?}: {e}");
+            match self.shared.locks.propose_here(Op::Engine(Input::FenceAck { session })).await {
+                Ok(_) => {
+                    metrics::counter!("stripelock_fences_total").increment(1);
+                    if let Some(since) = self.fencing_since.lock().expect("fencing since").remove(&session) {
+                        metrics::histogram!("stripelock_fence_seconds").record(since.elapsed().as_secs_f64());
+                    }
+                }
+                Err(e) => tracing::debug!("fence ack of {session:?}: {e}"),
             }
         }
     }

@@ -472,6 +472,8 @@ impl pb::files_server::Files for FilesService {
                 match stream.message().await? {
                     Some(chunk) => {
                         size += chunk.data.len() as u64;
+                        metrics::counter!("stripelock_data_bytes_total", "op" => "put")
+                            .increment(chunk.data.len() as u64);
                         self.shared.check_file_size(&path, size)?;
                         buf.extend_from_slice(&chunk.data);
                     }
@@ -564,6 +566,12 @@ impl pb::files_server::Files for FilesService {
                 })
                 .buffered(this.shared.config.limits.rows_in_flight);
             while let Some(result) = reads.next().await {
+                if let Ok(d) = &result {
+                    metrics::counter!("stripelock_data_bytes_total", "op" => "read").increment(d.data.len() as u64);
+                    if d.rebuilt_rows > 0 {
+                        metrics::counter!("stripelock_degraded_rows_read_total").increment(u64::from(d.rebuilt_rows));
+                    }
+                }
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     return;
@@ -755,7 +763,13 @@ impl pb::files_server::Files for FilesService {
     }
 
     async fn write(&self, req: Request<pb::WriteRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        self.stripes.write_at(req.into_inner()).await.map(Response::new)
+        let r = req.into_inner();
+        let bytes = r.data.len() as u64;
+        let written = self.stripes.write_at(r).await.map(Response::new);
+        if written.is_ok() {
+            metrics::counter!("stripelock_data_bytes_total", "op" => "write").increment(bytes);
+        }
+        written
     }
 
     async fn write_stripe(&self, req: Request<pb::StripeWrite>) -> Result<Response<pb::StripeWritten>, Status> {

@@ -25,6 +25,7 @@ mod renew;
 mod rt;
 mod service;
 mod store;
+mod telemetry;
 mod types;
 mod waits;
 

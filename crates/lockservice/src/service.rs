@@ -508,6 +508,8 @@ impl pb::locks_server::Locks for LockService {
         }
 
         // Down: this server's applied entries, filtered to the session.
+        let mut telemetry = crate::telemetry::SessionMetrics::default();
+        let arrivals = telemetry.arrivals.clone();
         let down_tx = tx.clone();
         let down_node = node.clone();
         let down_gateway = gateway.clone();
@@ -531,6 +533,7 @@ impl pb::locks_server::Locks for LockService {
                 };
                 match next {
                     Some(a) => {
+                        telemetry.applied(session, &a);
                         if a.reply.outputs.iter().any(|o| matches!(o, Output::Expired { session: s } if *s == session))
                         {
                             // Its reads from the gateway's cache end with the session.
@@ -629,6 +632,9 @@ impl pb::locks_server::Locks for LockService {
                 closing = matches!(body, Up::Close(_));
                 let release = matches!(body, Up::Release(_));
                 let request = msg.request_id;
+                if let Up::Lock(l) = &body {
+                    arrivals.lock_request(request, l.mode);
+                }
                 let op = match gateway_step(&gateway, session, request, body) {
                     Ok(Some(op)) => op,
                     Ok(None) => continue,

@@ -3,6 +3,7 @@
 //! lock service only through `datapath::Locks`, implemented here (`locks.rs`).
 
 mod locks;
+mod web;
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub use tier::Place as TierPlace;
 pub struct ServerConfig {
     pub locks: lockservice::Config,
     pub data: datapath::Config,
+    /// Where the metrics and the status page are served over HTTP (issue 15); none if `None`.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// Runs a server on its TCP listen address until `stop` turns true.
@@ -52,11 +55,28 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
 {
     let bootstrap = config.locks.bootstrap;
+    // Bound before anything starts, so a port in use is said at once.
+    let http = match config.http {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("the HTTP address {addr} (metrics, status page): {e}"))
+        })?),
+        None => None,
+    };
     let node = lockservice::Node::start(config.locks).await?;
     let locks = lockservice::LockService::new(node.clone());
     let data = datapath::DataPath::open(Arc::new(NodeLocks(node.clone())), config.data)?;
     data.start_duties(&stop);
-    let locks = locks.with_status(data.stats()).server();
+    let locks = locks.with_status(data.stats());
+    if let Some(listener) = http {
+        let source = std::sync::Arc::new(web::WebSource { node: node.clone(), locks: locks.clone() });
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ::web::serve(listener, source, stop).await {
+                tracing::error!("the HTTP server stopped: {e}");
+            }
+        });
+    }
+    let locks = locks.server();
     let raft_service = node.raft_service();
     let (files, storage) = (data.files_server(), data.storage_server());
     let mut shutdown = stop.clone();

@@ -537,7 +537,7 @@ pub async fn status_from(addr: &str) -> Result<pb::StatusReply> {
 }
 
 /// The lock table from whichever server answers first (every server applies the same log).
-async fn table_any(addrs: &[String], prefix: &str) -> Result<pb::TableReply> {
+pub(crate) async fn table_any(addrs: &[String], prefix: &str) -> Result<pb::TableReply> {
     let asks = addrs.iter().map(|a| Box::pin(table_from(a, prefix)));
     match futures::future::select_ok(asks).await {
         Ok((table, _)) => Ok(table),

@@ -16,6 +16,7 @@ mod servercmd;
 mod size;
 mod tiercmd;
 mod tokens;
+mod topcmd;
 mod up;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process; `server`'s many flags make its variant the large one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a local cluster of N servers on 127.0.0.1 until Ctrl-C.
@@ -115,6 +118,10 @@ enum Command {
         /// `older-than=30d,larger-than=1MiB,under=/archive,every=1h` (as `tier run` does).
         #[arg(long)]
         tier_policy: Option<String>,
+        /// Serve Prometheus metrics (/metrics) and the status page (/) over HTTP on this
+        /// address, e.g. 127.0.0.1:9100 (default: none).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -254,6 +261,23 @@ enum Command {
         noatime: bool,
         #[arg(long)]
         cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster at a glance, redrawn every --interval: each server's health and the leader,
+    /// the busiest resources, who waits for whom (the status page, for a terminal).
+    Top {
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// One screen, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Resources and edges shown.
+        #[arg(long, default_value_t = 10)]
+        rows: usize,
+        #[arg(long)]
+        cluster: Option<String>,
+        /// The status page's data, once, as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -560,6 +584,7 @@ fn main() -> ExitCode {
             tier_region,
             recall_on_read,
             tier_policy,
+            http,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -583,6 +608,7 @@ fn main() -> ExitCode {
                 tier_region,
                 recall_on_read,
                 tier_policy,
+                http,
             };
             report(
                 servercmd::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {
@@ -624,6 +650,9 @@ fn main() -> ExitCode {
         Command::Migrate { paths, older_than, larger_than, under, max, dry_run, cluster, json } => {
             let pick = older_than.map(|d| tiercmd::Pick { older_than: d, larger_than, under, max });
             report(tiercmd::migrate(paths, pick, dry_run, cluster.as_deref(), json), json)
+        }
+        Command::Top { interval, once, rows, cluster, json } => {
+            report(topcmd::top(interval, once, rows, cluster.as_deref(), json), json)
         }
         Command::Recall { paths, cluster, json } => {
             report(tiercmd::run(tiercmd::Action::Recall, &paths, cluster.as_deref(), json), json)

@@ -52,6 +52,8 @@ pub struct ServerArgs {
     pub recall_on_read: bool,
     /// Seed 001: the migration policy this server runs while it leads.
     pub tier_policy: Option<crate::tiercmd::ServerPolicy>,
+    /// Where metrics and the status page are served over HTTP.
+    pub http: Option<SocketAddr>,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -91,6 +93,8 @@ pub struct ServerFile {
     /// The migration policy this server runs while it leads, as `--tier-policy` takes it:
     /// `"older-than=30d,larger-than=1MiB,under=/archive,every=1h"`.
     pub tier_policy: Option<String>,
+    /// Where metrics (`/metrics`) and the status page (`/`) are served over HTTP.
+    pub http: Option<SocketAddr>,
 }
 
 impl ServerArgs {
@@ -174,6 +178,7 @@ impl ServerArgs {
             lock_memory_budget,
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
+            http: flags.http.or(f.http),
             tier_policy: flags
                 .tier_policy
                 .or(f.tier_policy)
@@ -231,6 +236,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
     };
     let data_dir = args.data.canonicalize().with_context(|| format!("cannot resolve {}", args.data.display()))?;
     let config = ServerConfig {
+        http: args.http,
         locks: server::LockConfig {
             id: args.id,
             listen,

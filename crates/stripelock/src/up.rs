@@ -63,6 +63,8 @@ struct Slot {
     outside: Option<u32>,
     /// It stopped cleanly (someone asked it to): not restarted.
     retired: bool,
+    /// Its metrics and status page (`--http`).
+    http: String,
 }
 
 impl Slot {
@@ -115,6 +117,7 @@ impl Slot {
         writeln!(log, "--- stripelock up (pid {}) starts server {}", std::process::id(), self.id)?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["server", "--id", &self.id.to_string(), "--data"]).arg(&self.dir_abs).args(["--peers", peers]);
+        cmd.args(["--http", &self.http]);
         if self.id == 1 {
             cmd.arg("--bootstrap");
         }
@@ -188,6 +191,7 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
     }
     let peers: String = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
     let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
+    let https = (0..servers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<Vec<_>>>()?;
     let mut slots: Vec<Slot> = addrs
         .iter()
         .enumerate()
@@ -202,6 +206,7 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
             restart_at: None,
             outside: None,
             retired: false,
+            http: https[i].clone(),
         })
         .collect();
     for slot in &mut slots {
@@ -211,17 +216,21 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
     if json {
         let list: Vec<_> = slots
             .iter()
-            .map(|s| serde_json::json!({"id": s.id, "address": s.addr, "data": s.dir, "pid": s.pid()}))
+            .map(|s| {
+                let page = format!("http://{}/", s.http);
+                serde_json::json!({"id": s.id, "address": s.addr, "data": s.dir, "pid": s.pid(), "status_page": page})
+            })
             .collect();
         println!("{}", serde_json::json!({"cluster": addrs.join(","), "servers": list}));
     } else {
-        println!("{:<4} {:<22} {:<8} data", "id", "address", "pid");
+        println!("{:<4} {:<22} {:<8} {:<30} data", "id", "address", "pid", "status page and /metrics");
         for s in &slots {
             let pid = s.pid().map_or("-".to_string(), |p| p.to_string());
-            println!("{:<4} {:<22} {pid:<8} {}", s.id, s.addr, s.dir.display());
+            println!("{:<4} {:<22} {pid:<8} {:<30} {}", s.id, s.addr, format!("http://{}/", s.http), s.dir.display());
         }
         println!("\ncluster: {}  (written to {})", addrs.join(","), cluster_file.display());
         println!("try:     stripelock lock /jobs/nightly -- sleep 5     (from this directory)");
+        println!("watch:   stripelock top, or the status pages above in a browser");
         println!("stop:    Ctrl-C  (a server that fails is restarted; its log is DIR/server-N/server.log)");
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

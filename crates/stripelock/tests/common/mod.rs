@@ -28,6 +28,8 @@ pub static EXE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 pub struct Server {
     pub id: u64,
     pub addr: String,
+    /// Its metrics and status page (`--http`).
+    pub http: String,
     pub data: PathBuf,
     pub child: Option<Child>,
 }
@@ -64,6 +66,7 @@ impl Cluster {
             .map(|id| Server {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
+                http: format!("127.0.0.1:{}", free_port()),
                 data: dir.join(format!("server-{id}")),
                 child: None,
             })
@@ -98,6 +101,7 @@ impl Cluster {
             "--data",
         ])
         .arg(&s.data)
+        .args(["--http", &s.http])
         .args(&self.extra)
         .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone().unwrap())
