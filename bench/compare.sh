@@ -58,6 +58,7 @@ etcd3="127.0.0.1:23721,127.0.0.1:23722,127.0.0.1:23723"
 redis-server --port 63791 --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
 (cd "$work" && exec "$stripelock" up --data "$work/stripelock") >"$work/up.log" 2>&1 &
+export STRIPELOCK_TLS_DIR="$work/stripelock/tls"   # `up` serves mutual TLS
 pids+=($!)
 
 for _ in $(seq 100); do

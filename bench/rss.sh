@@ -18,6 +18,7 @@ trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$DIR"' EXIT
 for _ in $(seq 100); do [ -s up.json ] && break; sleep 0.1; done
 PIDS=$(python3 -c 'import json; print(" ".join(str(s["pid"]) for s in json.load(open("up.json"))["servers"]))')
 CL=$(python3 -c 'import json; print(json.load(open("up.json"))["cluster"])')
+export STRIPELOCK_TLS_DIR="$DIR/d/tls"   # `up` serves mutual TLS
 rss() { for p in $PIDS; do awk '/VmRSS/ {printf "%.1f ", $2/1024}' "/proc/$p/status"; done; }
 sleep 3
 echo "start:            $(rss)"

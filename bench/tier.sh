@@ -29,8 +29,9 @@ trap cleanup EXIT
 (cd "$work" && exec "$exe" up --data "$work/data" >"$work/up.log" 2>&1) &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/data/cluster" ] && break; sleep 0.1; done
-export STRIPELOCK_CLUSTER
+export STRIPELOCK_CLUSTER STRIPELOCK_TLS_DIR
 STRIPELOCK_CLUSTER=$(cat "$work/data/cluster")
+STRIPELOCK_TLS_DIR="$work/data/tls"   # `up` serves mutual TLS
 sleep 1
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$work/src.bin"
 "$exe" put "$work/src.bin" /bench/striped >/dev/null

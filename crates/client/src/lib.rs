@@ -774,7 +774,10 @@ async fn connect(
             servers.push(s);
         }
     }
-    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))))
+    Err(ClientError::Unreachable(wire::tls_hint(format!(
+        "no server of the cluster answered ({})",
+        failures.join("; ")
+    ))))
 }
 
 /// A transport error's message with its causes, each said once ("tcp connect error: Connection

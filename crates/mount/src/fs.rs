@@ -310,9 +310,7 @@ impl Inner {
         let mut servers = Vec::new();
         let mut tables = Vec::new();
         for a in &addrs {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
+            let ch = wire::endpoint(a)?.connect_timeout(Duration::from_secs(1)).connect_lazy();
             tables.push(LocksClient::new(ch.clone()).max_decoding_message_size(64 << 20));
             servers.push(FilesClient::new(ch).max_decoding_message_size(80 << 20).max_encoding_message_size(80 << 20));
         }

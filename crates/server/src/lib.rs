@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub data: datapath::Config,
     /// Where the metrics and the status page are served over HTTP (issue 15); none if `None`.
     pub http: Option<std::net::SocketAddr>,
+    /// Mutual TLS on the gRPC port (issue 15): this server's identity and its cluster's CA,
+    /// which every client and peer must present a certificate of; `None` serves plain HTTP/2.
+    pub tls: Option<wire::Tls>,
 }
 
 /// Runs a server on its TCP listen address until `stop` turns true.
@@ -55,6 +58,12 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
 {
     let bootstrap = config.locks.bootstrap;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS from {}: {e}", tls.dir.display()))
+        })?;
+    }
     // Bound before anything starts, so a port in use is said at once.
     let http = match config.http {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -81,7 +90,7 @@ where
     let (files, storage) = (data.files_server(), data.storage_server());
     let mut shutdown = stop.clone();
     let serve = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .tcp_nodelay(true)
             .add_service(raft_service)
             .add_service(locks)

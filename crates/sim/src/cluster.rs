@@ -301,6 +301,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
             let data_dir = std::path::PathBuf::from("/nonexistent");
             let config = ServerConfig {
                 http: None,
+                tls: None,
                 locks: LockConfig {
                     id,
                     listen: ([0, 0, 0, 0], PORT).into(),

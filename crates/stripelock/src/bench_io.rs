@@ -62,7 +62,7 @@ impl Bench {
         std::fs::create_dir_all(&data)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log"))?;
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.args(["server", "--id", &id.to_string(), "--peers", &peers, "--data"]).arg(&data);
+        cmd.args(["server", "--id", &id.to_string(), "--peers", &peers, "--insecure", "--data"]).arg(&data);
         if id == 1 {
             cmd.arg("--bootstrap");
         }
@@ -93,7 +93,7 @@ impl Bench {
 
     async fn leader(&self) -> Result<u64> {
         for a in &self.addrs {
-            let Ok(ch) = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect().await else {
+            let Ok(ch) = wire::endpoint(a)?.connect().await else {
                 continue;
             };
             let st = pb::locks_client::LocksClient::new(ch).status(pb::StatusRequest {}).await?.into_inner();

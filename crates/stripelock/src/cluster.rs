@@ -17,11 +17,13 @@ pub const DEFAULT_DATA: &str = "stripelock-data";
 
 /// Where the cluster is: `--cluster`, else `STRIPELOCK_CLUSTER`, else what `up` wrote.
 pub fn cluster_addrs(flag: Option<&str>) -> Result<Vec<String>> {
+    let mut from_default = false;
     let text = match flag {
         Some(f) => f.to_string(),
         None => match std::env::var("STRIPELOCK_CLUSTER") {
             Ok(v) if !v.trim().is_empty() => v,
             _ => {
+                from_default = true;
                 let path = Path::new(DEFAULT_DATA).join(CLUSTER_FILE);
                 std::fs::read_to_string(&path).with_context(|| {
                     format!(
@@ -41,7 +43,24 @@ pub fn cluster_addrs(flag: Option<&str>) -> Result<Vec<String>> {
     for a in &addrs {
         check_addr(a)?;
     }
+    // Mutual TLS as the flag (or STRIPELOCK_TLS_DIR) says, or as the `up` directory the
+    // addresses came from does.
+    let default_tls = Path::new(DEFAULT_DATA).join("tls");
+    let dir =
+        TLS_DIR.get().cloned().or_else(|| (from_default && default_tls.join("ca.pem").exists()).then_some(default_tls));
+    if let Some(dir) = dir {
+        let name =
+            std::env::var("STRIPELOCK_TLS_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "client".into());
+        wire::use_tls(wire::Tls::from_dir(&dir, &name)?);
+    }
     Ok(addrs)
+}
+
+static TLS_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// `--tls-dir` (or STRIPELOCK_TLS_DIR): the certificates client commands connect with.
+pub fn set_tls_dir(dir: std::path::PathBuf) {
+    let _ = TLS_DIR.set(dir);
 }
 
 /// `HOST:PORT` with a port from 1 to 65535.
@@ -479,8 +498,7 @@ async fn holders(addrs: &[String], path: &str, me: u64) -> Vec<String> {
 const READ_DEADLINE: Duration = Duration::from_millis(1500);
 
 async fn locks_client(addr: &str) -> Result<pb::locks_client::LocksClient<tonic::transport::Channel>> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(1));
+    let endpoint = wire::endpoint(addr)?.connect_timeout(Duration::from_secs(1));
     let channel = endpoint
         .connect()
         .await
@@ -510,6 +528,13 @@ pub(crate) fn transport_text(e: &(dyn std::error::Error + 'static)) -> String {
 /// Runs one read against `addr` within [`READ_DEADLINE`], connection included.
 async fn within_deadline<T>(addr: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     match tokio::time::timeout(READ_DEADLINE, f).await {
+        // A TLS mismatch is said as one.
+        Ok(Err(e)) if wire::tls_hint(transport_text(e.as_ref())) != transport_text(e.as_ref()) => {
+            Err(anyhow::Error::new(ClientError::Unreachable(format!(
+                "server {addr}: {}",
+                wire::tls_hint(transport_text(e.as_ref()))
+            ))))
+        }
         // A server that did not answer names itself; a refusal is said to come from it.
         Ok(Err(e)) if matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Unreachable(_))) => Err(e),
         Ok(r) => r.with_context(|| format!("server {addr}")),

@@ -40,8 +40,7 @@ pub(crate) fn human(bytes: u64) -> String {
 pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel>> {
     let mut failures = Vec::new();
     for a in addrs {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect_timeout(Duration::from_secs(1));
+        let endpoint = wire::endpoint(a)?.connect_timeout(Duration::from_secs(1));
         match endpoint.connect().await {
             Ok(ch) => {
                 return Ok(FilesClient::new(ch)
@@ -51,7 +50,11 @@ pub(crate) async fn files_client(addrs: &[String]) -> Result<FilesClient<Channel
             Err(e) => failures.push(format!("server {a}: {}", crate::cluster::transport_text(&e))),
         }
     }
-    Err(ClientError::Unreachable(format!("no server of the cluster answered ({})", failures.join("; "))).into())
+    Err(ClientError::Unreachable(wire::tls_hint(format!(
+        "no server of the cluster answered ({})",
+        failures.join("; ")
+    )))
+    .into())
 }
 
 use crate::cluster::status_error;

@@ -5,6 +5,7 @@ mod bench_io;
 mod bench_lease;
 mod bench_parity;
 mod bench_scale;
+mod certscmd;
 mod cluster;
 mod files;
 mod mountcmd;
@@ -27,6 +28,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "stripelock", version, about = "A clustered file store built around a distributed lock manager")]
 struct Cli {
+    /// Talk to the cluster over mutual TLS with the certificates in this directory (its CA,
+    /// and NAME.pem/NAME.key, NAME from STRIPELOCK_TLS_NAME, default `client`). Without it, a
+    /// cluster found through ./stripelock-data/cluster uses ./stripelock-data/tls if present.
+    #[arg(long, global = true, env = "STRIPELOCK_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -122,6 +128,10 @@ enum Command {
         /// address, e.g. 127.0.0.1:9100 (default: none).
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// Serve plain HTTP/2 without TLS: anyone who reaches the port may use it. Without it a
+        /// server needs --tls-dir DIR (its CA and `server` certificate, from `certs init`).
+        #[arg(long)]
+        insecure: bool,
         /// Tests only (a negative control): carry out stripe writes whose lock is gone.
         #[arg(long, hide = true)]
         break_stale_write_check_for_negative_control: bool,
@@ -168,6 +178,11 @@ enum Command {
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
+    },
+    /// The cluster's certificates for mutual TLS: a CA, and certificates it signs.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Fencing tokens.
     Token {
@@ -439,6 +454,34 @@ enum TierCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Make a new CA in DIR, with a `server` and a `client` certificate.
+    Init {
+        #[arg(long, default_value = "stripelock-data/tls")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue NAME.pem and NAME.key from DIR's CA (a client's name is its identity).
+    Issue {
+        name: String,
+        #[arg(long, default_value = "stripelock-data/tls")]
+        dir: PathBuf,
+        /// A server's certificate (it names stripelock-server and also acts as a client).
+        #[arg(long)]
+        server: bool,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Tests only: a certificate that expired in 2020.
+        #[arg(long, hide = true)]
+        expired_for_test: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TokenCommand {
     /// Check a token's signature against the cluster secret and print what it grants.
     /// Exit 0 valid, 1 signature does not match, 2 not a token or no readable secret.
@@ -561,7 +604,15 @@ fn main() -> ExitCode {
             e.exit();
         }
     };
+    if let Some(dir) = &cli.tls_dir {
+        cluster::set_tls_dir(dir.clone());
+    }
     match cli.command {
+        Command::Certs { command: CertsCommand::Init { dir, json } } => report(certscmd::init(&dir, json), json),
+        Command::Certs { command: CertsCommand::Issue { name, dir, server, days, expired_for_test, json } } => {
+            let how = certscmd::Issue { server, days, expired: expired_for_test };
+            report(certscmd::issue(&dir, &name, how, json), json)
+        }
         Command::Up { servers, data, json } => report(up::up(servers, &data, json), json),
         Command::Server {
             config,
@@ -585,6 +636,7 @@ fn main() -> ExitCode {
             recall_on_read,
             tier_policy,
             http,
+            insecure,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -609,6 +661,8 @@ fn main() -> ExitCode {
                 recall_on_read,
                 tier_policy,
                 http,
+                tls_dir: cli.tls_dir.clone(),
+                insecure: insecure.then_some(true),
             };
             report(
                 servercmd::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {

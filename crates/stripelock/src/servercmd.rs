@@ -54,6 +54,8 @@ pub struct ServerArgs {
     pub tier_policy: Option<crate::tiercmd::ServerPolicy>,
     /// Where metrics and the status page are served over HTTP.
     pub http: Option<SocketAddr>,
+    /// Mutual TLS (issue 15); `None` only when asked for with `insecure`.
+    pub tls: Option<wire::Tls>,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -95,6 +97,10 @@ pub struct ServerFile {
     pub tier_policy: Option<String>,
     /// Where metrics (`/metrics`) and the status page (`/`) are served over HTTP.
     pub http: Option<SocketAddr>,
+    /// Mutual TLS with this directory's CA and `server` certificate.
+    pub tls_dir: Option<PathBuf>,
+    /// Plain HTTP/2 without TLS, said on purpose.
+    pub insecure: Option<bool>,
 }
 
 impl ServerArgs {
@@ -179,6 +185,15 @@ impl ServerArgs {
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
+            tls: match (flags.tls_dir.or(f.tls_dir), flags.insecure.or(f.insecure).unwrap_or(false)) {
+                (Some(_), true) => bail!("give tls_dir or insecure, not both"),
+                (Some(dir), false) => Some(wire::Tls::from_dir(&dir, "server")?),
+                (None, true) => None,
+                (None, false) => bail!(
+                    "no TLS: give --tls-dir DIR (made by `stripelock certs init --dir DIR`), or --insecure to serve \
+                     plain HTTP/2 that anyone who reaches the port may use"
+                ),
+            },
             tier_policy: flags
                 .tier_policy
                 .or(f.tier_policy)
@@ -235,7 +250,15 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
         ),
     };
     let data_dir = args.data.canonicalize().with_context(|| format!("cannot resolve {}", args.data.display()))?;
+    match &args.tls {
+        // The server's own calls (to peers, its policy) go over TLS as this server.
+        Some(tls) => {
+            wire::use_tls(tls.clone());
+        }
+        None => tracing::warn!("serving without TLS (--insecure): anyone who reaches the port may use it"),
+    }
     let config = ServerConfig {
+        tls: args.tls.clone(),
         http: args.http,
         locks: server::LockConfig {
             id: args.id,

@@ -65,6 +65,8 @@ struct Slot {
     retired: bool,
     /// Its metrics and status page (`--http`).
     http: String,
+    /// The cluster's certificates (`--tls-dir`).
+    tls_dir: PathBuf,
 }
 
 impl Slot {
@@ -117,7 +119,7 @@ impl Slot {
         writeln!(log, "--- stripelock up (pid {}) starts server {}", std::process::id(), self.id)?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["server", "--id", &self.id.to_string(), "--data"]).arg(&self.dir_abs).args(["--peers", peers]);
-        cmd.args(["--http", &self.http]);
+        cmd.args(["--http", &self.http]).arg("--tls-dir").arg(&self.tls_dir);
         if self.id == 1 {
             cmd.arg("--bootstrap");
         }
@@ -191,6 +193,10 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
     }
     let peers: String = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
     let exe = std::env::current_exe().context("cannot find the stripelock executable")?;
+    // Mutual TLS from the start: the cluster's CA and certificates, made once.
+    if !data.join("tls").join("ca.pem").exists() {
+        crate::certscmd::init_in(&data.join("tls"))?;
+    }
     let https = (0..servers).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<Vec<_>>>()?;
     let mut slots: Vec<Slot> = addrs
         .iter()
@@ -207,6 +213,7 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
             outside: None,
             retired: false,
             http: https[i].clone(),
+            tls_dir: data_abs.join("tls"),
         })
         .collect();
     for slot in &mut slots {

@@ -138,7 +138,7 @@ fn server_runs_from_a_config_file() {
     let port = wire::unused_port().unwrap();
     let file = dir.join("server.toml");
     let config = format!(
-        "id = 1\npeers = \"1=127.0.0.1:{port}\"\ndata = \"{}\"\nbootstrap = true\nheartbeat_ms = 50\n",
+        "id = 1\npeers = \"1=127.0.0.1:{port}\"\ndata = \"{}\"\nbootstrap = true\nheartbeat_ms = 50\ninsecure = true\n",
         dir.join("data").display()
     );
     std::fs::write(&file, config).unwrap();

@@ -256,6 +256,8 @@ fn up_stops_a_server_restarted_by_hand() {
     let mut by_hand = Command::new(EXE)
         .args(["server", "--id", &id.to_string(), "--peers", &up.peers(), "--data"])
         .arg(&dir)
+        .arg("--tls-dir")
+        .arg(dir.parent().unwrap().join("tls"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -284,6 +286,7 @@ fn status_json_names_each_servers_pid_and_data_dir() {
     let up = Up::start("status");
     let cluster = up.servers.iter().map(|s| s.addr.clone()).collect::<Vec<_>>().join(",");
     let mut status = Command::new(EXE)
+        .env("STRIPELOCK_TLS_DIR", up.server_dir(1).parent().unwrap().join("tls"))
         .args(["status", "--json", "--cluster", &cluster])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -320,7 +323,8 @@ fn a_server_refuses_a_data_dir_another_server_uses() {
     let peers = format!("1=127.0.0.1:{a}");
     let spawn = |listen: u16, bootstrap: bool| {
         let mut cmd = Command::new(EXE);
-        cmd.args(["server", "--id", "1", "--peers", &peers, "--listen", &format!("127.0.0.1:{listen}"), "--data"])
+        cmd.args(["server", "--id", "1", "--peers", &peers, "--listen", &format!("127.0.0.1:{listen}"), "--insecure"])
+            .arg("--data")
             .arg(&data)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

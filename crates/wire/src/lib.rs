@@ -65,10 +65,110 @@ impl std::fmt::Debug for Connector {
     }
 }
 
-/// The endpoint for `host:port` over plain HTTP/2.
+/// The endpoint for `host:port`: over mutual TLS once this process has an identity
+/// ([`use_tls`]), else plain HTTP/2.
 pub fn endpoint(addr: &str) -> Result<Endpoint, BadAddress> {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| BadAddress { addr: addr.to_string(), reason: e.to_string() })
+    let bad = |e: tonic::transport::Error| BadAddress { addr: addr.to_string(), reason: e.to_string() };
+    match TLS.get() {
+        None => Endpoint::from_shared(format!("http://{addr}")).map_err(bad),
+        Some(tls) => {
+            Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(tls.client())).map_err(bad)
+        }
+    }
+}
+
+/// The name every server's certificate carries and every client checks (servers are told
+/// apart by the CA that signed them, not by their addresses).
+pub const SERVER_NAME: &str = "stripelock-server";
+
+/// A process's TLS identity in its cluster: the cluster's CA and its own certificate and key
+/// (PEM), read from a directory that `stripelock certs init` made.
+#[derive(Clone)]
+pub struct Tls {
+    pub dir: std::path::PathBuf,
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tls({})", self.dir.display())
+    }
+}
+
+/// A TLS directory that lacks a file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason} (make the cluster's certificates with `stripelock certs init --dir DIR`)")]
+pub struct TlsMissing {
+    pub path: String,
+    pub reason: String,
+}
+
+impl Tls {
+    /// `DIR/ca.pem`, `DIR/NAME.pem` and `DIR/NAME.key`.
+    pub fn from_dir(dir: &std::path::Path, name: &str) -> Result<Tls, TlsMissing> {
+        let read = |file: String| {
+            let path = dir.join(file);
+            std::fs::read(&path).map_err(|e| TlsMissing { path: path.display().to_string(), reason: e.to_string() })
+        };
+        Ok(Tls {
+            dir: dir.to_path_buf(),
+            ca: read("ca.pem".into())?,
+            cert: read(format!("{name}.pem"))?,
+            key: read(format!("{name}.key"))?,
+        })
+    }
+
+    /// What a client presents and checks.
+    pub fn client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .domain_name(SERVER_NAME)
+    }
+
+    /// What a server presents, and the CA its clients' certificates must come from.
+    pub fn server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
+    }
+}
+
+static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
+
+/// From now on this process connects over mutual TLS as `tls` (once; a second call keeps the
+/// first identity and says whether it was this one).
+pub fn use_tls(tls: Tls) -> bool {
+    let dir = tls.dir.clone();
+    TLS.get_or_init(|| tls).dir == dir
+}
+
+/// `text` (why a connection failed), with what to do when it looks like a TLS mismatch: a
+/// plain client talking to a TLS server sees an HTTP/2 framing error, a TLS client talking to a
+/// plain server a handshake error, and a certificate the server refuses an alert.
+pub fn tls_hint(text: String) -> String {
+    let plain_to_tls =
+        TLS.get().is_none() && (text.contains("frame with invalid size") || text.contains("http2 error"));
+    let tls_refused = TLS.get().is_some()
+        && ["certificate", "handshake", "InvalidContentType", "alert", "UnknownIssuer"]
+            .iter()
+            .any(|w| text.contains(w));
+    if plain_to_tls {
+        format!("{text} (the server may require TLS: give --tls-dir DIR or set STRIPELOCK_TLS_DIR)")
+    } else if tls_refused {
+        format!(
+            "{text} (TLS was refused: the server and these certificates must come from the same cluster CA, and be in date)"
+        )
+    } else {
+        text
+    }
+}
+
+/// The identity [`use_tls`] set, if any.
+pub fn tls() -> Option<&'static Tls> {
+    TLS.get()
 }
 
 /// A port on 127.0.0.1 that nothing listens on now, chosen below the kernel's ephemeral range

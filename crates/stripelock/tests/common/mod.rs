@@ -42,6 +42,8 @@ pub struct Cluster {
     pub extra: Vec<String>,
     /// Environment variables for every server (the test-only switches).
     pub env: Vec<(String, String)>,
+    /// Mutual TLS with this directory's certificates (`certs init`); plain HTTP/2 if `None`.
+    pub tls: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -59,6 +61,17 @@ impl Cluster {
 
     /// A cluster whose servers also see the environment variables `env`.
     pub async fn start_with_env(n: u64, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_inner(n, name, extra, env, None).await
+    }
+
+    /// A cluster over mutual TLS with the certificates in `tls`; this test process connects as
+    /// its `client` from now on (one identity per process).
+    pub async fn start_tls(n: u64, name: &str, tls: &std::path::Path) -> Cluster {
+        wire::use_tls(wire::Tls::from_dir(tls, "client").unwrap());
+        Cluster::start_inner(n, name, &[], &[], Some(tls.to_path_buf())).await
+    }
+
+    async fn start_inner(n: u64, name: &str, extra: &[&str], env: &[(&str, &str)], tls: Option<PathBuf>) -> Cluster {
         let dir = std::env::temp_dir().join(format!("stripelock-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -74,7 +87,7 @@ impl Cluster {
         let peers = servers.iter().map(|s| format!("{}={}", s.id, s.addr)).collect::<Vec<_>>().join(",");
         let extra = extra.iter().map(|s| s.to_string()).collect();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut cluster = Cluster { dir, peers, servers, extra, env };
+        let mut cluster = Cluster { dir, peers, servers, extra, env, tls };
         for id in 1..=n {
             cluster.spawn(id, id == 1);
         }
@@ -106,6 +119,10 @@ impl Cluster {
         .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+        match &self.tls {
+            Some(dir) => cmd.arg("--tls-dir").arg(dir),
+            None => cmd.arg("--insecure"),
+        };
         if bootstrap {
             cmd.arg("--bootstrap");
         }
@@ -125,10 +142,8 @@ impl Cluster {
 
     pub async fn status(&self, id: u64) -> Option<pb::StatusReply> {
         let addr = &self.servers[id as usize - 1].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(2));
+        let endpoint =
+            wire::endpoint(addr).ok()?.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(2));
         let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
         c.status(pb::StatusRequest {}).await.ok().map(|r| r.into_inner())
     }
@@ -136,9 +151,7 @@ impl Cluster {
     /// The lock table as server `id` sees it; `None` while it does not answer.
     pub async fn table(&self, id: u64, prefix: &str) -> Option<pb::TableReply> {
         let addr = &self.servers[id as usize - 1].addr;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(300));
+        let endpoint = wire::endpoint(addr).ok()?.connect_timeout(Duration::from_millis(300));
         let mut c = pb::locks_client::LocksClient::new(endpoint.connect().await.ok()?);
         c.table(pb::TableRequest { prefix: prefix.into() }).await.ok().map(|r| r.into_inner())
     }
@@ -245,7 +258,11 @@ pub fn count(t: &pb::TableReply, granted: bool) -> usize {
 /// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
 pub fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> std::process::Output {
     use std::io::Write as _;
-    let mut child = Command::new(&*EXE)
+    let mut cmd = Command::new(&*EXE);
+    if let Some(dir) = &c.tls {
+        cmd.env("STRIPELOCK_TLS_DIR", dir);
+    }
+    let mut child = cmd
         .args(args)
         .arg("--cluster")
         .arg(c.addrs_from(first).join(","))
