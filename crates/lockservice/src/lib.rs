@@ -20,6 +20,7 @@ mod machine;
 pub mod names;
 mod network;
 mod node;
+pub mod quota;
 mod rejoin;
 mod renew;
 mod rt;

@@ -57,6 +57,8 @@ pub struct Config {
     /// Bytes of lock records the server means to hold at most: near it, holders are asked to
     /// keep fewer idle cached locks (`lru.rs`).
     pub lock_memory_budget: u64,
+    /// What each client identity may use (issue 15); no limit by default.
+    pub quota: crate::quota::Quota,
     pub limits: Limits,
     /// The outside world as the server sees it; real by default, simulated in the simulation.
     pub env: Env,

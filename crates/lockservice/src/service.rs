@@ -74,6 +74,8 @@ pub struct LockService {
     status_parts: Vec<StatusPart>,
     /// The LRU size this server asks its sessions to keep, with its budget and use (`lru.rs`).
     lru: watch::Receiver<LruState>,
+    /// Each identity's use against its quota on this server.
+    quota: Arc<crate::quota::QuotaBook>,
 }
 
 impl std::fmt::Debug for LockService {
@@ -86,7 +88,8 @@ impl LockService {
     pub fn new(node: Node) -> LockService {
         let gateway = GatewayRt::start(node.clone(), node.config.gateway_lease_ms);
         let lru = start_lru(node.clone());
-        LockService { node, gateway, status_parts: Vec::new(), lru }
+        let quota = Arc::new(crate::quota::QuotaBook::new(node.config.quota));
+        LockService { node, gateway, status_parts: Vec::new(), lru, quota }
     }
 
     /// Lets `part` fill in its fields of every `status` reply.
@@ -444,6 +447,13 @@ impl pb::locks_server::Locks for LockService {
     type SessionStream = DownStream;
 
     async fn session(&self, req: Request<Streaming<pb::ClientMessage>>) -> Result<Response<DownStream>, Status> {
+        use crate::quota::{ANONYMOUS, common_name, identity_suffix};
+        // Who it is: its certificate's name (mutual TLS), else anonymous.
+        let identity = req
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|der| common_name(der.as_ref())))
+            .unwrap_or_else(|| ANONYMOUS.to_string());
+        let quota = self.quota.clone();
         let mut up = req.into_inner();
         let first = up.next().await.ok_or_else(|| ErrorCode::BadRequest.status("empty session stream"))??;
         let Some(Up::Open(open)) = first.body else {
@@ -478,7 +488,13 @@ impl pb::locks_server::Locks for LockService {
             }
             s
         } else {
-            let client = open.client_name.chars().take(128).collect();
+            let mut client: String = open.client_name.chars().take(128).collect();
+            if identity != ANONYMOUS || quota.quota.sessions.is_some() {
+                let suffix = identity_suffix(&identity);
+                let open_now = node.machine.state().clients.values().filter(|c| c.ends_with(&suffix)).count();
+                quota.admit_session(&identity, open_now as u64).map_err(|why| ErrorCode::Quota.status(why))?;
+                client.push_str(&suffix);
+            }
             let reply = node.propose(Op::OpenSession { lease_ms, client }, None).await.map_err(|e| e.status())?;
             node.applied(reply.index).await;
             reply.session.ok_or_else(|| ErrorCode::Internal.status("no session number in the reply"))?
@@ -508,7 +524,7 @@ impl pb::locks_server::Locks for LockService {
         }
 
         // Down: this server's applied entries, filtered to the session.
-        let mut telemetry = crate::telemetry::SessionMetrics::default();
+        let mut telemetry = crate::telemetry::SessionMetrics::new(quota.clone(), identity.clone());
         let arrivals = telemetry.arrivals.clone();
         let down_tx = tx.clone();
         let down_node = node.clone();
@@ -560,6 +576,7 @@ impl pb::locks_server::Locks for LockService {
                 }
             }
             drop(applied);
+            telemetry.finish();
             down_node.machine.detach(session);
         });
 
@@ -634,6 +651,16 @@ impl pb::locks_server::Locks for LockService {
                 let request = msg.request_id;
                 if let Up::Lock(l) = &body {
                     arrivals.lock_request(request, l.mode);
+                    if let Err(why) = quota.admit_lock(&identity) {
+                        metrics::counter!("stripelock_quota_refusals_total").increment(1);
+                        let rejected = pb::Rejected { code: 0, message: why, error: ErrorCode::Quota.into() };
+                        let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
+                        let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
+                        if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
+                            break None;
+                        }
+                        continue;
+                    }
                 }
                 let op = match gateway_step(&gateway, session, request, body) {
                     Ok(Some(op)) => op,

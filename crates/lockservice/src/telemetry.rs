@@ -12,6 +12,7 @@ use metrics::{counter, histogram};
 use tokio::time::Instant;
 
 use crate::machine::Applied;
+use crate::quota::QuotaBook;
 
 /// Requests whose arrival a session remembers at most (those a gateway answers never reach
 /// the log, so the map is cut back when it fills).
@@ -45,10 +46,52 @@ pub struct SessionMetrics {
     pub arrivals: Arrivals,
     waiting: HashMap<LockId, (Instant, &'static str)>,
     revoked: HashSet<LockId>,
+    /// The locks it holds or waits for, counted against its identity's quota on this server.
+    held: HashSet<LockId>,
+    book: Option<(Arc<QuotaBook>, String)>,
 }
 
 impl SessionMetrics {
+    pub fn new(book: Arc<QuotaBook>, identity: String) -> SessionMetrics {
+        SessionMetrics { book: Some((book, identity)), ..SessionMetrics::default() }
+    }
+
+    fn hold(&mut self, lock: LockId, holds: bool) {
+        let changed = if holds { self.held.insert(lock) } else { self.held.remove(&lock) };
+        if changed && let Some((book, identity)) = &self.book {
+            book.locks_changed(identity, if holds { 1 } else { -1 });
+        }
+    }
+
+    /// The stream ended: its locks no longer count here.
+    pub fn finish(&mut self) {
+        if let Some((book, identity)) = &self.book {
+            book.locks_changed(identity, -(self.held.len() as i64));
+        }
+        self.held.clear();
+    }
+
     pub fn applied(&mut self, session: SessionId, a: &Applied) {
+        for o in &a.reply.outputs {
+            match o {
+                Output::Granted { session: s, lock, .. } | Output::Queued { session: s, lock } if *s == session => {
+                    self.hold(*lock, true)
+                }
+                Output::Released { session: s, lock }
+                | Output::Cancelled { session: s, lock }
+                | Output::Deadlock { session: s, lock }
+                    if *s == session =>
+                {
+                    self.hold(*lock, false)
+                }
+                Output::Expired { session: s } if *s == session => self.finish(),
+                _ => {}
+            }
+        }
+        self.count(session, a);
+    }
+
+    fn count(&mut self, session: SessionId, a: &Applied) {
         let asked = a.origin.filter(|o| o.session == session).and_then(|o| self.arrivals.take(o.request));
         let mut answered = false;
         for o in &a.reply.outputs {

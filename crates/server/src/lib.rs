@@ -17,6 +17,7 @@ pub use lockservice::{
 };
 
 pub use datapath::{Config as DataConfig, Env as DataEnv, Limits as DataLimits};
+pub use lockservice::quota::Quota;
 pub use lockservice::{Config as LockConfig, Env as LockEnv};
 pub use tier::Place as TierPlace;
 

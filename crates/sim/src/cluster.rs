@@ -315,6 +315,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     lease_min_ms: server::LEASE_MS_MIN,
                     lease_max_ms: server::LEASE_MS_MAX,
                     lock_memory_budget: 1 << 30,
+                    quota: Default::default(),
                     limits: lockengine::Limits::default(),
                     env,
                 },

@@ -128,6 +128,11 @@ enum Command {
         /// address, e.g. 127.0.0.1:9100 (default: none).
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// What each client identity (its certificate's name; `anonymous` without TLS) may use:
+        /// e.g. sessions=100,locks=100000,rps=5000 (open sessions in the cluster; locks held or
+        /// waiting and lock requests per second on this server). Default: no limit.
+        #[arg(long)]
+        quota: Option<String>,
         /// Serve plain HTTP/2 without TLS: anyone who reaches the port may use it. Without it a
         /// server needs --tls-dir DIR (its CA and `server` certificate, from `certs init`).
         #[arg(long)]
@@ -637,6 +642,7 @@ fn main() -> ExitCode {
             tier_policy,
             http,
             insecure,
+            quota,
             break_stale_write_check_for_negative_control,
             break_invalidate_for_negative_control,
         } => {
@@ -663,6 +669,7 @@ fn main() -> ExitCode {
                 http,
                 tls_dir: cli.tls_dir.clone(),
                 insecure: insecure.then_some(true),
+                quota,
             };
             report(
                 servercmd::ServerArgs::resolve(config.as_deref(), flags).and_then(|mut args| {

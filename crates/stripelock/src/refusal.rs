@@ -6,7 +6,8 @@ use client::{ClientError, ErrorCode};
 
 /// The exit code of a refusal with `code`, for every command but `lock` (which keeps 124 for a
 /// lock not available and 125 for its own failures, beside its command's codes). 101–118, the
-/// proto enum's number + 100, then 97–99 for the namespace's codes (19–21): clear of 1 and 2
+/// proto enum's number + 100, then 97–99 for the namespace's codes (19–21) and 96 for quota
+/// (22): clear of 1 and 2
 /// (`scrub`, errors the CLI finds itself) and of 119–127 (`lock`).
 pub fn exit_code(code: ErrorCode) -> u8 {
     match code {
@@ -31,6 +32,7 @@ pub fn exit_code(code: ErrorCode) -> u8 {
         ErrorCode::NotDir => 97,
         ErrorCode::IsDir => 98,
         ErrorCode::NotEmpty => 99,
+        ErrorCode::Quota => 96,
     }
 }
 
@@ -76,6 +78,10 @@ pub fn sentence(code: ErrorCode) -> &'static str {
         ErrorCode::NotDir => "a part of the path is not a directory; check the path (`stripelock ls`)",
         ErrorCode::IsDir => "it is a directory; name a file, or remove the directory's contents first",
         ErrorCode::NotEmpty => "the directory is not empty; remove what it holds first",
+        ErrorCode::Quota => {
+            "this client's identity is over its quota (the message names which); release what it holds, slow down, \
+             or ask the operator to raise the server's `quota` setting"
+        }
     }
 }
 
@@ -118,8 +124,12 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for code in ErrorCode::ALL {
             let n = exit_code(code);
-            let want = if i32::from(code) <= 18 { i32::from(code) + 100 } else { i32::from(code) - 19 + 97 };
-            assert_eq!(i32::from(n), want, "{code}: the table is the enum's number + 100 (19-21: 97-99)");
+            let want = match i32::from(code) {
+                c @ ..=18 => c + 100,
+                c @ 19..=21 => c - 19 + 97,
+                _ => 96,
+            };
+            assert_eq!(i32::from(n), want, "{code}: the table is the enum's number + 100 (19-21: 97-99, 22: 96)");
             assert!(!(119..=127).contains(&n) && n > 2, "{code}: {n} collides with a documented exit code");
             assert!(seen.insert(n), "{code}: exit code {n} used twice");
             assert!(!sentence(code).is_empty());

@@ -56,6 +56,8 @@ pub struct ServerArgs {
     pub http: Option<SocketAddr>,
     /// Mutual TLS (issue 15); `None` only when asked for with `insecure`.
     pub tls: Option<wire::Tls>,
+    /// Each client identity's quota.
+    pub quota: server::Quota,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
     pub break_stale_write_check: bool,
     /// Tests only: see `Env::break_invalidate_for_negative_control`.
@@ -101,6 +103,8 @@ pub struct ServerFile {
     pub tls_dir: Option<PathBuf>,
     /// Plain HTTP/2 without TLS, said on purpose.
     pub insecure: Option<bool>,
+    /// What each client identity may use: `"sessions=100,locks=100000,rps=5000"`.
+    pub quota: Option<String>,
 }
 
 impl ServerArgs {
@@ -185,6 +189,10 @@ impl ServerArgs {
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
+            quota: match flags.quota.or(f.quota) {
+                Some(q) => server::Quota::parse(&q).map_err(|e| anyhow::anyhow!(e))?,
+                None => Default::default(),
+            },
             tls: match (flags.tls_dir.or(f.tls_dir), flags.insecure.or(f.insecure).unwrap_or(false)) {
                 (Some(_), true) => bail!("give tls_dir or insecure, not both"),
                 (Some(dir), false) => Some(wire::Tls::from_dir(&dir, "server")?),
@@ -273,6 +281,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             lease_min_ms: args.lease_min_ms,
             lease_max_ms: args.lease_max_ms,
             lock_memory_budget: args.lock_memory_budget,
+            quota: args.quota,
             limits: Limits::default(),
             env: server::LockEnv {
                 break_fresh_lease_for_negative_control: false,

@@ -35,7 +35,7 @@ fn only_certificates_of_the_clusters_ca_in_date_get_in() {
         certs(&["init", "--dir", theirs.to_str().unwrap()]);
         certs(&["issue", "old", "--dir", ours.to_str().unwrap(), "--expired-for-test"]);
         certs(&["issue", "alice", "--dir", ours.to_str().unwrap()]);
-        let c = Cluster::start_tls(3, "tls", &ours).await;
+        let c = Cluster::start_tls(3, "tls", &ours, &[]).await;
 
         // Ours: in.
         let key = "STRIPELOCK_TLS_DIR";

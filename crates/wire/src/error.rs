@@ -36,6 +36,7 @@ pub enum ErrorCode {
     NotDir,
     IsDir,
     NotEmpty,
+    Quota,
 }
 
 /// A number on the wire that is not an error code this build knows (or is UNSPECIFIED).
@@ -47,7 +48,7 @@ pub struct UnknownErrorCode(pub i32);
 pub const ERROR_DETAIL_KEY: &str = "stripelock-error-bin";
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Busy,
         ErrorCode::Deadlock,
         ErrorCode::NotLeader,
@@ -69,6 +70,7 @@ impl ErrorCode {
         ErrorCode::NotDir,
         ErrorCode::IsDir,
         ErrorCode::NotEmpty,
+        ErrorCode::Quota,
     ];
 
     /// The name scripts see (`--json`, messages): `busy`, `not-leader`, `too-large`.
@@ -95,6 +97,7 @@ impl ErrorCode {
             ErrorCode::NotDir => "not-dir",
             ErrorCode::IsDir => "is-dir",
             ErrorCode::NotEmpty => "not-empty",
+            ErrorCode::Quota => "quota",
         }
     }
 
@@ -116,7 +119,7 @@ impl ErrorCode {
             ErrorCode::NotLeader | ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::SessionExpired | ErrorCode::NotFound => Code::NotFound,
             ErrorCode::BadToken | ErrorCode::Denied => Code::PermissionDenied,
-            ErrorCode::Limit => Code::ResourceExhausted,
+            ErrorCode::Limit | ErrorCode::Quota => Code::ResourceExhausted,
             ErrorCode::TooLarge => Code::OutOfRange,
             ErrorCode::Exists => Code::AlreadyExists,
             ErrorCode::BadRequest | ErrorCode::NotDir | ErrorCode::IsDir => Code::InvalidArgument,
@@ -175,6 +178,7 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::NotDir => pb::ErrorCode::NotDir,
             ErrorCode::IsDir => pb::ErrorCode::IsDir,
             ErrorCode::NotEmpty => pb::ErrorCode::NotEmpty,
+            ErrorCode::Quota => pb::ErrorCode::Quota,
         }
     }
 }
@@ -212,6 +216,7 @@ impl TryFrom<pb::ErrorCode> for ErrorCode {
             pb::ErrorCode::NotDir => ErrorCode::NotDir,
             pb::ErrorCode::IsDir => ErrorCode::IsDir,
             pb::ErrorCode::NotEmpty => ErrorCode::NotEmpty,
+            pb::ErrorCode::Quota => ErrorCode::Quota,
         })
     }
 }

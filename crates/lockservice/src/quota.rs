@@ -1,0 +1,176 @@
+//! Per-identity quotas (issue 15). An identity is the common name of the certificate a client
+//! connected with (mutual TLS); without TLS every client is `anonymous`. A server enforces, for
+//! each identity: the sessions it has open in the cluster (counted in the replicated state,
+//! where each session's client text ends with ` [as NAME]`), and on this server the locks its
+//! sessions attached here hold or wait for, and its requests per second. Over a quota, the
+//! request is refused with the quota code and a sentence naming the quota; nobody else notices.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::time::Instant;
+
+/// The identity of clients without a certificate.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// The limits every identity gets (none by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub sessions: Option<u64>,
+    pub locks: Option<u64>,
+    pub requests_per_second: Option<u32>,
+}
+
+impl Quota {
+    /// `sessions=100,locks=100000,rps=5000` (any of them).
+    pub fn parse(text: &str) -> Result<Quota, String> {
+        let mut q = Quota::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("quota: `{part}` is not KEY=N"))?;
+            let n: u64 = v.parse().map_err(|_| format!("quota: {k}={v} is not a count"))?;
+            if n == 0 {
+                return Err(format!("quota: {k}=0 would refuse everything; leave it out for no limit"));
+            }
+            match k {
+                "sessions" => q.sessions = Some(n),
+                "locks" => q.locks = Some(n),
+                "rps" => {
+                    q.requests_per_second = Some(u32::try_from(n).map_err(|_| format!("quota: rps={n} is too large"))?)
+                }
+                _ => return Err(format!("quota: unknown key `{k}` (sessions, locks, rps)")),
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The suffix of a session's client text that names its identity.
+pub fn identity_suffix(identity: &str) -> String {
+    format!(" [as {identity}]")
+}
+
+/// The common name in a DER certificate's subject: the last CommonName attribute (the issuer's
+/// comes first in the certificate), if it is a short UTF-8 or printable string.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let at = der.windows(CN.len()).rposition(|w| w == CN)? + CN.len();
+    let (tag, len) = (*der.get(at)?, *der.get(at + 1)? as usize);
+    if !matches!(tag, 0x0c | 0x13 | 0x16) || len >= 0x80 {
+        return None;
+    }
+    let name = std::str::from_utf8(der.get(at + 2..at + 2 + len)?).ok()?;
+    Some(name.to_string())
+}
+
+#[derive(Debug)]
+struct Usage {
+    locks: u64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// This server's count of each identity's locks and request rate.
+#[derive(Debug, Default)]
+pub struct QuotaBook {
+    pub quota: Quota,
+    usage: Mutex<HashMap<String, Usage>>,
+}
+
+impl QuotaBook {
+    pub fn new(quota: Quota) -> QuotaBook {
+        QuotaBook { quota, usage: Mutex::new(HashMap::new()) }
+    }
+
+    fn with<T>(&self, identity: &str, f: impl FnOnce(&mut Usage) -> T) -> T {
+        let mut m = self.usage.lock().expect("quota usage");
+        let burst = f64::from(self.quota.requests_per_second.unwrap_or(0));
+        let u = m.entry(identity.to_string()).or_insert_with(|| Usage {
+            locks: 0,
+            tokens: burst,
+            refilled: Instant::now(),
+        });
+        f(u)
+    }
+
+    /// A lock request of `identity`: refused if it is over its rate or its locks.
+    pub fn admit_lock(&self, identity: &str) -> Result<(), String> {
+        let q = self.quota;
+        if q.locks.is_none() && q.requests_per_second.is_none() {
+            return Ok(());
+        }
+        self.with(identity, |u| {
+            if let Some(rps) = q.requests_per_second {
+                let now = Instant::now();
+                let rate = f64::from(rps);
+                u.tokens = (u.tokens + now.duration_since(u.refilled).as_secs_f64() * rate).min(rate);
+                u.refilled = now;
+                if u.tokens < 1.0 {
+                    return Err(format!("{identity} is over its quota of {rps} requests per second on this server"));
+                }
+                u.tokens -= 1.0;
+            }
+            match q.locks {
+                Some(max) if u.locks >= max => {
+                    Err(format!("{identity} holds or waits for {} locks on this server, its quota", u.locks))
+                }
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// `identity`'s sessions here hold or wait for `delta` more locks (or fewer).
+    pub fn locks_changed(&self, identity: &str, delta: i64) {
+        if self.quota.locks.is_some() {
+            self.with(identity, |u| u.locks = u.locks.saturating_add_signed(delta));
+        }
+    }
+
+    /// A new session of `identity`, which has `open` sessions in the cluster now.
+    pub fn admit_session(&self, identity: &str, open: u64) -> Result<(), String> {
+        match self.quota.sessions {
+            Some(max) if open >= max => Err(format!("{identity} has {open} sessions open, its quota")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quota_reads_its_keys_and_refuses_nonsense() {
+        let q = Quota::parse("sessions=3, locks=50,rps=10").unwrap();
+        assert_eq!(q, Quota { sessions: Some(3), locks: Some(50), requests_per_second: Some(10) });
+        assert_eq!(Quota::parse("").unwrap(), Quota::default());
+        for bad in ["sessions", "sessions=x", "locks=0", "cpu=1"] {
+            assert!(Quota::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn locks_and_rate_are_counted_per_identity() {
+        let book = QuotaBook::new(Quota { sessions: Some(2), locks: Some(2), requests_per_second: Some(3) });
+        book.admit_lock("a").unwrap();
+        book.locks_changed("a", 1);
+        book.admit_lock("a").unwrap();
+        book.locks_changed("a", 1);
+        assert!(book.admit_lock("a").unwrap_err().contains("2 locks"));
+        book.admit_lock("b").unwrap();
+        book.locks_changed("a", -1);
+        // Three a second: the third request within the second was the last.
+        assert!(book.admit_lock("a").unwrap_err().contains("requests per second"));
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        book.admit_lock("a").unwrap();
+        assert!(book.admit_session("a", 2).is_err() && book.admit_session("a", 1).is_ok());
+    }
+
+    #[test]
+    fn the_subjects_common_name_is_found_after_the_issuers() {
+        let issuer = [0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x02, b'C', b'A'];
+        let subject = [0x06, 0x03, 0x55, 0x04, 0x03, 0x13, 0x05, b'a', b'l', b'i', b'c', b'e'];
+        let der: Vec<u8> = [&[0x30, 0x10][..], &issuer, &[0x30, 0x00], &subject].concat();
+        assert_eq!(common_name(&der).as_deref(), Some("alice"));
+        assert_eq!(common_name(&[1, 2, 3]), None);
+    }
+}
