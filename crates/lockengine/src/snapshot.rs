@@ -191,7 +191,15 @@ impl Engine {
         let resource = |e: &mut Engine, name: &str| -> Result<ResIdx, RestoreError> {
             e.resource_for(name.to_string()).map_err(|_| Inconsistent("a resource name is over the limits"))
         };
+        // Every range the tables hold is non-empty (an interval map refuses an empty one).
+        let ranged = |r: &ByteRange| if r.start < r.end { Ok(()) } else { Err(Inconsistent("an empty byte range")) };
         for l in &snapshot.locks {
+            if let Some((_, range, _)) = &l.grant {
+                ranged(range)?;
+            }
+            if let Some((_, range, _, _)) = &l.request {
+                ranged(range)?;
+            }
             let res = resource(&mut e, &l.resource)?;
             let s = e.sessions.get_mut(&l.session).ok_or(Inconsistent("a lock of an unknown session"))?;
             s.locks.insert(l.lock);
@@ -240,10 +248,12 @@ impl Engine {
             *s.posix_resources.entry(res).or_insert(0) += 1;
             let map = e.resources[res as usize].posix.entry(p.owner).or_default();
             for (range, kind) in &p.ranges {
+                ranged(range)?;
                 map.insert(range.as_range(), *kind);
             }
         }
         for w in &snapshot.posix_waits {
+            ranged(&w.range)?;
             let res = resource(&mut e, &w.resource)?;
             let s = e.sessions.get_mut(&w.owner.session).ok_or(Inconsistent("a POSIX wait of an unknown session"))?;
             s.posix_waits.insert(w.seq);

@@ -78,3 +78,36 @@ fn restore_refuses_another_version() {
     let err = Engine::restore(&snapshot).unwrap_err();
     assert!(err.to_string().contains("format version 2 is not 1"), "{err}");
 }
+
+/// Found by the `engine_snapshots` fuzz target: a snapshot holding an empty byte range (here a
+/// POSIX lock's, a grant's, a wait's) made restore panic inside the interval map; it is
+/// refused as inconsistent.
+#[test]
+fn restore_refuses_an_empty_range_instead_of_panicking() {
+    let mut e = Engine::default();
+    let s = SessionId(1);
+    e.step(0, Input::OpenSession { session: s, lease_ms: 10_000 });
+    let owner = PosixOwner { session: s, owner: 1 };
+    let range = ByteRange { start: 0, end: 10 };
+    e.step(1, Input::Posix { owner, resource: "p".into(), range, kind: PosixKind::Write, wait: false });
+    e.step(2, Input::Lock { lock: LockId(1), session: s, resource: "l".into(), range, mode: Mode::EX, nowait: false });
+    e.step(3, Input::OpenSession { session: SessionId(2), lease_ms: 10_000 });
+    let other = SessionId(2);
+    e.step(
+        4,
+        Input::Lock { lock: LockId(2), session: other, resource: "l".into(), range, mode: Mode::EX, nowait: false },
+    );
+    let good: EngineSnapshot = e.snapshot();
+    Engine::restore(&good).expect("the snapshot as taken restores");
+    let empty = ByteRange { start: 5, end: 5 };
+    let mut posix = good.clone();
+    posix.posix[0].ranges[0].0 = empty;
+    let mut grant = good.clone();
+    grant.locks[0].grant.as_mut().expect("a grant").1 = empty;
+    let mut wait = good.clone();
+    wait.locks[1].request.as_mut().expect("a waiter").1 = empty;
+    for (what, bad) in [("posix", posix), ("grant", grant), ("wait", wait)] {
+        let err = Engine::restore(&bad).err().unwrap_or_else(|| panic!("{what}: an empty range restored"));
+        assert!(err.to_string().contains("empty byte range"), "{what}: {err}");
+    }
+}

@@ -75,7 +75,10 @@ fn holders_lrus_shrink_near_the_budget_and_grow_back_when_memory_frees() {
         for i in 0..230 {
             held.push(b.lock(&format!("/m/b{i}"), 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap().lock);
         }
-        let pressed = until_status(&c, leader, "a smaller LRU size", |s| s.lru_size < fair).await;
+        // The server samples its table once a second: wait for a sample that counts all of B's.
+        let pressed =
+            until_status(&c, leader, "a smaller LRU size", |s| s.lru_size < fair && s.lock_memory_used >= 230 * 1024)
+                .await;
         assert!(pressed.lock_memory_used >= 230 * 1024, "{pressed:?}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
