@@ -254,6 +254,9 @@ impl Engine {
         }
         for w in &snapshot.posix_waits {
             ranged(&w.range)?;
+            if e.posix_waits.contains_key(&w.seq) {
+                return Err(Inconsistent("a POSIX wait appears twice"));
+            }
             let res = resource(&mut e, &w.resource)?;
             let s = e.sessions.get_mut(&w.owner.session).ok_or(Inconsistent("a POSIX wait of an unknown session"))?;
             s.posix_waits.insert(w.seq);

@@ -111,3 +111,26 @@ fn restore_refuses_an_empty_range_instead_of_panicking() {
         assert!(err.to_string().contains("empty byte range"), "{what}: {err}");
     }
 }
+
+/// Found by the same fuzz target: two POSIX waits with one sequence number (on two resources)
+/// restored into one wait queued twice, and serving the second queue panicked.
+#[test]
+fn restore_refuses_a_posix_wait_listed_twice() {
+    let mut e = Engine::default();
+    let (a, b) = (SessionId(1), SessionId(2));
+    e.step(0, Input::OpenSession { session: a, lease_ms: 10_000 });
+    e.step(0, Input::OpenSession { session: b, lease_ms: 10_000 });
+    let range = ByteRange { start: 0, end: 10 };
+    let (oa, ob) = (PosixOwner { session: a, owner: 1 }, PosixOwner { session: b, owner: 1 });
+    e.step(1, Input::Posix { owner: oa, resource: "p".into(), range, kind: PosixKind::Write, wait: false });
+    e.step(2, Input::Posix { owner: ob, resource: "p".into(), range, kind: PosixKind::Write, wait: true });
+    let good = e.snapshot();
+    assert_eq!(good.posix_waits.len(), 1, "one waiter");
+    Engine::restore(&good).expect("the snapshot as taken restores");
+    let mut twice = good.clone();
+    let mut again = twice.posix_waits[0].clone();
+    again.resource = "q".into();
+    twice.posix_waits.push(again);
+    let err = Engine::restore(&twice).err().expect("a wait listed twice restored");
+    assert!(err.to_string().contains("appears twice"), "{err}");
+}
