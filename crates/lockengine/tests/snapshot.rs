@@ -131,6 +131,6 @@ fn restore_refuses_a_posix_wait_listed_twice() {
     let mut again = twice.posix_waits[0].clone();
     again.resource = "q".into();
     twice.posix_waits.push(again);
-    let err = Engine::restore(&twice).err().expect("a wait listed twice restored");
+    let Err(err) = Engine::restore(&twice) else { panic!("a wait listed twice restored") };
     assert!(err.to_string().contains("appears twice"), "{err}");
 }

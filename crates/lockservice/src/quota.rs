@@ -13,6 +13,19 @@ use tokio::time::Instant;
 /// The identity of clients without a certificate.
 pub const ANONYMOUS: &str = "anonymous";
 
+/// A request refused for its identity's quota, or a quota setting that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    #[error("{identity} has {open} sessions open, its quota")]
+    Sessions { identity: String, open: u64 },
+    #[error("{identity} holds or waits for {held} locks on this server, its quota")]
+    Locks { identity: String, held: u64 },
+    #[error("{identity} is over its quota of {rps} requests per second on this server")]
+    Rate { identity: String, rps: u32 },
+    #[error("quota: {0} (e.g. sessions=100,locks=100000,rps=5000)")]
+    Setting(String),
+}
+
 /// The limits every identity gets (none by default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quota {
@@ -23,21 +36,22 @@ pub struct Quota {
 
 impl Quota {
     /// `sessions=100,locks=100000,rps=5000` (any of them).
-    pub fn parse(text: &str) -> Result<Quota, String> {
+    pub fn parse(text: &str) -> Result<Quota, QuotaError> {
+        let bad = QuotaError::Setting;
         let mut q = Quota::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("quota: `{part}` is not KEY=N"))?;
-            let n: u64 = v.parse().map_err(|_| format!("quota: {k}={v} is not a count"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| bad(format!("`{part}` is not KEY=N")))?;
+            let n: u64 = v.parse().map_err(|_| bad(format!("{k}={v} is not a count")))?;
             if n == 0 {
-                return Err(format!("quota: {k}=0 would refuse everything; leave it out for no limit"));
+                return Err(bad(format!("{k}=0 would refuse everything; leave it out for no limit")));
             }
             match k {
                 "sessions" => q.sessions = Some(n),
                 "locks" => q.locks = Some(n),
                 "rps" => {
-                    q.requests_per_second = Some(u32::try_from(n).map_err(|_| format!("quota: rps={n} is too large"))?)
+                    q.requests_per_second = Some(u32::try_from(n).map_err(|_| bad(format!("rps={n} is too large")))?)
                 }
-                _ => return Err(format!("quota: unknown key `{k}` (sessions, locks, rps)")),
+                _ => return Err(bad(format!("unknown key `{k}` (sessions, locks, rps)"))),
             }
         }
         Ok(q)
@@ -93,7 +107,7 @@ impl QuotaBook {
     }
 
     /// A lock request of `identity`: refused if it is over its rate or its locks.
-    pub fn admit_lock(&self, identity: &str) -> Result<(), String> {
+    pub fn admit_lock(&self, identity: &str) -> Result<(), QuotaError> {
         let q = self.quota;
         if q.locks.is_none() && q.requests_per_second.is_none() {
             return Ok(());
@@ -105,14 +119,12 @@ impl QuotaBook {
                 u.tokens = (u.tokens + now.duration_since(u.refilled).as_secs_f64() * rate).min(rate);
                 u.refilled = now;
                 if u.tokens < 1.0 {
-                    return Err(format!("{identity} is over its quota of {rps} requests per second on this server"));
+                    return Err(QuotaError::Rate { identity: identity.to_string(), rps });
                 }
                 u.tokens -= 1.0;
             }
             match q.locks {
-                Some(max) if u.locks >= max => {
-                    Err(format!("{identity} holds or waits for {} locks on this server, its quota", u.locks))
-                }
+                Some(max) if u.locks >= max => Err(QuotaError::Locks { identity: identity.to_string(), held: u.locks }),
                 _ => Ok(()),
             }
         })
@@ -126,9 +138,9 @@ impl QuotaBook {
     }
 
     /// A new session of `identity`, which has `open` sessions in the cluster now.
-    pub fn admit_session(&self, identity: &str, open: u64) -> Result<(), String> {
+    pub fn admit_session(&self, identity: &str, open: u64) -> Result<(), QuotaError> {
         match self.quota.sessions {
-            Some(max) if open >= max => Err(format!("{identity} has {open} sessions open, its quota")),
+            Some(max) if open >= max => Err(QuotaError::Sessions { identity: identity.to_string(), open }),
             _ => Ok(()),
         }
     }
@@ -155,11 +167,11 @@ mod tests {
         book.locks_changed("a", 1);
         book.admit_lock("a").unwrap();
         book.locks_changed("a", 1);
-        assert!(book.admit_lock("a").unwrap_err().contains("2 locks"));
+        assert!(book.admit_lock("a").unwrap_err().to_string().contains("2 locks"));
         book.admit_lock("b").unwrap();
         book.locks_changed("a", -1);
         // Three a second: the third request within the second was the last.
-        assert!(book.admit_lock("a").unwrap_err().contains("requests per second"));
+        assert!(book.admit_lock("a").unwrap_err().to_string().contains("requests per second"));
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         book.admit_lock("a").unwrap();
         assert!(book.admit_session("a", 2).is_err() && book.admit_session("a", 1).is_ok());

@@ -492,7 +492,9 @@ impl pb::locks_server::Locks for LockService {
             if identity != ANONYMOUS || quota.quota.sessions.is_some() {
                 let suffix = identity_suffix(&identity);
                 let open_now = node.machine.state().clients.values().filter(|c| c.ends_with(&suffix)).count();
-                quota.admit_session(&identity, open_now as u64).map_err(|why| ErrorCode::Quota.status(why))?;
+                quota
+                    .admit_session(&identity, open_now as u64)
+                    .map_err(|why| ErrorCode::Quota.status(why.to_string()))?;
                 client.push_str(&suffix);
             }
             let reply = node.propose(Op::OpenSession { lease_ms, client }, None).await.map_err(|e| e.status())?;
@@ -653,7 +655,8 @@ impl pb::locks_server::Locks for LockService {
                     arrivals.lock_request(request, l.mode);
                     if let Err(why) = quota.admit_lock(&identity) {
                         metrics::counter!("stripelock_quota_refusals_total").increment(1);
-                        let rejected = pb::Rejected { code: 0, message: why, error: ErrorCode::Quota.into() };
+                        let rejected =
+                            pb::Rejected { code: 0, message: why.to_string(), error: ErrorCode::Quota.into() };
                         let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
                         let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
                         if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {

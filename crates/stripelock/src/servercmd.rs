@@ -190,7 +190,7 @@ impl ServerArgs {
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
             quota: match flags.quota.or(f.quota) {
-                Some(q) => server::Quota::parse(&q).map_err(|e| anyhow::anyhow!(e))?,
+                Some(q) => server::Quota::parse(&q)?,
                 None => Default::default(),
             },
             tls: match (flags.tls_dir.or(f.tls_dir), flags.insecure.or(f.insecure).unwrap_or(false)) {
