@@ -7,6 +7,10 @@ mod bench_parity;
 mod bench_scale;
 mod certscmd;
 mod cluster;
+mod faults;
+mod faults_history;
+mod faults_net;
+mod faults_worker;
 mod files;
 mod mountcmd;
 mod mountstats;
@@ -572,6 +576,61 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The fault campaign (run as root; see bench/faults.sh): servers and clients in network
+    /// namespaces of their own, a nemesis injecting partitions, packet loss, delay, link loss,
+    /// kills, pauses past the lease and a full disk under a mixed workload, then a history
+    /// checker, scrub, a leak check and the recovery figures. Exit 0: no violation (with
+    /// --negative-control: the checker found violations, as it must with fencing off).
+    Faults {
+        /// Servers (3 to 5), each in its own network namespace.
+        #[arg(long, default_value_t = 5)]
+        servers: u64,
+        /// Client processes (1 to 8), each in its own network namespace.
+        #[arg(long, default_value_t = 3)]
+        clients: u64,
+        /// How long the nemesis injects faults.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Seeds the nemesis's choices (which fault, where, how long).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The workers' session lease.
+        #[arg(long, default_value_t = 1_500)]
+        lease_ms: u64,
+        /// Run every server with fencing switched off; the checker must then find violations.
+        #[arg(long)]
+        negative_control: bool,
+        /// Skip the recovery figures.
+        #[arg(long)]
+        no_recovery: bool,
+        /// Where logs, histories and report.json go (kept on failure or with --keep).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One client of the fault campaign (started by `bench faults` in its namespace).
+    #[command(hide = true)]
+    FaultsWorker {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1_500)]
+        lease_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        counters: u64,
+        #[arg(long, default_value_t = 65_536)]
+        file_bytes: u64,
+        #[arg(long)]
+        hold: Option<String>,
+    },
     /// Lock engine throughput, single-threaded, in memory.
     Engine {
         /// Seconds to spend on each case.
@@ -774,6 +833,45 @@ fn main() -> ExitCode {
                     .map(|()| ExitCode::SUCCESS),
                 json,
             )
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Faults {
+                    servers,
+                    clients,
+                    seconds,
+                    seed,
+                    lease_ms,
+                    negative_control,
+                    no_recovery,
+                    dir,
+                    keep,
+                    json,
+                },
+        } => {
+            let args = faults::FaultArgs {
+                servers,
+                clients,
+                seconds,
+                seed,
+                lease_ms,
+                negative_control,
+                recovery: !no_recovery,
+                dir,
+                keep,
+                json,
+            };
+            report(faults::run(args), json)
+        }
+        Command::Bench {
+            command: BenchCommand::FaultsWorker { id, cluster, dir, seconds, lease_ms, counters, file_bytes, hold },
+        } => {
+            let cluster = match cluster::cluster_addrs(Some(&cluster)) {
+                Ok(c) => c,
+                Err(e) => return report(Err(e), false),
+            };
+            let args = faults_worker::WorkerArgs { id, cluster, dir, seconds, lease_ms, counters, file_bytes, hold };
+            report(faults_worker::run(args), false)
         }
         Command::Bench { command: BenchCommand::Io { size, dir, json } } => {
             report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS), json)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The fault campaign of issue 15, then its negative control. Run as root on a fresh machine:
+#   bash bench/faults.sh            # 300 s of faults, recovery figures, then a 120 s negative control
+#   bash bench/faults.sh --smoke    # 45 s and 60 s, no recovery figures (what CI runs)
+# Other flags go to the campaign (`stripelock bench faults --help`), e.g. --seed 7 --servers 3.
+# STRIPELOCK_BIN=path uses that binary instead of building the release one.
+# Exit 0 only if the campaign found no violation and the negative control found some.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "bench/faults.sh: run as root: the campaign makes network namespaces, nftables rules and a tmpfs" >&2
+    exit 2
+fi
+need=()
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+{ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+campaign=(--seconds 300)
+negative=(--seconds 120)
+if [ "${1:-}" = "--smoke" ]; then
+    shift
+    campaign=(--seconds 45 --no-recovery)
+    negative=(--seconds 60)
+fi
+bin=${STRIPELOCK_BIN:-}
+if [ -z "$bin" ]; then
+    cargo build --release -p stripelock
+    bin=target/release/stripelock
+fi
+status=0
+echo "== the campaign"
+"$bin" bench faults "${campaign[@]}" "$@" || status=1
+echo "== the negative control: every server with fencing switched off"
+"$bin" bench faults "${negative[@]}" --no-recovery --negative-control "$@" || status=1
+exit $status
