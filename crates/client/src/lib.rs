@@ -383,6 +383,8 @@ impl Session {
         let actor = Actor {
             cache: cache.clone(),
             outbox: Vec::new(),
+            fresh_locks: BTreeSet::new(),
+            granted_tokens: BTreeMap::new(),
             servers: servers.to_vec(),
             connector,
             session: opened.session,
@@ -414,9 +416,14 @@ impl Session {
     /// renewal was sent, less `lockengine::lease`'s drift margin (so it runs out here before the
     /// cluster can expire the session). Zero once it has run out.
     pub fn lease_left(&self) -> Duration {
+        self.lease_valid_until().saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    /// When the session's lease runs out as this client counts it (see [`Session::lease_left`]):
+    /// until then its locks are its own.
+    pub fn lease_valid_until(&self) -> tokio::time::Instant {
         let renewed = *self.renewed.lock().expect("renewed");
-        let valid = Duration::from_millis(lockengine::lease::valid_until_ms(0, self.lease_ms));
-        (renewed + valid).saturating_duration_since(tokio::time::Instant::now())
+        renewed + Duration::from_millis(lockengine::lease::valid_until_ms(0, self.lease_ms))
     }
 
     pub fn lease_ms(&self) -> u64 {
@@ -864,6 +871,13 @@ struct Actor {
     /// Releases the actor decided on itself (revoked idle locks, locks beyond the LRU size),
     /// sent like any call once the message that caused them is handled.
     outbox: Vec<Call>,
+    /// Lock numbers whose outstanding request is a new lock (not a convert).
+    fresh_locks: BTreeSet<u64>,
+    /// Per lock number, the token of the last grant given to a request of this session. A lock
+    /// number is reused once its release is applied; a server that has not applied that release
+    /// yet (a follower the session moved to) tells of the old grant again, and that old grant
+    /// must not answer the number's new request.
+    granted_tokens: BTreeMap<u64, u64>,
 }
 
 /// A grant as the client shows it; a mode or value state this client does not know is an
@@ -975,6 +989,9 @@ impl Actor {
         let id = self.next_request;
         self.next_request += 1;
         let _ = up.send(pb::ClientMessage { request_id: id, body: Some(body.clone()) }).await;
+        if let (Up::Lock(_), Some(n)) = (&body, lock) {
+            self.fresh_locks.insert(n);
+        }
         self.unacked.insert(id, (body, lock, want));
     }
 
@@ -1167,6 +1184,10 @@ impl Actor {
     /// Resolves the lock request for `lock`, wherever it is waiting.
     fn resolve_lock(&mut self, lock: u64, result: Result<Grant, ClientError>) -> bool {
         self.gateway_waits.remove(&lock);
+        self.fresh_locks.remove(&lock);
+        if let Ok(g) = &result {
+            self.granted_tokens.insert(lock, g.token);
+        }
         if let Some(tx) = self.waiting_locks.remove(&lock) {
             let _ = tx.send(result);
             return true;
@@ -1198,6 +1219,12 @@ impl Actor {
             return false;
         }
         match body {
+            Down::Granted(g)
+                if self.fresh_locks.contains(&g.lock) && self.granted_tokens.get(&g.lock) == Some(&g.token) =>
+            {
+                // The grant of the number's earlier use, told again by a server that has not
+                // applied its release yet: not the answer to the new request.
+            }
             Down::Granted(g) | Down::Converted(g) => {
                 self.gateway_waits.remove(&g.lock);
                 self.numbers.lock().expect("numbers").used.insert(g.lock);
