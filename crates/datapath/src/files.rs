@@ -400,8 +400,17 @@ impl FilesService {
                 };
                 let wrong = match &fetched[i] {
                     Fetched::Ok(u) if i >= k && (u.covers != expected.covers || u.bytes != expected.bytes) => {
+                        // Parity that covers other versions than the data's was left behind by
+                        // an interrupted write (reads never rebuild from it); parity that covers
+                        // the data's versions and differs is damage.
+                        let why = if u.covers != expected.covers {
+                            "is behind its row's data (an interrupted write; the row has no redundancy until it is \
+                             written again or repaired)"
+                        } else {
+                            "does not match its row"
+                        };
                         report.parity_mismatches.push(format!(
-                            "row {row} {} on server {}: does not match its row",
+                            "row {row} {} on server {}: {why}",
                             role_name(*role),
                             l.server(row, *role)
                         ));

@@ -421,11 +421,17 @@ impl Stripes {
             }
         };
         let result = self.rmw(&f, &req, &grant, &resource).await;
+        // A write that failed part-way left the row's parity behind its data: recompute it
+        // now, so the row does not wait for its next write to be redundant again.
+        let repaired = match &result {
+            Err(e) if e.wrote => self.repair_row(&f, &req, &grant, &resource).await,
+            _ => None,
+        };
         drop(admitted);
         let value = match &result {
             Ok((version, _)) => Some(version.to_le_bytes().to_vec()),
             // An empty value never matches a parity version: the next write recomputes.
-            Err(e) if e.wrote => Some(Vec::new()),
+            Err(e) if e.wrote => Some(repaired.map_or_else(Vec::new, |v| v.to_le_bytes().to_vec())),
             Err(_) => None,
         };
         if let Some(value) = value
@@ -705,6 +711,39 @@ impl Stripes {
         let (version, recomputed) = (plan.version, plan.recomputed);
         self.store_plan(f, req, grant, resource, plan).await?;
         Ok((version, recomputed))
+    }
+
+    /// After a write of the row that failed part-way: its parity recomputed from the data as
+    /// stored now (carrying no client's token: no client's bytes are in it), under the stripe
+    /// lock still held. The row's new stripe version, or `None` if a unit could not be read or
+    /// the parity not written (then the next write of the row recomputes it).
+    async fn repair_row(&self, f: &FileMeta, req: &pb::StripeWrite, grant: &Grant, resource: &str) -> Option<u64> {
+        let l = &f.layout;
+        let size = self.shared.file(&req.path).ok()?.size;
+        if l.parity() == 0 || req.row >= l.rows(size) {
+            return None;
+        }
+        let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.shared.fetch(f, req.row, r))).await;
+        let in_file = stripe::units_in_file(l, req.row, size);
+        let nothing = RowWrite { lo: 0, data: &[] };
+        let plan = stripe::plan_recompute(l, &nothing, all, version_of(&grant.value), true, in_file).ok()?;
+        let version = plan.version;
+        let repair = pb::StripeWrite { token: String::new(), data: Default::default(), ..req.clone() };
+        match self.store_plan(f, &repair, grant, resource, plan).await {
+            Ok(()) => {
+                metrics::counter!("stripelock_parity_recomputes_total", "why" => "interrupted-write").increment(1);
+                Some(version)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "row {} of {}: parity left behind after an interrupted write: {}",
+                    req.row,
+                    req.path,
+                    e.status.message()
+                );
+                None
+            }
+        }
     }
 
     /// Writes a planned row's units under its stripe lock: data first, then parity (a crash in
