@@ -387,6 +387,23 @@ pub fn plan_recompute(
         return Err(PlanError::Unreachable { role: l.roles().nth(i).expect("in the row"), why: why.clone() });
     }
     let solved = solve_row(l, &all, in_file)?;
+    // A touched data unit that could not be read is rebuilt from parity and then written over
+    // without a version to expect. That is right only if parity is known current: its version
+    // is the row's stripe version. Parity left behind by an interrupted write (of that very
+    // unit, say) would rebuild old bytes, and the write would store them around its own.
+    let parity_current = all[k..].iter().filter_map(UnitRead::version).max().is_some_and(|v| stripe == Some(v));
+    if let Some(&j) = touched.iter().find(|&&j| !matches!(all[j], UnitRead::Ok(_)) && !solved.absent[j])
+        && !parity_current
+    {
+        return Err(PlanError::Unreachable {
+            role: Role::Data(j as u8),
+            why: format!(
+                "it could not be read ({}) and the row's parity is not known to be current, so it cannot be \
+                 rebuilt to write around",
+                all[j].why().unwrap_or("unknown")
+            ),
+        });
+    }
     let mut bytes = solved.data;
     let mut versions = solved.versions;
     let mut data = Vec::new();

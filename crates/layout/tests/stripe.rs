@@ -188,3 +188,37 @@ fn an_unreachable_parity_stops_a_recompute() {
     let err = plan_recompute(&l, &RowWrite { lo: 0, data: &[1] }, all, None, true, 2).unwrap_err();
     assert!(matches!(err, stripe::PlanError::Unreachable { role: Role::P, .. }), "{err}");
 }
+
+#[test]
+fn a_write_does_not_rebuild_its_own_lost_unit_from_parity_an_interrupted_write_left_behind() {
+    // Found by the fault campaign: data unit 0 written by a write whose parity never landed,
+    // then unreadable; the next write touching it rebuilt it from the old parity (the lost
+    // unit's version is unknown, so the parity looked consistent) and stored old bytes around
+    // its own.
+    let l = Layout::new(512, 2, 1, vec![1, 2, 3]).unwrap();
+    let mut store = Store { units: vec![None; 3] };
+    let first = plan(&l, &store, &RowWrite { lo: 0, data: &[7; 1024] }, None, false);
+    for u in first.data.iter().chain(&first.parity) {
+        store.write(&l, u);
+    }
+    let second = plan(&l, &store, &RowWrite { lo: 10, data: &[9; 5] }, Some(first.version), true);
+    for u in &second.data {
+        store.write(&l, u);
+    }
+    let w = RowWrite { lo: 100, data: &[3; 4] };
+    let all = vec![UnitRead::Damaged("d0 bad".into()), store.read(&l, Role::Data(1)), store.read(&l, Role::P)];
+    // The stripe version was lost with the interrupted write: parity is not known current.
+    let err = plan_recompute(&l, &w, all.clone(), None, true, 2).unwrap_err();
+    assert!(matches!(err, stripe::PlanError::Unreachable { role: Role::Data(0), .. }), "{err}");
+    // With parity known current (its version is the stripe version), rebuilding is right.
+    let mut current = Store { units: vec![None; 3] };
+    let p = plan(&l, &current, &RowWrite { lo: 0, data: &[7; 1024] }, None, false);
+    for u in p.data.iter().chain(&p.parity) {
+        current.write(&l, u);
+    }
+    let all = vec![UnitRead::Damaged("d0 bad".into()), current.read(&l, Role::Data(1)), current.read(&l, Role::P)];
+    let ok = plan_recompute(&l, &w, all, Some(p.version), true, 2).expect("parity is current");
+    let d0 = ok.data.iter().find(|u| u.role == Role::Data(0)).expect("unit 0 written");
+    assert_eq!(&d0.bytes[..100], &[7; 100][..], "the rest of unit 0 rebuilt from current parity");
+    assert_eq!(&d0.bytes[100..104], &[3; 4][..]);
+}
