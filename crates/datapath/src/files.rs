@@ -8,6 +8,7 @@
 //! whole file for put and rm). The gateway checks it before it does anything, and every storage
 //! server checks it again before it writes a unit.
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -185,7 +186,7 @@ impl FilesService {
 
     /// The layout of a new file: the requested shape (or the cluster's default) over servers
     /// chosen by the path, so files spread over a larger cluster.
-    fn choose_layout(&self, path: &str, first: &pb::PutChunk) -> Result<Layout, Status> {
+    fn choose_layout(&self, path: &str, first: &pb::PutChunk, up: &BTreeSet<u64>) -> Result<Layout, Status> {
         let ids: Vec<u64> = self.shared.locks.members().keys().copied().collect();
         let n = ids.len();
         let (k0, m0) = Layout::default_shape(n);
@@ -223,8 +224,12 @@ impl FilesService {
             )));
         }
         let unit = if first.stripe_unit == 0 { DEFAULT_UNIT } else { first.stripe_unit };
+        // From a place on the ring the path picks, servers that answer first: with one down,
+        // a 3+1 file on five servers goes on the four that are up.
         let start = (spread(path) % n as u64) as usize;
-        let servers: Vec<u64> = (0..k as usize + m as usize).map(|i| ids[(start + i) % n]).collect();
+        let mut ring: Vec<u64> = (0..n).map(|i| ids[(start + i) % n]).collect();
+        ring.sort_by_key(|id| !up.contains(id));
+        let servers: Vec<u64> = ring[..k as usize + m as usize].to_vec();
         Layout::new(unit, k, m, servers).map_err(|e| ErrorCode::BadRequest.status(e.to_string()))
     }
 
@@ -446,7 +451,8 @@ impl pb::files_server::Files for FilesService {
         check_path(&path, self.shared.config.limits.path_bytes_max)?;
         self.shared.check_token(&path, &first.token, true)?;
         let writer = self.shared.claims(&path, &first.token)?.session;
-        let layout = self.choose_layout(&path, &first)?;
+        let up = self.shared.up_members().await;
+        let layout = self.choose_layout(&path, &first, &up)?;
         let reply = self
             .shared
             .locks
@@ -716,7 +722,8 @@ impl pb::files_server::Files for FilesService {
     }
 
     async fn change(&self, req: Request<pb::NameChange>) -> Result<Response<pb::Node>, Status> {
-        let layout_for = |path: &str| self.choose_layout(path, &pb::PutChunk::default());
+        let up = self.shared.up_members().await;
+        let layout_for = |path: &str| self.choose_layout(path, &pb::PutChunk::default(), &up);
         names::change(&self.shared, layout_for, req.into_inner()).await.map(Response::new)
     }
 

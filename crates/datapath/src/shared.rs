@@ -33,7 +33,14 @@ pub struct Shared {
     pub meta_mode: MetaMode,
     /// Seed 001: files this server is recalling in the background after a read.
     pub recalling: Mutex<std::collections::HashSet<u64>>,
+    /// The members whose storage answered when last asked, and when that was.
+    up: Mutex<Option<(tokio::time::Instant, std::collections::BTreeSet<u64>)>>,
 }
+
+/// How long a member's storage may take to answer before a new file is placed elsewhere.
+const PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long the answer is remembered.
+const PROBE_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,7 +118,34 @@ impl Shared {
             tier,
             meta_mode: MetaMode::default(),
             recalling: Mutex::new(std::collections::HashSet::new()),
+            up: Mutex::new(None),
         }
+    }
+
+    /// The members whose storage answers now (issue 16: new files are placed on servers that
+    /// are up): each is asked for a unit no file has, and any answer counts, within [`PROBE`].
+    /// Remembered for [`PROBE_KEPT`].
+    pub async fn up_members(&self) -> std::collections::BTreeSet<u64> {
+        if let Some((at, up)) = self.up.lock().expect("up").as_ref()
+            && at.elapsed() < PROBE_KEPT
+        {
+            return up.clone();
+        }
+        let ids: Vec<u64> = self.locks.members().keys().copied().collect();
+        let asks = ids.iter().map(|&id| async move {
+            let Ok(mut c) = self.storage(id) else { return None };
+            let nothing = chunks::UnitId { file: 0, row: 0, role: layout::Role::P };
+            let req = pb::ReadUnitRequest { unit: Some(wire::convert::unit_ref(&nothing)), ..Default::default() };
+            match tokio::time::timeout(PROBE, c.read_unit(req)).await {
+                Ok(Ok(_)) => Some(id),
+                // A refusal is an answer; a transport failure is not.
+                Ok(Err(e)) if wire::refusal_of(&e).is_ok() && e.code() != tonic::Code::Unavailable => Some(id),
+                _ => None,
+            }
+        });
+        let up: std::collections::BTreeSet<u64> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        *self.up.lock().expect("up") = Some((tokio::time::Instant::now(), up.clone()));
+        up
     }
 
     pub fn id(&self) -> u64 {

@@ -429,3 +429,29 @@ async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honest
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["files"], 1);
 }
+
+#[test]
+fn a_new_file_is_placed_on_the_servers_that_are_up() {
+    serial(a_new_file_is_placed_on_the_servers_that_are_up_body());
+}
+
+/// Issue 16: `put --data 3 --parity 1` on five servers with one down failed ("server 5 refused
+/// row 0 … tcp connect error") although four servers were up. The gateway now asks which
+/// servers answer and lays the file out on those.
+async fn a_new_file_is_placed_on_the_servers_that_are_up_body() {
+    let mut c = Cluster::start_with(5, "placeup", &[]).await;
+    let path = "/placed";
+    // Kill a server the file's usual place on the ring would use (not the bootstrap leader).
+    let usual = layout_servers(path, 5, 4);
+    let down = *usual.iter().find(|s| **s != 1).unwrap();
+    c.kill(down);
+    let data = noise(300_000, 16);
+    let stat = put(&c, path, &data, &["--data", "3", "--parity", "1", "--stripe-unit", "64KiB"]);
+    let servers: Vec<u64> =
+        stat["layout"]["servers"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    assert_eq!(servers.len(), 4, "{stat}");
+    assert!(!servers.contains(&down), "server {down} is down but holds a unit of {servers:?}");
+    let back = run_at(&c, 1, &["cat", path], b"");
+    assert!(back.status.success(), "{}", String::from_utf8_lossy(&back.stderr));
+    assert_eq!(back.stdout, data);
+}
