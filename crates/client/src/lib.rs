@@ -873,10 +873,10 @@ struct Actor {
     outbox: Vec<Call>,
     /// Lock numbers whose outstanding request is a new lock (not a convert).
     fresh_locks: BTreeSet<u64>,
-    /// Per lock number, the token of the last grant given to a request of this session. A lock
-    /// number is reused once its release is applied; a server that has not applied that release
-    /// yet (a follower the session moved to) tells of the old grant again, and that old grant
-    /// must not answer the number's new request.
+    /// Per lock number, the largest token of a grant given to a request of this session. A
+    /// lock number is reused once its release is applied; a server that has not applied that
+    /// release yet (a follower the session moved to) tells of an old grant again, and that old
+    /// grant must not answer the number's new request.
     granted_tokens: BTreeMap<u64, u64>,
 }
 
@@ -1185,8 +1185,11 @@ impl Actor {
     fn resolve_lock(&mut self, lock: u64, result: Result<Grant, ClientError>) -> bool {
         self.gateway_waits.remove(&lock);
         self.fresh_locks.remove(&lock);
-        if let Ok(g) = &result {
-            self.granted_tokens.insert(lock, g.token);
+        if let Ok(g) = &result
+            && !g.via_gateway
+        {
+            let t = self.granted_tokens.entry(lock).or_insert(0);
+            *t = (*t).max(g.token);
         }
         if let Some(tx) = self.waiting_locks.remove(&lock) {
             let _ = tx.send(result);
@@ -1220,10 +1223,14 @@ impl Actor {
         }
         match body {
             Down::Granted(g)
-                if self.fresh_locks.contains(&g.lock) && self.granted_tokens.get(&g.lock) == Some(&g.token) =>
+                if !g.gateway
+                    && self.fresh_locks.contains(&g.lock)
+                    && self.granted_tokens.get(&g.lock).is_some_and(|t| g.token <= *t) =>
             {
-                // The grant of the number's earlier use, told again by a server that has not
-                // applied its release yet: not the answer to the new request.
+                // A grant of one of the number's earlier uses, told again by a server that has
+                // not applied its release yet: not the answer to the new request, whose grant
+                // comes later in the log and so carries a larger token (tokens grow with the
+                // log).
             }
             Down::Granted(g) | Down::Converted(g) => {
                 self.gateway_waits.remove(&g.lock);

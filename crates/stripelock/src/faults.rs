@@ -585,7 +585,13 @@ async fn campaign(args: FaultArgs, dir: PathBuf) -> Result<ExitCode> {
                 deck.swap(k, rng.below(k as u64 + 1) as usize);
             }
         }
-        let f = deck.pop().unwrap_or(Fault::Loss);
+        // The negative control pauses a client past its lease every other fault: the fault
+        // whose harm (a stale holder's write landing) fencing exists to prevent.
+        let f = if args.negative_control && faults.len() % 2 == 0 {
+            Fault::PauseClient
+        } else {
+            deck.pop().unwrap_or(Fault::Loss)
+        };
         let what = c.inject(f, &mut rng).await?;
         faults.push((f.name().to_string(), what.clone()));
         c.say(&format!("fault {}: {what}", faults.len()));
@@ -941,14 +947,24 @@ async fn recovery(c: &mut Campaign) -> Result<Recovery> {
             )
             .await;
             if let Ok(Ok(g)) = fresh {
-                let t = crate::cluster::table_any(&addrs, "/probe/restart-").await?;
-                let held = t
-                    .resources
-                    .iter()
-                    .filter(|r| r.name != "/probe/restart-new")
-                    .flat_map(|r| &r.locks)
-                    .filter(|l| l.granted && l.session == session.id())
-                    .count() as u64;
+                // The table of whichever server answers first, which may still be applying
+                // its log: asked again until it lists every lock, for up to 10 s.
+                let mut held = 0;
+                let asked = Instant::now();
+                while asked.elapsed() < Duration::from_secs(10) {
+                    let t = crate::cluster::table_any(&addrs, "/probe/restart-").await?;
+                    held = t
+                        .resources
+                        .iter()
+                        .filter(|r| r.name != "/probe/restart-new")
+                        .flat_map(|r| &r.locks)
+                        .filter(|l| l.granted && l.session == session.id())
+                        .count() as u64;
+                    if held == HELD {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 if held != HELD {
                     bail!("after a full restart the holder's session has {held} of its {HELD} locks");
                 }
