@@ -106,8 +106,32 @@ where
     if bootstrap {
         node.bootstrap().await?;
     }
-    let _ = stop.wait_for(|s| *s).await;
+    // A storage error stops openraft's core for good (a log write on a full disk, say); a
+    // server left answering without it would look alive and never take part again. It exits
+    // instead, so that its supervisor starts it again once the cause is gone.
+    let core = node.clone();
+    let core_failed = async move {
+        loop {
+            use openraft::async_runtime::WatchReceiver;
+            let failed = core.raft.metrics().borrow_watched().running_state.as_ref().err().map(|f| f.to_string());
+            if let Some(why) = failed {
+                return why;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let failed = tokio::select! {
+        _ = stop.wait_for(|s| *s) => None,
+        why = core_failed => Some(why),
+    };
     let _ = node.raft.shutdown().await;
+    if let Some(why) = failed {
+        tracing::error!("the Raft core stopped: {why}");
+        return Err(std::io::Error::other(format!(
+            "the Raft core stopped ({why}); this server exits so that it can be started again (by `stripelock up` \
+             or its supervisor) once the cause, such as a full disk, is fixed"
+        )));
+    }
     // Open session streams never end on their own: give them a moment, then stop serving.
     // Their clients reconnect to another server and resume.
     match tokio::time::timeout(std::time::Duration::from_secs(1), serve).await {

@@ -33,8 +33,9 @@ pub enum Record {
     Session { worker: u64, session: u64 },
     /// A lock request that was not granted (timed out, refused, the session lost).
     Refused { worker: u64, resource: String, why: String },
-    /// A counter increment: read `read` under the lock with `token`, wrote `read + 1`.
-    Incr { worker: u64, file: String, token: u64, read: u64, t_sent: u64, t_answer: u64, acked: bool },
+    /// A counter increment: read `read` (asked at `t_read`) under the lock with `token`, wrote
+    /// `read + 1`.
+    Incr { worker: u64, file: String, token: u64, read: u64, t_read: u64, t_sent: u64, t_answer: u64, acked: bool },
     /// A write of `len` bytes at `offset` of the worker's own file, data `data_of(worker, seq, len)`.
     Write {
         worker: u64,
@@ -298,8 +299,43 @@ fn check_counters(records: &[Record], finals: &Finals, v: &mut Verdict, found: &
         if !possible.contains(final_value) {
             found.add("file reads back wrong", format!("{file} ends at {final_value}, a value no increment wrote"));
         }
+        // A read asked after an increment was acknowledged sees at least what it wrote.
+        let mut done: Vec<(u64, u64)> = incs_acked_answers(by_file_all(records, file));
+        done.sort_unstable();
+        let mut best = Vec::with_capacity(done.len());
+        let mut m = 0;
+        for (_, w) in &done {
+            m = m.max(*w);
+            best.push(m);
+        }
+        for r in by_file_all(records, file) {
+            let Record::Incr { worker, read, t_read, .. } = r else { continue };
+            let before = done.partition_point(|(t, _)| t < t_read);
+            if before > 0 && *read < best[before - 1] {
+                found.add(
+                    "acknowledged write lost",
+                    format!(
+                        "{file}: worker {worker} read {read} under its lock after an increment to {} was acknowledged",
+                        best[before - 1]
+                    ),
+                );
+            }
+        }
         check_token_order(file, acked, found);
     }
+}
+
+fn by_file_all<'a>(records: &'a [Record], file: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
+    records.iter().filter(move |r| matches!(r, Record::Incr { file: f, .. } if f == file))
+}
+
+/// (when answered, the value written) of a counter's acknowledged increments.
+fn incs_acked_answers<'a>(incs: impl Iterator<Item = &'a Record>) -> Vec<(u64, u64)> {
+    incs.filter_map(|r| match r {
+        Record::Incr { read, t_answer, acked: true, .. } => Some((*t_answer, read + 1)),
+        _ => None,
+    })
+    .collect()
 }
 
 fn check_files(records: &[Record], finals: &Finals, v: &mut Verdict, found: &mut Found) {
@@ -382,7 +418,16 @@ mod tests {
     }
 
     fn incr(worker: u64, read: u64, token: u64, t: (u64, u64), acked: bool) -> Record {
-        Record::Incr { worker, file: "/c".into(), token, read, t_sent: t.0, t_answer: t.1, acked }
+        Record::Incr {
+            worker,
+            file: "/c".into(),
+            token,
+            read,
+            t_read: t.0.saturating_sub(1),
+            t_sent: t.0,
+            t_answer: t.1,
+            acked,
+        }
     }
 
     fn counters(v: u64) -> Finals {
@@ -431,6 +476,10 @@ mod tests {
         let twice = [incr(1, 0, 1, (0, 10), true), incr(2, 0, 2, (20, 30), true)];
         let v = check(&twice, &counters(1));
         assert!(v.violations.iter().any(|s| s.starts_with("lost update")), "{:?}", v.violations);
+        // A stale write that landed unanswered sets the counter back: a later reader sees it.
+        let back = [incr(1, 0, 1, (0, 10), true), incr(2, 1, 2, (20, 30), true), incr(3, 1, 3, (40, 50), false)];
+        let v = check(&back, &counters(2));
+        assert!(v.violations.iter().any(|s| s.starts_with("acknowledged write lost")), "{:?}", v.violations);
         let stale = [incr(1, 0, 5, (0, 10), true), incr(2, 1, 4, (20, 30), true)];
         let v = check(&stale, &counters(2));
         assert!(v.violations.iter().any(|s| s.starts_with("write accepted with a stale token")), "{:?}", v.violations);

@@ -250,12 +250,13 @@ async fn counters(a: WorkerArgs, out: Out, deadline: Instant) {
             continue;
         };
         if let Some(mut files) = conn.files().await {
+            let t_read = now_us();
             match read_range(&mut files, &file, &g.signed_token, 0..COUNTER_LEN).await {
                 Some(bytes) => match counter_value(&bytes) {
                     Some(read) => {
                         // A pause here (SIGSTOP past the lease) makes the write below stale:
-                        // one increment in five thinks long, so a paused client is often here.
-                        let think = if rng.below(5) == 0 { 500 + rng.below(1_000) } else { rng.below(40) };
+                        // one increment in three thinks long, so a paused client is often here.
+                        let think = if rng.below(3) == 0 { 300 + rng.below(1_200) } else { rng.below(40) };
                         tokio::time::sleep(Duration::from_millis(think)).await;
                         let t_sent = now_us();
                         let acked = write_at(&mut files, &file, &g.signed_token, 0, counter_text(read + 1)).await;
@@ -264,6 +265,7 @@ async fn counters(a: WorkerArgs, out: Out, deadline: Instant) {
                             file: file.clone(),
                             token: g.token,
                             read,
+                            t_read,
                             t_sent,
                             t_answer: now_us(),
                             acked,
