@@ -31,7 +31,8 @@ pub struct FaultArgs {
     pub json: bool,
 }
 
-const COUNTERS: u64 = 3;
+/// One counter all clients contend for: a paused holder's waiters take it over at once.
+const COUNTERS: u64 = 1;
 const FILE_BYTES: u64 = 64 * 1024;
 /// The server whose data directory is a small tmpfs, filled by the disk-full fault.
 const TMPFS_MIB: u64 = 768;
@@ -587,7 +588,7 @@ async fn campaign(args: FaultArgs, dir: PathBuf) -> Result<ExitCode> {
         }
         // The negative control pauses a client past its lease every other fault: the fault
         // whose harm (a stale holder's write landing) fencing exists to prevent.
-        let f = if args.negative_control && faults.len() % 2 == 0 {
+        let f = if args.negative_control && faults.len().is_multiple_of(2) {
             Fault::PauseClient
         } else {
             deck.pop().unwrap_or(Fault::Loss)

@@ -145,6 +145,7 @@ pub fn check(records: &[Record], finals: &Finals) -> Verdict {
     let mut v = Verdict::default();
     let mut found = Found::default();
     check_locks(records, &mut v, &mut found);
+    check_fenced_writes(records, &mut found);
     check_counters(records, finals, &mut v, &mut found);
     check_files(records, finals, &mut v, &mut found);
     v.violations = found.into_list();
@@ -234,6 +235,50 @@ fn r_resource(r: &Record) -> &str {
         Record::Held { resource, .. } | Record::Refused { resource, .. } => resource,
         Record::Incr { file, .. } | Record::Write { file, .. } => file,
         Record::Session { .. } => "",
+    }
+}
+
+/// A lock as the fenced-write check needs it: (grant time, token, start, end, mode).
+type GrantAt<'a> = (u64, u64, u64, u64, &'a str);
+
+/// Fence before re-grant: once a conflicting lock on the bytes was granted to another holder
+/// (a larger token), a write sent under the older lock must be refused. One acknowledged is a
+/// write storage took with a fenced token.
+fn check_fenced_writes(records: &[Record], found: &mut Found) {
+    // Per file: (grant time, token, start, end, mode) of every lock held, by grant time.
+    let mut grants: BTreeMap<&str, Vec<GrantAt<'_>>> = BTreeMap::new();
+    for r in records {
+        if let Record::Held { resource, start, end, mode, token, t_grant, .. } = r {
+            grants.entry(resource).or_default().push((*t_grant, *token, *start, *end, mode));
+        }
+    }
+    for g in grants.values_mut() {
+        g.sort_unstable();
+    }
+    for r in records {
+        let (worker, file, token, range, t_sent) = match r {
+            Record::Incr { worker, file, token, t_sent, acked: true, .. } => {
+                (worker, file, token, (0, COUNTER_LEN), t_sent)
+            }
+            Record::Write { worker, file, token, offset, len, t_sent, acked: true, .. } => {
+                (worker, file, token, (*offset, offset + len), t_sent)
+            }
+            _ => continue,
+        };
+        let Some(g) = grants.get(file.as_str()) else { continue };
+        let before = g.partition_point(|(t, ..)| t < t_sent);
+        if let Some((_, newer, ..)) =
+            g[..before].iter().find(|(_, t, s, e, m)| t > token && overlaps((*s, *e), range) && conflicts(m, "PW"))
+        {
+            found.add(
+                "write accepted with a fenced token",
+                format!(
+                    "{file}: worker {worker}'s write of bytes {}..{} under token {token} was acknowledged, sent after a \
+                     conflicting lock (token {newer}) had been granted to another holder",
+                    range.0, range.1
+                ),
+            );
+        }
     }
 }
 
@@ -512,6 +557,26 @@ mod tests {
         let f = Finals { files: BTreeMap::from([("/f".to_string(), lost)]), ..Default::default() };
         let v = check(&history, &f);
         assert!(v.violations.iter().any(|s| s.starts_with("file reads back wrong")), "{:?}", v.violations);
+    }
+
+    #[test]
+    fn a_write_acknowledged_after_its_lock_went_to_another_is_a_violation() {
+        let h = |worker, token, t| Record::Held {
+            worker,
+            resource: "/c".into(),
+            start: 0,
+            end: COUNTER_LEN,
+            mode: "EX".into(),
+            token,
+            t_grant: t,
+            t_end: t + 5,
+        };
+        let (first, second) = (h(1, 1, 0), h(2, 2, 100));
+        let late = incr(1, 0, 1, (150, 160), true);
+        let v = check(&[first.clone(), second.clone(), late], &counters(1));
+        assert!(v.violations.iter().any(|s| s.starts_with("write accepted with a fenced token")), "{:?}", v.violations);
+        let refused = incr(1, 0, 1, (150, 160), false);
+        assert!(check(&[first, second, refused], &counters(0)).violations.is_empty());
     }
 
     #[test]

@@ -447,8 +447,7 @@ async fn a_new_file_is_placed_on_the_servers_that_are_up_body() {
     c.kill(down);
     let data = noise(300_000, 16);
     let stat = put(&c, path, &data, &["--data", "3", "--parity", "1", "--stripe-unit", "64KiB"]);
-    let servers: Vec<u64> =
-        stat["layout"]["servers"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let servers: Vec<u64> = stat["layout"]["servers"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
     assert_eq!(servers.len(), 4, "{stat}");
     assert!(!servers.contains(&down), "server {down} is down but holds a unit of {servers:?}");
     let back = run_at(&c, 1, &["cat", path], b"");
