@@ -727,6 +727,10 @@ impl Stripes {
         let in_file = stripe::units_in_file(l, req.row, size);
         let nothing = RowWrite { lo: 0, data: &[] };
         let plan = stripe::plan_recompute(l, &nothing, all, version_of(&grant.value), true, in_file).ok()?;
+        if !plan.data.is_empty() {
+            // The row reads as never written (a hole): there is no parity to bring up to date.
+            return None;
+        }
         let version = plan.version;
         let repair = pb::StripeWrite { token: String::new(), data: Default::default(), ..req.clone() };
         match self.store_plan(f, &repair, grant, resource, plan).await {
