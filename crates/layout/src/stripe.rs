@@ -254,6 +254,9 @@ pub struct Plan {
     pub version: u64,
     /// Parity recomputed from all the row's data, not updated from the change.
     pub recomputed: bool,
+    /// Units not written because their servers did not answer (a degraded write): the caller
+    /// marks them stale before storing the plan, and reads rebuild them from parity.
+    pub skipped: Vec<Role>,
 }
 
 /// The write of a row that does not exist yet (past the end of the file, `stripe` unknown or
@@ -284,7 +287,7 @@ pub fn plan_new_row(l: &Layout, w: &RowWrite, stripe: Option<u64>) -> Option<Pla
         .enumerate()
         .map(|(j, bytes)| UnitWrite { role: Role::Data(j as u8), bytes, covers: Vec::new(), expect: Some(0) })
         .collect();
-    Some(Plan { data, parity, version: 1, recomputed: m > 0 })
+    Some(Plan { data, parity, version: 1, recomputed: m > 0, skipped: Vec::new() })
 }
 
 /// A unit a row that does not exist yet is missing reads as zeros at version 0 (covering
@@ -352,7 +355,7 @@ pub fn plan_update(l: &Layout, w: &RowWrite, read: &[UnitRead], stripe: Option<u
         .zip(parity)
         .map(|(role, bytes)| UnitWrite { role, bytes, covers: covers.clone(), expect: Some(version - 1) })
         .collect();
-    Some(Plan { data, parity, version, recomputed: false })
+    Some(Plan { data, parity, version, recomputed: false, skipped: Vec::new() })
 }
 
 /// Why a row cannot be written.
@@ -377,15 +380,45 @@ pub fn plan_recompute(
     existing: bool,
     in_file: usize,
 ) -> Result<Plan, PlanError> {
+    plan_whole_row(l, w, all, stripe, existing, in_file, false)
+}
+
+/// [`plan_recompute`] with servers down (issue 16): a unit that did not answer (or is marked
+/// stale, which the caller reads as not answering) is not written but listed in
+/// [`Plan::skipped`]; the rest of the row, parity included, is written as if it had been, so
+/// that parity rebuilds the skipped units' new bytes. Possible while no more units are lost
+/// than the row's parity rebuilds, and a touched unit that cannot be read can be rebuilt.
+pub fn plan_degraded(
+    l: &Layout,
+    w: &RowWrite,
+    all: Vec<UnitRead>,
+    stripe: Option<u64>,
+    existing: bool,
+    in_file: usize,
+) -> Result<Plan, PlanError> {
+    plan_whole_row(l, w, all, stripe, existing, in_file, true)
+}
+
+fn plan_whole_row(
+    l: &Layout,
+    w: &RowWrite,
+    all: Vec<UnitRead>,
+    stripe: Option<u64>,
+    existing: bool,
+    in_file: usize,
+    degraded: bool,
+) -> Result<Plan, PlanError> {
     let (k, m) = (l.data() as usize, l.parity() as usize);
     let touched = w.touched(l);
     let existing = existing && !is_hole(l, &all);
     let all: Vec<UnitRead> = all.into_iter().zip(l.roles()).map(|(u, r)| fresh(l, u, r, existing)).collect();
     if let Some((i, UnitRead::Unavailable(why))) =
         all.iter().enumerate().find(|(i, u)| matches!(u, UnitRead::Unavailable(_)) && (*i >= k || touched.contains(i)))
+        && !degraded
     {
         return Err(PlanError::Unreachable { role: l.roles().nth(i).expect("in the row"), why: why.clone() });
     }
+    let down = |i: usize| degraded && matches!(all[i], UnitRead::Unavailable(_));
     let solved = solve_row(l, &all, in_file)?;
     // A touched data unit that could not be read is rebuilt from parity and then written over
     // without a version to expect. That is right only if parity is known current: its version
@@ -407,6 +440,7 @@ pub fn plan_recompute(
     let mut bytes = solved.data;
     let mut versions = solved.versions;
     let mut data = Vec::new();
+    let mut skipped = Vec::new();
     for j in 0..k {
         let old = all[j].version();
         // A unit of a new row is written even where the write does not touch it (zeros), so
@@ -419,6 +453,10 @@ pub fn plan_recompute(
             bytes[j] = w.splice(l, j, &bytes[j]);
         }
         versions[j] = old.unwrap_or(versions[j]) + 1;
+        if down(j) {
+            skipped.push(Role::Data(j as u8));
+            continue;
+        }
         data.push(UnitWrite { role: Role::Data(j as u8), bytes: bytes[j].clone(), covers: Vec::new(), expect: old });
     }
     let parity_version = all[k..].iter().filter_map(UnitRead::version).max().unwrap_or(0);
@@ -430,8 +468,12 @@ pub fn plan_recompute(
         let (mut p, mut q) = (vec![0u8; unit], vec![0u8; unit]);
         parity::encode(&refs, Some(&mut p), (m == 2).then_some(&mut q[..]));
         for (i, (role, b)) in l.roles().skip(k).zip([p, q]).enumerate() {
+            if down(k + i) {
+                skipped.push(role);
+                continue;
+            }
             parity.push(UnitWrite { role, bytes: b, covers: versions.clone(), expect: all[k + i].version() });
         }
     }
-    Ok(Plan { data, parity, version, recomputed: m > 0 })
+    Ok(Plan { data, parity, version, recomputed: m > 0, skipped })
 }

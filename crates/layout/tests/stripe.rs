@@ -6,7 +6,8 @@
 //! model's bytes or refuse, never other bytes.
 
 use layout::stripe::{
-    self, Plan, RowWrite, StoredUnit, UnitRead, plan_new_row, plan_recompute, plan_update, solve_row, update_roles,
+    self, Plan, RowWrite, StoredUnit, UnitRead, plan_degraded, plan_new_row, plan_recompute, plan_update, solve_row,
+    update_roles,
 };
 use layout::{Layout, Role, parity};
 use proptest::prelude::*;
@@ -149,6 +150,79 @@ proptest! {
             },
             Err(e) => prop_assert!(!parity_current, "a current row refused a read that lost {:?}: {}", lost, e),
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Issue 16: writes with servers down. Each write finds some units down (at most `m` with
+    /// those already marked), skips them and marks them stale; reads that treat marked units as
+    /// lost give the model's bytes; a resync that restores each marked unit from the rest
+    /// (its bytes, and for data the version parity covers) leaves a row that survives the loss
+    /// of any `m` units.
+    #[test]
+    fn degraded_writes_then_resync_keep_the_row_equal_to_the_model(
+        l in shapes(), steps in prop::collection::vec((any::<u64>(), 1u64..3000, any::<u8>(), any::<u64>()), 1..10),
+        lose in any::<u64>(),
+    ) {
+        let (k, m, unit) = (l.data() as usize, l.parity() as usize, l.unit() as usize);
+        prop_assume!(m > 0);
+        let row_bytes = k * unit;
+        let mut model = vec![0u8; row_bytes];
+        let mut store = Store { units: vec![None; l.width()] };
+        let mut stale: Vec<bool> = vec![false; l.width()];
+        let mut stripe: Option<u64> = None;
+        let mut existing = false;
+        let read_all = |store: &Store, lost: &dyn Fn(usize) -> bool| -> Vec<UnitRead> {
+            l.roles().enumerate().map(|(i, r)| {
+                if lost(i) { UnitRead::Unavailable("down or marked stale".into()) } else { store.read(&l, r) }
+            }).collect()
+        };
+        for (at, len, byte, down) in steps {
+            let lo = at % row_bytes as u64;
+            let len = len.min(row_bytes as u64 - lo);
+            let data = vec![byte; len as usize];
+            let w = RowWrite { lo, data: &data };
+            // This write's servers down: one unit, now and then, on top of the marked ones.
+            let extra = (down % 3 == 0).then_some((down / 3) as usize % l.width());
+            let lost = |i: usize| stale[i] || extra == Some(i);
+            let lost_count = (0..l.width()).filter(|&i| lost(i)).count();
+            let planned = plan_degraded(&l, &w, read_all(&store, &lost), stripe, existing, k);
+            let p = match planned {
+                Ok(p) => p,
+                Err(e) => {
+                    prop_assert!(lost_count > m, "a write with {} of {} units lost was refused: {}", lost_count, m, e);
+                    continue;
+                }
+            };
+            for u in p.data.iter().chain(&p.parity) {
+                prop_assert!(!lost(stripe::role_index(&l, u.role)), "a lost unit was written");
+                store.write(&l, u);
+            }
+            for r in &p.skipped {
+                stale[stripe::role_index(&l, *r)] = true;
+            }
+            model[lo as usize..(lo + len) as usize].copy_from_slice(&data);
+            existing = true;
+            stripe = Some(p.version);
+            let s = solve_row(&l, &read_all(&store, &|i| stale[i]), k).expect("a degraded row reads");
+            prop_assert_eq!(s.data.concat(), model.clone(), "a read with marked units lost gave other bytes");
+        }
+        // Resync: every marked unit restored from the rest, as the resync of issue 16 does.
+        let s = solve_row(&l, &read_all(&store, &|i| stale[i]), k).expect("the row reads");
+        let parity = s.parity(&l);
+        for (i, r) in l.roles().enumerate().filter(|(i, _)| stale[*i]) {
+            let unit = if i < k {
+                StoredUnit { bytes: s.data[i].clone(), version: s.versions[i], covers: Vec::new() }
+            } else {
+                parity[i - k].clone()
+            };
+            store.units[stripe::role_index(&l, r)] = Some(unit);
+        }
+        let lost: Vec<usize> = (0..l.width()).filter(|i| (lose >> i) & 1 == 1).take(m).collect();
+        let back = solve_row(&l, &read_all(&store, &|i| lost.contains(&i)), k).expect("a resynced row survives m losses");
+        prop_assert_eq!(back.data.concat(), model, "after resync, losing {:?} gave other bytes", lost);
     }
 }
 

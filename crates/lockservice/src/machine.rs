@@ -49,6 +49,14 @@ pub struct State {
     pub names: Names,
     /// Files whose bytes are on the secondary tier, by id (issue 14).
     pub stubs: BTreeMap<u64, Stub>,
+    /// Stripe units left behind by degraded writes, by file id: row → mask of role indices
+    /// (issue 16). Marks of files gone from the namespace are dropped by the resync that
+    /// finds them.
+    pub stale: BTreeMap<u64, BTreeMap<u64, u8>>,
+    /// How many rows `stale` holds.
+    stale_rows: usize,
+    /// Servers whose volume came back empty: every unit on them is stale until rebuilt.
+    pub wiped: std::collections::BTreeSet<u64>,
     next_file: u64,
     /// Files being put, by path, with their id and writer session (derived from `files`).
     putting: BTreeMap<String, (u64, SessionId)>,
@@ -65,9 +73,21 @@ pub struct State {
 /// The replicated state as a snapshot record (`codec`: its version comes first; the field
 /// order is the format, docs/formats.md). Format version 3 added `names` after the version 2
 /// record (`CoreSnapshot`), which is read as a namespace of files only; version 5 added `stubs`
-/// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs.
+/// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs; version
+/// 6 added `stale` and `wiped` after the version 5 record (`StubbedSnapshot`), read as a state
+/// with no marks.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
+    core: CoreSnapshot,
+    names: Names,
+    stubs: Vec<(u64, Stub)>,
+    stale: Vec<(u64, Vec<(u64, u8)>)>,
+    wiped: Vec<u64>,
+}
+
+/// The snapshot record of format version 5.
+#[derive(Serialize, Deserialize)]
+struct StubbedSnapshot {
     core: CoreSnapshot,
     names: Names,
     stubs: Vec<(u64, Stub)>,
@@ -151,6 +171,9 @@ impl State {
             files: BTreeMap::new(),
             names: Names::default(),
             stubs: BTreeMap::new(),
+            stale: BTreeMap::new(),
+            stale_rows: 0,
+            wiped: Default::default(),
             next_file: 0,
             putting: BTreeMap::new(),
             puts_rolled_back: 0,
@@ -283,23 +306,72 @@ impl State {
             },
             Op::SetLayout { path, id, layout } => match self.files.get_mut(&path) {
                 Some(f) if f.id == id => {
+                    // A unit moved to another server was rebuilt there: its mark goes.
+                    let moved: Vec<(u64, u8)> = self.stale.get(&id).map_or_else(Vec::new, |marks| {
+                        marks
+                            .keys()
+                            .map(|&row| {
+                                let mask = f.layout.roles().enumerate().fold(0u8, |m, (i, r)| {
+                                    if f.layout.server(row, r) != layout.server(row, r) { m | 1 << i } else { m }
+                                });
+                                (row, mask)
+                            })
+                            .collect()
+                    });
                     f.layout = layout;
+                    self.clear_stale(id, moved.into_iter());
                     reply.file = Some(id);
                 }
                 _ => reply.error = Some(NamespaceError::NotFound { path }),
             },
             Op::Migrated { path, id, token, stub } => match self.migrate(&path, id, token, stub, cmd.now_ms) {
-                Ok(()) => reply.file = Some(id),
+                Ok(()) => {
+                    // Its units are freed: no mark means anything any more.
+                    self.clear_all_stale(id);
+                    reply.file = Some(id);
+                }
                 Err(why) => {
                     reply.error = Some(NamespaceError::TierRefused { path, what: "migrated".into(), why: why.into() })
                 }
             },
             Op::Recalled { path, id, token, layout } => match self.recall(&path, id, token, layout) {
-                Ok(()) => reply.file = Some(id),
+                Ok(()) => {
+                    self.clear_all_stale(id);
+                    reply.file = Some(id);
+                }
                 Err(why) => {
                     reply.error = Some(NamespaceError::TierRefused { path, what: "recalled".into(), why: why.into() })
                 }
             },
+            Op::MarkStale { id, rows } => {
+                if !self.names.file_attrs.contains_key(&id) {
+                    reply.error = Some(NamespaceError::NotFound { path: format!("file {id}") });
+                } else if self.stale_rows + rows.len() > crate::types::STALE_ROWS_MAX {
+                    reply.error = Some(NamespaceError::StaleLimit { max: crate::types::STALE_ROWS_MAX as u64 });
+                } else {
+                    let marks = self.stale.entry(id).or_default();
+                    for (row, mask) in rows {
+                        let m = marks.entry(row).or_insert(0);
+                        self.stale_rows += usize::from(*m == 0 && mask != 0);
+                        *m |= mask;
+                    }
+                    marks.retain(|_, m| *m != 0);
+                    if marks.is_empty() {
+                        self.stale.remove(&id);
+                    }
+                    reply.file = Some(id);
+                }
+            }
+            Op::ClearStale { id, rows } => {
+                self.clear_stale(id, rows.into_iter());
+                reply.file = Some(id);
+            }
+            Op::ServerWiped { server } => {
+                self.wiped.insert(server);
+            }
+            Op::ServerRebuilt { server } => {
+                self.wiped.remove(&server);
+            }
             Op::Name(op) => {
                 let renamed = matches!(&op, NameOp::Rename { .. });
                 let removes = matches!(&op, NameOp::Rename { .. } | NameOp::Unlink { .. });
@@ -330,6 +402,39 @@ impl State {
 
     /// Drops the stubs of files no longer in the namespace (their objects are then `tier gc`'s).
     /// A walk of the files, made only while some file is on the tier.
+    /// Clears the given role bits of file `id`'s marked rows.
+    fn clear_stale(&mut self, id: u64, rows: impl Iterator<Item = (u64, u8)>) {
+        let Some(marks) = self.stale.get_mut(&id) else { return };
+        for (row, mask) in rows {
+            if let Some(m) = marks.get_mut(&row) {
+                *m &= !mask;
+                if *m == 0 {
+                    marks.remove(&row);
+                    self.stale_rows -= 1;
+                }
+            }
+        }
+        if marks.is_empty() {
+            self.stale.remove(&id);
+        }
+    }
+
+    fn clear_all_stale(&mut self, id: u64) {
+        if let Some(marks) = self.stale.remove(&id) {
+            self.stale_rows -= marks.len();
+        }
+    }
+
+    /// The role mask of file `id`'s row `row` marked stale (0: none).
+    pub fn stale_mask(&self, id: u64, row: u64) -> u8 {
+        self.stale.get(&id).and_then(|m| m.get(&row)).copied().unwrap_or(0)
+    }
+
+    /// How many rows are marked stale.
+    pub fn stale_rows(&self) -> usize {
+        self.stale_rows
+    }
+
     fn forget_gone_stubs(&mut self) {
         if self.stubs.is_empty() {
             return;
@@ -425,6 +530,8 @@ impl State {
             core: self.core_snapshot(),
             names: self.names.clone(),
             stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
+            stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
+            wiped: self.wiped.iter().copied().collect(),
         }
     }
 
@@ -443,19 +550,32 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let (s, names, stubs) = match bytes.first() {
-            Some(2) => (codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?, Names::default(), Vec::new()),
+        let (s, names, stubs, stale, wiped) = match bytes.first() {
+            Some(2) => (
+                codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?,
+                Names::default(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            ),
             Some(3 | 4) => {
                 let s: NamedSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, Vec::new())
+                (s.core, s.names, Vec::new(), Vec::new(), Vec::new())
+            }
+            Some(5) => {
+                let s: StubbedSnapshot = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, s.stubs, Vec::new(), Vec::new())
             }
             _ => {
                 let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, s.stubs)
+                (s.core, s.names, s.stubs, s.stale, s.wiped)
             }
         };
         self.names = names;
         self.stubs = stubs.into_iter().collect();
+        self.stale = stale.into_iter().map(|(id, rows)| (id, rows.into_iter().collect())).collect();
+        self.stale_rows = self.stale.values().map(BTreeMap::len).sum();
+        self.wiped = wiped.into_iter().collect();
         self.engine = Engine::restore(&s.engine).map_err(io_error)?;
         self.engine.keep_leases_outside();
         if self.break_fencing {
@@ -948,6 +1068,38 @@ mod tests {
         // A put for a session already gone is refused outright.
         let refused = state.apply(create("/d", dying), 9);
         assert_eq!(refused.error, Some(NamespaceError::WriterEnded { path: "/d".into() }));
+    }
+
+    /// Issue 16: stale marks of degraded writes are ORed per row, survive a snapshot, clear per
+    /// role, go with a unit moved by `SetLayout`, and are refused for a file that is not there.
+    #[test]
+    fn stale_marks_are_kept_per_row_and_cleared_per_role() {
+        let mut state = State::new(Limits::default(), false);
+        let layout = layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap();
+        let at = |op| Command { now_ms: 1, origin: None, op };
+        let id = state.apply(at(Op::CreateFile { path: "/f".into(), layout: layout.clone(), writer: None }), 1);
+        let id = id.file.unwrap();
+        let mark = |rows: Vec<(u64, u8)>| at(Op::MarkStale { id, rows });
+        assert_eq!(state.apply(mark(vec![(0, 0b001), (3, 0b100)]), 2).error, None);
+        state.apply(mark(vec![(0, 0b010)]), 3);
+        assert_eq!((state.stale_mask(id, 0), state.stale_mask(id, 3), state.stale_mask(id, 1)), (0b011, 0b100, 0));
+        assert_eq!(state.stale_rows(), 2);
+        state.apply(at(Op::ServerWiped { server: 2 }), 4);
+        let mut copy = State::new(Limits::default(), false);
+        copy.restore(&state.to_bytes().unwrap()).unwrap();
+        assert_eq!((copy.stale_mask(id, 0), copy.stale_mask(id, 3), copy.stale_rows()), (0b011, 0b100, 2));
+        assert!(copy.wiped.contains(&2));
+        copy.apply(at(Op::ClearStale { id, rows: vec![(0, 0b001), (3, 0b100)] }), 5);
+        assert_eq!((copy.stale_mask(id, 0), copy.stale_mask(id, 3), copy.stale_rows()), (0b010, 0, 1));
+        // Row 0's data unit 1 is on server 2 (rotation puts row 0's units on 1, 2, 3); moved to
+        // server 4, it was rebuilt there and its mark goes.
+        let moved = layout::Layout::new(4096, 2, 1, vec![1, 4, 3]).unwrap();
+        copy.apply(at(Op::SetLayout { path: "/f".into(), id, layout: moved }), 6);
+        assert_eq!(copy.stale_mask(id, 0) & (1 << 1), 0, "{:b}", copy.stale_mask(id, 0));
+        copy.apply(at(Op::ServerRebuilt { server: 2 }), 7);
+        assert!(copy.wiped.is_empty());
+        let gone = copy.apply(at(Op::MarkStale { id: 99, rows: vec![(0, 1)] }), 8);
+        assert!(matches!(gone.error, Some(NamespaceError::NotFound { .. })), "{gone:?}");
     }
 
     /// The state survives a snapshot: sessions, tokens, the secret and the answered requests.

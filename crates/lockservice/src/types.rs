@@ -67,7 +67,24 @@ pub enum Op {
     Migrated { path: String, id: u64, token: u64, stub: Stub },
     /// File `id` is striped again over `layout` (a recall), under write lock `token`.
     Recalled { path: String, id: u64, token: u64, layout: layout::Layout },
+    /// Units of file `id` a write could not reach (their servers were down) and so left
+    /// behind: per row, a mask of role indices (data units 0..k, then P, Q). Reads never use a
+    /// marked unit; resync rebuilds it and clears the mark (issue 16, format version 6, like
+    /// md's write-intent bitmap). Applied only while file `id` is in the namespace, and refused
+    /// past [`STALE_ROWS_MAX`] marked rows.
+    MarkStale { id: u64, rows: Vec<(u64, u8)> },
+    /// The marked units of `rows` were rebuilt: their marks are cleared.
+    ClearStale { id: u64, rows: Vec<(u64, u8)> },
+    /// Server `server`'s volume came back empty (a wiped or replaced disk): every unit on it is
+    /// stale until `ServerRebuilt`.
+    ServerWiped { server: u64 },
+    /// Every unit on server `server` was rebuilt after `ServerWiped`.
+    ServerRebuilt { server: u64 },
 }
+
+/// Most rows the namespace keeps marked stale at once (a write that would mark more fails
+/// with the limit's error rather than grow the state without bound).
+pub const STALE_ROWS_MAX: usize = 4_000_000;
 
 /// A file's bytes on the secondary tier: the object, its size and blake3 hash, and the layout
 /// the file had.
@@ -103,6 +120,10 @@ impl fmt::Display for Command {
                 write!(f, "migrated({path}, {id}, token={token}, {})@{}", stub.key, self.now_ms)
             }
             Op::Recalled { path, id, token, .. } => write!(f, "recalled({path}, {id}, token={token})@{}", self.now_ms),
+            Op::MarkStale { id, rows } => write!(f, "mark-stale({id}, {rows:?})@{}", self.now_ms),
+            Op::ClearStale { id, rows } => write!(f, "clear-stale({id}, {rows:?})@{}", self.now_ms),
+            Op::ServerWiped { server } => write!(f, "server-wiped({server})@{}", self.now_ms),
+            Op::ServerRebuilt { server } => write!(f, "server-rebuilt({server})@{}", self.now_ms),
         }
     }
 }
@@ -154,6 +175,12 @@ pub enum NamespaceError {
     /// Appended in format version 5 (issue 14).
     #[error("{path} was not {what}: {why}")]
     TierRefused { path: String, what: String, why: String },
+    /// Appended in format version 6 (issue 16).
+    #[error(
+        "{max} stripe rows are marked stale already (written while a server was down); bring the servers back \
+         so resync can clear them, or rebuild onto others"
+    )]
+    StaleLimit { max: u64 },
 }
 
 impl NamespaceError {
@@ -170,6 +197,7 @@ impl NamespaceError {
             NamespaceError::BadName { .. } => ErrorCode::BadRequest,
             NamespaceError::Busy { .. } => ErrorCode::Busy,
             NamespaceError::TierRefused { .. } => ErrorCode::Conflict,
+            NamespaceError::StaleLimit { .. } => ErrorCode::Limit,
         }
     }
 
