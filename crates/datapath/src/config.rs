@@ -51,6 +51,9 @@ pub struct Limits {
     pub lock_free_ranges_max: usize,
     /// Stripes whose last delegate a gateway remembers.
     pub stripes_remembered: usize,
+    /// Issue 16: how fast resync rebuilds what degraded writes left behind, bytes/s (0: as
+    /// fast as it goes).
+    pub resync_bytes_per_s: u64,
 }
 
 impl Default for Limits {
@@ -64,9 +67,13 @@ impl Default for Limits {
             writes_in_flight_max: crate::admission::IN_FLIGHT_MAX,
             lock_free_ranges_max: crate::lockcache::ENTRIES_MAX,
             stripes_remembered: crate::delegation::STRIPES_REMEMBERED,
+            resync_bytes_per_s: RESYNC_BYTES_PER_S_DEFAULT,
         }
     }
 }
+
+/// Resync's pace unless configured: 256 MiB/s, so writes of clients keep most of the disks.
+pub const RESYNC_BYTES_PER_S_DEFAULT: u64 = 256 << 20;
 
 /// The largest file when the server's config does not say (16 TiB).
 pub const FILE_BYTES_MAX_DEFAULT: u64 = 16 << 40;
@@ -108,6 +115,9 @@ pub struct Env {
     /// Tests only: a migration's stub is proposed this long after its object is complete (a
     /// migrator held up past its lease). Never set outside a test.
     pub hold_migrate_commit_ms_for_test: Option<u64>,
+    /// Negative control for tests only: resync clears the stale marks of degraded writes
+    /// without rebuilding their units (issue 16). Never set outside a test.
+    pub break_resync_for_negative_control: bool,
 }
 
 impl std::fmt::Debug for Env {
@@ -120,6 +130,7 @@ impl std::fmt::Debug for Env {
             .field("break_invalidate_for_negative_control", &self.break_invalidate_for_negative_control)
             .field("break_signal_for_negative_control", &self.break_signal_for_negative_control)
             .field("hold_migrate_commit_ms_for_test", &self.hold_migrate_commit_ms_for_test)
+            .field("break_resync_for_negative_control", &self.break_resync_for_negative_control)
             .finish_non_exhaustive()
     }
 }

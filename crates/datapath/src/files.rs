@@ -178,6 +178,11 @@ impl FilesService {
         FilesService { shared, stripes }
     }
 
+    /// This server's stripe writes (resync holds rows through them).
+    pub(crate) fn stripes(&self) -> Arc<Stripes> {
+        self.stripes.clone()
+    }
+
     pub fn server(self) -> pb::files_server::FilesServer<FilesService> {
         pb::files_server::FilesServer::new(self)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -285,14 +290,30 @@ impl FilesService {
                 client_token: String::new(),
             };
             writes.push(async move {
-                client.write_unit(req).await.map_err(|e| {
+                let r = client.write_unit(req).await.map_err(|e| {
                     wire::reword(&e, format!("server {server} refused row {row} {}: {}", role_name(role), e.message()))
-                })
+                });
+                (role, r)
             });
         }
-        for r in futures::future::join_all(writes).await {
-            r?;
+        // Units whose servers did not answer are marked stale, and the put goes on while the
+        // row's parity rebuilds them (issue 16); any other refusal fails it.
+        let mut down: Vec<(Role, Status)> = Vec::new();
+        for (role, r) in futures::future::join_all(writes).await {
+            match r {
+                Ok(_) => {}
+                Err(e) if wire::code_of(&e) == Ok(ErrorCode::Unavailable) => down.push((role, e)),
+                Err(e) => return Err(e),
+            }
         }
+        if down.is_empty() {
+            return Ok(());
+        }
+        let roles: Vec<Role> = down.iter().map(|(r, _)| *r).collect();
+        self.shared.mark_stale(f, path, row, &roles).await.map_err(|refused| {
+            let (_, e) = &down[0];
+            wire::reword(e, format!("{}; {}", e.message(), refused.message()))
+        })?;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ mod lease;
 mod lockcache;
 mod locks;
 mod names;
+mod resync;
 mod shared;
 mod signal;
 mod storage;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 pub use config::{
     Config, DEFAULT_UNIT, Env, FILE_BYTES_MAX_DEFAULT, Limits, MESSAGE_BYTES_MAX, ORPHAN_GRACE_MS_DEFAULT,
-    WRITE_BYTES_MAX, human_bytes,
+    RESYNC_BYTES_PER_S_DEFAULT, WRITE_BYTES_MAX, human_bytes,
 };
 pub use errors::{chunk_code, row_code};
 pub use lease::{STORAGE_LEASE_MS_DEFAULT, StorageEvent};
@@ -76,6 +77,8 @@ impl DataPath {
         }
         tokio::spawn(self.fencing.clone().renew_storage_lease(stop.clone()));
         tokio::spawn(self.fencing.clone().fence_duties(stop.clone()));
+        tokio::spawn(self.volume.clone().report_volume(stop.clone()));
+        tokio::spawn(resync::run(self.shared.clone(), self.files.stripes(), stop.clone()));
         if self.shared.config.migration_signal {
             tokio::spawn(signal::hold(self.shared.clone(), stop.clone()));
         }
@@ -97,6 +100,8 @@ impl DataPath {
             reply.file_bytes_max = shared.config.limits.file_bytes_max;
             reply.metadata_relaxed = shared.meta_mode.relaxed();
             reply.metadata_round_trips = shared.meta_mode.round_trips();
+            reply.stale_rows = shared.locks.stale_rows();
+            reply.wiped_servers = shared.locks.wiped().into_iter().collect();
         })
     }
 }

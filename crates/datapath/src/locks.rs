@@ -94,4 +94,15 @@ pub trait Locks: Send + Sync + 'static {
     /// live (closed, expired, fencing, or fenced and acknowledged).
     fn session_ended(&self, session: u64) -> bool;
     fn fencing(&self) -> Fencing;
+    /// Issue 16: the roles of file `id`'s row `row` marked stale by degraded writes (a mask of
+    /// role indices: data units, then P, Q).
+    fn stale_mask(&self, id: u64, row: u64) -> u8;
+    /// Up to `limit` marked rows, (file id, row, mask), in file and row order.
+    fn stale_marks(&self, limit: usize) -> Vec<(u64, u64, u8)>;
+    /// How many rows are marked stale.
+    fn stale_rows(&self) -> u64;
+    /// The volume server `server` was last seen running on (`Op::VolumeSeen`).
+    fn volume_seen(&self, server: NodeId) -> Option<u64>;
+    /// Servers whose volume came back empty and is not yet rebuilt.
+    fn wiped(&self) -> std::collections::BTreeSet<NodeId>;
 }

@@ -73,6 +73,13 @@ pub struct DataStats {
     pub writes_in_flight: AtomicU32,
     pub writes_admitted_max: AtomicU32,
     pub worst_write_ms: AtomicU64,
+    /// Issue 16, on the leader: rows and bytes resync rebuilt, rows it could not yet, its
+    /// measured rate (bytes/s) and the time left at that rate (ms).
+    pub resync_rows_done: AtomicU64,
+    pub resync_bytes: AtomicU64,
+    pub resync_rows_failed: AtomicU64,
+    pub resync_rate: AtomicU64,
+    pub resync_eta_ms: AtomicU64,
 }
 
 impl DataStats {
@@ -92,6 +99,11 @@ impl DataStats {
         reply.tier_bytes_read = self.tier_bytes_read.load(Relaxed);
         reply.files_migrated = self.migrated.load(Relaxed);
         reply.files_recalled = self.recalled.load(Relaxed);
+        reply.resync_rows_done = self.resync_rows_done.load(Relaxed);
+        reply.resync_bytes = self.resync_bytes.load(Relaxed);
+        reply.resync_rows_failed = self.resync_rows_failed.load(Relaxed);
+        reply.resync_rate = self.resync_rate.load(Relaxed);
+        reply.resync_eta_ms = self.resync_eta_ms.load(Relaxed);
     }
 }
 

@@ -3,8 +3,9 @@
 
 use chunks::UnitId;
 use layout::Role;
-use layout::stripe::{StoredUnit, UnitRead as Fetched, role_name};
-use lockservice::FileMeta;
+use layout::stripe::{self, StoredUnit, UnitRead as Fetched, role_name};
+use lockservice::{FileMeta, Op};
+use tonic::Status;
 use wire::ErrorCode;
 use wire::convert::{span_to_pb, unit_ref};
 use wire::v1 as pb;
@@ -12,6 +13,53 @@ use wire::v1 as pb;
 use crate::shared::Shared;
 
 impl Shared {
+    /// The roles of `f`'s row `row` that are stale: marked by a degraded write, or on a server
+    /// whose volume came back empty and is not rebuilt yet (a mask of role indices).
+    pub fn stale_roles(&self, f: &FileMeta, row: u64) -> u8 {
+        let mut mask = self.locks.stale_mask(f.id, row);
+        let wiped = self.locks.wiped();
+        if !wiped.is_empty() {
+            for (i, r) in f.layout.roles().enumerate() {
+                if wiped.contains(&f.layout.server(row, r)) {
+                    mask |= 1 << i;
+                }
+            }
+        }
+        mask
+    }
+
+    /// Marks `roles` of `f`'s row `row` stale in the namespace before a degraded write is
+    /// acknowledged (issue 16): reads then rebuild them from parity until resync does. Refused
+    /// if the row would have more stale units than its parity rebuilds.
+    pub async fn mark_stale(&self, f: &FileMeta, path: &str, row: u64, roles: &[layout::Role]) -> Result<(), Status> {
+        let l = &f.layout;
+        let mask = roles.iter().fold(0u8, |m, r| m | 1 << stripe::role_index(l, *r));
+        let known = self.stale_roles(f, row);
+        let all = known | mask;
+        if all.count_ones() > u32::from(l.parity()) {
+            return Err(ErrorCode::Unavailable.status(format!(
+                "row {row} of {path} has {} units on servers that are down or not yet resynced; its parity rebuilds \
+                 at most {}: bring a server back",
+                all.count_ones(),
+                l.parity()
+            )));
+        }
+        if mask & !known == 0 {
+            return Ok(());
+        }
+        let reply = self
+            .locks
+            .propose(Op::MarkStale { id: f.id, rows: vec![(row, mask & !known)] })
+            .await
+            .map_err(|e| e.status())?;
+        if let Some(e) = reply.error {
+            return Err(e.status());
+        }
+        self.applied(reply.index).await;
+        metrics::counter!("stripelock_degraded_units_total").increment(u64::from((mask & !known).count_ones()));
+        Ok(())
+    }
+
     /// One unit as its server has it.
     pub async fn fetch(&self, f: &FileMeta, row: u64, role: Role) -> Fetched {
         self.fetch_as(f, row, role, None).await
@@ -22,6 +70,12 @@ impl Shared {
     pub async fn fetch_as(&self, f: &FileMeta, row: u64, role: Role, unlocked: Option<&str>) -> Fetched {
         let server = f.layout.server(row, role);
         let what = format!("row {row} {} on server {server}", role_name(role));
+        // A unit a degraded write left behind is never read: parity rebuilds it (issue 16).
+        if self.stale_roles(f, row) & (1 << stripe::role_index(&f.layout, role)) != 0 {
+            return Fetched::Unavailable(format!(
+                "{what}: marked stale (written while its server was down; resync rebuilds it)"
+            ));
+        }
         let mut client = match self.storage(server) {
             Ok(c) => c,
             Err(e) => return Fetched::Unavailable(format!("{what}: {}", e.message())),

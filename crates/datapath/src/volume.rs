@@ -27,12 +27,32 @@ pub struct Volume {
     fences: Arc<Fences>,
     /// Seed 003: this server's storage lease, renewed from the leader.
     pub lease: Arc<StorageLease>,
+    /// Issue 16: the name this volume was made with (a random number kept in it), `None` for
+    /// a volume handed in by the environment (the simulation).
+    pub name: Option<u64>,
 }
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Volume({})", self.shared.id())
     }
+}
+
+/// The volume's name, made at random when the volume is (a new or wiped disk) and kept in it.
+fn volume_name(device: &dyn Device) -> std::io::Result<u64> {
+    const KEY: &str = "volume";
+    if let Some(b) = device.get(KEY).map_err(std::io::Error::other)?
+        && let Ok(b) = <[u8; 8]>::try_from(&b[..])
+    {
+        return Ok(u64::from_le_bytes(b));
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    let name = h.finish();
+    device.put(KEY, &name.to_le_bytes()).map_err(std::io::Error::other)?;
+    Ok(name)
 }
 
 /// Runs blocking volume work off the async threads.
@@ -44,12 +64,53 @@ impl Volume {
     /// Opens this server's volume (`DATA/units`, or the one the environment hands in) and
     /// loads its fence table.
     pub fn open(shared: Arc<Shared>) -> std::io::Result<Volume> {
-        let device: Arc<dyn Device> = match &shared.config.env.volume {
-            Some(v) => v.clone(),
-            None => Arc::new(chunks::DirDevice::open(&shared.config.data_dir.join("units"))?),
+        let (device, name): (Arc<dyn Device>, Option<u64>) = match &shared.config.env.volume {
+            Some(v) => (v.clone(), None),
+            None => {
+                let device = Arc::new(chunks::DirDevice::open(&shared.config.data_dir.join("units"))?);
+                let name = volume_name(&*device)?;
+                (device, Some(name))
+            }
         };
         let fences = Fences::load(&*device).map_err(std::io::Error::other)?;
-        Ok(Volume { shared, device, fences: Arc::new(fences), lease: Default::default() })
+        Ok(Volume { shared, device, fences: Arc::new(fences), lease: Default::default(), name })
+    }
+
+    /// Issue 16: tells the cluster which volume this server runs on, once it has caught up
+    /// with the log (`Op::VolumeSeen`). Another volume than the one it was last seen with is
+    /// a wiped or replaced disk: every unit on it is then rebuilt by resync, and reads rebuild
+    /// them from parity meanwhile.
+    pub async fn report_volume(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(name) = self.name else { return };
+        let locks = &self.shared.locks;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if locks.read_barrier().await.is_ok() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+        }
+        let me = self.shared.id();
+        match locks.volume_seen(me) {
+            Some(seen) if seen == name => return,
+            Some(seen) => tracing::warn!(
+                "this server ran on volume {seen:016x} and now runs on {name:016x} (its disk was wiped or \
+                 replaced): every unit on it will be rebuilt"
+            ),
+            None => {}
+        }
+        for _ in 0..20 {
+            match locks.propose(lockservice::Op::VolumeSeen { server: me, volume: name }).await {
+                Ok(_) => return,
+                Err(e) => tracing::warn!("could not report this server's volume yet: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
     }
 
     /// The chunk store with the cluster's key; unavailable until the cluster is bootstrapped.

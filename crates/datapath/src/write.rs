@@ -166,7 +166,7 @@ impl RmwError {
     }
 }
 
-fn version_of(value: &Option<Vec<u8>>) -> Option<u64> {
+pub(crate) fn version_of(value: &Option<Vec<u8>>) -> Option<u64> {
     value.as_deref().and_then(|v| <[u8; 8]>::try_from(v).ok()).map(u64::from_le_bytes)
 }
 
@@ -695,7 +695,14 @@ impl Stripes {
                 let all: Vec<Fetched> =
                     futures::future::join_all(l.roles().map(|r| self.shared.fetch(f, row, r))).await;
                 let in_file = stripe::units_in_file(l, row, size);
-                stripe::plan_recompute(l, &w, all, lvb, existing, in_file).map_err(|e| {
+                // Units on servers that are down (or marked stale) are written around: parity
+                // carries their new bytes until resync (issue 16).
+                // A consistent parity is trusted to rebuild a touched unit that cannot be read:
+                // parity a failed write left behind is marked stale (`repair_row`), so it reads
+                // as lost here. (Not covered: a writer that crashed between its data and parity
+                // writes, when every unit it wrote is unreadable now; the covers of any other
+                // unit it wrote show it.)
+                stripe::plan_degraded(l, &w, all, lvb, existing, in_file, true).map_err(|e| {
                     RmwError::before(match e {
                         PlanError::Unreachable { .. } => ErrorCode::Unavailable.status(format!(
                             "row {row} of {} cannot be written while {e}; bring its server back or rebuild it onto \
@@ -709,6 +716,9 @@ impl Stripes {
             }
         };
         let (version, recomputed) = (plan.version, plan.recomputed);
+        if !plan.skipped.is_empty() {
+            self.shared.mark_stale(f, &req.path, row, &plan.skipped).await.map_err(RmwError::before)?;
+        }
         self.store_plan(f, req, grant, resource, plan).await?;
         Ok((version, recomputed))
     }
@@ -726,7 +736,13 @@ impl Stripes {
         let all: Vec<Fetched> = futures::future::join_all(l.roles().map(|r| self.shared.fetch(f, req.row, r))).await;
         let in_file = stripe::units_in_file(l, req.row, size);
         let nothing = RowWrite { lo: 0, data: &[] };
-        let plan = stripe::plan_recompute(l, &nothing, all, version_of(&grant.value), true, in_file).ok()?;
+        let plan = match stripe::plan_recompute(l, &nothing, all, version_of(&grant.value), true, in_file) {
+            Ok(plan) => plan,
+            Err(_) => {
+                self.mark_parity_behind(f, req).await;
+                return None;
+            }
+        };
         if !plan.data.is_empty() {
             // The row reads as never written (a hole): there is no parity to bring up to date.
             return None;
@@ -745,7 +761,25 @@ impl Stripes {
                     req.path,
                     e.status.message()
                 );
+                self.mark_parity_behind(f, req).await;
                 None
+            }
+        }
+    }
+
+    /// After a failed write whose parity could not be recomputed: its parity is marked stale
+    /// (behind the data), so no write or read rebuilds a unit from it; resync recomputes it.
+    async fn mark_parity_behind(&self, f: &FileMeta, req: &pb::StripeWrite) {
+        let parity: Vec<layout::Role> = f.layout.roles().skip(f.layout.data() as usize).collect();
+        if parity.is_empty() {
+            return;
+        }
+        let mask = parity.iter().fold(0u8, |m, r| m | 1 << stripe::role_index(&f.layout, *r));
+        let op = Op::MarkStale { id: f.id, rows: vec![(req.row, mask)] };
+        match self.shared.locks.propose(op).await {
+            Ok(reply) => self.shared.applied(reply.index).await,
+            Err(e) => {
+                tracing::warn!("row {} of {}: its parity is behind and could not be marked: {e}", req.row, req.path)
             }
         }
     }
@@ -777,7 +811,7 @@ impl Stripes {
                     // On whose behalf: storage refuses the write once that client is fenced.
                     client_token: req.token.clone(),
                 };
-                async move {
+                let write = async move {
                     let mut c = self.shared.storage(server)?;
                     c.write_unit(req).await.map_err(|e| {
                         wire::reword(
@@ -785,15 +819,82 @@ impl Stripes {
                             format!("server {server} refused row {row} {}: {}", role_name(role), e.message()),
                         )
                     })
-                }
+                };
+                (role, write)
             });
-            let results = futures::future::join_all(writes).await;
+            let results = futures::future::join_all(writes.map(|(role, w)| async move { (role, w.await) })).await;
             wrote |= !results.is_empty();
-            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-                return Err(RmwError { status: e, wrote });
+            // Units whose servers did not answer are marked stale and the write goes on
+            // (issue 16): the parity written next carries their new bytes. Any other refusal
+            // fails the write.
+            let mut down = Vec::new();
+            for (role, r) in results {
+                match r {
+                    Ok(_) => {}
+                    Err(e) if wire::code_of(&e) == Ok(ErrorCode::Unavailable) => down.push((role, e)),
+                    Err(e) => return Err(RmwError { status: e, wrote }),
+                }
+            }
+            if !down.is_empty() {
+                let roles: Vec<layout::Role> = down.iter().map(|(r, _)| *r).collect();
+                if let Err(refused) = self.shared.mark_stale(f, &req.path, row, &roles).await {
+                    let (_, e) = down.swap_remove(0);
+                    let status = wire::reword(&e, format!("{}; {}", e.message(), refused.message()));
+                    return Err(RmwError { status, wrote });
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// A row's stripe lock held for a duty of this server's (resync), not for a client's write:
+/// its turn on the row here and the lock, whose token writes the row's units.
+pub struct RowHold {
+    pub grant: Grant,
+    pub resource: String,
+    session: Session,
+    stripe: Stripe,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Stripes {
+    /// Takes row `row` of file `file` as a write would (its turn here, then its stripe lock),
+    /// waiting at most [`STRIPE_WAIT`].
+    pub async fn hold_row(&self, file: u64, row: u64) -> Result<RowHold, Status> {
+        let stripe = (file, row);
+        let turn = self.turns.lock().expect("turns").entry(stripe).or_default().clone();
+        let busy = || {
+            ErrorCode::Busy.status(format!(
+                "row {row} of file {file} stayed locked for {} s (writes hold it); try again",
+                STRIPE_WAIT.as_secs()
+            ))
+        };
+        let turn = tokio::time::timeout(STRIPE_WAIT, turn.lock_owned()).await.map_err(|_| busy())?;
+        let session = self.stripe_session().await?;
+        let resource = stripe_resource(file, row);
+        let grant = match session
+            .lock_until(&resource, 0..u64::MAX, Mode::EX, LockOptions::default(), tokio::time::sleep(STRIPE_WAIT))
+            .await
+        {
+            Ok(g) => g,
+            Err(client::ClientError::Cancelled) => return Err(busy()),
+            Err(e) => {
+                self.reset_stripe_session(&session).await;
+                return Err(ErrorCode::Unavailable.status(format!("the stripe lock of row {row} failed: {e}")));
+            }
+        };
+        Ok(RowHold { grant, resource, session, stripe, turn: Some(turn) })
+    }
+
+    /// Gives a held row back (its lock stays cached here, as after a write).
+    pub async fn let_go(&self, mut hold: RowHold) {
+        self.put_back(&hold.session, &hold.grant, &hold.resource).await;
+        drop(hold.turn.take());
+        let mut turns = self.turns.lock().expect("turns");
+        if turns.get(&hold.stripe).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(&hold.stripe);
+        }
     }
 }
 

@@ -380,14 +380,17 @@ pub fn plan_recompute(
     existing: bool,
     in_file: usize,
 ) -> Result<Plan, PlanError> {
-    plan_whole_row(l, w, all, stripe, existing, in_file, false)
+    plan_whole_row(l, w, all, stripe, existing, in_file, None)
 }
 
 /// [`plan_recompute`] with servers down (issue 16): a unit that did not answer (or is marked
 /// stale, which the caller reads as not answering) is not written but listed in
 /// [`Plan::skipped`]; the rest of the row, parity included, is written as if it had been, so
 /// that parity rebuilds the skipped units' new bytes. Possible while no more units are lost
-/// than the row's parity rebuilds, and a touched unit that cannot be read can be rebuilt.
+/// than the row's parity rebuilds. A touched data unit that cannot be read is rebuilt from a
+/// parity consistent with the units read if the stripe version says it is current, or if
+/// `trust_parity`: the caller knows no parity of the row was left behind by a failed write
+/// (it marks such parity stale, and a stale unit reads as not answering).
 pub fn plan_degraded(
     l: &Layout,
     w: &RowWrite,
@@ -395,8 +398,9 @@ pub fn plan_degraded(
     stripe: Option<u64>,
     existing: bool,
     in_file: usize,
+    trust_parity: bool,
 ) -> Result<Plan, PlanError> {
-    plan_whole_row(l, w, all, stripe, existing, in_file, true)
+    plan_whole_row(l, w, all, stripe, existing, in_file, Some(trust_parity))
 }
 
 fn plan_whole_row(
@@ -406,8 +410,9 @@ fn plan_whole_row(
     stripe: Option<u64>,
     existing: bool,
     in_file: usize,
-    degraded: bool,
+    degraded: Option<bool>,
 ) -> Result<Plan, PlanError> {
+    let (trust_parity, degraded) = (degraded == Some(true), degraded.is_some());
     let (k, m) = (l.data() as usize, l.parity() as usize);
     let touched = w.touched(l);
     let existing = existing && !is_hole(l, &all);
@@ -424,7 +429,8 @@ fn plan_whole_row(
     // without a version to expect. That is right only if parity is known current: its version
     // is the row's stripe version. Parity left behind by an interrupted write (of that very
     // unit, say) would rebuild old bytes, and the write would store them around its own.
-    let parity_current = all[k..].iter().filter_map(UnitRead::version).max().is_some_and(|v| stripe == Some(v));
+    let parity_current =
+        trust_parity || all[k..].iter().filter_map(UnitRead::version).max().is_some_and(|v| stripe == Some(v));
     if let Some(&j) = touched.iter().find(|&&j| !matches!(all[j], UnitRead::Ok(_)) && !solved.absent[j])
         && !parity_current
     {

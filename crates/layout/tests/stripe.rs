@@ -188,7 +188,7 @@ proptest! {
             let extra = (down % 3 == 0).then_some((down / 3) as usize % l.width());
             let lost = |i: usize| stale[i] || extra == Some(i);
             let lost_count = (0..l.width()).filter(|&i| lost(i)).count();
-            let planned = plan_degraded(&l, &w, read_all(&store, &lost), stripe, existing, k);
+            let planned = plan_degraded(&l, &w, read_all(&store, &lost), stripe, existing, k, false);
             let p = match planned {
                 Ok(p) => p,
                 Err(e) => {

@@ -57,6 +57,8 @@ pub struct State {
     stale_rows: usize,
     /// Servers whose volume came back empty: every unit on them is stale until rebuilt.
     pub wiped: std::collections::BTreeSet<u64>,
+    /// The volume each server last ran on (`Op::VolumeSeen`).
+    pub volumes: BTreeMap<u64, u64>,
     next_file: u64,
     /// Files being put, by path, with their id and writer session (derived from `files`).
     putting: BTreeMap<String, (u64, SessionId)>,
@@ -74,7 +76,7 @@ pub struct State {
 /// order is the format, docs/formats.md). Format version 3 added `names` after the version 2
 /// record (`CoreSnapshot`), which is read as a namespace of files only; version 5 added `stubs`
 /// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs; version
-/// 6 added `stale` and `wiped` after the version 5 record (`StubbedSnapshot`), read as a state
+/// 6 added `stale`, `wiped` and `volumes` after the version 5 record (`StubbedSnapshot`), read as a state
 /// with no marks.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
@@ -83,6 +85,7 @@ struct StateSnapshot {
     stubs: Vec<(u64, Stub)>,
     stale: Vec<(u64, Vec<(u64, u8)>)>,
     wiped: Vec<u64>,
+    volumes: Vec<(u64, u64)>,
 }
 
 /// The snapshot record of format version 5.
@@ -174,6 +177,7 @@ impl State {
             stale: BTreeMap::new(),
             stale_rows: 0,
             wiped: Default::default(),
+            volumes: BTreeMap::new(),
             next_file: 0,
             putting: BTreeMap::new(),
             puts_rolled_back: 0,
@@ -366,8 +370,10 @@ impl State {
                 self.clear_stale(id, rows.into_iter());
                 reply.file = Some(id);
             }
-            Op::ServerWiped { server } => {
-                self.wiped.insert(server);
+            Op::VolumeSeen { server, volume } => {
+                if self.volumes.insert(server, volume).is_some_and(|before| before != volume) {
+                    self.wiped.insert(server);
+                }
             }
             Op::ServerRebuilt { server } => {
                 self.wiped.remove(&server);
@@ -532,6 +538,7 @@ impl State {
             stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
             stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
             wiped: self.wiped.iter().copied().collect(),
+            volumes: self.volumes.iter().map(|(s, v)| (*s, *v)).collect(),
         }
     }
 
@@ -550,27 +557,27 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let (s, names, stubs, stale, wiped) = match bytes.first() {
+        let (s, names, stubs, (stale, wiped, volumes)) = match bytes.first() {
             Some(2) => (
                 codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?,
                 Names::default(),
                 Vec::new(),
-                Vec::new(),
-                Vec::new(),
+                Default::default(),
             ),
             Some(3 | 4) => {
                 let s: NamedSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, Vec::new(), Vec::new(), Vec::new())
+                (s.core, s.names, Vec::new(), Default::default())
             }
             Some(5) => {
                 let s: StubbedSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, s.stubs, Vec::new(), Vec::new())
+                (s.core, s.names, s.stubs, Default::default())
             }
             _ => {
                 let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, s.stubs, s.stale, s.wiped)
+                (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes))
             }
         };
+        self.volumes = volumes.into_iter().collect();
         self.names = names;
         self.stubs = stubs.into_iter().collect();
         self.stale = stale.into_iter().map(|(id, rows)| (id, rows.into_iter().collect())).collect();
@@ -1084,7 +1091,11 @@ mod tests {
         state.apply(mark(vec![(0, 0b010)]), 3);
         assert_eq!((state.stale_mask(id, 0), state.stale_mask(id, 3), state.stale_mask(id, 1)), (0b011, 0b100, 0));
         assert_eq!(state.stale_rows(), 2);
-        state.apply(at(Op::ServerWiped { server: 2 }), 4);
+        // A server first seen with a volume is not wiped; seen again with another, it is.
+        state.apply(at(Op::VolumeSeen { server: 2, volume: 0xa }), 4);
+        state.apply(at(Op::VolumeSeen { server: 2, volume: 0xa }), 4);
+        assert!(state.wiped.is_empty());
+        state.apply(at(Op::VolumeSeen { server: 2, volume: 0xb }), 4);
         let mut copy = State::new(Limits::default(), false);
         copy.restore(&state.to_bytes().unwrap()).unwrap();
         assert_eq!((copy.stale_mask(id, 0), copy.stale_mask(id, 3), copy.stale_rows()), (0b011, 0b100, 2));

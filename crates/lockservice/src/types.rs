@@ -75,9 +75,10 @@ pub enum Op {
     MarkStale { id: u64, rows: Vec<(u64, u8)> },
     /// The marked units of `rows` were rebuilt: their marks are cleared.
     ClearStale { id: u64, rows: Vec<(u64, u8)> },
-    /// Server `server`'s volume came back empty (a wiped or replaced disk): every unit on it is
-    /// stale until `ServerRebuilt`.
-    ServerWiped { server: u64 },
+    /// Server `server` runs on the volume named `volume` (a random number the volume was made
+    /// with). A server seen before with another volume lost its disk (wiped or replaced):
+    /// every unit on it is stale until `ServerRebuilt`.
+    VolumeSeen { server: u64, volume: u64 },
     /// Every unit on server `server` was rebuilt after `ServerWiped`.
     ServerRebuilt { server: u64 },
 }
@@ -122,7 +123,7 @@ impl fmt::Display for Command {
             Op::Recalled { path, id, token, .. } => write!(f, "recalled({path}, {id}, token={token})@{}", self.now_ms),
             Op::MarkStale { id, rows } => write!(f, "mark-stale({id}, {rows:?})@{}", self.now_ms),
             Op::ClearStale { id, rows } => write!(f, "clear-stale({id}, {rows:?})@{}", self.now_ms),
-            Op::ServerWiped { server } => write!(f, "server-wiped({server})@{}", self.now_ms),
+            Op::VolumeSeen { server, volume } => write!(f, "volume-seen({server}, {volume:x})@{}", self.now_ms),
             Op::ServerRebuilt { server } => write!(f, "server-rebuilt({server})@{}", self.now_ms),
         }
     }

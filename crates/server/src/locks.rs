@@ -48,6 +48,27 @@ impl Locks for NodeLocks {
         self.0.machine.state().stubs.get(&id).cloned()
     }
 
+    fn stale_mask(&self, id: u64, row: u64) -> u8 {
+        self.0.machine.state().stale_mask(id, row)
+    }
+
+    fn stale_marks(&self, limit: usize) -> Vec<(u64, u64, u8)> {
+        let state = self.0.machine.state();
+        state.stale.iter().flat_map(|(id, rows)| rows.iter().map(|(r, m)| (*id, *r, *m))).take(limit).collect()
+    }
+
+    fn stale_rows(&self) -> u64 {
+        self.0.machine.state().stale_rows() as u64
+    }
+
+    fn volume_seen(&self, server: u64) -> Option<u64> {
+        self.0.machine.state().volumes.get(&server).copied()
+    }
+
+    fn wiped(&self) -> std::collections::BTreeSet<u64> {
+        self.0.machine.state().wiped.clone()
+    }
+
     fn stub_keys(&self) -> std::collections::HashSet<String> {
         self.0.machine.state().stubs.values().map(|s| s.key.clone()).collect()
     }

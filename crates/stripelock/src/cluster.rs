@@ -730,6 +730,12 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "metadata_mode": if s.metadata_relaxed { "relaxed" } else { "strict" },
                         "metadata_round_trips": s.metadata_round_trips,
                     },
+                    "resync": {
+                        "stale_rows": s.stale_rows, "wiped_servers": s.wiped_servers,
+                        "rows_done": s.resync_rows_done, "bytes": s.resync_bytes,
+                        "rows_failed": s.resync_rows_failed, "rate_bytes_per_s": s.resync_rate,
+                        "eta_ms": s.resync_eta_ms,
+                    },
                     "lock_cache": {
                         "invalidations_received": s.invalidations_received, "lock_free_ranges": s.lock_free_ranges,
                         "invalidations_sent": s.invalidations_sent,
@@ -805,6 +811,35 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                 "server {} lost its Raft database and is rejoining: it catches up as a non-voter, then votes again",
                 s.server_id
             );
+        }
+        // Issue 16: what degraded writes left behind, and the leader's resync of it.
+        if let Some(s) = replies.iter().filter_map(|(_, r)| r.as_ref().ok()).find(|s| s.leader_id == s.server_id) {
+            if s.stale_rows > 0 || !s.wiped_servers.is_empty() {
+                let wiped = if s.wiped_servers.is_empty() {
+                    String::new()
+                } else {
+                    let ids: Vec<String> = s.wiped_servers.iter().map(u64::to_string).collect();
+                    format!(
+                        "; server(s) {} came back with an empty volume and are being rebuilt in full",
+                        ids.join(", ")
+                    )
+                };
+                println!(
+                    "resync: {} stripe rows have units written while their servers were down{wiped}; rebuilt so far {} \
+                     rows ({}) at {}/s, about {} s left",
+                    s.stale_rows,
+                    s.resync_rows_done,
+                    server::human_bytes(s.resync_bytes),
+                    server::human_bytes(s.resync_rate),
+                    s.resync_eta_ms.div_ceil(1000)
+                );
+            } else if s.resync_rows_done > 0 {
+                println!(
+                    "resync: nothing left behind; {} rows ({}) rebuilt since the leader started",
+                    s.resync_rows_done,
+                    server::human_bytes(s.resync_bytes)
+                );
+            }
         }
         let mut largest: Vec<u64> =
             replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.file_bytes_max).collect();

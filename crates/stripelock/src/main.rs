@@ -109,6 +109,11 @@ enum Command {
         /// holders are asked to keep fewer idle cached locks (their LRU shrinks).
         #[arg(long)]
         lock_memory_budget: Option<String>,
+        /// How fast this server, while it leads, rebuilds units written while their servers
+        /// were down, once they are back (resync), e.g. `100MiB` (per second; default 256MiB,
+        /// `0` for no limit).
+        #[arg(long)]
+        resync_rate: Option<String>,
         /// The secondary tier: a directory every server reaches (default: `tier` beside --data,
         /// shared by the servers of `up`), or s3://BUCKET (a build with `--features s3`; the
         /// credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
@@ -694,6 +699,7 @@ fn main() -> ExitCode {
             lease_min_ms,
             lease_max_ms,
             lock_memory_budget,
+            resync_rate,
             tier,
             tier_endpoint,
             tier_region,
@@ -720,6 +726,7 @@ fn main() -> ExitCode {
                 lease_min_ms,
                 lease_max_ms,
                 lock_memory_budget,
+                resync_rate,
                 tier,
                 tier_endpoint,
                 tier_region,

@@ -46,6 +46,8 @@ pub struct ServerArgs {
     pub lease_min_ms: u64,
     pub lease_max_ms: u64,
     pub lock_memory_budget: u64,
+    /// Issue 16: resync's pace, bytes/s (0: no limit).
+    pub resync_bytes_per_s: u64,
     /// The secondary tier (default: the directory `tier` beside the data directory).
     pub tier: Option<tier::Place>,
     /// Seed 001: stripe a stub again in the background once it is read (default true).
@@ -85,6 +87,9 @@ pub struct ServerFile {
     pub lease_max_ms: Option<u64>,
     /// Lock memory the server means to use at most: `"512MiB"`, `"2GiB"` (default 1GiB).
     pub lock_memory_budget: Option<String>,
+    /// Resync's pace per second while this server leads: `"100MiB"` (default 256MiB; `"0"`
+    /// for no limit).
+    pub resync_rate: Option<String>,
     /// The secondary tier (seed 001): a directory every server reaches (default: `tier` beside
     /// the data directory, which the servers of `up` share), or `s3://BUCKET`.
     pub tier: Option<String>,
@@ -158,6 +163,10 @@ impl ServerArgs {
         if lock_memory_budget < 64 << 10 {
             bail!("lock_memory_budget must be at least 64KiB (64 locks), not {lock_memory_budget} bytes");
         }
+        let resync_bytes_per_s = match flags.resync_rate.or(f.resync_rate) {
+            None => server::RESYNC_BYTES_PER_S_DEFAULT,
+            Some(text) => crate::size::parse_bytes(&text).context("resync_rate")?,
+        };
         let heartbeat_ms = flags.heartbeat_ms.or(f.heartbeat_ms).unwrap_or(100);
         if heartbeat_ms == 0 {
             bail!("heartbeat_ms must be above 0");
@@ -186,6 +195,7 @@ impl ServerArgs {
             lease_min_ms,
             lease_max_ms,
             lock_memory_budget,
+            resync_bytes_per_s,
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
@@ -228,6 +238,10 @@ pub const BREAK_SIGNAL_ENV: &str = "STRIPELOCK_TEST_BREAK_SIGNAL_FOR_NEGATIVE_CO
 /// Tests only: milliseconds a server holds a migration's stub back once its object is complete
 /// (`Env::hold_migrate_commit_ms_for_test`).
 pub const HOLD_MIGRATE_COMMIT_ENV: &str = "STRIPELOCK_TEST_HOLD_MIGRATE_COMMIT_MS";
+
+/// Tests only (issue 16's negative control): set, resync clears the marks of degraded writes
+/// without rebuilding their units (`Env::break_resync_for_negative_control`).
+pub const BREAK_RESYNC_ENV: &str = "STRIPELOCK_TEST_BREAK_RESYNC_FOR_NEGATIVE_CONTROL";
 
 /// A test switch from the environment, if set and not empty; announced, so nobody runs with
 /// one unawares.
@@ -302,7 +316,11 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             tick_ms: args.tick_ms,
             orphan_grace_ms: args.orphan_grace_ms,
             storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,
-            limits: server::DataLimits { file_bytes_max: args.file_bytes_max, ..server::DataLimits::default() },
+            limits: server::DataLimits {
+                file_bytes_max: args.file_bytes_max,
+                resync_bytes_per_s: args.resync_bytes_per_s,
+                ..server::DataLimits::default()
+            },
             env: server::DataEnv {
                 break_stale_write_check_for_negative_control: args.break_stale_write_check,
                 skip_storage_fence_for_negative_control: test_switch(SKIP_STORAGE_FENCE_ENV).is_some(),
@@ -314,6 +332,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
                 hold_migrate_commit_ms_for_test: test_switch(HOLD_MIGRATE_COMMIT_ENV)
                     .map(|v| v.parse().with_context(|| format!("{HOLD_MIGRATE_COMMIT_ENV}={v} is not milliseconds")))
                     .transpose()?,
+                break_resync_for_negative_control: test_switch(BREAK_RESYNC_ENV).is_some(),
                 ..server::DataEnv::default()
             },
         },

@@ -74,6 +74,13 @@ pub fn render(s: &pb::StatusReply, follower_lag: &[(u64, u64)]) -> String {
     c("stripelock_metadata_round_trips_total", s.metadata_round_trips);
     g("stripelock_mounts", s.mounts.len() as f64);
     g("stripelock_rejoining", f64::from(u8::from(s.rejoining)));
+    g("stripelock_stale_rows", s.stale_rows as f64);
+    g("stripelock_wiped_servers", s.wiped_servers.len() as f64);
+    c("stripelock_resync_rows_total", s.resync_rows_done);
+    c("stripelock_resync_bytes_total", s.resync_bytes);
+    c("stripelock_resync_rows_failed_total", s.resync_rows_failed);
+    g("stripelock_resync_rate_bytes_per_second", s.resync_rate as f64);
+    g("stripelock_resync_eta_seconds", s.resync_eta_ms as f64 / 1e3);
     match install() {
         Some(h) => h.render(),
         None => String::new(),
