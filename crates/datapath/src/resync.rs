@@ -329,6 +329,6 @@ impl Throttle {
         let rows_done = shared.stats.resync_rows_done.load(Ordering::Relaxed).max(1);
         let per_row = shared.stats.resync_bytes.load(Ordering::Relaxed) / rows_done;
         let left = self.rows_left.saturating_add(shared.locks.stale_rows()) * per_row;
-        shared.stats.resync_eta_ms.store(if rate > 0 { left * 1000 / rate } else { 0 }, Ordering::Relaxed);
+        shared.stats.resync_eta_ms.store((left * 1000).checked_div(rate).unwrap_or(0), Ordering::Relaxed);
     }
 }

@@ -297,6 +297,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                 hold_first_stripe_write_ms_for_test: None,
                 break_signal_for_negative_control: false,
                 hold_migrate_commit_ms_for_test: None,
+                break_resync_for_negative_control: false,
             };
             let data_dir = std::path::PathBuf::from("/nonexistent");
             let config = ServerConfig {
