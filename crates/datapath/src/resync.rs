@@ -302,7 +302,7 @@ impl Throttle {
         self.since = None;
         self.bytes = 0;
         self.rows_left = 0;
-        shared.stats.resync_rate.store(0, Ordering::Relaxed);
+        // The rate stays as the last resync measured it.
         shared.stats.resync_eta_ms.store(0, Ordering::Relaxed);
     }
 

@@ -450,8 +450,9 @@ fn plan_whole_row(
     for j in 0..k {
         let old = all[j].version();
         // A unit of a new row is written even where the write does not touch it (zeros), so
-        // the row is whole.
-        let new_row_unit = !existing && old == Some(0);
+        // the row is whole; one whose server is down is marked stale like any skipped unit, so
+        // it is never taken for a unit past the end of the file.
+        let new_row_unit = !existing && (old == Some(0) || down(j));
         if !touched.contains(&j) && !new_row_unit {
             continue;
         }

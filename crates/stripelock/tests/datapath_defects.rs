@@ -381,13 +381,16 @@ fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly() {
 
 /// Issue 10: a write that failed part-way did not say which bytes landed; `scrub` with units it
 /// could not check exited 0; `rebuild` showed no progress; messages named units by their Rust
-/// names (`Data(3)`). Here one server of a 2+1 file is down: a write over two rows, one of which
-/// needs that server, lands in the other and says so; scrub exits 2 and says what it could not
-/// check; a rebuild prints a progress line a file on standard error, and none with --json.
+/// names (`Data(3)`). Here one server of a 2+1 file is down: scrub exits 2 and says what it
+/// could not check. Since issue 16 a write goes on with one server down, so a row is made to
+/// need two lost units (the down server's and one deleted from another server's disk): a write
+/// over that row and the next lands in the next and says so. A rebuild prints a progress line a
+/// file on standard error, and none with --json.
 async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly_body() {
     let mut c = Cluster::start_with(3, "partway", &[]).await;
     let original = noise(24 << 10, 12);
-    put(&c, "/p", &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    let stat = put(&c, "/p", &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
+    let file = stat["file"].as_u64().unwrap();
     let server = |row: usize, role: &str| server_of(&c, "/p", row, role);
     // A write from d1 of row r into d1 of row r + 1 touches d1(r) and P(r), then every unit of
     // row r + 1 (parity rotates: a server outside the first pair holds a unit of the second row).
@@ -401,6 +404,22 @@ async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honest
         .expect("a write over two rows of which one needs server x");
     let gateway = (1..=3).find(|s| *s != x).unwrap();
     c.kill(x);
+    let out = run_at(&c, gateway, &["scrub"], b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "scrub with a server down: {stdout}");
+    assert!(stdout.contains("could not be checked"), "{stdout}");
+    // The row that needs x also loses the gateway's unit of it: two lost, one parity.
+    let needs_x = if first_ok { r + 1 } else { r };
+    let dir = c.servers[gateway as usize - 1].data.join("units").join(format!("{file:016x}"));
+    let mut deleted = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with(&format!("{needs_x:016x}.")) {
+            std::fs::remove_file(e.path()).unwrap();
+            deleted += 1;
+        }
+    }
+    assert_eq!(deleted, 1, "server {gateway} holds one unit of row {needs_x}");
     let at = r as u64 * 8192 + 4096 + 100;
     let end = (r as u64 + 1) * 8192 + 4096 + 100;
     let out = run_at(&c, gateway, &["write", "/p", "--offset", &at.to_string()], &vec![9u8; (end - at) as usize]);
@@ -413,13 +432,11 @@ async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honest
     assert!(stderr.contains("parity P") || stderr.contains("data unit"), "{stderr}");
     assert!(!stderr.contains("Data(") && !stderr.contains("Some("), "{stderr}");
 
-    let out = run_at(&c, gateway, &["scrub"], b"");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "scrub with a server down: {stdout}");
-    assert!(stdout.contains("could not be checked"), "{stdout}");
-
     c.spawn(x, false);
     c.wait_ready().await;
+    // The deleted unit comes back from the row's others.
+    let out = run_at(&c, gateway, &["scrub", "--repair"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string()], b"");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
