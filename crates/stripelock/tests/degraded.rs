@@ -2,8 +2,9 @@
 //! Real `stripelock server` processes on loopback, killed with SIGKILL by their own PIDs; every
 //! read is compared with a local model of the file.
 //!
-//! Each test: kill `m` servers of a k+m layout on five servers, put a 64 MiB file and make 100
-//! partial writes (some across rows), reading everything back byte-identical while degraded;
+//! Each test: kill `m` servers of a k+m layout (4+1 on five servers, 4+2 on six), put a 64 MiB
+//! file and make 100 partial writes (some across rows), reading everything back byte-identical
+//! while degraded;
 //! restart the servers, wait for resync to clear every mark, then kill `m` *other* servers and
 //! read everything again: right bytes now prove resync rebuilt the right units. The negative
 //! control runs the same with resync clearing marks without rebuilding, and must be caught.
@@ -93,8 +94,15 @@ async fn write_degraded(c: &mut Cluster, path: &str, k: u8, m: u8, down: &[u64])
 }
 
 /// The whole scenario; returns how the final read went (after resync and other servers killed).
-async fn scenario(name: &str, k: u8, m: u8, down: &[u64], others: &[u64], env: &[(&str, &str)]) -> Result<(), String> {
-    let mut c = Cluster::start_with_env(5, name, &["--resync-rate", "0"], env).await;
+async fn scenario(
+    name: &str,
+    servers: u64,
+    (k, m): (u8, u8),
+    down: &[u64],
+    others: &[u64],
+    env: &[(&str, &str)],
+) -> Result<(), String> {
+    let mut c = Cluster::start_with_env(servers, name, &["--resync-rate", "0"], env).await;
     c.wait_ready().await;
     let path = "/degraded";
     let model = write_degraded(&mut c, path, k, m, down).await;
@@ -103,7 +111,7 @@ async fn scenario(name: &str, k: u8, m: u8, down: &[u64], others: &[u64], env: &
     }
     until_resynced(&c, Duration::from_secs(120)).await;
     let mut rebuilt = 0;
-    for s in 1..=5 {
+    for s in 1..=servers {
         rebuilt += c.status(s).await.map_or(0, |s| s.resync_rows_done);
     }
     assert!(rebuilt > 0, "the marks cleared but no server resynced a row");
@@ -118,14 +126,14 @@ async fn scenario(name: &str, k: u8, m: u8, down: &[u64], others: &[u64], env: &
 #[test]
 fn writes_go_on_with_one_of_five_down_and_resync_rebuilds_the_returning_server() {
     serial(async {
-        scenario("degraded41", 4, 1, &[3], &[5], &[]).await.unwrap();
+        scenario("degraded41", 5, (4, 1), &[3], &[5], &[]).await.unwrap();
     });
 }
 
 #[test]
-fn writes_go_on_with_two_of_five_down_under_double_parity() {
+fn writes_go_on_with_two_of_six_down_under_double_parity() {
     serial(async {
-        scenario("degraded42", 3, 2, &[2, 4], &[3, 5], &[]).await.unwrap();
+        scenario("degraded42", 6, (4, 2), &[2, 4], &[3, 6], &[]).await.unwrap();
     });
 }
 
@@ -135,7 +143,7 @@ fn writes_go_on_with_two_of_five_down_under_double_parity() {
 fn a_resync_that_skips_the_marked_units_is_caught() {
     serial(async {
         let env = [("STRIPELOCK_TEST_BREAK_RESYNC_FOR_NEGATIVE_CONTROL", "1")];
-        let outcome = scenario("degradedneg", 4, 1, &[3], &[5], &env).await;
+        let outcome = scenario("degradedneg", 5, (4, 1), &[3], &[5], &env).await;
         assert!(outcome.is_err(), "resync skipped the marked units and every read was still right");
     });
 }
