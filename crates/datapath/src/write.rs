@@ -697,12 +697,8 @@ impl Stripes {
                 let in_file = stripe::units_in_file(l, row, size);
                 // Units on servers that are down (or marked stale) are written around: parity
                 // carries their new bytes until resync (issue 16).
-                // A consistent parity is trusted to rebuild a touched unit that cannot be read:
-                // parity a failed write left behind is marked stale (`repair_row`), so it reads
-                // as lost here. (Not covered: a writer that crashed between its data and parity
-                // writes, when every unit it wrote is unreadable now; the covers of any other
-                // unit it wrote show it.)
-                stripe::plan_degraded(l, &w, all, lvb, existing, in_file, true).map_err(|e| {
+                let trust = trust_parity(l, &w, &all, lvb, self.shared.stale_roles(f, row));
+                stripe::plan_degraded(l, &w, all, lvb, existing, in_file, trust).map_err(|e| {
                     RmwError::before(match e {
                         PlanError::Unreachable { .. } => ErrorCode::Unavailable.status(format!(
                             "row {row} of {} cannot be written while {e}; bring its server back or rebuild it onto \
@@ -896,6 +892,25 @@ impl Stripes {
             turns.remove(&hold.stripe);
         }
     }
+}
+
+/// Whether a degraded write may rebuild the touched data units it cannot read from a parity
+/// consistent with the units it can, although the stripe version does not say the parity is
+/// current (issue 16). Yes if every such unit is marked stale: the write that marked it wrote
+/// the parity after (a write that failed to has its parity marked too, and a coordinator that
+/// died between left the unit's old bytes both on its disk and in the parity). Yes for a row no
+/// stripe write has changed since its put (parity at version 1 over data units at 0 or 1).
+/// Otherwise no: the parity may be behind the unit by an interrupted write (the RAID write
+/// hole), and would rebuild bytes older than ones readers saw.
+fn trust_parity(l: &layout::Layout, w: &RowWrite, all: &[Fetched], lvb: Option<u64>, marked: u8) -> bool {
+    let k = l.data() as usize;
+    let unreadable_marked = w.touched(l).iter().all(|&j| matches!(all[j], Fetched::Ok(_)) || marked & (1 << j) != 0);
+    let parity: Vec<&layout::stripe::StoredUnit> =
+        all[k..].iter().filter_map(|u| if let Fetched::Ok(u) = u { Some(u) } else { None }).collect();
+    let as_put = lvb.is_none()
+        && !parity.is_empty()
+        && parity.iter().all(|p| p.version == 1 && p.covers.iter().all(|&c| c <= 1));
+    unreadable_marked || as_put
 }
 
 fn busy(req: &pb::StripeWrite) -> Status {

@@ -157,8 +157,17 @@ fn a_server_back_with_a_wiped_volume_is_rebuilt_in_full() {
         let mut c = Cluster::start_with(5, "degradedwipe", &["--resync-rate", "0"]).await;
         c.wait_ready().await;
         let path = "/wiped";
-        let model = write_degraded(&mut c, path, 4, 1, &[]).await;
+        let mut model = write_degraded(&mut c, path, 4, 1, &[]).await;
         c.kill(2);
+        // Writes go on at once with the server down, rows written by the put or by writes alike
+        // (nothing was marked stale before it went).
+        for (i, at) in [5u64 << 20, (13 << 20) + 4000, 40 << 20].into_iter().enumerate() {
+            let data = noise(70_000, 7000 + i as u64);
+            let out = run_at(&c, c.live(), &["write", path, "--offset", &at.to_string()], &data);
+            assert!(out.status.success(), "write at {at} with server 2 down: {}", String::from_utf8_lossy(&out.stderr));
+            model[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        }
+        check(&c, path, &model).unwrap();
         let units = c.servers[1].data.join("units");
         assert!(units.exists(), "no volume at {}", units.display());
         std::fs::remove_dir_all(&units).unwrap();
