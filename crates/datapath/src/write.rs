@@ -191,7 +191,7 @@ impl Stripes {
     }
 
     /// A client's write of `data` at `offset` of `path` (the Write call).
-    pub async fn write_at(&self, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
+    pub async fn write_at(self: &Arc<Self>, r: pb::WriteRequest) -> Result<pb::WriteReply, Status> {
         let write_bytes_max = self.shared.config.limits.write_bytes_max;
         if r.data.len() > write_bytes_max {
             return Err(ErrorCode::TooLarge.status(format!(
@@ -294,7 +294,7 @@ impl Stripes {
     }
 
     /// Hands one row's write to the server chosen for it (perhaps this one).
-    async fn delegate(&self, f: &FileMeta, part: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+    async fn delegate(self: &Arc<Self>, f: &FileMeta, part: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let stripe = (f.id, part.row);
         let mut candidates: Vec<u64> = f.layout.servers().to_vec();
         if !candidates.contains(&self.shared.id()) {
@@ -335,8 +335,19 @@ impl Stripes {
         result
     }
 
-    /// Carries out one row's write here (a WriteStripe call, or this gateway's own choice).
-    pub async fn write_stripe_here(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+    /// Carries out one row's write here (a WriteStripe call, or this gateway's own choice), in a
+    /// task of its own: a caller that gives up (a client's call cancelled, its connection cut)
+    /// does not cut the write off between its data and its parity, its repair, its marks or
+    /// the return of its stripe lock (the fault campaign found rows left with parity behind and
+    /// stripe locks kept by writes dropped half-way).
+    pub async fn write_stripe_here(self: &Arc<Self>, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
+        let this = self.clone();
+        tokio::spawn(async move { this.write_stripe_inner(req).await })
+            .await
+            .map_err(|e| ErrorCode::Internal.status(format!("a stripe write task failed: {e}")))?
+    }
+
+    async fn write_stripe_inner(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let end = req.offset.saturating_add(req.data.len() as u64);
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
         let f = self.shared.striped_file(&req.path)?;
