@@ -385,8 +385,12 @@ impl FilesService {
         let k = l.data() as usize;
         let roles: Vec<Role> = l.roles().collect();
         let mut report = pb::ScrubReport { rows: l.rows(f.size), ..Default::default() };
-        for row in 0..l.rows(f.size) {
-            let fetched = self.fetch_row(f, row).await;
+        // Rows are read a few at once (issue 16: scrub in parallel), checked in order.
+        use futures::StreamExt;
+        let mut rows = futures::stream::iter(0..l.rows(f.size))
+            .map(|row| async move { (row, self.fetch_row(f, row).await) })
+            .buffered(self.shared.config.limits.rows_in_flight.max(1));
+        while let Some((row, fetched)) = rows.next().await {
             if is_hole(l, &fetched) {
                 // No write ever reached the row: nothing to check.
                 continue;
@@ -707,10 +711,16 @@ impl pb::files_server::Files for FilesService {
             let mut rows = futures::stream::iter(0..l.rows(f.size))
                 .map(rebuild_row)
                 .buffer_unordered(self.shared.config.limits.rows_in_flight);
+            let started = tokio::time::Instant::now();
             while let Some(bytes) = rows.next().await {
                 let bytes = bytes?;
                 report.bytes += bytes;
                 report.units_rebuilt += u64::from(bytes > 0);
+                // `--rate`: no faster than asked, measured from the start.
+                if r.rate_bytes_per_s > 0 {
+                    let due = std::time::Duration::from_secs_f64(report.bytes as f64 / r.rate_bytes_per_s as f64);
+                    tokio::time::sleep_until(started + due).await;
+                }
             }
         }
         let mut servers = l.servers().to_vec();

@@ -732,7 +732,7 @@ pub fn scrub(prefix: &str, repair: bool, cluster: Option<&str>, json: bool) -> R
 
 /// `rebuild --server ID [--onto ID]`: every unit server ID held, regenerated from the rest of
 /// its row onto ID itself (its data volume replaced) or onto another server, then verified.
-pub fn rebuild(lost: u64, onto: Option<u64>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+pub fn rebuild(lost: u64, onto: Option<u64>, rate: Option<u64>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -758,7 +758,13 @@ pub fn rebuild(lost: u64, onto: Option<u64>, cluster: Option<&str>, json: bool) 
             let (session, grant) = lock(&addrs, &f.path, Mode::EX).await?;
             let token = grant.signed_token.clone();
             let result = async {
-                let req = pb::RebuildRequest { path: f.path.clone(), token: token.clone(), lost_server: lost, onto: onto.unwrap_or(0) };
+                let req = pb::RebuildRequest {
+                    path: f.path.clone(),
+                    token: token.clone(),
+                    lost_server: lost,
+                    onto: onto.unwrap_or(0),
+                    rate_bytes_per_s: rate.unwrap_or(0),
+                };
                 let r = client.rebuild(req).await.map_err(status_error)?.into_inner();
                 // Verify under the same lock: every unit readable and every row's parity right.
                 let check = pb::ScrubRequest { path: f.path.clone(), token, repair: false };
@@ -776,14 +782,20 @@ pub fn rebuild(lost: u64, onto: Option<u64>, cluster: Option<&str>, json: bool) 
             // one JSON line on standard output, and its standard error stays quiet).
             if !json {
                 clear_progress(json);
+                // The time left at the rate so far, from the bytes of the files left (each
+                // loses about one unit a row of its `servers.len()`).
+                let left: u64 = files[i + 1..].iter().map(|f| f.size / f.servers.len().max(1) as u64).sum();
+                let rate_now = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                let eta = if rate_now > 0.0 { left as f64 / rate_now } else { 0.0 };
                 eprintln!(
-                    "rebuild: {} of {} files done ({}: {} units, {}); {units} units, {} so far",
+                    "rebuild: {} of {} files done ({}: {} units, {}); {units} units, {} so far at {}/s, about {eta:.0} s left",
                     i + 1,
                     files.len(),
                     f.path,
                     r.units_rebuilt,
                     human(r.bytes),
-                    human(bytes)
+                    human(bytes),
+                    human(rate_now as u64)
                 );
             }
         }

@@ -387,6 +387,10 @@ enum Command {
         server: u64,
         #[arg(long)]
         onto: Option<u64>,
+        /// At most this much rebuilt a second, e.g. `100MiB` (default: as fast as it goes), so
+        /// clients keep the disks.
+        #[arg(long)]
+        rate: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -787,8 +791,9 @@ fn main() -> ExitCode {
         Command::Scrub { prefix, repair, cluster, json } => {
             report(files::scrub(&prefix, repair, cluster.as_deref(), json), json)
         }
-        Command::Rebuild { server, onto, cluster, json } => {
-            report(files::rebuild(server, onto, cluster.as_deref(), json), json)
+        Command::Rebuild { server, onto, rate, cluster, json } => {
+            let rate = rate.as_deref().map(size::parse_bytes).transpose();
+            report(rate.and_then(|rate| files::rebuild(server, onto, rate, cluster.as_deref(), json)), json)
         }
         Command::Locks { prefix, cluster, json } => report(cluster::locks(&prefix, cluster.as_deref(), json), json),
         Command::Status { cluster, json } => report(cluster::status(cluster.as_deref(), json), json),

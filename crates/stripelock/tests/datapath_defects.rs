@@ -445,6 +445,17 @@ async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honest
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["files"], 1);
+    // Issue 16: `--rate` keeps a rebuild to the pace asked for, and the progress says the time left.
+    let started = std::time::Instant::now();
+    let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string(), "--rate", "8KiB", "--json"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = report["bytes"].as_u64().unwrap();
+    assert!(bytes >= 8 << 10, "{report}");
+    let took = started.elapsed().as_secs_f64();
+    assert!(took >= 0.9 * (bytes as f64 / 8192.0), "{bytes} bytes at 8 KiB/s took {took:.2} s");
+    let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string()], b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("s left"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
