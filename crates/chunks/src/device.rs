@@ -14,6 +14,10 @@ pub trait Device: Send + Sync {
     fn delete(&self, name: &str) -> io::Result<()>;
     /// Every name, in order.
     fn list(&self) -> io::Result<Vec<String>>;
+    /// Deletes several blobs (a store may make them durable together).
+    fn delete_many(&self, names: &[String]) -> io::Result<()> {
+        names.iter().try_for_each(|n| self.delete(n))
+    }
 }
 
 impl<T: Device + ?Sized> Device for std::sync::Arc<T> {
@@ -31,6 +35,10 @@ impl<T: Device + ?Sized> Device for std::sync::Arc<T> {
 
     fn list(&self) -> io::Result<Vec<String>> {
         (**self).list()
+    }
+
+    fn delete_many(&self, names: &[String]) -> io::Result<()> {
+        (**self).delete_many(names)
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod device;
 pub mod fences;
+pub mod segments;
 
 use std::io;
 
@@ -17,6 +18,7 @@ pub use device::{Device, DirDevice, FaultyDevice, MemDevice};
 pub use fences::{FENCES_BLOB, FENCES_FORMAT_VERSION, FenceTable, Fences};
 use layout::Role;
 use lockengine::{ByteRange, Mode};
+pub use segments::{SegDevice, SegOptions};
 use token::{ClusterKey, SignedToken, TokenError};
 
 /// The record format this code writes and reads.
@@ -235,9 +237,14 @@ impl<D: Device> ChunkStore<D> {
 
     /// Reads a unit, checking its checksums. `None` if this server has never stored it.
     pub fn read(&self, id: &UnitId) -> Result<Option<Unit>, ChunkError> {
-        match self.device.get(&id.name())? {
-            None => Ok(None),
-            Some(b) => decode(id, &b).map(Some),
+        match self.device.get(&id.name()) {
+            Ok(None) => Ok(None),
+            Ok(Some(b)) => decode(id, &b).map(Some),
+            // The store's own checksum caught damage (the segment store): a unit to rebuild.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Err(ChunkError::Corrupt { unit: id.name(), what: e.to_string() })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -342,12 +349,9 @@ impl<D: Device> ChunkStore<D> {
 
     /// Deletes every unit of `file`.
     pub fn delete_file(&self, file: u64) -> Result<u64, ChunkError> {
-        let mut n = 0;
-        for id in self.units()?.into_iter().filter(|u| u.file == file) {
-            self.device.delete(&id.name())?;
-            n += 1;
-        }
-        Ok(n)
+        let names: Vec<String> = self.units()?.into_iter().filter(|u| u.file == file).map(|u| u.name()).collect();
+        self.device.delete_many(&names)?;
+        Ok(names.len() as u64)
     }
 
     /// Reads every unit and returns the ones that fail their checks.

@@ -8,8 +8,11 @@ use crate::lease::StorageEvent;
 /// How a server's data path is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The server's data directory; its units are kept in `units/` there.
+    /// The server's data directory; its units are kept in `volume/` there (the segment store),
+    /// or in `units/` (one file per unit).
     pub data_dir: PathBuf,
+    /// How this server keeps its units.
+    pub chunk_store: ChunkStoreKind,
     /// The secondary tier (seed 001): a directory every server of the cluster reaches, or S3.
     pub tier: tier::Place,
     /// Hold the migration-signal lock and serve file metadata relaxed while it is held
@@ -28,6 +31,29 @@ pub struct Config {
     pub limits: Limits,
     /// The outside world as the data path sees it; real by default, simulated in tests.
     pub env: Env,
+}
+
+/// How a server keeps its stripe units on its disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChunkStoreKind {
+    /// Append-only segments with group commit and a redb index (`volume/`; issue 16).
+    #[default]
+    Segments,
+    /// One file per unit, each put a temporary file, a sync and a rename (`units/`): slower,
+    /// but every unit is a file to look at.
+    Files,
+}
+
+impl std::str::FromStr for ChunkStoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ChunkStoreKind, String> {
+        match s {
+            "segments" => Ok(ChunkStoreKind::Segments),
+            "files" => Ok(ChunkStoreKind::Files),
+            other => Err(format!("`{other}` is not a chunk store: give `segments` (the default) or `files`")),
+        }
+    }
 }
 
 /// Every bound of the data path: what one request may carry, how much is kept in flight, and

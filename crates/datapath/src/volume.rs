@@ -55,19 +55,53 @@ fn volume_name(device: &dyn Device) -> std::io::Result<u64> {
     Ok(name)
 }
 
+/// Opens the chunk store of data directory `data`. A `units/` directory of files found by the
+/// segment store is moved into it, blob by blob (each durable before the directory goes), so a
+/// volume made by an older stripelock keeps its units; a segment volume is not read as files.
+fn open_device(data: &std::path::Path, kind: crate::ChunkStoreKind) -> std::io::Result<Arc<dyn Device>> {
+    let files = data.join("units");
+    let segments = data.join("volume");
+    match kind {
+        crate::ChunkStoreKind::Files => {
+            if segments.join("index.redb").exists() {
+                return Err(std::io::Error::other(format!(
+                    "{} holds a segment volume; start this server with --chunk-store segments (the default)",
+                    segments.display()
+                )));
+            }
+            Ok(Arc::new(chunks::DirDevice::open(&files)?))
+        }
+        crate::ChunkStoreKind::Segments => {
+            let device = chunks::SegDevice::open(&segments)?;
+            if files.is_dir() {
+                let old = chunks::DirDevice::open(&files)?;
+                let names = old.list()?;
+                tracing::info!("moving {} blobs of {} into the segment store", names.len(), files.display());
+                for name in &names {
+                    if let Some(bytes) = old.get(name)? {
+                        device.put(name, &bytes)?;
+                    }
+                }
+                std::fs::remove_dir_all(&files)?;
+            }
+            Ok(Arc::new(device))
+        }
+    }
+}
+
 /// Runs blocking volume work off the async threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ErrorCode::Internal.status(format!("storage task failed: {e}")))?
 }
 
 impl Volume {
-    /// Opens this server's volume (`DATA/units`, or the one the environment hands in) and
-    /// loads its fence table.
+    /// Opens this server's volume (`DATA/volume` or `DATA/units` as configured, or the one the
+    /// environment hands in) and loads its fence table.
     pub fn open(shared: Arc<Shared>) -> std::io::Result<Volume> {
         let (device, name): (Arc<dyn Device>, Option<u64>) = match &shared.config.env.volume {
             Some(v) => (v.clone(), None),
             None => {
-                let device = Arc::new(chunks::DirDevice::open(&shared.config.data_dir.join("units"))?);
+                let device = open_device(&shared.config.data_dir, shared.config.chunk_store)?;
                 let name = volume_name(&*device)?;
                 (device, Some(name))
             }

@@ -326,6 +326,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
                     migration_signal: false,
                     recall_on_read: false,
                     data_dir,
+                    chunk_store: server::ChunkStoreKind::default(),
                     tick_ms: 100,
                     orphan_grace_ms: 0,
                     storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,

@@ -248,7 +248,7 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
         // It goes down again and comes back with an empty volume: every unit of it is rebuilt.
         say("rebuild of a wiped server");
         b.kill(victim);
-        std::fs::remove_dir_all(b.dir.join(format!("server-{victim}/units")))?;
+        std::fs::remove_dir_all(b.dir.join(format!("server-{victim}/volume")))?;
         let before = b.leader_status().await?.resync_bytes;
         let child = b.spawn(victim)?;
         b.children[victim - 1] = Some(child);

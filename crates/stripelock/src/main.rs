@@ -1,6 +1,7 @@
 //! `stripelock`: one binary for servers, clients, debugging and benchmarks.
 
 mod bench;
+mod bench_crash;
 mod bench_io;
 mod bench_lease;
 mod bench_parity;
@@ -114,6 +115,11 @@ enum Command {
         /// `0` for no limit).
         #[arg(long)]
         resync_rate: Option<String>,
+        /// How this server keeps units on its disk: `segments` (default: append-only segment
+        /// files with group commit and a redb index, in DATA/volume) or `files` (one file per
+        /// unit in DATA/units; slower, each unit a file to look at).
+        #[arg(long, value_parser = ["segments", "files"])]
+        chunk_store: Option<String>,
         /// The secondary tier: a directory every server reaches (default: `tier` beside --data,
         /// shared by the servers of `up`), or s3://BUCKET (a build with `--features s3`; the
         /// credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
@@ -423,6 +429,15 @@ enum DebugCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The writer `bench chunk-crash` kills: overwrites units of a segment store at DIR from
+    /// four threads, printing `FILE ROW VERSION` after each put returns, until killed.
+    #[command(hide = true)]
+    ChunkWriter {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -574,6 +589,23 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The segment chunk store under kill -9: a writer is killed at random moments KILLS
+    /// times; after each, every unit must read back whole at its last acknowledged version (or
+    /// the put the kill cut short), never garbage. Exit 1 on any violation.
+    ChunkCrash {
+        #[arg(long, default_value_t = 50)]
+        kills: u64,
+        /// Stop after this many seconds even if fewer kills were made.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Where the volume lives (must not exist; removed afterwards).
+        #[arg(long, default_value = "stripelock-chunk-crash")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stripe parity throughput (XOR 4+1, P+Q 4+2, update, rebuild) beside a memory copy.
     Parity {
         /// Seconds to spend on each case.
@@ -704,6 +736,7 @@ fn main() -> ExitCode {
             lease_max_ms,
             lock_memory_budget,
             resync_rate,
+            chunk_store,
             tier,
             tier_endpoint,
             tier_region,
@@ -731,6 +764,7 @@ fn main() -> ExitCode {
                 lease_max_ms,
                 lock_memory_budget,
                 resync_rate,
+                chunk_store,
                 tier,
                 tier_endpoint,
                 tier_region,
@@ -884,6 +918,12 @@ fn main() -> ExitCode {
             };
             let args = faults_worker::WorkerArgs { id, cluster, dir, seconds, lease_ms, counters, file_bytes, hold };
             report(faults_worker::run(args), false)
+        }
+        Command::Debug { command: DebugCommand::ChunkWriter { dir, seed } } => {
+            report(bench_crash::writer(&dir, seed).map(|()| ExitCode::SUCCESS), false)
+        }
+        Command::Bench { command: BenchCommand::ChunkCrash { kills, seconds, dir, seed, json } } => {
+            report(bench_crash::campaign(kills, seconds, &dir, seed, json), json)
         }
         Command::Bench { command: BenchCommand::Io { size, dir, json } } => {
             report(bench_io::io(size, &dir, json).map(|()| ExitCode::SUCCESS), json)

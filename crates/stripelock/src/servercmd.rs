@@ -48,6 +48,7 @@ pub struct ServerArgs {
     pub lock_memory_budget: u64,
     /// Issue 16: resync's pace, bytes/s (0: no limit).
     pub resync_bytes_per_s: u64,
+    pub chunk_store: server::ChunkStoreKind,
     /// The secondary tier (default: the directory `tier` beside the data directory).
     pub tier: Option<tier::Place>,
     /// Seed 001: stripe a stub again in the background once it is read (default true).
@@ -90,6 +91,8 @@ pub struct ServerFile {
     /// Resync's pace per second while this server leads: `"100MiB"` (default 256MiB; `"0"`
     /// for no limit).
     pub resync_rate: Option<String>,
+    /// How units are kept on disk: `"segments"` (default) or `"files"` (one file per unit).
+    pub chunk_store: Option<String>,
     /// The secondary tier (seed 001): a directory every server reaches (default: `tier` beside
     /// the data directory, which the servers of `up` share), or `s3://BUCKET`.
     pub tier: Option<String>,
@@ -196,6 +199,10 @@ impl ServerArgs {
             lease_max_ms,
             lock_memory_budget,
             resync_bytes_per_s,
+            chunk_store: match flags.chunk_store.or(f.chunk_store) {
+                None => server::ChunkStoreKind::default(),
+                Some(text) => text.parse().map_err(|e: String| anyhow::anyhow!("chunk_store: {e}"))?,
+            },
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
@@ -313,6 +320,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
             migration_signal: true,
             recall_on_read: args.recall_on_read,
             data_dir,
+            chunk_store: args.chunk_store,
             tick_ms: args.tick_ms,
             orphan_grace_ms: args.orphan_grace_ms,
             storage_lease_ms: server::STORAGE_LEASE_MS_DEFAULT,

@@ -568,7 +568,7 @@ fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server() {
 /// of the layout is killed and rebuilt onto the sixth, and the file reads back identical with
 /// no row needing parity.
 async fn scrub_repairs_flipped_bytes_and_rebuild_replaces_a_lost_server_body() {
-    let mut c = Cluster::start(6, "scrub").await;
+    let mut c = Cluster::start_with(6, "scrub", &["--chunk-store", "files"]).await;
     let dir = c.dir.clone();
     let data = noise(3 << 20, 11);
     let local = dir.join("in.bin");

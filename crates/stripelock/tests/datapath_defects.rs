@@ -284,7 +284,7 @@ fn units_of_a_file_removed_while_their_server_was_down_are_collected() {
 /// (through scrubs and restarts). Each server now deletes, after a grace period, the units of
 /// files that are no longer in the namespace, and only those: a live file keeps every unit.
 async fn units_of_a_file_removed_while_their_server_was_down_are_collected_body() {
-    let mut c = Cluster::start_with(3, "orphans", &["--orphan-grace-ms", "300"]).await;
+    let mut c = Cluster::start_with(3, "orphans", &["--orphan-grace-ms", "300", "--chunk-store", "files"]).await;
     let keep = noise(20_000, 8);
     let flags = ["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"];
     let kept = put(&c, "/keep", &keep, &flags)["file"].as_u64().unwrap();
@@ -333,7 +333,7 @@ fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down() {
 /// wholly past the end are zeros, not lost: for reads, for a rebuild from parity, for a write
 /// that grows the file into them, and for scrub.
 async fn a_small_file_is_stored_short_and_reads_with_its_padding_servers_down_body() {
-    let mut c = Cluster::start_with(5, "small", &[]).await;
+    let mut c = Cluster::start_with(5, "small", &["--chunk-store", "files"]).await;
     let tiny = put(&c, "/tiny", b"x", &[]);
     let tiny_id = tiny["file"].as_u64().unwrap();
     let total: u64 = (1..=5).map(|s| bytes_on_disk(&c, s, tiny_id)).sum();
@@ -387,7 +387,7 @@ fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly() {
 /// over that row and the next lands in the next and says so. A rebuild prints a progress line a
 /// file on standard error, and none with --json.
 async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honestly_body() {
-    let mut c = Cluster::start_with(3, "partway", &[]).await;
+    let mut c = Cluster::start_with(3, "partway", &["--chunk-store", "files"]).await;
     let original = noise(24 << 10, 12);
     let stat = put(&c, "/p", &original, &["--stripe-unit", "4KiB", "--data", "2", "--parity", "1"]);
     let file = stat["file"].as_u64().unwrap();

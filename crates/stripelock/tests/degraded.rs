@@ -168,7 +168,7 @@ fn a_server_back_with_a_wiped_volume_is_rebuilt_in_full() {
             model[at as usize..at as usize + data.len()].copy_from_slice(&data);
         }
         check(&c, path, &model).unwrap();
-        let units = c.servers[1].data.join("units");
+        let units = c.servers[1].data.join("volume");
         assert!(units.exists(), "no volume at {}", units.display());
         std::fs::remove_dir_all(&units).unwrap();
         c.spawn(2, false);

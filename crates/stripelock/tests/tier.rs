@@ -44,7 +44,8 @@ async fn tier_bytes_read(c: &Cluster) -> u64 {
 fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
     serial(async {
         // Stubs stay stubs when read here (the background recall has a test of its own).
-        let c = Cluster::start_with(3, "tier-roundtrip", &["--recall-on-read", "false"]).await;
+        let c =
+            Cluster::start_with(3, "tier-roundtrip", &["--recall-on-read", "false", "--chunk-store", "files"]).await;
         let data = noise(64 << 20, 41);
         let local = c.dir.join("big.in");
         std::fs::write(&local, &data).unwrap();
@@ -433,7 +434,7 @@ fn a_paused_migrator_cannot_commit_its_stub() {
 #[test]
 fn a_read_of_a_stub_recalls_it_in_the_background_once() {
     serial(async {
-        let c = Cluster::start(3, "tier-recall-on-read").await;
+        let c = Cluster::start_with(3, "tier-recall-on-read", &["--chunk-store", "files"]).await;
         let data = noise(48 << 20, 5);
         let local = c.dir.join("r.in");
         std::fs::write(&local, &data).unwrap();
