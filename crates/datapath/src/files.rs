@@ -380,7 +380,14 @@ impl FilesService {
             .map_err(|e| wire::reword(&e, format!("row {row} {} on server {server}: {}", role_name(role), e.message())))
     }
 
-    async fn scrub_file(&self, path: &str, f: &FileMeta, repair: bool, token: &str) -> pb::ScrubReport {
+    async fn scrub_file(
+        &self,
+        path: &str,
+        f: &FileMeta,
+        repair: bool,
+        token: &str,
+        rate_bytes_per_s: u64,
+    ) -> pb::ScrubReport {
         let l = &f.layout;
         let k = l.data() as usize;
         let roles: Vec<Role> = l.roles().collect();
@@ -390,7 +397,13 @@ impl FilesService {
         let mut rows = futures::stream::iter(0..l.rows(f.size))
             .map(|row| async move { (row, self.fetch_row(f, row).await) })
             .buffered(self.shared.config.limits.rows_in_flight.max(1));
+        let started = tokio::time::Instant::now();
         while let Some((row, fetched)) = rows.next().await {
+            // `--rate`: no faster than asked, measured from the start.
+            if rate_bytes_per_s > 0 {
+                let due = std::time::Duration::from_secs_f64(report.bytes_checked as f64 / rate_bytes_per_s as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
             if is_hole(l, &fetched) {
                 // No write ever reached the row: nothing to check.
                 continue;
@@ -652,7 +665,7 @@ impl pb::files_server::Files for FilesService {
                 ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
             );
         }
-        Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token).await))
+        Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token, r.rate_bytes_per_s).await))
     }
 
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildReport>, Status> {

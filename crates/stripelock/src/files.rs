@@ -623,10 +623,32 @@ async fn list_files(client: &mut FilesClient<Channel>, prefix: &str) -> Result<V
         .files)
 }
 
-/// One line of progress over files, on a terminal.
-fn file_progress(json: bool, what: &str, i: usize, n: usize, path: &str) {
+/// Files a scrub or rebuild works on at once.
+const FILES_IN_FLIGHT: usize = 4;
+
+/// `work` on each file, `FILES_IN_FLIGHT` at once, as they finish.
+fn each_file<'a, T, F, Fut>(files: &'a [pb::FileStat], work: F) -> impl futures::Stream<Item = Result<T>> + 'a
+where
+    F: FnMut(&'a pb::FileStat) -> Fut + 'a,
+    Fut: std::future::Future<Output = Result<T>> + 'a,
+{
+    futures::StreamExt::buffer_unordered(futures::StreamExt::map(futures::stream::iter(files), work), FILES_IN_FLIGHT)
+}
+
+/// One line of progress over files, on a terminal: files and bytes done, the rate so far and
+/// the time left at it.
+#[allow(clippy::too_many_arguments)]
+fn progress(json: bool, what: &str, done: usize, n: usize, path: &str, bytes: u64, all: u64, started: Instant) {
     if !json && std::io::stderr().is_terminal() {
-        eprint!("\r{what}: file {} of {n} ({path}){:20}", i + 1, "");
+        let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        let left = if rate > 0.0 { all.saturating_sub(bytes) as f64 / rate } else { 0.0 };
+        eprint!(
+            "\r{what}: {done} of {n} files ({path}), {} of {} at {}/s, about {left:.0} s left{:10}",
+            human(bytes),
+            human(all),
+            human(rate as u64),
+            ""
+        );
     }
 }
 
@@ -639,28 +661,37 @@ fn clear_progress(json: bool) {
 /// `scrub [PREFIX] [--repair]`: every unit of every file checked against its checksums and its
 /// row's parity; with `--repair`, what is damaged is rewritten from the redundancy left.
 /// Exit 0 when nothing is (left) wrong, 1 when something is, 2 on an error.
-pub fn scrub(prefix: &str, repair: bool, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
+pub fn scrub(prefix: &str, repair: bool, rate: Option<u64>, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
     let addrs = cluster_addrs(cluster)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let mut client = files_client(&addrs).await?;
-        let files = list_files(&mut client, prefix).await?;
+        let files: Vec<pb::FileStat> = list_files(&mut client, prefix).await?.into_iter().filter(|f| f.complete).collect();
         let started = Instant::now();
         let mut total = pb::ScrubReport::default();
         let mut per_file = Vec::new();
-        for (i, f) in files.iter().enumerate() {
-            if !f.complete {
-                continue;
-            }
-            file_progress(json, "scrub", i, files.len(), &f.path);
-            let (session, grant) = lock(&addrs, &f.path, if repair { Mode::EX } else { Mode::PR }).await?;
-            let r = client
-                .scrub(pb::ScrubRequest { path: f.path.clone(), token: grant.signed_token.clone(), repair })
-                .await
-                .map_err(status_error);
-            let _ = session.unlock(grant.lock).await;
-            session.close().await;
-            let r = r.with_context(|| format!("scrub of {} failed", f.path))?.into_inner();
+        let all_bytes: u64 = files.iter().map(|f| f.size).sum();
+        let (addrs, client) = (&addrs, &client);
+        // Several files at once (issue 16), each under its own lock; `--rate` is shared out.
+        let share = FILES_IN_FLIGHT.min(files.len()).max(1) as u64;
+        let mut scrubs = std::pin::pin!(each_file(&files, |f| async move {
+                let (session, grant) = lock(addrs, &f.path, if repair { Mode::EX } else { Mode::PR }).await?;
+                let req = pb::ScrubRequest {
+                    path: f.path.clone(),
+                    token: grant.signed_token.clone(),
+                    repair,
+                    rate_bytes_per_s: rate.map_or(0, |r| (r / share).max(1)),
+                };
+                let r = client.clone().scrub(req).await.map_err(status_error);
+                let _ = session.unlock(grant.lock).await;
+                session.close().await;
+                Ok::<_, anyhow::Error>((f, r.with_context(|| format!("scrub of {} failed", f.path))?.into_inner()))
+            }));
+        let mut done_bytes = 0;
+        while let Some(next) = scrubs.next().await {
+            let (f, r) = next?;
+            done_bytes += f.size;
+            progress(json, "scrub", per_file.len() + 1, files.len(), &f.path, done_bytes, all_bytes, started);
             total.rows += r.rows;
             total.units_checked += r.units_checked;
             total.bytes_checked += r.bytes_checked;
@@ -753,28 +784,36 @@ pub fn rebuild(lost: u64, onto: Option<u64>, rate: Option<u64>, cluster: Option<
         }
         let started = Instant::now();
         let (mut units, mut bytes, mut mismatches) = (0u64, 0u64, Vec::new());
-        for (i, f) in files.iter().enumerate() {
-            file_progress(json, "rebuild", i, files.len(), &f.path);
-            let (session, grant) = lock(&addrs, &f.path, Mode::EX).await?;
-            let token = grant.signed_token.clone();
-            let result = async {
-                let req = pb::RebuildRequest {
-                    path: f.path.clone(),
-                    token: token.clone(),
-                    lost_server: lost,
-                    onto: onto.unwrap_or(0),
-                    rate_bytes_per_s: rate.unwrap_or(0),
-                };
-                let r = client.rebuild(req).await.map_err(status_error)?.into_inner();
-                // Verify under the same lock: every unit readable and every row's parity right.
-                let check = pb::ScrubRequest { path: f.path.clone(), token, repair: false };
-                let s = client.scrub(check).await.map_err(status_error)?.into_inner();
-                Ok::<_, anyhow::Error>((r, s))
-            }
-            .await;
-            let _ = session.unlock(grant.lock).await;
-            session.close().await;
-            let (r, s) = result.with_context(|| format!("rebuilding {} failed", f.path))?;
+        let (addrs, client) = (&addrs, &client);
+        // Several files at once (issue 16), each under its own lock; `--rate` is shared out.
+        let share = FILES_IN_FLIGHT.min(files.len()).max(1) as u64;
+        let mut rebuilds = std::pin::pin!(each_file(&files, |f| async move {
+                let (session, grant) = lock(addrs, &f.path, Mode::EX).await?;
+                let token = grant.signed_token.clone();
+                let mut client = client.clone();
+                let result = async {
+                    let req = pb::RebuildRequest {
+                        path: f.path.clone(),
+                        token: token.clone(),
+                        lost_server: lost,
+                        onto: onto.unwrap_or(0),
+                        rate_bytes_per_s: rate.map_or(0, |r| (r / share).max(1)),
+                    };
+                    let r = client.rebuild(req).await.map_err(status_error)?.into_inner();
+                    // Verify under the same lock: every unit readable and every row's parity right.
+                    let check = pb::ScrubRequest { path: f.path.clone(), token, repair: false, rate_bytes_per_s: 0 };
+                    let s = client.scrub(check).await.map_err(status_error)?.into_inner();
+                    Ok::<_, anyhow::Error>((r, s))
+                }
+                .await;
+                let _ = session.unlock(grant.lock).await;
+                session.close().await;
+                Ok::<_, anyhow::Error>((f, result.with_context(|| format!("rebuilding {} failed", f.path))?))
+            }));
+        let mut done = 0;
+        while let Some(next) = rebuilds.next().await {
+            let (f, (r, s)) = next?;
+            done += 1;
             units += r.units_rebuilt;
             bytes += r.bytes;
             mismatches.extend(s.damaged.iter().chain(&s.parity_mismatches).map(|m| format!("{}: {m}", f.path)));
@@ -784,12 +823,13 @@ pub fn rebuild(lost: u64, onto: Option<u64>, rate: Option<u64>, cluster: Option<
                 clear_progress(json);
                 // The time left at the rate so far, from the bytes of the files left (each
                 // loses about one unit a row of its `servers.len()`).
-                let left: u64 = files[i + 1..].iter().map(|f| f.size / f.servers.len().max(1) as u64).sum();
+                let all: u64 = files.iter().map(|f| f.size / f.servers.len().max(1) as u64).sum();
+                let left = all.saturating_sub(bytes);
                 let rate_now = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 let eta = if rate_now > 0.0 { left as f64 / rate_now } else { 0.0 };
                 eprintln!(
                     "rebuild: {} of {} files done ({}: {} units, {}); {units} units, {} so far at {}/s, about {eta:.0} s left",
-                    i + 1,
+                    done,
                     files.len(),
                     f.path,
                     r.units_rebuilt,

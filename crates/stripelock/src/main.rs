@@ -381,6 +381,10 @@ enum Command {
         prefix: String,
         #[arg(long)]
         repair: bool,
+        /// At most this much checked a second, e.g. `100MiB` (default: as fast as it goes), so
+        /// clients keep the disks.
+        #[arg(long)]
+        rate: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -822,8 +826,9 @@ fn main() -> ExitCode {
         Command::Recall { paths, cluster, json } => {
             report(tiercmd::run(tiercmd::Action::Recall, &paths, cluster.as_deref(), json), json)
         }
-        Command::Scrub { prefix, repair, cluster, json } => {
-            report(files::scrub(&prefix, repair, cluster.as_deref(), json), json)
+        Command::Scrub { prefix, repair, rate, cluster, json } => {
+            let rate = rate.as_deref().map(size::parse_bytes).transpose();
+            report(rate.and_then(|rate| files::scrub(&prefix, repair, rate, cluster.as_deref(), json)), json)
         }
         Command::Rebuild { server, onto, rate, cluster, json } => {
             let rate = rate.as_deref().map(size::parse_bytes).transpose();

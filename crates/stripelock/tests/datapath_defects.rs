@@ -456,6 +456,16 @@ async fn part_way_failures_say_what_was_done_and_scrub_and_rebuild_report_honest
     assert!(took >= 0.9 * (bytes as f64 / 8192.0), "{bytes} bytes at 8 KiB/s took {took:.2} s");
     let out = run_at(&c, gateway, &["rebuild", "--server", &x.to_string()], b"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("s left"), "{}", String::from_utf8_lossy(&out.stderr));
+    // And a scrub: paced after each row by the bytes checked so far (the last row is not waited for).
+    let started = std::time::Instant::now();
+    let out = run_at(&c, gateway, &["scrub", "--rate", "16KiB", "--json"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = report["bytes_checked"].as_u64().unwrap();
+    assert!(bytes >= 32 << 10, "{report}");
+    let took = started.elapsed().as_secs_f64();
+    let due = (bytes - 3 * 4096) as f64 / 16384.0;
+    assert!(took >= 0.9 * due, "{bytes} bytes at 16 KiB/s took {took:.2} s");
 }
 
 #[test]
