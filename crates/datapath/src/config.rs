@@ -44,14 +44,19 @@ pub enum ChunkStoreKind {
     Files,
 }
 
-impl std::str::FromStr for ChunkStoreKind {
-    type Err = String;
+/// A chunk store named that is neither.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a chunk store: give `segments` (the default) or `files`")]
+pub struct UnknownChunkStore(pub String);
 
-    fn from_str(s: &str) -> Result<ChunkStoreKind, String> {
+impl std::str::FromStr for ChunkStoreKind {
+    type Err = UnknownChunkStore;
+
+    fn from_str(s: &str) -> Result<ChunkStoreKind, UnknownChunkStore> {
         match s {
             "segments" => Ok(ChunkStoreKind::Segments),
             "files" => Ok(ChunkStoreKind::Files),
-            other => Err(format!("`{other}` is not a chunk store: give `segments` (the default) or `files`")),
+            other => Err(UnknownChunkStore(other.to_string())),
         }
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 pub use config::{
     ChunkStoreKind, Config, DEFAULT_UNIT, Env, FILE_BYTES_MAX_DEFAULT, Limits, MESSAGE_BYTES_MAX,
-    ORPHAN_GRACE_MS_DEFAULT, RESYNC_BYTES_PER_S_DEFAULT, WRITE_BYTES_MAX, human_bytes,
+    ORPHAN_GRACE_MS_DEFAULT, RESYNC_BYTES_PER_S_DEFAULT, UnknownChunkStore, WRITE_BYTES_MAX, human_bytes,
 };
 pub use errors::{chunk_code, row_code};
 pub use lease::{STORAGE_LEASE_MS_DEFAULT, StorageEvent};

@@ -16,7 +16,7 @@ pub use lockservice::{
     ApplyEvent, CLIENT_LOCK_BITS, LEASE_MS_MAX, LEASE_MS_MIN, SECRET_FILE, client_lock_id, seed_thread_rng,
 };
 
-pub use datapath::{ChunkStoreKind, Config as DataConfig, Env as DataEnv, Limits as DataLimits};
+pub use datapath::{ChunkStoreKind, Config as DataConfig, Env as DataEnv, Limits as DataLimits, UnknownChunkStore};
 pub use lockservice::quota::Quota;
 pub use lockservice::{Config as LockConfig, Env as LockEnv};
 pub use tier::Place as TierPlace;

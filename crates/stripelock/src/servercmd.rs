@@ -201,7 +201,9 @@ impl ServerArgs {
             resync_bytes_per_s,
             chunk_store: match flags.chunk_store.or(f.chunk_store) {
                 None => server::ChunkStoreKind::default(),
-                Some(text) => text.parse().map_err(|e: String| anyhow::anyhow!("chunk_store: {e}"))?,
+                Some(text) => {
+                    text.parse().map_err(|e: server::UnknownChunkStore| anyhow::anyhow!("chunk_store: {e}"))?
+                }
             },
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),

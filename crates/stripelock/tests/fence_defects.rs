@@ -182,3 +182,62 @@ fn negative_control_without_the_storage_fence_stale_bytes_land() {
         assert!(o.now == expected, "the stale bytes did not land as expected");
     });
 }
+
+/// Issue 16 (docs/reliability.md, finding 6): a row's stripe write runs in a task of its own.
+/// A caller that gives up while its write is under way (its call dropped while the server
+/// holds the write after its lock check, as a cut connection or a client killed mid-call does)
+/// must not take the write with it: the row's stripe lock is given back or kept cached, and the
+/// next write to that row goes through at once. When the handler ran the write itself, dropping
+/// it left the stripe lock held by the server and the row stalled for good.
+#[test]
+fn a_write_whose_caller_gives_up_does_not_leave_its_row_locked() {
+    serial(async {
+        let c = Cluster::start_with_env(3, "fence-cancelled", &[], &[(HOLD_ENV, "2000")]).await;
+        let old = noise(2 * ROW, 12);
+        let local = c.dir.join("put.bin");
+        std::fs::write(&local, &old).unwrap();
+        let put = run_at(
+            &c,
+            1,
+            &["put", local.to_str().unwrap(), "/f", "--stripe-unit", "4KiB", "--data", "2", "--parity", "1"],
+            b"",
+        );
+        assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+        let s = Session::open(&c.addrs(), 10_000).await.unwrap();
+        let g = s.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
+        let write = |offset: usize, data: Vec<u8>| pb::WriteRequest {
+            path: "/f".into(),
+            token: g.signed_token.clone(),
+            offset: offset as u64,
+            data: data.into(),
+        };
+        // The first write is held at the server carrying it out; its caller gives up.
+        let mut gateway = files_at(&c, 1).await;
+        let first = (0, vec![0xaa; 100]);
+        let req = write(first.0, first.1.clone());
+        let call = tokio::spawn(async move { gateway.write(req).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!call.is_finished(), "the write was not held: {:?}", call.await);
+        call.abort();
+        // Past the hold, a write to the same row must go through promptly.
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        let second = (200, vec![0xbb; 100]);
+        let mut gateway = files_at(&c, 1).await;
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), gateway.write(write(second.0, second.1.clone())))
+            .await
+            .expect("the row stayed locked after its first write's caller gave up")
+            .expect("the second write");
+        let took = started.elapsed();
+        let now = read_with(&c, 2, "/f", &g.signed_token).await;
+        s.unlock(g.lock).await.unwrap();
+        s.close().await;
+        assert!(took < Duration::from_secs(5), "the second write took {took:?}");
+        // The abandoned write landed whole or not at all; the second one landed.
+        let with_second = splice(old.clone(), &second);
+        assert!(
+            now == with_second || now == splice(with_second.clone(), &first),
+            "the row holds neither the old bytes nor the abandoned write's around the second write"
+        );
+    });
+}
