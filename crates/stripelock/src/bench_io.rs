@@ -148,6 +148,59 @@ fn raw_write(dir: &Path, bytes: usize, block: &[u8]) -> Result<f64> {
     Ok(rate)
 }
 
+/// 4 KiB writes at random 4 KiB-aligned places of a 64 MiB file, each followed by
+/// fdatasync, for `SMALL_SECONDS`: the raw rate of small synced writes. Writes per second.
+fn raw_small_writes(dir: &Path) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("raw-small.bin");
+    let f = std::fs::File::create(&path)?;
+    f.set_len(64 << 20)?;
+    f.sync_all()?;
+    let block = [0x5au8; 4096];
+    let (mut x, mut n) = (0x2545_f491_4f6c_dd1du64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < SMALL_SECONDS && n < SMALL_MAX {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.write_all_at(&block, (x % (16 << 10)) * 4096)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// How long each small-write figure runs, and at most how many writes.
+const SMALL_SECONDS: Duration = Duration::from_secs(3);
+const SMALL_MAX: u64 = 100_000;
+
+/// 4 KiB writes at random 4 KiB-aligned places of `path` (`bytes` long), one at a time under
+/// one EX lock, each acknowledged (durable on every server it touched) before the next, for
+/// `SMALL_SECONDS`. Writes per second.
+async fn small_writes(b: &Bench, path: &str, bytes: usize) -> Result<f64> {
+    let (s, g) = lock(&b.addrs, path, Mode::EX).await?;
+    let mut client = files_client(&b.addrs).await?;
+    let data = bytes::Bytes::from(vec![0xa5u8; 4096]);
+    let (mut x, mut n) = (0x9e37_79b9_7f4a_7c15u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < SMALL_SECONDS && n < SMALL_MAX {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offset = (x % (bytes as u64 / 4096)) * 4096;
+        let req = pb::WriteRequest { path: path.into(), token: g.signed_token.clone(), offset, data: data.clone() };
+        client.write(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = s.unlock(g.lock).await;
+    s.close().await;
+    Ok(rate)
+}
+
 async fn put(b: &Bench, path: &str, bytes: usize, block: &[u8]) -> Result<f64> {
     let (s, g) = lock(&b.addrs, path, Mode::EX).await?;
     let mut client = files_client(&b.addrs).await?;
@@ -193,6 +246,8 @@ async fn get(b: &Bench, path: &str) -> Result<(f64, u64)> {
 struct Figures {
     write: f64,
     read: f64,
+    /// 4 KiB partial writes a second.
+    small: f64,
     degraded: f64,
     rebuilt_rows: u64,
     degraded_write: f64,
@@ -221,6 +276,7 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
     let mut b = Bench::start(dir)?;
     say("raw disk");
     let raw = raw_write(dir, bytes, &block)?;
+    let raw_small = raw_small_writes(dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let f = rt.block_on(async {
         b.ready().await?;
@@ -228,6 +284,8 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
         let write = put(&b, "/bench/io", bytes, &block).await?;
         say("striped read");
         let (read, _) = get(&b, "/bench/io").await?;
+        say("small writes");
+        let small = small_writes(&b, "/bench/io", bytes).await?;
         // A server other than the leader goes down.
         let leader = b.leader().await? as usize;
         let victim = (1..=SERVERS).find(|s| *s != leader).expect("five servers");
@@ -259,6 +317,7 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
         Ok::<_, anyhow::Error>(Figures {
             write,
             read,
+            small,
             degraded,
             rebuilt_rows,
             degraded_write,
@@ -274,6 +333,7 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
     let Figures {
         write,
         read,
+        small,
         degraded,
         rebuilt_rows,
         degraded_write,
@@ -299,6 +359,8 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
                 "degraded_write_mbps": mb(degraded_write), "rows_marked_stale": marked,
                 "resync_mbps": mb(resync), "resync_bytes": resync_bytes, "resync_wall_s": resync_wall.as_secs_f64(),
                 "rebuild_mbps": mb(rebuild), "rebuild_bytes": rebuild_bytes, "rebuild_wall_s": rebuild_wall.as_secs_f64(),
+                "small_writes_per_s": small, "raw_small_synced_writes_per_s": raw_small,
+                "small_vs_raw": small / raw_small,
                 "write_vs_raw": write / raw, "degraded_vs_read": degraded / read,
                 "degraded_write_vs_write": degraded_write / write, "resync_vs_raw": resync / raw,
                 "rebuild_vs_raw": rebuild / raw,
@@ -327,6 +389,13 @@ pub fn io(size_mib: usize, dir: &Path, json: bool) -> Result<()> {
             write / raw
         );
         println!("{:<46} {:>9.0} MB/s", "striped read 4+1", mb(read));
+        println!("{:<46} {:>9.0} /s", "raw 4 KiB write + fdatasync, random places", raw_small);
+        println!(
+            "{:<46} {:>9.0} /s    {:.2}x raw 4 KiB synced writes (one at a time, each acknowledged)",
+            "striped 4 KiB partial writes",
+            small,
+            small / raw_small
+        );
         println!(
             "{:<46} {:>9.0} MB/s  {:.2}x normal read (goal >= 0.8x); {rebuilt_rows} rows rebuilt",
             "read with one server down",
