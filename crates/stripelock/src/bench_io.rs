@@ -160,10 +160,7 @@ fn raw_small_writes(dir: &Path) -> Result<f64> {
     let (mut x, mut n) = (0x2545_f491_4f6c_dd1du64, 0u64);
     let start = Instant::now();
     while start.elapsed() < SMALL_SECONDS && n < SMALL_MAX {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        f.write_all_at(&block, (x % (16 << 10)) * 4096)?;
+        f.write_all_at(&block, (xorshift(&mut x) % (16 << 10)) * 4096)?;
         f.sync_data()?;
         n += 1;
     }
@@ -171,6 +168,13 @@ fn raw_small_writes(dir: &Path) -> Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(rate)
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 /// How long each small-write figure runs, and at most how many writes.
@@ -187,10 +191,7 @@ async fn small_writes(b: &Bench, path: &str, bytes: usize) -> Result<f64> {
     let (mut x, mut n) = (0x9e37_79b9_7f4a_7c15u64, 0u64);
     let start = Instant::now();
     while start.elapsed() < SMALL_SECONDS && n < SMALL_MAX {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let offset = (x % (bytes as u64 / 4096)) * 4096;
+        let offset = (xorshift(&mut x) % (bytes as u64 / 4096)) * 4096;
         let req = pb::WriteRequest { path: path.into(), token: g.signed_token.clone(), offset, data: data.clone() };
         client.write(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         n += 1;

@@ -46,6 +46,21 @@ async fn read_with(c: &Cluster, gateway: u64, path: &str, token: &str) -> Vec<u8
     out
 }
 
+/// Puts `/f`: two rows of 2+1 with 4 KiB units, of noise from `seed`; returns its bytes.
+fn put_two_rows(c: &Cluster, seed: u64) -> Vec<u8> {
+    let old = noise(2 * ROW, seed);
+    let local = c.dir.join("put.bin");
+    std::fs::write(&local, &old).unwrap();
+    let put = run_at(
+        c,
+        1,
+        &["put", local.to_str().unwrap(), "/f", "--stripe-unit", "4KiB", "--data", "2", "--parity", "1"],
+        b"",
+    );
+    assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+    old
+}
+
 /// What happened to the held write of a client whose session was fenced meanwhile.
 struct Outcome {
     /// The held write's answer.
@@ -67,16 +82,7 @@ async fn held_write_of_a_fenced_client(name: &str, skip_storage_fence: bool) -> 
     }
     let c = Cluster::start_with_env(3, name, &[], &env).await;
     let cluster = c.addrs().join(",");
-    let old = noise(2 * ROW, 11);
-    let local = c.dir.join("put.bin");
-    std::fs::write(&local, &old).unwrap();
-    let put = run_at(
-        &c,
-        1,
-        &["put", local.to_str().unwrap(), "/f", "--stripe-unit", "4KiB", "--data", "2", "--parity", "1"],
-        b"",
-    );
-    assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+    let old = put_two_rows(&c, 11);
 
     // Client A: `stripelock lock /f` (EX over the whole file, a 1 s lease) whose command hands
     // its token to the test.
@@ -193,16 +199,7 @@ fn negative_control_without_the_storage_fence_stale_bytes_land() {
 fn a_write_whose_caller_gives_up_does_not_leave_its_row_locked() {
     serial(async {
         let c = Cluster::start_with_env(3, "fence-cancelled", &[], &[(HOLD_ENV, "2000")]).await;
-        let old = noise(2 * ROW, 12);
-        let local = c.dir.join("put.bin");
-        std::fs::write(&local, &old).unwrap();
-        let put = run_at(
-            &c,
-            1,
-            &["put", local.to_str().unwrap(), "/f", "--stripe-unit", "4KiB", "--data", "2", "--parity", "1"],
-            b"",
-        );
-        assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+        let old = put_two_rows(&c, 12);
         let s = Session::open(&c.addrs(), 10_000).await.unwrap();
         let g = s.lock("/f", 0..u64::MAX, Mode::EX, LockOptions::default()).await.unwrap();
         let write = |offset: usize, data: Vec<u8>| pb::WriteRequest {
