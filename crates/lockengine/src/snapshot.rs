@@ -194,6 +194,10 @@ impl Engine {
         // Every range the tables hold is non-empty (an interval map refuses an empty one).
         let ranged = |r: &ByteRange| if r.start < r.end { Ok(()) } else { Err(Inconsistent("an empty byte range")) };
         for l in &snapshot.locks {
+            // Before anything is indexed under its id: a second entry would be indexed twice.
+            if e.locks.get(&l.lock).is_some() {
+                return Err(Inconsistent("a lock appears twice"));
+            }
             if let Some((_, range, _)) = &l.grant {
                 ranged(range)?;
             }
@@ -231,9 +235,6 @@ impl Engine {
                 revoke_sent: l.revoke_sent,
                 value: l.value.clone().map(Vec::into_boxed_slice),
             };
-            if e.locks.get(&l.lock).is_some() {
-                return Err(Inconsistent("a lock appears twice"));
-            }
             e.locks.insert(l.lock, lock);
         }
         for v in &snapshot.values {

@@ -134,3 +134,21 @@ fn restore_refuses_a_posix_wait_listed_twice() {
     let Err(err) = Engine::restore(&twice) else { panic!("a wait listed twice restored") };
     assert!(err.to_string().contains("appears twice"), "{err}");
 }
+
+/// Found by the same fuzz target (its 10M-run pass): a snapshot listing one lock id twice, both
+/// granted, indexed the second grant under an id the range index already held, which panicked
+/// ("indexed twice") before the duplicate was noticed. Refused now before anything is indexed.
+#[test]
+fn restore_refuses_a_lock_listed_twice_before_indexing_it() {
+    let mut e = Engine::default();
+    let s = SessionId(1);
+    e.step(0, Input::OpenSession { session: s, lease_ms: 10_000 });
+    let range = ByteRange { start: 0, end: 10 };
+    e.step(1, Input::Lock { lock: LockId(1), session: s, resource: "l".into(), range, mode: Mode::PR, nowait: false });
+    let good = e.snapshot();
+    Engine::restore(&good).expect("the snapshot as taken restores");
+    let mut twice = good.clone();
+    twice.locks.push(good.locks[0].clone());
+    let Err(err) = Engine::restore(&twice) else { panic!("a lock listed twice restored") };
+    assert!(err.to_string().contains("appears twice"), "{err}");
+}
