@@ -204,3 +204,50 @@ fn a_server_back_with_a_wiped_volume_is_rebuilt_in_full() {
         check(&c, path, &model).unwrap();
     });
 }
+
+/// Issue 16: a volume of unit files (`--chunk-store files`, the only store before) is moved into
+/// the segment store when its server starts with the default: the file reads back
+/// byte-identical with `units/` gone from every server; a segment volume is then refused by
+/// `--chunk-store files`, saying which store to start with.
+#[test]
+fn a_volume_of_unit_files_moves_into_segments_when_its_server_starts() {
+    serial(async {
+        let mut c = Cluster::start_with(3, "chunkmove", &["--chunk-store", "files"]).await;
+        c.wait_ready().await;
+        let data = noise((3 << 20) + 12_345, 77);
+        let local = c.dir.join("move.in");
+        std::fs::write(&local, &data).unwrap();
+        let out = run_at(&c, 1, &["put", local.to_str().unwrap(), "/moved"], b"");
+        assert!(out.status.success(), "put: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(c.servers.iter().all(|s| s.data.join("units").is_dir()), "the files store keeps units/");
+        for id in 1..=3 {
+            c.kill(id);
+        }
+        c.extra.clear();
+        for id in 1..=3 {
+            c.spawn(id, false);
+        }
+        c.wait_ready().await;
+        check(&c, "/moved", &data).unwrap();
+        for s in &c.servers {
+            assert!(!s.data.join("units").exists(), "server {}'s units/ was not moved", s.id);
+            assert!(s.data.join("volume").join("index.redb").exists(), "server {} has no segment volume", s.id);
+        }
+        // Back to files: refused, with the way out.
+        c.kill(3);
+        c.extra = vec!["--chunk-store".into(), "files".into()];
+        c.spawn(3, false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let log = c.servers[2].data.join("server.log");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("holds a segment volume") {
+                assert!(text.contains("--chunk-store segments"), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "server 3 started on a segment volume as files: {text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.extra.clear();
+    });
+}
