@@ -31,6 +31,8 @@ pub struct ServerConfig {
     /// Mutual TLS on the gRPC port (issue 15): this server's identity and its cluster's CA,
     /// which every client and peer must present a certificate of; `None` serves plain HTTP/2.
     pub tls: Option<wire::Tls>,
+    /// With `tls`, who may use the HTTP port: certified clients only, or any client over TLS.
+    pub http_clients: wire::HttpClients,
 }
 
 /// Runs a server on its TCP listen address until `stop` turns true.
@@ -72,6 +74,13 @@ where
         })?),
         None => None,
     };
+    let http_tls = match (&config.tls, &http) {
+        (Some(tls), Some(_)) => Some(
+            tls.http_acceptor(config.http_clients)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+        ),
+        _ => None,
+    };
     let node = lockservice::Node::start(config.locks).await?;
     let locks = lockservice::LockService::new(node.clone());
     let data = datapath::DataPath::open(Arc::new(NodeLocks(node.clone())), config.data)?;
@@ -81,7 +90,7 @@ where
         let source = std::sync::Arc::new(web::WebSource { node: node.clone(), locks: locks.clone() });
         let stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = ::web::serve(listener, source, stop).await {
+            if let Err(e) = ::web::serve(listener, http_tls, source, stop).await {
                 tracing::error!("the HTTP server stopped: {e}");
             }
         });

@@ -303,6 +303,7 @@ fn run_here(seed: u64, cfg: &ClusterConfig) -> Result<ClusterReport, Violation> 
             let config = ServerConfig {
                 http: None,
                 tls: None,
+                http_clients: Default::default(),
                 locks: LockConfig {
                     id,
                     listen: ([0, 0, 0, 0], PORT).into(),

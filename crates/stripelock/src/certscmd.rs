@@ -74,7 +74,13 @@ pub fn issue_in(dir: &Path, name: &str, how: Issue) -> Result<()> {
         format!("{} has no CA key; run `stripelock certs init --dir {}` first", dir.display(), dir.display())
     })?;
     let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&ca_key).context("ca.key is not a PEM key")?);
-    let sans = if how.server { vec![wire::SERVER_NAME.to_string()] } else { Vec::new() };
+    // A server's certificate also names this host's loopback, for a browser or curl on the
+    // status page of a local cluster (the gRPC clients check `stripelock-server`).
+    let sans = if how.server {
+        vec![wire::SERVER_NAME.to_string(), "localhost".to_string(), "127.0.0.1".to_string()]
+    } else {
+        Vec::new()
+    };
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name.push(DnType::CommonName, name);
     p.extended_key_usages = if how.server {

@@ -139,10 +139,16 @@ enum Command {
         /// `older-than=30d,larger-than=1MiB,under=/archive,every=1h` (as `tier run` does).
         #[arg(long)]
         tier_policy: Option<String>,
-        /// Serve Prometheus metrics (/metrics) and the status page (/) over HTTP on this
-        /// address, e.g. 127.0.0.1:9100 (default: none).
+        /// Serve Prometheus metrics (/metrics) and the status page (/) on this address, e.g.
+        /// 127.0.0.1:9100 (default: none); over HTTPS with the server's certificate when the
+        /// server has TLS.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// With TLS, who may use the HTTP port: `certified` (clients presenting a certificate of
+        /// the cluster's CA: mutual TLS, the default) or `any` (any client over TLS, such as a
+        /// browser; `up` uses it for its loopback cluster).
+        #[arg(long, value_parser = ["certified", "any"])]
+        http_clients: Option<String>,
         /// What each client identity (its certificate's name; `anonymous` without TLS) may use:
         /// e.g. sessions=100,locks=100000,rps=5000 (open sessions in the cluster; locks held or
         /// waiting and lock requests per second on this server). Default: no limit.
@@ -747,6 +753,7 @@ fn main() -> ExitCode {
             recall_on_read,
             tier_policy,
             http,
+            http_clients,
             insecure,
             quota,
             break_stale_write_check_for_negative_control,
@@ -775,6 +782,7 @@ fn main() -> ExitCode {
                 recall_on_read,
                 tier_policy,
                 http,
+                http_clients,
                 tls_dir: cli.tls_dir.clone(),
                 insecure: insecure.then_some(true),
                 quota,

@@ -59,6 +59,8 @@ pub struct ServerArgs {
     pub http: Option<SocketAddr>,
     /// Mutual TLS (issue 15); `None` only when asked for with `insecure`.
     pub tls: Option<wire::Tls>,
+    /// With TLS, who may use the HTTP port.
+    pub http_clients: wire::HttpClients,
     /// Each client identity's quota.
     pub quota: server::Quota,
     /// Tests only: see `Env::break_stale_write_check_for_negative_control`.
@@ -107,6 +109,9 @@ pub struct ServerFile {
     pub tier_policy: Option<String>,
     /// Where metrics (`/metrics`) and the status page (`/`) are served over HTTP.
     pub http: Option<SocketAddr>,
+    /// With TLS, who may use the HTTP port: `"certified"` (a certificate of the cluster's CA,
+    /// the default) or `"any"` (any client, over TLS: a browser on this host).
+    pub http_clients: Option<String>,
     /// Mutual TLS with this directory's CA and `server` certificate.
     pub tls_dir: Option<PathBuf>,
     /// Plain HTTP/2 without TLS, said on purpose.
@@ -208,6 +213,10 @@ impl ServerArgs {
             tier,
             recall_on_read: flags.recall_on_read.or(f.recall_on_read).unwrap_or(true),
             http: flags.http.or(f.http),
+            http_clients: match flags.http_clients.or(f.http_clients) {
+                None => wire::HttpClients::default(),
+                Some(text) => text.parse().map_err(|e: String| anyhow::anyhow!("http_clients: {e}"))?,
+            },
             quota: match flags.quota.or(f.quota) {
                 Some(q) => server::Quota::parse(&q)?,
                 None => Default::default(),
@@ -291,6 +300,7 @@ pub fn server(args: ServerArgs) -> Result<ExitCode> {
     let config = ServerConfig {
         tls: args.tls.clone(),
         http: args.http,
+        http_clients: args.http_clients,
         locks: server::LockConfig {
             id: args.id,
             listen,

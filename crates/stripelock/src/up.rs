@@ -119,7 +119,9 @@ impl Slot {
         writeln!(log, "--- stripelock up (pid {}) starts server {}", std::process::id(), self.id)?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["server", "--id", &self.id.to_string(), "--data"]).arg(&self.dir_abs).args(["--peers", peers]);
-        cmd.args(["--http", &self.http]).arg("--tls-dir").arg(&self.tls_dir);
+        // The status page on this host's loopback takes any browser (over TLS): a browser has no
+        // certificate of the cluster's CA.
+        cmd.args(["--http", &self.http, "--http-clients", "any"]).arg("--tls-dir").arg(&self.tls_dir);
         if self.id == 1 {
             cmd.arg("--bootstrap");
         }
@@ -224,7 +226,7 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
         let list: Vec<_> = slots
             .iter()
             .map(|s| {
-                let page = format!("http://{}/", s.http);
+                let page = format!("https://{}/", s.http);
                 serde_json::json!({"id": s.id, "address": s.addr, "data": s.dir, "pid": s.pid(), "status_page": page})
             })
             .collect();
@@ -233,11 +235,15 @@ pub fn up(servers: u32, data: &Path, json: bool) -> Result<ExitCode> {
         println!("{:<4} {:<22} {:<8} {:<30} data", "id", "address", "pid", "status page and /metrics");
         for s in &slots {
             let pid = s.pid().map_or("-".to_string(), |p| p.to_string());
-            println!("{:<4} {:<22} {pid:<8} {:<30} {}", s.id, s.addr, format!("http://{}/", s.http), s.dir.display());
+            println!("{:<4} {:<22} {pid:<8} {:<30} {}", s.id, s.addr, format!("https://{}/", s.http), s.dir.display());
         }
         println!("\ncluster: {}  (written to {})", addrs.join(","), cluster_file.display());
         println!("try:     stripelock lock /jobs/nightly -- sleep 5     (from this directory)");
         println!("watch:   stripelock top, or the status pages above in a browser");
+        println!(
+            "         (HTTPS with certificates of this cluster's own CA, {}: import it, or accept the warning)",
+            slots.first().map_or_else(String::new, |s| s.tls_dir.join("ca.pem").display().to_string())
+        );
         println!("stop:    Ctrl-C  (a server that fails is restarted; its log is DIR/server-N/server.log)");
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

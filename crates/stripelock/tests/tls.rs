@@ -25,6 +25,18 @@ fn status_with(c: &Cluster, env: &[(&str, &std::path::Path)], name: Option<&str>
     cmd.args(["lock", "/tls/probe", "--nowait", "--cluster", &c.addrs().join(","), "--", "true"]).output().unwrap()
 }
 
+/// `curl` of `url` with these extra arguments: whether it answered 200, and what curl said.
+fn curl(url: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl (installed by .ci/run)");
+    let said = format!("{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && out.stdout == b"200", said)
+}
+
 #[test]
 fn only_certificates_of_the_clusters_ca_in_date_get_in() {
     serial(async {
@@ -59,12 +71,31 @@ fn only_certificates_of_the_clusters_ca_in_date_get_in() {
             assert!(why.contains("no server of the cluster answered"), "{what}: {why}");
         }
 
+        // The HTTP port (metrics, status page) is TLS too, and by default mutual: our client's
+        // certificate gets in; none, another CA's, or plain HTTP do not.
+        let metrics = format!("https://{}/metrics", c.servers[0].http);
+        let pem = |dir: &std::path::Path, f: &str| dir.join(f).to_str().unwrap().to_string();
+        let (ca, cert, key_file) = (pem(&ours, "ca.pem"), pem(&ours, "client.pem"), pem(&ours, "client.key"));
+        let (ok, said) = curl(&metrics, &["--cacert", &ca, "--cert", &cert, "--key", &key_file]);
+        assert!(ok, "our client on the HTTP port: {said}");
+        let (theirs_cert, theirs_key) = (pem(&theirs, "client.pem"), pem(&theirs, "client.key"));
+        for (what, args) in [
+            ("no certificate", vec!["--cacert", &ca]),
+            ("another cluster's certificate", vec!["--cacert", &ca, "--cert", &theirs_cert, "--key", &theirs_key]),
+        ] {
+            let (ok, said) = curl(&metrics, &args);
+            assert!(!ok, "{what} got into the HTTP port: {said}");
+        }
+        let (ok, said) = curl(&format!("http://{}/metrics", c.servers[0].http), &[]);
+        assert!(!ok, "plain HTTP got into the HTTP port: {said}");
+
         // A client of ours does not talk to another cluster's server either: a lone server of
         // theirs, asked with our certificates, is refused by the client.
-        let lone_port = free_port();
+        let (lone_port, lone_http) = (free_port(), format!("127.0.0.1:{}", free_port()));
         let lone_dir = base.join("lone");
         let mut lone = std::process::Command::new(&*EXE)
             .args(["server", "--id", "1", "--peers", &format!("1=127.0.0.1:{lone_port}"), "--bootstrap"])
+            .args(["--http", &lone_http, "--http-clients", "any"])
             .arg("--data")
             .arg(&lone_dir)
             .arg("--tls-dir")
@@ -96,6 +127,13 @@ fn only_certificates_of_the_clusters_ca_in_date_get_in() {
             .output()
             .unwrap();
         assert!(!ours_to_theirs.status.success(), "our client talked to another cluster's server");
+        // With `--http-clients any` (as `up` runs) its HTTP port takes a browser without a
+        // certificate, still over TLS with the server's certificate.
+        let page = format!("https://{lone_http}/");
+        let (ok, said) = curl(&page, &["--cacert", &pem(&theirs, "ca.pem")]);
+        assert!(ok, "--http-clients any, no client certificate: {said}");
+        let (ok, said) = curl(&page, &["--cacert", &ca]);
+        assert!(!ok, "the server's certificate is checked against the CA the client trusts: {said}");
         let _ = lone.kill();
         let _ = lone.wait();
 

@@ -38,9 +38,10 @@ type Shared = Arc<dyn Source>;
 /// The page: HTML, its style and its script in one document (no outside files).
 const PAGE: &str = include_str!("page.html");
 
-/// Serves the pages on `listener` until `stop` turns true.
+/// Serves the pages on `listener` until `stop` turns true: over TLS with `tls`, plain without.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     source: Shared,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -52,11 +53,87 @@ pub async fn serve(
         .route("/api/resource", get(resource))
         .route("/api/waitfor.svg", get(wait_for))
         .with_state(source);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let until_stop = {
+        let mut stop = stop.clone();
+        async move {
             let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
+        }
+    };
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(until_stop).await,
+        Some(acceptor) => {
+            let local = listener.local_addr()?;
+            let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKES_WAITING);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = handshakes(listener, acceptor, tx) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+            axum::serve(TlsListener { rx, local }, app).with_graceful_shutdown(until_stop).await
+        }
+    }
+}
+
+/// Finished handshakes the server has not taken yet, at most.
+const HANDSHAKES_WAITING: usize = 64;
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+type TlsConn = (tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::net::SocketAddr);
+
+/// Accepts TCP connections and runs each one's handshake in a task of its own (a slow or
+/// silent client holds up nobody), handing on those that finish. A client refused (no
+/// certificate, another CA's, out of date) is dropped with the reason logged.
+async fn handshakes(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: tokio::sync::mpsc::Sender<TlsConn>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!("the HTTP port cannot accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send((tls, peer)).await;
+                }
+                Ok(Err(e)) => tracing::info!("HTTP client {peer} refused: {e}"),
+                Err(_) => tracing::info!("HTTP client {peer} did not finish its TLS handshake in time"),
+            }
+        });
+    }
+}
+
+/// The connections [`handshakes`] finished, as axum takes them.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<TlsConn>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accepting task stopped (the server is stopping): wait for the shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 fn json(v: serde_json::Value) -> impl IntoResponse {

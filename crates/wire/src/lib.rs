@@ -146,6 +146,72 @@ impl Tls {
     }
 }
 
+/// Who may use a server's HTTP port (metrics, status page) when the server runs with TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HttpClients {
+    /// Only clients presenting a certificate of the cluster's CA (mutual TLS, the default).
+    #[default]
+    Certified,
+    /// Any client, certificate or none (still over TLS): a browser on the server's own host.
+    Any,
+}
+
+impl std::str::FromStr for HttpClients {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "certified" => Ok(HttpClients::Certified),
+            "any" => Ok(HttpClients::Any),
+            _ => Err(format!("`{s}` is not `certified` or `any`")),
+        }
+    }
+}
+
+/// A TLS directory whose files do not make a TLS setup.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS from {dir}: {reason}")]
+pub struct TlsBad {
+    pub dir: String,
+    pub reason: String,
+}
+
+impl Tls {
+    /// What the HTTP port accepts connections with: this server's certificate, and (for
+    /// [`HttpClients::Certified`]) a client certificate of the cluster's CA required.
+    pub fn http_acceptor(&self, clients: HttpClients) -> Result<tokio_rustls::TlsAcceptor, TlsBad> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |reason: String| TlsBad { dir: self.dir.display().to_string(), reason };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let certs = |pem: &[u8], what: &str| {
+            CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("{what} is not a PEM certificate: {e}")))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&self.ca, "ca.pem")? {
+            roots.add(ca).map_err(|e| bad(format!("ca.pem: {e}")))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone());
+        let verifier = match clients {
+            HttpClients::Certified => verifier,
+            HttpClients::Any => verifier.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| bad(format!("ca.pem: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad(format!("the server key: {e}")))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(&self.cert, "the server certificate")?, key)
+            .map_err(|e| bad(e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    }
+}
+
 static TLS: std::sync::OnceLock<Tls> = std::sync::OnceLock::new();
 
 /// From now on this process connects over mutual TLS as `tls` (once; a second call keeps the
