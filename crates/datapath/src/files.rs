@@ -392,6 +392,7 @@ impl FilesService {
         let k = l.data() as usize;
         let roles: Vec<Role> = l.roles().collect();
         let mut report = pb::ScrubReport { rows: l.rows(f.size), ..Default::default() };
+        let running = crate::progress::Running::start(crate::progress::Work::Scrub);
         // Rows are read a few at once (issue 16: scrub in parallel), checked in order.
         use futures::StreamExt;
         let mut rows = futures::stream::iter(0..l.rows(f.size))
@@ -417,6 +418,7 @@ impl FilesService {
                     Fetched::Ok(_) => {
                         report.units_checked += 1;
                         report.bytes_checked += l.unit() as u64;
+                        running.done(l.unit() as u64);
                     }
                     Fetched::Missing(_) if absent(i) => {}
                     Fetched::Damaged(why) | Fetched::Missing(why) => report.damaged.push(why.clone()),
@@ -721,12 +723,14 @@ impl pb::files_server::Files for FilesService {
         };
         {
             use futures::StreamExt;
+            let running = crate::progress::Running::start(crate::progress::Work::Rebuild);
             let mut rows = futures::stream::iter(0..l.rows(f.size))
                 .map(rebuild_row)
                 .buffer_unordered(self.shared.config.limits.rows_in_flight);
             let started = tokio::time::Instant::now();
             while let Some(bytes) = rows.next().await {
                 let bytes = bytes?;
+                running.done(bytes);
                 report.bytes += bytes;
                 report.units_rebuilt += u64::from(bytes > 0);
                 // `--rate`: no faster than asked, measured from the start.
@@ -784,10 +788,13 @@ impl pb::files_server::Files for FilesService {
         }
         let row_bytes = f.layout.row_bytes();
         let (path, meta) = (&r.path, &f);
+        let running = crate::progress::Running::start(crate::progress::Work::Migrate);
+        let running = &running;
         let rows = futures::stream::iter(0..f.size.div_ceil(row_bytes))
             .map(|row| async move {
                 let (mut data, _) = self.read_row(path, meta, row, false).await?;
                 data.truncate((meta.size - row * row_bytes).min(row_bytes) as usize);
+                running.done(data.len() as u64);
                 Ok(bytes::Bytes::from(data))
             })
             .buffered(self.shared.config.limits.rows_in_flight);

@@ -17,6 +17,7 @@ mod lease;
 mod lockcache;
 mod locks;
 mod names;
+mod progress;
 mod resync;
 mod shared;
 mod signal;

@@ -40,6 +40,8 @@ pub struct Stats {
     pub sessions_fencing: u64,
     pub resources: u64,
     pub locks_granted: u64,
+    /// Granted locks their holders keep idle in their caches (seed 002), among `locks_granted`.
+    pub locks_cached: u64,
     pub requests_waiting: u64,
     pub last_token: Token,
 }
@@ -202,6 +204,7 @@ impl Engine {
             sessions_fencing: self.sessions.values().filter(|s| s.fencing).count() as u64,
             resources: self.names.len() as u64,
             locks_granted: self.locks.values().filter(|l| l.grant.is_some()).count() as u64,
+            locks_cached: self.locks.values().filter(|l| l.grant.is_some() && l.cached).count() as u64,
             requests_waiting: waiting as u64,
             last_token: self.last_token,
         }

@@ -774,6 +774,7 @@ impl pb::locks_server::Locks for LockService {
             sessions_fencing: stats.sessions_fencing,
             resources: stats.resources,
             locks_granted: stats.locks_granted,
+            locks_cached: stats.locks_cached,
             requests_waiting: stats.requests_waiting,
             last_token: stats.last_token,
             log_entries: self.node.machine.store().log_len().unwrap_or(0),

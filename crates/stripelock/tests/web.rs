@@ -126,6 +126,40 @@ fn metrics_the_status_page_in_a_browser_and_top_show_a_holder_and_its_waiter() {
         holder.unlock(held.lock).await.unwrap();
         let (waiter, g) = waiting.await.unwrap();
         assert!(g.is_ok(), "the waiter is granted once the holder lets go");
+
+        // A lock kept idle in its holder's cache is counted as cached; a scrub's bytes are
+        // counted as its progress, on the server that carried it out.
+        let kept = holder.lock("/web/cached", 0..1, Mode::PR, LockOptions::default()).await.unwrap();
+        holder.cache(kept.lock).await.unwrap();
+        let gauge = |m: &str, name: &str| -> f64 {
+            m.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gauge(&http_get(&c.servers[0].http, "/metrics"), "stripelock_locks_cached ") < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "the cached lock was not counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let local = c.dir.join("web.in");
+        std::fs::write(&local, vec![7u8; 3 << 20]).unwrap();
+        cli(&c, &["put", local.to_str().unwrap(), "/web/file"]);
+        cli(&c, &["scrub", "/web/file"]);
+        let scrubbed: f64 = c
+            .servers
+            .iter()
+            .map(|s| gauge(&http_get(&s.http, "/metrics"), "stripelock_work_bytes_total{work=\"scrub\"}"))
+            .sum();
+        assert!(scrubbed >= (3 << 20) as f64, "scrub's progress: {scrubbed} bytes counted");
+        for s in &c.servers {
+            let m = http_get(&s.http, "/metrics");
+            assert_eq!(
+                gauge(&m, "stripelock_work_running{work=\"scrub\"}"),
+                0.0,
+                "no scrub runs once it is done:\n{m}"
+            );
+        }
         waiter.close().await;
         holder.close().await;
     });

@@ -49,6 +49,7 @@ pub fn render(s: &pb::StatusReply, follower_lag: &[(u64, u64)]) -> String {
     g("stripelock_sessions_fencing", s.sessions_fencing as f64);
     g("stripelock_resources", s.resources as f64);
     g("stripelock_locks_held", s.locks_granted as f64);
+    g("stripelock_locks_cached", s.locks_cached as f64);
     g("stripelock_locks_waiting", s.requests_waiting as f64);
     g("stripelock_lock_memory_used_bytes", s.lock_memory_used as f64);
     g("stripelock_lock_memory_budget_bytes", s.lock_memory_budget as f64);

@@ -156,13 +156,18 @@ pub enum HttpClients {
     Any,
 }
 
+/// A setting of who may use the HTTP port that is neither `certified` nor `any`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not `certified` or `any`")]
+pub struct UnknownHttpClients(pub String);
+
 impl std::str::FromStr for HttpClients {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownHttpClients;
+    fn from_str(s: &str) -> Result<Self, UnknownHttpClients> {
         match s {
             "certified" => Ok(HttpClients::Certified),
             "any" => Ok(HttpClients::Any),
-            _ => Err(format!("`{s}` is not `certified` or `any`")),
+            _ => Err(UnknownHttpClients(s.to_string())),
         }
     }
 }
