@@ -4,6 +4,14 @@
 //! where each session's client text ends with ` [as NAME]`), and on this server the locks its
 //! sessions attached here hold or wait for, and its requests per second. Over a quota, the
 //! request is refused with the quota code and a sentence naming the quota; nobody else notices.
+//!
+//! A refusal is cheap, but a client that retries at once can send thousands a second and take
+//! the server's time from everyone else. So refusals of one identity that follow each other
+//! within a second are answered late, each twice as late as the one before, from 5 ms up to
+//! 200 ms (a backoff the server enforces; a client waiting for its answer sends no more; below
+//! the 250 ms a client waits for an answer at the least before it asks another server),
+//! for at most [`HELD_MAX`] requests of one identity at once (beyond, at once: held requests
+//! cost memory).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -76,11 +84,26 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(name.to_string())
 }
 
+/// Refusals of one identity held back at once, at most.
+pub const HELD_MAX: u32 = 256;
+/// The first and the longest hold of a refusal.
+const HOLD_FIRST: std::time::Duration = std::time::Duration::from_millis(5);
+const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(200);
+/// Refusals this far apart are not in a row.
+const IN_A_ROW: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Usage {
     locks: u64,
     tokens: f64,
     refilled: Instant,
+    /// Session opens admitted here and not yet applied (so opens at once cannot all pass).
+    opening: u64,
+    /// Refusals in a row (each within a second of the last), the last one's time, and how
+    /// many are held back now.
+    refusals: u32,
+    refused: Option<Instant>,
+    held: u32,
 }
 
 /// This server's count of each identity's locks and request rate.
@@ -102,6 +125,10 @@ impl QuotaBook {
             locks: 0,
             tokens: burst,
             refilled: Instant::now(),
+            opening: 0,
+            refusals: 0,
+            refused: None,
+            held: 0,
         });
         f(u)
     }
@@ -137,12 +164,73 @@ impl QuotaBook {
         }
     }
 
-    /// A new session of `identity`, which has `open` sessions in the cluster now.
-    pub fn admit_session(&self, identity: &str, open: u64) -> Result<(), QuotaError> {
-        match self.quota.sessions {
-            Some(max) if open >= max => Err(QuotaError::Sessions { identity: identity.to_string(), open }),
-            _ => Ok(()),
+    /// A new session of `identity`, which has `open` sessions in the cluster now (as applied
+    /// here): admitted if those and the opens this server admitted and has not seen applied
+    /// yet are under the quota. Keep the slot until the open is applied (or failed).
+    pub fn admit_session(&self, identity: &str, open: u64) -> Result<OpeningSlot<'_>, QuotaError> {
+        let Some(max) = self.quota.sessions else {
+            return Ok(OpeningSlot { book: self, identity: None });
+        };
+        self.with(identity, |u| {
+            if open + u.opening >= max {
+                return Err(QuotaError::Sessions { identity: identity.to_string(), open: open + u.opening });
+            }
+            u.opening += 1;
+            Ok(())
+        })?;
+        Ok(OpeningSlot { book: self, identity: Some(identity.to_string()) })
+    }
+
+    /// How long to hold back a refusal of `identity` now, and the hold (keep it while waiting).
+    pub fn hold_refusal(&self, identity: &str) -> (std::time::Duration, Option<HeldRefusal<'_>>) {
+        let now = Instant::now();
+        self.with(identity, |u| {
+            u.refusals = match u.refused {
+                Some(at) if now.duration_since(at) < IN_A_ROW => u.refusals.saturating_add(1),
+                _ => 0,
+            };
+            u.refused = Some(now);
+            if u.held >= HELD_MAX {
+                return (std::time::Duration::ZERO, None);
+            }
+            u.held += 1;
+            let hold = HOLD_FIRST.saturating_mul(1 << u.refusals.min(7)).min(HOLD_MAX);
+            (hold, Some(HeldRefusal { book: self, identity: identity.to_string() }))
+        })
+    }
+
+    /// Waits out the hold of a refusal of `identity` (see the module's note).
+    pub async fn delay_refusal(&self, identity: &str) {
+        let (hold, _held) = self.hold_refusal(identity);
+        tokio::time::sleep(hold).await;
+    }
+}
+
+/// A session open admitted and not yet applied; dropping it ends the reservation.
+#[derive(Debug)]
+pub struct OpeningSlot<'a> {
+    book: &'a QuotaBook,
+    identity: Option<String>,
+}
+
+impl Drop for OpeningSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = &self.identity {
+            self.book.with(id, |u| u.opening = u.opening.saturating_sub(1));
         }
+    }
+}
+
+/// A refusal being held back; dropping it frees its place.
+#[derive(Debug)]
+pub struct HeldRefusal<'a> {
+    book: &'a QuotaBook,
+    identity: String,
+}
+
+impl Drop for HeldRefusal<'_> {
+    fn drop(&mut self) {
+        self.book.with(&self.identity, |u| u.held = u.held.saturating_sub(1));
     }
 }
 
@@ -175,6 +263,38 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         book.admit_lock("a").unwrap();
         assert!(book.admit_session("a", 2).is_err() && book.admit_session("a", 1).is_ok());
+    }
+
+    #[test]
+    fn opens_admitted_and_not_yet_applied_count_against_the_quota() {
+        let book = QuotaBook::new(Quota { sessions: Some(2), ..Default::default() });
+        let first = book.admit_session("a", 0).unwrap();
+        let second = book.admit_session("a", 0).unwrap();
+        // Two opens on their way: a third is refused though none is applied yet.
+        assert!(book.admit_session("a", 0).unwrap_err().to_string().contains("2 sessions"));
+        assert!(book.admit_session("b", 0).is_ok(), "another identity is not held back");
+        drop(first);
+        // The first was applied: one open and one on its way.
+        assert!(book.admit_session("a", 1).is_err());
+        drop(second);
+        assert!(book.admit_session("a", 1).is_ok());
+    }
+
+    #[tokio::test]
+    async fn refusals_in_a_row_are_held_back_longer_up_to_200_ms_and_in_bounded_number() {
+        let book = QuotaBook::new(Quota::default());
+        let holds: Vec<_> = (0..9).map(|_| book.hold_refusal("a").0.as_millis()).collect();
+        assert_eq!(holds, [5, 10, 20, 40, 80, 160, 200, 200, 200]);
+        assert_eq!(book.hold_refusal("b").0.as_millis(), 5, "each identity its own");
+        // A second without a refusal starts again from the first hold.
+        tokio::time::sleep(IN_A_ROW + std::time::Duration::from_millis(100)).await;
+        assert_eq!(book.hold_refusal("a").0.as_millis(), 5);
+        // At most HELD_MAX held at once: beyond, refused at once.
+        let held: Vec<_> = (0..HELD_MAX).map(|_| book.hold_refusal("c")).collect();
+        assert!(held.iter().all(|(_, h)| h.is_some()));
+        assert_eq!(book.hold_refusal("c").0, std::time::Duration::ZERO);
+        drop(held);
+        assert!(book.hold_refusal("c").1.is_some(), "the places are free again");
     }
 
     #[test]

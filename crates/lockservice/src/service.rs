@@ -489,16 +489,23 @@ impl pb::locks_server::Locks for LockService {
             s
         } else {
             let mut client: String = open.client_name.chars().take(128).collect();
+            let mut opening = None;
             if identity != ANONYMOUS || quota.quota.sessions.is_some() {
                 let suffix = identity_suffix(&identity);
                 let open_now = node.machine.state().clients.values().filter(|c| c.ends_with(&suffix)).count();
-                quota
-                    .admit_session(&identity, open_now as u64)
-                    .map_err(|why| ErrorCode::Quota.status(why.to_string()))?;
+                match quota.admit_session(&identity, open_now as u64) {
+                    Ok(slot) => opening = Some(slot),
+                    Err(why) => {
+                        metrics::counter!("stripelock_quota_refusals_total").increment(1);
+                        quota.delay_refusal(&identity).await;
+                        return Err(ErrorCode::Quota.status(why.to_string()));
+                    }
+                }
                 client.push_str(&suffix);
             }
             let reply = node.propose(Op::OpenSession { lease_ms, client }, None).await.map_err(|e| e.status())?;
             node.applied(reply.index).await;
+            drop(opening);
             reply.session.ok_or_else(|| ErrorCode::Internal.status("no session number in the reply"))?
         };
         // Attached before the resync reads the table, so nothing applied after it is missed. (A
@@ -659,9 +666,15 @@ impl pb::locks_server::Locks for LockService {
                             pb::Rejected { code: 0, message: why.to_string(), error: ErrorCode::Quota.into() };
                         let m = pb::ServerMessage { request_id: request, body: Some(Down::Rejected(rejected)) };
                         let ack = pb::ServerMessage { request_id: request, body: Some(Down::Ack(pb::Ack {})) };
-                        if up_tx.send(Ok(m)).await.is_err() || up_tx.send(Ok(ack)).await.is_err() {
-                            break None;
-                        }
+                        // Answered late (the quota module says why), while the session's other
+                        // requests go on.
+                        let (quota, identity, up_tx) = (quota.clone(), identity.clone(), up_tx.clone());
+                        tokio::spawn(async move {
+                            quota.delay_refusal(&identity).await;
+                            if up_tx.send(Ok(m)).await.is_ok() {
+                                let _ = up_tx.send(Ok(ack)).await;
+                            }
+                        });
                         continue;
                     }
                 }

@@ -13,6 +13,7 @@ mod faults_history;
 mod faults_net;
 mod faults_worker;
 mod files;
+mod flood;
 mod mountcmd;
 mod mountstats;
 mod pidlock;
@@ -662,6 +663,24 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One identity (this process's certificate, STRIPELOCK_TLS_NAME) floods the cluster: opens
+    /// --sessions sessions, then sends --requests lock requests over those it got, --in-flight
+    /// at once, and counts the answers by code (what a quota refuses shows as `quota`).
+    Flood {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        sessions: u64,
+        #[arg(long, default_value_t = 0)]
+        requests: u64,
+        #[arg(long, default_value_t = 16)]
+        in_flight: usize,
+        /// Stop after this long, done or not.
+        #[arg(long, default_value_t = 120.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// One client of the fault campaign (started by `bench faults` in its namespace).
     #[command(hide = true)]
     FaultsWorker {
@@ -931,6 +950,18 @@ fn main() -> ExitCode {
             };
             let args = faults_worker::WorkerArgs { id, cluster, dir, seconds, lease_ms, counters, file_bytes, hold };
             report(faults_worker::run(args), false)
+        }
+        Command::Bench { command: BenchCommand::Flood { cluster, sessions, requests, in_flight, seconds, json } } => {
+            if !(seconds > 0.0 && seconds <= 3600.0) || in_flight == 0 || in_flight > 4096 {
+                eprintln!("error: --seconds must be above 0 and at most 3600, --in-flight from 1 to 4096");
+                return ExitCode::from(2);
+            }
+            let cluster = match cluster::cluster_addrs(cluster.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return report(Err(e), json),
+            };
+            let args = flood::FloodArgs { cluster, sessions, requests, in_flight, seconds, json };
+            report(flood::run(args), json)
         }
         Command::Debug { command: DebugCommand::ChunkWriter { dir, seed } } => {
             report(bench_crash::writer(&dir, seed).map(|()| ExitCode::SUCCESS), false)

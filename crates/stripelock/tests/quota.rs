@@ -1,6 +1,8 @@
 //! Per-identity quotas (issue 15): an identity (its certificate's name) over its quota of
 //! sessions, locks or requests per second is refused with the quota code and a sentence, while
-//! another identity is not; a bounded flood leaves the servers' memory in bounds.
+//! another identity is not; a flood of 10,000 session opens and 20,000 lock requests from one
+//! identity leaves another client's p99 within 2x of its baseline and each server's memory
+//! within 64 MiB of where it was.
 
 mod common;
 use client::{ErrorCode, LockOptions, Mode, Session};
@@ -9,6 +11,22 @@ use common::*;
 fn certs(args: &[&str]) {
     let out = std::process::Command::new(&*EXE).arg("certs").args(args).output().unwrap();
     assert!(out.status.success(), "certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The cluster CA of this test process with `flood` and `alice` issued (one per process: the
+/// process connects as its `client` from the first cluster on).
+fn our_certs() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let tls = std::env::temp_dir().join(format!("stripelock-quota-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tls);
+        certs(&["init", "--dir", tls.to_str().unwrap()]);
+        for name in ["flood", "alice"] {
+            certs(&["issue", name, "--dir", tls.to_str().unwrap()]);
+        }
+        tls
+    })
+    .clone()
 }
 
 /// `stripelock lock PATH -- CMD…` as identity `name`.
@@ -27,15 +45,81 @@ fn rss_kib(pid: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Lock and unlock `n` times (or until `until` says stop, at most `n`): each pair's time, ms.
+async fn lock_pairs(s: &Session, n: usize, mut until: impl FnMut() -> bool) -> Vec<f64> {
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        if until() {
+            break;
+        }
+        let t = std::time::Instant::now();
+        let g = s.lock(&format!("/q/lat{}", i % 16), 0..1, Mode::EX, LockOptions::default()).await.unwrap();
+        s.unlock(g.lock).await.unwrap();
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    took
+}
+
+fn p99(mut ms: Vec<f64>) -> f64 {
+    ms.sort_by(f64::total_cmp);
+    ms[(ms.len() * 99 / 100).min(ms.len() - 1)]
+}
+
+#[test]
+fn a_flood_of_10k_sessions_from_one_identity_leaves_the_others_latency_and_the_servers_memory_in_bounds() {
+    serial(async {
+        let tls = our_certs();
+        let c = Cluster::start_tls(3, "flood", &tls, &["--quota", "sessions=50,rps=500"]).await;
+        let s = Session::open(&c.addrs(), 10_000).await.unwrap();
+        lock_pairs(&s, 50, || false).await;
+        let pids: Vec<String> = (1..=3).map(|id| c.pid(id)).collect();
+        let before: Vec<u64> = pids.iter().map(|p| rss_kib(p)).collect();
+        let baseline = lock_pairs(&s, 500, || false).await;
+
+        // The flood: 10,000 session opens, then 20,000 lock requests over the 50 sessions it
+        // got, 256 at once, from another process under the identity `flood`.
+        let flood = std::process::Command::new("nice")
+            .args(["-n", "19"])
+            .arg(&*EXE)
+            .env("STRIPELOCK_TLS_DIR", &tls)
+            .env("STRIPELOCK_TLS_NAME", "flood")
+            .args(["bench", "flood", "--sessions", "10000", "--requests", "20000", "--in-flight", "256"])
+            .args(["--seconds", "120", "--json", "--cluster", &c.addrs().join(",")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = flood.id();
+        let running = move || {
+            !std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| st.contains(") Z "))
+        };
+        let during = lock_pairs(&s, 100_000, running).await;
+        let peak: Vec<u64> = pids.iter().map(|p| rss_kib(p)).collect();
+        let out = flood.wait_with_output().unwrap();
+        let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("flood: {said}");
+        let (base, under) = (p99(baseline), p99(during.clone()));
+        eprintln!("p99 of a lock and unlock: {base:.2} ms before, {under:.2} ms during ({} samples)", during.len());
+        assert_eq!(said["sessions"]["tried"], 10_000, "{said}");
+        assert_eq!(said["sessions"]["answers"]["ok"], 50, "{said}");
+        assert_eq!(said["sessions"]["answers"]["quota"], 9_950, "{said}");
+        assert!(said["requests"]["answers"]["quota"].as_u64() > Some(0), "{said}");
+        assert!(during.len() >= 100, "too few samples during the flood: {}", during.len());
+        assert!(under <= 2.0 * base, "p99 {under:.2} ms during the flood, {base:.2} ms before");
+        for ((pid, before), peak) in pids.iter().zip(before).zip(peak) {
+            let after = rss_kib(pid);
+            let grew = peak.max(after).saturating_sub(before);
+            eprintln!("server {pid}: {before} KiB before, {peak} KiB at the end of the flood, {after} KiB after");
+            assert!(grew < 64 << 10, "server {pid} grew {grew} KiB under the flood");
+        }
+        s.close().await;
+    });
+}
+
 #[test]
 fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
     serial(async {
-        let tls = std::env::temp_dir().join(format!("stripelock-quota-certs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tls);
-        certs(&["init", "--dir", tls.to_str().unwrap()]);
-        for name in ["flood", "alice"] {
-            certs(&["issue", name, "--dir", tls.to_str().unwrap()]);
-        }
+        let tls = our_certs();
         let c = Cluster::start_tls(3, "quota", &tls, &["--quota", "sessions=3,locks=20,rps=300"]).await;
 
         // Sessions: flood holds three, a fourth is refused (the quota code and its sentence);
@@ -61,28 +145,6 @@ fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
         assert!(why.contains("refused (quota): flood has 3 sessions open") && why.contains("raise"), "{why}");
         let alice = lock_as(&c, "alice", "/q/alice", &["true"]).output().unwrap();
         assert!(alice.status.success(), "alice: {}", String::from_utf8_lossy(&alice.stderr));
-        // A bounded flood of session opens (all refused) leaves each server's memory in bounds.
-        let pids: Vec<String> = (1..=3).map(|id| c.pid(id)).collect();
-        let before: Vec<u64> = pids.iter().map(|p| rss_kib(p)).collect();
-        let flood: Vec<_> = (0..4)
-            .map(|_| {
-                let mut cmd = std::process::Command::new("sh");
-                let one = format!(
-                    "STRIPELOCK_TLS_DIR={} STRIPELOCK_TLS_NAME=flood {} lock /q/x --cluster {} -- true",
-                    tls.display(),
-                    &*EXE,
-                    c.addrs().join(",")
-                );
-                cmd.args(["-c", &format!("for i in $(seq 25); do {one} 2>/dev/null; done")]).spawn().unwrap()
-            })
-            .collect();
-        for mut f in flood {
-            f.wait().unwrap();
-        }
-        for (pid, before) in pids.iter().zip(before) {
-            let grew = rss_kib(pid).saturating_sub(before);
-            assert!(grew < 64 << 10, "server {pid} grew {grew} KiB under the flood");
-        }
         for h in &mut held {
             let _ = h.kill();
             let _ = h.wait();
@@ -129,6 +191,5 @@ fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
         let g = s.lock("/q/r0", 0..1, Mode::NL, LockOptions::default()).await.unwrap();
         s.unlock(g.lock).await.unwrap();
         s.close().await;
-        let _ = std::fs::remove_dir_all(&tls);
     });
 }
