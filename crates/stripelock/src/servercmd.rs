@@ -215,7 +215,9 @@ impl ServerArgs {
             http: flags.http.or(f.http),
             http_clients: match flags.http_clients.or(f.http_clients) {
                 None => wire::HttpClients::default(),
-                Some(text) => text.parse().map_err(|e: wire::UnknownHttpClients| anyhow::anyhow!("http_clients: {e}"))?,
+                Some(text) => {
+                    text.parse().map_err(|e: wire::UnknownHttpClients| anyhow::anyhow!("http_clients: {e}"))?
+                }
             },
             quota: match flags.quota.or(f.quota) {
                 Some(q) => server::Quota::parse(&q)?,
