@@ -462,7 +462,11 @@ fn a_read_of_a_stub_recalls_it_in_the_background_once() {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             assert!(out.stdout == data[at..at + 4096], "the read at {at} got other bytes");
         }
-        assert_eq!(tier_bytes_read(&c).await - before, 4 * 4096, "each read fetched only its range");
+        // Each read fetched only its range: at most the four ranges' bytes. (Fewer when a read
+        // found the recall it started done already, or shared a fetch: the reads at 0 and 7
+        // overlap; CI once saw 3 x 4096.)
+        let fetched = tier_bytes_read(&c).await - before;
+        assert!((4096..=4 * 4096).contains(&fetched), "each read fetched only its range: {fetched} bytes fetched");
 
         // Striped again in the background, by one recall.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
