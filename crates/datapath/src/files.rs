@@ -485,6 +485,7 @@ type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send
 #[tonic::async_trait]
 impl pb::files_server::Files for FilesService {
     async fn put(&self, req: Request<Streaming<pb::PutChunk>>) -> Result<Response<pb::FileStat>, Status> {
+        let identity = lockservice::quota::identity_of(&req);
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| ErrorCode::BadRequest.status("an empty put"))?;
         let path = first.path.clone();
@@ -496,7 +497,10 @@ impl pb::files_server::Files for FilesService {
         let reply = self
             .shared
             .locks
-            .propose(Op::CreateFile { path: path.clone(), layout: layout.clone(), writer: Some(writer) })
+            .propose(Op::Owned {
+                owner: identity.clone(),
+                op: Box::new(Op::CreateFile { path: path.clone(), layout: layout.clone(), writer: Some(writer) }),
+            })
             .await
             .map_err(|e| e.status())?;
         if let Some(e) = reply.error {
@@ -510,6 +514,8 @@ impl pb::files_server::Files for FilesService {
             let mut buf = Vec::from(first.data);
             let mut size = buf.len() as u64;
             self.shared.check_file_size(&path, size)?;
+            let what = format!("the put of {path}");
+            self.shared.admit_bytes(None, &identity, size, &what)?;
             let mut row = 0u64;
             let rows_in_flight = self.shared.config.limits.rows_in_flight;
             // Rows go out `rows_in_flight` at a time, so the servers' syncs overlap.
@@ -530,6 +536,7 @@ impl pb::files_server::Files for FilesService {
                         metrics::counter!("stripelock_data_bytes_total", "op" => "put")
                             .increment(chunk.data.len() as u64);
                         self.shared.check_file_size(&path, size)?;
+                        self.shared.admit_bytes(None, &identity, size, &what)?;
                         buf.extend_from_slice(&chunk.data);
                     }
                     None => break,
@@ -772,7 +779,8 @@ impl pb::files_server::Files for FilesService {
     async fn change(&self, req: Request<pb::NameChange>) -> Result<Response<pb::Node>, Status> {
         let up = self.shared.up_members().await;
         let layout_for = |path: &str| self.choose_layout(path, &pb::PutChunk::default(), &up);
-        names::change(&self.shared, layout_for, req.into_inner()).await.map(Response::new)
+        let identity = lockservice::quota::identity_of(&req);
+        names::change(&self.shared, layout_for, &identity, req.into_inner()).await.map(Response::new)
     }
 
     async fn migrate(&self, req: Request<pb::TierRequest>) -> Result<Response<pb::MigrateReply>, Status> {

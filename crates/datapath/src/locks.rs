@@ -105,4 +105,10 @@ pub trait Locks: Send + Sync + 'static {
     fn volume_seen(&self, server: NodeId) -> Option<u64>;
     /// Servers whose volume came back empty and is not yet rebuilt.
     fn wiped(&self) -> std::collections::BTreeSet<NodeId>;
+    /// Issue 15: the bytes each identity may store in the files it created, if limited.
+    fn bytes_quota(&self) -> Option<u64>;
+    /// Who created file `id` (if a certificate said), and the bytes of that owner's files.
+    fn owner_of(&self, id: u64) -> Option<(String, u64)>;
+    /// The bytes of the files `owner` created.
+    fn stored_bytes(&self, owner: &str) -> u64;
 }

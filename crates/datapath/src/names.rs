@@ -92,6 +92,7 @@ pub async fn read_dir(shared: &Shared, r: &pb::ReadDirRequest) -> Result<pb::Nod
 pub async fn change(
     shared: &Shared,
     layout_for: impl Fn(&str) -> Result<layout::Layout, Status>,
+    identity: &str,
     c: pb::NameChange,
 ) -> Result<pb::Node, Status> {
     use pb::name_change::Op as C;
@@ -139,12 +140,21 @@ pub async fn change(
     check(&path, shared)?;
     if let NameOp::SetAttr { size: Some(size), .. } = &op {
         shared.check_file_size(&path, *size)?;
+        if let Some(f) = shared.locks.file(&path) {
+            let what = format!("making {path} {size} bytes long");
+            shared.admit_bytes(Some(f.id), identity, size.saturating_sub(f.size), &what)?;
+        }
     }
     let before = match &op {
         NameOp::Unlink { path } | NameOp::Rmdir { path } => shared.locks.entry(path),
         _ => None,
     };
-    let reply = shared.locks.propose(Op::Name(op)).await.map_err(|e| e.status())?;
+    // A file created is its creator's (issue 15).
+    let op = match op {
+        NameOp::Create { .. } => Op::Owned { owner: identity.to_string(), op: Box::new(Op::Name(op)) },
+        op => Op::Name(op),
+    };
+    let reply = shared.locks.propose(op).await.map_err(|e| e.status())?;
     if let Some(e) = reply.error {
         return Err(e.status());
     }

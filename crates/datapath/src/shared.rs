@@ -233,6 +233,28 @@ impl Shared {
     }
 
     /// Refuses to make `path` `end` bytes long past the largest file this server allows.
+    /// Refuses `adding` bytes to file `id`'s owner, or for a new file (`id` None) to its
+    /// creator `identity`, past the owner's bytes-stored quota (issue 15). `what` says what
+    /// would add them, for the error.
+    pub fn admit_bytes(&self, id: Option<u64>, identity: &str, adding: u64, what: &str) -> Result<(), Status> {
+        let max = self.locks.bytes_quota();
+        if max.is_none() || adding == 0 {
+            return Ok(());
+        }
+        let (owner, stored) = match id {
+            // A file nobody's certificate created counts for nobody.
+            Some(id) => match self.locks.owner_of(id) {
+                Some(owned) => owned,
+                None => return Ok(()),
+            },
+            None => (identity.to_string(), self.locks.stored_bytes(identity)),
+        };
+        lockservice::quota::admit_bytes(&owner, stored, adding, max, what).map_err(|e| {
+            metrics::counter!("stripelock_quota_refusals_total").increment(1);
+            ErrorCode::Quota.status(e.to_string())
+        })
+    }
+
     pub fn check_file_size(&self, path: &str, end: u64) -> Result<(), Status> {
         let max = self.config.limits.file_bytes_max;
         if end > max {

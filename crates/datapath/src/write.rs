@@ -218,6 +218,9 @@ impl Stripes {
         if r.data.is_empty() {
             return Ok(pb::WriteReply { size: f.size, rows: Vec::new() });
         }
+        // Growing the file adds to its owner's bytes (issue 15): refused before a byte lands.
+        let what = format!("this write to {} (bytes {}..{end})", r.path, r.offset);
+        self.shared.admit_bytes(Some(f.id), "", end.saturating_sub(f.size), &what)?;
         let row_bytes = f.layout.row_bytes();
         let rows = r.offset / row_bytes..=(end - 1) / row_bytes;
         let mut parts = Vec::new();

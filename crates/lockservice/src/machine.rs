@@ -59,6 +59,10 @@ pub struct State {
     pub wiped: std::collections::BTreeSet<u64>,
     /// The volume each server last ran on (`Op::VolumeSeen`).
     pub volumes: BTreeMap<u64, u64>,
+    /// Who created each file, by id, when a client's certificate said (`Op::Owned`, issue 15).
+    pub owners: BTreeMap<u64, String>,
+    /// The bytes of the files each owner created (derived from `owners` and `files`).
+    stored: BTreeMap<String, u64>,
     next_file: u64,
     /// Files being put, by path, with their id and writer session (derived from `files`).
     putting: BTreeMap<String, (u64, SessionId)>,
@@ -77,9 +81,17 @@ pub struct State {
 /// record (`CoreSnapshot`), which is read as a namespace of files only; version 5 added `stubs`
 /// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs; version
 /// 6 added `stale`, `wiped` and `volumes` after the version 5 record (`StubbedSnapshot`), read as a state
-/// with no marks.
+/// with no marks; version 7 added `owners` after the version 6 record (`MarkedSnapshot`), read
+/// as a state whose files have no owners.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
+    marked: MarkedSnapshot,
+    owners: Vec<(u64, String)>,
+}
+
+/// The snapshot record of format version 6.
+#[derive(Serialize, Deserialize)]
+struct MarkedSnapshot {
     core: CoreSnapshot,
     names: Names,
     stubs: Vec<(u64, Stub)>,
@@ -178,6 +190,8 @@ impl State {
             stale_rows: 0,
             wiped: Default::default(),
             volumes: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            stored: BTreeMap::new(),
             next_file: 0,
             putting: BTreeMap::new(),
             puts_rolled_back: 0,
@@ -197,8 +211,16 @@ impl State {
             return reply;
         }
         let mut reply = Reply { index, ..Reply::default() };
-        let removed_file = matches!(&cmd.op, Op::RemoveFile { .. });
-        match cmd.op {
+        let (op, owner) = match cmd.op {
+            Op::Owned { owner, op } => (*op, Some(owner)),
+            op => (op, None),
+        };
+        let removed_file = matches!(&op, Op::RemoveFile { .. });
+        let creates = matches!(&op, Op::CreateFile { .. } | Op::Name(NameOp::Create { .. }));
+        // The files whose size this command may change, or which it may take out, as they are.
+        let sized = sized_paths(&op);
+        let before: Vec<(u64, u64)> = sized.iter().filter_map(|p| self.files.get(p).map(|f| (f.id, f.size))).collect();
+        match op {
             Op::Bootstrap { secret } => {
                 // Only the first one counts: a second bootstrap cannot change the key.
                 self.secret.get_or_insert(secret);
@@ -378,6 +400,8 @@ impl State {
             Op::ServerRebuilt { server } => {
                 self.wiped.remove(&server);
             }
+            // Nested: the inner one's owner is ignored (only creations have owners).
+            Op::Owned { op, .. } => return self.apply(Command { op: *op, ..cmd }, index),
             Op::Name(op) => {
                 let renamed = matches!(&op, NameOp::Rename { .. });
                 let removes = matches!(&op, NameOp::Rename { .. } | NameOp::Unlink { .. });
@@ -396,6 +420,12 @@ impl State {
         }
         if removed_file {
             self.forget_gone_stubs();
+        }
+        if let (Some(owner), true, None, Some(id)) = (owner, creates, &reply.error, reply.file) {
+            self.owners.insert(id, owner);
+        }
+        if !sized.is_empty() {
+            self.count_stored(&sized, &before);
         }
         self.roll_back_orphaned_puts();
         if let Some(origin) = cmd.origin
@@ -518,6 +548,8 @@ impl State {
         for (path, id) in ended {
             self.putting.remove(&path);
             if self.files.get(&path).is_some_and(|f| f.id == id && !f.complete) {
+                // Unfinished, so 0 bytes long: its owner's count does not change.
+                self.owners.remove(&id);
                 self.files.remove(&path);
                 self.names.file_attrs.remove(&id);
                 self.puts_rolled_back += 1;
@@ -533,12 +565,15 @@ impl State {
 
     fn snapshot_data(&self) -> StateSnapshot {
         StateSnapshot {
-            core: self.core_snapshot(),
-            names: self.names.clone(),
-            stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
-            stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
-            wiped: self.wiped.iter().copied().collect(),
-            volumes: self.volumes.iter().map(|(s, v)| (*s, *v)).collect(),
+            marked: MarkedSnapshot {
+                core: self.core_snapshot(),
+                names: self.names.clone(),
+                stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
+                stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
+                wiped: self.wiped.iter().copied().collect(),
+                volumes: self.volumes.iter().map(|(s, v)| (*s, *v)).collect(),
+            },
+            owners: self.owners.iter().map(|(id, o)| (*id, o.clone())).collect(),
         }
     }
 
@@ -557,26 +592,32 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let (s, names, stubs, (stale, wiped, volumes)) = match bytes.first() {
+        let (s, names, stubs, (stale, wiped, volumes), owners) = match bytes.first() {
             Some(2) => (
                 codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?,
                 Names::default(),
                 Vec::new(),
                 Default::default(),
+                Vec::new(),
             ),
             Some(3 | 4) => {
                 let s: NamedSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, Vec::new(), Default::default())
+                (s.core, s.names, Vec::new(), Default::default(), Vec::new())
             }
             Some(5) => {
                 let s: StubbedSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, s.stubs, Default::default())
+                (s.core, s.names, s.stubs, Default::default(), Vec::new())
+            }
+            Some(6) => {
+                let s: MarkedSnapshot = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes), Vec::new())
             }
             _ => {
-                let s: StateSnapshot = codec::decode(Record::Snapshot, bytes)?;
-                (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes))
+                let StateSnapshot { marked: s, owners } = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes), owners)
             }
         };
+        self.owners = owners.into_iter().collect();
         self.volumes = volumes.into_iter().collect();
         self.names = names;
         self.stubs = stubs.into_iter().collect();
@@ -604,8 +645,61 @@ impl State {
         }
         self.puts_rolled_back = s.puts_rolled_back;
         self.clients = s.clients.into_iter().collect();
+        self.stored = stored_of(&self.files, &self.owners);
         Ok(())
     }
+
+    /// `owner`'s bytes: the sizes of the files it created that are still there.
+    pub fn stored_bytes(&self, owner: &str) -> u64 {
+        self.stored.get(owner).copied().unwrap_or(0)
+    }
+
+    /// After a command that may change the size of the files at `paths` or take them out, which
+    /// were `before` (id, size): their owners' counts follow.
+    fn count_stored(&mut self, paths: &[String], before: &[(u64, u64)]) {
+        let after: Vec<(u64, u64)> = paths.iter().filter_map(|p| self.files.get(p).map(|f| (f.id, f.size))).collect();
+        let size_in = |list: &[(u64, u64)], id: u64| list.iter().find(|(i, _)| *i == id).map(|(_, s)| *s);
+        let mut changes: Vec<(u64, u64, Option<u64>)> =
+            before.iter().map(|&(id, old)| (id, old, size_in(&after, id))).collect();
+        changes
+            .extend(after.iter().filter(|(id, _)| size_in(before, *id).is_none()).map(|&(id, new)| (id, 0, Some(new))));
+        for (id, old, new) in changes {
+            let owner = match new {
+                // Taken out (a rename moves a file between two of `paths`, never elsewhere).
+                None => self.owners.remove(&id),
+                Some(_) => self.owners.get(&id).cloned(),
+            };
+            let Some(owner) = owner else { continue };
+            let total = self.stored.entry(owner.clone()).or_default();
+            *total = total.saturating_sub(old).saturating_add(new.unwrap_or(0));
+            if *total == 0 {
+                self.stored.remove(&owner);
+            }
+        }
+    }
+}
+
+/// The paths of the files a command may change the size of, or take out of the namespace.
+fn sized_paths(op: &Op) -> Vec<String> {
+    match op {
+        Op::CompleteFile { path, .. } | Op::GrowFile { path, .. } | Op::RemoveFile { path, .. } => vec![path.clone()],
+        Op::Name(NameOp::Unlink { path } | NameOp::SetAttr { path, .. }) => vec![path.clone()],
+        Op::Name(NameOp::Rename { from, to, .. }) => vec![from.clone(), to.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Each owner's bytes, from the files and their owners.
+fn stored_of(files: &BTreeMap<String, FileMeta>, owners: &BTreeMap<u64, String>) -> BTreeMap<String, u64> {
+    let mut stored = BTreeMap::<String, u64>::new();
+    for f in files.values() {
+        if let Some(owner) = owners.get(&f.id)
+            && f.size > 0
+        {
+            *stored.entry(owner.clone()).or_default() += f.size;
+        }
+    }
+    stored
 }
 
 /// Files being put, by path, with their id and writer session.
@@ -777,7 +871,7 @@ impl RaftSnapshotBuilder<C> for Machine {
                 SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
             (state.snapshot_data(), meta)
         };
-        let locks = data.core.engine.locks.len() as u64;
+        let locks = data.marked.core.engine.locks.len() as u64;
         let encode_and_store = {
             let (store, meta) = (self.store.clone(), meta.clone());
             move || -> io::Result<Vec<u8>> {
@@ -1037,6 +1131,79 @@ mod tests {
                 })
                 .sum::<u64>()
         );
+    }
+
+    /// Issue 15: a file created by a client with an identity counts against that identity's
+    /// bytes as it grows, shrinks, is renamed over and taken out; files of nobody count for
+    /// nobody; a restored snapshot counts the same.
+    #[test]
+    fn an_owners_stored_bytes_follow_its_files() {
+        let mut state = State::new(Limits::default(), false);
+        let layout = layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap();
+        let mut index = 0;
+        let mut run = |state: &mut State, op: Op| {
+            index += 1;
+            let reply = state.apply(Command { now_ms: index, origin: None, op }, index);
+            assert!(reply.error.is_none(), "{reply:?}");
+            reply.file.unwrap_or(0)
+        };
+        let owned = |owner: &str, op: Op| Op::Owned { owner: owner.into(), op: Box::new(op) };
+        let create = |path: &str| Op::CreateFile { path: path.into(), layout: layout.clone(), writer: None };
+        let a = run(&mut state, owned("alice", create("/a")));
+        run(&mut state, Op::CompleteFile { path: "/a".into(), id: a, size: 1000 });
+        let b = run(&mut state, owned("alice", create("/b")));
+        run(&mut state, Op::CompleteFile { path: "/b".into(), id: b, size: 500 });
+        let c = run(&mut state, owned("bob", create("/c")));
+        run(&mut state, Op::CompleteFile { path: "/c".into(), id: c, size: 70 });
+        let n = run(&mut state, create("/nobody's"));
+        run(&mut state, Op::CompleteFile { path: "/nobody's".into(), id: n, size: 1 << 30 });
+        let made = run(
+            &mut state,
+            owned(
+                "bob",
+                Op::Name(NameOp::Create { path: "/m".into(), layout: layout.clone(), mode: 0o644, uid: 0, gid: 0 }),
+            ),
+        );
+        assert_eq!((state.stored_bytes("alice"), state.stored_bytes("bob")), (1500, 70));
+        assert_eq!(state.owners.get(&made).map(String::as_str), Some("bob"));
+        // Growing, truncating, renaming onto another file (which goes), unlinking.
+        run(&mut state, Op::GrowFile { path: "/a".into(), id: a, size: 4000 });
+        assert_eq!(state.stored_bytes("alice"), 4500);
+        let setattr = |path: &str, size: u64| {
+            Op::Name(NameOp::SetAttr {
+                path: path.into(),
+                ino: 0,
+                mode: None,
+                uid: None,
+                gid: None,
+                atime_ns: None,
+                mtime_ns: None,
+                size: Some(size),
+                touch: true,
+            })
+        };
+        run(&mut state, setattr("/m", 30));
+        run(&mut state, setattr("/b", 100));
+        assert_eq!((state.stored_bytes("alice"), state.stored_bytes("bob")), (4100, 100));
+        run(&mut state, Op::Name(NameOp::Rename { from: "/c".into(), to: "/a".into(), flags: 0 }));
+        assert_eq!((state.stored_bytes("alice"), state.stored_bytes("bob")), (100, 100));
+        assert!(!state.owners.contains_key(&a), "the replaced file's owner stays");
+        run(
+            &mut state,
+            Op::Name(NameOp::Rename { from: "/b".into(), to: "/a".into(), flags: crate::types::RENAME_EXCHANGE }),
+        );
+        assert_eq!((state.stored_bytes("alice"), state.stored_bytes("bob")), (100, 100));
+        let copy_bytes = state.to_bytes().unwrap();
+        let mut copy = State::new(Limits::default(), false);
+        copy.restore(&copy_bytes).unwrap();
+        assert_eq!(copy.stored, state.stored);
+        assert_eq!(copy.owners, state.owners);
+        // `/a` is alice's `b` since the exchange.
+        run(&mut state, Op::Name(NameOp::Unlink { path: "/a".into() }));
+        run(&mut state, Op::RemoveFile { path: "/m".into(), id: made });
+        assert_eq!((state.stored_bytes("alice"), state.stored_bytes("bob")), (0, 70));
+        assert!(state.stored.keys().all(|o| o == "bob"), "{:?}", state.stored);
+        assert_eq!(state.owners.len(), 1, "{:?}", state.owners);
     }
 
     /// Issue 10: a put whose writer's session ends (closed here; expired and fenced alike)

@@ -5,6 +5,13 @@
 //! sessions attached here hold or wait for, and its requests per second. Over a quota, the
 //! request is refused with the quota code and a sentence naming the quota; nobody else notices.
 //!
+//! Bytes stored are counted in the replicated state: each file is its creator's (`Op::Owned`),
+//! and an identity's bytes are the sizes of the files it created that are still there (a sparse
+//! file counts its whole size). A put or a write that would take the file's owner past its
+//! quota is refused before any byte is written. The check reads this server's applied state, so
+//! writes of one owner in flight at once through several servers can pass it together: the
+//! quota can be passed by at most what those writes add.
+//!
 //! A refusal is cheap, but a client that retries at once can send thousands a second and take
 //! the server's time from everyone else. So refusals of one identity that follow each other
 //! within a second are answered late, each twice as late as the one before, from 5 ms up to
@@ -30,7 +37,12 @@ pub enum QuotaError {
     Locks { identity: String, held: u64 },
     #[error("{identity} is over its quota of {rps} requests per second on this server")]
     Rate { identity: String, rps: u32 },
-    #[error("quota: {0} (e.g. sessions=100,locks=100000,rps=5000)")]
+    #[error(
+        "{owner} has {stored} bytes stored in the files it created and its quota is {max} bytes; {what} would \
+         add {adding}: remove or truncate some of {owner}'s files, or ask for a larger quota"
+    )]
+    Bytes { owner: String, stored: u64, adding: u64, max: u64, what: String },
+    #[error("quota: {0} (e.g. sessions=100,locks=100000,rps=5000,bytes=10GiB)")]
     Setting(String),
 }
 
@@ -40,29 +52,70 @@ pub struct Quota {
     pub sessions: Option<u64>,
     pub locks: Option<u64>,
     pub requests_per_second: Option<u32>,
+    /// Bytes in the files an identity created, cluster-wide.
+    pub bytes: Option<u64>,
 }
 
 impl Quota {
-    /// `sessions=100,locks=100000,rps=5000` (any of them).
+    /// `sessions=100,locks=100000,rps=5000,bytes=10GiB` (any of them; bytes take a unit: B,
+    /// KiB, MiB, GiB, TiB).
     pub fn parse(text: &str) -> Result<Quota, QuotaError> {
         let bad = QuotaError::Setting;
         let mut q = Quota::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| bad(format!("`{part}` is not KEY=N")))?;
-            let n: u64 = v.parse().map_err(|_| bad(format!("{k}={v} is not a count")))?;
+            let n: u64 = if k == "bytes" {
+                bytes_of(v).ok_or_else(|| bad(format!("bytes={v} is not a size (e.g. 1048576, 512MiB, 10GiB)")))?
+            } else {
+                v.parse().map_err(|_| bad(format!("{k}={v} is not a count")))?
+            };
             if n == 0 {
                 return Err(bad(format!("{k}=0 would refuse everything; leave it out for no limit")));
             }
             match k {
                 "sessions" => q.sessions = Some(n),
                 "locks" => q.locks = Some(n),
+                "bytes" => q.bytes = Some(n),
                 "rps" => {
                     q.requests_per_second = Some(u32::try_from(n).map_err(|_| bad(format!("rps={n} is too large")))?)
                 }
-                _ => return Err(bad(format!("unknown key `{k}` (sessions, locks, rps)"))),
+                _ => return Err(bad(format!("unknown key `{k}` (sessions, locks, rps, bytes)"))),
             }
         }
         Ok(q)
+    }
+}
+
+/// `4096`, `64KiB`, `10GiB`: a size in bytes.
+fn bytes_of(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// Who sent `req`: the common name of the certificate it connected with (mutual TLS), else
+/// [`ANONYMOUS`].
+pub fn identity_of<T>(req: &tonic::Request<T>) -> String {
+    req.peer_certs()
+        .and_then(|certs| certs.first().and_then(|der| common_name(der.as_ref())))
+        .unwrap_or_else(|| ANONYMOUS.to_string())
+}
+
+/// Refuses adding `adding` bytes to `owner`'s files, which hold `stored`, past `max`.
+pub fn admit_bytes(owner: &str, stored: u64, adding: u64, max: Option<u64>, what: &str) -> Result<(), QuotaError> {
+    match max {
+        Some(max) if adding > 0 && stored.saturating_add(adding) > max => {
+            Err(QuotaError::Bytes { owner: owner.to_string(), stored, adding, max, what: what.to_string() })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -239,18 +292,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bytes_past_the_quota_are_refused_naming_the_owner_and_what_to_do() {
+        assert!(admit_bytes("alice", 900, 100, Some(1000), "the write").is_ok());
+        assert!(admit_bytes("alice", 5000, 0, Some(1000), "an empty write").is_ok(), "adds nothing");
+        assert!(admit_bytes("alice", 5000, 1, None, "the write").is_ok(), "no quota");
+        let e = admit_bytes("alice", 900, 101, Some(1000), "this write to /f").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "alice has 900 bytes stored in the files it created and its quota is 1000 bytes; this write to /f \
+             would add 101: remove or truncate some of alice's files, or ask for a larger quota"
+        );
+    }
+
+    #[test]
     fn a_quota_reads_its_keys_and_refuses_nonsense() {
         let q = Quota::parse("sessions=3, locks=50,rps=10").unwrap();
-        assert_eq!(q, Quota { sessions: Some(3), locks: Some(50), requests_per_second: Some(10) });
+        assert_eq!(q, Quota { sessions: Some(3), locks: Some(50), requests_per_second: Some(10), bytes: None });
+        assert_eq!(Quota::parse("bytes=64KiB").unwrap().bytes, Some(65536));
+        assert_eq!(Quota::parse("bytes=2g").unwrap().bytes, Some(2 << 30));
         assert_eq!(Quota::parse("").unwrap(), Quota::default());
-        for bad in ["sessions", "sessions=x", "locks=0", "cpu=1"] {
+        for bad in ["sessions", "sessions=x", "locks=0", "cpu=1", "bytes=0", "bytes=3PiB", "bytes=99999999999TiB"] {
             assert!(Quota::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[tokio::test]
     async fn locks_and_rate_are_counted_per_identity() {
-        let book = QuotaBook::new(Quota { sessions: Some(2), locks: Some(2), requests_per_second: Some(3) });
+        let book =
+            QuotaBook::new(Quota { sessions: Some(2), locks: Some(2), requests_per_second: Some(3), bytes: None });
         book.admit_lock("a").unwrap();
         book.locks_changed("a", 1);
         book.admit_lock("a").unwrap();

@@ -447,12 +447,9 @@ impl pb::locks_server::Locks for LockService {
     type SessionStream = DownStream;
 
     async fn session(&self, req: Request<Streaming<pb::ClientMessage>>) -> Result<Response<DownStream>, Status> {
-        use crate::quota::{ANONYMOUS, common_name, identity_suffix};
+        use crate::quota::{ANONYMOUS, identity_of, identity_suffix};
         // Who it is: its certificate's name (mutual TLS), else anonymous.
-        let identity = req
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|der| common_name(der.as_ref())))
-            .unwrap_or_else(|| ANONYMOUS.to_string());
+        let identity = identity_of(&req);
         let quota = self.quota.clone();
         let mut up = req.into_inner();
         let first = up.next().await.ok_or_else(|| ErrorCode::BadRequest.status("empty session stream"))??;

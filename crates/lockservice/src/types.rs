@@ -81,6 +81,11 @@ pub enum Op {
     VolumeSeen { server: u64, volume: u64 },
     /// Every unit on server `server` was rebuilt after `ServerWiped`.
     ServerRebuilt { server: u64 },
+    /// `op`, a `CreateFile` or a `Name(NameOp::Create)`, asked for by a client whose
+    /// certificate names `owner`: the file it creates is `owner`'s, and its bytes count against
+    /// `owner`'s bytes-stored quota (issue 15, format version 7). Any other op inside is
+    /// applied as it is, the owner ignored.
+    Owned { owner: String, op: Box<Op> },
 }
 
 /// Most rows the namespace keeps marked stale at once (a write that would mark more fails
@@ -125,6 +130,10 @@ impl fmt::Display for Command {
             Op::ClearStale { id, rows } => write!(f, "clear-stale({id}, {rows:?})@{}", self.now_ms),
             Op::VolumeSeen { server, volume } => write!(f, "volume-seen({server}, {volume:x})@{}", self.now_ms),
             Op::ServerRebuilt { server } => write!(f, "server-rebuilt({server})@{}", self.now_ms),
+            Op::Owned { owner, op } => {
+                let inner = Command { now_ms: self.now_ms, origin: self.origin, op: (**op).clone() };
+                write!(f, "as {owner:?}: {inner}")
+            }
         }
     }
 }

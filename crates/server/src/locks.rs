@@ -69,6 +69,19 @@ impl Locks for NodeLocks {
         self.0.machine.state().wiped.clone()
     }
 
+    fn bytes_quota(&self) -> Option<u64> {
+        self.0.config.quota.bytes
+    }
+
+    fn owner_of(&self, id: u64) -> Option<(String, u64)> {
+        let state = self.0.machine.state();
+        state.owners.get(&id).map(|o| (o.clone(), state.stored_bytes(o)))
+    }
+
+    fn stored_bytes(&self, owner: &str) -> u64 {
+        self.0.machine.state().stored_bytes(owner)
+    }
+
     fn stub_keys(&self) -> std::collections::HashSet<String> {
         self.0.machine.state().stubs.values().map(|s| s.key.clone()).collect()
     }

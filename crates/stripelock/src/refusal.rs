@@ -79,8 +79,8 @@ pub fn sentence(code: ErrorCode) -> &'static str {
         ErrorCode::IsDir => "it is a directory; name a file, or remove the directory's contents first",
         ErrorCode::NotEmpty => "the directory is not empty; remove what it holds first",
         ErrorCode::Quota => {
-            "this client's identity is over its quota (the message names which); release what it holds, slow down, \
-             or ask the operator to raise the server's `quota` setting"
+            "this client's identity is over its quota (the message names which); release what it holds, remove \
+             files it stored, slow down, or ask the operator to raise the server's `quota` setting"
         }
     }
 }

@@ -193,3 +193,80 @@ fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
         s.close().await;
     });
 }
+
+/// The CLI as identity `name`, `stdin` its input.
+fn cli_as(c: &Cluster, name: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(&*EXE)
+        .env("STRIPELOCK_TLS_DIR", c.tls.as_ref().unwrap())
+        .env("STRIPELOCK_TLS_NAME", name)
+        .args(args)
+        .args(["--cluster", &c.addrs().join(",")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 15, bytes stored: the files an identity creates count against its quota; a put or a
+/// write past it is refused with the quota code and a sentence before a byte lands (the file
+/// as it was, no half-put file left); overwriting what is there adds nothing; another identity
+/// is not affected; removing a file gives its bytes back.
+#[test]
+fn bytes_past_an_identitys_quota_are_refused_and_removing_files_frees_them() {
+    serial(async {
+        let tls = our_certs();
+        let c = Cluster::start_tls(3, "bytes", &tls, &["--quota", "bytes=64KiB"]).await;
+        let dir = std::env::temp_dir().join(format!("stripelock-bytes-quota-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let local = |name: &str, len: usize, seed: u64| {
+            let p = dir.join(name);
+            std::fs::write(&p, noise(len, seed)).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let ok = |out: std::process::Output, what: &str| {
+            assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            out.stdout
+        };
+        let refused = |out: std::process::Output, what: &str| {
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert_eq!(out.status.code(), Some(96), "{what} was not refused for its quota: {err}");
+            assert!(err.contains("alice has") && err.contains("its quota is 65536 bytes"), "{what}: {err}");
+            err
+        };
+        let a = local("a", 40 << 10, 1);
+        ok(cli_as(&c, "alice", &["put", &a, "/q/a"], b""), "alice's first put");
+        // 40 KiB + 30 KiB > 64 KiB: refused, and nothing of /q/b stays.
+        let b = local("b", 30 << 10, 2);
+        let err = refused(cli_as(&c, "alice", &["put", &b, "/q/b"], b""), "alice's second put");
+        assert!(err.contains("the put of /q/b"), "{err}");
+        let listed = String::from_utf8(ok(cli_as(&c, "alice", &["ls", "/q/"], b""), "ls")).unwrap();
+        assert!(!listed.contains("/q/b"), "a refused put left its file: {listed}");
+        // Growing /q/a past the quota: refused, the file as it was.
+        let err = refused(
+            cli_as(&c, "alice", &["write", "/q/a", "--offset", &(40 << 10).to_string()], &noise(30 << 10, 3)),
+            "a write growing /q/a",
+        );
+        assert!(err.contains("this write to /q/a"), "{err}");
+        let back = ok(cli_as(&c, "alice", &["cat", "/q/a"], b""), "cat");
+        assert_eq!(back, noise(40 << 10, 1), "a refused write changed /q/a");
+        // Overwriting bytes already there adds nothing; growing within the quota is fine.
+        ok(cli_as(&c, "alice", &["write", "/q/a", "--offset", "0"], &noise(4096, 4)), "an overwrite");
+        ok(
+            cli_as(&c, "alice", &["write", "/q/a", "--offset", &(40 << 10).to_string()], &noise(8 << 10, 5)),
+            "a growth",
+        );
+        // Another identity stores its own 60 KiB meanwhile.
+        let f = local("f", 60 << 10, 6);
+        ok(cli_as(&c, "flood", &["put", &f, "/q/flood"], b""), "another identity's put");
+        // Removing /q/a gives its 48 KiB back: the put refused before now fits.
+        ok(cli_as(&c, "alice", &["rm", "/q/a"], b""), "rm");
+        ok(cli_as(&c, "alice", &["put", &b, "/q/b"], b""), "the put after the rm");
+        let back = ok(cli_as(&c, "alice", &["cat", "/q/b"], b""), "cat");
+        assert_eq!(back, noise(30 << 10, 2));
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
