@@ -1020,3 +1020,35 @@ async fn invalidations_received(c: &Cluster) -> Vec<u64> {
     }
     v
 }
+
+/// A call over an open channel to a server that stops answering without a word (SIGSTOPped:
+/// its kernel keeps the connection, nothing reads it) fails within seconds, through the
+/// channels' HTTP/2 keepalive, instead of waiting on TCP for many minutes (the fault campaign
+/// found a stripe write stuck so, holding its row's stripe lock). Without the keepalive in
+/// `wire::Connector::tcp` the second call waits out the test's 30 s bound and the test fails.
+#[test]
+fn a_call_to_a_paused_server_fails_in_seconds() {
+    serial(async {
+        let c = Cluster::start(1, "keepalive").await;
+        let channel = wire::Connector::tcp(Duration::from_millis(500)).channel(&c.servers[0].addr).unwrap();
+        let mut locks = pb::locks_client::LocksClient::new(channel);
+        locks.status(pb::StatusRequest {}).await.expect("the server answers before it is paused");
+        c.signal(1, "STOP");
+        let t = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(30), locks.status(pb::StatusRequest {})).await;
+        let took = t.elapsed();
+        c.signal(1, "CONT");
+        match answer {
+            Ok(Err(status)) => eprintln!("the call failed after {took:.1?}: {}", status.message()),
+            Ok(Ok(_)) => panic!("a paused server answered"),
+            Err(_) => panic!("a call to a paused server was still waiting after {took:.1?}"),
+        }
+        assert!(took < Duration::from_secs(10), "the call failed only after {took:.1?}");
+        // Once it runs again, the channel reconnects.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while locks.status(pb::StatusRequest {}).await.is_err() {
+            assert!(Instant::now() < deadline, "no answer from the server after SIGCONT");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
