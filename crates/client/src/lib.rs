@@ -1223,15 +1223,11 @@ impl Actor {
         }
         match body {
             Down::Granted(g)
-                if !g.gateway
-                    && self.fresh_locks.contains(&g.lock)
-                    && self.granted_tokens.get(&g.lock).is_some_and(|t| g.token <= *t) =>
-            {
-                // A grant of one of the number's earlier uses, told again by a server that has
-                // not applied its release yet: not the answer to the new request, whose grant
-                // comes later in the log and so carries a larger token (tokens grow with the
-                // log).
-            }
+                if is_an_earlier_uses_grant(
+                    &g,
+                    self.fresh_locks.contains(&g.lock),
+                    self.granted_tokens.get(&g.lock).copied(),
+                ) => {}
             Down::Granted(g) | Down::Converted(g) => {
                 self.gateway_waits.remove(&g.lock);
                 self.numbers.lock().expect("numbers").used.insert(g.lock);
@@ -1393,9 +1389,33 @@ impl Actor {
     }
 }
 
+/// Whether grant `g` of a lock number whose outstanding request is a new lock (`fresh`), and
+/// whose uses so far were given tokens up to `largest_given`, is a grant of one of those earlier
+/// uses, told again by a server that has not applied its release yet (a follower the session
+/// moved to): then it is not the answer to the new request, whose grant comes later in the log
+/// and so carries a larger token (tokens grow with the log). A gateway's grant carries the
+/// gateway's own token and is not compared.
+fn is_an_earlier_uses_grant(g: &pb::Granted, fresh: bool, largest_given: Option<u64>) -> bool {
+    !g.gateway && fresh && largest_given.is_some_and(|t| g.token <= t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fault campaign found a resumed session taking an old grant of a reused lock number
+    /// as the answer to its new request (the counter's lock then "held" by two clients).
+    #[test]
+    fn an_old_grant_of_a_reused_lock_number_does_not_answer_its_new_request() {
+        let g = |token: u64, gateway: bool| pb::Granted { lock: 1, token, gateway, ..Default::default() };
+        // The number was granted tokens 5 and then 9; its new request is outstanding.
+        assert!(is_an_earlier_uses_grant(&g(9, false), true, Some(9)), "the last use's grant told again");
+        assert!(is_an_earlier_uses_grant(&g(5, false), true, Some(9)), "an earlier use's grant told again");
+        assert!(!is_an_earlier_uses_grant(&g(10, false), true, Some(9)), "the new request's grant");
+        assert!(!is_an_earlier_uses_grant(&g(3, true), true, Some(9)), "a gateway's grant (its own token)");
+        assert!(!is_an_earlier_uses_grant(&g(5, false), true, None), "a number never granted before");
+        assert!(!is_an_earlier_uses_grant(&g(5, false), false, Some(9)), "a convert's answer");
+    }
 
     fn granted(mode: i32, state: i32) -> pb::Granted {
         pb::Granted {

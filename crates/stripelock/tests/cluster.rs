@@ -1052,3 +1052,98 @@ fn a_call_to_a_paused_server_fails_in_seconds() {
         }
     });
 }
+
+/// Unmounts (lazily: a process may still hold it) the tmpfs a test mounted, however it ends.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A server whose disk fills up under its Raft log exits, saying why, instead of answering
+/// status forever with its Raft core stopped (found by the fault campaign's disk-full fault);
+/// started again once there is space, it catches up. As root only (it mounts a tmpfs).
+#[test]
+fn a_server_whose_raft_log_cannot_be_written_exits_and_comes_back_once_there_is_space() {
+    if !nix_is_root() {
+        eprintln!("SKIPPED: needs root to mount a tmpfs for server 3's Raft database");
+        return;
+    }
+    serial(async {
+        let mut c = Cluster::start(3, "raft-disk-full").await;
+        // Server 3's Raft database moves to a small tmpfs (its log file stays on the disk).
+        c.kill(3);
+        let small = c.dir.join("small-disk");
+        std::fs::create_dir_all(&small).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"]).arg(&small).status().unwrap();
+        assert!(ok.success(), "mount -t tmpfs failed");
+        let _mounted = Tmpfs(small.clone());
+        let db = c.servers[2].data.join("raft.redb");
+        std::fs::copy(&db, small.join("raft.redb")).unwrap();
+        std::fs::remove_file(&db).unwrap();
+        std::os::unix::fs::symlink(small.join("raft.redb"), &db).unwrap();
+        c.spawn(3, false);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while c.status(3).await.is_none() {
+            assert!(Instant::now() < deadline, "server 3 did not start on its tmpfs");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Fill the tmpfs, then make log entries (locks through server 1) until server 3 exits.
+        let filler = small.join("filler");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 1 << 20];
+            while f.write_all(&block).is_ok() {}
+            let page = vec![0u8; 4096];
+            while f.write(&page).is_ok_and(|n| n > 0) {}
+        }
+        let s = Session::open(&c.addrs_from(1), 5_000).await.unwrap();
+        let t = Instant::now();
+        let mut ops = 0u64;
+        let status = loop {
+            if let Some(status) = c.servers[2].child.as_mut().unwrap().try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60) && ops < 200_000,
+                "server 3 still runs after {ops} lock operations in {:.1?} on a full disk",
+                t.elapsed()
+            );
+            let g = s.lock(&format!("/full/{}", ops % 64), 0..1, Mode::EX, LockOptions::default()).await.unwrap();
+            s.unlock(g.lock).await.unwrap();
+            ops += 2;
+        };
+        eprintln!("server 3 exited ({status}) after {ops} lock operations in {:.1?}", t.elapsed());
+        c.servers[2].child = None;
+        assert!(!status.success(), "server 3 exited successfully on a full disk");
+        let log = std::fs::read_to_string(c.servers[2].data.join("server.log")).unwrap();
+        assert!(log.contains("the Raft core stopped"), "server 3's log does not say why it exited: {log}");
+        // Space again: started again, it takes part (its applied index reaches the leader's).
+        std::fs::remove_file(&filler).unwrap();
+        c.spawn(3, false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leader = c.status(1).await.map(|r| r.applied_index);
+            let three = c.status(3).await.map(|r| r.applied_index);
+            if let (Some(l), Some(t)) = (leader, three)
+                && t >= l
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server 3 did not catch up after space came back: {three:?} < {leader:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        s.close().await;
+        c.kill(3);
+    });
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
