@@ -2,7 +2,7 @@
 //! connected with (mutual TLS); without TLS every client is `anonymous`. A server enforces, for
 //! each identity: the sessions it has open in the cluster (counted in the replicated state,
 //! where each session's client text ends with ` [as NAME]`), and on this server the locks its
-//! sessions attached here hold or wait for, and its requests per second. Over a quota, the
+//! sessions attached here hold or wait for, how many of those wait, and its requests per second. Over a quota, the
 //! request is refused with the quota code and a sentence naming the quota; nobody else notices.
 //!
 //! Bytes stored are counted in the replicated state: each file is its creator's (`Op::Owned`),
@@ -35,6 +35,11 @@ pub enum QuotaError {
     Sessions { identity: String, open: u64 },
     #[error("{identity} holds or waits for {held} locks on this server, its quota")]
     Locks { identity: String, held: u64 },
+    #[error(
+        "{identity} has {waiting} lock requests waiting on this server, its quota; it may ask again once one is \
+         granted or cancelled"
+    )]
+    Waiters { identity: String, waiting: u64 },
     #[error("{identity} is over its quota of {rps} requests per second on this server")]
     Rate { identity: String, rps: u32 },
     #[error(
@@ -42,7 +47,7 @@ pub enum QuotaError {
          add {adding}: remove or truncate some of {owner}'s files, or ask for a larger quota"
     )]
     Bytes { owner: String, stored: u64, adding: u64, max: u64, what: String },
-    #[error("quota: {0} (e.g. sessions=100,locks=100000,rps=5000,bytes=10GiB)")]
+    #[error("quota: {0} (e.g. sessions=100,locks=100000,waiters=1000,rps=5000,bytes=10GiB)")]
     Setting(String),
 }
 
@@ -51,13 +56,15 @@ pub enum QuotaError {
 pub struct Quota {
     pub sessions: Option<u64>,
     pub locks: Option<u64>,
+    /// Lock requests waiting (queued behind a conflicting holder), on this server.
+    pub waiters: Option<u64>,
     pub requests_per_second: Option<u32>,
     /// Bytes in the files an identity created, cluster-wide.
     pub bytes: Option<u64>,
 }
 
 impl Quota {
-    /// `sessions=100,locks=100000,rps=5000,bytes=10GiB` (any of them; bytes take a unit: B,
+    /// `sessions=100,locks=100000,waiters=1000,rps=5000,bytes=10GiB` (any of them; bytes take a unit: B,
     /// KiB, MiB, GiB, TiB).
     pub fn parse(text: &str) -> Result<Quota, QuotaError> {
         let bad = QuotaError::Setting;
@@ -75,11 +82,12 @@ impl Quota {
             match k {
                 "sessions" => q.sessions = Some(n),
                 "locks" => q.locks = Some(n),
+                "waiters" => q.waiters = Some(n),
                 "bytes" => q.bytes = Some(n),
                 "rps" => {
                     q.requests_per_second = Some(u32::try_from(n).map_err(|_| bad(format!("rps={n} is too large")))?)
                 }
-                _ => return Err(bad(format!("unknown key `{k}` (sessions, locks, rps, bytes)"))),
+                _ => return Err(bad(format!("unknown key `{k}` (sessions, locks, waiters, rps, bytes)"))),
             }
         }
         Ok(q)
@@ -148,6 +156,7 @@ const IN_A_ROW: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug)]
 struct Usage {
     locks: u64,
+    waiters: u64,
     tokens: f64,
     refilled: Instant,
     /// Session opens admitted here and not yet applied (so opens at once cannot all pass).
@@ -176,6 +185,7 @@ impl QuotaBook {
         let burst = f64::from(self.quota.requests_per_second.unwrap_or(0));
         let u = m.entry(identity.to_string()).or_insert_with(|| Usage {
             locks: 0,
+            waiters: 0,
             tokens: burst,
             refilled: Instant::now(),
             opening: 0,
@@ -186,10 +196,12 @@ impl QuotaBook {
         f(u)
     }
 
-    /// A lock request of `identity`: refused if it is over its rate or its locks.
+    /// A lock request of `identity`: refused if it is over its rate, its locks, or its waiters
+    /// (any request may have to wait: with as many waiting as its quota, an identity asks for
+    /// nothing more until one is answered).
     pub fn admit_lock(&self, identity: &str) -> Result<(), QuotaError> {
         let q = self.quota;
-        if q.locks.is_none() && q.requests_per_second.is_none() {
+        if q.locks.is_none() && q.requests_per_second.is_none() && q.waiters.is_none() {
             return Ok(());
         }
         self.with(identity, |u| {
@@ -203,8 +215,13 @@ impl QuotaBook {
                 }
                 u.tokens -= 1.0;
             }
-            match q.locks {
-                Some(max) if u.locks >= max => Err(QuotaError::Locks { identity: identity.to_string(), held: u.locks }),
+            match (q.locks, q.waiters) {
+                (Some(max), _) if u.locks >= max => {
+                    Err(QuotaError::Locks { identity: identity.to_string(), held: u.locks })
+                }
+                (_, Some(max)) if u.waiters >= max => {
+                    Err(QuotaError::Waiters { identity: identity.to_string(), waiting: u.waiters })
+                }
                 _ => Ok(()),
             }
         })
@@ -214,6 +231,13 @@ impl QuotaBook {
     pub fn locks_changed(&self, identity: &str, delta: i64) {
         if self.quota.locks.is_some() {
             self.with(identity, |u| u.locks = u.locks.saturating_add_signed(delta));
+        }
+    }
+
+    /// `identity`'s sessions here have `delta` more lock requests waiting (or fewer).
+    pub fn waiters_changed(&self, identity: &str, delta: i64) {
+        if self.quota.waiters.is_some() {
+            self.with(identity, |u| u.waiters = u.waiters.saturating_add_signed(delta));
         }
     }
 
@@ -292,6 +316,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_identity_with_its_quota_of_requests_waiting_asks_for_nothing_more() {
+        let book = QuotaBook::new(Quota { waiters: Some(2), ..Default::default() });
+        book.waiters_changed("flood", 2);
+        let e = book.admit_lock("flood").unwrap_err();
+        assert!(matches!(e, QuotaError::Waiters { waiting: 2, .. }), "{e:?}");
+        assert!(e.to_string().contains("2 lock requests waiting"), "{e}");
+        assert!(book.admit_lock("alice").is_ok(), "another identity");
+        book.waiters_changed("flood", -1);
+        assert!(book.admit_lock("flood").is_ok(), "one was granted");
+    }
+
+    #[test]
     fn bytes_past_the_quota_are_refused_naming_the_owner_and_what_to_do() {
         assert!(admit_bytes("alice", 900, 100, Some(1000), "the write").is_ok());
         assert!(admit_bytes("alice", 5000, 0, Some(1000), "an empty write").is_ok(), "adds nothing");
@@ -307,7 +343,11 @@ mod tests {
     #[test]
     fn a_quota_reads_its_keys_and_refuses_nonsense() {
         let q = Quota::parse("sessions=3, locks=50,rps=10").unwrap();
-        assert_eq!(q, Quota { sessions: Some(3), locks: Some(50), requests_per_second: Some(10), bytes: None });
+        assert_eq!(
+            q,
+            Quota { sessions: Some(3), locks: Some(50), waiters: None, requests_per_second: Some(10), bytes: None }
+        );
+        assert_eq!(Quota::parse("waiters=7").unwrap().waiters, Some(7));
         assert_eq!(Quota::parse("bytes=64KiB").unwrap().bytes, Some(65536));
         assert_eq!(Quota::parse("bytes=2g").unwrap().bytes, Some(2 << 30));
         assert_eq!(Quota::parse("").unwrap(), Quota::default());
@@ -318,8 +358,13 @@ mod tests {
 
     #[tokio::test]
     async fn locks_and_rate_are_counted_per_identity() {
-        let book =
-            QuotaBook::new(Quota { sessions: Some(2), locks: Some(2), requests_per_second: Some(3), bytes: None });
+        let book = QuotaBook::new(Quota {
+            sessions: Some(2),
+            locks: Some(2),
+            waiters: None,
+            requests_per_second: Some(3),
+            bytes: None,
+        });
         book.admit_lock("a").unwrap();
         book.locks_changed("a", 1);
         book.admit_lock("a").unwrap();

@@ -48,6 +48,8 @@ pub struct SessionMetrics {
     revoked: HashSet<LockId>,
     /// The locks it holds or waits for, counted against its identity's quota on this server.
     held: HashSet<LockId>,
+    /// Of those, the ones waiting (against the waiters quota).
+    queued: HashSet<LockId>,
     book: Option<(Arc<QuotaBook>, String)>,
 }
 
@@ -63,26 +65,41 @@ impl SessionMetrics {
         }
     }
 
+    fn wait(&mut self, lock: LockId, waits: bool) {
+        let changed = if waits { self.queued.insert(lock) } else { self.queued.remove(&lock) };
+        if changed && let Some((book, identity)) = &self.book {
+            book.waiters_changed(identity, if waits { 1 } else { -1 });
+        }
+    }
+
     /// The stream ended: its locks no longer count here.
     pub fn finish(&mut self) {
         if let Some((book, identity)) = &self.book {
             book.locks_changed(identity, -(self.held.len() as i64));
+            book.waiters_changed(identity, -(self.queued.len() as i64));
         }
         self.held.clear();
+        self.queued.clear();
     }
 
     pub fn applied(&mut self, session: SessionId, a: &Applied) {
         for o in &a.reply.outputs {
             match o {
-                Output::Granted { session: s, lock, .. } | Output::Queued { session: s, lock } if *s == session => {
-                    self.hold(*lock, true)
+                Output::Granted { session: s, lock, .. } if *s == session => {
+                    self.hold(*lock, true);
+                    self.wait(*lock, false);
+                }
+                Output::Queued { session: s, lock } if *s == session => {
+                    self.hold(*lock, true);
+                    self.wait(*lock, true);
                 }
                 Output::Released { session: s, lock }
                 | Output::Cancelled { session: s, lock }
                 | Output::Deadlock { session: s, lock }
                     if *s == session =>
                 {
-                    self.hold(*lock, false)
+                    self.hold(*lock, false);
+                    self.wait(*lock, false);
                 }
                 Output::Expired { session: s } if *s == session => self.finish(),
                 _ => {}

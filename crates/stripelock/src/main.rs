@@ -151,9 +151,9 @@ enum Command {
         #[arg(long, value_parser = ["certified", "any"])]
         http_clients: Option<String>,
         /// What each client identity (its certificate's name; `anonymous` without TLS) may use:
-        /// e.g. sessions=100,locks=100000,rps=5000,bytes=10GiB (open sessions in the cluster; locks
-        /// held or waiting and lock requests per second on this server; bytes of the files it
-        /// created, cluster-wide). Default: no limit.
+        /// e.g. sessions=100,locks=100000,waiters=1000,rps=5000,bytes=10GiB (open sessions in the
+        /// cluster; locks held or waiting, of those waiting, and lock requests per second on this
+        /// server; bytes of the files it created, cluster-wide). Default: no limit.
         #[arg(long)]
         quota: Option<String>,
         /// Serve plain HTTP/2 without TLS: anyone who reaches the port may use it. Without it a

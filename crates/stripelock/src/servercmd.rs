@@ -116,7 +116,7 @@ pub struct ServerFile {
     pub tls_dir: Option<PathBuf>,
     /// Plain HTTP/2 without TLS, said on purpose.
     pub insecure: Option<bool>,
-    /// What each client identity may use: `"sessions=100,locks=100000,rps=5000,bytes=10GiB"`.
+    /// What each client identity may use: `"sessions=100,locks=100000,waiters=1000,rps=5000,bytes=10GiB"`.
     pub quota: Option<String>,
 }
 

@@ -120,7 +120,7 @@ fn a_flood_of_10k_sessions_from_one_identity_leaves_the_others_latency_and_the_s
 fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
     serial(async {
         let tls = our_certs();
-        let c = Cluster::start_tls(3, "quota", &tls, &["--quota", "sessions=3,locks=20,rps=300"]).await;
+        let c = Cluster::start_tls(3, "quota", &tls, &["--quota", "sessions=3,locks=20,waiters=5,rps=300"]).await;
 
         // Sessions: flood holds three, a fourth is refused (the quota code and its sentence);
         // alice gets in meanwhile.
@@ -170,6 +170,40 @@ fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
             s.unlock(g.lock).await.unwrap();
         }
 
+        // Waiters: with five requests of the test's identity waiting on this server, a sixth
+        // request is refused with the quota code while alice may wait; once they are granted,
+        // requests pass again.
+        let holder = lock_as(&c, "alice", "/q/w", &["sleep", "30"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut holder = KillOnDrop(holder);
+        until_table(&c, 1, "/q/w", "alice's lock", |t| count(t, true) == 1).await;
+        let waits = futures::future::join_all((0..5).map(|_| s.lock("/q/w", 0..1, Mode::PR, LockOptions::default())));
+        let meanwhile = async {
+            until_table(&c, 1, "/q/w", "five waiters", |t| count(t, false) == 5).await;
+            let sixth = s.lock("/q/elsewhere", 0..1, Mode::EX, LockOptions::default()).await.unwrap_err();
+            assert_eq!(sixth.code(), ErrorCode::Quota, "{sixth}");
+            assert!(sixth.to_string().contains("5 lock requests waiting"), "{sixth}");
+            let alice = std::process::Command::new(&*EXE)
+                .env("STRIPELOCK_TLS_DIR", c.tls.as_ref().unwrap())
+                .env("STRIPELOCK_TLS_NAME", "alice")
+                .args(["lock", "/q/w2", "--timeout", "300ms", "--cluster", &c.addrs().join(","), "--", "true"])
+                .output()
+                .unwrap();
+            assert!(alice.status.success(), "alice is not held back: {}", String::from_utf8_lossy(&alice.stderr));
+            let _ = holder.0.kill();
+            let _ = holder.0.wait();
+        };
+        let (granted, ()) = tokio::join!(waits, meanwhile);
+        for g in granted {
+            s.unlock(g.unwrap().lock).await.unwrap();
+        }
+        let g = s.lock("/q/elsewhere", 0..1, Mode::EX, LockOptions::default()).await.unwrap();
+        s.unlock(g.lock).await.unwrap();
+        drop(holder);
+
         // Requests per second: 300 a second on this server; a burst of 1000 requests at once
         // meets refusals with the quota code, and a second later requests pass again.
         let burst = (0..1000).map(|i| {
@@ -192,6 +226,16 @@ fn an_identity_over_its_quota_is_refused_and_nobody_else_notices() {
         s.unlock(g.lock).await.unwrap();
         s.close().await;
     });
+}
+
+/// A child process killed (and reaped) however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The CLI as identity `name`, `stdin` its input.
