@@ -207,6 +207,8 @@ fn errno_of_code(code: ErrorCode) -> Errno {
         ErrorCode::Busy => libc::EAGAIN,
         ErrorCode::Deadlock => libc::EDEADLK,
         ErrorCode::Denied => libc::EACCES,
+        // Over the owner's bytes-stored quota (issue 15), as a file system's disk quota.
+        ErrorCode::Quota => libc::EDQUOT,
         _ => libc::EIO,
     })
 }
@@ -220,13 +222,16 @@ fn errno_of_status(s: &tonic::Status) -> Errno {
 }
 
 fn errno_of_client(e: &ClientError) -> Errno {
-    if !matches!(e, ClientError::Busy(_) | ClientError::Deadlock | ClientError::Cancelled) {
+    // Over a lock quota or limit: fcntl(2)'s "too many segment locks open".
+    let no_locks = matches!(e.code(), ErrorCode::Quota | ErrorCode::Limit);
+    if !no_locks && !matches!(e, ClientError::Busy(_) | ClientError::Deadlock | ClientError::Cancelled) {
         tracing::warn!("EIO for a lock refusal: {e}");
     }
     match e {
         ClientError::Busy(_) => errno(libc::EAGAIN),
         ClientError::Deadlock => errno(libc::EDEADLK),
         ClientError::Cancelled => errno(libc::EINTR),
+        _ if no_locks => errno(libc::ENOLCK),
         _ => errno(libc::EIO),
     }
 }

@@ -760,3 +760,30 @@ fn a_stub_on_the_secondary_tier_reads_through_the_mount_and_a_write_recalls_it()
         assert!(std::fs::read(&out).unwrap() == want, "the write landed on the recalled file");
     });
 }
+
+/// Issue 15: a file made through a mount is its creator's (here `anonymous`, a cluster without
+/// TLS), and writing past that identity's bytes-stored quota fails with EDQUOT, as on a file
+/// system with disk quotas; unlinking a file gives its bytes back.
+#[test]
+fn writing_past_the_bytes_quota_through_a_mount_fails_with_edquot() {
+    if !fuse_usable() {
+        return;
+    }
+    serial(async {
+        use std::os::unix::fs::FileExt;
+        let c = Cluster::start_with(3, "mount-quota", &["--quota", "bytes=1MiB"]).await;
+        let a = Mount::start(&c, 1, "a");
+        let write = |path: &str, len: usize, seed: u64| -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(a.path(path))?;
+            f.write_all_at(&noise(len, seed), 0)?;
+            f.sync_all()
+        };
+        write("/first", 768 << 10, 1).expect("768 KiB within a quota of 1 MiB");
+        let err = write("/second", 512 << 10, 2).expect_err("768 + 512 KiB past a quota of 1 MiB");
+        assert_eq!(err.raw_os_error(), Some(122), "not EDQUOT: {err}");
+        assert_eq!(std::fs::read(a.path("/first")).unwrap(), noise(768 << 10, 1));
+        std::fs::remove_file(a.path("/first")).unwrap();
+        write("/second", 512 << 10, 2).expect("the quota freed by the unlink");
+        assert_eq!(std::fs::read(a.path("/second")).unwrap(), noise(512 << 10, 2));
+    });
+}
