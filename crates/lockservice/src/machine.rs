@@ -649,6 +649,14 @@ impl State {
         Ok(())
     }
 
+    /// The `n` owners with the most bytes, most first.
+    pub fn largest_owners(&self, n: usize) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self.stored.iter().map(|(o, b)| (o.clone(), *b)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
     /// `owner`'s bytes: the sizes of the files it created that are still there.
     pub fn stored_bytes(&self, owner: &str) -> u64 {
         self.stored.get(owner).copied().unwrap_or(0)

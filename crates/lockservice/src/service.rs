@@ -758,7 +758,10 @@ impl pb::locks_server::Locks for LockService {
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         use openraft::async_runtime::WatchReceiver;
         let m = self.node.raft.metrics().borrow_watched().clone();
-        let stats = self.node.machine.state().engine.stats();
+        let (stats, stored) = {
+            let state = self.node.machine.state();
+            (state.engine.stats(), state.largest_owners(100))
+        };
         let gateway = self.gateway.stats();
         let lru = *self.lru.borrow();
         let snap = self.node.machine.snapshot_stats();
@@ -785,6 +788,8 @@ impl pb::locks_server::Locks for LockService {
             resources: stats.resources,
             locks_granted: stats.locks_granted,
             locks_cached: stats.locks_cached,
+            stored: stored.into_iter().map(|(identity, bytes)| pb::IdentityBytes { identity, bytes }).collect(),
+            bytes_quota: self.node.config.quota.bytes.unwrap_or(0),
             requests_waiting: stats.requests_waiting,
             last_token: stats.last_token,
             log_entries: self.node.machine.store().log_len().unwrap_or(0),

@@ -752,6 +752,9 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                         "build_ms": s.snapshot_build_ms, "restore_ms": s.snapshot_restore_ms,
                     },
                     "mounts": s.mounts.iter().map(|m| mount_json(m, &local)).collect::<Vec<_>>(),
+                    "stored": s.stored.iter().map(|i| serde_json::json!({"identity": i.identity, "bytes": i.bytes}))
+                        .collect::<Vec<_>>(),
+                    "bytes_quota": (s.bytes_quota > 0).then_some(s.bytes_quota),
                 }),
                 Err(e) => serde_json::json!({
                     "address": a, "up": false, "error": format!("{e:#}"),
@@ -840,6 +843,19 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     server::human_bytes(s.resync_bytes)
                 );
             }
+        }
+        // Issue 15: who stores what (as the leader has applied it), against the quota.
+        if let Some(s) = replies.iter().filter_map(|(_, r)| r.as_ref().ok()).find(|s| s.leader_id == s.server_id)
+            && !s.stored.is_empty()
+        {
+            let of = if s.bytes_quota > 0 {
+                format!(" (quota {} each)", server::human_bytes(s.bytes_quota))
+            } else {
+                String::new()
+            };
+            let each: Vec<String> =
+                s.stored.iter().map(|i| format!("{} {}", i.identity, server::human_bytes(i.bytes))).collect();
+            println!("bytes stored by identity{of}: {}", each.join(", "));
         }
         let mut largest: Vec<u64> =
             replies.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.file_bytes_max).collect();

@@ -240,19 +240,7 @@ impl Drop for KillOnDrop {
 
 /// The CLI as identity `name`, `stdin` its input.
 fn cli_as(c: &Cluster, name: &str, args: &[&str], stdin: &[u8]) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(&*EXE)
-        .env("STRIPELOCK_TLS_DIR", c.tls.as_ref().unwrap())
-        .env("STRIPELOCK_TLS_NAME", name)
-        .args(args)
-        .args(["--cluster", &c.addrs().join(",")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
+    run_as(c, 1, Some(name), args, stdin)
 }
 
 /// Issue 15, bytes stored: the files an identity creates count against its quota; a put or a
@@ -311,6 +299,16 @@ fn bytes_past_an_identitys_quota_are_refused_and_removing_files_frees_them() {
         ok(cli_as(&c, "alice", &["put", &b, "/q/b"], b""), "the put after the rm");
         let back = ok(cli_as(&c, "alice", &["cat", "/q/b"], b""), "cat");
         assert_eq!(back, noise(30 << 10, 2));
+        // `status` shows who stores what, as the leader has applied it, and the quota.
+        let said: serde_json::Value =
+            serde_json::from_slice(&ok(cli_as(&c, "alice", &["status", "--json"], b""), "status")).unwrap();
+        let leader = said["servers"].as_array().unwrap().iter().find(|s| s["id"] == s["leader"]).expect("a leader");
+        assert_eq!(leader["bytes_quota"], 65536, "{leader}");
+        let stored = |who: &str| leader["stored"].as_array().unwrap().iter().find(|i| i["identity"] == who).cloned();
+        assert_eq!(stored("flood").map(|i| i["bytes"].clone()), Some((60 << 10).into()), "{leader}");
+        assert_eq!(stored("alice").map(|i| i["bytes"].clone()), Some((30 << 10).into()), "{leader}");
+        let text = String::from_utf8(ok(cli_as(&c, "alice", &["status"], b""), "status")).unwrap();
+        assert!(text.contains("bytes stored by identity (quota 64 KiB each): flood 60 KiB, alice 30 KiB"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     });
 }

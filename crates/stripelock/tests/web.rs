@@ -152,6 +152,9 @@ fn metrics_the_status_page_in_a_browser_and_top_show_a_holder_and_its_waiter() {
             .map(|s| gauge(&http_get(&s.http, "/metrics"), "stripelock_work_bytes_total{work=\"scrub\"}"))
             .sum();
         assert!(scrubbed >= (3 << 20) as f64, "scrub's progress: {scrubbed} bytes counted");
+        // The file is its creator's (`anonymous`, without TLS): its bytes are counted for it.
+        let m = http_get(&c.servers[0].http, "/metrics");
+        assert_eq!(gauge(&m, "stripelock_stored_bytes{identity=\"anonymous\"}"), (3 << 20) as f64, "{m}");
         for s in &c.servers {
             let m = http_get(&s.http, "/metrics");
             assert_eq!(

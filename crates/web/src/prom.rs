@@ -50,6 +50,20 @@ pub fn render(s: &pb::StatusReply, follower_lag: &[(u64, u64)]) -> String {
     g("stripelock_resources", s.resources as f64);
     g("stripelock_locks_held", s.locks_granted as f64);
     g("stripelock_locks_cached", s.locks_cached as f64);
+    // Issue 15: each identity's bytes (the 100 largest); one that left the list reads 0.
+    static STORED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = STORED.lock().expect("stored identities");
+    for gone in seen.iter().filter(|o| !s.stored.iter().any(|i| &i.identity == *o)) {
+        gauge!("stripelock_stored_bytes", "identity" => gone.clone()).set(0.0);
+    }
+    seen.retain(|o| s.stored.iter().any(|i| &i.identity == o));
+    for i in &s.stored {
+        gauge!("stripelock_stored_bytes", "identity" => i.identity.clone()).set(i.bytes as f64);
+        seen.insert(i.identity.clone());
+    }
+    drop(seen);
+    g("stripelock_quota_bytes", s.bytes_quota as f64);
     g("stripelock_locks_waiting", s.requests_waiting as f64);
     g("stripelock_lock_memory_used_bytes", s.lock_memory_used as f64);
     g("stripelock_lock_memory_budget_bytes", s.lock_memory_budget as f64);

@@ -257,10 +257,18 @@ pub fn count(t: &pb::TableReply, granted: bool) -> usize {
 
 /// Runs the CLI with server `first` at the head of --cluster, `stdin` as its input.
 pub fn run_at(c: &Cluster, first: u64, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    run_as(c, first, None, args, stdin)
+}
+
+/// `run_at` as the identity of the certificate `name` (of a TLS cluster's directory).
+pub fn run_as(c: &Cluster, first: u64, name: Option<&str>, args: &[&str], stdin: &[u8]) -> std::process::Output {
     use std::io::Write as _;
     let mut cmd = Command::new(&*EXE);
     if let Some(dir) = &c.tls {
         cmd.env("STRIPELOCK_TLS_DIR", dir);
+    }
+    if let Some(name) = name {
+        cmd.env("STRIPELOCK_TLS_NAME", name);
     }
     let mut child = cmd
         .args(args)
