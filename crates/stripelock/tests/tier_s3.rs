@@ -98,7 +98,13 @@ mod s3 {
             let endpoint = format!("http://127.0.0.1:{}", moto.port);
             let extra = ["--tier", "s3://cold", "--tier-endpoint", &endpoint, "--recall-on-read", "false"];
             let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")];
-            let c = Cluster::start_with_env(3, "tier-s3", &extra, &env).await;
+            // Over mutual TLS: a build with the s3 feature has a second rustls crypto provider
+            // (aws-lc-rs, S3's), and its servers once panicked at their first TLS config.
+            let tls = std::env::temp_dir().join(format!("stripelock-tier-s3-certs-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tls);
+            let made = Command::new(&*EXE).args(["certs", "init", "--dir"]).arg(&tls).output().unwrap();
+            assert!(made.status.success(), "certs init: {}", String::from_utf8_lossy(&made.stderr));
+            let c = Cluster::start_tls_with_env(3, "tier-s3", &tls, &extra, &env).await;
             let data = noise(20 << 20, 61);
             let local = c.dir.join("s3.in");
             std::fs::write(&local, &data).unwrap();
@@ -129,6 +135,8 @@ mod s3 {
             assert_eq!(gc["deleted"], serde_json::json!([key]), "{gc}");
             let head = http(moto.port, "HEAD", &format!("/cold/{key}")).unwrap();
             assert!(head.contains(" 404"), "gc deleted the object from the bucket: {head}");
+            drop(c);
+            let _ = std::fs::remove_dir_all(&tls);
         });
         drop(moto);
     }

@@ -118,6 +118,7 @@ pub struct TlsMissing {
 impl Tls {
     /// `DIR/ca.pem`, `DIR/NAME.pem` and `DIR/NAME.key`.
     pub fn from_dir(dir: &std::path::Path, name: &str) -> Result<Tls, TlsMissing> {
+        use_ring();
         let read = |file: String| {
             let path = dir.join(file);
             std::fs::read(&path).map_err(|e| TlsMissing { path: path.display().to_string(), reason: e.to_string() })
@@ -144,6 +145,14 @@ impl Tls {
             .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca))
     }
+}
+
+/// Makes ring rustls's process-wide crypto provider, which tonic's TLS takes. Built with a
+/// second provider (stripelock's `s3` feature: object_store's S3 client brings aws-lc-rs),
+/// rustls cannot choose one on its own and panics when the first TLS config is made.
+fn use_ring() {
+    // Already made (by an earlier call, or by whoever came first): nothing to do.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Who may use a server's HTTP port (metrics, status page) when the server runs with TLS.

@@ -67,8 +67,19 @@ impl Cluster {
     /// A cluster over mutual TLS with the certificates in `tls`; this test process connects as
     /// its `client` from now on (one identity per process).
     pub async fn start_tls(n: u64, name: &str, tls: &std::path::Path, extra: &[&str]) -> Cluster {
+        Cluster::start_tls_with_env(n, name, tls, extra, &[]).await
+    }
+
+    /// `start_tls` whose servers also see the environment variables `env`.
+    pub async fn start_tls_with_env(
+        n: u64,
+        name: &str,
+        tls: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         wire::use_tls(wire::Tls::from_dir(tls, "client").unwrap());
-        Cluster::start_inner(n, name, extra, &[], Some(tls.to_path_buf())).await
+        Cluster::start_inner(n, name, extra, env, Some(tls.to_path_buf())).await
     }
 
     async fn start_inner(n: u64, name: &str, extra: &[&str], env: &[(&str, &str)], tls: Option<PathBuf>) -> Cluster {
