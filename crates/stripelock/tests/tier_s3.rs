@@ -98,8 +98,9 @@ mod s3 {
             let endpoint = format!("http://127.0.0.1:{}", moto.port);
             let extra = ["--tier", "s3://cold", "--tier-endpoint", &endpoint, "--recall-on-read", "false"];
             let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")];
-            // Over mutual TLS: a build with the s3 feature has a second rustls crypto provider
-            // (aws-lc-rs, S3's), and its servers once panicked at their first TLS config.
+            // Over mutual TLS: the S3 client and the cluster's TLS share one rustls crypto
+            // provider (ring); with two (aws-lc-rs came with S3) the servers once panicked at
+            // their first TLS config.
             let tls = std::env::temp_dir().join(format!("stripelock-tier-s3-certs-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tls);
             let made = Command::new(&*EXE).args(["certs", "init", "--dir"]).arg(&tls).output().unwrap();

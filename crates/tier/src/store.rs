@@ -150,6 +150,9 @@ impl Tier {
     /// An S3 bucket (`s3` feature): `endpoint` for an S3-protocol server other than AWS's.
     #[cfg(feature = "s3")]
     pub fn s3(bucket: &str, endpoint: Option<&str>, region: &str) -> Result<Tier, TierError> {
+        // The S3 client's HTTPS is built without a provider of its own: ring is the process's
+        // (the one the cluster's TLS uses too). Already made by an earlier call: nothing to do.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_region(region);
         if let Some(e) = endpoint {
             b = b.with_endpoint(e).with_allow_http(true);

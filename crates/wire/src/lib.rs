@@ -148,7 +148,7 @@ impl Tls {
 }
 
 /// Makes ring rustls's process-wide crypto provider, which tonic's TLS takes. Built with a
-/// second provider (stripelock's `s3` feature: object_store's S3 client brings aws-lc-rs),
+/// second provider (as object_store's batteries-included S3 client would bring aws-lc-rs),
 /// rustls cannot choose one on its own and panics when the first TLS config is made.
 fn use_ring() {
     // Already made (by an earlier call, or by whoever came first): nothing to do.
