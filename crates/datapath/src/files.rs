@@ -16,7 +16,7 @@ use chunks::UnitId;
 use futures::Stream;
 use layout::stripe::{StoredUnit, UnitRead as Fetched, is_hole, role_index, role_name, solve_row, units_in_file};
 use layout::{Layout, Role};
-use lockservice::{FileMeta, Op, Stub};
+use lockservice::{FileMeta, Op};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -49,8 +49,13 @@ impl std::fmt::Debug for FilesService {
     }
 }
 
-fn stat_of(path: &str, f: &FileMeta, stub: Option<Stub>) -> pb::FileStat {
+fn stat_of(path: &str, f: &FileMeta, locks: &dyn crate::locks::Locks) -> pb::FileStat {
+    let stub = locks.stub(f.id);
+    let tier_rows = stub.as_ref().map_or(0, |s| s.size.div_ceil(s.layout.row_bytes()));
+    let tier_rows_recalled = if stub.is_some() { locks.recalled_rows(f.id).len() } else { 0 };
     pb::FileStat {
+        tier_rows,
+        tier_rows_recalled,
         path: path.to_string(),
         file: f.id,
         size: f.size,
@@ -93,9 +98,12 @@ fn spread(path: &str) -> u64 {
 }
 
 impl FilesService {
-    /// Stripes the stub at `path` again under `token` (a write lock on the whole file): the
-    /// object's rows are written as new units over the layout the file had, then the recall is
-    /// committed. Returns the file's size.
+    /// Stripes the stub at `path` again under `token` (a write lock on the whole file): every
+    /// row of the object is read and hashed (the recall checks the object against its stub),
+    /// each row still on the tier is stored again over the layout the file had, under its
+    /// stripe lock (rows partial recalls striped are kept: they may have been written since),
+    /// then the recall is committed, only if the object hashed right (until then readers read
+    /// those rows from the tier, and the write lock keeps writers out). Returns the file's size.
     async fn recall_file(&self, path: &str, token: &str) -> Result<u64, Status> {
         use futures::StreamExt;
         self.shared.check_token(path, token, true)?;
@@ -104,27 +112,97 @@ impl FilesService {
         let Some(stub) = self.shared.locks.stub(f.id) else {
             return Err(ErrorCode::Conflict.status(format!("{path} is not on the secondary tier")));
         };
-        // Units a migration could not delete (a server was down) go first: rows are written
-        // as new units.
-        let removed = self.delete_units(path, &f, token).await;
-        if let Some(e) = removed.errors.first() {
-            return Err(ErrorCode::Unavailable
-                .status(format!("{path} cannot be recalled while its old units cannot be cleared: {e}")));
-        }
-        let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
-        let m = &meta;
-        let mut writes = Box::pin(tiering::recall_rows(&self.shared, stub.clone(), meta.layout.row_bytes()))
+        let recalled = self.shared.locks.recalled_rows(f.id);
+        let (stub_ref, recalled, id) = (&stub, &recalled, f.id);
+        let mut rows = Box::pin(tiering::recall_rows(&self.shared, stub.clone(), stub.layout.row_bytes()))
             .map(|row| async move {
                 let (row, data) = row?;
-                self.write_row(path, m, row, data.to_vec(), token).await
+                if tiering::row_on_tier(stub_ref, recalled, row) {
+                    self.stripes.recall_row(path, id, row, Some(data), false).await?;
+                }
+                Ok::<(), Status>(())
             })
             .buffered(self.shared.config.limits.rows_in_flight);
-        while let Some(w) = writes.next().await {
-            w?;
+        while let Some(r) = rows.next().await {
+            r?;
         }
         tiering::recalled(&self.shared, path, &f, &stub, lock_token).await?;
         self.shared.stats.recalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(stub.size)
+    }
+
+    /// `recall --range`: the rows of the stub at `path` holding bytes `g` striped again, each
+    /// under its stripe lock; the rest stays on the tier.
+    async fn recall_range(&self, path: &str, f: &FileMeta, g: pb::Range) -> Result<pb::RecallReply, Status> {
+        use futures::StreamExt;
+        if g.start > g.end {
+            return Err(ErrorCode::BadRequest.status(format!("range {}..{} ends before it starts", g.start, g.end)));
+        }
+        let Some(stub) = self.shared.locks.stub(f.id) else {
+            return Ok(pb::RecallReply { size: f.size, already_striped: true, ..Default::default() });
+        };
+        let rb = stub.layout.row_bytes();
+        let rows_total = stub.size.div_ceil(rb);
+        let end = g.end.min(stub.size);
+        let rows = if g.start >= end { 0..0 } else { g.start / rb..(end - 1) / rb + 1 };
+        let recalled = self.shared.locks.recalled_rows(f.id);
+        let todo: Vec<u64> = rows.filter(|r| tiering::row_on_tier(&stub, &recalled, *r)).collect();
+        let done: Vec<Result<bool, Status>> = futures::stream::iter(todo)
+            .map(|row| self.stripes.recall_row(path, f.id, row, None, true))
+            .buffered(self.shared.config.limits.rows_in_flight)
+            .collect()
+            .await;
+        let mut rows_recalled = 0;
+        for d in done {
+            rows_recalled += u64::from(d?);
+        }
+        let rows_on_tier = match self.shared.locks.stub(f.id) {
+            Some(_) => rows_total - self.shared.locks.recalled_rows(f.id).len().min(rows_total),
+            None => 0,
+        };
+        if rows_on_tier == 0 {
+            // Every row is striped: the background recall ends the stub (checking the object).
+            self.recall_after_read(path, f.id);
+        }
+        Ok(pb::RecallReply { size: f.size, already_striped: false, rows_recalled, rows_on_tier, rows: rows_total })
+    }
+
+    /// Reads `rows` of `f` from their units and sends bytes `span` of them on `tx`, in order.
+    /// Whether all were sent (false: an error was sent, or the reader went away).
+    async fn send_rows(
+        &self,
+        path: &str,
+        f: &FileMeta,
+        rows: std::ops::Range<u64>,
+        (start, end): (u64, u64),
+        unlocked: bool,
+        tx: &mpsc::Sender<Result<pb::FileData, Status>>,
+    ) -> bool {
+        use futures::StreamExt;
+        let row_bytes = f.layout.row_bytes();
+        let mut reads = futures::stream::iter(rows)
+            .map(|row| async move {
+                self.read_row(path, f, row, unlocked).await.map(|(mut data, rebuilt)| {
+                    let base = row * row_bytes;
+                    data.truncate((end - base).min(row_bytes) as usize);
+                    let data = data.split_off(start.saturating_sub(base) as usize);
+                    pb::FileData { data: data.into(), rebuilt_rows: rebuilt as u32 }
+                })
+            })
+            .buffered(self.shared.config.limits.rows_in_flight);
+        while let Some(result) = reads.next().await {
+            if let Ok(d) = &result {
+                metrics::counter!("stripelock_data_bytes_total", "op" => "read").increment(d.data.len() as u64);
+                if d.rebuilt_rows > 0 {
+                    metrics::counter!("stripelock_degraded_rows_read_total").increment(u64::from(d.rebuilt_rows));
+                }
+            }
+            let failed = result.is_err();
+            if tx.send(result).await.is_err() || failed {
+                return false;
+            }
+        }
+        true
     }
 
     /// Seed 001's transparent recall: after a read of the stub at `path` (file `id`) is served
@@ -245,38 +323,11 @@ impl FilesService {
     /// padded with zeros to the stripe unit, and P and Q of zeros are zeros, so nothing is lost.
     async fn write_row(&self, path: &str, f: &FileMeta, row: u64, data: Vec<u8>, token: &str) -> Result<(), Status> {
         let l = &f.layout;
-        let unit = l.unit() as usize;
-        let k = l.data() as usize;
-        let stored: Vec<&[u8]> = data.chunks(unit).collect();
-        let longest = stored.first().map_or(0, |u| u.len());
-        let padded: Vec<Vec<u8>> = (0..k)
-            .map(|j| {
-                let mut u = stored.get(j).map_or_else(Vec::new, |u| u.to_vec());
-                u.resize(longest, 0);
-                u
-            })
-            .collect();
-        let units: Vec<&[u8]> = padded.iter().map(Vec::as_slice).collect();
-        let mut p = vec![0u8; if l.parity() >= 1 { longest } else { 0 }];
-        let mut q = vec![0u8; if l.parity() == 2 { longest } else { 0 }];
-        layout::parity::encode(
-            &units,
-            (l.parity() >= 1).then_some(&mut p[..]),
-            (l.parity() == 2).then_some(&mut q[..]),
-        );
-        // Parity covers version 1 of each stored data unit and 0 (never written: zeros) of the rest.
-        let covers: Vec<u64> = (0..k).map(|j| u64::from(j < stored.len())).collect();
         let start = row * l.row_bytes();
         let range = span_to_pb(&(start..start + l.row_bytes()));
         let _admitted = self.stripes.admit().await?;
         let mut writes = Vec::new();
-        for role in l.roles() {
-            let (bytes, covers) = match role {
-                Role::Data(j) if j as usize >= stored.len() => continue,
-                Role::Data(j) => (stored[j as usize].to_vec(), Vec::new()),
-                Role::P => (std::mem::take(&mut p), covers.clone()),
-                Role::Q => (std::mem::take(&mut q), covers.clone()),
-            };
+        for layout::stripe::UnitWrite { role, bytes, covers, .. } in layout::stripe::encode_row(l, &data) {
             let server = l.server(row, role);
             let mut client = self.shared.storage(server)?;
             let req = pb::WriteUnitRequest {
@@ -573,7 +624,7 @@ impl pb::files_server::Files for FilesService {
         }
         self.shared.applied(reply.index).await;
         let f = self.shared.file(&path)?;
-        Ok(Response::new(stat_of(&path, &f, self.shared.locks.stub(f.id))))
+        Ok(Response::new(stat_of(&path, &f, self.shared.locks.as_ref())))
     }
 
     type GetStream = DataStream;
@@ -604,40 +655,42 @@ impl pb::files_server::Files for FilesService {
             Some(g) => (g.start.min(f.size), g.end.min(f.size)),
             None => (0, f.size),
         };
-        if let Some(stub) = self.shared.locks.stub(f.id) {
-            // On the secondary tier: only the bytes asked for are fetched (a partial recall).
-            let shared = self.shared.clone();
-            tokio::spawn(async move { tiering::read_stub(&shared, &stub, start, end, tx).await });
+        // A stub's rows still on the tier are read from its object, only the bytes asked for
+        // (seed 001's partial recall); rows striped again (by writes, `recall --range`) and
+        // rows past the object from their units.
+        let on_tier = self.shared.locks.stub(f.id).map(|stub| (stub, self.shared.locks.recalled_rows(f.id)));
+        let row_bytes = f.layout.row_bytes();
+        let rows = if start == end { 0..0 } else { start / row_bytes..(end - 1) / row_bytes + 1 };
+        if let Some((stub, recalled)) = &on_tier
+            && rows.clone().any(|row| tiering::row_on_tier(stub, recalled, row))
+        {
             // The rest comes back in the background.
             self.recall_after_read(&r.path, f.id);
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
         tokio::spawn(async move {
-            use futures::StreamExt;
-            let row_bytes = f.layout.row_bytes();
-            let rows = if start == end { 0..0 } else { start / row_bytes..(end - 1) / row_bytes + 1 };
-            let (this, f, path) = (&this, &f, &r.path);
-            let mut reads = futures::stream::iter(rows)
-                .map(|row| async move {
-                    this.read_row(path, f, row, unlocked).await.map(|(mut data, rebuilt)| {
-                        let base = row * row_bytes;
-                        data.truncate((end - base).min(row_bytes) as usize);
-                        let data = data.split_off(start.saturating_sub(base) as usize);
-                        pb::FileData { data: data.into(), rebuilt_rows: rebuilt as u32 }
-                    })
-                })
-                .buffered(this.shared.config.limits.rows_in_flight);
-            while let Some(result) = reads.next().await {
-                if let Ok(d) = &result {
-                    metrics::counter!("stripelock_data_bytes_total", "op" => "read").increment(d.data.len() as u64);
-                    if d.rebuilt_rows > 0 {
-                        metrics::counter!("stripelock_degraded_rows_read_total").increment(u64::from(d.rebuilt_rows));
-                    }
+            let path = &r.path;
+            let Some((stub, recalled)) = on_tier else {
+                this.send_rows(path, &f, rows, (start, end), unlocked, &tx).await;
+                return;
+            };
+            // Runs of rows alike (on the tier, or striped), in order.
+            let mut row = rows.start;
+            while row < rows.end {
+                let tiered = tiering::row_on_tier(&stub, &recalled, row);
+                let mut next = row + 1;
+                while next < rows.end && tiering::row_on_tier(&stub, &recalled, next) == tiered {
+                    next += 1;
                 }
-                let failed = result.is_err();
-                if tx.send(result).await.is_err() || failed {
+                let span = (start.max(row * row_bytes), end.min(next * row_bytes));
+                let sent = if tiered {
+                    tiering::read_stub(&this.shared, &stub, span.0, span.1, &tx).await
+                } else {
+                    this.send_rows(path, &f, row..next, span, unlocked, &tx).await
+                };
+                if !sent {
                     return;
                 }
+                row = next;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -646,13 +699,13 @@ impl pb::files_server::Files for FilesService {
     async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileStat>, Status> {
         let path = req.into_inner().path;
         let f = self.shared.file(&path)?;
-        Ok(Response::new(stat_of(&path, &f, self.shared.locks.stub(f.id))))
+        Ok(Response::new(stat_of(&path, &f, self.shared.locks.as_ref())))
     }
 
     async fn list(&self, req: Request<pb::PathRequest>) -> Result<Response<pb::FileList>, Status> {
         let prefix = req.into_inner().path;
         let files =
-            self.shared.locks.files(&prefix).iter().map(|(p, f)| stat_of(p, f, self.shared.locks.stub(f.id))).collect();
+            self.shared.locks.files(&prefix).iter().map(|(p, f)| stat_of(p, f, self.shared.locks.as_ref())).collect();
         Ok(Response::new(pb::FileList { files }))
     }
 
@@ -816,14 +869,20 @@ impl pb::files_server::Files for FilesService {
 
     async fn recall(&self, req: Request<pb::TierRequest>) -> Result<Response<pb::RecallReply>, Status> {
         let r = req.into_inner();
+        if let Some(g) = r.range {
+            // Any lock on the file: striping rows again changes no byte of it.
+            self.shared.claims(&r.path, &r.token)?;
+            let f = self.shared.file(&r.path)?;
+            return self.recall_range(&r.path, &f, g).await.map(Response::new);
+        }
         self.shared.check_token(&r.path, &r.token, true)?;
         let f = self.shared.file(&r.path)?;
         if self.shared.locks.stub(f.id).is_none() {
             // Under the caller's write lock, so nobody migrates it meanwhile.
-            return Ok(Response::new(pb::RecallReply { size: f.size, already_striped: true }));
+            return Ok(Response::new(pb::RecallReply { size: f.size, already_striped: true, ..Default::default() }));
         }
         let size = self.recall_file(&r.path, &r.token).await?;
-        Ok(Response::new(pb::RecallReply { size, already_striped: false }))
+        Ok(Response::new(pb::RecallReply { size, already_striped: false, ..Default::default() }))
     }
 
     async fn tier_gc(&self, req: Request<pb::TierGcRequest>) -> Result<Response<pb::TierGcReply>, Status> {

@@ -73,6 +73,8 @@ pub trait Locks: Send + Sync + 'static {
     fn file_ids(&self) -> FileIds;
     /// Where file `id`'s bytes are on the secondary tier, if they are (issue 14).
     fn stub(&self, id: u64) -> Option<Stub>;
+    /// Of stub `id`, the rows partial recalls striped again (empty otherwise).
+    fn recalled_rows(&self, id: u64) -> lockservice::RowSet;
     /// The object keys every stub names.
     fn stub_keys(&self) -> std::collections::HashSet<String>;
     /// The namespace entry at `path` (file, directory, symlink), `/` included.

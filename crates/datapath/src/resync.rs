@@ -151,9 +151,9 @@ async fn rebuild_server(
         if *stop.borrow() || !shared.locks.leadership().leading {
             return false;
         }
-        if shared.locks.stub(file.id).is_some() {
-            continue;
-        }
+        // Of a stub, only its rows striped again (the rest are on the tier, no unit to rebuild).
+        let on_tier = shared.locks.stub(file.id).map(|s| (s, shared.locks.recalled_rows(file.id)));
+        let striped = |row: u64| !on_tier.as_ref().is_some_and(|(s, r)| crate::tiering::row_on_tier(s, r, row));
         let l = &file.layout;
         let jobs: Vec<Job> = (0..l.rows(file.size))
             .map(|row| {
@@ -163,7 +163,7 @@ async fn rebuild_server(
                     .fold(0u8, |m, (i, r)| if l.server(row, r) == server { m | 1 << i } else { m });
                 Job { path: path.clone(), file: file.clone(), row, mask }
             })
-            .filter(|j| j.mask != 0)
+            .filter(|j| j.mask != 0 && striped(j.row))
             .collect();
         throttle.pending(jobs.len() as u64);
         let failed_before = shared.stats.resync_rows_failed.load(Ordering::Relaxed);
@@ -246,7 +246,7 @@ async fn resync_held(shared: &Shared, j: &Job, token: &str, resource: &str, lvb:
     Ok(bytes)
 }
 
-async fn restore(
+pub(crate) async fn restore(
     shared: &Shared,
     f: &FileMeta,
     row: u64,

@@ -61,6 +61,9 @@ pub struct DataStats {
     /// Seed 001: bytes read from the secondary tier for readers of stubs, and files migrated
     /// and recalled through this server.
     pub tier_bytes_read: AtomicU64,
+    /// Bytes read from the tier to stripe rows of stubs again (partial recalls), and the rows.
+    pub tier_bytes_recalled: AtomicU64,
+    pub tier_rows_recalled: AtomicU64,
     pub migrated: AtomicU64,
     pub recalled: AtomicU64,
     /// Seed 000: invalidations received, and lock-free ranges cached now.
@@ -97,6 +100,8 @@ impl DataStats {
         reply.writes_admitted_max = self.writes_admitted_max.load(Relaxed);
         reply.worst_write_ms = self.worst_write_ms.load(Relaxed);
         reply.tier_bytes_read = self.tier_bytes_read.load(Relaxed);
+        reply.tier_bytes_recalled = self.tier_bytes_recalled.load(Relaxed);
+        reply.tier_rows_recalled = self.tier_rows_recalled.load(Relaxed);
         reply.files_migrated = self.migrated.load(Relaxed);
         reply.files_recalled = self.recalled.load(Relaxed);
         reply.resync_rows_done = self.resync_rows_done.load(Relaxed);
@@ -110,9 +115,7 @@ impl DataStats {
 /// The resource of a stripe row's lock: named by the file's id, not its path, so a rename
 /// does not give the same row a second lock whose tokens are not ordered with the first's
 /// (issue 13: a row written under one name refused the other name's older token).
-pub fn stripe_resource(file: u64, row: u64) -> String {
-    format!("#stripe/{file}/{row}")
-}
+pub use lockservice::stripe_resource;
 
 impl Shared {
     pub fn new(locks: Arc<dyn Locks>, config: Config) -> Shared {

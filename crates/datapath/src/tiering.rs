@@ -11,7 +11,8 @@
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use lockservice::{FileMeta, Op, Stub};
+use layout::stripe::{StoredUnit, UnitWrite, encode_row};
+use lockservice::{FileMeta, Op, RowSet, Stub};
 use tier::{Tier, TierError};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -107,33 +108,48 @@ pub fn migrated(stub: &Stub, removed: pb::RemoveReply) -> pb::MigrateReply {
 }
 
 /// Bytes `start..end` of a stubbed file, read from its object `READ_PIECE` at a time and sent
-/// on `tx` (an error ends the stream).
+/// on `tx`; bytes past the object (a write grew the stub) read as zeros. Whether all were sent
+/// (false: an error was sent, or the reader went away).
 pub async fn read_stub(
     shared: &Shared,
     stub: &Stub,
     start: u64,
     end: u64,
-    tx: mpsc::Sender<Result<pb::FileData, Status>>,
-) {
+    tx: &mpsc::Sender<Result<pb::FileData, Status>>,
+) -> bool {
     let tier = match shared.tier() {
         Ok(t) => t,
         Err(e) => {
             let _ = tx.send(Err(e)).await;
-            return;
+            return false;
         }
     };
     let mut at = start;
     while at < end {
         let to = (at + READ_PIECE).min(end);
-        let piece = tier.get_range(&stub.key, at..to).await.map_err(tier_status);
+        let piece = if at >= stub.size {
+            Ok(Bytes::from(vec![0; (to - at) as usize]))
+        } else {
+            let inside = to.min(stub.size);
+            tier.get_range(&stub.key, at..inside).await.map_err(tier_status).map(|data| {
+                shared.stats.tier_bytes_read.fetch_add(inside - at, std::sync::atomic::Ordering::Relaxed);
+                if inside == to {
+                    data
+                } else {
+                    let mut v = data.to_vec();
+                    v.resize((to - at) as usize, 0);
+                    Bytes::from(v)
+                }
+            })
+        };
         let failed = piece.is_err();
         let sent = tx.send(piece.map(|data| pb::FileData { data, rebuilt_rows: 0 })).await;
         if sent.is_err() || failed {
-            return;
+            return false;
         }
-        shared.stats.tier_bytes_read.fetch_add(to - at, std::sync::atomic::Ordering::Relaxed);
         at = to;
     }
+    true
 }
 
 /// The rows of a stubbed file, read back from its object (`row_bytes` each, the last one
@@ -175,6 +191,72 @@ pub fn recall_rows(
             Some((got, (row + 1, hasher, failed)))
         }
     })
+}
+
+/// Whether row `row` of a stub is still on the tier: inside the object and not striped again
+/// by a partial recall. Rows past the object (a write grew the stub) are striped.
+pub fn row_on_tier(stub: &Stub, recalled: &RowSet, row: u64) -> bool {
+    row < stub.size.div_ceil(stub.layout.row_bytes()) && !recalled.contains(row)
+}
+
+/// Row `row` of a stub's object (the last row shorter), checked for its length. Counted as
+/// recalled bytes.
+pub async fn fetch_row(shared: &Shared, stub: &Stub, row: u64) -> Result<Bytes, Status> {
+    let rb = stub.layout.row_bytes();
+    let (start, end) = (row * rb, ((row + 1) * rb).min(stub.size));
+    let data = shared.tier()?.get_range(&stub.key, start..end).await.map_err(tier_status)?;
+    if data.len() as u64 != end - start {
+        return Err(ErrorCode::Corrupt.status(format!("the tier object {} is shorter than its stub says", stub.key)));
+    }
+    shared.stats.tier_bytes_recalled.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
+    Ok(data)
+}
+
+/// Stripes row `row` of the stub at `path` (file `f`) again from `data`, its bytes in the
+/// object: stored as a put stores a row (every unit at version 1, parity covering them) over
+/// whatever units a migration left behind, under the stripe lock of the row (`resource`,
+/// granted as `token`, signed `signed`); then, if `commit`, committed by `Op::RecalledRows`,
+/// which the state machine applies only while that lock holds. From then on the row is read
+/// and written in its units. The caller holds the row's stripe lock and has checked the row is
+/// on the tier. (A whole recall commits its rows together, once the object hashed right.)
+#[allow(clippy::too_many_arguments)]
+pub async fn stripe_row_again(
+    shared: &Shared,
+    path: &str,
+    f: &FileMeta,
+    stub: &Stub,
+    row: u64,
+    data: &[u8],
+    (resource, token, signed): (&str, u64, &str),
+    commit: bool,
+) -> Result<(), Status> {
+    let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
+    let restores = encode_row(&stub.layout, data).into_iter().map(|UnitWrite { role, bytes, covers, .. }| {
+        let unit = StoredUnit { bytes, version: 1, covers };
+        crate::resync::restore(shared, &meta, row, role, unit, signed, resource)
+    });
+    for r in futures::future::join_all(restores).await {
+        r.map_err(|e| {
+            wire::reword(&e, format!("row {row} of {path} could not be striped again from the tier: {}", e.message()))
+        })?;
+    }
+    if !commit {
+        return Ok(());
+    }
+    let op = Op::RecalledRows {
+        path: path.to_string(),
+        id: f.id,
+        resource: resource.to_string(),
+        token,
+        rows: (row, row + 1),
+    };
+    let reply = shared.locks.propose(op).await.map_err(|e| e.status())?;
+    if let Some(e) = reply.error {
+        return Err(e.status());
+    }
+    shared.applied(reply.index).await;
+    shared.stats.tier_rows_recalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Commits a recall: the file is striped again over its old layout.

@@ -211,7 +211,9 @@ impl Stripes {
         if !r.data.is_empty() {
             self.shared.check_file_size(&r.path, end)?;
         }
-        let f = self.shared.striped_file(&r.path)?;
+        // A stub too (seed 001): each row the write touches that is still on the tier is
+        // striped again first, under its stripe lock (`recall_for_write`).
+        let f = self.shared.file(&r.path)?;
         if !f.complete {
             return Err(ErrorCode::Busy.status(format!("{} is still being put; write once the put is done", r.path)));
         }
@@ -353,7 +355,7 @@ impl Stripes {
     async fn write_stripe_inner(&self, req: pb::StripeWrite) -> Result<pb::StripeWritten, Status> {
         let end = req.offset.saturating_add(req.data.len() as u64);
         let (claims, range) = self.writer_claims(&req.path, &req.token, req.offset, end)?;
-        let f = self.shared.striped_file(&req.path)?;
+        let f = self.shared.file(&req.path)?;
         if f.id != req.file {
             return Err(ErrorCode::Conflict
                 .status(format!("{} was replaced while the write was on its way; write again", req.path)));
@@ -434,7 +436,10 @@ impl Stripes {
                 return Err(e);
             }
         };
-        let result = self.rmw(&f, &req, &grant, &resource).await;
+        let result = match self.recall_for_write(&f, &req, &grant, &resource).await {
+            Ok(g) => self.rmw(&f, &req, &g, &resource).await,
+            Err(e) => Err(RmwError::before(e)),
+        };
         // A write that failed part-way left the row's parity behind its data: recompute it
         // now, so the row does not wait for its next write to be redundant again.
         let repaired = match &result {
@@ -644,6 +649,27 @@ impl Stripes {
         for old in evict {
             let _ = session.release_cached(&old).await;
         }
+    }
+
+    /// Seed 001, a write recalls the range it touches: a row of a stub still on the tier is
+    /// striped again from the object first, under the stripe lock the write holds (so two
+    /// writers of one row do not both restore it, one over the other's bytes). The grant as the
+    /// read-modify-write is to see it: the restored row's parity is at version 1.
+    async fn recall_for_write(
+        &self,
+        f: &FileMeta,
+        req: &pb::StripeWrite,
+        grant: &Grant,
+        resource: &str,
+    ) -> Result<Grant, Status> {
+        let Some(stub) = self.shared.locks.stub(f.id) else { return Ok(grant.clone()) };
+        if !crate::tiering::row_on_tier(&stub, &self.shared.locks.recalled_rows(f.id), req.row) {
+            return Ok(grant.clone());
+        }
+        let data = crate::tiering::fetch_row(&self.shared, &stub, req.row).await?;
+        let lock = (resource, grant.token, grant.signed_token.as_str());
+        crate::tiering::stripe_row_again(&self.shared, &req.path, f, &stub, req.row, &data, lock, true).await?;
+        Ok(Grant { value: Some(1u64.to_le_bytes().to_vec()), ..grant.clone() })
     }
 
     /// The row's read-modify-write, under its stripe lock. Returns the new stripe version and
@@ -895,6 +921,49 @@ impl Stripes {
             }
         };
         Ok(RowHold { grant, resource, session, stripe, turn: Some(turn) })
+    }
+
+    /// Stripes row `row` of the stub at `path` (file `id`) again from the tier, under the row's
+    /// stripe lock (`recall --range`, and each row of a whole recall, which does not `commit`
+    /// each row: its final entry commits them all). `data`: the row's bytes if already read
+    /// from the object. Whether this call striped it (not if it was striped already, or the
+    /// file is no longer a stub).
+    pub async fn recall_row(
+        &self,
+        path: &str,
+        id: u64,
+        row: u64,
+        data: Option<bytes::Bytes>,
+        commit: bool,
+    ) -> Result<bool, Status> {
+        let hold = self.hold_row(id, row).await?;
+        let result = async {
+            // As of now, under the row's lock: a writer may have striped it meanwhile.
+            let f = self.shared.file(path)?;
+            if f.id != id {
+                return Err(ErrorCode::Conflict.status(format!("{path} was replaced during its recall")));
+            }
+            let Some(stub) = self.shared.locks.stub(id) else { return Ok(false) };
+            if !crate::tiering::row_on_tier(&stub, &self.shared.locks.recalled_rows(id), row) {
+                return Ok(false);
+            }
+            let data = match data {
+                Some(d) => d,
+                None => crate::tiering::fetch_row(&self.shared, &stub, row).await?,
+            };
+            let lock = (hold.resource.as_str(), hold.grant.token, hold.grant.signed_token.as_str());
+            crate::tiering::stripe_row_again(&self.shared, path, &f, &stub, row, &data, lock, commit).await?;
+            Ok(true)
+        }
+        .await;
+        // The restored row's stripe version, so its next write updates parity from the change.
+        if matches!(result, Ok(true))
+            && let Err(e) = hold.session.set_value(hold.grant.lock, 1u64.to_le_bytes().to_vec()).await
+        {
+            tracing::warn!("row {row} of {path}: its stripe version was not set after its recall: {e}");
+        }
+        self.let_go(hold).await;
+        result
     }
 
     /// Gives a held row back (its lock stays cached here, as after a write).

@@ -245,6 +245,40 @@ pub struct UnitWrite {
     pub expect: Option<u64>,
 }
 
+/// A whole row stored from `data` (its bytes from the row's start, at most a row, the last row
+/// of a file shorter), as a put stores it: the data units that hold any of it, each as long as
+/// the first (the others padded with zeros), and parity over those, every unit at version 1,
+/// parity covering version 1 of each stored data unit and 0 (never written: zeros) of the rest.
+/// Each unit expects to be absent (`expect: Some(0)`).
+pub fn encode_row(l: &Layout, data: &[u8]) -> Vec<UnitWrite> {
+    let k = l.data() as usize;
+    let stored: Vec<&[u8]> = data.chunks(l.unit() as usize).collect();
+    let longest = stored.first().map_or(0, |u| u.len());
+    let padded: Vec<Vec<u8>> = (0..k)
+        .map(|j| {
+            let mut u = stored.get(j).map_or_else(Vec::new, |u| u.to_vec());
+            u.resize(longest, 0);
+            u
+        })
+        .collect();
+    let units: Vec<&[u8]> = padded.iter().map(Vec::as_slice).collect();
+    let mut p = vec![0u8; if l.parity() >= 1 { longest } else { 0 }];
+    let mut q = vec![0u8; if l.parity() == 2 { longest } else { 0 }];
+    parity::encode(&units, (l.parity() >= 1).then_some(&mut p[..]), (l.parity() == 2).then_some(&mut q[..]));
+    let covers: Vec<u64> = (0..k).map(|j| u64::from(j < stored.len())).collect();
+    let mut out = Vec::with_capacity(stored.len() + l.parity() as usize);
+    for role in l.roles() {
+        let (bytes, covers) = match role {
+            Role::Data(j) if j as usize >= stored.len() => continue,
+            Role::Data(j) => (stored[j as usize].to_vec(), Vec::new()),
+            Role::P => (std::mem::take(&mut p), covers.clone()),
+            Role::Q => (std::mem::take(&mut q), covers.clone()),
+        };
+        out.push(UnitWrite { role, bytes, covers, expect: Some(0) });
+    }
+    out
+}
+
 /// What a row's write stores: the data units first, then the parity (so a crash in between
 /// leaves parity that does not cover the data), and the row's stripe version after it.
 #[derive(Debug, Clone, PartialEq, Eq)]

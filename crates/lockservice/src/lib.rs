@@ -39,6 +39,6 @@ pub use rt::seed_thread_rng;
 pub use service::{LEASE_MS_MAX, LEASE_MS_MIN, LockService, StatusPart};
 pub use store::Store;
 pub use types::{
-    CLIENT_LOCK_BITS, Command, FileMeta, NamespaceError, NodeAddr, NodeId, Op, Origin, Reply, STALE_ROWS_MAX, Stub,
-    client_lock_id, engine_lock_id,
+    CLIENT_LOCK_BITS, Command, FileMeta, NamespaceError, NodeAddr, NodeId, Op, Origin, Reply, RowSet, STALE_ROWS_MAX,
+    Stub, client_lock_id, engine_lock_id, stripe_resource,
 };

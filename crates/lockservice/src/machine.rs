@@ -21,7 +21,9 @@ use crate::codec::{self, Record};
 use crate::env::{ApplyEvent, Env};
 use crate::names::{Attr, NameOp, Names, Namespace, View};
 use crate::store::Store;
-use crate::types::{C, Command, FileMeta, NamespaceError, Op, Origin, Reply, SnapshotData, Stub, io_error};
+use crate::types::{
+    C, Command, FileMeta, NamespaceError, Op, Origin, Reply, RowSet, SnapshotData, Stub, io_error, stripe_resource,
+};
 
 /// One applied entry, as the local server's sessions see it.
 #[derive(Debug, Clone)]
@@ -49,6 +51,9 @@ pub struct State {
     pub names: Names,
     /// Files whose bytes are on the secondary tier, by id (issue 14).
     pub stubs: BTreeMap<u64, Stub>,
+    /// Of a stub, the rows striped again by partial recalls (a write or `recall --range`):
+    /// those rows are read and written in their units, the others still from the tier.
+    pub recalled: BTreeMap<u64, RowSet>,
     /// Stripe units left behind by degraded writes, by file id: row → mask of role indices
     /// (issue 16). Marks of files gone from the namespace are dropped by the resync that
     /// finds them.
@@ -82,9 +87,17 @@ pub struct State {
 /// after the version 3 and 4 record (`NamedSnapshot`), read as a state with no stubs; version
 /// 6 added `stale`, `wiped` and `volumes` after the version 5 record (`StubbedSnapshot`), read as a state
 /// with no marks; version 7 added `owners` after the version 6 record (`MarkedSnapshot`), read
-/// as a state whose files have no owners.
+/// as a state whose files have no owners; version 8 added `recalled` after the version 7 record
+/// (`OwnedSnapshot`), read as a state whose stubs have no rows striped again.
 #[derive(Serialize, Deserialize)]
 struct StateSnapshot {
+    owned: OwnedSnapshot,
+    recalled: Vec<(u64, Vec<(u64, u64)>)>,
+}
+
+/// The snapshot record of format version 7.
+#[derive(Serialize, Deserialize)]
+struct OwnedSnapshot {
     marked: MarkedSnapshot,
     owners: Vec<(u64, String)>,
 }
@@ -186,6 +199,7 @@ impl State {
             files: BTreeMap::new(),
             names: Names::default(),
             stubs: BTreeMap::new(),
+            recalled: BTreeMap::new(),
             stale: BTreeMap::new(),
             stale_rows: 0,
             wiped: Default::default(),
@@ -360,15 +374,23 @@ impl State {
                     reply.error = Some(NamespaceError::TierRefused { path, what: "migrated".into(), why: why.into() })
                 }
             },
+            // Marks stay: the rows a partial recall striped again may have been written with a
+            // server down since (the migration cleared every earlier mark).
             Op::Recalled { path, id, token, layout } => match self.recall(&path, id, token, layout) {
-                Ok(()) => {
-                    self.clear_all_stale(id);
-                    reply.file = Some(id);
-                }
+                Ok(()) => reply.file = Some(id),
                 Err(why) => {
                     reply.error = Some(NamespaceError::TierRefused { path, what: "recalled".into(), why: why.into() })
                 }
             },
+            Op::RecalledRows { path, id, resource, token, rows } => {
+                match self.recall_rows(&path, id, &resource, token, rows) {
+                    Ok(()) => reply.file = Some(id),
+                    Err(why) => {
+                        reply.error =
+                            Some(NamespaceError::TierRefused { path, what: "recalled".into(), why: why.into() })
+                    }
+                }
+            }
             Op::MarkStale { id, rows } => {
                 if !self.names.file_attrs.contains_key(&id) {
                     reply.error = Some(NamespaceError::NotFound { path: format!("file {id}") });
@@ -477,6 +499,7 @@ impl State {
         }
         let live: std::collections::HashSet<u64> = self.files.values().map(|f| f.id).collect();
         self.stubs.retain(|id, _| live.contains(id));
+        self.recalled.retain(|id, _| live.contains(id));
     }
 
     /// Commits a stub (`Op::Migrated`) if everything it was made from still holds.
@@ -513,7 +536,49 @@ impl State {
         }
         f.layout = layout;
         self.stubs.remove(&id);
+        self.recalled.remove(&id);
         Ok(())
+    }
+
+    /// Stripes rows of a stub again (`Op::RecalledRows`), if its recaller's lock still holds.
+    fn recall_rows(
+        &mut self,
+        path: &str,
+        id: u64,
+        resource: &str,
+        token: u64,
+        (first, end): (u64, u64),
+    ) -> Result<(), &'static str> {
+        let Some(f) = self.files.get_mut(path) else { return Err("it is gone") };
+        if f.id != id {
+            return Err("it was replaced");
+        }
+        let Some(stub) = self.stubs.get(&id) else { return Err("it is not on the tier (recalled whole already)") };
+        if first >= end {
+            return Err("no rows were named");
+        }
+        let row_bytes = stub.layout.row_bytes();
+        let holds = if resource == path {
+            match ByteRange::new(first.saturating_mul(row_bytes), end.saturating_mul(row_bytes)) {
+                Ok(range) => self.engine.write_lock_holds(path, range, token),
+                Err(_) => return Err("the rows named are past the largest file"),
+            }
+        } else if end == first + 1 && resource == stripe_resource(id, first) {
+            self.engine.write_lock_holds(resource, ByteRange::ALL, token)
+        } else {
+            return Err("the lock named is neither the file's nor the stripe lock of the one row recalled");
+        };
+        if !holds {
+            return Err("the recaller's lock on those rows no longer holds");
+        }
+        f.layout = stub.layout.clone();
+        self.recalled.entry(id).or_default().insert(first, end);
+        Ok(())
+    }
+
+    /// Rows of stub `id` striped again by partial recalls (empty for a file that is not a stub).
+    pub fn recalled_rows(&self, id: u64) -> RowSet {
+        self.recalled.get(&id).cloned().unwrap_or_default()
     }
 
     fn namespace(&mut self) -> Namespace<'_> {
@@ -565,15 +630,18 @@ impl State {
 
     fn snapshot_data(&self) -> StateSnapshot {
         StateSnapshot {
-            marked: MarkedSnapshot {
-                core: self.core_snapshot(),
-                names: self.names.clone(),
-                stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
-                stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
-                wiped: self.wiped.iter().copied().collect(),
-                volumes: self.volumes.iter().map(|(s, v)| (*s, *v)).collect(),
+            owned: OwnedSnapshot {
+                marked: MarkedSnapshot {
+                    core: self.core_snapshot(),
+                    names: self.names.clone(),
+                    stubs: self.stubs.iter().map(|(id, s)| (*id, s.clone())).collect(),
+                    stale: self.stale.iter().map(|(id, m)| (*id, m.iter().map(|(r, m)| (*r, *m)).collect())).collect(),
+                    wiped: self.wiped.iter().copied().collect(),
+                    volumes: self.volumes.iter().map(|(s, v)| (*s, *v)).collect(),
+                },
+                owners: self.owners.iter().map(|(id, o)| (*id, o.clone())).collect(),
             },
-            owners: self.owners.iter().map(|(id, o)| (*id, o.clone())).collect(),
+            recalled: self.recalled.iter().map(|(id, rows)| (*id, rows.ranges().collect())).collect(),
         }
     }
 
@@ -592,6 +660,7 @@ impl State {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut recalled = Vec::new();
         let (s, names, stubs, (stale, wiped, volumes), owners) = match bytes.first() {
             Some(2) => (
                 codec::decode::<CoreSnapshot>(Record::Snapshot, bytes)?,
@@ -612,11 +681,18 @@ impl State {
                 let s: MarkedSnapshot = codec::decode(Record::Snapshot, bytes)?;
                 (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes), Vec::new())
             }
+            Some(7) => {
+                let OwnedSnapshot { marked: s, owners } = codec::decode(Record::Snapshot, bytes)?;
+                (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes), owners)
+            }
             _ => {
-                let StateSnapshot { marked: s, owners } = codec::decode(Record::Snapshot, bytes)?;
+                let StateSnapshot { owned: OwnedSnapshot { marked: s, owners }, recalled: rows } =
+                    codec::decode(Record::Snapshot, bytes)?;
+                recalled = rows;
                 (s.core, s.names, s.stubs, (s.stale, s.wiped, s.volumes), owners)
             }
         };
+        self.recalled = recalled.into_iter().map(|(id, rows)| (id, RowSet::from_ranges(rows))).collect();
         self.owners = owners.into_iter().collect();
         self.volumes = volumes.into_iter().collect();
         self.names = names;
@@ -879,7 +955,7 @@ impl RaftSnapshotBuilder<C> for Machine {
                 SnapshotMetaOf::<C> { last_log_id: state.last_applied, last_membership: state.last_membership.clone() };
             (state.snapshot_data(), meta)
         };
-        let locks = data.marked.core.engine.locks.len() as u64;
+        let locks = data.owned.marked.core.engine.locks.len() as u64;
         let encode_and_store = {
             let (store, meta) = (self.store.clone(), meta.clone());
             move || -> io::Result<Vec<u8>> {
@@ -1139,6 +1215,63 @@ mod tests {
                 })
                 .sum::<u64>()
         );
+    }
+
+    /// Issue 14: rows of a stub are striped again one at a time, each only under a write lock
+    /// that still holds (the row's stripe lock, or the file's own over the rows' bytes); the
+    /// rows are kept in a snapshot, and a whole recall or the file's removal forgets them.
+    #[test]
+    fn rows_of_a_stub_are_striped_again_only_under_a_lock_that_holds() {
+        let mut state = State::new(Limits::default(), false);
+        let layout = layout::Layout::new(4096, 2, 1, vec![1, 2, 3]).unwrap();
+        let mut index = 10;
+        let mut apply = |state: &mut State, op: Op| {
+            index += 1;
+            state.apply(Command { now_ms: index, origin: None, op }, index)
+        };
+        let id = apply(&mut state, Op::CreateFile { path: "/f".into(), layout: layout.clone(), writer: None }).file;
+        let id = id.unwrap();
+        apply(&mut state, Op::CompleteFile { path: "/f".into(), id, size: 10 * 8192 });
+        let session = open_session(&mut state, 1);
+        let token_of = |reply: Reply| match reply.outputs.as_slice() {
+            [Output::Granted { token, .. }] => *token,
+            other => panic!("not granted: {other:?}"),
+        };
+        let whole = token_of(state.apply(lock_cmd(session, 1, 1, 5), 2));
+        let stub = Stub { key: "k".into(), size: 10 * 8192, blake3: [0; 32], layout: layout.clone(), migrated_ms: 0 };
+        let migrated = apply(&mut state, Op::Migrated { path: "/f".into(), id, token: whole, stub });
+        assert!(migrated.error.is_none(), "{migrated:?}");
+        let rows = |resource: &str, token: u64, rows: (u64, u64)| Op::RecalledRows {
+            path: "/f".into(),
+            id,
+            resource: resource.into(),
+            token,
+            rows,
+        };
+        // Under the file's lock, over rows' bytes it holds.
+        assert!(apply(&mut state, rows("/f", whole, (2, 4))).error.is_none());
+        assert!(apply(&mut state, rows("/f", whole + 1, (5, 6))).error.is_some(), "a token that is not held");
+        // Under row 7's stripe lock: that row only.
+        let stripe = token_of(state.apply(lock_on(session, 2, 2, 6, &stripe_resource(id, 7)), 3));
+        assert!(apply(&mut state, rows(&stripe_resource(id, 7), stripe, (7, 8))).error.is_none());
+        assert!(apply(&mut state, rows(&stripe_resource(id, 7), stripe, (8, 9))).error.is_some(), "another row");
+        assert!(apply(&mut state, rows(&stripe_resource(id, 7), stripe, (7, 9))).error.is_some(), "two rows");
+        assert!(apply(&mut state, rows("/g", stripe, (7, 8))).error.is_some(), "another resource");
+        let striped = state.recalled_rows(id);
+        assert_eq!(striped.ranges().collect::<Vec<_>>(), vec![(2, 4), (7, 8)]);
+        assert!(striped.contains(3) && !striped.contains(4) && !striped.contains(6) && striped.contains(7));
+        assert_eq!(striped.len(), 3);
+        // Kept by a snapshot.
+        let mut copy = State::new(Limits::default(), false);
+        copy.restore(&state.to_bytes().unwrap()).unwrap();
+        assert_eq!(copy.recalled_rows(id), striped);
+        // Rows merge; a whole recall forgets them, and then no row is recalled any more.
+        assert!(apply(&mut state, rows("/f", whole, (4, 7))).error.is_none());
+        assert_eq!(state.recalled_rows(id).ranges().collect::<Vec<_>>(), vec![(2, 8)]);
+        let recalled = apply(&mut state, Op::Recalled { path: "/f".into(), id, token: whole, layout });
+        assert!(recalled.error.is_none(), "{recalled:?}");
+        assert!(state.recalled_rows(id).is_empty() && !state.stubs.contains_key(&id));
+        assert!(apply(&mut state, rows("/f", whole, (0, 1))).error.is_some(), "not a stub any more");
     }
 
     /// Issue 15: a file created by a client with an identity counts against that identity's

@@ -1,5 +1,6 @@
 //! What the replicated log carries, and the openraft type configuration.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use lockengine::{Input, LockId, Output, SessionId};
@@ -86,6 +87,64 @@ pub enum Op {
     /// `owner`'s bytes-stored quota (issue 15, format version 7). Any other op inside is
     /// applied as it is, the owner ignored.
     Owned { owner: String, op: Box<Op> },
+    /// Rows `rows.0..rows.1` of the stubbed file `id` are striped again (a partial recall,
+    /// issue 14, format version 8): their units hold the object's bytes, and reads and writes
+    /// of those rows use the units from now on. Applied only while `id` is still a stub at
+    /// `path` and the write lock `token` on `resource` still holds: the file's own path (over
+    /// the rows' bytes) or the stripe lock of the one row recalled ([`stripe_resource`]).
+    RecalledRows { path: String, id: u64, resource: String, token: u64, rows: (u64, u64) },
+}
+
+/// The lock resource of row `row` of file `file`, which a write of the row holds (seed 004).
+pub fn stripe_resource(file: u64, row: u64) -> String {
+    format!("#stripe/{file}/{row}")
+}
+
+/// Row numbers of a file, as merged half-open ranges: the rows of a stub striped again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowSet(BTreeMap<u64, u64>);
+
+impl RowSet {
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> RowSet {
+        let mut s = RowSet::default();
+        for (a, b) in ranges {
+            s.insert(a, b);
+        }
+        s
+    }
+
+    /// Adds rows `a..b`, merging with the ranges they touch.
+    pub fn insert(&mut self, mut a: u64, mut b: u64) {
+        if a >= b {
+            return;
+        }
+        // A range starting at or before `b` and ending at or after `a` merges.
+        let touching: Vec<(u64, u64)> =
+            self.0.range(..=b).rev().take_while(|(_, e)| **e >= a).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            a = a.min(s);
+            b = b.max(e);
+        }
+        self.0.insert(a, b);
+    }
+
+    pub fn contains(&self, row: u64) -> bool {
+        self.0.range(..=row).next_back().is_some_and(|(_, e)| *e > row)
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b - a).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().map(|(a, b)| (*a, *b))
+    }
 }
 
 /// Most rows the namespace keeps marked stale at once (a write that would mark more fails
@@ -126,6 +185,11 @@ impl fmt::Display for Command {
                 write!(f, "migrated({path}, {id}, token={token}, {})@{}", stub.key, self.now_ms)
             }
             Op::Recalled { path, id, token, .. } => write!(f, "recalled({path}, {id}, token={token})@{}", self.now_ms),
+            Op::RecalledRows { path, id, resource, token, rows } => write!(
+                f,
+                "recalled-rows({path}, {id}, rows {}..{}, {resource} token={token})@{}",
+                rows.0, rows.1, self.now_ms
+            ),
             Op::MarkStale { id, rows } => write!(f, "mark-stale({id}, {rows:?})@{}", self.now_ms),
             Op::ClearStale { id, rows } => write!(f, "clear-stale({id}, {rows:?})@{}", self.now_ms),
             Op::VolumeSeen { server, volume } => write!(f, "volume-seen({server}, {volume:x})@{}", self.now_ms),

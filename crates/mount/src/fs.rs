@@ -942,29 +942,6 @@ impl Inner {
         }
     }
 
-    /// Recalls `path` from the secondary tier if it is a stub there (seed 001: a write to a
-    /// stub recalls it first), under this mount's write lock on the whole file (`token`).
-    async fn ensure_striped(&self, path: &str, token: &str) -> Result<()> {
-        let req = pb::PathRequest { path: path.to_string(), ino: 0 };
-        let stat = self
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.stat(req).await }
-            })
-            .await?;
-        if stat.tier_key.is_empty() {
-            return Ok(());
-        }
-        tracing::info!("{path} is on the secondary tier; recalling it before it is written");
-        let req = pb::TierRequest { path: path.to_string(), token: token.to_string() };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.recall(req).await }
-        })
-        .await
-        .map(|_| ())
-    }
-
     async fn write_at(&self, path: &str, token: &str, offset: u64, data: Bytes) -> Result<u64> {
         self.forget_reads(path);
         let req = pb::WriteRequest { path: path.to_string(), token: token.to_string(), offset, data };
@@ -981,7 +958,6 @@ impl Inner {
     async fn truncate(&self, ino: u64, path: &str, size: u64) -> Result<()> {
         self.with_lock(ino, path, Mode::PW, |token, _| async move {
             self.send_dirty(path).await?;
-            self.ensure_striped(path, &token).await?;
             let n = self.lookup_path(path).await?;
             let mut at = size;
             while at < n.size {
@@ -1355,9 +1331,7 @@ impl Filesystem for StripeFs {
                     .with_lock(inode, &path, Mode::PW, |token, first| async move {
                         // O_APPEND writes at the end as the cluster knows it, under the write lock.
                         let at = if append { inner.lookup_path(&p).await?.size } else { offset };
-                        if first {
-                            inner.ensure_striped(&p, &token).await?;
-                        }
+                        // A write to a stub recalls only the rows it touches (at the server).
                         inner.buffer_write(&p, &token, at, data).await?;
                         if first {
                             inner.touch(&p, inode).await?;

@@ -48,6 +48,10 @@ impl Locks for NodeLocks {
         self.0.machine.state().stubs.get(&id).cloned()
     }
 
+    fn recalled_rows(&self, id: u64) -> lockservice::RowSet {
+        self.0.machine.state().recalled_rows(id)
+    }
+
     fn stale_mask(&self, id: u64, row: u64) -> u8 {
         self.0.machine.state().stale_mask(id, row)
     }

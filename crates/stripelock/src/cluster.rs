@@ -727,6 +727,7 @@ pub fn status(cluster: Option<&str>, json: bool) -> Result<ExitCode> {
                     },
                     "tier": {
                         "bytes_read": s.tier_bytes_read, "migrated": s.files_migrated, "recalled": s.files_recalled,
+                        "bytes_recalled": s.tier_bytes_recalled, "rows_recalled": s.tier_rows_recalled,
                         "metadata_mode": if s.metadata_relaxed { "relaxed" } else { "strict" },
                         "metadata_round_trips": s.metadata_round_trips,
                     },

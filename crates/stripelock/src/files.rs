@@ -66,7 +66,7 @@ pub(crate) async fn lock(addrs: &[String], path: &str, mode: Mode) -> Result<(Se
 
 /// Opens a session and takes `mode` on `range` of `path` (a shared read through the server's
 /// gateway cache when whole); says who blocks if it cannot.
-async fn lock_range(
+pub(crate) async fn lock_range(
     addrs: &[String],
     path: &str,
     range: std::ops::Range<u64>,
@@ -333,22 +333,7 @@ pub fn write(path: &str, offset: u64, cluster: Option<&str>, json: bool) -> Resu
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        // Seed 001: a write to a stub recalls it first.
-        let mut c = files_client(&addrs).await?;
-        if c.stat(pb::PathRequest { path: path.to_string(), ino: 0 })
-            .await
-            .is_ok_and(|s| !s.get_ref().tier_key.is_empty())
-        {
-            if !json {
-                eprintln!("{path} is on the secondary tier: recalling it before writing");
-            }
-            let (session, grant) = lock(&addrs, path, Mode::EX).await?;
-            let recalled =
-                c.recall(pb::TierRequest { path: path.to_string(), token: grant.signed_token.clone() }).await;
-            let _ = session.unlock(grant.lock).await;
-            session.close().await;
-            recalled.map_err(status_error).with_context(|| format!("{path} could not be recalled"))?;
-        }
+        // Seed 001: a write to a stub recalls only the rows it touches, at the server.
         let (session, grant) = lock_range(&addrs, path, offset..end, Mode::PW).await?;
         // Where the pieces written so far end (each piece is one call).
         let landed = std::sync::atomic::AtomicU64::new(offset);
@@ -421,6 +406,7 @@ fn stat_json(s: &pb::FileStat) -> serde_json::Value {
         "path": s.path, "file": s.file, "size": s.size, "complete": s.complete,
         "layout": {"stripe_unit": s.stripe_unit, "data": s.data_units, "parity": s.parity_units, "servers": s.servers},
         "tier_key": s.tier_key, "tier_blake3": s.tier_blake3,
+        "tier_rows": s.tier_rows, "tier_rows_recalled": s.tier_rows_recalled,
     })
 }
 
@@ -474,6 +460,12 @@ pub fn stat(path: &str, cluster: Option<&str>, json: bool) -> Result<ExitCode> {
             "on the secondary tier: object {} (blake3 {}); reads come from there, `stripelock recall {}` stripes it again",
             s.tier_key, s.tier_blake3, s.path
         );
+        if s.tier_rows_recalled > 0 {
+            println!(
+                "{} of its {} rows are striped again (written, or `recall --range`): those are read from their units",
+                s.tier_rows_recalled, s.tier_rows
+            );
+        }
         println!("layout it had (and gets back on recall):");
     }
     println!(

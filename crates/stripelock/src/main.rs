@@ -355,6 +355,10 @@ enum Command {
     Recall {
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Only the rows holding bytes A..B (end exclusive; `A..` to the end), each under its
+        /// stripe lock; the rest stays on the tier. Needs only a read lock on those bytes.
+        #[arg(long)]
+        range: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
         #[arg(long)]
@@ -851,9 +855,13 @@ fn main() -> ExitCode {
         Command::Top { interval, once, rows, cluster, json } => {
             report(topcmd::top(interval, once, rows, cluster.as_deref(), json), json)
         }
-        Command::Recall { paths, cluster, json } => {
+        Command::Recall { paths, range: None, cluster, json } => {
             report(tiercmd::run(tiercmd::Action::Recall, &paths, cluster.as_deref(), json), json)
         }
+        Command::Recall { paths, range: Some(range), cluster, json } => report(
+            cluster::parse_range(&range).and_then(|r| tiercmd::recall_range(&paths, r, cluster.as_deref(), json)),
+            json,
+        ),
         Command::Scrub { prefix, repair, rate, cluster, json } => {
             let rate = rate.as_deref().map(size::parse_bytes).transpose();
             report(rate.and_then(|rate| files::scrub(&prefix, repair, rate, cluster.as_deref(), json)), json)

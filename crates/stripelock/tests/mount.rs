@@ -729,13 +729,14 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 }
 
 #[test]
-fn a_stub_on_the_secondary_tier_reads_through_the_mount_and_a_write_recalls_it() {
+fn a_stub_on_the_secondary_tier_reads_through_the_mount_and_a_write_recalls_only_its_row() {
     if !fuse_usable() {
         return;
     }
     serial(async {
         use std::os::unix::fs::FileExt;
-        let c = Cluster::start(3, "mount-tier").await;
+        // No background recall after reads: what the write recalls is what it touched.
+        let c = Cluster::start_with(3, "mount-tier", &["--recall-on-read", "false"]).await;
         let data = noise(10 << 20, 77);
         let local = c.dir.join("s.in");
         std::fs::write(&local, &data).unwrap();
@@ -751,13 +752,28 @@ fn a_stub_on_the_secondary_tier_reads_through_the_mount_and_a_write_recalls_it()
         drop(f);
         let stat = run_at(&c, 3, &["stat", "/s", "--json"], b"");
         let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
-        assert_eq!(stat["tier_key"].as_str(), Some(""), "a write through the mount recalled the stub: {stat}");
+        // Still a stub: only the row the 3 bytes fell in was striped again, from the tier.
+        assert_ne!(stat["tier_key"].as_str(), Some(""), "the write recalled the whole file: {stat}");
+        assert_eq!(stat["tier_rows_recalled"].as_u64(), Some(1), "{stat}");
+        let row_bytes = stat["layout"]["stripe_unit"].as_u64().unwrap() * stat["layout"]["data"].as_u64().unwrap();
+        let mut recalled_bytes = 0;
+        for s in &c.servers {
+            recalled_bytes += c.status(s.id).await.unwrap().tier_bytes_recalled;
+        }
+        assert_eq!(recalled_bytes, row_bytes, "the write fetched its one row from the tier");
         let mut want = data.clone();
         want[5 << 20..(5 << 20) + 3].copy_from_slice(b"XYZ");
         let out = c.dir.join("s.out");
         let got = run_at(&c, 3, &["get", "/s", out.to_str().unwrap()], b"");
         assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
-        assert!(std::fs::read(&out).unwrap() == want, "the write landed on the recalled file");
+        assert!(std::fs::read(&out).unwrap() == want, "the write landed; the other rows still read from the tier");
+        assert!(std::fs::read(a.path("/s")).unwrap() == want, "and so through the mount");
+        // A whole recall keeps the written row and stripes the rest.
+        let recalled = run_at(&c, 1, &["recall", "/s"], b"");
+        assert!(recalled.status.success(), "{}", String::from_utf8_lossy(&recalled.stderr));
+        let got = run_at(&c, 2, &["get", "/s", out.to_str().unwrap()], b"");
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert!(std::fs::read(&out).unwrap() == want, "the recalled file kept the write");
     });
 }
 

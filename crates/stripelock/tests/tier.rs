@@ -32,6 +32,14 @@ fn get(c: &Cluster, path: &str) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
+async fn tier_bytes_recalled(c: &Cluster) -> u64 {
+    let mut n = 0;
+    for s in &c.servers {
+        n += c.status(s.id).await.map_or(0, |r| r.tier_bytes_recalled);
+    }
+    n
+}
+
 async fn tier_bytes_read(c: &Cluster) -> u64 {
     let mut n = 0;
     for s in &c.servers {
@@ -72,8 +80,40 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         assert!(out.stdout == data[40_000_000..40_004_096]);
         assert_eq!(tier_bytes_read(&c).await - before, 4096, "a range read fetches only that range");
 
-        // The data path writes no unit of a stub (a raw write is refused, naming recall); scrub
-        // checks a stub against its object.
+        // Partial recall: `recall --range` stripes only the rows holding those bytes again, each
+        // fetched once from the tier; the file stays a stub, its other rows on the tier.
+        let row_bytes = stat["layout"]["stripe_unit"].as_u64().unwrap() * stat["layout"]["data"].as_u64().unwrap();
+        let rows = (64u64 << 20).div_ceil(row_bytes);
+        let first = 40_000_000 / row_bytes;
+        let before = tier_bytes_recalled(&c).await;
+        let r = json(&c, &["recall", "/cold/big", "--range", "40000000..40004096"]);
+        let f = &r["files"][0];
+        let one_row = if 40_004_095 / row_bytes == first { 1 } else { 2 };
+        assert_eq!(f["rows_recalled"].as_u64(), Some(one_row), "{r}");
+        assert_eq!((f["rows"].as_u64(), f["rows_on_tier"].as_u64()), (Some(rows), Some(rows - one_row)), "{r}");
+        assert_eq!(tier_bytes_recalled(&c).await - before, one_row * row_bytes, "only those rows were fetched");
+        let stat = json(&c, &["stat", "/cold/big"]);
+        assert_eq!(stat["tier_key"].as_str(), Some(key.as_str()), "still a stub: {stat}");
+        assert_eq!(stat["tier_rows_recalled"].as_u64(), Some(one_row), "{stat}");
+        assert!(units_on_disk(&c, id) > 0, "the recalled rows have units");
+        // Again: nothing left to do there.
+        let again = json(&c, &["recall", "/cold/big", "--range", "40000000..40004096"]);
+        assert_eq!(again["files"][0]["rows_recalled"].as_u64(), Some(0), "{again}");
+        // Reads join the striped rows and the tier's.
+        assert!(get(&c, "/cold/big") == data, "a partly recalled stub reads byte-identical");
+        let out = run_at(
+            &c,
+            3,
+            &["cat", "/cold/big", "--range", &format!("{}..{}", first * row_bytes - 10, first * row_bytes + 10)],
+            b"",
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let at = (first * row_bytes) as usize;
+        assert!(out.stdout == data[at - 10..at + 10], "a read across the boundary of a recalled row");
+
+        // A write to a stub recalls only the row it touches (a raw write with a lock on just
+        // its 3 bytes, and the CLI's), then lands there.
+        let mut want = data.clone();
         let s = Session::open(&c.addrs(), 5_000).await.unwrap();
         let g = s.lock("/cold/big", 0..3, Mode::PW, LockOptions::default()).await.unwrap();
         let addr = &c.servers[0].addr;
@@ -84,9 +124,20 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
             offset: 0,
             data: b"new"[..].into(),
         };
-        let refused = files.write(raw).await.unwrap_err();
-        assert!(refused.message().contains("recall"), "{refused:?}");
+        let before = tier_bytes_recalled(&c).await;
+        files.write(raw).await.unwrap();
         s.close().await;
+        want[..3].copy_from_slice(b"new");
+        let w = run_at(&c, 2, &["write", "/cold/big", "--offset", &(3 * row_bytes + 5).to_string()], b"EW");
+        assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+        let at = (3 * row_bytes + 5) as usize;
+        want[at..at + 2].copy_from_slice(b"EW");
+        assert_eq!(tier_bytes_recalled(&c).await - before, 2 * row_bytes, "each write fetched its one row");
+        let stat = json(&c, &["stat", "/cold/big"]);
+        assert_eq!(stat["tier_key"].as_str(), Some(key.as_str()), "still a stub: {stat}");
+        assert_eq!(stat["tier_rows_recalled"].as_u64(), Some(one_row + 2), "{stat}");
+        assert!(get(&c, "/cold/big") == want, "the writes landed; the rest reads from the tier");
+        // Scrub checks a stub against its object.
         cli(&c, &["scrub", "/cold/"]);
         let mut bytes = std::fs::read(&object).unwrap();
         bytes[12345] ^= 1;
@@ -101,11 +152,11 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         // gc keeps an object a stub names.
         let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
         assert_eq!((gc["named"].as_u64(), gc["deleted"].as_array().unwrap().len()), (Some(1), 0), "{gc}");
-        // Recall: striped again, byte-identical, writable.
+        // Recall: striped again (the rows written kept), byte-identical, writable.
         cli(&c, &["recall", "/cold/big"]);
         assert!(units_on_disk(&c, id) > 0);
         assert_eq!(json(&c, &["stat", "/cold/big"])["tier_key"].as_str(), Some(""));
-        assert!(get(&c, "/cold/big") == data, "recalled bytes differ");
+        assert!(get(&c, "/cold/big") == want, "recalled bytes differ");
         cli(&c, &["scrub", "/cold/"]);
         // The recalled file's object is named by no stub now: gc removes it, past its grace.
         let kept = json(&c, &["tier", "gc"]);
@@ -113,18 +164,28 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
         assert_eq!(gc["deleted"], serde_json::json!([key]), "{gc}");
         assert!(!object.exists());
-        let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"new");
+        let w = run_at(&c, 1, &["write", "/cold/big", "--offset", "0"], b"NEW");
         assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
-        let mut want = data.clone();
-        want[..3].copy_from_slice(b"new");
+        want[..3].copy_from_slice(b"NEW");
         assert!(get(&c, "/cold/big") == want, "a write after the recall lands");
-        // `stripelock write` to a stub recalls it first.
+        // Migrated again (its row stripe locks are still cached from the writes): a write of
+        // row 0 recalls that row under its cached lock and lands; a write past the end grows
+        // the stub with a striped row, and the bytes between read as zeros.
         cli(&c, &["migrate", "/cold/big"]);
         let w = run_at(&c, 2, &["write", "/cold/big", "--offset", "1"], b"EW");
         assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
-        assert_eq!(json(&c, &["stat", "/cold/big"])["tier_key"].as_str(), Some(""), "recalled by the write");
         want[1..3].copy_from_slice(b"EW");
-        assert!(get(&c, "/cold/big") == want);
+        let end = (64u64 << 20) + row_bytes + 7;
+        let w = run_at(&c, 3, &["write", "/cold/big", "--offset", &end.to_string()], b"tail");
+        assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+        want.resize(end as usize, 0);
+        want.extend_from_slice(b"tail");
+        let stat = json(&c, &["stat", "/cold/big"]);
+        assert_ne!(stat["tier_key"].as_str(), Some(""), "still a stub: {stat}");
+        assert_eq!(stat["size"].as_u64(), Some(end + 4), "{stat}");
+        assert!(get(&c, "/cold/big") == want, "a grown stub reads its object, zeros, then its new row");
+        cli(&c, &["recall", "/cold/big"]);
+        assert!(get(&c, "/cold/big") == want, "and so once recalled");
     });
 }
 
@@ -143,8 +204,10 @@ fn a_migrator_whose_lock_is_gone_cannot_leave_a_stub() {
         cli(&c, &["evict", &s.id().to_string()]);
         let addr = &c.servers[0].addr;
         let mut files = pb::files_client::FilesClient::connect(format!("http://{addr}")).await.unwrap();
-        let refused =
-            files.migrate(pb::TierRequest { path: "/f".into(), token: g.signed_token.clone() }).await.unwrap_err();
+        let refused = files
+            .migrate(pb::TierRequest { path: "/f".into(), token: g.signed_token.clone(), range: None })
+            .await
+            .unwrap_err();
         assert!(refused.message().contains("no longer holds"), "{refused:?}");
         assert_eq!(json(&c, &["stat", "/f"])["tier_key"].as_str(), Some(""), "no stub");
         let objects = walk_files(&c.dir.join("tier"));

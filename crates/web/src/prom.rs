@@ -83,6 +83,8 @@ pub fn render(s: &pb::StatusReply, follower_lag: &[(u64, u64)]) -> String {
     c("stripelock_invalidations_sent_total", s.invalidations_sent);
     g("stripelock_lock_free_ranges", s.lock_free_ranges as f64);
     c("stripelock_tier_read_bytes_total", s.tier_bytes_read);
+    c("stripelock_tier_recalled_bytes_total", s.tier_bytes_recalled);
+    c("stripelock_tier_recalled_rows_total", s.tier_rows_recalled);
     c("stripelock_files_migrated_total", s.files_migrated);
     c("stripelock_files_recalled_total", s.files_recalled);
     g("stripelock_metadata_relaxed", f64::from(u8::from(s.metadata_relaxed)));
