@@ -438,15 +438,20 @@ impl FilesService {
         repair: bool,
         token: &str,
         rate_bytes_per_s: u64,
+        on_tier: Option<(&lockservice::Stub, &lockservice::RowSet)>,
     ) -> pb::ScrubReport {
         let l = &f.layout;
         let k = l.data() as usize;
         let roles: Vec<Role> = l.roles().collect();
-        let mut report = pb::ScrubReport { rows: l.rows(f.size), ..Default::default() };
+        // Of a stub, only the rows striped again (the others have no units: the object is
+        // checked instead).
+        let striped = |row: &u64| on_tier.is_none_or(|(stub, recalled)| !tiering::row_on_tier(stub, recalled, *row));
+        let mut report =
+            pb::ScrubReport { rows: (0..l.rows(f.size)).filter(striped).count() as u64, ..Default::default() };
         let running = crate::progress::Running::start(crate::progress::Work::Scrub);
         // Rows are read a few at once (issue 16: scrub in parallel), checked in order.
         use futures::StreamExt;
-        let mut rows = futures::stream::iter(0..l.rows(f.size))
+        let mut rows = futures::stream::iter((0..l.rows(f.size)).filter(striped))
             .map(|row| async move { (row, self.fetch_row(f, row).await) })
             .buffered(self.shared.config.limits.rows_in_flight.max(1));
         let started = tokio::time::Instant::now();
@@ -714,9 +719,17 @@ impl pb::files_server::Files for FilesService {
         self.shared.check_token(&r.path, &r.token, r.repair)?;
         let f = self.shared.file(&r.path)?;
         if let Some(stub) = self.shared.locks.stub(f.id) {
-            // A stub is checked against its object: every byte read and hashed.
+            // A stub is checked against its object: every byte read and hashed; and its rows
+            // striped again (by writes, `recall --range`), as a striped file's are.
             let tier = self.shared.tier()?;
-            let mut report = pb::ScrubReport { bytes_checked: stub.size, ..Default::default() };
+            let recalled = self.shared.locks.recalled_rows(f.id);
+            let mut report = if recalled.is_empty() {
+                pb::ScrubReport::default()
+            } else {
+                let on_tier = Some((&stub, &recalled));
+                self.scrub_file(&r.path, &f, r.repair, &r.token, r.rate_bytes_per_s, on_tier).await
+            };
+            report.bytes_checked += stub.size;
             if let Err(e) = tier.verify(&stub.key, stub.size, &stub.blake3).await {
                 report.damaged.push(format!("{} (on the secondary tier): {e}", r.path));
             }
@@ -727,7 +740,7 @@ impl pb::files_server::Files for FilesService {
                 ErrorCode::Busy.status(format!("{} is still being written; try again once its put is done", r.path))
             );
         }
-        Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token, r.rate_bytes_per_s).await))
+        Ok(Response::new(self.scrub_file(&r.path, &f, r.repair, &r.token, r.rate_bytes_per_s, None).await))
     }
 
     async fn rebuild(&self, req: Request<pb::RebuildRequest>) -> Result<Response<pb::RebuildReport>, Status> {

@@ -1,7 +1,7 @@
 //! Seed 001, the secondary tier (issue 14): a file migrated to the tier leaves a stub that reads
-//! byte-identical (a range read fetches only that range), frees its stripe units, refuses
-//! writes until recalled, is scrubbed against its object, and a recall stripes it again. A
-//! migrator whose lock is gone cannot commit a stub.
+//! byte-identical (a range read fetches only that range), frees its stripe units, is striped
+//! again row by row as writes and `recall --range` touch it, is scrubbed against its object,
+//! and a recall stripes it again. A migrator whose lock is gone cannot commit a stub.
 
 mod common;
 use client::{LockOptions, Mode, Session};
@@ -186,6 +186,65 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         assert!(get(&c, "/cold/big") == want, "a grown stub reads its object, zeros, then its new row");
         cli(&c, &["recall", "/cold/big"]);
         assert!(get(&c, "/cold/big") == want, "and so once recalled");
+    });
+}
+
+/// Two writers of each of four rows of a stub, through two servers at once, each under its own
+/// lock on its own bytes: each row is restored from the tier once (under its stripe lock, so the
+/// second writer finds it striped and does not restore it over the first one's bytes), and
+/// every write lands.
+#[test]
+fn two_writers_of_one_row_of_a_stub_both_land() {
+    serial(async {
+        let c = Cluster::start_with(3, "tier-two-writers", &["--recall-on-read", "false"]).await;
+        let data = noise(8 << 20, 9);
+        let local = c.dir.join("w.in");
+        std::fs::write(&local, &data).unwrap();
+        json(&c, &["put", local.to_str().unwrap(), "/w"]);
+        cli(&c, &["migrate", "/w"]);
+        let stat = json(&c, &["stat", "/w"]);
+        let row_bytes = stat["layout"]["stripe_unit"].as_u64().unwrap() * stat["layout"]["data"].as_u64().unwrap();
+        assert!(4 * row_bytes <= 8 << 20, "{stat}");
+        let before = tier_bytes_recalled(&c).await;
+        let mut want = data.clone();
+        let (a, b) =
+            (Session::open(&c.addrs(), 5_000).await.unwrap(), Session::open(&c.addrs_from(2), 5_000).await.unwrap());
+        let mut writers = Vec::new();
+        for (i, (session, server)) in [(&a, 0usize), (&b, 1)].into_iter().enumerate() {
+            let files =
+                pb::files_client::FilesClient::connect(format!("http://{}", c.servers[server].addr)).await.unwrap();
+            let mut writes = Vec::new();
+            for row in 0..4u64 {
+                let at = row * row_bytes + 10 + i as u64 * (row_bytes / 2);
+                let bytes = format!("writer {i} row {row}").into_bytes();
+                let g =
+                    session.lock("/w", at..at + bytes.len() as u64, Mode::PW, LockOptions::default()).await.unwrap();
+                want[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+                writes.push(pb::WriteRequest {
+                    path: "/w".into(),
+                    token: g.signed_token,
+                    offset: at,
+                    data: bytes.into(),
+                });
+            }
+            writers.push(async move {
+                let all = writes.into_iter().map(|w| {
+                    let mut files = files.clone();
+                    async move { files.write(w).await.map(|_| ()) }
+                });
+                futures::future::join_all(all).await
+            });
+        }
+        let (x, y) = futures::join!(writers.remove(0), writers.remove(0));
+        for r in x.into_iter().chain(y) {
+            r.unwrap();
+        }
+        assert_eq!(tier_bytes_recalled(&c).await - before, 4 * row_bytes, "each row was fetched once");
+        let stat = json(&c, &["stat", "/w"]);
+        assert_eq!(stat["tier_rows_recalled"].as_u64(), Some(4), "{stat}");
+        a.close().await;
+        b.close().await;
+        assert!(get(&c, "/w") == want, "a write was lost");
     });
 }
 

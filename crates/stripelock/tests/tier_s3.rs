@@ -8,7 +8,7 @@ mod common;
 #[cfg(not(feature = "s3"))]
 #[test]
 fn s3_tier_round_trip() {
-    eprintln!("SKIPPED: this build has no S3 tier; run `cargo test -p stripelock --features s3 --test tier_s3`");
+    eprintln!("SKIPPED: this build has no S3 tier (built with --no-default-features); the s3 feature has it");
 }
 
 #[cfg(feature = "s3")]
