@@ -74,3 +74,27 @@ ttfb() {
   done | median
 }
 echo "stub: $(ttfb /bench/stub) ms; striped: $(ttfb /bench/striped) ms (median of 5; goal for the stub <= 50 ms)"
+
+echo "== partial recall: 4 KiB written into a $SIZE_MIB MiB stub, and recall --range of 4 KiB (fresh CLI process each)"
+# Each at a new row of the stub (rows 8 MiB apart at most), so each recalls one row; the
+# stub was read above with the server's recall-on-read: migrate it again first.
+"$exe" put "$work/src.bin" /bench/partial >/dev/null
+"$exe" migrate /bench/partial >/dev/null
+rb=$("$exe" stat /bench/partial --json | field 'd["layout"]["stripe_unit"] * d["layout"]["data"]')
+partial() {
+  for i in 1 2 3 4 5; do
+    at=$(( (i * 16 + 3) * rb + 100 ))
+    t0=$(date +%s%N)
+    if [ "$1" = write ]; then
+      head -c 4096 /dev/urandom | "$exe" write /bench/partial --offset "$at" >/dev/null
+    else
+      "$exe" recall /bench/partial --range "$((at + 64 * rb))..$((at + 64 * rb + 4096))" >/dev/null
+    fi
+    t1=$(date +%s%N)
+    echo $(( (t1 - t0) / 1000000 ))
+  done | median
+}
+w=$(partial write)
+r=$(partial recall)
+left=$("$exe" stat /bench/partial --json | field '"%d of %d rows striped again" % (d["tier_rows_recalled"], d["tier_rows"])')
+echo "write of 4 KiB: $w ms; recall --range of 4 KiB: $r ms (median of 5, rows of $((rb >> 20)) MiB; $left)"

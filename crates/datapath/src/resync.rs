@@ -16,16 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chunks::UnitId;
 use futures::StreamExt;
 use layout::Role;
-use layout::stripe::{self, StoredUnit, UnitRead as Fetched, role_name};
+use layout::stripe::{self, StoredUnit, UnitRead as Fetched};
 use lockservice::{FileMeta, Op};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
-use wire::convert::unit_ref;
-use wire::v1 as pb;
 
 use crate::shared::Shared;
 use crate::write::Stripes;
@@ -246,7 +243,7 @@ async fn resync_held(shared: &Shared, j: &Job, token: &str, resource: &str, lvb:
     Ok(bytes)
 }
 
-pub(crate) async fn restore(
+async fn restore(
     shared: &Shared,
     f: &FileMeta,
     row: u64,
@@ -258,21 +255,7 @@ pub(crate) async fn restore(
     if shared.config.env.break_resync_for_negative_control {
         return Ok(());
     }
-    let server = f.layout.server(row, role);
-    let req = pb::RestoreUnitRequest {
-        unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
-        resource: resource.to_string(),
-        token: token.to_string(),
-        data: unit.bytes.into(),
-        version: unit.version,
-        covers: unit.covers,
-    };
-    shared
-        .storage(server)?
-        .restore_unit(req)
-        .await
-        .map(|_| ())
-        .map_err(|e| wire::reword(&e, format!("row {row} {} on server {server}: {}", role_name(role), e.message())))
+    shared.restore_unit(f, row, role, unit, token, resource).await
 }
 
 async fn clear(shared: &Shared, f: &FileMeta, row: u64, mask: u8) -> Result<(), Status> {

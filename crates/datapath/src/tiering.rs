@@ -233,7 +233,7 @@ pub async fn stripe_row_again(
     let meta = FileMeta { layout: stub.layout.clone(), ..f.clone() };
     let restores = encode_row(&stub.layout, data).into_iter().map(|UnitWrite { role, bytes, covers, .. }| {
         let unit = StoredUnit { bytes, version: 1, covers };
-        crate::resync::restore(shared, &meta, row, role, unit, signed, resource)
+        shared.restore_unit(&meta, row, role, unit, signed, resource)
     });
     for r in futures::future::join_all(restores).await {
         r.map_err(|e| {

@@ -13,6 +13,33 @@ use wire::v1 as pb;
 use crate::shared::Shared;
 
 impl Shared {
+    /// Stores `unit` as role `role` of `f`'s row `row` as it is given, version and covers
+    /// included (a rebuild, resync, a recall from the tier), under `token` for `resource`.
+    pub async fn restore_unit(
+        &self,
+        f: &FileMeta,
+        row: u64,
+        role: Role,
+        unit: StoredUnit,
+        token: &str,
+        resource: &str,
+    ) -> Result<(), Status> {
+        let server = f.layout.server(row, role);
+        let req = pb::RestoreUnitRequest {
+            unit: Some(unit_ref(&UnitId { file: f.id, row, role })),
+            resource: resource.to_string(),
+            token: token.to_string(),
+            data: unit.bytes.into(),
+            version: unit.version,
+            covers: unit.covers,
+        };
+        self.storage(server)?
+            .restore_unit(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| wire::reword(&e, format!("row {row} {} on server {server}: {}", role_name(role), e.message())))
+    }
+
     /// The roles of `f`'s row `row` that are stale: marked by a degraded write, or on a server
     /// whose volume came back empty and is not rebuilt yet (a mask of role indices).
     pub fn stale_roles(&self, f: &FileMeta, row: u64) -> u8 {
