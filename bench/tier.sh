@@ -88,7 +88,7 @@ partial() {
     if [ "$1" = write ]; then
       head -c 4096 /dev/urandom | "$exe" write /bench/partial --offset "$at" >/dev/null
     else
-      "$exe" recall /bench/partial --range "$((at + 64 * rb))..$((at + 64 * rb + 4096))" >/dev/null
+      "$exe" recall /bench/partial --range "$((at + 200 * rb))..$((at + 200 * rb + 4096))" >/dev/null
     fi
     t1=$(date +%s%N)
     echo $(( (t1 - t0) / 1000000 ))
