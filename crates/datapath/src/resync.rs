@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use layout::Role;
 use layout::stripe::{self, StoredUnit, UnitRead as Fetched};
 use lockservice::{FileMeta, Op};
 use tokio::sync::watch;
@@ -234,28 +233,15 @@ async fn resync_held(shared: &Shared, j: &Job, token: &str, resource: &str, lvb:
             parity[i - k].clone()
         };
         bytes += unit.bytes.len() as u64;
-        restore(shared, &f, j.row, role, unit, token, resource).await?;
+        if !shared.config.env.break_resync_for_negative_control {
+            shared.restore_unit(&f, j.row, role, unit, token, resource).await?;
+        }
     }
     if shared.config.env.break_resync_for_negative_control {
         tracing::warn!("negative control: resync cleared marks without rebuilding");
     }
     clear(shared, &f, j.row, marked).await?;
     Ok(bytes)
-}
-
-async fn restore(
-    shared: &Shared,
-    f: &FileMeta,
-    row: u64,
-    role: Role,
-    unit: StoredUnit,
-    token: &str,
-    resource: &str,
-) -> Result<(), Status> {
-    if shared.config.env.break_resync_for_negative_control {
-        return Ok(());
-    }
-    shared.restore_unit(f, row, role, unit, token, resource).await
 }
 
 async fn clear(shared: &Shared, f: &FileMeta, row: u64, mask: u8) -> Result<(), Status> {
