@@ -730,7 +730,7 @@ impl pb::files_server::Files for FilesService {
                 self.scrub_file(&r.path, &f, r.repair, &r.token, r.rate_bytes_per_s, on_tier).await
             };
             report.bytes_checked += stub.size;
-            if let Err(e) = tier.verify(&stub.key, stub.size, &stub.blake3).await {
+            if let Err(e) = tier.verify(&stub.key, stub.size, &stub.blake3, stub.layout.row_bytes()).await {
                 report.damaged.push(format!("{} (on the secondary tier): {e}", r.path));
             }
             return Ok(Response::new(report));

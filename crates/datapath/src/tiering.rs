@@ -27,7 +27,10 @@ pub const READ_PIECE: u64 = 8 << 20;
 pub fn tier_status(e: TierError) -> Status {
     let code = match &e {
         TierError::Missing { .. } => ErrorCode::NotFound,
-        TierError::Size { .. } | TierError::Checksum { .. } => ErrorCode::Corrupt,
+        TierError::Size { .. }
+        | TierError::Checksum { .. }
+        | TierError::RowChecksum { .. }
+        | TierError::RowSums { .. } => ErrorCode::Corrupt,
         TierError::Store { .. } | TierError::Open { .. } => ErrorCode::Unavailable,
     };
     code.status(e.to_string())
@@ -38,7 +41,7 @@ fn hex(bytes: &[u8; 32]) -> String {
 }
 
 /// Copies `f`'s bytes (`rows`, in order, each cut to the file's end) to the tier under a key of
-/// this attempt (the lock's token), then commits the stub. On any failure the object is deleted
+/// this attempt (the lock's token), with each row's crc32c beside it, then commits the stub. On any failure the object is deleted
 /// and the file stays striped as it was.
 pub async fn migrate(
     shared: &Shared,
@@ -50,7 +53,7 @@ pub async fn migrate(
     let tier = shared.tier()?;
     let key = Tier::key(f.id, lock_token);
     let copied = async {
-        let mut w = tier.writer(&key).await.map_err(tier_status)?;
+        let mut w = tier.writer(&key).await.map_err(tier_status)?.with_row_sums(f.layout.row_bytes());
         while let Some(row) = rows.next().await {
             w.write(row?).await.map_err(tier_status)?;
         }
@@ -153,8 +156,8 @@ pub async fn read_stub(
 }
 
 /// The rows of a stubbed file, read back from its object (`row_bytes` each, the last one
-/// shorter), checked against the stub's blake3 as they go: the last row comes only if the
-/// whole object hashed right.
+/// shorter), each checked against its crc32c, and all against the stub's blake3 as they go:
+/// the last row comes only if the whole object hashed right.
 pub fn recall_rows(
     shared: &Shared,
     stub: Stub,
@@ -172,14 +175,10 @@ pub fn recall_rows(
             }
             let end = (start + row_bytes).min(stub.size);
             let got = match shared.tier() {
-                Ok(t) => t.get_range(&stub.key, start..end).await.map_err(tier_status),
+                Ok(t) => t.get_rows(&stub.key, stub.size, row_bytes, row..row + 1).await.map_err(tier_status),
                 Err(e) => Err(e),
             };
-            let got = got.and_then(|data| {
-                if data.len() as u64 != end - start {
-                    return Err(ErrorCode::Corrupt
-                        .status(format!("the tier object {} is shorter than its stub says", stub.key)));
-                }
+            let got = got.and_then(|(data, _)| {
                 hasher.update(&data);
                 if end == stub.size && hasher.finalize().as_bytes() != &stub.blake3 {
                     return Err(ErrorCode::Corrupt
@@ -199,16 +198,13 @@ pub fn row_on_tier(stub: &Stub, recalled: &RowSet, row: u64) -> bool {
     row < stub.size.div_ceil(stub.layout.row_bytes()) && !recalled.contains(row)
 }
 
-/// Row `row` of a stub's object (the last row shorter), checked for its length. Counted as
-/// recalled bytes.
+/// Row `row` of a stub's object (the last row shorter), checked against the crc32c written
+/// beside the object (objects of builds before row checksums: its length only), so a damaged
+/// row is refused before parity is computed over it. Counted as recalled bytes.
 pub async fn fetch_row(shared: &Shared, stub: &Stub, row: u64) -> Result<Bytes, Status> {
     let rb = stub.layout.row_bytes();
-    let (start, end) = (row * rb, ((row + 1) * rb).min(stub.size));
-    let data = shared.tier()?.get_range(&stub.key, start..end).await.map_err(tier_status)?;
-    if data.len() as u64 != end - start {
-        return Err(ErrorCode::Corrupt.status(format!("the tier object {} is shorter than its stub says", stub.key)));
-    }
-    shared.stats.tier_bytes_recalled.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
+    let (data, _) = shared.tier()?.get_rows(&stub.key, stub.size, rb, row..row + 1).await.map_err(tier_status)?;
+    shared.stats.tier_bytes_recalled.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(data)
 }
 
@@ -280,9 +276,19 @@ pub async fn gc(shared: &Shared, grace_ms: u64, dry_run: bool) -> Result<pb::Tie
     let objects = tier.list().await.map_err(tier_status)?;
     let named = shared.locks.stub_keys();
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    // An object's row checksums go with it: counted and deleted as part of it (alone only when
+    // the object is gone, as a crash between the two deletes leaves them).
+    let listed: std::collections::HashSet<String> = objects.iter().map(|o| o.key.clone()).collect();
+    let sums_bytes: std::collections::HashMap<String, u64> =
+        objects.iter().filter_map(|o| tier::rows::object_of_sums(&o.key).map(|of| (of.to_string(), o.size))).collect();
+    let objects: Vec<_> = objects
+        .into_iter()
+        .filter(|o| tier::rows::object_of_sums(&o.key).is_none_or(|of| !listed.contains(of)))
+        .collect();
     let mut reply = pb::TierGcReply { objects: objects.len() as u64, ..Default::default() };
     for o in objects {
-        if named.contains(&o.key) {
+        let of = tier::rows::object_of_sums(&o.key).unwrap_or(&o.key);
+        if named.contains(of) {
             reply.named += 1;
         } else if now_ms.saturating_sub(o.written_ms) < grace_ms {
             reply.young += 1;
@@ -290,7 +296,7 @@ pub async fn gc(shared: &Shared, grace_ms: u64, dry_run: bool) -> Result<pb::Tie
             if !dry_run {
                 tier.delete(&o.key).await.map_err(tier_status)?;
             }
-            reply.bytes_deleted += o.size;
+            reply.bytes_deleted += o.size + sums_bytes.get(&o.key).copied().unwrap_or(0);
             reply.deleted.push(o.key);
         }
     }

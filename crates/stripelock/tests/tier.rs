@@ -145,8 +145,30 @@ fn a_migrated_file_reads_back_from_its_stub_and_a_recall_stripes_it_again() {
         let scrub = run_at(&c, 1, &["scrub", "/cold/"], b"");
         assert!(!scrub.status.success(), "scrub finds a damaged object: {}", String::from_utf8_lossy(&scrub.stdout));
         let err = cli_fails(&c, &["recall", "/cold/big"]);
-        assert!(err.contains("blake3"), "a recall checks the object: {err}");
+        assert!(err.contains("row 0 of the tier object") && err.contains("crc32c"), "a recall checks each row: {err}");
         bytes[12345] ^= 1;
+        // A damaged row still on the tier is refused, not striped again, when fetched alone (a
+        // write, `recall --range`): checked against the crc32c written beside the object.
+        let bad = 5u64;
+        assert!(![0, 3, first, first + 1].contains(&bad), "row {bad} is still on the tier");
+        bytes[(bad * row_bytes + 77) as usize] ^= 1;
+        std::fs::write(&object, &bytes).unwrap();
+        let w = run_at(&c, 2, &["write", "/cold/big", "--offset", &(bad * row_bytes + 9).to_string()], b"no");
+        let err = String::from_utf8_lossy(&w.stderr);
+        assert!(!w.status.success() && err.contains(&format!("row {bad} of the tier object")), "{err}");
+        assert!(err.contains("crc32c"), "{err}");
+        let err = cli_fails(
+            &c,
+            &["recall", "/cold/big", "--range", &format!("{}..{}", bad * row_bytes, bad * row_bytes + 1)],
+        );
+        assert!(err.contains("crc32c"), "{err}");
+        let stat = json(&c, &["stat", "/cold/big"]);
+        assert_eq!(
+            stat["tier_rows_recalled"].as_u64(),
+            Some(one_row + 2),
+            "the damaged row stayed on the tier: {stat}"
+        );
+        bytes[(bad * row_bytes + 77) as usize] ^= 1;
         std::fs::write(&object, &bytes).unwrap();
 
         // gc keeps an object a stub names.
@@ -462,9 +484,15 @@ fn killing_the_migrator_or_its_server_mid_migration_leaves_the_file_whole() {
         assert_eq!(m["failed"].as_u64(), Some(0), "{m}");
         let gc = json(&c, &["tier", "gc", "--grace", "0s"]);
         assert_eq!(gc["named"].as_u64(), Some(1), "{gc}");
-        let left = walk_files(&c.dir.join("tier"));
+        let mut left = walk_files(&c.dir.join("tier"));
+        left.sort();
         let key = json(&c, &["stat", "/c"])["tier_key"].as_str().unwrap().to_string();
-        assert_eq!(left, [c.dir.join("tier").join(&key)], "no orphan object or interrupted upload is left");
+        let named = c.dir.join("tier").join(&key);
+        assert_eq!(
+            left,
+            [named.clone(), named.with_file_name(format!("{}.rows", named.file_name().unwrap().to_str().unwrap()))],
+            "no orphan object or interrupted upload is left, only the stub's object and its row checksums"
+        );
         cli(&c, &["scrub", "/"]);
         assert!(get(&c, "/c") == data);
         // The server doing a recall killed part way: the file reads right either way, and

@@ -3,6 +3,7 @@
 //! local directory by default, S3 with the `s3` feature), each checked by its blake3 hash.
 
 pub mod policy;
+pub mod rows;
 pub mod store;
 
 pub use policy::{FileFacts, Policy, cold};

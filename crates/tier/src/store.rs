@@ -13,6 +13,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
+use crate::rows;
+
 /// Bytes per part of a streamed upload.
 pub const PART_BYTES: usize = 8 << 20;
 
@@ -33,6 +35,13 @@ pub enum TierError {
     Checksum { key: String, found: String },
     #[error("the tier cannot be opened at {place}: {reason}")]
     Open { place: String, reason: String },
+    #[error(
+        "row {row} of the tier object {key} does not match the crc32c recorded when it was written (found \
+         {found:08x}, recorded {expected:08x})"
+    )]
+    RowChecksum { key: String, row: u64, found: u32, expected: u32 },
+    #[error("the row checksums of the tier object {key} cannot be used: {reason}")]
+    RowSums { key: String, reason: String },
 }
 
 fn store_error(key: &str, source: object_store::Error) -> TierError {
@@ -42,11 +51,13 @@ fn store_error(key: &str, source: object_store::Error) -> TierError {
     }
 }
 
-/// An object written: its size and blake3 hash.
+/// An object written: its size and blake3 hash, and how many rows' checksums were written
+/// beside it (0: none were asked for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     pub size: u64,
     pub blake3: [u8; 32],
+    pub rows: u64,
 }
 
 /// One object on the tier, as listed.
@@ -199,6 +210,8 @@ impl Tier {
         let upload = self.store.put_multipart(&path).await.map_err(|e| store_error(key, e))?;
         Ok(ObjectWriter {
             key: key.to_string(),
+            store: self.store.clone(),
+            rows: None,
             root: self.root.clone(),
             upload: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
             hasher: blake3::Hasher::new(),
@@ -214,20 +227,75 @@ impl Tier {
         self.store.get_range(&Path::from(key), range).await.map_err(|e| store_error(key, e))
     }
 
+    /// Rows `rows` of object `key` (rows of `row_bytes`, the last cut at the object's `size`),
+    /// each checked against the crc32c written beside the object. An object written without row
+    /// checksums (by a build before them) is checked for its length only. Answers the bytes and
+    /// whether they were checked row by row.
+    pub async fn get_rows(
+        &self,
+        key: &str,
+        size: u64,
+        row_bytes: u64,
+        rows: Range<u64>,
+    ) -> Result<(Bytes, bool), TierError> {
+        let (start, end) = ((rows.start * row_bytes).min(size), (rows.end * row_bytes).min(size));
+        let (data, sums) =
+            futures::try_join!(self.get_range(key, start..end), self.row_sums(key, size, row_bytes, rows.clone()))?;
+        if data.len() as u64 != end - start {
+            return Err(TierError::Size { key: key.to_string(), found: start + data.len() as u64, expected: size });
+        }
+        let Some(sums) = sums else { return Ok((data, false)) };
+        for ((row, expected), bytes) in rows.zip(sums).zip(data.chunks(row_bytes as usize)) {
+            let found = crc32c::crc32c(bytes);
+            if found != expected {
+                return Err(TierError::RowChecksum { key: key.to_string(), row, found, expected });
+            }
+        }
+        Ok((data, true))
+    }
+
+    /// The crc32c of rows `rows` of object `key` (of `size` bytes, in rows of `row_bytes`) as
+    /// written beside it; `None` if none were.
+    async fn row_sums(
+        &self,
+        key: &str,
+        size: u64,
+        row_bytes: u64,
+        rows: Range<u64>,
+    ) -> Result<Option<Vec<u32>>, TierError> {
+        let sums_key = rows::sums_key(key);
+        let bad = |reason: String| TierError::RowSums { key: key.to_string(), reason };
+        let head = match self.get_range(&sums_key, 0..rows::HEAD_BYTES).await {
+            Ok(head) => head,
+            Err(TierError::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        rows::decode_head(&head, row_bytes, size.div_ceil(row_bytes.max(1))).map_err(|e| bad(e.to_string()))?;
+        let at = rows::HEAD_BYTES + 4 * rows.start;
+        let got = self.get_range(&sums_key, at..at + 4 * (rows.end - rows.start)).await?;
+        if got.len() as u64 != 4 * (rows.end - rows.start) {
+            return Err(bad(format!("it ends before row {}'s", rows.end - 1)));
+        }
+        Ok(Some(rows::decode_sums(&got)))
+    }
+
     /// Its size.
     pub async fn size(&self, key: &str) -> Result<u64, TierError> {
         self.store.head(&Path::from(key)).await.map(|m| m.size).map_err(|e| store_error(key, e))
     }
 
-    /// Reads the whole object `key` and checks it has `size` bytes hashing to `blake3`.
-    pub async fn verify(&self, key: &str, size: u64, blake3: &[u8; 32]) -> Result<(), TierError> {
+    /// Reads the whole object `key` and checks it has `size` bytes hashing to `blake3`, and
+    /// that the row checksums beside it (rows of `row_bytes`), if it has them, are its rows'.
+    pub async fn verify(&self, key: &str, size: u64, blake3: &[u8; 32], row_bytes: u64) -> Result<(), TierError> {
         let got = self.store.get(&Path::from(key)).await.map_err(|e| store_error(key, e))?;
         let mut stream = got.into_stream();
         let mut hasher = blake3::Hasher::new();
+        let mut sums = rows::RowSums::new(row_bytes);
         let mut found = 0u64;
         while let Some(chunk) = stream.try_next().await.map_err(|e| store_error(key, e))? {
             found += chunk.len() as u64;
             hasher.update(&chunk);
+            sums.update(&chunk);
         }
         if found != size {
             return Err(TierError::Size { key: key.to_string(), found, expected: size });
@@ -235,6 +303,14 @@ impl Tier {
         let hash = hasher.finalize();
         if hash.as_bytes() != blake3 {
             return Err(TierError::Checksum { key: key.to_string(), found: hash.to_hex().to_string() });
+        }
+        let rows = size.div_ceil(sums.row_bytes());
+        if let Some(recorded) = self.row_sums(key, size, sums.row_bytes(), 0..rows).await? {
+            let computed = sums.finish();
+            if let Some(row) = (0..rows).find(|&r| computed[r as usize] != recorded[r as usize]) {
+                let (found, expected) = (computed[row as usize], recorded[row as usize]);
+                return Err(TierError::RowChecksum { key: rows::sums_key(key), row, found, expected });
+            }
         }
         Ok(())
     }
@@ -285,11 +361,15 @@ impl Tier {
         swept
     }
 
+    /// Deletes object `key` and the row checksums beside it.
     pub async fn delete(&self, key: &str) -> Result<(), TierError> {
-        match self.store.delete(&Path::from(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_error(key, e)),
+        for k in [key.to_string(), rows::sums_key(key)] {
+            match self.store.delete(&Path::from(k.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(&k, e)),
+            }
         }
+        Ok(())
     }
 }
 
@@ -297,6 +377,9 @@ impl Tier {
 /// under its key.
 pub struct ObjectWriter {
     key: String,
+    store: Arc<dyn ObjectStore>,
+    /// The rows' checksums, if asked for.
+    rows: Option<rows::RowSums>,
     /// A local tier's directory: the object is synced to disk before `finish` answers.
     root: Option<std::path::PathBuf>,
     upload: WriteMultipart,
@@ -311,9 +394,19 @@ impl std::fmt::Debug for ObjectWriter {
 }
 
 impl ObjectWriter {
+    /// Also writes the crc32c of each `row_bytes` beside the object (`KEY.rows`), so a row read
+    /// alone can be checked (see [`Tier::get_rows`]).
+    pub fn with_row_sums(mut self, row_bytes: u64) -> ObjectWriter {
+        self.rows = Some(rows::RowSums::new(row_bytes));
+        self
+    }
+
     /// Appends `bytes` (waits while too many parts are on their way).
     pub async fn write(&mut self, bytes: Bytes) -> Result<(), TierError> {
         self.hasher.update(&bytes);
+        if let Some(sums) = &mut self.rows {
+            sums.update(&bytes);
+        }
         self.size += bytes.len() as u64;
         self.upload.wait_for_capacity(4).await.map_err(|e| store_error(&self.key, e))?;
         self.upload.put(bytes);
@@ -323,32 +416,50 @@ impl ObjectWriter {
     /// Completes the object, durable (on a local tier: the file and the directories that name
     /// it synced, as object_store does not); answers its size and hash. A stub may name it then.
     pub async fn finish(self) -> Result<Written, TierError> {
-        let key = self.key;
-        self.upload.finish().await.map_err(|e| store_error(&key, e))?;
-        if let Some(root) = self.root {
-            let path = root.join(&key);
-            let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                std::fs::File::open(&path)?.sync_all()?;
-                // The object's directory, and the one above it (made for this file's first object).
-                let mut dir = path.parent();
-                for _ in 0..2 {
-                    if let Some(d) = dir {
-                        std::fs::File::open(d)?.sync_all()?;
-                        dir = d.parent();
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-            synced.map_err(|e| TierError::Store {
-                key: key.clone(),
-                source: object_store::Error::Generic { store: "local", source: Box::new(e) },
-            })?;
+        let ObjectWriter { key, store, rows, root, upload, hasher, size } = self;
+        upload.finish().await.map_err(|e| store_error(&key, e))?;
+        synced(root.as_deref(), &key).await?;
+        let mut written = Written { size, blake3: *hasher.finalize().as_bytes(), rows: 0 };
+        if let Some(sums) = rows {
+            let row_bytes = sums.row_bytes();
+            let sums = sums.finish();
+            written.rows = sums.len() as u64;
+            let sums_key = rows::sums_key(&key);
+            let bytes = Bytes::from(rows::encode(row_bytes, &sums));
+            store
+                .put(&Path::from(sums_key.as_str()), PutPayload::from(bytes))
+                .await
+                .map_err(|e| store_error(&sums_key, e))?;
+            synced(root.as_deref(), &sums_key).await?;
         }
-        Ok(Written { size: self.size, blake3: *self.hasher.finalize().as_bytes() })
+        Ok(written)
     }
+}
+
+/// On a local tier (`root`), syncs object `key`'s file and the directories that name it, as
+/// object_store does not. Elsewhere the store made it durable when it answered.
+async fn synced(root: Option<&FsPath>, key: &str) -> Result<(), TierError> {
+    let Some(root) = root else { return Ok(()) };
+    let path = root.join(key);
+    let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::File::open(&path)?.sync_all()?;
+        // The object's directory, and the one above it (made for this file's first object).
+        let mut dir = path.parent();
+        for _ in 0..2 {
+            if let Some(d) = dir {
+                std::fs::File::open(d)?.sync_all()?;
+                dir = d.parent();
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    synced.map_err(|e| TierError::Store {
+        key: key.to_string(),
+        source: object_store::Error::Generic { store: "local", source: Box::new(e) },
+    })
 }
 
 /// The object `key` as one payload (small objects, tests).
@@ -378,9 +489,10 @@ mod tests {
         assert_eq!(&w.blake3, blake3::hash(&data).as_bytes());
         assert_eq!(tier.get_range(&key, 100..4196).await.unwrap(), data[100..4196]);
         assert_eq!(tier.size(&key).await.unwrap(), data.len() as u64);
-        tier.verify(&key, w.size, &w.blake3).await.unwrap();
-        assert!(matches!(tier.verify(&key, w.size, &[0; 32]).await, Err(TierError::Checksum { .. })));
-        assert!(matches!(tier.verify(&key, w.size + 1, &w.blake3).await, Err(TierError::Size { .. })));
+        assert_eq!(w.rows, 0, "no row checksums were asked for");
+        tier.verify(&key, w.size, &w.blake3, 1 << 20).await.unwrap();
+        assert!(matches!(tier.verify(&key, w.size, &[0; 32], 1 << 20).await, Err(TierError::Checksum { .. })));
+        assert!(matches!(tier.verify(&key, w.size + 1, &w.blake3, 1 << 20).await, Err(TierError::Size { .. })));
         assert!(tier.put(&key, [Bytes::from_static(b"x")]).await.is_err(), "a key is written once");
         let keys: Vec<String> = tier.list().await.unwrap().into_iter().map(|l| l.key).collect();
         assert_eq!(keys, [key.as_str()]);
@@ -400,6 +512,72 @@ mod tests {
         drop(w);
         assert!(tier.list().await.unwrap().is_empty());
         assert!(matches!(tier.size(&key).await, Err(TierError::Missing { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn rows_read_alone_are_checked_against_the_sums_written_beside_the_object() {
+        let dir = tmp("rows");
+        let tier = Tier::local(&dir).unwrap();
+        let (row, size) = (1000u64, 5500u64);
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 % 251) as u8).collect();
+        let key = Tier::key(9, 1);
+        let mut w = tier.writer(&key).await.unwrap().with_row_sums(row);
+        for piece in data.chunks(700) {
+            w.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        let written = w.finish().await.unwrap();
+        assert_eq!((written.size, written.rows), (size, 6));
+        assert_eq!(
+            tier.get_rows(&key, size, row, 2..4).await.unwrap(),
+            (Bytes::copy_from_slice(&data[2000..4000]), true)
+        );
+        assert_eq!(tier.get_rows(&key, size, row, 5..6).await.unwrap().0, data[5000..]);
+        tier.verify(&key, size, &written.blake3, row).await.unwrap();
+
+        // A byte of row 3 damaged: a read of that row is refused, naming it; other rows read.
+        let path = dir.join(&key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3456] ^= 4;
+        std::fs::write(&path, &bytes).unwrap();
+        for rows in [3..4, 2..5] {
+            match tier.get_rows(&key, size, row, rows).await {
+                Err(e @ TierError::RowChecksum { row: 3, .. }) => {
+                    assert!(e.to_string().contains("row 3 of the tier object"))
+                }
+                other => panic!("a damaged row was read: {other:?}"),
+            }
+        }
+        assert!(tier.get_rows(&key, size, row, 4..6).await.is_ok());
+        assert!(matches!(tier.verify(&key, size, &written.blake3, row).await, Err(TierError::Checksum { .. })));
+        bytes[3456] ^= 4;
+        std::fs::write(&path, &bytes).unwrap();
+        // Sums of rows of another size, or too few of them, are refused.
+        assert!(matches!(tier.get_rows(&key, size, 2000, 0..1).await, Err(TierError::RowSums { .. })));
+        assert!(matches!(tier.get_rows(&key, size + 1000, row, 0..1).await, Err(TierError::RowSums { .. })));
+
+        // Damaged sums: a scrub finds them though the object hashes right.
+        let sums_path = dir.join(rows::sums_key(&key));
+        let mut sums = std::fs::read(&sums_path).unwrap();
+        sums[rows::HEAD_BYTES as usize + 4] ^= 1;
+        std::fs::write(&sums_path, &sums).unwrap();
+        match tier.verify(&key, size, &written.blake3, row).await {
+            Err(TierError::RowChecksum { row: 1, .. }) => {}
+            other => panic!("damaged row sums went unseen: {other:?}"),
+        }
+        // An object without sums (written by a build before them): rows checked for length only.
+        std::fs::remove_file(&sums_path).unwrap();
+        assert_eq!(
+            tier.get_rows(&key, size, row, 1..2).await.unwrap(),
+            (Bytes::copy_from_slice(&data[1000..2000]), false)
+        );
+        assert!(matches!(tier.get_rows(&key, size + 1, row, 5..6).await, Err(TierError::Size { .. })));
+        tier.verify(&key, size, &written.blake3, row).await.unwrap();
+
+        // A delete takes the sums with the object.
+        std::fs::write(&sums_path, &sums).unwrap();
+        tier.delete(&key).await.unwrap();
+        assert!(tier.list().await.unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
