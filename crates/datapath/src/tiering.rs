@@ -41,8 +41,8 @@ fn hex(bytes: &[u8; 32]) -> String {
 }
 
 /// Copies `f`'s bytes (`rows`, in order, each cut to the file's end) to the tier under a key of
-/// this attempt (the lock's token), with each row's crc32c beside it, then commits the stub. On any failure the object is deleted
-/// and the file stays striped as it was.
+/// this attempt (the lock's token), with each row's crc32c beside it, then commits the stub.
+/// On any failure the object is deleted and the file stays striped as it was.
 pub async fn migrate(
     shared: &Shared,
     path: &str,
